@@ -1,0 +1,1 @@
+"""protoserve engine: continuous batching over a paged KV cache, served over gRPC."""

@@ -1,0 +1,50 @@
+"""The scheduler -> runner hand-off: which tokens of which requests to compute this step.
+
+The runner lives in the same process, so sequences are passed by reference (no copies):
+`token_ids` and `block_ids` alias the request's own lists and are read-only to the runner.
+
+    token_ids:  [ t0 t1 ... t(start-1) | t(start) ... t(start+num_tokens-1) | ... ]
+                  already in the KV cache   computed this step (positions start..)
+
+When `start + num_tokens == len(token_ids)` the step reaches the newest token, so the runner
+samples the next one (`sample=True`); a chunk of a longer prompt does not sample.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    request_id: str
+    token_ids: Sequence[int]
+    start: int
+    num_tokens: int
+    block_ids: Sequence[int]
+    sample: bool
+    sampling_params: SamplingParams
+    num_prompt_tokens: int
+
+    @property
+    def is_decode(self) -> bool:
+        """One new token on top of a cached context: served by the decode attention path."""
+        return self.num_tokens == 1
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    requests: list[ScheduledRequest]
+    num_scheduled_tokens: int
+    # Requests that finished or were aborted since the previous batch: the runner drops any
+    # per-request state it keeps for them (e.g. seeded RNG generators).
+    finished_request_ids: list[str] = field(default_factory=list)
+    # Requests preempted since the previous batch: their sampler state must survive (they
+    # resume later with identical output), so the runner keeps it.
+    preempted_request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.requests

@@ -1,0 +1,66 @@
+"""Frozen start-up configuration. Built once from the CLI/YAML; never mutated afterwards.
+
+Values that depend on the model (max_model_len when unset, the number of KV blocks) are
+resolved at load time into separate objects rather than written back here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # A local Hugging Face directory or a hub id (resolved through the local HF cache).
+    model: str
+    tokenizer: str | None = None
+    # "auto" | "float32" | "bfloat16" ("auto" = bfloat16 on CPU, the checkpoint dtype on CUDA).
+    dtype: str = "auto"
+    # None: the model's own context length.
+    max_model_len: int | None = None
+    served_model_names: tuple[str, ...] = ()
+    chat_template: str | None = None
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.dtype == "float16" and self.device == "cpu":
+            raise ValueError("dtype float16 is not supported on CPU (use bfloat16 or float32)")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError("max_model_len must be >= 1")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    # Bytes of KV cache; None = a default sized for the device (see runner/kv_memory.py).
+    kv_cache_memory: int | None = None
+    # Test knob: exact number of KV blocks (overrides kv_cache_memory).
+    num_blocks: int | None = None
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    # Token budget of one step (prefill chunks + decode tokens).
+    max_num_batched_tokens: int = 2048
+    policy: str = "fcfs"  # "fcfs" | "priority"
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling policy must be fcfs or priority, got {self.policy!r}")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

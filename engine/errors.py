@@ -1,0 +1,60 @@
+"""Errors the engine raises toward its servers; server/ maps each kind to one gRPC status."""
+from __future__ import annotations
+
+import enum
+
+
+class ErrorKind(enum.Enum):
+    INVALID_ARGUMENT = "invalid_argument"
+    NOT_FOUND = "not_found"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    UNAVAILABLE = "unavailable"
+    UNIMPLEMENTED = "unimplemented"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    INTERNAL = "internal"
+
+
+class EngineError(Exception):
+    """An error with a kind (-> status code), an optional request field it concerns, and a
+    machine-readable reason (-> google.rpc.ErrorInfo.reason)."""
+
+    kind = ErrorKind.INTERNAL
+    reason = "INTERNAL"
+
+    def __init__(self, message: str, *, field: str | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        if reason is not None:
+            self.reason = reason
+
+
+class InvalidRequestError(EngineError):
+    """The request is malformed or a value is out of range; `field` names the culprit."""
+
+    kind = ErrorKind.INVALID_ARGUMENT
+    reason = "INVALID_ARGUMENT"
+
+
+class ContextLengthError(InvalidRequestError):
+    reason = "CONTEXT_LENGTH_EXCEEDED"
+
+
+class ModelNotFoundError(EngineError):
+    kind = ErrorKind.NOT_FOUND
+    reason = "MODEL_NOT_FOUND"
+
+
+class EngineUnavailableError(EngineError):
+    kind = ErrorKind.UNAVAILABLE
+    reason = "ENGINE_UNAVAILABLE"
+
+
+class UnsupportedError(EngineError):
+    kind = ErrorKind.UNIMPLEMENTED
+    reason = "UNSUPPORTED"
+
+
+class ModelLoadError(Exception):
+    """The model directory cannot be served (missing files, unsupported architecture).
+    Start-up prints its message as one line and exits non-zero."""

@@ -1,0 +1,113 @@
+"""The engine's view of one request: its tokens, its progress, and its KV blocks.
+
+Progress is one counter, `num_computed_tokens`, against `num_tokens` (prompt + output). Prefill,
+chunked prefill, prefix-cache hits and resumption after preemption are all "compute the tokens
+in [num_computed_tokens, num_tokens)"; no phase flags.
+
+Ownership: the scheduler owns status and counters; KVCacheManager is the only writer of
+`block_ids` and `block_hashes`.
+"""
+from __future__ import annotations
+
+import enum
+import time
+
+from engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    # Everything above PREEMPTED is finished.
+    FINISHED = 3
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= RequestStatus.FINISHED
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the context window
+    ABORT = "abort"  # the server aborted it (Admin/Abort, shutdown, engine error)
+    CANCELLED = "cancelled"  # the client went away
+
+
+class Request:
+    __slots__ = (
+        "request_id",
+        "prompt_token_ids",
+        "all_token_ids",
+        "sampling_params",
+        "eos_token_ids",
+        "max_tokens",
+        "arrival_time",
+        "priority",
+        "cache_salt",
+        "status",
+        "num_computed_tokens",
+        "num_cached_tokens",
+        "block_ids",
+        "block_hashes",
+        "finish_reason",
+        "stop_token_id",
+        "num_preemptions",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        *,
+        max_tokens: int,
+        eos_token_ids: frozenset[int] = frozenset(),
+        priority: int = 0,
+        cache_salt: str = "",
+        arrival_time: float | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        # Prompt followed by every generated token; the runner reads it, never writes it.
+        self.all_token_ids: list[int] = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.eos_token_ids = eos_token_ids
+        self.max_tokens = max_tokens  # resolved: never None here
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.priority = priority
+        self.cache_salt = cache_salt
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0
+        # Prompt tokens found in the prefix cache at first admission (reported in usage).
+        self.num_cached_tokens = 0
+        self.block_ids: list[int] = []
+        self.block_hashes: list[int] = []
+        self.finish_reason: FinishReason | None = None
+        self.stop_token_id: int | None = None
+        self.num_preemptions = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.all_token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.all_token_ids[len(self.prompt_token_ids) :]
+
+    def append_output_token(self, token_id: int) -> None:
+        self.all_token_ids.append(token_id)
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, status={self.status.name}, "
+            f"computed={self.num_computed_tokens}/{self.num_tokens}, blocks={len(self.block_ids)})"
+        )

@@ -1,0 +1,81 @@
+"""Per-request generation parameters, validated once at the boundary (server -> engine)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.errors import InvalidRequestError
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """What to generate and when to stop. Greedy is temperature == 0.
+
+    `max_tokens=None` means "the rest of the context window"; the engine resolves it against
+    the prompt length at admission.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables; -1 is accepted at the boundary and normalised to 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int | None = None
+    min_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    n: int = 1
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def validate(self) -> None:
+        """Raise InvalidRequestError naming the first field out of range."""
+        if not self.temperature >= 0.0:
+            _bad("temperature", f"must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            _bad("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            _bad("top_k", f"must be -1 (disabled) or >= 0, got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            _bad("min_p", f"must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                _bad(name, f"must be in [-2, 2], got {value}")
+        if not self.repetition_penalty > 0.0:
+            _bad("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
+        if self.seed is not None and not _INT64_MIN <= self.seed <= _INT64_MAX:
+            _bad("seed", "must fit in a signed 64-bit integer")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            _bad("max_tokens", f"must be >= 1, got {self.max_tokens}")
+        if self.min_tokens < 0:
+            _bad("min_tokens", f"must be >= 0, got {self.min_tokens}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            _bad("min_tokens", f"({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        if any(s == "" for s in self.stop):
+            _bad("stop", "stop strings must not be empty")
+        if self.n < 1:
+            _bad("n", f"must be >= 1, got {self.n}")
+        if self.n > 1 and self.is_greedy:
+            _bad("n", "n > 1 needs sampling (temperature > 0): greedy samples would be identical")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                _bad(name, f"must be >= 0, got {value}")
+
+
+def _bad(field_name: str, message: str) -> None:
+    raise InvalidRequestError(f"{field_name} {message}", field=field_name)
