@@ -1,0 +1,62 @@
+# syntax=docker/dockerfile:1
+#
+#   docker build --target cpu -t protoserve:cpu .         engine (gRPC :50051) + OpenAI bridge (:8000)
+#   docker run -p 8000:8000 -p 50051:50051 protoserve:cpu
+#   docker run -v /models/llama:/model ... protoserve:cpu --host 0.0.0.0 --model /model
+#
+#   docker build --target bridge -t protoserve:bridge .   OpenAI bridge alone, no torch (a sidecar
+#   in front of an engine in another container):
+#   docker run -p 8000:8000 protoserve:bridge --host 0.0.0.0 --engine-address 10.0.0.5:50051
+
+ARG PYTHON_IMAGE=python:3.11-slim
+
+FROM ${PYTHON_IMAGE} AS base
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+# Servers have no reason to run as root.
+RUN useradd --create-home --uid 1000 protoserve
+WORKDIR /app
+
+# Builds the project wheel, so the runtime image carries neither a source tree nor setuptools'
+# build leftovers.
+FROM base AS wheel
+COPY pyproject.toml README.md ./
+COPY protoserve/ protoserve/
+COPY engine/ engine/
+COPY rest_bridge/ rest_bridge/
+RUN pip wheel --no-deps --wheel-dir /wheels .
+
+FROM base AS cpu
+ARG TORCH_VERSION=2.13.0
+# torch first, from the CPU index: the project's `torch>=2.4` range would otherwise resolve to
+# the default multi-GB CUDA build.
+RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}"
+# A bind mount, not COPY: the wheel never becomes a layer of the runtime image.
+RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels pip install /wheels/*.whl
+USER protoserve
+EXPOSE 8000 50051
+ENTRYPOINT ["engine-serve"]
+CMD ["--host", "0.0.0.0"]
+
+# The bridge imports only the generated stubs and its own package, never `engine`, so it needs
+# none of the engine's dependencies (torch, transformers).
+FROM base AS bridge
+RUN pip install \
+    "grpcio>=1.66" \
+    "grpcio-status>=1.66" \
+    "grpcio-health-checking>=1.66" \
+    "protobuf>=5.28" \
+    "googleapis-common-protos>=1.63" \
+    "fastapi>=0.110" \
+    "uvicorn>=0.29" \
+    "pydantic>=2.6"
+COPY protoserve/ protoserve/
+COPY rest_bridge/ rest_bridge/
+ENV PYTHONPATH=/app
+USER protoserve
+EXPOSE 8000
+ENTRYPOINT ["python", "-m", "rest_bridge"]
+# "engine" is the engine's service name in a compose file or Kubernetes namespace.
+CMD ["--host", "0.0.0.0", "--engine-address", "engine:50051"]

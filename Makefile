@@ -1,0 +1,44 @@
+# Two commands on a fresh machine: `make serve` and `make test`. Both bootstrap .venv first.
+#
+#   make serve ARGS="--model /path/to/hf-dir"     extra engine-serve arguments
+#   make test PYTEST_ARGS="tests/engine -x"        extra pytest arguments
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Pinned: lint rules change between buf releases, and CI must judge what developers see.
+BUF_VERSION ?= 1.75.0
+BUF := .ci/node/node_modules/.bin/buf
+# Named after the version, so changing BUF_VERSION reinstalls.
+BUF_STAMP := .ci/node/.buf-$(BUF_VERSION)
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: bootstrap serve test protos lint-proto check
+
+bootstrap:
+	@scripts/bootstrap
+
+serve: bootstrap
+	$(VENV)/bin/engine-serve $(ARGS)
+
+test: bootstrap
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+protos: bootstrap
+	$(PY) scripts/gen_protos.py
+
+# buf comes from npm into a git-ignored local prefix: no global install, one copy per checkout.
+$(BUF_STAMP):
+	@command -v npm >/dev/null 2>&1 || { echo "npm is required for buf (make lint-proto)"; exit 1; }
+	npm install --no-save --no-audit --no-fund --silent --prefix .ci/node @bufbuild/buf@$(BUF_VERSION)
+	@touch $@
+
+# buf.yaml sits at the repo root (module path `proto`), so buf runs from here.
+lint-proto: $(BUF_STAMP)
+	$(BUF) lint
+	@echo "buf lint: ok"
+
+check: bootstrap $(BUF_STAMP)
+	$(PY) scripts/gen_protos.py --check
+	$(BUF) lint
+	@echo "buf lint: ok"

@@ -1,0 +1,176 @@
+"""`engine-serve`: the engine (gRPC) and the OpenAI bridge (REST) as two processes.
+
+    engine-serve                          # built-in demo model, gRPC :50051, REST :8000
+    engine-serve --model /path/to/hf-dir  # any local Llama/Mistral/Qwen2 directory or hub id
+    engine-serve --role engine            # gRPC only (run the bridge elsewhere)
+    engine-serve --role bridge --engine-address host:50051
+
+With `--role all` (default) the bridge runs as a child process and reaches the engine over a
+Unix domain socket, so it never shares the engine's GIL.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from engine.errors import ModelLoadError
+
+logger = logging.getLogger("engine.cli")
+
+_SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+               "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'4GiB', '512MiB', '1.5G', '1000000' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]i?)?[bB]?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 4GiB, 512MiB)")
+    number, unit = match.groups()
+    return int(float(number) * _SIZE_UNITS[(unit or "").lower()])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="engine-serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="HF model directory or hub id (default: the demo model)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    p.add_argument("--served-model-name", nargs="+", default=None, help="name(s) clients use")
+    p.add_argument("--role", choices=("all", "engine", "bridge"), default="all")
+    p.add_argument("--host", default="0.0.0.0", help="bind address of both servers")
+    p.add_argument("--port", type=int, default=8000, help="REST (OpenAI bridge) port")
+    p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port")
+    p.add_argument("--engine-address", default=None, help="engine gRPC address (role bridge)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="auto = bfloat16 on CPU (float16 is never used on CPU)")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-cache-memory", type=parse_bytes, default=None, help="e.g. 4GiB")
+    p.add_argument("--num-kv-blocks", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs")
+    p.add_argument("--chat-template", default=None, help="a template file or the template text")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--uvicorn-log-level", default="warning")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def engine_config_from_args(args: argparse.Namespace, model: str) -> EngineConfig:
+    return EngineConfig(
+        model=ModelConfig(
+            model=model,
+            tokenizer=args.tokenizer,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            served_model_names=tuple(args.served_model_name or ()),
+            chat_template=args.chat_template,
+            seed=args.seed,
+        ),
+        cache=CacheConfig(
+            block_size=args.block_size,
+            kv_cache_memory=args.kv_cache_memory,
+            num_blocks=args.num_kv_blocks,
+            enable_prefix_caching=args.enable_prefix_caching,
+        ),
+        scheduler=SchedulerConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            policy=args.scheduling_policy,
+        ),
+    )
+
+
+def start_bridge(engine_address: str, args: argparse.Namespace) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "rest_bridge", "--engine-address", engine_address,
+           "--host", args.host, "--port", str(args.port),
+           "--uvicorn-log-level", args.uvicorn_log_level]
+    return subprocess.Popen(cmd)
+
+
+async def run_engine(config: EngineConfig, args: argparse.Namespace, uds: str | None) -> int:
+    from engine.server.grpc_server import EngineServer, GrpcServerConfig
+
+    server = EngineServer(config, GrpcServerConfig(args.host, args.grpc_port, uds))
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    load = asyncio.create_task(server.load_engine())
+    waiter = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({load, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if load in done and load.exception() is not None:
+        await server.stop(0)
+        raise load.exception()
+    await waiter
+    logger.info("shutting down")
+    load.cancel()
+    await server.stop(5.0)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.role == "bridge":
+        if not args.engine_address:
+            print("error: --role bridge needs --engine-address", file=sys.stderr)
+            return 2
+        from rest_bridge.cli import main as bridge_main
+
+        return bridge_main(["--engine-address", args.engine_address, "--host", args.host,
+                            "--port", str(args.port), "--uvicorn-log-level", args.uvicorn_log_level])
+    model = args.model
+    if model is None:
+        from engine.demo import DEMO_MODEL_NAME, ensure_demo_model
+
+        model = str(ensure_demo_model())
+        if not args.served_model_name:
+            args.served_model_name = [DEMO_MODEL_NAME]
+        logger.info("no --model given: serving the built-in demo model (random weights, "
+                    "meaningless text) from %s", model)
+    try:
+        config = engine_config_from_args(args, model)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    bridge = None
+    uds = None
+    if args.role == "all":
+        uds_path = Path(tempfile.gettempdir()) / f"protoserve-{os.getpid()}.sock"
+        uds = f"unix:{uds_path}"
+        bridge = start_bridge(uds, args)
+    try:
+        return asyncio.run(run_engine(config, args, uds))
+    except ModelLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if bridge is not None:
+            bridge.terminate()
+            try:
+                bridge.wait(10)
+            except subprocess.TimeoutExpired:
+                bridge.kill()
+        if uds:
+            Path(uds.removeprefix("unix:")).unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

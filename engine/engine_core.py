@@ -1,0 +1,54 @@
+"""The synchronous heart of the engine: one step = schedule -> execute -> update.
+
+Everything here runs on the step thread; the engine loop is the only caller.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+from engine.batch import ScheduledBatch
+from engine.config import EngineConfig
+from engine.kv_cache import KVCacheManager
+from engine.outputs import ModelRunnerOutput, RequestOutput
+from engine.request import FinishReason, Request
+from engine.scheduler import Scheduler
+
+
+class Runner(Protocol):
+    num_blocks: int
+
+    def execute(self, batch: ScheduledBatch) -> ModelRunnerOutput: ...
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, runner: Runner, max_model_len: int) -> None:
+        self.config = config
+        self.runner = runner
+        self.kv_cache = KVCacheManager(
+            runner.num_blocks,
+            config.cache.block_size,
+            enable_prefix_caching=config.cache.enable_prefix_caching,
+        )
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache, max_model_len)
+        # Cumulative counters (metrics, and tests that check work skipped by the prefix cache).
+        self.num_steps = 0
+        self.num_computed_tokens_total = 0
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+
+    def abort_requests(self, request_ids: list[str], reason: FinishReason) -> list[str]:
+        return self.scheduler.abort_requests(request_ids, reason)
+
+    @property
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch.is_empty and not batch.finished_request_ids:
+            return self.scheduler.take_pending_outputs()
+        output = self.runner.execute(batch)
+        self.num_steps += 1
+        self.num_computed_tokens_total += batch.num_scheduled_tokens
+        return self.scheduler.update_from_output(batch, output)

@@ -1,0 +1,13 @@
+"""Gated activation over a fused gate/up projection."""
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up` where `gate_up = [gate | up]` along the last dimension."""
+    intermediate_size = gate_up.shape[-1] // 2
+    gate = gate_up[..., :intermediate_size]
+    up = gate_up[..., intermediate_size:]
+    return F.silu(gate) * up

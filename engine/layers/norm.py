@@ -1,0 +1,32 @@
+"""RMSNorm with the same rounding as the Hugging Face reference."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Normalise in float32, cast back to the input dtype, then scale by the weight.
+
+    The cast happens before the weight multiply (as in transformers' LlamaRMSNorm), so bf16
+    outputs round exactly like the reference model's.
+    """
+
+    def __init__(
+        self, hidden_size: int, eps: float, *, dtype: torch.dtype, device: torch.device | str
+    ) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(
+            torch.ones(hidden_size, dtype=dtype, device=device), requires_grad=False
+        )
+        self.eps = eps
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden.dtype
+        hidden_f32 = hidden.float()
+        variance = hidden_f32.pow(2).mean(-1, keepdim=True)
+        normed = hidden_f32 * torch.rsqrt(variance + self.eps)
+        return self.weight * normed.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"

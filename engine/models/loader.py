@@ -1,0 +1,198 @@
+"""Load a Llama-family checkpoint (local directory or cached hub id) into our model classes."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig
+
+from engine.attention import get_attention_backend
+from engine.config import ModelConfig
+from engine.errors import ModelLoadError
+from engine.layers.rotary import SUPPORTED_ROPE_TYPES, read_rope_spec
+from engine.models.llama import LlamaDims, LlamaForCausalLM
+from engine.models.registry import get_model_class, supported_architectures
+from engine.models.weights import find_safetensors_files, iter_safetensors
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: LlamaForCausalLM  # eval mode, no grad, weights in `dtype` on `device`
+    hf_config: Any  # transformers PretrainedConfig
+    model_path: Path
+    architecture: str
+    dtype: torch.dtype
+    device: torch.device
+    vocab_size: int
+    max_model_len: int
+    eos_token_ids: frozenset[int]
+    bos_token_id: int | None
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def resolve_model_path(model: str) -> Path:
+    """A local directory as is; otherwise a hub id looked up in the local HF cache only."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if path.is_absolute() or model.startswith(".") or model.count("/") > 1:
+        raise ModelLoadError(f"model directory {model} does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=model, local_files_only=True))
+    except Exception as exc:  # invalid id, not cached, offline: all one answer to the user
+        raise ModelLoadError(
+            f"model {model!r} is neither a local directory nor in the local Hugging Face cache "
+            f"({type(exc).__name__})"
+        ) from None
+
+
+def load_model(model_config: ModelConfig, *, attention_backend: str = "torch") -> LoadedModel:
+    model_path = resolve_model_path(model_config.model)
+    architecture = _read_architecture(model_path)
+    model_class = get_model_class(architecture)
+    assert model_class is not None  # checked by _read_architecture
+    weight_files = find_safetensors_files(model_path)
+    hf_config = _read_hf_config(model_path)
+    spec = read_rope_spec(hf_config)
+    if spec.rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ModelLoadError(
+            f"unsupported rope_type {spec.rope_type!r} in {model_path / 'config.json'}; "
+            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    device = torch.device(model_config.device)
+    dtype = resolve_dtype(model_config.dtype, hf_config, device)
+    max_model_len = resolve_max_model_len(model_config.max_model_len, hf_config, model_path)
+    model = model_class(
+        hf_config,
+        attn_backend=get_attention_backend(attention_backend),
+        max_positions=max_model_len,
+        dtype=dtype,
+        device=device,
+    )
+    with torch.no_grad():
+        model.load_weights(iter_safetensors(weight_files))
+    model.eval().requires_grad_(False)
+    dims = LlamaDims.from_hf_config(hf_config)
+    eos_token_ids, bos_token_id = _read_special_token_ids(hf_config, model_path)
+    return LoadedModel(
+        model=model,
+        hf_config=hf_config,
+        model_path=model_path,
+        architecture=architecture,
+        dtype=dtype,
+        device=device,
+        vocab_size=dims.vocab_size,
+        max_model_len=max_model_len,
+        eos_token_ids=eos_token_ids,
+        bos_token_id=bos_token_id,
+        num_layers=dims.num_layers,
+        num_kv_heads=dims.num_kv_heads,
+        head_dim=dims.head_dim,
+    )
+
+
+def _read_architecture(model_path: Path) -> str:
+    config_path = model_path / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"no config.json in {model_path}")
+    try:
+        raw = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {config_path}: {exc}") from None
+    architectures = raw.get("architectures") or []
+    for architecture in architectures:
+        if get_model_class(architecture) is not None:
+            return str(architecture)
+    named = ", ".join(architectures) if architectures else "(none listed)"
+    raise ModelLoadError(
+        f"unsupported architecture {named} in {config_path}; "
+        f"supported: {', '.join(supported_architectures())}"
+    )
+
+
+def _read_hf_config(model_path: Path) -> Any:
+    try:
+        return AutoConfig.from_pretrained(model_path)
+    except Exception as exc:  # transformers raises many kinds; the user needs one line
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot parse {model_path / 'config.json'}: {first_line}") from None
+
+
+def resolve_dtype(requested: str, hf_config: Any, device: torch.device) -> torch.dtype:
+    """'auto' is bfloat16 on CPU (float16 is orders of magnitude slower there) and the
+    checkpoint's half-precision dtype on CUDA."""
+    if requested != "auto":
+        dtype = _DTYPES[requested]
+        if dtype == torch.float16 and device.type == "cpu":
+            raise ModelLoadError("dtype float16 is not supported on CPU (use bfloat16 or float32)")
+        return dtype
+    if device.type == "cpu":
+        return torch.bfloat16
+    checkpoint_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(checkpoint_dtype, str):
+        checkpoint_dtype = _DTYPES.get(checkpoint_dtype)
+    if checkpoint_dtype in (torch.float16, torch.bfloat16):
+        return checkpoint_dtype
+    return torch.bfloat16
+
+
+def resolve_max_model_len(requested: int | None, hf_config: Any, model_path: Path) -> int:
+    model_limit = int(hf_config.max_position_embeddings)
+    if requested is not None and requested > model_limit:
+        raise ModelLoadError(
+            f"max_model_len {requested} exceeds the model's max_position_embeddings "
+            f"{model_limit} ({model_path / 'config.json'})"
+        )
+    max_model_len = model_limit if requested is None else requested
+    window = _sliding_window(hf_config)
+    if window is not None and window < max_model_len:
+        # Sliding-window attention is not implemented; within the window it equals full
+        # attention, so capping the context keeps outputs exact.
+        logger.info("max_model_len capped from %d to the sliding window %d", max_model_len, window)
+        max_model_len = window
+    return max_model_len
+
+
+def _sliding_window(hf_config: Any) -> int | None:
+    window = getattr(hf_config, "sliding_window", None)
+    # Qwen2 carries a sliding_window value that only applies with use_sliding_window.
+    if window is None or not getattr(hf_config, "use_sliding_window", True):
+        return None
+    return int(window)
+
+
+def _read_special_token_ids(
+    hf_config: Any, model_path: Path
+) -> tuple[frozenset[int], int | None]:
+    eos_token_ids = set(_as_id_list(getattr(hf_config, "eos_token_id", None)))
+    bos_token_id = getattr(hf_config, "bos_token_id", None)
+    generation_path = model_path / "generation_config.json"
+    if generation_path.is_file():
+        try:
+            generation = json.loads(generation_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot read {generation_path}: {exc}") from None
+        eos_token_ids.update(_as_id_list(generation.get("eos_token_id")))
+        if bos_token_id is None:
+            bos_token_id = generation.get("bos_token_id")
+    return frozenset(eos_token_ids), None if bos_token_id is None else int(bos_token_id)
+
+
+def _as_id_list(value: int | list[int] | None) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(token_id) for token_id in value]

@@ -1,0 +1,93 @@
+"""Checkpoint reading: safetensors files -> (HF name, tensor) -> our (possibly fused) parameters."""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from engine.errors import ModelLoadError
+
+_INDEX_FILE = "model.safetensors.index.json"
+
+
+def find_safetensors_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's shards: those named by the index when there is one, else every
+    `*.safetensors` in the directory."""
+    index_path = model_dir / _INDEX_FILE
+    if index_path.is_file():
+        weight_map: Mapping[str, str] = json.loads(index_path.read_text())["weight_map"]
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [str(path) for path in files if not path.is_file()]
+        if missing:
+            raise ModelLoadError(f"{index_path} names missing shard(s): {', '.join(missing)}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"no *.safetensors weights in {model_dir}")
+    return files
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as shard:
+            for name in shard.keys():
+                yield name, shard.get_tensor(name)
+
+
+class FusedWeightLoader:
+    """Fills parameters from checkpoint tensors, where some checkpoint tensors are row slices
+    of one fused parameter. Every parameter must end up fully covered."""
+
+    def __init__(
+        self,
+        params: Mapping[str, torch.nn.Parameter],
+        *,
+        fused_shards: Mapping[str, tuple[str, int, int]],
+        ignored_suffixes: tuple[str, ...] = (),
+        ignored_names: tuple[str, ...] = (),
+    ) -> None:
+        # fused_shards: checkpoint module suffix -> (our module suffix, first row, num rows).
+        self._params = params
+        self._fused_shards = fused_shards
+        self._ignored_suffixes = ignored_suffixes
+        self._ignored_names = frozenset(ignored_names)
+        self._rows_loaded: dict[str, int] = {}
+
+    def load(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._ignored_names or name.endswith(self._ignored_suffixes):
+            return
+        target_name, first_row, num_rows = self._resolve(name, tensor)
+        param = self._params.get(target_name)
+        if param is None:
+            raise ModelLoadError(f"checkpoint tensor {name} has no matching model parameter")
+        target = param.data[first_row : first_row + num_rows]
+        if tuple(target.shape) != tuple(tensor.shape):
+            raise ModelLoadError(
+                f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(target.shape)}"
+            )
+        target.copy_(tensor)
+        self._rows_loaded[target_name] = self._rows_loaded.get(target_name, 0) + num_rows
+
+    def _resolve(self, name: str, tensor: torch.Tensor) -> tuple[str, int, int]:
+        module_name, _, param_kind = name.rpartition(".")
+        for shard_suffix, (fused_suffix, first_row, num_rows) in self._fused_shards.items():
+            if module_name.endswith("." + shard_suffix):
+                fused_module = module_name[: -len(shard_suffix)] + fused_suffix
+                return f"{fused_module}.{param_kind}", first_row, num_rows
+        return name, 0, tensor.shape[0] if tensor.dim() else 1
+
+    def check_complete(self) -> None:
+        incomplete = [
+            name
+            for name, param in self._params.items()
+            if self._rows_loaded.get(name, 0) != (param.shape[0] if param.dim() else 1)
+        ]
+        if incomplete:
+            shown = ", ".join(incomplete[:5]) + (" ..." if len(incomplete) > 5 else "")
+            raise ModelLoadError(
+                f"checkpoint is missing {len(incomplete)} tensor(s) for parameter(s): {shown}"
+            )

@@ -1,0 +1,87 @@
+"""Per-choice output state on the asyncio side: incremental detokenization and stop strings,
+turning RequestOutputs from the step thread into GenerationDelta / GenerationFinished events."""
+from __future__ import annotations
+
+import asyncio
+
+from engine.generation import GenerationDelta, GenerationEvent, GenerationFinished
+from engine.outputs import RequestOutput
+from engine.request import FinishReason, Request
+from engine.tokenizer import Tokenizer
+from engine.tokenizer.stop_strings import StopStringMatcher
+
+
+class RequestStream:
+    def __init__(
+        self,
+        index: int,
+        request: Request,
+        client_request_id: str,
+        events: asyncio.Queue[GenerationEvent | BaseException],
+        tokenizer: Tokenizer,
+        return_text: bool,
+    ) -> None:
+        params = request.sampling_params
+        self.index = index
+        self.client_request_id = client_request_id
+        self.events = events
+        self.num_output_tokens = 0
+        # Stop strings need text, so they force detokenization even if text is not returned.
+        needs_text = return_text or bool(params.stop)
+        self.detokenizer = (
+            tokenizer.new_detokenizer(
+                request.prompt_token_ids,
+                skip_special_tokens=params.skip_special_tokens,
+                spaces_between_special_tokens=params.spaces_between_special_tokens,
+            )
+            if needs_text
+            else None
+        )
+        self.return_text = return_text
+        self.stop_matcher = (
+            StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None
+        )
+
+    def on_output(self, output: RequestOutput) -> tuple[bool, bool]:
+        """Queue the events for one step's output. Returns (done, stopped_by_stop_string):
+        a stop-string match ends the stream before the engine knows it is finished."""
+        self.num_output_tokens += len(output.new_token_ids)
+        text = ""
+        if self.detokenizer is not None:
+            text = self.detokenizer.step(output.new_token_ids) if output.new_token_ids else ""
+            if output.finished:
+                text += self.detokenizer.flush()
+        stop_string = None
+        if self.stop_matcher is not None:
+            text, stop_string = self.stop_matcher.feed(text)
+            if output.finished and stop_string is None:
+                text += self.stop_matcher.flush()
+        if output.new_token_ids or text:
+            self.events.put_nowait(
+                GenerationDelta(self.index, output.new_token_ids, text if self.return_text else "")
+            )
+        if stop_string is not None:
+            self._put_finished(FinishReason.STOP, stop_string=stop_string)
+            return True, not output.finished
+        if output.finished:
+            assert output.finish_reason is not None
+            self._put_finished(output.finish_reason, stop_token_id=output.stop_token_id)
+            return True, False
+        return False, False
+
+    def finish(self, reason: FinishReason) -> None:
+        """End the stream from outside the engine (admin abort)."""
+        self._put_finished(reason)
+
+    def fail(self, error: BaseException) -> None:
+        self.events.put_nowait(error)
+
+    def _put_finished(
+        self, reason: FinishReason, *, stop_token_id: int | None = None, stop_string: str | None = None
+    ) -> None:
+        self.events.put_nowait(
+            GenerationFinished(
+                self.index, reason, self.num_output_tokens,
+                stop_token_id=stop_token_id, stop_string=stop_string,
+            )
+        )

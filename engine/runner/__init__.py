@@ -1,0 +1,1 @@
+"""The model runner: turns a ScheduledBatch into tensors, runs the model, samples."""

@@ -1,0 +1,83 @@
+"""KV cache sizing and allocation.
+
+One tensor per layer: [2, num_blocks, block_size, num_kv_heads, head_dim] (K at [0], V at [1]).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import CacheConfig
+
+logger = logging.getLogger(__name__)
+
+_CPU_DEFAULT_BYTES = 4 * 1024**3
+# On CUDA the cache takes this share of the memory free after loading the weights; the rest
+# is headroom for activations and the allocator.
+_CUDA_FREE_FRACTION = 0.8
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_block(self) -> int:
+        element_size = torch.empty((), dtype=self.dtype).element_size()
+        per_layer = 2 * self.block_size * self.num_kv_heads * self.head_dim * element_size
+        return self.num_layers * per_layer
+
+    def blocks_per_sequence(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+
+def determine_num_blocks(
+    spec: KVCacheSpec,
+    cache_config: CacheConfig,
+    *,
+    device: torch.device,
+    max_model_len: int,
+    max_num_seqs: int,
+) -> int:
+    """`cache_config.num_blocks` wins, then `kv_cache_memory` bytes; otherwise on CPU enough
+    for max_num_seqs full-length sequences capped at 4 GiB, on CUDA a share of free memory."""
+    if cache_config.num_blocks is not None:
+        num_blocks = cache_config.num_blocks
+    elif cache_config.kv_cache_memory is not None:
+        num_blocks = cache_config.kv_cache_memory // spec.bytes_per_block
+    elif device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        num_blocks = int(free_bytes * _CUDA_FREE_FRACTION) // spec.bytes_per_block
+    else:
+        needed = max_num_seqs * spec.blocks_per_sequence(max_model_len)
+        num_blocks = min(needed, _CPU_DEFAULT_BYTES // spec.bytes_per_block)
+    if num_blocks < 1:
+        raise ValueError(
+            f"KV cache too small: {spec.bytes_per_block} bytes per block of {spec.block_size} "
+            f"tokens do not fit the configured memory"
+        )
+    max_concurrency = num_blocks // spec.blocks_per_sequence(max_model_len)
+    logger.info(
+        "KV cache: %d blocks of %d tokens (%.1f MiB), max concurrency %d at max_model_len %d",
+        num_blocks,
+        spec.block_size,
+        num_blocks * spec.bytes_per_block / 2**20,
+        max_concurrency,
+        max_model_len,
+    )
+    return num_blocks
+
+
+def allocate_kv_caches(
+    spec: KVCacheSpec, num_blocks: int, device: torch.device
+) -> list[torch.Tensor]:
+    """Zero-filled: attention multiplies masked (never written) slots by probability 0, and
+    0 * NaN from uninitialised memory would poison the output."""
+    shape = (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+    return [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]

@@ -1,0 +1,63 @@
+"""ModelRunner: owns the model and the KV cache; one `execute` per engine step."""
+from __future__ import annotations
+
+import torch
+
+from engine.batch import ScheduledBatch
+from engine.config import CacheConfig, ModelConfig
+from engine.models.loader import LoadedModel, load_model
+from engine.outputs import ModelRunnerOutput
+from engine.runner.input_prep import prepare_inputs
+from engine.runner.kv_memory import KVCacheSpec, allocate_kv_caches, determine_num_blocks
+from engine.sampling.sampler import Sampler
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        cache_config: CacheConfig,
+        *,
+        max_num_seqs: int = 256,
+        attention_backend: str = "torch",
+    ) -> None:
+        self.loaded: LoadedModel = load_model(model_config, attention_backend=attention_backend)
+        self.device = self.loaded.device
+        self.block_size = cache_config.block_size
+        spec = KVCacheSpec(
+            num_layers=self.loaded.num_layers,
+            num_kv_heads=self.loaded.num_kv_heads,
+            head_dim=self.loaded.head_dim,
+            block_size=cache_config.block_size,
+            dtype=self.loaded.dtype,
+        )
+        self.num_blocks: int = determine_num_blocks(
+            spec,
+            cache_config,
+            device=self.device,
+            max_model_len=self.loaded.max_model_len,
+            max_num_seqs=max_num_seqs,
+        )
+        self.kv_caches: list[torch.Tensor] = allocate_kv_caches(spec, self.num_blocks, self.device)
+        self.sampler = Sampler(self.device)
+
+    def execute(self, batch: ScheduledBatch) -> ModelRunnerOutput:
+        """Compute the scheduled tokens, then sample one token for every request with
+        `sample=True`, reported in batch order."""
+        self.sampler.free(batch.finished_request_ids)
+        if batch.is_empty:
+            return ModelRunnerOutput(request_ids=[], sampled_token_ids=[])
+        with torch.inference_mode():
+            inputs = prepare_inputs(batch, self.block_size, self.device)
+            hidden = self.loaded.model(
+                inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_metadata
+            )
+            if not inputs.sample_requests:
+                return ModelRunnerOutput(request_ids=[], sampled_token_ids=[])
+            # Only sampling rows go through the vocab projection (prefill rows never do).
+            logits = self.loaded.model.compute_logits(hidden.index_select(0, inputs.sample_rows))
+            sampled_token_ids = self.sampler.sample(logits, inputs.sample_requests)
+        return ModelRunnerOutput(
+            request_ids=[request.request_id for request in inputs.sample_requests],
+            sampled_token_ids=sampled_token_ids,
+        )

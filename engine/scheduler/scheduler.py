@@ -1,0 +1,261 @@
+"""Continuous batching: every step, decide which requests compute how many tokens.
+
+There are no prefill/decode phases. Each request wants `num_tokens - num_computed_tokens`
+tokens; the step's token budget (`max_num_batched_tokens`) is handed out
+
+  1. to RUNNING requests first, in order (decodes and unfinished prompt chunks), so a long
+     prompt never stalls the decoding of others by more than one chunk;
+  2. then to WAITING requests in policy order (FCFS or priority), starting each one past its
+     prefix-cache hit, while there is budget, a free sequence slot and KV room.
+
+When the KV pool runs dry for a running request, the least important request not yet scheduled
+this step is preempted (by recompute: its blocks are freed, its progress reset, and it goes
+back to the waiting queue with its generated tokens kept, so greedy output is unchanged).
+"""
+from __future__ import annotations
+
+import logging
+
+from engine.batch import ScheduledBatch, ScheduledRequest
+from engine.config import SchedulerConfig
+from engine.kv_cache import KVCacheManager
+from engine.outputs import ModelRunnerOutput, RequestOutput
+from engine.request import FinishReason, Request, RequestStatus
+from engine.scheduler.stop_conditions import check_stop
+from engine.scheduler.waiting_queue import make_waiting_queue
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager, max_model_len: int):
+        self.config = config
+        self.kv_cache = kv_cache
+        self.max_model_len = max_model_len
+        self.waiting = make_waiting_queue(config.policy)
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        # Reported to the runner with the next batch, then cleared.
+        self._finished_ids: list[str] = []
+        self._preempted_ids: list[str] = []
+        # Outputs of requests finished outside update_from_output (aborts, capacity).
+        self._pending_outputs: list[RequestOutput] = []
+        self.num_preemptions = 0
+
+    # ----- requests in and out -------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        self.requests[request.request_id] = request
+        self.waiting.add(request)
+
+    def abort_requests(self, request_ids: list[str], reason: FinishReason) -> list[str]:
+        """Finish the given requests (queued or running) now; unknown ids are ignored.
+        Returns the ids that were actually aborted."""
+        aborted = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is not None:
+                self._finish(request, reason)
+                aborted.append(request_id)
+        if aborted:
+            self.running = [r for r in self.running if not r.status.is_finished]
+        return aborted
+
+    @property
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.running) or len(self.waiting) > 0
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ----- one step -----------------------------------------------------------------------
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[tuple[Request, int]] = []
+        budget, preempted = self._schedule_running(budget, scheduled)
+        if not preempted:
+            self._schedule_waiting(budget, scheduled)
+        batch = ScheduledBatch(
+            requests=[self._to_scheduled(r, n) for r, n in scheduled],
+            num_scheduled_tokens=sum(n for _, n in scheduled),
+            finished_request_ids=self._finished_ids,
+            preempted_request_ids=self._preempted_ids,
+        )
+        self._finished_ids, self._preempted_ids = [], []
+        return batch
+
+    def _schedule_running(
+        self, budget: int, scheduled: list[tuple[Request, int]]
+    ) -> tuple[int, bool]:
+        preempted = False
+        idx = 0
+        while idx < len(self.running) and budget > 0:
+            request = self.running[idx]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            needed = self.kv_cache.blocks_needed(request.num_computed_tokens + num_new)
+            if needed > self.kv_cache.num_blocks:
+                # Even an empty cache cannot hold it: end it rather than preempt forever.
+                self._finish_for_capacity(request)
+                continue
+            while not self.kv_cache.allocate_slots(request, num_new):
+                # Only requests not yet scheduled this step are candidates: their blocks are
+                # not referenced by the batch being built.
+                victim = self._pick_victim(self.running[idx:])
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    break
+            else:
+                scheduled.append((request, num_new))
+                budget -= num_new
+                idx += 1
+        return budget, preempted
+
+    def _schedule_waiting(self, budget: int, scheduled: list[tuple[Request, int]]) -> None:
+        while len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting.peek()
+            if self.kv_cache.blocks_needed(request.num_tokens) > self.kv_cache.num_blocks:
+                self._finish_for_capacity(request)  # removes it from the waiting queue
+                continue
+            hit = self.kv_cache.find_prefix_hit(request)
+            num_computed = hit.num_blocks * self.kv_cache.block_size
+            num_new = min(request.num_tokens - num_computed, budget)
+            if not self.kv_cache.allocate_slots(request, num_new, hit):
+                break  # head of line waits for blocks; later requests do not overtake it
+            self.waiting.pop()
+            self.kv_cache.record_lookup(request, hit)
+            request.num_computed_tokens = num_computed
+            if request.status == RequestStatus.WAITING:
+                request.num_cached_tokens = num_computed
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append((request, num_new))
+            budget -= num_new
+
+    def _pick_victim(self, candidates: list[Request]) -> Request:
+        if self.config.policy == "priority":
+            return max(candidates, key=lambda r: (r.priority, r.arrival_time))
+        return candidates[-1]  # FCFS: the newest
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv_cache.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self._preempted_ids.append(request.request_id)
+        self.waiting.add_preempted(request)
+
+    @staticmethod
+    def _to_scheduled(request: Request, num_new: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        return ScheduledRequest(
+            request_id=request.request_id,
+            token_ids=request.all_token_ids,
+            start=start,
+            num_tokens=num_new,
+            block_ids=request.block_ids,
+            sample=start + num_new == request.num_tokens,
+            sampling_params=request.sampling_params,
+            num_prompt_tokens=request.num_prompt_tokens,
+        )
+
+    def update_from_output(
+        self, batch: ScheduledBatch, output: ModelRunnerOutput
+    ) -> list[RequestOutput]:
+        """Advance progress counters, append sampled tokens, apply stop checks."""
+        for scheduled in batch.requests:
+            request = self.requests.get(scheduled.request_id)
+            if request is None:
+                continue
+            request.num_computed_tokens += scheduled.num_tokens
+            self.kv_cache.cache_computed_blocks(request)
+        outputs = self.take_pending_outputs()
+        any_finished = False
+        for request_id, token_id in zip(output.request_ids, output.sampled_token_ids):
+            request = self.requests.get(request_id)
+            if request is None:
+                continue
+            request.append_output_token(token_id)
+            stop = check_stop(request, self.max_model_len)
+            out = self._output(request, [token_id])
+            if stop is not None:
+                self._finish(request, stop[0], stop[1], emit=False)
+                out.finish_reason, out.stop_token_id = stop
+                any_finished = True
+            outputs.append(out)
+        if any_finished:
+            self.running = [r for r in self.running if not r.status.is_finished]
+        return outputs
+
+    def take_pending_outputs(self) -> list[RequestOutput]:
+        outputs, self._pending_outputs = self._pending_outputs, []
+        return outputs
+
+    # ----- finishing ----------------------------------------------------------------------
+
+    def _finish_for_capacity(self, request: Request) -> None:
+        logger.warning(
+            "request %s needs more KV blocks than the cache has (%d); finishing it (length)",
+            request.request_id, self.kv_cache.num_blocks,
+        )
+        self._finish(request, FinishReason.LENGTH)
+        if request in self.running:
+            self.running.remove(request)
+
+    def _finish(
+        self,
+        request: Request,
+        reason: FinishReason,
+        stop_token_id: int | None = None,
+        *,
+        emit: bool = True,
+    ) -> None:
+        """Release everything the request holds. The caller removes it from `running`."""
+        if request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+            self.waiting.remove(request)
+        self.kv_cache.free(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        request.stop_token_id = stop_token_id
+        del self.requests[request.request_id]
+        self._finished_ids.append(request.request_id)
+        if emit:
+            out = self._output(request, [])
+            out.finish_reason, out.stop_token_id = reason, stop_token_id
+            self._pending_outputs.append(out)
+
+    @staticmethod
+    def _output(request: Request, new_token_ids: list[int]) -> RequestOutput:
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=new_token_ids,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=request.num_cached_tokens,
+        )
+
+    def check_invariants(self) -> None:
+        """Block accounting matches the requests' block tables; no request is in two places."""
+        self.kv_cache.check_invariants()
+        running_ids = {r.request_id for r in self.running}
+        waiting_ids = {r.request_id for r in self.waiting}
+        assert not running_ids & waiting_ids
+        assert running_ids | waiting_ids == set(self.requests)
+        refs: dict[int, int] = {}
+        for request in self.requests.values():
+            for block_id in request.block_ids:
+                refs[block_id] = refs.get(block_id, 0) + 1
+            if request.status == RequestStatus.RUNNING:
+                needed = self.kv_cache.blocks_needed(request.num_computed_tokens)
+                assert len(request.block_ids) >= needed, request
+        for block in self.kv_cache.pool.blocks:
+            assert block.ref_cnt == refs.get(block.block_id, 0), block

@@ -1,0 +1,116 @@
+"""Builds and runs the engine's gRPC server: the protoserve.v1 services, grpc.health.v1 and
+server reflection, on TCP and (for a co-located bridge) a Unix domain socket.
+
+Health: "" is liveness (SERVING while the process runs); "protoserve.v1.Inference" is
+readiness: SERVING once weights are loaded and warmed up, NOT_SERVING while loading, after
+the step thread dies, and while draining.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.server.context import EngineHandle
+from engine.server.inference_servicer import InferenceServicer
+from engine.server.info_servicers import AdminServicer, DiscoveryServicer, TokenizerServicer
+from engine.server.interceptors import UndecodableRequestInterceptor
+from protoserve.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    discovery_pb2,
+    discovery_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    tokenizer_pb2,
+    tokenizer_pb2_grpc,
+)
+
+logger = logging.getLogger(__name__)
+
+READINESS_SERVICE = "protoserve.v1.Inference"
+_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class GrpcServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 50051
+    # Extra listening address for a co-located bridge, e.g. "unix:/tmp/protoserve.sock".
+    uds_address: str | None = None
+
+
+class EngineServer:
+    def __init__(self, config: EngineConfig, server_config: GrpcServerConfig) -> None:
+        self.config = config
+        self.server_config = server_config
+        self.handle = EngineHandle()
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(
+            interceptors=[UndecodableRequestInterceptor()],
+            options=[
+                ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+            ]
+        )
+        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.handle), self.server)
+        tokenizer_pb2_grpc.add_TokenizerServicer_to_server(TokenizerServicer(self.handle), self.server)
+        discovery_pb2_grpc.add_DiscoveryServicer_to_server(DiscoveryServicer(self.handle), self.server)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.handle), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        service_names = [
+            inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+            tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name,
+            discovery_pb2.DESCRIPTOR.services_by_name["Discovery"].full_name,
+            admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ]
+        reflection.enable_server_reflection(service_names, self.server)
+        self._watchdog: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        address = f"{self.server_config.host}:{self.server_config.port}"
+        if self.server.add_insecure_port(address) == 0:
+            raise OSError(f"cannot listen on {address}")
+        if self.server_config.uds_address:
+            self.server.add_insecure_port(self.server_config.uds_address)
+        await self.server.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(READINESS_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        logger.info("gRPC listening on %s", address)
+
+    async def load_engine(self) -> Engine:
+        """Load the model off the event loop (health answers meanwhile), then turn ready."""
+        engine = await asyncio.to_thread(Engine.load, self.config)
+        engine.loop.start()
+        self.handle.engine = engine
+        await self.health.set(READINESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        self._watchdog = asyncio.create_task(self._watch_engine(engine))
+        logger.info("ready: serving %s", ", ".join(engine.model.names))
+        return engine
+
+    async def _watch_engine(self, engine: Engine) -> None:
+        """Readiness follows the step thread: if it dies, stop advertising SERVING."""
+        while engine.loop.is_alive:
+            await asyncio.sleep(0.5)
+        logger.error("engine step thread is not running; readiness -> NOT_SERVING")
+        await self.health.set(READINESS_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        self.handle.draining = True
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self.handle.engine is not None:
+            self.handle.engine.loop.stop()
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()

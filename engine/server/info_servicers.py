@@ -1,0 +1,137 @@
+"""protoserve.v1.Tokenizer, Discovery and Admin: small unary services over the engine."""
+from __future__ import annotations
+
+import grpc
+
+from engine.errors import InvalidRequestError
+
+import protoserve
+from engine.engine import Engine
+from engine.server.context import EngineHandle, abort_for
+from engine.server.proto_convert import chat_from_pb
+from protoserve.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    discovery_pb2,
+    discovery_pb2_grpc,
+    tokenizer_pb2,
+    tokenizer_pb2_grpc,
+)
+
+
+class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
+    def __init__(self, handle: EngineHandle) -> None:
+        self.handle = handle
+
+    async def Tokenize(self, request, context: grpc.aio.ServicerContext):
+        try:
+            engine = self.handle.get(request.model)
+            tokenizer = engine.tokenizer
+            is_chat = request.WhichOneof("input") == "chat"
+            add_special = (
+                request.add_special_tokens if request.HasField("add_special_tokens") else not is_chat
+            )
+            text = _render(engine, request.chat) if is_chat else request.text
+            token_ids = tokenizer.encode(text, add_special_tokens=add_special)
+            response = tokenizer_pb2.TokenizeResponse(
+                token_ids=token_ids, count=len(token_ids), max_model_len=engine.model.max_model_len
+            )
+            if request.return_token_strs:
+                response.token_strs.extend(tokenizer.convert_ids_to_tokens(token_ids))
+            return response
+        except Exception as error:  # noqa: BLE001
+            await abort_for(context, error)
+
+    async def Detokenize(self, request, context: grpc.aio.ServicerContext):
+        try:
+            engine = self.handle.get(request.model)
+            bad = [t for t in request.token_ids if not 0 <= t < engine.model.vocab_size]
+            if bad:
+                raise InvalidRequestError(
+                    f"token id {bad[0]} is outside the vocabulary", field="token_ids"
+                )
+            skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+            text = engine.tokenizer.decode(list(request.token_ids), skip_special_tokens=skip)
+            return tokenizer_pb2.DetokenizeResponse(text=text)
+        except Exception as error:  # noqa: BLE001
+            await abort_for(context, error)
+
+    async def RenderChat(self, request, context: grpc.aio.ServicerContext):
+        try:
+            engine = self.handle.get(request.model)
+            prompt = _render(engine, request.chat)
+            add_special = request.add_special_tokens if request.HasField("add_special_tokens") else False
+            token_ids = engine.tokenizer.encode(prompt, add_special_tokens=add_special)
+            return tokenizer_pb2.RenderChatResponse(prompt=prompt, token_ids=token_ids)
+        except Exception as error:  # noqa: BLE001
+            await abort_for(context, error)
+
+
+def _render(engine: Engine, chat_pb) -> str:
+    chat = chat_from_pb(chat_pb)
+    if not chat.messages:
+        raise InvalidRequestError("messages must not be empty", field="messages")
+    return engine.tokenizer.render_chat(
+        chat.messages,
+        add_generation_prompt=chat.add_generation_prompt,
+        continue_final_message=chat.continue_final_message,
+        chat_template=chat.chat_template,
+        chat_template_kwargs=chat.chat_template_kwargs,
+        tools=chat.tools,
+        documents=chat.documents,
+    )
+
+
+def model_info(engine: Engine) -> discovery_pb2.ModelInfo:
+    m = engine.model
+    info = discovery_pb2.ModelInfo(
+        id=m.names[0],
+        aliases=list(m.names[1:]),
+        root=m.root,
+        max_model_len=m.max_model_len,
+        vocab_size=m.vocab_size,
+        eos_token_ids=sorted(m.eos_token_ids),
+        architecture=m.architecture,
+        task=discovery_pb2.MODEL_TASK_GENERATE,
+        dtype=m.dtype,
+        block_size=m.block_size,
+        num_kv_blocks=m.num_blocks,
+        has_chat_template=m.has_chat_template,
+        created=m.created,
+    )
+    if m.bos_token_id is not None:
+        info.bos_token_id = m.bos_token_id
+    return info
+
+
+class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
+    def __init__(self, handle: EngineHandle) -> None:
+        self.handle = handle
+
+    async def GetModelInfo(self, request, context: grpc.aio.ServicerContext):
+        try:
+            return discovery_pb2.GetModelInfoResponse(info=model_info(self.handle.get(request.model)))
+        except Exception as error:  # noqa: BLE001
+            await abort_for(context, error)
+
+    async def ListModels(self, request, context: grpc.aio.ServicerContext):
+        try:
+            return discovery_pb2.ListModelsResponse(models=[model_info(self.handle.get())])
+        except Exception as error:  # noqa: BLE001
+            await abort_for(context, error)
+
+    async def GetServerInfo(self, request, context: grpc.aio.ServicerContext):
+        return discovery_pb2.GetServerInfoResponse(version=protoserve.__version__)
+
+
+class AdminServicer(admin_pb2_grpc.AdminServicer):
+    def __init__(self, handle: EngineHandle) -> None:
+        self.handle = handle
+
+    async def Abort(self, request, context: grpc.aio.ServicerContext):
+        try:
+            engine = self.handle.get()
+            aborted = engine.loop.abort_by_client_id(list(request.request_ids))
+            return admin_pb2.AbortResponse(aborted_request_ids=sorted(set(aborted)))
+        except Exception as error:  # noqa: BLE001
+            await abort_for(context, error)

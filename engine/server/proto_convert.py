@@ -1,0 +1,168 @@
+"""protoserve.v1 messages <-> engine types. The only place the engine reads or builds pb."""
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf import json_format
+
+from engine.errors import InvalidRequestError
+from engine.generation import (
+    ChatPrompt,
+    GenerationDelta,
+    GenerationEvent,
+    GenerationFinished,
+    GenerationRequest,
+    GenerationStarted,
+    PromptInput,
+)
+from engine.request import FinishReason
+from engine.sampling_params import SamplingParams
+from protoserve.v1 import common_pb2, inference_pb2
+
+# Proto fields whose engine support lands later: rejected by name instead of ignored.
+_NOT_YET_SUPPORTED = (
+    "best_of",
+    "truncate_prompt_tokens",
+    "use_beam_search",
+    "length_penalty",
+    "logprobs",
+    "prompt_logprobs",
+    "min_tokens",
+)
+_NOT_YET_SUPPORTED_REPEATED = ("allowed_token_ids", "bad_words")
+
+_FLOAT_FIELDS = (
+    "temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
+)
+_OPTIONAL_FIELDS = (
+    "seed", "max_tokens", "include_stop_str_in_output", "ignore_eos", "n",
+    "skip_special_tokens", "spaces_between_special_tokens",
+)
+
+FINISH_REASON_TO_PB = {
+    FinishReason.STOP: inference_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: inference_pb2.FINISH_REASON_ABORT,
+    FinishReason.CANCELLED: inference_pb2.FINISH_REASON_CANCELLED,
+}
+
+
+def sampling_from_pb(pb: common_pb2.SamplingParams) -> SamplingParams:
+    for name in _NOT_YET_SUPPORTED:
+        if pb.HasField(name):
+            raise InvalidRequestError(f"{name} is not supported by this server yet", field=name)
+    for name in _NOT_YET_SUPPORTED_REPEATED:
+        if len(getattr(pb, name)):
+            raise InvalidRequestError(f"{name} is not supported by this server yet", field=name)
+    kwargs: dict[str, Any] = {}
+    for name in _FLOAT_FIELDS + _OPTIONAL_FIELDS:
+        if pb.HasField(name):
+            kwargs[name] = getattr(pb, name)
+    if pb.HasField("top_k"):
+        kwargs["top_k"] = 0 if pb.top_k == -1 else pb.top_k
+    if pb.stop:
+        kwargs["stop"] = tuple(pb.stop)
+    if pb.stop_token_ids:
+        kwargs["stop_token_ids"] = tuple(pb.stop_token_ids)
+    if pb.logit_bias:
+        kwargs["logit_bias"] = dict(pb.logit_bias)
+    return SamplingParams(**kwargs)
+
+
+def _struct_to_dict(struct: Any) -> dict[str, Any]:
+    return json_format.MessageToDict(struct, preserving_proto_field_name=True)
+
+
+def message_to_dict(message: common_pb2.ChatMessage) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": message.role}
+    which = message.WhichOneof("content")
+    if which == "text":
+        out["content"] = message.text
+    elif which == "parts":
+        out["content"] = [
+            json_format.MessageToDict(part, preserving_proto_field_name=True)
+            | {"type": part.WhichOneof("part")}
+            for part in message.parts.parts
+        ]
+    else:
+        out["content"] = None
+    if message.HasField("name"):
+        out["name"] = message.name
+    if message.HasField("tool_call_id"):
+        out["tool_call_id"] = message.tool_call_id
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {"id": c.id, "type": c.type or "function",
+             "function": {"name": c.function.name, "arguments": c.function.arguments}}
+            for c in message.tool_calls
+        ]
+    return out
+
+
+def chat_from_pb(chat: common_pb2.ChatInput) -> ChatPrompt:
+    return ChatPrompt(
+        messages=[message_to_dict(m) for m in chat.messages],
+        add_generation_prompt=(
+            chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
+        ),
+        continue_final_message=chat.continue_final_message,
+        chat_template=chat.chat_template if chat.HasField("chat_template") else None,
+        chat_template_kwargs=(
+            _struct_to_dict(chat.chat_template_kwargs) if chat.HasField("chat_template_kwargs") else None
+        ),
+        tools=[_struct_to_dict(t) for t in chat.tools] or None,
+        documents=[_struct_to_dict(d) for d in chat.documents] or None,
+    )
+
+
+def generate_request_from_pb(pb: inference_pb2.GenerateRequest, request_id: str) -> GenerationRequest:
+    which = pb.WhichOneof("input")
+    if which == "text":
+        prompt = PromptInput(text=pb.text)
+    elif which == "token_ids":
+        prompt = PromptInput(token_ids=list(pb.token_ids.ids))
+    elif which == "chat":
+        prompt = PromptInput(chat=chat_from_pb(pb.chat))
+    else:
+        raise InvalidRequestError("one of text, token_ids or chat is required", field="input")
+    if pb.HasField("constraint") and pb.constraint.WhichOneof("kind") is not None:
+        raise InvalidRequestError("guided decoding is not supported by this server yet", field="constraint")
+    return GenerationRequest(
+        request_id=request_id,
+        prompt=prompt,
+        sampling_params=sampling_from_pb(pb.sampling),
+        add_special_tokens=pb.add_special_tokens if pb.HasField("add_special_tokens") else None,
+        priority=pb.priority,
+        cache_salt=pb.cache_salt,
+        return_text=pb.return_text if pb.HasField("return_text") else True,
+    )
+
+
+def event_to_pb(event: GenerationEvent, return_prompt_token_ids: bool) -> inference_pb2.GenerateResponse:
+    if isinstance(event, GenerationDelta):
+        return inference_pb2.GenerateResponse(
+            delta=inference_pb2.GenerateDelta(
+                index=event.index, token_ids=event.token_ids, text=event.text
+            )
+        )
+    if isinstance(event, GenerationFinished):
+        finished = inference_pb2.GenerateFinished(
+            index=event.index,
+            reason=FINISH_REASON_TO_PB[event.reason],
+            completion_tokens=event.num_output_tokens,
+        )
+        if event.stop_string is not None:
+            finished.stop_string = event.stop_string
+        elif event.stop_token_id is not None:
+            finished.stop_token_id = event.stop_token_id
+        return inference_pb2.GenerateResponse(finished=finished)
+    assert isinstance(event, GenerationStarted)
+    started = inference_pb2.GenerateStarted(
+        request_id=event.request_id,
+        prompt_tokens=len(event.prompt_token_ids),
+        cached_tokens=event.num_cached_tokens,
+        prompt_text=event.prompt_text or "",
+    )
+    if return_prompt_token_ids:
+        started.prompt_token_ids.extend(event.prompt_token_ids)
+    return inference_pb2.GenerateResponse(started=started)

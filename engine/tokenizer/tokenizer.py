@@ -1,0 +1,199 @@
+"""The engine's tokenizer: a Hugging Face fast tokenizer plus the model's chat templates."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from engine.errors import InvalidRequestError, ModelLoadError
+from engine.tokenizer.chat_template import RESERVED_TEMPLATE_VARIABLES, render_chat_template
+from engine.tokenizer.detokenizer import IncrementalDetokenizer
+from engine.tokenizer.template_sources import (
+    load_server_chat_template,
+    read_model_chat_templates,
+    select_chat_template,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+class Tokenizer:
+    """Encoding, decoding and chat rendering for one served model. Immutable after load."""
+
+    def __init__(
+        self,
+        hf_tokenizer: PreTrainedTokenizerBase,
+        *,
+        model_templates: dict[str, str],
+        server_template: str | None,
+    ) -> None:
+        self._hf = hf_tokenizer
+        self._model_templates = MappingProxyType(dict(model_templates))
+        self._server_template = server_template
+        # The Rust tokenizer's decode is what transformers' decode runs, minus its Python
+        # overhead, whenever no clean-up pass follows; the detokenizer decodes every step.
+        self._backend = hf_tokenizer.backend_tokenizer
+        self._decode_via_backend = not getattr(hf_tokenizer, "clean_up_tokenization_spaces", False)
+        special_ids = set(hf_tokenizer.all_special_ids)
+        special_ids.update(
+            token_id
+            for token_id, added in hf_tokenizer.added_tokens_decoder.items()
+            if added.special
+        )
+        self._all_special_ids = frozenset(special_ids)
+        self._special_token_variables = MappingProxyType(dict(hf_tokenizer.special_tokens_map))
+
+    @classmethod
+    def load(cls, path: str, *, chat_template: str | None = None) -> Tokenizer:
+        """Load from a local directory or a hub id already in the local HF cache (offline).
+
+        `chat_template` is the server's `--chat-template`: a file path or the template text.
+        Raises ModelLoadError with a one-line message when the tokenizer cannot be served.
+        """
+        directory = _resolve_directory(path)
+        hf_tokenizer = _load_hf_tokenizer(directory)
+        server_template = load_server_chat_template(chat_template) if chat_template else None
+        model_templates = read_model_chat_templates(directory)
+        if not model_templates:
+            model_templates = _templates_known_to_transformers(hf_tokenizer)
+        return cls(hf_tokenizer, model_templates=model_templates, server_template=server_template)
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the full vocabulary, added tokens included."""
+        return len(self._hf)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._hf.eos_token_id
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._hf.bos_token_id
+
+    @property
+    def all_special_ids(self) -> frozenset[int]:
+        """Named special tokens and every added token flagged special."""
+        return self._all_special_ids
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._server_template is not None or bool(self._model_templates)
+
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        return list(self._hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        ids = list(token_ids)
+        if self._decode_via_backend:
+            return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self._hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def convert_ids_to_tokens(self, token_ids: Sequence[int]) -> list[str]:
+        return list(self._hf.convert_ids_to_tokens(list(token_ids)))
+
+    def new_detokenizer(
+        self,
+        prompt_token_ids: list[int],
+        *,
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+    ) -> IncrementalDetokenizer:
+        """A detokenizer whose output concatenates to `decode(output ids)`.
+
+        `spaces_between_special_tokens` only changes the output of slow (pure Python)
+        tokenizers; fast tokenizers, the only kind loaded here, render special tokens exactly
+        as `decode` does, so it is accepted for API compatibility and has no effect.
+        """
+        del spaces_between_special_tokens
+        return IncrementalDetokenizer(
+            self, prompt_token_ids, skip_special_tokens=skip_special_tokens
+        )
+
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        documents: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """The prompt text for a conversation; encode it with add_special_tokens=False, since
+        templates write their own BOS. Raises InvalidRequestError on any template problem."""
+        source = select_chat_template(
+            chat_template, self._server_template, self._model_templates, has_tools=bool(tools)
+        )
+        extra = dict(chat_template_kwargs or {})
+        reserved = sorted(RESERVED_TEMPLATE_VARIABLES.intersection(extra))
+        if reserved:
+            raise InvalidRequestError(
+                f"chat_template_kwargs cannot set {', '.join(reserved)} (they have their own "
+                "request fields)",
+                field="chat_template_kwargs",
+            )
+        return render_chat_template(
+            source,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tools=tools,
+            documents=documents,
+            variables={**self._special_token_variables, **extra},
+        )
+
+
+def _resolve_directory(path: str) -> Path:
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=path, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any failure means "not available offline"
+        raise ModelLoadError(
+            f"tokenizer not found: {path!r} is neither a directory nor a model in the local "
+            "Hugging Face cache"
+        ) from None
+
+
+def _load_hf_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
+    """AutoTokenizer first (it knows model-specific classes); the generic fast tokenizer when
+    the config names a class this transformers version lacks (e.g. `TokenizersBackend`)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if not (directory / "tokenizer.json").is_file() and not (
+        directory / "tokenizer_config.json"
+    ).is_file():
+        raise ModelLoadError(f"no tokenizer in {directory} (tokenizer.json is missing)")
+    errors: list[str] = []
+    for loader in (AutoTokenizer, PreTrainedTokenizerFast):
+        try:
+            hf_tokenizer = loader.from_pretrained(str(directory), local_files_only=True)
+        except Exception as error:  # noqa: BLE001 - reported below as one line
+            errors.append(f"{type(error).__name__}: {_first_line(error)}")
+            continue
+        if getattr(hf_tokenizer, "is_fast", False):
+            return hf_tokenizer
+        errors.append(f"{type(hf_tokenizer).__name__} is not a fast tokenizer")
+    raise ModelLoadError(f"cannot load the tokenizer in {directory}: {errors[0]}")
+
+
+def _templates_known_to_transformers(hf_tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
+    """Templates transformers found where our own reading did not (e.g. a future layout)."""
+    found = getattr(hf_tokenizer, "chat_template", None)
+    if isinstance(found, str):
+        return {"default": found}
+    if isinstance(found, dict):
+        return {str(name): text for name, text in found.items() if isinstance(text, str)}
+    return {}
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "no details"

@@ -1,0 +1,97 @@
+"""Pure ASGI middleware (no BaseHTTPMiddleware, which breaks streaming and disconnects):
+request ids and the optional API key."""
+from __future__ import annotations
+
+import hmac
+import json
+import uuid
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from rest_bridge.errors import error_envelope
+
+REQUEST_ID_HEADER = "x-request-id"
+# gRPC metadata values must be printable ASCII; ids beyond this length are surely a mistake.
+_MAX_REQUEST_ID_LENGTH = 256
+_PROTECTED_PREFIX = "/v1"
+
+
+def fresh_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def is_valid_request_id(value: str) -> bool:
+    return 0 < len(value) <= _MAX_REQUEST_ID_LENGTH and value.isascii() and value.isprintable()
+
+
+class RequestContextMiddleware:
+    """Gives each HTTP request an id and checks the bearer key.
+
+    The id comes from the `X-Request-Id` header or is a fresh uuid4 hex. It is stored in
+    `scope["state"]["request_id"]`, where a route may still replace it (chat's body
+    `request_id`), and echoed in the `X-Request-Id` response header.
+    """
+
+    def __init__(self, app: ASGIApp, *, api_key: str | None) -> None:
+        self.app = app
+        self._api_key = api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        state = scope.setdefault("state", {})
+        header_id = headers.get(REQUEST_ID_HEADER)
+        state["request_id"] = fresh_request_id()
+        state["request_id_from_header"] = header_id is not None
+
+        async def send_with_request_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["X-Request-Id"] = state["request_id"]
+            await send(message)
+
+        if header_id is not None:
+            if not is_valid_request_id(header_id):
+                await _send_error(send_with_request_id, 400, "X-Request-Id must be 1-256 "
+                                  "printable ASCII characters", "invalid_request_error",
+                                  param="X-Request-Id")
+                return
+            state["request_id"] = header_id
+        if self._api_key is not None and not self._authorized(scope, headers):
+            await _send_error(send_with_request_id, 401, "a valid API key is required "
+                              "(Authorization: Bearer <key>)", "authentication_error")
+            return
+        await self.app(scope, receive, send_with_request_id)
+
+    def _authorized(self, scope: Scope, headers: Headers) -> bool:
+        path: str = scope.get("path", "")
+        root_path: str = scope.get("root_path", "")
+        if root_path and path.startswith(root_path):
+            path = path[len(root_path):]
+        # Health and liveness stay open for probes; CORS preflights carry no credentials.
+        if not path.startswith(_PROTECTED_PREFIX) or scope.get("method") == "OPTIONS":
+            return True
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        assert self._api_key is not None
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode(), self._api_key.encode()
+        )
+
+
+async def _send_error(
+    send: Send, status: int, message: str, error_type: str, *, param: str | None = None
+) -> None:
+    body = json.dumps(error_envelope(message, error_type, param=param)).encode("utf-8")
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode("ascii")),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

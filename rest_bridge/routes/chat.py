@@ -1,0 +1,94 @@
+"""`POST /v1/chat/completions`: the engine renders the chat template; one Generate call."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from rest_bridge.generation import cancel_on_disconnect, close_all, collect_results, open_streams
+from rest_bridge.openai_schemas.chat import ChatCompletionRequest, ChatMessageParam
+from rest_bridge.openai_schemas.responses import ChatCompletionResponse
+from rest_bridge.routes.common import (
+    ERROR_RESPONSES,
+    RouteContext,
+    log_unknown_fields,
+    response_meta,
+    stream_usage_flags,
+    use_body_request_id,
+)
+from rest_bridge.sse import SSEResponse
+from rest_bridge.streams import ChatChunkWriter, sse_stream
+from rest_bridge.translate.proto_to_openai import chat_body
+from rest_bridge.translate.request_to_proto import chat_to_plan
+
+router = APIRouter()
+
+ASSISTANT_ROLE = "assistant"
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
+)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    use_body_request_id(request, body.request_id)
+    ctx = RouteContext.of(request)
+    log_unknown_fields(body, "/v1/chat/completions", ctx.request_id)
+    plan = chat_to_plan(body, ctx.request_id)
+    meta = await response_meta(ctx, "chatcmpl", body.model)
+    role = response_role(body)
+    echo_text = echo_text_of(body, role)
+    want_logprobs = bool(body.logprobs)
+    timeout = ctx.settings.request_timeout
+    streams = await cancel_on_disconnect(
+        request.receive, lambda: open_streams(ctx.client, plan, timeout=timeout)
+    )
+    if body.stream:
+        include_usage, continuous_usage = stream_usage_flags(body)
+        writer = ChatChunkWriter(
+            meta,
+            streams,
+            choices=plan.choices_per_prompt,
+            role=role,
+            echo_text=echo_text,
+            want_logprobs=want_logprobs,
+            include_usage=include_usage,
+            continuous_usage=continuous_usage,
+        )
+        return SSEResponse(sse_stream(streams, writer, plan.field_aliases))
+    try:
+        results = await cancel_on_disconnect(
+            request.receive, lambda: collect_results(streams, plan)
+        )
+    finally:
+        # Covers a cancellation that struck before collection began.
+        await close_all([stream.events for stream in streams])
+    content = chat_body(
+        meta, results[0], role=role, echo_text=echo_text, want_logprobs=want_logprobs
+    )
+    return JSONResponse(content)
+
+
+def response_role(body: ChatCompletionRequest) -> str:
+    """The reply is the assistant's, unless no generation prompt was added: then the model
+    continues the last message, in that message's role."""
+    if body.add_generation_prompt or not body.messages:
+        return ASSISTANT_ROLE
+    return body.messages[-1].role
+
+
+def echo_text_of(body: ChatCompletionRequest, role: str) -> str | None:
+    """With `echo`, the last message's text is repeated before the reply when it has the
+    reply's role (i.e. the model is continuing it)."""
+    if not body.echo or not body.messages:
+        return None
+    last = body.messages[-1]
+    if last.role != role:
+        return None
+    return message_text(last)
+
+
+def message_text(message: ChatMessageParam) -> str:
+    if isinstance(message.content, str):
+        return message.content
+    return "".join(part.text or "" for part in message.content or () if part.type in (None, "text"))

@@ -1,0 +1,241 @@
+"""SSE streams of completions and chat: merged engine events -> OpenAI chunks.
+
+One driver (`sse_stream`) owns framing, errors and `[DONE]`; a writer per endpoint turns each
+engine event into at most one chunk.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, Iterator, Mapping
+from typing import Protocol
+
+from protoserve.v1 import common_pb2, inference_pb2
+from rest_bridge.errors import BridgeError, error_envelope
+from rest_bridge.generation import OpenStream, merge_events, translate_engine_error
+from rest_bridge.sse import SSE_DONE, sse_event
+from rest_bridge.translate.logprobs import CompletionLogprobsBuilder, chat_logprob_entries
+from rest_bridge.translate.proto_to_openai import (
+    ResponseMeta,
+    UsageTotals,
+    chat_chunk,
+    completion_chunk,
+    finish_reason_name,
+    stop_reason_of,
+    usage_chunk,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def stream_error_payload(error: BaseException) -> dict[str, object]:
+    """The envelope sent inside a stream once the 200 has gone out."""
+    if isinstance(error, BridgeError):
+        return error.envelope()
+    # The traceback stays in the log; the client only learns that the server failed.
+    logger.error("stream failed", exc_info=error)
+    return error_envelope("internal server error", "server_error")
+
+
+class StreamUsage:
+    """Token counts while streaming: running counts for continuous usage stats, replaced by the
+    engine's own usage events once every call has reported one."""
+
+    def __init__(self, streams: list[OpenStream]) -> None:
+        self._num_streams = len(streams)
+        self._running = UsageTotals(
+            prompt_tokens=sum(stream.started.prompt_tokens for stream in streams),
+            cached_tokens=sum(stream.started.cached_tokens for stream in streams),
+        )
+        self._reported: list[common_pb2.Usage] = []
+
+    def count(self, delta: inference_pb2.GenerateDelta) -> None:
+        self._running.completion_tokens += len(delta.token_ids)
+
+    def record(self, usage: common_pb2.Usage) -> None:
+        self._reported.append(usage)
+
+    def current(self) -> UsageTotals:
+        return self._running
+
+    def final(self) -> UsageTotals:
+        if len(self._reported) < self._num_streams:
+            return self._running
+        totals = UsageTotals()
+        for usage in self._reported:
+            totals.add(usage)
+        return totals
+
+
+class ChunkWriter(Protocol):
+    def opening(self) -> Iterator[bytes]: ...
+
+    def on_event(self, prompt_index: int, event: inference_pb2.GenerateResponse) -> bytes | None:
+        ...
+
+    def closing(self) -> Iterator[bytes]: ...
+
+
+async def sse_stream(
+    streams: list[OpenStream], writer: ChunkWriter, field_aliases: Mapping[str, str]
+) -> AsyncGenerator[bytes, None]:
+    """Frame the writer's chunks; an error after the first byte becomes an in-stream error
+    event. `[DONE]` always ends a stream that was not abandoned by the client."""
+    try:
+        for chunk in writer.opening():
+            yield chunk
+        async for prompt_index, event in merge_events(streams):
+            chunk = writer.on_event(prompt_index, event)
+            if chunk is not None:
+                yield chunk
+        for chunk in writer.closing():
+            yield chunk
+    except Exception as error:  # noqa: BLE001 - reported to the client in-stream
+        yield sse_event(stream_error_payload(translate_engine_error(error, field_aliases)))
+    yield SSE_DONE
+
+
+class CompletionChunkWriter:
+    """`text_completion` chunks; choice index = prompt_index * n + engine choice index."""
+
+    def __init__(
+        self,
+        meta: ResponseMeta,
+        streams: list[OpenStream],
+        *,
+        choices_per_prompt: int,
+        echo_texts: list[str] | None,
+        want_logprobs: bool,
+        include_usage: bool,
+        continuous_usage: bool,
+    ) -> None:
+        self._meta = meta
+        self._n = choices_per_prompt
+        self._echo_texts = echo_texts
+        self._want_logprobs = want_logprobs
+        self._include_usage = include_usage
+        self._continuous_usage = continuous_usage
+        self._usage = StreamUsage(streams)
+        # Characters sent so far per choice, for logprobs' text_offset.
+        self._text_lengths: dict[int, int] = {}
+
+    def opening(self) -> Iterator[bytes]:
+        for prompt_index, text in enumerate(self._echo_texts or ()):
+            for choice in range(self._n):
+                index = prompt_index * self._n + choice
+                self._text_lengths[index] = len(text)
+                yield sse_event(completion_chunk(self._meta, index, text, usage=self._running()))
+
+    def on_event(self, prompt_index: int, event: inference_pb2.GenerateResponse) -> bytes | None:
+        kind = event.WhichOneof("event")
+        if kind == "delta":
+            delta = event.delta
+            self._usage.count(delta)
+            if not delta.text and not delta.logprobs:
+                return None
+            index = prompt_index * self._n + delta.index
+            offset = self._text_lengths.get(index, 0)
+            self._text_lengths[index] = offset + len(delta.text)
+            logprobs = None
+            if self._want_logprobs:
+                builder = CompletionLogprobsBuilder(start_offset=offset)
+                builder.extend(delta.logprobs)
+                logprobs = builder.to_dict()
+            chunk = completion_chunk(
+                self._meta, index, delta.text, logprobs=logprobs, usage=self._running()
+            )
+            return sse_event(chunk)
+        if kind == "finished":
+            finished = event.finished
+            chunk = completion_chunk(
+                self._meta,
+                prompt_index * self._n + finished.index,
+                "",
+                finish_reason=finish_reason_name(finished.reason),
+                stop_reason=stop_reason_of(finished),
+                usage=self._running(),
+            )
+            return sse_event(chunk)
+        if kind == "usage":
+            self._usage.record(event.usage)
+        return None
+
+    def closing(self) -> Iterator[bytes]:
+        if self._include_usage:
+            yield sse_event(usage_chunk(self._meta, "text_completion", self._usage.final()))
+
+    def _running(self) -> dict[str, object] | None:
+        return self._usage.current().to_dict() if self._continuous_usage else None
+
+
+class ChatChunkWriter:
+    """`chat.completion.chunk`s: a role chunk per choice, content deltas, a finish chunk."""
+
+    def __init__(
+        self,
+        meta: ResponseMeta,
+        streams: list[OpenStream],
+        *,
+        choices: int,
+        role: str,
+        echo_text: str | None,
+        want_logprobs: bool,
+        include_usage: bool,
+        continuous_usage: bool,
+    ) -> None:
+        self._meta = meta
+        self._choices = choices
+        self._role = role
+        self._echo_text = echo_text
+        self._want_logprobs = want_logprobs
+        self._include_usage = include_usage
+        self._continuous_usage = continuous_usage
+        self._usage = StreamUsage(streams)
+
+    def opening(self) -> Iterator[bytes]:
+        for index in range(self._choices):
+            delta = {"role": self._role, "content": ""}
+            yield sse_event(chat_chunk(self._meta, index, delta, usage=self._running()))
+        if self._echo_text:
+            for index in range(self._choices):
+                delta = {"content": self._echo_text}
+                yield sse_event(chat_chunk(self._meta, index, delta, usage=self._running()))
+
+    def on_event(self, prompt_index: int, event: inference_pb2.GenerateResponse) -> bytes | None:
+        kind = event.WhichOneof("event")
+        if kind == "delta":
+            delta = event.delta
+            self._usage.count(delta)
+            if not delta.text and not delta.logprobs:
+                return None
+            logprobs = None
+            if self._want_logprobs:
+                logprobs = {"content": chat_logprob_entries(delta.logprobs)}
+            chunk = chat_chunk(
+                self._meta,
+                delta.index,
+                {"content": delta.text},
+                logprobs=logprobs,
+                usage=self._running(),
+            )
+            return sse_event(chunk)
+        if kind == "finished":
+            finished = event.finished
+            chunk = chat_chunk(
+                self._meta,
+                finished.index,
+                {},
+                finish_reason=finish_reason_name(finished.reason),
+                stop_reason=stop_reason_of(finished),
+                usage=self._running(),
+            )
+            return sse_event(chunk)
+        if kind == "usage":
+            self._usage.record(event.usage)
+        return None
+
+    def closing(self) -> Iterator[bytes]:
+        if self._include_usage:
+            yield sse_event(usage_chunk(self._meta, "chat.completion.chunk", self._usage.final()))
+
+    def _running(self) -> dict[str, object] | None:
+        return self._usage.current().to_dict() if self._continuous_usage else None

@@ -1,0 +1,92 @@
+"""TokenLogprobs events -> the two OpenAI logprob shapes (completions and chat) and vLLM's
+prompt_logprobs."""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from protoserve.v1 import inference_pb2
+
+# JSON has no infinities: impossible tokens (logprob -inf) are reported with this floor.
+LOGPROB_FLOOR = -9999.0
+
+
+def finite_logprob(value: float) -> float:
+    return value if math.isfinite(value) else LOGPROB_FLOOR
+
+
+class CompletionLogprobsBuilder:
+    """Accumulates the completion shape `{text_offset, token_logprobs, tokens, top_logprobs}`.
+
+    `text_offset` counts characters from the start of the choice's text, so it starts after
+    the echoed prompt when echo is on.
+    """
+
+    def __init__(self, start_offset: int = 0) -> None:
+        self._offset = start_offset
+        self.text_offset: list[int] = []
+        self.token_logprobs: list[float | None] = []
+        self.tokens: list[str] = []
+        self.top_logprobs: list[dict[str, float] | None] = []
+
+    def extend(self, entries: Iterable[inference_pb2.TokenLogprobs]) -> None:
+        for entry in entries:
+            token = entry.chosen.token
+            self.text_offset.append(self._offset)
+            self.token_logprobs.append(finite_logprob(entry.chosen.logprob))
+            self.tokens.append(token)
+            top = {alt.token: finite_logprob(alt.logprob) for alt in entry.top}
+            self.top_logprobs.append(top or None)
+            self._offset += len(token)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text_offset": self.text_offset,
+            "token_logprobs": self.token_logprobs,
+            "tokens": self.tokens,
+            "top_logprobs": self.top_logprobs,
+        }
+
+
+def chat_logprob_entries(entries: Iterable[inference_pb2.TokenLogprobs]) -> list[dict[str, Any]]:
+    """The chat shape: one `{token, logprob, bytes, top_logprobs}` per generated token."""
+    return [
+        {
+            **_chat_token(entry.chosen),
+            "top_logprobs": [_chat_token(alt) for alt in entry.top],
+        }
+        for entry in entries
+    ]
+
+
+def _chat_token(logprob: inference_pb2.TokenLogprob) -> dict[str, Any]:
+    return {
+        "token": logprob.token,
+        "logprob": finite_logprob(logprob.logprob),
+        "bytes": list(logprob.token.encode("utf-8")),
+    }
+
+
+def prompt_logprobs_list(
+    entries: Iterable[inference_pb2.TokenLogprobs],
+) -> list[dict[str, Any] | None]:
+    """vLLM's prompt_logprobs: None for the first prompt token (nothing predicts it), then a
+    map from token id (as a string key) to `{logprob, rank, decoded_token}` per position."""
+    result: list[dict[str, Any] | None] = []
+    for entry in entries:
+        if not entry.HasField("chosen"):
+            result.append(None)
+            continue
+        position: dict[str, Any] = {}
+        for logprob in (entry.chosen, *entry.top):
+            position.setdefault(
+                str(logprob.token_id),
+                {
+                    "logprob": finite_logprob(logprob.logprob),
+                    "rank": logprob.rank,
+                    "decoded_token": logprob.token,
+                },
+            )
+        result.append(position)
+    return result

@@ -1,0 +1,124 @@
+"""OpenAI request bodies -> GenerateRequest messages (one per prompt)."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from protoserve.v1 import common_pb2, inference_pb2
+from rest_bridge.errors import invalid_request
+from rest_bridge.openai_schemas.chat import ChatCompletionRequest
+from rest_bridge.openai_schemas.common import SamplingFields
+from rest_bridge.openai_schemas.completion import CompletionRequest
+from rest_bridge.translate.chat_input import chat_input_from
+from rest_bridge.translate.sampling import output_constraint_from, sampling_params_from
+
+# OpenAI's completion default; the engine's own default is "the rest of the context".
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationPlan:
+    """The Generate calls one OpenAI request fans out to.
+
+    `field_aliases` renames proto field names in engine errors back to the OpenAI field the
+    client actually sent (e.g. chat `top_logprobs` travels as SamplingParams.logprobs).
+    """
+
+    requests: tuple[inference_pb2.GenerateRequest, ...]
+    choices_per_prompt: int
+    field_aliases: Mapping[str, str] = field(default_factory=dict)
+
+
+def check_stream_options(body: SamplingFields) -> None:
+    if body.stream_options is not None and not body.stream:
+        raise invalid_request(
+            "stream_options may only be given together with stream=true", param="stream_options"
+        )
+
+
+def completion_to_plan(body: CompletionRequest, request_id: str) -> GenerationPlan:
+    check_stream_options(body)
+    if body.suffix is not None:
+        raise invalid_request("suffix is not supported", param="suffix")
+    if "max_tokens" in body.model_fields_set:
+        max_tokens = body.max_tokens
+    else:
+        max_tokens = COMPLETION_DEFAULT_MAX_TOKENS
+    logprobs = body.logprobs if body.is_set("logprobs") else None
+    sampling = sampling_params_from(body, max_tokens=max_tokens, logprobs=logprobs)
+    constraint = output_constraint_from(body)
+    prompts = _split_prompts(body.prompt)
+    requests = []
+    for index, prompt in enumerate(prompts):
+        # Sub-requests of a batch get distinct engine ids that still share the client's id.
+        sub_request_id = request_id if len(prompts) == 1 else f"{request_id}-{index}"
+        request = _base_request(body, sub_request_id, sampling, constraint)
+        if isinstance(prompt, str):
+            request.text = prompt
+        else:
+            request.token_ids.ids.extend(prompt)
+        requests.append(request)
+    return GenerationPlan(requests=tuple(requests), choices_per_prompt=_choices(body))
+
+
+def chat_to_plan(body: ChatCompletionRequest, request_id: str) -> GenerationPlan:
+    check_stream_options(body)
+    aliases: dict[str, str] = {}
+    max_tokens = body.max_completion_tokens
+    if max_tokens is not None:
+        aliases["max_tokens"] = "max_completion_tokens"
+    else:
+        max_tokens = body.max_tokens
+    logprobs: int | None = None
+    if body.is_set("top_logprobs"):
+        if not body.logprobs:
+            raise invalid_request(
+                "top_logprobs needs logprobs set to true", param="top_logprobs"
+            )
+        logprobs = body.top_logprobs
+        aliases["logprobs"] = "top_logprobs"
+    elif body.logprobs:
+        logprobs = 0
+    sampling = sampling_params_from(body, max_tokens=max_tokens, logprobs=logprobs)
+    request = _base_request(body, request_id, sampling, output_constraint_from(body))
+    request.chat.CopyFrom(chat_input_from(body))
+    return GenerationPlan(
+        requests=(request,), choices_per_prompt=_choices(body), field_aliases=aliases
+    )
+
+
+def _base_request(
+    body: SamplingFields,
+    request_id: str,
+    sampling: common_pb2.SamplingParams,
+    constraint: common_pb2.OutputConstraint | None,
+) -> inference_pb2.GenerateRequest:
+    request = inference_pb2.GenerateRequest(request_id=request_id, model=body.model or "")
+    request.sampling.CopyFrom(sampling)
+    if constraint is not None:
+        request.constraint.CopyFrom(constraint)
+    if body.is_set("priority"):
+        request.priority = body.priority or 0
+    if body.is_set("cache_salt"):
+        request.cache_salt = body.cache_salt or ""
+    add_special_tokens = getattr(body, "add_special_tokens", None)
+    if body.is_set("add_special_tokens") and add_special_tokens is not None:
+        request.add_special_tokens = add_special_tokens
+    return request
+
+
+def _split_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """One entry per Generate call: a text or a list of token ids."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        # Forwarded so the engine reports the empty prompt with its usual error.
+        return [""]
+    if all(isinstance(item, int) for item in prompt):
+        return [list(prompt)]  # type: ignore[arg-type]
+    return list(prompt)  # type: ignore[arg-type]
+
+
+def _choices(body: SamplingFields) -> int:
+    # n < 1 is the engine's to reject; the index arithmetic only needs a positive stride.
+    return body.n if body.n is not None and body.n > 0 else 1

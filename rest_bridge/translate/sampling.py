@@ -1,0 +1,144 @@
+"""OpenAI sampling and guided-decoding fields -> SamplingParams and OutputConstraint.
+
+Only fields the client sent are set on the proto (proto3 `optional` presence), so the engine
+applies its own documented defaults to everything else. Range checks are the engine's: values
+are forwarded as given and a bad one comes back as INVALID_ARGUMENT naming the field.
+"""
+from __future__ import annotations
+
+import json
+
+from protoserve.v1 import common_pb2
+from rest_bridge.errors import invalid_request
+from rest_bridge.openai_schemas.common import INT32_MAX, INT32_MIN, SamplingFields
+
+# Fields whose OpenAI name and SamplingParams name agree and whose value is copied as is.
+_SCALAR_FIELDS: tuple[str, ...] = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "seed",
+    "min_tokens",
+    "include_stop_str_in_output",
+    "ignore_eos",
+    "n",
+    "best_of",
+    "prompt_logprobs",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "truncate_prompt_tokens",
+    "use_beam_search",
+    "length_penalty",
+)
+_REPEATED_FIELDS: tuple[str, ...] = ("stop_token_ids", "allowed_token_ids", "bad_words")
+
+# Guided-decoding fields of which at most one may be given (the proto holds one constraint).
+_GUIDED_KINDS: tuple[str, ...] = (
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+)
+
+
+def sampling_params_from(
+    body: SamplingFields, *, max_tokens: int | None, logprobs: int | None
+) -> common_pb2.SamplingParams:
+    """Build SamplingParams from the fields `body` set.
+
+    `max_tokens` and `logprobs` are resolved by the caller because their OpenAI spelling
+    differs per endpoint; None leaves them unset (engine default).
+    """
+    params = common_pb2.SamplingParams()
+    for name in _SCALAR_FIELDS:
+        if body.is_set(name):
+            setattr(params, name, getattr(body, name))
+    for name in _REPEATED_FIELDS:
+        if body.is_set(name):
+            getattr(params, name).extend(getattr(body, name))
+    if body.is_set("stop"):
+        stop = body.stop
+        params.stop.extend([stop] if isinstance(stop, str) else stop)
+    if body.is_set("logit_bias"):
+        _copy_logit_bias(body.logit_bias or {}, params)
+    if max_tokens is not None:
+        params.max_tokens = max_tokens
+    if logprobs is not None:
+        params.logprobs = logprobs
+    return params
+
+
+def _copy_logit_bias(logit_bias: dict[str, float], params: common_pb2.SamplingParams) -> None:
+    # JSON object keys are strings; OpenAI defines them as token ids.
+    for key, bias in logit_bias.items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise invalid_request(
+                f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
+            ) from None
+        if not INT32_MIN <= token_id <= INT32_MAX:
+            raise invalid_request(f"logit_bias key {key} is not a token id", param="logit_bias")
+        params.logit_bias[token_id] = bias
+
+
+def output_constraint_from(body: SamplingFields) -> common_pb2.OutputConstraint | None:
+    """The one guided-decoding constraint `body` asks for, or None."""
+    given = [name for name in _GUIDED_KINDS if body.is_set(name)]
+    response_kind = _response_format_kind(body)
+    if response_kind is not None:
+        given.append("response_format")
+    if len(given) > 1:
+        raise invalid_request(
+            f"only one kind of guided decoding may be requested, got {', '.join(given)}",
+            param=given[1],
+        )
+    if not given:
+        return None
+    constraint = common_pb2.OutputConstraint()
+    kind = given[0]
+    if kind == "guided_json":
+        schema = body.guided_json
+        constraint.json_schema = schema if isinstance(schema, str) else json.dumps(schema)
+    elif kind == "guided_regex":
+        constraint.regex = body.guided_regex or ""
+    elif kind == "guided_choice":
+        constraint.choice.choices.extend(body.guided_choice or [])
+    elif kind == "guided_grammar":
+        constraint.grammar = body.guided_grammar or ""
+    else:
+        _apply_response_format(body, constraint)
+    if body.is_set("guided_whitespace_pattern"):
+        constraint.whitespace_pattern = body.guided_whitespace_pattern or ""
+    if body.is_set("guided_decoding_backend"):
+        constraint.backend = body.guided_decoding_backend or ""
+    return constraint
+
+
+def _response_format_kind(body: SamplingFields) -> str | None:
+    """`json_object` or `json_schema` when response_format constrains output; `text` does not."""
+    response_format = body.response_format
+    if response_format is None or response_format.type == "text":
+        return None
+    return response_format.type
+
+
+def _apply_response_format(
+    body: SamplingFields, constraint: common_pb2.OutputConstraint
+) -> None:
+    response_format = body.response_format
+    assert response_format is not None  # guaranteed by _response_format_kind
+    if response_format.type == "json_object":
+        constraint.json_object = True
+        return
+    spec = response_format.json_schema
+    if spec is None or spec.json_schema is None:
+        raise invalid_request(
+            "response_format of type json_schema needs json_schema.schema",
+            param="response_format.json_schema",
+        )
+    constraint.json_schema = json.dumps(spec.json_schema)

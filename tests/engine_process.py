@@ -1,0 +1,81 @@
+"""Starting `engine-serve` (python -m engine.cli) as a real subprocess on 127.0.0.1 and waiting
+until it is ready."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+START_TIMEOUT_S = 180.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class EngineProcess:
+    process: subprocess.Popen[bytes]
+    grpc_address: str
+    http_url: str | None
+
+    def stop(self) -> None:
+        if self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+
+def wait_ready(address: str, process: subprocess.Popen[bytes], timeout: float) -> None:
+    """Poll grpc.health.v1 readiness (service protoserve.v1.Inference) until SERVING."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"engine exited with {process.returncode} before it was ready")
+            try:
+                reply = stub.Check(
+                    health_pb2.HealthCheckRequest(service="protoserve.v1.Inference"), timeout=1.0
+                )
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise RuntimeError(f"engine at {address} not ready within {timeout} s")
+
+
+def start_engine(model_dir: Path, *extra_args: str, role: str = "engine") -> EngineProcess:
+    grpc_port = free_port()
+    http_port = free_port() if role == "all" else None
+    args = [sys.executable, "-m", "engine.cli", "--role", role, "--model", str(model_dir),
+            "--host", "127.0.0.1", "--grpc-port", str(grpc_port), "--dtype", "float32",
+            "--kv-cache-memory", "64MiB", "--log-level", "warning"]
+    if http_port is not None:
+        args += ["--port", str(http_port)]
+    process = subprocess.Popen([*args, *extra_args], cwd=REPO_ROOT, start_new_session=True)
+    handle = EngineProcess(
+        process, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}" if http_port else None
+    )
+    try:
+        wait_ready(handle.grpc_address, process, START_TIMEOUT_S)
+    except BaseException:
+        handle.stop()
+        raise
+    return handle
