@@ -1,6 +1,8 @@
 """Micro-benchmark: wall time of one `Sampler.sample()` call for a few batch shapes.
 
-Run from the repository root: .venv/bin/python -m benchmarks.sampler_step [--batch-size 64] [--vocab-size 32000]
+Run from the repository root:
+    .venv/bin/python -m benchmarks.sampler_step [--batch-size 64] [--vocab-size 32000]
+On a machine shared with other work, OMP_NUM_THREADS=1 gives steadier numbers.
 """
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ from engine.sampling import Sampler
 from engine.sampling_params import SamplingParams
 
 
-def _requests(num_rows: int, make_params: Callable[[int], SamplingParams]) -> list[ScheduledRequest]:
+def _requests(
+    num_rows: int, make_params: Callable[[int], SamplingParams]
+) -> list[ScheduledRequest]:
     prompt_ids = list(range(1, 129))
     return [
         ScheduledRequest(
@@ -72,12 +76,20 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--iters", type=int, default=50, help="timed calls per scenario")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--logit-scale",
+        type=float,
+        default=3.0,
+        help="logits are N(0, scale^2): small scales give flat distributions with long top_p "
+        "nuclei, large ones peaked distributions",
+    )
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    logits = torch.randn(args.batch_size, args.vocab_size, device=device) * 3.0
+    logits = torch.randn(args.batch_size, args.vocab_size, device=device) * args.logit_scale
     print(
-        f"batch {args.batch_size}, vocab {args.vocab_size}, device {device}, "
+        f"batch {args.batch_size}, vocab {args.vocab_size}, logit scale {args.logit_scale}, "
+        f"device {device}, "
         f"{torch.get_num_threads()} threads; median of {args.iters} calls"
     )
     for name, make_params in SCENARIOS.items():

@@ -34,7 +34,6 @@ def create_app(settings: BridgeSettings) -> FastAPI:
         title="protoserve OpenAI bridge",
         summary="OpenAI-compatible REST API over the protoserve gRPC engine",
         lifespan=lifespan,
-        root_path=settings.root_path,
         # Clients that omit Content-Type (common with curl) still send JSON.
         strict_content_type=False,
     )

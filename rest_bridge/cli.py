@@ -86,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.uvicorn_log_level,
+        # Behind a path-prefix proxy: the server, not the app, owns the root path.
+        root_path=settings.root_path,
         # Access lines only when debugging: at serving rates they drown the useful log lines.
         access_log=settings.uvicorn_log_level in ("debug", "trace"),
         timeout_graceful_shutdown=10,

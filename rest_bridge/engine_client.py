@@ -1,7 +1,7 @@
 """Async gRPC client of the engine: one channel per bridge process, reused by every request."""
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -54,7 +54,7 @@ class EngineClient:
         *,
         request_id: str,
         timeout: float | None,
-    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+    ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
         """Stream the events of one Generate call.
 
         Closing the iterator early, or cancelling the task that iterates it, cancels the gRPC

@@ -161,7 +161,7 @@ async def _pump(index: int, events: EngineEvents, queue: asyncio.Queue[_MergedIt
     try:
         async for event in events:
             queue.put_nowait(_MergedItem(index, event=event))
-    except Exception as error:  # noqa: BLE001 - handed to the merger, which re-raises it
+    except Exception as error:
         queue.put_nowait(_MergedItem(index, error=error))
         return
     queue.put_nowait(_MergedItem(index))

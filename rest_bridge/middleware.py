@@ -83,7 +83,8 @@ class RequestContextMiddleware:
 async def _send_error(
     send: Send, status: int, message: str, error_type: str, *, param: str | None = None
 ) -> None:
-    body = json.dumps(error_envelope(message, error_type, param=param)).encode("utf-8")
+    envelope = error_envelope(message, error_type, param=param)
+    body = json.dumps(envelope, separators=(",", ":")).encode("utf-8")
     await send(
         {
             "type": "http.response.start",

@@ -18,7 +18,8 @@ SSE_MEDIA_TYPE = "text/event-stream"
 
 def sse_event(payload: dict[str, Any]) -> bytes:
     # Compact separators: chunks are sent once per token, so every byte counts.
-    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
+    data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return b"data: " + data.encode("utf-8") + b"\n\n"
 
 
 def parse_sse_events(body: bytes) -> list[dict[str, Any] | str]:

@@ -81,15 +81,15 @@ async def sse_stream(
     """Frame the writer's chunks; an error after the first byte becomes an in-stream error
     event. `[DONE]` always ends a stream that was not abandoned by the client."""
     try:
-        for chunk in writer.opening():
-            yield chunk
+        for opening_chunk in writer.opening():
+            yield opening_chunk
         async for prompt_index, event in merge_events(streams):
             chunk = writer.on_event(prompt_index, event)
             if chunk is not None:
                 yield chunk
-        for chunk in writer.closing():
-            yield chunk
-    except Exception as error:  # noqa: BLE001 - reported to the client in-stream
+        for closing_chunk in writer.closing():
+            yield closing_chunk
+    except Exception as error:
         yield sse_event(stream_error_payload(translate_engine_error(error, field_aliases)))
     yield SSE_DONE
 

@@ -53,7 +53,7 @@ class Candidates:
 def apply_top_k_top_p(
     logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
 ) -> Candidates:
-    """Keep row i's `top_k[i]` best tokens (0: all), then its smallest prefix with mass >= `top_p[i]`.
+    """Keep row i's `top_k[i]` best tokens (0: all), then its smallest prefix of mass >= `top_p[i]`.
 
     top_p is measured on the distribution left after top_k (renormalised); the best token is
     always kept; `None` disables a transform for every row. Masks are by rank, so top_k keeps
@@ -105,10 +105,11 @@ def _holds_nucleus(
 ) -> bool:
     """Whether every row without top_k has a top_p < 1 that its candidates' mass reaches.
 
-    Rows with top_k always fit: the caller tries at least max(top_k) candidates.
+    Rows with top_k always fit: the caller tries at least max(top_k) candidates. The margin keeps
+    float rounding in the later cumulative sum from wanting one candidate more.
     """
     mass = candidate_log_probs.logsumexp(dim=-1).exp()
-    return bool((has_top_k | ((top_p < 1.0) & (mass >= top_p))).all())
+    return bool((has_top_k | ((top_p < 1.0) & (mass >= top_p + 1e-5))).all())
 
 
 def _num_candidates(

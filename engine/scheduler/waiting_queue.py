@@ -89,7 +89,7 @@ class PriorityQueue:
         return request
 
     def remove(self, request: Request) -> None:
-        pass
+        self._live.pop(request.request_id, None)
 
     def __len__(self) -> int:
         return len(self._live)

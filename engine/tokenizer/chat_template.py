@@ -1,27 +1,19 @@
 """Render chat messages into a prompt with a model's Jinja chat template.
 
-Chat templates are untrusted code (they come with downloaded models, or in a request), so they
-run in Jinja's immutable sandbox with the helpers and the hardening transformers gives them;
-the rendered text matches `transformers`' `apply_chat_template(..., tokenize=False)`.
+Templates run in the sandbox of `template_sandbox`; the rendered text matches `transformers`'
+`apply_chat_template(..., tokenize=False)`.
 Every failure inside a template is the request's problem, never the engine's: it surfaces as
 `InvalidRequestError` (a 400 / INVALID_ARGUMENT) carrying the template's own message.
 """
 from __future__ import annotations
 
-import functools
-import json
 from collections.abc import Mapping
-from datetime import datetime
 from typing import Any
 
 import jinja2
-import jinja2.ext
-import jinja2.nodes
-import jinja2.parser
-import jinja2.utils
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from engine.errors import InvalidRequestError
+from engine.tokenizer.template_sandbox import compile_chat_template
 
 # Appended to the final message when it is to be continued, then located in the rendered text
 # to cut everything the template adds after the message (end-of-turn tokens and the like).
@@ -29,10 +21,6 @@ from engine.errors import InvalidRequestError
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 # Template variables that have their own request fields.
 RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
-
-
-class TemplateRaisedError(jinja2.TemplateError):
-    """A template called `raise_exception(message)`: it rejects the conversation."""
 
 
 def render_chat_template(
@@ -53,7 +41,8 @@ def render_chat_template(
             field="continue_final_message",
         )
     conversation = template_messages(messages)
-    final_content = _tag_final_message(conversation) if continue_final_message else None
+    if continue_final_message:
+        _tag_final_message(conversation)
     template = _compile_or_reject(source)
     try:
         rendered = template.render(
@@ -66,8 +55,10 @@ def render_chat_template(
             }
         )
     except Exception as error:  # noqa: BLE001 - any failure of template code is the request's
-        raise InvalidRequestError(f"chat template error: {_describe(error)}", field="messages")
-    return rendered if final_content is None else _cut_after_final_message(rendered)
+        raise InvalidRequestError(
+            f"chat template error: {_describe(error)}", field="messages"
+        ) from error
+    return _cut_after_final_message(rendered) if continue_final_message else rendered
 
 
 def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -76,7 +67,7 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     Keys whose value is None are dropped (OpenAI sends `content: null` next to tool calls, and
     templates test for a missing key); list-of-parts content becomes a string.
     """
-    if not isinstance(messages, list) or not messages:
+    if not isinstance(messages, (list, tuple)) or not messages:
         raise InvalidRequestError("messages must be a non-empty list", field="messages")
     converted = []
     for index, message in enumerate(messages):
@@ -112,22 +103,16 @@ def content_parts_to_text(parts: list[Any], message_index: int) -> str:
     return "\n".join(texts)
 
 
-@functools.lru_cache(maxsize=32)
-def compile_chat_template(source: str) -> jinja2.Template:
-    """Compile once per distinct template text. Raises jinja2.TemplateSyntaxError."""
-    return _sandboxed_environment().from_string(source)
-
-
 def _compile_or_reject(source: str) -> jinja2.Template:
     try:
         return compile_chat_template(source)
     except jinja2.TemplateError as error:
         raise InvalidRequestError(
             f"chat template does not compile: {_describe(error)}", field="chat_template"
-        )
+        ) from None
 
 
-def _tag_final_message(conversation: list[dict[str, Any]]) -> str:
+def _tag_final_message(conversation: list[dict[str, Any]]) -> None:
     final = conversation[-1]
     content = final.get("content")
     if not isinstance(content, str):
@@ -136,7 +121,6 @@ def _tag_final_message(conversation: list[dict[str, Any]]) -> str:
             field="continue_final_message",
         )
     final["content"] = content + _CONTINUE_TAG
-    return content
 
 
 def _cut_after_final_message(rendered: str) -> str:
@@ -164,98 +148,17 @@ def _describe(error: Exception) -> str:
 
 def _plain(value: Any) -> Any:
     """A deep copy made of JSON types only, so templates see no objects with methods."""
-    if value is None or isinstance(value, (str, bool, int, float)):
+    if value is None or type(value) in (str, bool, int, float):
         return value
+    # Subclasses (str enums and the like) carry extra methods: strip them to the base type.
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
     if isinstance(value, Mapping):
         return {str(key): _plain(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(item) for item in value]
     return f"<{type(value).__name__}>"
-
-
-def _raise_exception(message: str) -> None:
-    raise TemplateRaisedError(message)
-
-
-def _tojson(
-    value: Any,
-    ensure_ascii: bool = False,
-    indent: int | None = None,
-    separators: tuple[str, str] | None = None,
-    sort_keys: bool = False,
-) -> str:
-    # Jinja's own tojson HTML-escapes; chat templates expect plain JSON, as transformers gives.
-    return json.dumps(
-        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
-
-
-def _strftime_now(format_string: str) -> str:
-    return datetime.now().strftime(format_string)
-
-
-class _TemplateDict:
-    """`dict(...)` for templates without handing them the `dict` type itself."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
-        return dict(*args, **kwargs)
-
-    def fromkeys(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
-        return dict.fromkeys(*args, **kwargs)
-
-
-class _TemplateNamespace(jinja2.utils.Namespace):
-    """A namespace that refuses underscore-prefixed attributes (no route to object internals)."""
-
-    def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805 - Jinja's signature trick
-        self, attrs = args[0], dict(*args[1:], **kwargs)
-        for name in attrs:
-            _TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        _TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check_name(name: Any) -> None:
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(
-                f"chat templates cannot set underscore-prefixed attribute {name!r} on a namespace"
-            )
-
-
-class _GenerationBlock(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` (used by templates that mark assistant turns
-    for training masks) renders its body unchanged."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.Scope(body).set_lineno(lineno)
-
-
-class _StrictSandbox(ImmutableSandboxedEnvironment):
-    """Jinja's sandbox renders a blocked attribute (`f.__globals__`) as an empty undefined
-    value; here the attempt itself fails, so a probing template is rejected, never rendered."""
-
-    def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
-        raise jinja2.exceptions.SecurityError(
-            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
-        )
-
-
-def _sandboxed_environment() -> ImmutableSandboxedEnvironment:
-    environment = _StrictSandbox(
-        trim_blocks=True,
-        lstrip_blocks=True,
-        extensions=[jinja2.ext.loopcontrols, _GenerationBlock],
-    )
-    environment.filters["tojson"] = _tojson
-    environment.globals["raise_exception"] = _raise_exception
-    environment.globals["strftime_now"] = _strftime_now
-    environment.globals["dict"] = _TemplateDict()
-    environment.globals["namespace"] = _TemplateNamespace
-    return environment

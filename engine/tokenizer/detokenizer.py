@@ -67,14 +67,13 @@ class IncrementalDetokenizer:
         # Ends inside the unread part were already tried by earlier steps: try the new ones,
         # the latest first, so one call releases as much as is final (at most
         # MAX_HELD_TOKENS + 1 tries: past that the whole window is released below).
-        oldest_end = max(
-            len(self._window) - len(new_token_ids), self._read, len(self._window) - MAX_HELD_TOKENS - 1
-        ) + 1
-        for end in range(len(self._window), oldest_end - 1, -1):
+        size = len(self._window)
+        oldest_end = max(size - len(new_token_ids), self._read, size - MAX_HELD_TOKENS - 1) + 1
+        for end in range(size, oldest_end - 1, -1):
             text = self._decode(self._window[:end])
             if len(text) > len(prefix_text) and not text.endswith(REPLACEMENT_CHAR):
                 return self._advance(end, text[len(prefix_text) :])
-        if len(self._window) - self._read > MAX_HELD_TOKENS:
+        if size - self._read > MAX_HELD_TOKENS:
             return self._advance(len(self._window), self._decode(self._window)[len(prefix_text) :])
         return ""
 

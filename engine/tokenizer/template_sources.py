@@ -13,7 +13,7 @@ from pathlib import Path
 import jinja2
 
 from engine.errors import InvalidRequestError, ModelLoadError
-from engine.tokenizer.chat_template import compile_chat_template
+from engine.tokenizer.template_sandbox import compile_chat_template
 
 DEFAULT_TEMPLATE_NAME = "default"
 TOOL_USE_TEMPLATE_NAME = "tool_use"

@@ -1,4 +1,5 @@
-"""`GET /v1/models`: the engine's Discovery/ListModels in the OpenAI list shape."""
+"""`GET /v1/models` and `GET /v1/models/{model}`: the engine's Discovery/ListModels in the
+OpenAI shapes."""
 from __future__ import annotations
 
 from typing import Any
@@ -8,8 +9,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from protoserve.v1 import discovery_pb2
-from rest_bridge.errors import bridge_error_from_rpc
-from rest_bridge.openai_schemas.responses import ModelList
+from rest_bridge.errors import BridgeError, bridge_error_from_rpc
+from rest_bridge.openai_schemas.responses import ModelCard, ModelList
 from rest_bridge.routes.common import ERROR_RESPONSES, RouteContext
 
 router = APIRouter()
@@ -19,13 +20,25 @@ OWNED_BY = "protoserve"
 
 @router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
 async def list_models(request: Request) -> JSONResponse:
+    return JSONResponse({"object": "list", "data": await _all_cards(request)})
+
+
+@router.get("/v1/models/{model:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
+async def retrieve_model(model: str, request: Request) -> JSONResponse:
+    """One card by served name; model names may contain slashes (hub ids, paths)."""
+    for card in await _all_cards(request):
+        if card["id"] == model:
+            return JSONResponse(card)
+    raise BridgeError(f"model {model!r} is not served here", http_status=404, param="model")
+
+
+async def _all_cards(request: Request) -> list[dict[str, Any]]:
     ctx = RouteContext.of(request)
     try:
         models = await ctx.client.list_models(timeout=ctx.settings.request_timeout)
     except grpc.aio.AioRpcError as error:
         raise bridge_error_from_rpc(error) from None
-    cards = [card for info in models for card in model_cards(info)]
-    return JSONResponse({"object": "list", "data": cards})
+    return [card for info in models for card in model_cards(info)]
 
 
 def model_cards(info: discovery_pb2.ModelInfo) -> list[dict[str, Any]]:

@@ -77,7 +77,9 @@ def content_part_from(part: ContentPartParam, path: str) -> common_pb2.ContentPa
     if kind == "refusal" and part.refusal is not None:
         return common_pb2.ContentPart(refusal=part.refusal)
     if kind in ("text", "image_url", "audio_url", "input_audio", "refusal"):
-        raise invalid_request(f"content part of type {kind!r} lacks its {kind!r} member", param=path)
+        raise invalid_request(
+            f"content part of type {kind!r} lacks its {kind!r} member", param=path
+        )
     raise invalid_request(f"unsupported content part type {kind!r}", param=f"{path}.type")
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
@@ -36,6 +37,7 @@ MODEL_ID = "scripted-model"
 MODEL_ALIAS = "scripted-alias"
 DEFAULT_MAX_TOKENS = 4
 FIRST_TOKEN_ID = 100
+Response = inference_pb2.GenerateResponse
 
 
 @dataclass
@@ -69,19 +71,42 @@ def script_of(request: inference_pb2.GenerateRequest) -> str:
     return ""
 
 
-def rich_status_trailer(code: grpc.StatusCode, message: str, field_name: str, reason: str):
+def _packed(detail: Message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(detail)
+    return packed
+
+
+def rich_status_trailer(
+    code: grpc.StatusCode, message: str, field_name: str, reason: str
+) -> tuple[tuple[str, bytes], ...]:
+    """The `grpc-status-details-bin` trailer with ErrorInfo and BadRequest, as the engine
+    attaches them."""
     details = []
     if reason:
-        info = any_pb2.Any()
-        info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain="scripted"))
-        details.append(info)
+        details.append(_packed(error_details_pb2.ErrorInfo(reason=reason, domain="scripted")))
     if field_name:
-        violation = error_details_pb2.BadRequest.FieldViolation(field=field_name, description=message)
-        bad_request = any_pb2.Any()
-        bad_request.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
-        details.append(bad_request)
-    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=field_name, description=message)
+        details.append(_packed(error_details_pb2.BadRequest(field_violations=[violation])))
+    status = status_pb2.Status(
+        code=getattr(code_pb2, code.name), message=message, details=details)
     return (("grpc-status-details-bin", status.SerializeToString()),)
+
+
+def _delta(index: int, step: int, sampling: common_pb2.SamplingParams) -> Response:
+    token_id = FIRST_TOKEN_ID + step
+    delta = inference_pb2.GenerateDelta(index=index, token_ids=[token_id], text=f" w{step}")
+    if sampling.HasField("logprobs"):
+        chosen = inference_pb2.TokenLogprob(
+            token_id=token_id, logprob=-0.5, token=f" w{step}", rank=1)
+        top = [
+            inference_pb2.TokenLogprob(
+                token_id=token_id + k, logprob=-0.5 - k, token=f" alt{k}", rank=k + 1)
+            for k in range(sampling.logprobs)
+        ]
+        delta.logprobs.append(inference_pb2.TokenLogprobs(chosen=chosen, top=top))
+    return Response(delta=delta)
 
 
 class ScriptedInference(inference_pb2_grpc.InferenceServicer):
@@ -90,7 +115,7 @@ class ScriptedInference(inference_pb2_grpc.InferenceServicer):
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+    ) -> AsyncIterator[Response]:
         metadata = {key: str(value) for key, value in context.invocation_metadata() or ()}
         with self.record.lock:
             self.record.calls.append(ReceivedCall(request, metadata))
@@ -100,14 +125,12 @@ class ScriptedInference(inference_pb2_grpc.InferenceServicer):
             field_name, _, reason = rest.partition(":")
             code = grpc.StatusCode[code_name]
             message = f"scripted {code_name}"
-            await context.abort(code, message, rich_status_trailer(code, message, field_name, reason))
+            await context.abort(
+                code, message, rich_status_trailer(code, message, field_name, reason))
         prompt_tokens = len(script.split()) or 1
-        yield inference_pb2.GenerateResponse(
-            started=inference_pb2.GenerateStarted(
-                request_id=request.request_id, prompt_tokens=prompt_tokens,
-                cached_tokens=1, prompt_text=f"<rendered>{script}",
-            )
-        )
+        yield Response(started=inference_pb2.GenerateStarted(
+            request_id=request.request_id, prompt_tokens=prompt_tokens, cached_tokens=1,
+            prompt_text=f"<rendered>{script}"))
         try:
             async for event in self._generate(request, script, context, prompt_tokens):
                 yield event
@@ -116,62 +139,62 @@ class ScriptedInference(inference_pb2_grpc.InferenceServicer):
                 self.record.cancelled_request_ids.append(request.request_id)
             raise
 
-    async def _generate(self, request, script, context, prompt_tokens):
+    async def _generate(
+        self,
+        request: inference_pb2.GenerateRequest,
+        script: str,
+        context: grpc.aio.ServicerContext,
+        prompt_tokens: int,
+    ) -> AsyncIterator[Response]:
         sampling = request.sampling
         choices = sampling.n if sampling.HasField("n") else 1
-        max_tokens = sampling.max_tokens if sampling.HasField("max_tokens") else DEFAULT_MAX_TOKENS
+        max_tokens = (
+            sampling.max_tokens if sampling.HasField("max_tokens") else DEFAULT_MAX_TOKENS)
         if script == "hang":
             yield _delta(0, 0, sampling)
             await asyncio.sleep(3600)
-        fail_after = int(script.removeprefix("fail-after:")) if script.startswith("fail-after:") else None
-        finished: dict[int, inference_pb2.GenerateFinished] = {}
+        fail_after = (
+            int(script.removeprefix("fail-after:")) if script.startswith("fail-after:") else None)
+        stopped: set[int] = set()
         produced = 0
         for step in range(max_tokens):
-            if fail_after is not None and step == fail_after:
+            if step == fail_after:
                 await context.abort(grpc.StatusCode.INTERNAL, "scripted failure")
-            for index in range(choices):
-                if index in finished:
-                    continue
+            for index in sorted(set(range(choices)) - stopped):
                 word = f"w{step}"
                 if word in sampling.stop:
-                    finished[index] = inference_pb2.GenerateFinished(
+                    stopped.add(index)
+                    yield Response(finished=inference_pb2.GenerateFinished(
                         index=index, reason=inference_pb2.FINISH_REASON_STOP,
-                        stop_string=word, completion_tokens=step)
-                    yield inference_pb2.GenerateResponse(finished=finished[index])
+                        stop_string=word, completion_tokens=step))
                     continue
                 produced += 1
                 yield _delta(index, step, sampling)
             await asyncio.sleep(0)
-        for index in range(choices):
-            if index not in finished:
-                yield inference_pb2.GenerateResponse(finished=inference_pb2.GenerateFinished(
-                    index=index, reason=inference_pb2.FINISH_REASON_LENGTH,
-                    completion_tokens=max_tokens))
-        yield inference_pb2.GenerateResponse(usage=common_pb2.Usage(
+        for index in sorted(set(range(choices)) - stopped):
+            yield Response(finished=inference_pb2.GenerateFinished(
+                index=index, reason=inference_pb2.FINISH_REASON_LENGTH,
+                completion_tokens=max_tokens))
+        yield Response(usage=common_pb2.Usage(
             prompt_tokens=prompt_tokens, completion_tokens=produced, cached_tokens=1))
 
 
-def _delta(index: int, step: int, sampling: common_pb2.SamplingParams) -> inference_pb2.GenerateResponse:
-    token_id = FIRST_TOKEN_ID + step
-    delta = inference_pb2.GenerateDelta(index=index, token_ids=[token_id], text=f" w{step}")
-    if sampling.HasField("logprobs"):
-        chosen = inference_pb2.TokenLogprob(token_id=token_id, logprob=-0.5, token=f" w{step}", rank=1)
-        top = [inference_pb2.TokenLogprob(token_id=token_id + k, logprob=-0.5 - k, token=f" alt{k}",
-                                          rank=k + 1) for k in range(sampling.logprobs)]
-        delta.logprobs.append(inference_pb2.TokenLogprobs(chosen=chosen, top=top))
-    return inference_pb2.GenerateResponse(delta=delta)
-
-
 class ScriptedDiscovery(discovery_pb2_grpc.DiscoveryServicer):
-    async def ListModels(self, request, context) -> discovery_pb2.ListModelsResponse:
-        return discovery_pb2.ListModelsResponse(models=[discovery_pb2.ModelInfo(
+    async def ListModels(
+        self, request: discovery_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> discovery_pb2.ListModelsResponse:
+        model = discovery_pb2.ModelInfo(
             id=MODEL_ID, aliases=[MODEL_ALIAS], root="/models/scripted", max_model_len=128,
-            created=1_700_000_000)])
+            created=1_700_000_000)
+        return discovery_pb2.ListModelsResponse(models=[model])
 
 
 class ScriptedTokenizer(tokenizer_pb2_grpc.TokenizerServicer):
-    async def Detokenize(self, request, context) -> tokenizer_pb2.DetokenizeResponse:
-        return tokenizer_pb2.DetokenizeResponse(text=" ".join(f"t{i}" for i in request.token_ids))
+    async def Detokenize(
+        self, request: tokenizer_pb2.DetokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> tokenizer_pb2.DetokenizeResponse:
+        return tokenizer_pb2.DetokenizeResponse(
+            text=" ".join(f"t{token_id}" for token_id in request.token_ids))
 
 
 class ScriptedEngine:
@@ -203,6 +226,7 @@ class ScriptedEngine:
 
     def stop(self) -> None:
         if self._server is not None:
-            asyncio.run_coroutine_threadsafe(self._server.stop(0), self._loop).result(timeout=30)
+            stopping = asyncio.run_coroutine_threadsafe(self._server.stop(0), self._loop)
+            stopping.result(timeout=30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=30)

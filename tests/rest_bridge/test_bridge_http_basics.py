@@ -30,22 +30,22 @@ def assert_envelope(response: httpx.Response, status: int, param: str | None = N
     return body["error"]
 
 
-def test_ping_is_alive_without_an_engine(client: TestClient):
+def test_ping_is_alive_without_an_engine(client: TestClient) -> None:
     response = client.get("/ping")
     assert response.status_code == 200
 
 
-def test_health_is_503_while_the_engine_is_unreachable(client: TestClient):
+def test_health_is_503_while_the_engine_is_unreachable(client: TestClient) -> None:
     error = assert_envelope(client.get("/health"), 503)
     assert error["type"] == "service_unavailable_error"
 
 
-def test_unknown_route_and_wrong_method(client: TestClient):
+def test_unknown_route_and_wrong_method(client: TestClient) -> None:
     assert assert_envelope(client.get("/v2/nothing"), 404)["type"] == "not_found_error"
     assert_envelope(client.get("/v1/completions"), 405)
 
 
-def test_malformed_json_and_invalid_utf8(client: TestClient):
+def test_malformed_json_and_invalid_utf8(client: TestClient) -> None:
     headers = {"content-type": "application/json"}
     error = assert_envelope(client.post("/v1/completions", content=b'{"prompt": ', headers=headers),
                             400)
@@ -56,13 +56,13 @@ def test_malformed_json_and_invalid_utf8(client: TestClient):
     assert "UTF-8" in error["message"]
 
 
-def test_body_without_content_type_is_still_json(client: TestClient):
+def test_body_without_content_type_is_still_json(client: TestClient) -> None:
     # Reaches validation (so it was parsed): the missing prompt is named.
     response = client.post("/v1/completions", content=b'{"model": "m"}')
     assert_envelope(response, 400, "prompt")
 
 
-def test_non_object_body(client: TestClient):
+def test_non_object_body(client: TestClient) -> None:
     assert_envelope(client.post("/v1/completions", json=[1, 2]), 400)
     form = client.post("/v1/completions", content=b"prompt=x",
                        headers={"content-type": "application/x-www-form-urlencoded"})
@@ -88,18 +88,18 @@ def test_non_object_body(client: TestClient):
     ],
 )
 def test_bad_bodies_name_the_field(client: TestClient, path: str, body: dict[str, Any],
-                                   param: str):
+                                   param: str) -> None:
     error = assert_envelope(client.post(path, json=body), 400, param)
     assert error["type"] == "invalid_request_error"
 
 
-def test_engine_unreachable_is_503_with_the_envelope(client: TestClient):
+def test_engine_unreachable_is_503_with_the_envelope(client: TestClient) -> None:
     response = client.post("/v1/completions", json={"model": "m", "prompt": "x"})
     assert assert_envelope(response, 503)["type"] == "service_unavailable_error"
     assert assert_envelope(client.get("/v1/models"), 503)["type"] == "service_unavailable_error"
 
 
-def test_request_id_is_echoed_or_generated(client: TestClient):
+def test_request_id_is_echoed_or_generated(client: TestClient) -> None:
     response = client.get("/ping", headers={"X-Request-Id": "trace-42"})
     assert response.headers["x-request-id"] == "trace-42"
     first = client.get("/ping").headers["x-request-id"]
@@ -111,12 +111,12 @@ def test_request_id_is_echoed_or_generated(client: TestClient):
     assert failed.status_code == 400 and failed.headers["x-request-id"] == "trace-43"
 
 
-def test_request_id_that_cannot_travel_as_grpc_metadata_is_refused(client: TestClient):
+def test_request_id_that_cannot_travel_as_grpc_metadata_is_refused(client: TestClient) -> None:
     response = client.get("/ping", headers={"X-Request-Id": "x" * 300})
     assert_envelope(response, 400, "X-Request-Id")
 
 
-def test_api_key_guards_v1_only():
+def test_api_key_guards_v1_only() -> None:
     settings = BridgeSettings(engine_address=f"127.0.0.1:{reserve_port()}", api_key="sesame")
     with TestClient(create_app(settings)) as guarded:
         error = assert_envelope(guarded.post("/v1/completions", json={"prompt": "x"}), 401)
@@ -129,7 +129,16 @@ def test_api_key_guards_v1_only():
         assert_envelope(right, 503)
 
 
-def test_openapi_document_lists_the_routes(client: TestClient):
+def test_openapi_document_lists_the_routes(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ping"} <= set(
         paths)
+
+
+def test_api_key_still_applies_behind_a_root_path() -> None:
+    settings = BridgeSettings(engine_address=f"127.0.0.1:{reserve_port()}", api_key="sesame",
+                              root_path="/api")
+    with TestClient(create_app(settings), root_path="/api") as proxied:
+        assert_envelope(proxied.get("/api/v1/models"), 401)
+        assert_envelope(proxied.get("/v1/models"), 401)
+        assert proxied.get("/api/ping").status_code == 200

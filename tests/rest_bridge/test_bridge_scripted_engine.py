@@ -43,7 +43,7 @@ def wait_for_cancel(engine: ScriptedEngine, request_id: str, timeout: float = 10
 
 
 def test_completion_reaches_the_engine_and_comes_back(bridge_url: str,
-                                                      scripted_engine: ScriptedEngine):
+                                                      scripted_engine: ScriptedEngine) -> None:
     request_id = new_id()
     response = post(bridge_url, "/v1/completions",
                     {"model": MODEL_ID, "prompt": "say it", "max_tokens": 3, "seed": 9}, request_id)
@@ -63,7 +63,7 @@ def test_completion_reaches_the_engine_and_comes_back(bridge_url: str,
     assert not call.request.sampling.HasField("temperature")
 
 
-def test_streamed_text_equals_the_plain_response_and_ends_with_usage(bridge_url: str):
+def test_streamed_text_equals_the_plain_response_and_ends_with_usage(bridge_url: str) -> None:
     body = {"model": MODEL_ID, "prompt": "x", "max_tokens": 4}
     plain = post(bridge_url, "/v1/completions", body, new_id()).json()
     streamed = post(bridge_url, "/v1/completions",
@@ -78,7 +78,7 @@ def test_streamed_text_equals_the_plain_response_and_ends_with_usage(bridge_url:
 
 
 def test_batch_prompts_with_n_run_as_parallel_calls(bridge_url: str,
-                                                    scripted_engine: ScriptedEngine):
+                                                    scripted_engine: ScriptedEngine) -> None:
     request_id = new_id()
     response = post(bridge_url, "/v1/completions",
                     {"prompt": ["a", "b c"], "n": 2, "max_tokens": 2, "temperature": 1.0},
@@ -96,7 +96,12 @@ def test_batch_prompts_with_n_run_as_parallel_calls(bridge_url: str,
     assert indices == {0, 1, 2, 3}
 
 
-def test_echo_prepends_the_prompt_text(bridge_url: str):
+def test_a_request_without_model_is_answered_with_the_default_model(bridge_url: str) -> None:
+    body = post(bridge_url, "/v1/completions", {"prompt": "x", "max_tokens": 1}, new_id()).json()
+    assert body["model"] == MODEL_ID
+
+
+def test_echo_prepends_the_prompt_text(bridge_url: str) -> None:
     text = post(bridge_url, "/v1/completions", {"prompt": "hi", "echo": True, "max_tokens": 1},
                 new_id()).json()["choices"][0]["text"]
     assert text == "hi w0"
@@ -106,7 +111,7 @@ def test_echo_prepends_the_prompt_text(bridge_url: str):
     assert text == "<rendered> w0"
 
 
-def test_completion_and_chat_logprobs_shapes(bridge_url: str):
+def test_completion_and_chat_logprobs_shapes(bridge_url: str) -> None:
     choice = post(bridge_url, "/v1/completions", {"prompt": "x", "max_tokens": 2, "logprobs": 1},
                   new_id()).json()["choices"][0]
     assert choice["logprobs"] == {
@@ -122,7 +127,7 @@ def test_completion_and_chat_logprobs_shapes(bridge_url: str):
 
 
 def test_chat_forwards_messages_and_stops_on_a_stop_string(bridge_url: str,
-                                                           scripted_engine: ScriptedEngine):
+                                                           scripted_engine: ScriptedEngine) -> None:
     request_id = new_id()
     messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "go"}]
     response = post(bridge_url, "/v1/chat/completions",
@@ -137,7 +142,7 @@ def test_chat_forwards_messages_and_stops_on_a_stop_string(bridge_url: str,
     assert call.request.chat.chat_template_kwargs["flag"] is True
 
 
-def test_chat_body_request_id_names_the_request_without_a_header(bridge_url: str):
+def test_chat_body_request_id_names_the_request_without_a_header(bridge_url: str) -> None:
     request_id = new_id()
     response = httpx.post(f"{bridge_url}/v1/chat/completions", timeout=30, json={
         "messages": [{"role": "user", "content": "x"}], "max_tokens": 1,
@@ -146,7 +151,7 @@ def test_chat_body_request_id_names_the_request_without_a_header(bridge_url: str
     assert response.headers["x-request-id"] == request_id
 
 
-def test_chat_stream_shape(bridge_url: str):
+def test_chat_stream_shape(bridge_url: str) -> None:
     response = post(bridge_url, "/v1/chat/completions",
                     {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "n": 2,
                      "stream": True}, new_id())
@@ -178,7 +183,7 @@ def test_chat_stream_shape(bridge_url: str):
 def test_engine_errors_before_the_first_byte_are_http_errors(
     bridge_url: str, script: str, status: int, error_type: str, param: str | None,
     code: str | None, stream: bool,
-):
+) -> None:
     response = post(bridge_url, "/v1/completions", {"prompt": script, "stream": stream}, new_id())
     assert response.status_code == status
     assert response.headers["content-type"].startswith("application/json")
@@ -186,7 +191,7 @@ def test_engine_errors_before_the_first_byte_are_http_errors(
                                          "type": error_type, "param": param, "code": code}}
 
 
-def test_chat_field_errors_use_the_openai_spelling(bridge_url: str):
+def test_chat_field_errors_use_the_openai_spelling(bridge_url: str) -> None:
     response = post(bridge_url, "/v1/chat/completions",
                     {"messages": [{"role": "user", "content": "error:INVALID_ARGUMENT:max_tokens"}],
                      "max_completion_tokens": 5}, new_id())
@@ -194,7 +199,7 @@ def test_chat_field_errors_use_the_openai_spelling(bridge_url: str):
     assert response.json()["error"]["param"] == "max_completion_tokens"
 
 
-def test_a_failure_mid_stream_is_an_error_event_then_done(bridge_url: str):
+def test_a_failure_mid_stream_is_an_error_event_then_done(bridge_url: str) -> None:
     response = post(bridge_url, "/v1/completions",
                     {"prompt": "fail-after:2", "stream": True, "max_tokens": 5}, new_id())
     assert response.status_code == 200
@@ -207,7 +212,7 @@ def test_a_failure_mid_stream_is_an_error_event_then_done(bridge_url: str):
 
 
 def test_closing_a_stream_cancels_the_engine_call(bridge_url: str,
-                                                  scripted_engine: ScriptedEngine):
+                                                  scripted_engine: ScriptedEngine) -> None:
     request_id = new_id()
     with httpx.stream("POST", f"{bridge_url}/v1/chat/completions", timeout=30,
                       headers={"X-Request-Id": request_id},
@@ -221,7 +226,7 @@ def test_closing_a_stream_cancels_the_engine_call(bridge_url: str,
 
 def test_a_client_giving_up_on_a_plain_request_cancels_the_engine_call(
     bridge_url: str, scripted_engine: ScriptedEngine
-):
+) -> None:
     request_id = new_id()
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{bridge_url}/v1/completions", json={"prompt": "hang"},
@@ -229,14 +234,19 @@ def test_a_client_giving_up_on_a_plain_request_cancels_the_engine_call(
     wait_for_cancel(scripted_engine, request_id)
 
 
-def test_models_health_and_the_openai_sdk(bridge_url: str):
+def test_models_health_and_the_openai_sdk(bridge_url: str) -> None:
     models = ModelList.model_validate(httpx.get(f"{bridge_url}/v1/models").json())
     assert [card.id for card in models.data] == [MODEL_ID, MODEL_ALIAS]
     assert models.data[0].max_model_len == 128 and models.data[0].owned_by == "protoserve"
     assert models.data[0].root == "/models/scripted"
+    card = httpx.get(f"{bridge_url}/v1/models/{MODEL_ALIAS}").json()
+    assert card["id"] == MODEL_ALIAS and card["root"] == "/models/scripted"
+    missing = httpx.get(f"{bridge_url}/v1/models/org/none")
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
     assert httpx.get(f"{bridge_url}/health").status_code == 200
     client = openai.OpenAI(base_url=f"{bridge_url}/v1", api_key="x", max_retries=0)
     assert [model.id for model in client.models.list()] == [MODEL_ID, MODEL_ALIAS]
+    assert client.models.retrieve(MODEL_ALIAS).id == MODEL_ALIAS
     completion = client.completions.create(model=MODEL_ID, prompt="x", max_tokens=2)
     assert completion.choices[0].text == " w0 w1"
     chunks = list(client.chat.completions.create(

@@ -4,6 +4,7 @@ from __future__ import annotations
 import grpc
 import pytest
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from rest_bridge.error_handlers import describe_validation_errors
@@ -36,17 +37,18 @@ EXPECTED_TABLE = {
 
 
 @pytest.mark.parametrize("code_name", sorted(EXPECTED_TABLE))
-def test_status_table(code_name: str):
+def test_status_table(code_name: str) -> None:
     mapping = mapping_for_grpc(grpc.StatusCode[code_name])
     assert (mapping.http_status, mapping.error_type) == EXPECTED_TABLE[code_name]
 
 
-def test_table_covers_every_status_code_but_ok():
+def test_table_covers_every_status_code_but_ok() -> None:
     mapped = {code.name for code in GRPC_TO_HTTP} | {"INTERNAL", "UNKNOWN", "DATA_LOSS", "OK"}
     assert mapped == {code.name for code in grpc.StatusCode}
 
 
-def rpc_error(code: grpc.StatusCode, message: str, *details, trailer: bytes | None = None):
+def rpc_error(code: grpc.StatusCode, message: str, *details: Message,
+              trailer: bytes | None = None) -> grpc.aio.AioRpcError:
     packed = []
     for detail in details:
         any_detail = any_pb2.Any()
@@ -63,7 +65,7 @@ def bad_request(field: str) -> error_details_pb2.BadRequest:
     return error_details_pb2.BadRequest(field_violations=[violation])
 
 
-def test_rich_details_name_the_field_and_reason():
+def test_rich_details_name_the_field_and_reason() -> None:
     error = bridge_error_from_rpc(rpc_error(
         grpc.StatusCode.INVALID_ARGUMENT, "temperature must be >= 0",
         error_details_pb2.ErrorInfo(reason="INVALID_SAMPLING_PARAM", domain="d"),
@@ -75,7 +77,7 @@ def test_rich_details_name_the_field_and_reason():
         "param": "temperature", "code": "INVALID_SAMPLING_PARAM"}}
 
 
-def test_field_aliases_rename_proto_fields_to_what_the_client_sent():
+def test_field_aliases_rename_proto_fields_to_what_the_client_sent() -> None:
     error = bridge_error_from_rpc(
         rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "bad", bad_request("logprobs")),
         field_aliases={"logprobs": "top_logprobs"},
@@ -83,9 +85,9 @@ def test_field_aliases_rename_proto_fields_to_what_the_client_sent():
     assert error.param == "top_logprobs"
 
 
-def test_status_without_details_and_with_a_corrupt_trailer():
-    plain = grpc.aio.AioRpcError(
-        grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata(), details="full")
+def test_status_without_details_and_with_a_corrupt_trailer() -> None:
+    plain = grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(),
+                                 grpc.aio.Metadata(), details="full")
     error = bridge_error_from_rpc(plain)
     assert (error.http_status, error.error_type, error.param, error.code) == (
         429, "rate_limit_error", None, None)
@@ -95,7 +97,7 @@ def test_status_without_details_and_with_a_corrupt_trailer():
     assert (corrupt.http_status, corrupt.param) == (404, None)
 
 
-def test_details_whose_message_differs_from_the_status_are_still_read():
+def test_details_whose_message_differs_from_the_status_are_still_read() -> None:
     status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message="other text")
     detail = any_pb2.Any()
     detail.Pack(bad_request("top_p"))
@@ -106,7 +108,7 @@ def test_details_whose_message_differs_from_the_status_are_still_read():
     assert bridge_error_from_rpc(error).param == "top_p"
 
 
-def test_envelope_and_bridge_error_defaults():
+def test_envelope_and_bridge_error_defaults() -> None:
     assert error_envelope("m", "t") == {"error": {"message": "m", "type": "t", "param": None,
                                                   "code": None}}
     assert BridgeError("x").error_type == "invalid_request_error"
@@ -114,7 +116,7 @@ def test_envelope_and_bridge_error_defaults():
     assert BridgeError("x", http_status=502).error_type == "server_error"
 
 
-def test_validation_errors_name_the_field_through_unions():
+def test_validation_errors_name_the_field_through_unions() -> None:
     union_errors = [
         {"type": "string_type", "loc": ("body", "messages", 0, "content", "str"), "msg": "a"},
         {"type": "list_type", "loc": ("body", "messages", 0, "content", "list[Part]"), "msg": "b"},
@@ -125,7 +127,7 @@ def test_validation_errors_name_the_field_through_unions():
     assert "messages.0.content.str: a" in message and "temperature: c" in message
 
 
-def test_validation_error_kinds_without_a_field():
+def test_validation_error_kinds_without_a_field() -> None:
     message, param = describe_validation_errors(
         [{"type": "json_invalid", "loc": ("body", 3), "msg": "JSON decode error",
           "ctx": {"error": "Expecting value"}}])

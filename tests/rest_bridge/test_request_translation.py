@@ -14,7 +14,9 @@ from rest_bridge.openai_schemas.completion import CompletionRequest
 from rest_bridge.translate.request_to_proto import chat_to_plan, completion_to_plan
 
 
-def completion(body: dict[str, Any], request_id: str = "rid") -> list[inference_pb2.GenerateRequest]:
+def completion(
+    body: dict[str, Any], request_id: str = "rid"
+) -> list[inference_pb2.GenerateRequest]:
     return list(completion_to_plan(CompletionRequest.model_validate(body), request_id).requests)
 
 
@@ -26,7 +28,7 @@ def chat(body: dict[str, Any], request_id: str = "rid") -> inference_pb2.Generat
 USER_HI = [{"role": "user", "content": "hi"}]
 
 
-def test_minimal_completion_sets_only_openai_defaults_that_differ_from_the_engine():
+def test_minimal_completion_sets_only_openai_defaults_that_differ_from_the_engine() -> None:
     (request,) = completion({"model": "m", "prompt": "hello"})
     assert request.model == "m"
     assert request.text == "hello"
@@ -42,7 +44,7 @@ def test_minimal_completion_sets_only_openai_defaults_that_differ_from_the_engin
     assert request.priority == 0 and request.cache_salt == ""
 
 
-def test_completion_max_tokens_explicit_null_means_rest_of_context():
+def test_completion_max_tokens_explicit_null_means_rest_of_context() -> None:
     (request,) = completion({"prompt": "x", "max_tokens": None})
     assert not request.sampling.HasField("max_tokens")
     (request,) = completion({"prompt": "x", "max_tokens": 0})
@@ -73,14 +75,14 @@ def test_completion_max_tokens_explicit_null_means_rest_of_context():
         ("length_penalty", 0.75),
     ],
 )
-def test_each_sampling_field_is_forwarded_with_presence(name: str, value: Any):
+def test_each_sampling_field_is_forwarded_with_presence(name: str, value: Any) -> None:
     for body in ({"prompt": "x", name: value}, {"messages": USER_HI, name: value}):
         request = completion(body)[0] if "prompt" in body else chat(body)
         assert request.sampling.HasField(name), name
         assert getattr(request.sampling, name) == pytest.approx(value)
 
 
-def test_repeated_fields_and_stop_forms():
+def test_repeated_fields_and_stop_forms() -> None:
     (request,) = completion({
         "prompt": "x", "stop": "END", "stop_token_ids": [5, 6], "allowed_token_ids": [1, 2],
         "bad_words": ["bad"], "logit_bias": {"17": -100, "3": 2.5},
@@ -94,13 +96,13 @@ def test_repeated_fields_and_stop_forms():
     assert list(request.sampling.stop) == ["a", "b"]
 
 
-def test_logit_bias_key_that_is_not_a_token_id_is_refused():
+def test_logit_bias_key_that_is_not_a_token_id_is_refused() -> None:
     with pytest.raises(BridgeError) as caught:
         completion({"prompt": "x", "logit_bias": {"hello": 1.0}})
     assert caught.value.http_status == 400 and caught.value.param == "logit_bias"
 
 
-def test_request_level_fields_are_forwarded():
+def test_request_level_fields_are_forwarded() -> None:
     (request,) = completion({"prompt": "x", "priority": -3, "cache_salt": "tenant-a",
                              "add_special_tokens": False})
     assert request.priority == -3
@@ -108,7 +110,7 @@ def test_request_level_fields_are_forwarded():
     assert request.HasField("add_special_tokens") and request.add_special_tokens is False
 
 
-def test_prompt_forms_fan_out_one_call_per_prompt():
+def test_prompt_forms_fan_out_one_call_per_prompt() -> None:
     texts = completion({"prompt": ["a", "b"]}, request_id="r")
     assert [r.text for r in texts] == ["a", "b"]
     assert [r.request_id for r in texts] == ["r-0", "r-1"]
@@ -120,7 +122,7 @@ def test_prompt_forms_fan_out_one_call_per_prompt():
     assert empty.WhichOneof("input") == "text" and empty.text == ""
 
 
-def test_bridge_only_rules():
+def test_bridge_only_rules() -> None:
     with pytest.raises(BridgeError) as caught:
         completion({"prompt": "x", "suffix": "tail"})
     assert caught.value.param == "suffix"
@@ -151,12 +153,14 @@ def test_bridge_only_rules():
         ),
     ],
 )
-def test_guided_decoding_becomes_one_constraint(extra: dict[str, Any], expected: dict[str, Any]):
+def test_guided_decoding_becomes_one_constraint(
+    extra: dict[str, Any], expected: dict[str, Any]
+) -> None:
     (request,) = completion({"prompt": "x", **extra})
     assert json_format.MessageToDict(request.constraint) == expected
 
 
-def test_response_format_text_is_no_constraint_and_two_kinds_are_refused():
+def test_response_format_text_is_no_constraint_and_two_kinds_are_refused() -> None:
     (request,) = completion({"prompt": "x", "response_format": {"type": "text"}})
     assert not request.HasField("constraint")
     with pytest.raises(BridgeError) as caught:
@@ -167,7 +171,7 @@ def test_response_format_text_is_no_constraint_and_two_kinds_are_refused():
     assert caught.value.param == "response_format.json_schema"
 
 
-def test_chat_messages_become_chat_input():
+def test_chat_messages_become_chat_input() -> None:
     request = chat({
         "model": "m",
         "messages": [
@@ -201,7 +205,7 @@ def test_chat_messages_become_chat_input():
     assert narrator.WhichOneof("content") == "parts" and len(narrator.parts.parts) == 0
 
 
-def test_chat_template_options_with_presence():
+def test_chat_template_options_with_presence() -> None:
     request = chat({"messages": USER_HI})
     assert not request.chat.HasField("add_generation_prompt")
     assert not request.chat.HasField("chat_template")
@@ -210,7 +214,8 @@ def test_chat_template_options_with_presence():
         "messages": USER_HI, "add_generation_prompt": False, "continue_final_message": True,
         "chat_template": "{{ messages }}", "chat_template_kwargs": {"enable_thinking": False},
         "documents": [{"title": "t", "text": "body"}],
-        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        "tools": [{"type": "function",
+                   "function": {"name": "f", "parameters": {"type": "object"}}}],
         "tool_choice": {"type": "function", "function": {"name": "f"}},
         "add_special_tokens": True,
     })
@@ -226,7 +231,7 @@ def test_chat_template_options_with_presence():
     assert chat({"messages": USER_HI, "tool_choice": "auto"}).chat.tool_choice == "auto"
 
 
-def test_chat_max_tokens_and_logprobs_spelling():
+def test_chat_max_tokens_and_logprobs_spelling() -> None:
     plan = chat_to_plan(ChatCompletionRequest.model_validate(
         {"messages": USER_HI, "max_tokens": 5, "max_completion_tokens": 7,
          "logprobs": True, "top_logprobs": 3}), "r")
@@ -242,7 +247,7 @@ def test_chat_max_tokens_and_logprobs_spelling():
     assert caught.value.param == "top_logprobs"
 
 
-def test_unsupported_content_part_names_its_path():
+def test_unsupported_content_part_names_its_path() -> None:
     with pytest.raises(BridgeError) as caught:
         chat({"messages": [{"role": "user", "content": [
             {"type": "text", "text": "a"}, {"type": "video_url", "video_url": {"url": "v"}}]}]})
@@ -267,13 +272,15 @@ def test_unsupported_content_part_names_its_path():
         ({"prompt": "x", "n": True}, "n"),
     ],
 )
-def test_wrong_json_types_fail_validation_naming_the_field(body: dict[str, Any], field: str):
+def test_wrong_json_types_fail_validation_naming_the_field(
+    body: dict[str, Any], field: str
+) -> None:
     with pytest.raises(ValidationError) as caught:
         CompletionRequest.model_validate(body)
     assert caught.value.errors()[0]["loc"][0] == field
 
 
-def test_unknown_fields_are_kept_not_rejected():
+def test_unknown_fields_are_kept_not_rejected() -> None:
     body = CompletionRequest.model_validate({"prompt": "x", "store": True, "metadata": {"a": 1}})
     assert body.model_extra == {"store": True, "metadata": {"a": 1}}
     body = ChatCompletionRequest.model_validate(

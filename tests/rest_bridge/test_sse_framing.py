@@ -22,7 +22,7 @@ META = ResponseMeta(id="cmpl-x", created=1, model="m")
 Event = inference_pb2.GenerateResponse
 
 
-def test_sse_event_framing():
+def test_sse_event_framing() -> None:
     frame = sse_event({"text": "héllo", "n": [1, 2]})
     assert frame == 'data: {"text":"héllo","n":[1,2]}\n\n'.encode()
     assert SSE_DONE == b"data: [DONE]\n\n"
@@ -64,7 +64,7 @@ def run_stream(streams: list[OpenStream], writer: Any) -> list[Any]:
     return parse_sse_events(asyncio.run(drain()))
 
 
-def test_completion_stream_indexes_choices_per_prompt_and_reports_usage():
+def test_completion_stream_indexes_choices_per_prompt_and_reports_usage() -> None:
     streams = [
         open_stream([delta(0, "a"), delta(1, "b"), finished(0, stop_string="END"),
                      finished(1, stop_token_id=2), usage(3, 2)]),
@@ -76,7 +76,7 @@ def test_completion_stream_indexes_choices_per_prompt_and_reports_usage():
                                    continuous_usage=False)
     *chunks, usage_chunk, done = run_stream(streams, writer)
     assert done == "[DONE]"
-    for chunk in chunks + [usage_chunk]:
+    for chunk in [*chunks, usage_chunk]:
         CompletionStreamResponse.model_validate(chunk)
     texts = [(c["choices"][0]["index"], c["choices"][0]["text"]) for c in chunks
              if c["choices"][0]["finish_reason"] is None]
@@ -91,7 +91,7 @@ def test_completion_stream_indexes_choices_per_prompt_and_reports_usage():
     assert usage_chunk["usage"]["total_tokens"] == 10
 
 
-def test_chat_stream_role_first_then_content_then_finish():
+def test_chat_stream_role_first_then_content_then_finish() -> None:
     streams = [open_stream([delta(0, "Hi"), delta(0, " there"), finished(0)])]
     writer = ChatChunkWriter(META, streams, choices=1, role="assistant", echo_text=None,
                              want_logprobs=False, include_usage=False, continuous_usage=False)
@@ -116,13 +116,13 @@ def test_chat_stream_role_first_then_content_then_finish():
         ({"include_usage": True, "continuous_usage_stats": True}, (True, True)),
     ],
 )
-def test_stream_options_flags(options: dict[str, Any] | None, flags: tuple[bool, bool]):
+def test_stream_options_flags(options: dict[str, Any] | None, flags: tuple[bool, bool]) -> None:
     body = CompletionRequest.model_validate({"prompt": "x", "stream": True,
                                              "stream_options": options})
     assert stream_usage_flags(body) == flags
 
 
-def test_continuous_usage_counts_tokens_as_they_stream():
+def test_continuous_usage_counts_tokens_as_they_stream() -> None:
     streams = [open_stream([delta(0, "a", (1, 2)), delta(0, "b"), finished(0)])]
     writer = ChatChunkWriter(META, streams, choices=1, role="assistant", echo_text="pre",
                              want_logprobs=False, include_usage=True, continuous_usage=True)
@@ -133,7 +133,7 @@ def test_continuous_usage_counts_tokens_as_they_stream():
     assert chunks[1]["choices"][0]["delta"] == {"content": "pre"}
 
 
-def test_an_error_after_the_first_byte_becomes_an_error_event_then_done():
+def test_an_error_after_the_first_byte_becomes_an_error_event_then_done() -> None:
     failure = grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(),
                                    grpc.aio.Metadata(), details="KV cache full")
     streams = [open_stream([delta(0, "a")], error=failure)]
@@ -147,7 +147,7 @@ def test_an_error_after_the_first_byte_becomes_an_error_event_then_done():
     assert chunks[2] == "[DONE]" and len(chunks) == 3
 
 
-def test_an_unexpected_error_is_reported_without_internals():
+def test_an_unexpected_error_is_reported_without_internals() -> None:
     streams = [open_stream([], error=RuntimeError("secret internals"))]
     writer = ChatChunkWriter(META, streams, choices=1, role="assistant", echo_text=None,
                              want_logprobs=False, include_usage=False, continuous_usage=False)
@@ -156,7 +156,7 @@ def test_an_unexpected_error_is_reported_without_internals():
     assert "secret" not in json.dumps(chunks)
 
 
-def test_completion_logprobs_offsets_follow_the_echoed_prompt():
+def test_completion_logprobs_offsets_follow_the_echoed_prompt() -> None:
     logprob_delta = delta(0, " w")
     logprob_delta.delta.logprobs.append(inference_pb2.TokenLogprobs(
         chosen=inference_pb2.TokenLogprob(token_id=7, token=" w", logprob=float("-inf")),

@@ -38,7 +38,12 @@ def _random_logits(num_rows: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "params", [SamplingParams(temperature=0.0), SamplingParams(top_k=1, temperature=0.7)]
+    "params",
+    [
+        SamplingParams(temperature=0.0),
+        SamplingParams(top_k=1, temperature=0.7),
+        SamplingParams(temperature=0.0, seed=5, top_p=0.5),
+    ],
 )
 def test_greedy_rows_take_the_argmax_without_consuming_randomness(
     params: SamplingParams,
@@ -46,9 +51,11 @@ def test_greedy_rows_take_the_argmax_without_consuming_randomness(
     logits = _random_logits(8, seed=1)
     torch.manual_seed(0)
     rng_state = torch.get_rng_state()
-    token_ids = Sampler().sample(logits, [_request(f"g{i}", params) for i in range(8)])
+    sampler = Sampler()
+    token_ids = sampler.sample(logits, [_request(f"g{i}", params) for i in range(8)])
     assert token_ids == logits.argmax(dim=-1).tolist()
     assert torch.equal(torch.get_rng_state(), rng_state)
+    assert sampler.num_seeded_requests == 0
 
 
 def test_mixed_batch_keeps_greedy_rows_greedy_and_leaves_logits_untouched() -> None:
@@ -65,8 +72,10 @@ def test_mixed_batch_keeps_greedy_rows_greedy_and_leaves_logits_untouched() -> N
     token_ids = Sampler().sample(logits, [_request(f"r{i}", p) for i, p in enumerate(params)])
     for row in (0, 2, 5):
         assert token_ids[row] == logits[row].argmax().item()
-    top5 = set(logits[1].topk(5).indices.tolist())
-    assert token_ids[1] in top5
+    assert token_ids[1] in logits[1].topk(5).indices.tolist()
+    sorted_probs, sorted_ids = torch.softmax(logits[3], dim=-1).sort(descending=True)
+    in_nucleus = torch.cumsum(sorted_probs, dim=0) - sorted_probs < 0.5
+    assert token_ids[3] in sorted_ids[in_nucleus].tolist()
     assert torch.equal(logits, original)
 
 

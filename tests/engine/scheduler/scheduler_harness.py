@@ -8,8 +8,9 @@ request attends to (positions before `start`) is present in its blocks with exac
 prefix. A wrong block table, a shared block overwritten or a prefix hit on the wrong block
 therefore fails the step that reads it.
 
-The driver calls `check_invariants()` after every schedule, update and abort, and checks each
-batch against the scheduler's limits.
+The driver runs `check_state()` (the scheduler's `check_invariants()` and a few more checks)
+after every add, schedule, update and abort, and checks each batch against the scheduler's
+limits.
 """
 from __future__ import annotations
 
@@ -94,7 +95,8 @@ class FakeRunner:
             assert len(s.block_ids) * self.block_size >= end, s
             for position in range(s.start):
                 slot = self._slot(s, position)
-                assert self.kv.get(slot) == tuple(s.token_ids[: position + 1]), (s.request_id, position)
+                expected = tuple(s.token_ids[: position + 1])
+                assert self.kv.get(slot) == expected, (s.request_id, position)
         written: set[tuple[int, int]] = set()
         for s in batch.requests:
             for position in range(s.start, s.start + s.num_tokens):
@@ -143,6 +145,9 @@ class Harness:
         self.scheduler = Scheduler(self.config, self.kv_cache, max_model_len)
         self.runner = FakeRunner(block_size, script)
         self.results: dict[str, Result] = {}
+        # Request id -> position in the order of add() calls (FCFS order).
+        self._add_order: dict[str, int] = {}
+        self._num_added = 0
         self.batches: list[ScheduledBatch] = []
         # Ids in `scheduler.running` just before each schedule() call, in order.
         self.running_before: list[list[str]] = []
@@ -151,22 +156,24 @@ class Harness:
         for request in requests:
             self.scheduler.add_request(request)
             self.results[request.request_id] = Result()
-            self.scheduler.check_invariants()
+            self._add_order[request.request_id] = self._num_added
+            self._num_added += 1
+            self.check_state()
 
     def step(self) -> tuple[ScheduledBatch, list[RequestOutput]]:
         self.running_before.append([r.request_id for r in self.scheduler.running])
         batch = self.scheduler.schedule()
-        self.scheduler.check_invariants()
+        self.check_state()
         self._check_batch(batch)
         self.batches.append(batch)
         outputs = self.scheduler.update_from_output(batch, self.runner.execute(batch))
-        self.scheduler.check_invariants()
+        self.check_state()
         self.record(outputs)
         return batch, outputs
 
     def abort(self, request_ids: list[str], reason: FinishReason) -> list[str]:
         aborted = self.scheduler.abort_requests(request_ids, reason)
-        self.scheduler.check_invariants()
+        self.check_state()
         return aborted
 
     def run(self, max_steps: int = 2000) -> None:
@@ -192,6 +199,24 @@ class Harness:
         """Per step: (start, num_tokens, sample) of the request, or None if not scheduled."""
         rows = [self.scheduled(b, request_id) for b in self.batches]
         return [(s.start, s.num_tokens, s.sample) if s else None for s in rows]
+
+    def check_state(self) -> None:
+        """The scheduler's own invariants, plus what follows from the design:
+
+        - a queued request (waiting or preempted) holds no blocks and no progress;
+        - a running request always has at least one token left to compute;
+        - under FCFS, every running request arrived before every queued one, and both lists
+          are in arrival order (preempted requests return to the front of the queue).
+        """
+        self.scheduler.check_invariants()
+        for request in self.scheduler.waiting:
+            assert request.block_ids == [] and request.num_computed_tokens == 0, request
+        for request in self.scheduler.running:
+            assert request.num_computed_tokens < request.num_tokens, request
+        if self.config.policy == "fcfs":
+            queue = [*self.scheduler.running, *self.scheduler.waiting]
+            order = [self._add_order[r.request_id] for r in queue]
+            assert order == sorted(order), [r.request_id for r in queue]
 
     def _check_batch(self, batch: ScheduledBatch) -> None:
         ids = [s.request_id for s in batch.requests]

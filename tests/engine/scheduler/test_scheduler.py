@@ -81,7 +81,9 @@ def test_running_decodes_go_before_a_new_prompts_chunks() -> None:
         assert sum(s.num_tokens for s in chunks) <= 7
     # long1 is chunked by the budget left after the decode: 7 + 7 + 7 + 7 + 2.
     long1 = [s for s in h.schedule_of("long1") if s is not None]
-    assert long1[:5] == [(0, 7, False), (7, 7, False), (14, 7, False), (21, 7, False), (28, 2, True)]
+    assert long1[:5] == [
+        (0, 7, False), (7, 7, False), (14, 7, False), (21, 7, False), (28, 2, True)
+    ]
     for request_id, prompt_len in (("dec", 3), ("long1", 30), ("long2", 12)):
         max_tokens = 20 if request_id == "dec" else 2
         assert h.results[request_id].tokens == expected_tokens(request_id, prompt_len, max_tokens)

@@ -175,10 +175,11 @@ def test_a_step_that_preempts_admits_nobody() -> None:
     h = Harness(block_size=BS, num_blocks=8, max_num_batched_tokens=4, enable_prefix_caching=False)
     h.add(*_pressure_requests())
     h.run()
-    events = [(b, before) for b, before in zip(h.batches, h.running_before) if b.preempted_request_ids]
+    events = [(b, run) for b, run in zip(h.batches, h.running_before) if b.preempted_request_ids]
     assert events
     for batch, before in events:
-        assert {s.request_id for s in batch.requests} <= set(before) - set(batch.preempted_request_ids)
+        kept = set(before) - set(batch.preempted_request_ids)
+        assert {s.request_id for s in batch.requests} <= kept
     h.assert_drained()
 
 

@@ -86,7 +86,8 @@ def test_max_tokens_finishes_with_length() -> None:
     h.add(make_request("r", prompt(P), max_tokens=4))
     h.run()
     assert h.results["r"].tokens == expected_tokens("r", P, 4)
-    assert (h.results["r"].finish_reason, h.results["r"].stop_token_id) == (FinishReason.LENGTH, None)
+    assert h.results["r"].finish_reason == FinishReason.LENGTH
+    assert h.results["r"].stop_token_id is None
     # One output per generated token; only the last one carries the finish reason.
     assert [o.finished for o in h.results["r"].outputs] == [False, False, False, True]
     assert all(o.num_prompt_tokens == P for o in h.results["r"].outputs)

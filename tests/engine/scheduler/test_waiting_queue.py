@@ -9,7 +9,9 @@ from scheduler_harness import make_request
 
 
 def _req(request_id: str, priority: int = 0, arrival: float = 0.0) -> Request:
-    return make_request(request_id, [1, 2, 3], max_tokens=1, priority=priority, arrival_time=arrival)
+    return make_request(
+        request_id, [1, 2, 3], max_tokens=1, priority=priority, arrival_time=arrival
+    )
 
 
 def _drain(queue: WaitingQueue) -> list[str]:

@@ -13,7 +13,11 @@ from transformers import AutoTokenizer
 from engine.errors import ModelLoadError
 from engine.tokenizer import Tokenizer
 
-SAMPLES = ("The harbor woke before the town did.", "Café 今日は 🙂 Καλημέρα", " spaced  out \n")
+SAMPLES = (
+    "The harbor woke before the town did.",
+    "Café 今日は 🙂 Καλημέρα",
+    " spaced  out \n",
+)
 USER_HELLO = [{"role": "user", "content": "Hello"}]
 TOOL_TEMPLATE = "TOOLS:{{ tools | length }}"
 
