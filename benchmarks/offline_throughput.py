@@ -31,15 +31,21 @@ import numpy  # noqa: F401  (torch warns when imported without numpy loaded firs
 import torch
 
 from benchmarks.bench_model import DEFAULT_MODEL_DIR, count_parameters, ensure_bench_model
-
-Prompts = list[list[int]]
-Outputs = list[list[int]]
+from benchmarks.hf_runners import (
+    Outputs,
+    Prompts,
+    load_hf_model,
+    make_hf_generate,
+    make_hf_generate_batch,
+)
 
 
 @dataclass
 class RunResult:
     name: str
     wall_s: list[float] = field(default_factory=list)
+    # Process CPU time: on a shared machine it shows whether a slow run waited for a core.
+    cpu_s: list[float] = field(default_factory=list)
     num_requests: int = 0
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
@@ -49,20 +55,34 @@ class RunResult:
     def median_s(self) -> float:
         return statistics.median(self.wall_s)
 
+    @property
+    def best_s(self) -> float:
+        return min(self.wall_s)
+
     def summary(self) -> dict[str, object]:
         if self.skipped is not None:
             return {"name": self.name, "skipped": self.skipped}
-        median = self.median_s
+        median, total = self.median_s, self.num_output_tokens + self.num_prompt_tokens
         return {
             "name": self.name,
             "wall_s_runs": [round(t, 3) for t in self.wall_s],
+            "cpu_s_runs": [round(t, 3) for t in self.cpu_s],
             "wall_s_median": round(median, 3),
+            "wall_s_best": round(self.best_s, 3),
             "output_tokens_per_s": round(self.num_output_tokens / median, 1),
-            "total_tokens_per_s": round((self.num_output_tokens + self.num_prompt_tokens) / median, 1),
+            "total_tokens_per_s": round(total / median, 1),
             "requests_per_s": round(self.num_requests / median, 3),
+            "output_tokens_per_s_best": round(self.num_output_tokens / self.best_s, 1),
             "num_prompt_tokens": self.num_prompt_tokens,
             "num_output_tokens": self.num_output_tokens,
         }
+
+
+@dataclass
+class Contender:
+    result: RunResult
+    run: Callable[[Prompts], Outputs]
+    outputs: Outputs = field(default_factory=list)
 
 
 def make_prompts(num_prompts: int, input_len: int, vocab_size: int, seed: int) -> Prompts:
@@ -72,26 +92,24 @@ def make_prompts(num_prompts: int, input_len: int, vocab_size: int, seed: int) -
     return ids.tolist()
 
 
-def time_runs(
-    name: str, run: Callable[[Prompts], Outputs], prompts: Prompts, output_len: int, repeats: int
-) -> tuple[RunResult, Outputs]:
-    """Time `run(prompts)` `repeats` times; check that every prompt got exactly output_len tokens."""
-    result = RunResult(name, num_requests=len(prompts))
-    outputs: Outputs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        outputs = run(prompts)
-        result.wall_s.append(time.perf_counter() - start)
-        print(f"  {name}: {result.wall_s[-1]:.2f} s", flush=True)
+def time_once(contender: Contender, prompts: Prompts, output_len: int) -> None:
+    """One timed `run(prompts)`; checks that every prompt got exactly output_len tokens."""
+    result = contender.result
+    cpu_start, start = time.process_time(), time.perf_counter()
+    outputs = contender.run(prompts)
+    result.wall_s.append(time.perf_counter() - start)
+    result.cpu_s.append(time.process_time() - cpu_start)
     lengths = {len(tokens) for tokens in outputs}
-    if lengths != {output_len}:
-        raise RuntimeError(f"{name}: expected {output_len} tokens per prompt, got lengths {lengths}")
+    if len(outputs) != len(prompts) or lengths != {output_len}:
+        raise RuntimeError(f"{result.name}: expected {output_len} tokens per prompt, got {lengths}")
+    result.num_requests = len(prompts)
     result.num_prompt_tokens = sum(len(p) for p in prompts)
     result.num_output_tokens = sum(len(o) for o in outputs)
-    return result, outputs
+    contender.outputs = outputs
+    print(f"  {result.name}: {result.wall_s[-1]:.2f} s wall, {result.cpu_s[-1]:.2f} s CPU", flush=True)
 
 
-# --- the three contenders ------------------------------------------------------------------
+# --- ours (the transformers baselines live in hf_runners.py) ------------------------------
 
 
 def make_ours(model_dir: Path, output_len: int, num_prompts: int) -> Callable[[Prompts], Outputs]:
@@ -111,82 +129,6 @@ def make_ours(model_dir: Path, output_len: int, num_prompts: int) -> Callable[[P
         if hits:
             raise RuntimeError(f"ours: {hits} prompt tokens came from the prefix cache")
         return [out.token_ids for out in outputs]
-
-    return run
-
-
-def load_hf_model(model_dir: Path) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.bfloat16, attn_implementation="sdpa"
-    ).eval()
-
-
-def make_hf_generate(
-    model: torch.nn.Module, output_len: int, batch_size: int
-) -> Callable[[Prompts], Outputs]:
-    pad_id = 0
-
-    def run(prompts: Prompts) -> Outputs:
-        outputs: Outputs = []
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            width = max(len(p) for p in chunk)
-            # Left padding keeps every row's last prompt token in the last column.
-            ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-            with torch.inference_mode():
-                generated = model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    do_sample=False,
-                    max_new_tokens=output_len,
-                    min_new_tokens=output_len,
-                    pad_token_id=pad_id,
-                )
-            outputs.extend(generated[:, width:].tolist())
-        return outputs
-
-    return run
-
-
-def make_hf_generate_batch(
-    model: torch.nn.Module, output_len: int, input_len: int, num_prompts: int, max_batch_tokens: int
-) -> Callable[[Prompts], Outputs] | str:
-    """The runner, or the reason continuous batching is not usable here."""
-    if not hasattr(model, "generate_batch"):
-        return "this transformers has no model.generate_batch"
-    try:
-        from transformers import GenerationConfig
-        from transformers.generation import ContinuousBatchingConfig
-    except ImportError as error:
-        return f"continuous batching API not importable: {error}"
-
-    # eos_token_id=-1 disables EOS (its min_new_tokens processor is not supported in CB).
-    generation_config = GenerationConfig(
-        max_new_tokens=output_len, do_sample=False, eos_token_id=-1, pad_token_id=0
-    )
-    page_size = 256
-    pages_per_request = -(-(input_len + output_len) // page_size)
-    # Sized for the workload, like ours: on CPU the default would claim 90% of host RAM.
-    cb_config = ContinuousBatchingConfig(
-        page_size=page_size,
-        num_blocks=num_prompts * pages_per_request + 4,
-        max_batch_tokens=max_batch_tokens,
-    )
-
-    def run(prompts: Prompts) -> Outputs:
-        with torch.inference_mode():
-            results = model.generate_batch(
-                inputs=prompts,
-                generation_config=generation_config,
-                continuous_batching_config=cb_config,
-            )
-        failed = [key for key, out in results.items() if out.error is not None]
-        if len(results) != len(prompts) or failed:
-            raise RuntimeError(f"generate_batch: {len(results)} results, failed {failed}")
-        return [list(out.generated_tokens) for out in results.values()]
 
     return run
 
@@ -212,6 +154,7 @@ def machine_info() -> dict[str, object]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
+        "loadavg_start": os.getloadavg(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -255,16 +198,69 @@ def parse_args() -> argparse.Namespace:
 
 
 def print_table(results: list[RunResult]) -> None:
-    print(f"\n{'contender':<28}{'wall s (median)':>16}{'output tok/s':>14}{'total tok/s':>13}")
+    print(f"\n{'contender':<26}{'wall s median':>14}{'best':>8}{'output tok/s':>14}"
+          f"{'total tok/s':>13}{'out tok/s best':>16}")
     for result in results:
-        row = result.summary()
         if result.skipped is not None:
-            print(f"{result.name:<28}  skipped: {result.skipped}")
+            print(f"{result.name:<26}  skipped: {result.skipped}")
             continue
+        row = result.summary()
         print(
-            f"{result.name:<28}{row['wall_s_median']:>16.2f}"
+            f"{result.name:<26}{row['wall_s_median']:>14.2f}{row['wall_s_best']:>8.2f}"
             f"{row['output_tokens_per_s']:>14.1f}{row['total_tokens_per_s']:>13.1f}"
+            f"{row['output_tokens_per_s_best']:>16.1f}"
         )
+
+
+def build_contenders(args: argparse.Namespace, model_dir: Path) -> tuple[list[Contender], list[RunResult]]:
+    """Every contender is loaded before any is timed, so the timed runs can be interleaved."""
+    contenders = [
+        Contender(RunResult("protoserve LLM.generate"), make_ours(model_dir, args.output_len, args.num_prompts))
+    ]
+    skipped: list[RunResult] = []
+    model = load_hf_model(model_dir)
+    hf_batch_size = args.hf_batch_size or args.num_prompts
+    name = f"hf generate (bs {hf_batch_size})"
+    if "hf-generate" in args.skip:
+        skipped.append(RunResult(name, skipped="--skip"))
+    else:
+        run = make_hf_generate(model, args.output_len, hf_batch_size)
+        contenders.append(Contender(RunResult(name), run))
+    name = "hf generate_batch"
+    if "hf-generate-batch" in args.skip:
+        skipped.append(RunResult(name, skipped="--skip"))
+    else:
+        cb_run = make_hf_generate_batch(
+            model, args.output_len, args.input_len, args.num_prompts, max_batch_tokens=2048
+        )
+        if isinstance(cb_run, str):
+            skipped.append(RunResult(name, skipped=cb_run))
+        else:
+            contenders.append(Contender(RunResult(name), cb_run))
+    return contenders, skipped
+
+
+def run_all(
+    contenders: list[Contender], skipped: list[RunResult], args: argparse.Namespace,
+    prompts: Prompts, warmup_prompts: Prompts,
+) -> list[Contender]:
+    """Warm each contender up, then time them round-robin: on a shared machine the load
+    drifts, and interleaving spreads that drift over all contenders alike."""
+    active = []
+    for contender in contenders:
+        print(f"{contender.result.name}: warm-up", flush=True)
+        try:
+            contender.run(warmup_prompts)
+            active.append(contender)
+        except Exception as error:  # a peer failing on CPU must not lose the other numbers
+            reason = f"{type(error).__name__}: {error}"
+            print(f"{contender.result.name}: skipped ({reason})")
+            skipped.append(RunResult(contender.result.name, skipped=reason))
+    for round_index in range(args.repeats):
+        print(f"round {round_index + 1}/{args.repeats}", flush=True)
+        for contender in active:
+            time_once(contender, prompts, args.output_len)
+    return active
 
 
 def main() -> None:
@@ -283,64 +279,34 @@ def main() -> None:
         f"repeats {args.repeats}\n{machine}",
         flush=True,
     )
-
-    results: list[RunResult] = []
-    outputs: dict[str, Outputs] = {}
-
-    def bench(name: str, run: Callable[[Prompts], Outputs]) -> None:
-        print(f"{name}: warm-up", flush=True)
-        run(warmup_prompts)
-        result, outputs[name] = time_runs(name, run, prompts, args.output_len, args.repeats)
-        results.append(result)
-
-    ours = make_ours(model_dir, args.output_len, args.num_prompts)
-    bench("protoserve LLM.generate", ours)
-    del ours  # frees our KV cache before transformers runs
-
-    model = load_hf_model(model_dir)
-    hf_batch_size = args.hf_batch_size or args.num_prompts
-    if "hf-generate" in args.skip:
-        results.append(RunResult("hf generate", skipped="--skip"))
-    else:
-        bench(f"hf generate (bs {hf_batch_size})", make_hf_generate(model, args.output_len, hf_batch_size))
-    cb_name = "hf generate_batch"
-    if "hf-generate-batch" in args.skip:
-        results.append(RunResult(cb_name, skipped="--skip"))
-    else:
-        cb_run = make_hf_generate_batch(
-            model, args.output_len, args.input_len, args.num_prompts, max_batch_tokens=2048
-        )
-        if isinstance(cb_run, str):
-            print(f"{cb_name}: skipped ({cb_run})")
-            results.append(RunResult(cb_name, skipped=cb_run))
-        else:
-            try:
-                bench(cb_name, cb_run)
-            except Exception as error:  # a peer failing on CPU must not lose the other numbers
-                print(f"{cb_name}: skipped ({type(error).__name__}: {error})")
-                results.append(RunResult(cb_name, skipped=f"{type(error).__name__}: {error}"))
-
+    contenders, skipped = build_contenders(args, model_dir)
+    active = run_all(contenders, skipped, args, prompts, warmup_prompts)
+    machine["loadavg_end"] = os.getloadavg()
+    results = [c.result for c in active] + skipped
     print_table(results)
-    ours_result = results[0]
-    ratios: dict[str, float] = {}
-    for other in results[1:]:
-        if other.skipped is None:
-            ratios[f"ours / {other.name}"] = round(other.median_s / ours_result.median_s, 2)
+
+    ours = active[0].result
+    ratios: dict[str, dict[str, float]] = {}
+    for other in active[1:]:
+        ratios[f"ours / {other.result.name}"] = {
+            "median": round(other.result.median_s / ours.median_s, 2),
+            "best": round(other.result.best_s / ours.best_s, 2),
+        }
     for label, ratio in ratios.items():
-        print(f"throughput ratio {label}: {ratio:.2f}x")
+        print(f"output throughput {label}: {ratio['median']:.2f}x (median), {ratio['best']:.2f}x (best)")
 
     agreement: dict[str, object] = {}
-    names = list(outputs)
-    for i, first in enumerate(names):
-        for second in names[i + 1 :]:
-            check = greedy_agreement(outputs[first], outputs[second], args.check_tokens)
-            agreement[f"{first} vs {second}"] = check
+    for i, first in enumerate(active):
+        for second in active[i + 1 :]:
+            label = f"{first.result.name} vs {second.result.name}"
+            check = greedy_agreement(first.outputs, second.outputs, args.check_tokens)
+            agreement[label] = check
             prefixes = check["matching_prefix_lengths"]
             print(
-                f"greedy agreement {first} vs {second}: "
-                f"{check['prompts_matching_first_n']}/{check['num_prompts']} prompts match the "
-                f"first {args.check_tokens} tokens; matching prefix median "
-                f"{statistics.median(prefixes)} of {args.output_len} (min {min(prefixes)})"
+                f"greedy agreement {label}: {check['prompts_matching_first_n']}/"
+                f"{check['num_prompts']} prompts match the first {args.check_tokens} tokens; "
+                f"matching prefix median {statistics.median(prefixes)} of {args.output_len} "
+                f"(min {min(prefixes)}, max {max(prefixes)})"
             )
 
     if args.json:
@@ -351,12 +317,12 @@ def main() -> None:
                 "num_prompts": args.num_prompts,
                 "input_len": args.input_len,
                 "output_len": args.output_len,
-                "hf_batch_size": hf_batch_size,
+                "hf_batch_size": args.hf_batch_size or args.num_prompts,
                 "repeats": args.repeats,
                 "seed": args.seed,
             },
             "results": [r.summary() for r in results],
-            "ratios_output_throughput": ratios,
+            "output_throughput_ratios": ratios,
             "greedy_agreement": agreement,
         }
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 _DEFAULT_THETA = 10000.0
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,6 @@ def read_rope_spec(hf_config: Any) -> RopeSpec:
     theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None) or _DEFAULT_THETA)
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
     return RopeSpec(theta=float(theta), rope_type=str(rope_type), scaling=params)
-
-
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
 def compute_inv_freq(spec: RopeSpec, head_dim: int) -> torch.Tensor:

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -13,14 +15,17 @@ from transformers import AutoConfig
 from engine.attention import get_attention_backend
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
-from engine.layers.rotary import SUPPORTED_ROPE_TYPES, read_rope_spec
-from engine.models.llama import LlamaDims, LlamaForCausalLM
+from engine.layers.linear import prepack_cpu_linears
+from engine.layers.rotary import SUPPORTED_ROPE_TYPES, compute_inv_freq, read_rope_spec
+from engine.models.llama import LlamaForCausalLM
 from engine.models.registry import get_model_class, supported_architectures
 from engine.models.weights import find_safetensors_files, iter_safetensors
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
+    {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+)
 
 
 @dataclass(frozen=True)
@@ -65,12 +70,7 @@ def load_model(model_config: ModelConfig, *, attention_backend: str = "torch") -
     assert model_class is not None  # checked by _read_architecture
     weight_files = find_safetensors_files(model_path)
     hf_config = _read_hf_config(model_path)
-    spec = read_rope_spec(hf_config)
-    if spec.rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ModelLoadError(
-            f"unsupported rope_type {spec.rope_type!r} in {model_path / 'config.json'}; "
-            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
-        )
+    _check_rope(hf_config, model_path)
     device = torch.device(model_config.device)
     dtype = resolve_dtype(model_config.dtype, hf_config, device)
     max_model_len = resolve_max_model_len(model_config.max_model_len, hf_config, model_path)
@@ -84,7 +84,9 @@ def load_model(model_config: ModelConfig, *, attention_backend: str = "torch") -
     with torch.no_grad():
         model.load_weights(iter_safetensors(weight_files))
     model.eval().requires_grad_(False)
-    dims = LlamaDims.from_hf_config(hf_config)
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        prepack_cpu_linears(model)
+    dims = model.dims
     eos_token_ids, bos_token_id = _read_special_token_ids(hf_config, model_path)
     return LoadedModel(
         model=model,
@@ -128,6 +130,21 @@ def _read_hf_config(model_path: Path) -> Any:
     except Exception as exc:  # transformers raises many kinds; the user needs one line
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot parse {model_path / 'config.json'}: {first_line}") from None
+
+
+def _check_rope(hf_config: Any, model_path: Path) -> None:
+    spec = read_rope_spec(hf_config)
+    if spec.rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ModelLoadError(
+            f"unsupported rope_type {spec.rope_type!r} in {model_path / 'config.json'}; "
+            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    try:
+        compute_inv_freq(spec, 64)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelLoadError(
+            f"invalid {spec.rope_type} rope parameters in {model_path / 'config.json'}: {exc!r}"
+        ) from None
 
 
 def resolve_dtype(requested: str, hf_config: Any, device: torch.device) -> torch.dtype:

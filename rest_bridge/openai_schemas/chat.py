@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
-
 from rest_bridge.openai_schemas.common import Int32, OpenAIModel, SamplingFields
 
 
@@ -100,4 +98,5 @@ class ChatCompletionRequest(SamplingFields):
     documents: list[dict[str, str]] | None = None
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    request_id: str | None = Field(default=None, max_length=256)
+    # Names the request when no X-Request-Id header does.
+    request_id: str | None = None

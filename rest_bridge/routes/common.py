@@ -10,6 +10,8 @@ import grpc
 from fastapi import Request
 
 from rest_bridge.engine_client import EngineClient
+from rest_bridge.errors import invalid_request
+from rest_bridge.middleware import is_valid_request_id
 from rest_bridge.openai_schemas.common import SamplingFields
 from rest_bridge.openai_schemas.responses import ErrorResponse
 from rest_bridge.settings import BridgeSettings
@@ -43,8 +45,13 @@ class RouteContext:
 
 def use_body_request_id(request: Request, body_request_id: str | None) -> None:
     """A body `request_id` (vLLM chat extra) names the request unless the header already did."""
-    if body_request_id and not request.state.request_id_from_header:
-        request.state.request_id = body_request_id
+    if not body_request_id or request.state.request_id_from_header:
+        return
+    if not is_valid_request_id(body_request_id):
+        raise invalid_request(
+            "request_id must be 1-256 printable ASCII characters", param="request_id"
+        )
+    request.state.request_id = body_request_id
 
 
 def log_unknown_fields(body: SamplingFields, route: str, request_id: str) -> None:

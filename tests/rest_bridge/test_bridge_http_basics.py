@@ -85,6 +85,7 @@ def test_non_object_body(client: TestClient) -> None:
          "messages.0.content"),
         ("/v1/chat/completions", {"messages": [], "top_logprobs": 2}, "top_logprobs"),
         ("/v1/chat/completions", {"messages": [], "tool_choice": "sometimes"}, "tool_choice"),
+        ("/v1/chat/completions", {"messages": [], "request_id": "naïve"}, "request_id"),
     ],
 )
 def test_bad_bodies_name_the_field(client: TestClient, path: str, body: dict[str, Any],

@@ -1,0 +1,92 @@
+"""transformers baselines over token ids: static-batch `generate` and continuous-batching
+`generate_batch`, each wrapped as `run(prompts) -> generated token ids` for the benchmarks.
+
+Both are greedy and produce exactly `output_len` tokens per prompt (EOS ignored), to match
+protoserve requests with `ignore_eos=True`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy  # noqa: F401  (torch warns when imported without numpy loaded first)
+import torch
+
+Prompts = list[list[int]]
+Outputs = list[list[int]]
+
+
+def load_hf_model(model_dir: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.bfloat16, attn_implementation="sdpa"
+    ).eval()
+
+
+def make_hf_generate(
+    model: torch.nn.Module, output_len: int, batch_size: int
+) -> Callable[[Prompts], Outputs]:
+    pad_id = 0
+
+    def run(prompts: Prompts) -> Outputs:
+        outputs: Outputs = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            width = max(len(p) for p in chunk)
+            # Left padding keeps every row's last prompt token in the last column.
+            ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            with torch.inference_mode():
+                generated = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    do_sample=False,
+                    max_new_tokens=output_len,
+                    min_new_tokens=output_len,
+                    pad_token_id=pad_id,
+                )
+            outputs.extend(generated[:, width:].tolist())
+        return outputs
+
+    return run
+
+
+def make_hf_generate_batch(
+    model: torch.nn.Module, output_len: int, input_len: int, num_prompts: int, max_batch_tokens: int
+) -> Callable[[Prompts], Outputs] | str:
+    """The runner, or the reason continuous batching is not usable here."""
+    if not hasattr(model, "generate_batch"):
+        return "this transformers has no model.generate_batch"
+    try:
+        from transformers import GenerationConfig
+        from transformers.generation import ContinuousBatchingConfig
+    except ImportError as error:
+        return f"continuous batching API not importable: {error}"
+
+    # eos_token_id=-1 disables EOS (its min_new_tokens processor is not supported in CB).
+    generation_config = GenerationConfig(
+        max_new_tokens=output_len, do_sample=False, eos_token_id=-1, pad_token_id=0
+    )
+    page_size = 256
+    pages_per_request = -(-(input_len + output_len) // page_size)
+    # Sized for the workload, like ours: on CPU the default would claim 90% of host RAM.
+    cb_config = ContinuousBatchingConfig(
+        page_size=page_size,
+        num_blocks=num_prompts * pages_per_request + 4,
+        max_batch_tokens=max_batch_tokens,
+    )
+
+    def run(prompts: Prompts) -> Outputs:
+        with torch.inference_mode():
+            results = model.generate_batch(
+                inputs=prompts,
+                generation_config=generation_config,
+                continuous_batching_config=cb_config,
+            )
+        failed = [key for key, out in results.items() if out.error is not None]
+        if len(results) != len(prompts) or failed:
+            raise RuntimeError(f"generate_batch: {len(results)} results, failed {failed}")
+        return [list(out.generated_tokens) for out in results.values()]
+
+    return run

@@ -1,0 +1,176 @@
+// paged_prefill_attention: the query rows of one sequence attend causally over its paged
+// context, all of it read from the cache (the chunk's own K/V are written there first):
+//
+//   positions:  0 ........ context_start ........ context_start + num_query_tokens
+//               [ cached context ][ this chunk's tokens (queries) ]
+//   query i (position context_start + i) sees keys at positions [0, context_start + i].
+//
+// Work units are (query tile, kv head); a tile holds `tile_tokens` query tokens times the G
+// query heads that share the kv head. Later tiles see more keys, so they are handed out first.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "cpu_ops.h"
+#include "prefill_kernels.h"
+
+namespace protoserve {
+namespace {
+
+struct Tiling {
+  int64_t group, tile_tokens, num_tiles;
+
+  Tiling(const PrefillArgs& args) {
+    group = args.num_heads / args.cache.num_kv_heads;
+    // About 64 rows per tile: enough reuse of each K/V row, small enough scratch for L2.
+    tile_tokens = std::max<int64_t>(1, 64 / group);
+    num_tiles = ceil_div(args.num_query_tokens, tile_tokens);
+  }
+  // unit -> (tile, kv_head), largest tiles first.
+  int64_t tile_of(int64_t unit, int64_t num_kv_heads) const {
+    return num_tiles - 1 - unit / num_kv_heads;
+  }
+};
+
+template <typename T>
+void run_portable(const PrefillArgs& args) {
+  const PagedCache<T> cache{static_cast<const T*>(args.kv_cache), args.cache.num_blocks,
+                            args.cache.block_size, args.cache.num_kv_heads, args.cache.head_dim};
+  const Tiling tiling(args);
+  const int64_t dim = cache.head_dim;
+  const int64_t bs = cache.block_size;
+  const int64_t context_len = args.context_start + args.num_query_tokens;
+  const T* query = static_cast<const T*>(args.query.data);
+  T* out = static_cast<T*>(args.out.data);
+  for_each_unit(
+      tiling.num_tiles * cache.num_kv_heads,
+      [&] { return std::make_pair(std::vector<float>(context_len), std::vector<float>(2 * dim)); },
+      [&](int64_t unit, auto& worker) {
+        float* scores = worker.first.data();
+        float* q = worker.second.data();
+        float* acc = q + dim;
+        const int64_t kv_head = unit % cache.num_kv_heads;
+        const int64_t first = tiling.tile_of(unit, cache.num_kv_heads) * tiling.tile_tokens;
+        const int64_t last = std::min(args.num_query_tokens, first + tiling.tile_tokens);
+        for (int64_t i = first; i < last; ++i)
+          for (int64_t g = 0; g < tiling.group; ++g) {
+            const int64_t head = kv_head * tiling.group + g;
+            const T* q_row = query + i * args.query.token_stride + head * args.query.head_stride;
+            for (int64_t d = 0; d < dim; ++d) q[d] = to_float(q_row[d]);
+            const int64_t num_keys = args.context_start + i + 1;
+            float m = -INFINITY;
+            for (int64_t t = 0; t < num_keys; ++t) {
+              const T* k = cache.key_row(args.block_table.at(0, t / bs), t % bs, kv_head);
+              float dot = 0.0f;
+              for (int64_t d = 0; d < dim; ++d) dot += q[d] * to_float(k[d]);
+              scores[t] = dot * args.scale;
+              m = std::max(m, scores[t]);
+            }
+            std::fill(acc, acc + dim, 0.0f);
+            float l = 0.0f;
+            for (int64_t t = 0; t < num_keys; ++t) {
+              const float p = std::exp(scores[t] - m);
+              l += p;
+              const T* v = cache.value_row(args.block_table.at(0, t / bs), t % bs, kv_head);
+              for (int64_t d = 0; d < dim; ++d) acc[d] += p * to_float(v[d]);
+            }
+            T* o = out + i * args.out.token_stride + head * args.out.head_stride;
+            for (int64_t d = 0; d < dim; ++d) o[d] = from_float<T>(acc[d] / l);
+          }
+      });
+}
+
+#if PROTOSERVE_AVX512_BF16
+void run_avx512_bf16(const PrefillArgs& args) {
+  using prefill::kKeyTile;
+  using prefill::TileScratch;
+  const PagedCache<bf16_t> cache{static_cast<const bf16_t*>(args.kv_cache), args.cache.num_blocks,
+                                 args.cache.block_size, args.cache.num_kv_heads,
+                                 args.cache.head_dim};
+  const Tiling tiling(args);
+  const int64_t dim = cache.head_dim;
+  const int64_t bs = cache.block_size;
+  const int64_t rows_pad = round_up(tiling.tile_tokens * tiling.group, 16);
+  const bf16_t* query = static_cast<const bf16_t*>(args.query.data);
+  bf16_t* out = static_cast<bf16_t*>(args.out.data);
+  for_each_unit(
+      tiling.num_tiles * cache.num_kv_heads,
+      [&] { return std::make_pair(TileScratch(rows_pad, dim), std::vector<int32_t>(rows_pad)); },
+      [&](int64_t unit, auto& worker) {
+        TileScratch& ts = worker.first;
+        int32_t* query_pos = worker.second.data();
+        const int64_t kv_head = unit % cache.num_kv_heads;
+        const int64_t first = tiling.tile_of(unit, cache.num_kv_heads) * tiling.tile_tokens;
+        const int64_t num_tokens = std::min(args.num_query_tokens - first, tiling.tile_tokens);
+        const int64_t num_rows = num_tokens * tiling.group;
+        // Rows past num_rows are padding: zero queries that copy the last real row's position,
+        // so they always see at least one key and stay finite.
+        for (int64_t r = 0; r < rows_pad; ++r) {
+          const int64_t i = first + std::min(r, num_rows - 1) / tiling.group;
+          query_pos[r] = static_cast<int32_t>(args.context_start + i);
+          const bf16_t* q_row = query + i * args.query.token_stride +
+                                (kv_head * tiling.group + r % tiling.group) * args.query.head_stride;
+          for (int64_t dp = 0; dp < dim / 2; ++dp) {
+            uint32_t pair = 0;
+            if (r < num_rows) std::memcpy(&pair, q_row + 2 * dp, sizeof(pair));
+            ts.qp[dp * rows_pad + r] = pair;
+          }
+        }
+        std::fill(ts.out.begin(), ts.out.end(), 0.0f);
+        std::fill(ts.m.begin(), ts.m.end(), -INFINITY);
+        std::fill(ts.l.begin(), ts.l.end(), 0.0f);
+
+        const int64_t min_query_pos = args.context_start + first;
+        const int64_t num_keys = args.context_start + first + num_tokens;
+        for (int64_t key_pos = 0; key_pos < num_keys; key_pos += kKeyTile) {
+          const int64_t n = std::min(kKeyTile, num_keys - key_pos);
+          for (int64_t t = 0; t < n; ++t) {
+            const int64_t pos = key_pos + t;
+            const int64_t block = args.block_table.at(0, pos / bs);
+            ts.key_rows[t] = cache.key_row(block, pos % bs, kv_head);
+            ts.value_rows[t] = cache.value_row(block, pos % bs, kv_head);
+          }
+          prefill::compute_scores(ts, n);
+          prefill::softmax_tile(ts, n, key_pos, query_pos, key_pos + n - 1 > min_query_pos,
+                                args.scale);
+          prefill::pack_values(ts, n);
+          prefill::accumulate_values(ts, n);
+        }
+
+        std::vector<float> natural(ts.dim_pad);
+        for (int64_t r = 0; r < num_rows; ++r) {
+          const float* o = ts.out.data() + r * ts.dim_pad;
+          for (int64_t c = 0; c < ts.dim_pad; c += 32)
+            vec::deinterleave(_mm512_loadu_ps(o + c), _mm512_loadu_ps(o + c + 16), natural.data() + c);
+          const __m512 inv = _mm512_set1_ps(1.0f / ts.l[r]);
+          bf16_t* dst = out + (first + r / tiling.group) * args.out.token_stride +
+                        (kv_head * tiling.group + r % tiling.group) * args.out.head_stride;
+          for (int64_t d = 0; d < dim; d += 16) {
+            const __m256i packed =
+                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(natural.data() + d), inv));
+            const int count = static_cast<int>(std::min<int64_t>(16, dim - d));
+            _mm256_mask_storeu_epi16(dst + d, static_cast<__mmask16>((1u << count) - 1), packed);
+          }
+        }
+      });
+}
+#endif
+
+}  // namespace
+
+void paged_prefill_attention(const PrefillArgs& args) {
+  if (args.num_query_tokens <= 0) return;
+  if (args.kind == ScalarKind::kFloat32) {
+    run_portable<float>(args);
+    return;
+  }
+#if PROTOSERVE_AVX512_BF16
+  if (args.cache.head_dim % 2 == 0) {
+    run_avx512_bf16(args);
+    return;
+  }
+#endif
+  run_portable<bf16_t>(args);
+}
+
+}  // namespace protoserve

@@ -1,0 +1,182 @@
+"""The only door to the csrc/ kernels. Every op has a pure-torch fallback, so callers never
+check for the extension themselves; they may ask `native_available(device)` to pick a backend.
+
+    op                        CPU (csrc/cpu)        CUDA (csrc/cuda)      elsewhere / no build
+    write_kv_cache            native                native                torch index_copy_
+    paged_decode_attention    native                native                gather + grouped matmul
+    paged_prefill_attention   native                torch fallback        gather + SDPA
+
+The extensions are built on first use (engine.native_build). When a build is impossible
+(no compiler, no ninja, a compile error, PROTOSERVE_DISABLE_NATIVE_OPS=1) one warning is
+logged per device type and the fallbacks run from then on.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch.nn import functional as F
+
+from engine.attention.backend import AttentionMetadata
+from engine.attention.torch_backend import decode_attention, gather_blocks, write_kv
+from engine.native_build import ExtensionSpec, load_extension
+
+logger = logging.getLogger(__name__)
+
+DISABLE_ENV = "PROTOSERVE_DISABLE_NATIVE_OPS"
+CSRC_DIR = Path(__file__).resolve().parent.parent / "csrc"
+
+
+def native_available(device: torch.device | str = "cpu") -> bool:
+    """True when the native ops for `device` are built and loaded (builds them if needed)."""
+    return _module_for(torch.device(device)) is not None
+
+
+def write_kv_cache(
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """key/value [T, num_kv_heads, head_dim] -> kv_cache[2, num_blocks, block_size, ...] at
+    the flat slots in `slot_mapping` [T] int64; a negative slot is a padding row (skipped)."""
+    module = _module_for(kv_cache.device)
+    if module is not None:
+        module.write_kv_cache(key, value, kv_cache, slot_mapping)
+        return
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
+    write_kv(key, value, kv_cache, slot_mapping)
+
+
+def paged_decode_attention(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> None:
+    """out[b] = softmax(scale * q_b K_b^T) V_b for one query token per sequence.
+
+    query/out [B, num_heads, D]; block_tables [B, max_blocks] int32/int64 covering each
+    sequence's context_lens[b] tokens (which include the new token, already in the cache)."""
+    module = _module_for(kv_cache.device)
+    if module is not None:
+        module.paged_decode_attention(out, query, kv_cache, block_tables, context_lens, scale)
+        return
+    block_size = kv_cache.shape[2]
+    key_positions = torch.arange(block_tables.shape[1] * block_size, device=kv_cache.device)
+    mask = torch.zeros(
+        (query.shape[0], key_positions.numel()), dtype=torch.float32, device=kv_cache.device
+    )
+    mask.masked_fill_(key_positions[None, :] >= context_lens[:, None], float("-inf"))
+    metadata = AttentionMetadata(
+        block_size=block_size,
+        slot_mapping=torch.empty(0, dtype=torch.int64, device=kv_cache.device),
+        num_decode_tokens=query.shape[0],
+        decode_block_tables=block_tables.long(),
+        decode_context_lens=context_lens,
+        decode_mask=mask.view(query.shape[0], 1, 1, -1),
+        prefills=(),
+    )
+    out.copy_(decode_attention(query, kv_cache, metadata, scale))
+
+
+def paged_prefill_attention(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    context_start: int,
+    scale: float,
+) -> None:
+    """One sequence's query rows [q, num_heads, D] at positions [context_start,
+    context_start + q) attend causally over positions [0, context_start + q), all read from
+    the cache through `block_table` [>= ceil((context_start + q) / block_size)]."""
+    module = _module_for(kv_cache.device)
+    if module is not None and hasattr(module, "paged_prefill_attention"):
+        module.paged_prefill_attention(out, query, kv_cache, block_table, context_start, scale)
+        return
+    num_kv_heads, head_dim = kv_cache.shape[-2:]
+    context_len = context_start + query.shape[0]
+    keys = gather_blocks(kv_cache[0], block_table.long()).view(-1, num_kv_heads, head_dim)
+    values = gather_blocks(kv_cache[1], block_table.long()).view(-1, num_kv_heads, head_dim)
+    positions = torch.arange(context_len, device=kv_cache.device)
+    mask = positions[None, :] <= positions[context_start:, None]
+    output = F.scaled_dot_product_attention(
+        query.transpose(0, 1).unsqueeze(0),
+        keys[:context_len].transpose(0, 1).unsqueeze(0),
+        values[:context_len].transpose(0, 1).unsqueeze(0),
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=True,
+    )
+    out.copy_(output.squeeze(0).transpose(0, 1))
+
+
+def _module_for(device: torch.device) -> ModuleType | None:
+    if device.type == "cpu":
+        return _cpu_module()
+    if device.type == "cuda":
+        return _cuda_module()
+    return None
+
+
+def cpu_extension_spec() -> ExtensionSpec:
+    cpu_dir = CSRC_DIR / "cpu"
+    return ExtensionSpec(
+        name="protoserve_cpu_ops",
+        sources=tuple(sorted(cpu_dir.glob("*.cpp"))),
+        headers=tuple(sorted(cpu_dir.glob("*.h"))),
+        # -march=native turns on AVX-512 (and AVX512_BF16) where the host has them; the key
+        # includes the host's CPU flags, so a cache shared between machines stays correct.
+        cflags=("-O3", "-march=native", "-fopenmp"),
+        ldflags=("-fopenmp",),
+    )
+
+
+def cuda_extension_spec() -> ExtensionSpec:
+    cuda_dir = CSRC_DIR / "cuda"
+    major, minor = torch.cuda.get_device_capability()
+    return ExtensionSpec(
+        name="protoserve_cuda_ops",
+        sources=(cuda_dir / "bindings.cpp", *sorted(cuda_dir.glob("*.cu"))),
+        headers=tuple(sorted(cuda_dir.glob("*.h")) + sorted(cuda_dir.glob("*.cuh"))),
+        cflags=("-O3",),
+        cuda_cflags=("-O3", "-lineinfo"),
+        key_parts=(f"sm_{major}{minor}",),
+    )
+
+
+@functools.cache
+def _cpu_module() -> ModuleType | None:
+    return _load("CPU", cpu_extension_spec)
+
+
+@functools.cache
+def _cuda_module() -> ModuleType | None:
+    if not torch.cuda.is_available():
+        return None
+    return _load("CUDA", cuda_extension_spec)
+
+
+def _load(label: str, make_spec: Callable[[], ExtensionSpec]) -> ModuleType | None:
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        logger.warning(
+            "native %s ops disabled by %s; using the pure-torch fallbacks", label, DISABLE_ENV
+        )
+        return None
+    try:
+        return load_extension(make_spec())
+    # Whatever goes wrong (compiler, headers, linker, import, file system), serving goes on.
+    except Exception as exc:
+        logger.warning(
+            "native %s ops unavailable (%s); using the pure-torch fallbacks", label, exc
+        )
+        if exc.__cause__ is not None:
+            logger.debug("native %s ops build output:\n%s", label, exc.__cause__)
+        return None
