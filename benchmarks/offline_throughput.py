@@ -148,6 +148,7 @@ def machine_info() -> dict[str, object]:
     import transformers
 
     return {
+        "git": _git_state(),
         "cpu_model": cpu_model,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -157,6 +158,21 @@ def machine_info() -> dict[str, object]:
         "loadavg_start": os.getloadavg(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _git_state() -> str:
+    """Commit of the engine under test, with '-dirty' when the working tree has changes."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                                capture_output=True, text=True, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("-dirty" if status.strip() else "")
 
 
 def greedy_agreement(ours: Outputs, reference: Outputs, first_n: int) -> dict[str, object]:

@@ -54,6 +54,16 @@ SCENARIOS: dict[str, Callable[[int], SamplingParams]] = {
     "all-sampled + penalties (128-token contexts)": lambda row: SamplingParams(
         temperature=0.8, top_p=0.95, repetition_penalty=1.1, frequency_penalty=0.2
     ),
+    "all-greedy + logprobs=5": lambda row: SamplingParams(temperature=0.0, logprobs=5),
+    "all-sampled (temp+top_k+top_p) + logprobs=5": lambda row: SamplingParams(
+        temperature=0.8, top_k=50, top_p=0.95, logprobs=5
+    ),
+    "all-sampled (temperature only) + logprobs=20": lambda row: SamplingParams(
+        temperature=0.8, logprobs=20
+    ),
+    "all-sampled + min_tokens + bad_words (2 words)": lambda row: SamplingParams(
+        temperature=0.8, min_tokens=1000, bad_words_token_ids=((5,), (7, 9))
+    ),
 }
 
 

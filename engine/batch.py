@@ -13,8 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+
+from engine.pooling_params import PoolingParams
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.structured.grammar import Grammar
 
 
 @dataclass(slots=True)
@@ -27,11 +33,30 @@ class ScheduledRequest:
     sample: bool
     sampling_params: SamplingParams
     num_prompt_tokens: int
+    # The request's EOS ids: min_tokens masks them until enough output exists.
+    eos_token_ids: frozenset[int] = frozenset()
+    # Guided decoding state (the request's own object): the sampler reads its allowed-token
+    # mask; only the scheduler advances it.
+    grammar: Grammar | None = None
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Output tokens before this step's sample."""
+        return len(self.token_ids) - self.num_prompt_tokens
 
     @property
     def is_decode(self) -> bool:
         """One new token on top of a cached context: served by the decode attention path."""
         return self.num_tokens == 1
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledPooling:
+    """One embedding request: all of `token_ids` run in one forward, then pooled."""
+
+    request_id: str
+    token_ids: Sequence[int]
+    params: PoolingParams
 
 
 @dataclass(slots=True)
@@ -44,7 +69,9 @@ class ScheduledBatch:
     # Requests preempted since the previous batch: their sampler state must survive (they
     # resume later with identical output), so the runner keeps it.
     preempted_request_ids: list[str] = field(default_factory=list)
+    # Embedding requests: each computed whole this step (no KV cache) and pooled.
+    pooling: list[ScheduledPooling] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
-        return not self.requests
+        return not self.requests and not self.pooling

@@ -15,14 +15,30 @@ import asyncio
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from engine.cli_serving import (
+    add_serving_arguments,
+    bridge_serving_args,
+    grpc_lifecycle_kwargs,
+    serve,
+)
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from engine.config_file import parse_args_with_config
+from engine.serve_args import (
+    add_surface_args,
+    bridge_env,
+    bridge_surface_args,
+    check_surface_args,
+    grpc_security,
+    resolve_api_key,
+)
 from engine.errors import ModelLoadError
+from engine.structured.registry import DEFAULT_BACKEND, is_available, known_backends
+
 
 logger = logging.getLogger("engine.cli")
 
@@ -61,9 +77,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs")
     p.add_argument("--chat-template", default=None, help="a template file or the template text")
+    p.add_argument("--chat-template-content-format", choices=("auto", "string", "openai"),
+                   default="auto", help="message content as a string or a list of typed "
+                   "parts (default: detected from the template)")
+    # Tool calling and media are the bridge's work; these are handed on to it.
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="parse tool calls out of the model's output (needs --tool-call-parser)")
+    p.add_argument("--tool-call-parser", choices=("hermes", "llama3_json", "mistral"), default=None)
+    p.add_argument("--allowed-media-domains", nargs="*", default=None,
+                   help="hosts whose http(s) media URLs requests may name (default: none)")
+    p.add_argument("--max-media-bytes", type=parse_bytes, default=None,
+                   help="largest decoded media item a request may carry (e.g. 20MiB)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--uvicorn-log-level", default="warning")
+    p.add_argument("--task", choices=("auto", "generate", "embed"), default="auto",
+                   help="auto: encoders (BERT) embed, decoders generate (and embed on request)")
+    p.add_argument("--pooling-type", choices=("auto", "mean", "cls", "last"), default="auto",
+                   help="embeddings: auto = the sentence-transformers config, else cls (encoders) "
+                        "or last (decoders)")
+    p.add_argument("--embedding-model", default=None,
+                   help="a second model served side by side for embeddings")
+    p.add_argument("--embedding-served-model-name", nargs="+", default=None,
+                   help="name(s) of --embedding-model (default: its path)")
+    p.add_argument("--max-logprobs", type=int, default=20,
+                   help="most top logprobs a request may ask for per token")
+    p.add_argument("--guided-decoding-backend", choices=known_backends(), default=DEFAULT_BACKEND,
+                   help="structured-output backend of requests that name none")
+    p.add_argument("--uvicorn-log-level", default="warning",
+                   choices=("critical", "error", "warning", "info", "debug", "trace"),
+                   help="the REST bridge's log level (access lines at debug/trace)")
     p.add_argument("--log-level", default="info")
+    add_serving_arguments(p)
+    add_surface_args(p)
     return p
 
 
@@ -76,8 +120,14 @@ def engine_config_from_args(args: argparse.Namespace, model: str) -> EngineConfi
             max_model_len=args.max_model_len,
             served_model_names=tuple(args.served_model_name or ()),
             chat_template=args.chat_template,
+            chat_template_content_format=args.chat_template_content_format,
             seed=args.seed,
+            max_logprobs=args.max_logprobs,
+            task=args.task,
+            pooling_type=args.pooling_type,
         ),
+        embedding_model=_embedding_model_config(args),
+        guided_decoding_backend=_guided_decoding_backend(args),
         cache=CacheConfig(
             block_size=args.block_size,
             kv_cache_memory=args.kv_cache_memory,
@@ -92,37 +142,69 @@ def engine_config_from_args(args: argparse.Namespace, model: str) -> EngineConfi
     )
 
 
+def _guided_decoding_backend(args: argparse.Namespace) -> str:
+    name = args.guided_decoding_backend
+    if not is_available(name):
+        raise ValueError(f"--guided-decoding-backend {name}: its library is not installed "
+                         f"(pip install 'protoserve[structured-{name}]')")
+    return name
+
+
+def _embedding_model_config(args: argparse.Namespace) -> ModelConfig | None:
+    if not args.embedding_model:
+        return None
+    return ModelConfig(
+        model=args.embedding_model,
+        dtype=args.dtype,
+        served_model_names=tuple(args.embedding_served_model_name or ()),
+        seed=args.seed,
+        task="embed",
+        pooling_type=args.pooling_type,
+    )
+
+
 def start_bridge(engine_address: str, args: argparse.Namespace) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "rest_bridge", "--engine-address", engine_address,
            "--host", args.host, "--port", str(args.port),
-           "--uvicorn-log-level", args.uvicorn_log_level]
-    return subprocess.Popen(cmd)
+           "--uvicorn-log-level", args.uvicorn_log_level, *bridge_feature_args(args),
+           *bridge_serving_args(args), *bridge_surface_args(args)]
+    # The API key travels in the environment, not argv (visible to every local user).
+    return subprocess.Popen(cmd, env=bridge_env(args))
+
+
+def bridge_feature_args(args: argparse.Namespace) -> list[str]:
+    """The bridge's share of the command line: tool-call parsing and media limits."""
+    extra: list[str] = []
+    if args.enable_auto_tool_choice:
+        extra.append("--enable-auto-tool-choice")
+    if args.tool_call_parser:
+        extra += ["--tool-call-parser", args.tool_call_parser]
+    if args.allowed_media_domains:
+        extra += ["--allowed-media-domains", *args.allowed_media_domains]
+    if args.max_media_bytes is not None:
+        extra += ["--max-media-bytes", str(args.max_media_bytes)]
+    return extra
 
 
 async def run_engine(config: EngineConfig, args: argparse.Namespace, uds: str | None) -> int:
     from engine.server.grpc_server import EngineServer, GrpcServerConfig
 
-    server = EngineServer(config, GrpcServerConfig(args.host, args.grpc_port, uds))
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    load = asyncio.create_task(server.load_engine())
-    waiter = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait({load, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    if load in done and load.exception() is not None:
-        await server.stop(0)
-        raise load.exception()
-    await waiter
-    logger.info("shutting down")
-    load.cancel()
-    await server.stop(5.0)
-    return 0
+    server = EngineServer(
+        config, GrpcServerConfig(
+            args.host, args.grpc_port, uds, **grpc_lifecycle_kwargs(args), **grpc_security(args)
+        )
+    )
+    # Drain on SIGTERM/Admin.Drain, exit 1 on engine death: engine/cli_serving.py.
+    return await serve(server, args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_args_with_config(build_parser(), argv)
+        check_surface_args(args)
+    except ValueError as exc:  # ConfigFileError included: one line, the key named
+        print(f"engine-serve: error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.role == "bridge":
@@ -132,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         from rest_bridge.cli import main as bridge_main
 
         return bridge_main(["--engine-address", args.engine_address, "--host", args.host,
-                            "--port", str(args.port), "--uvicorn-log-level", args.uvicorn_log_level])
+                            "--port", str(args.port), "--uvicorn-log-level", args.uvicorn_log_level,
+                            *bridge_feature_args(args), *bridge_serving_args(args),
+                            *bridge_surface_args(args),
+                            *(["--api-key", key] if (key := resolve_api_key(args)) else [])])
     model = args.model
     if model is None:
         from engine.demo import DEMO_MODEL_NAME, ensure_demo_model

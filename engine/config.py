@@ -19,14 +19,28 @@ class ModelConfig:
     max_model_len: int | None = None
     served_model_names: tuple[str, ...] = ()
     chat_template: str | None = None
+    # "auto" (detect from the template) | "string" | "openai": the shape of message content.
+    chat_template_content_format: str = "auto"
     seed: int = 0
     device: str = "cpu"
+    # Most top logprobs a request may ask for (logprobs / prompt_logprobs).
+    max_logprobs: int = 20
+    # "auto" (from the architecture: encoders embed, decoders generate) | "generate" | "embed".
+    task: str = "auto"
+    # Embeddings: "auto" (sentence-transformers config, else cls/last) | "mean" | "cls" | "last".
+    pooling_type: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.task not in ("auto", "generate", "embed"):
+            raise ValueError(f"task must be auto, generate or embed, got {self.task!r}")
+        if self.pooling_type not in ("auto", "mean", "cls", "last"):
+            raise ValueError(f"pooling_type must be auto, mean, cls or last, got {self.pooling_type!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.dtype == "float16" and self.device == "cpu":
             raise ValueError("dtype float16 is not supported on CPU (use bfloat16 or float32)")
+        if self.chat_template_content_format not in ("auto", "string", "openai"):
+            raise ValueError("chat_template_content_format must be auto, string or openai")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError("max_model_len must be >= 1")
 
@@ -64,3 +78,8 @@ class EngineConfig:
     model: ModelConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # A second model served side by side for embeddings (`--embedding-model`).
+    embedding_model: ModelConfig | None = None
+    # Guided decoding backend for requests that name none (`--guided-decoding-backend`).
+    guided_decoding_backend: str = "llguidance"
+

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from engine.engine_core import EngineCore
-from engine.errors import EngineUnavailableError, InvalidRequestError
+from engine.errors import DeadlineExceededError, EngineUnavailableError, InvalidRequestError
 from engine.generation import (
     GenerationEvent,
     GenerationFinished,
@@ -32,6 +32,7 @@ from engine.generation import (
 from engine.input_processor import InputProcessor
 from engine.outputs import RequestOutput
 from engine.request import FinishReason, Request
+from engine.pooling_stream import PooledOutput, PoolingStream
 from engine.request_stream import RequestStream
 
 logger = logging.getLogger(__name__)
@@ -55,21 +56,33 @@ class _Stop:
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class _Fault:
+    """Test hook (only reachable with --enable-test-hooks): make the step thread die or hang."""
+
+    kind: str  # "die" | "hang"
+
+
 class EngineLoop:
     def __init__(self, core: EngineCore, processor: InputProcessor) -> None:
         self.core = core
         self.processor = processor
-        self._inbox: queue.SimpleQueue[_Add | _Abort | _Stop] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Add | _Abort | _Stop | _Fault] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.last_heartbeat = 0.0
+        # Asyncio-side counts: requests admitted but without any output yet (the admission
+        # queue that --max-queue-len bounds), and open generate() streams (drain waits on it).
+        self.num_queued = 0
+        self.num_streams = 0
 
     # ----- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.last_heartbeat = time.monotonic()  # the watchdog must not see a stale start
         self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
         self._thread.start()
 
@@ -84,26 +97,39 @@ class EngineLoop:
 
     # ----- asyncio side -------------------------------------------------------------------
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+    async def generate(
+        self, req: GenerationRequest, deadline: float | None = None
+    ) -> AsyncIterator[GenerationEvent]:
         """Stream the events of one request (all n choices). Leaving the iterator early
-        (client cancel) aborts whatever is still running."""
+        (client cancel) aborts whatever is still running. `deadline` (event-loop time) evicts
+        the request from the queue or stops its decoding when it passes: the request is
+        aborted with FinishReason.DEADLINE and DeadlineExceededError is raised."""
         if not self.is_alive:
             raise EngineUnavailableError("the engine is not running")
         if req.request_id in self._streams or f"{req.request_id}-0" in self._streams:
             raise InvalidRequestError(f"request id {req.request_id!r} is already in use", field="request_id")
         prompt = self.processor.prepare_prompt(req)
         requests = self.processor.make_requests(req, prompt)
+        # Guided decoding: compiled on the compile thread while the step thread keeps going.
+        await self.processor.attach_grammars(req, requests)
         events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
+
         for index, request in enumerate(requests):
             self._streams[request.request_id] = RequestStream(
                 index, request, req.request_id, events, self.processor.tokenizer, req.return_text
             )
         self._inbox.put(_Add(requests))
         pending = {r.request_id for r in requests}
+        self.num_queued += 1
+        self.num_streams += 1
+        queued = True
         try:
-            first = await self._next(events)
+            first = await self._next(events, deadline)
+            self.num_queued -= 1
+            queued = False
             yield GenerationStarted(
-                req.request_id, prompt.token_ids, prompt.text, requests[0].num_cached_tokens
+                req.request_id, prompt.token_ids, prompt.text, requests[0].num_cached_tokens,
+                prompt_logprobs=getattr(first, "prompt_logprobs", None),
             )
             event: GenerationEvent | None = first
             while event is not None:
@@ -112,14 +138,59 @@ class EngineLoop:
                     pending.discard(requests[event.index].request_id)
                     if not pending:
                         return
-                event = await self._next(events)
+                event = await self._next(events, deadline)
+        finally:
+            self.num_streams -= 1
+            if queued:
+                self.num_queued -= 1
+            if pending:
+                # The gRPC layer may cancel us at the deadline before our own timer fires:
+                # the time decides which reason metrics and logs see.
+                expired = deadline is not None and asyncio.get_running_loop().time() >= deadline
+                reason = FinishReason.DEADLINE if expired else FinishReason.CANCELLED
+                self.abort(sorted(pending), reason)
+
+    async def embed(
+        self, client_request_id: str, requests: list[Request], deadline: float | None = None
+    ) -> list[PooledOutput]:
+        """Run embedding requests (one per input, already validated) through the same
+        scheduler queue as generation; returns their outputs in input order. Cancellation or
+        the deadline aborts whatever has not finished."""
+        if not self.is_alive:
+            raise EngineUnavailableError("the engine is not running")
+        if any(request.request_id in self._streams for request in requests):
+            raise InvalidRequestError(
+                f"request id {client_request_id!r} is already in use", field="request_id"
+            )
+        events: asyncio.Queue[PooledOutput | BaseException] = asyncio.Queue()
+        for index, request in enumerate(requests):
+            self._streams[request.request_id] = PoolingStream(  # type: ignore[assignment]
+                index, request.request_id, client_request_id, events
+            )
+        self._inbox.put(_Add(requests))
+        pending = {request.request_id for request in requests}
+        results: list[PooledOutput | None] = [None] * len(requests)
+        try:
+            while pending:
+                pooled = await self._next(events, deadline)
+                results[pooled.index] = pooled
+                pending.discard(requests[pooled.index].request_id)
         finally:
             if pending:
-                self.abort(sorted(pending), FinishReason.CANCELLED)
+                expired = deadline is not None and asyncio.get_running_loop().time() >= deadline
+                self.abort(sorted(pending), FinishReason.DEADLINE if expired else FinishReason.CANCELLED)
+        return [pooled for pooled in results if pooled is not None]
 
     @staticmethod
-    async def _next(events: asyncio.Queue) -> GenerationEvent:
-        item = await events.get()
+    async def _next(events: asyncio.Queue, deadline: float | None = None) -> GenerationEvent:
+        if deadline is None or not events.empty():
+            item = await events.get()
+        else:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    item = await events.get()
+            except TimeoutError:
+                raise DeadlineExceededError("the request's deadline expired") from None
         if isinstance(item, BaseException):
             raise item
         return item
@@ -150,6 +221,17 @@ class EngineLoop:
                 del self._streams[output.request_id]
                 if stopped_early:
                     self._inbox.put(_Abort([output.request_id], FinishReason.STOP))
+
+    def inject_fault(self, kind: str) -> None:
+        """Test hook: the step thread raises ("die") or blocks forever ("hang")."""
+        self._inbox.put(_Fault(kind))
+
+    def mark_dead(self, error: BaseException) -> None:
+        """The step thread hangs (no heartbeat): declare the engine dead from the event loop
+        so new requests are refused and every open stream ends now instead of hanging."""
+        if self.error is None:
+            self.error = error
+        self._fail_all(error)
 
     def _fail_all(self, error: BaseException) -> None:
         failure = EngineUnavailableError(f"the engine stopped: {error!r}")
@@ -187,6 +269,10 @@ class EngineLoop:
         while True:
             if isinstance(item, _Stop):
                 return False
+            if isinstance(item, _Fault):
+                if item.kind == "hang":
+                    threading.Event().wait()
+                raise RuntimeError("step thread killed by a test hook")
             if isinstance(item, _Add):
                 for request in item.requests:
                     self.core.add_request(request)

@@ -50,6 +50,28 @@ class EngineUnavailableError(EngineError):
     reason = "ENGINE_UNAVAILABLE"
 
 
+class DeadlineExceededError(EngineError):
+    """The request's deadline expired while it was queued or decoding; it was aborted."""
+
+    kind = ErrorKind.DEADLINE_EXCEEDED
+    reason = "DEADLINE_EXCEEDED"
+
+
+class QueueFullError(EngineError):
+    """Too many requests wait for admission; the client should retry after `retry_after_s`."""
+
+    kind = ErrorKind.RESOURCE_EXHAUSTED
+    reason = "QUEUE_FULL"
+    retry_after_s = 1.0
+
+
+class SlowConsumerError(EngineError):
+    """A streaming client stopped reading; its request is cancelled to bound its buffer."""
+
+    kind = ErrorKind.RESOURCE_EXHAUSTED
+    reason = "SLOW_CONSUMER"
+
+
 class UnsupportedError(EngineError):
     kind = ErrorKind.UNIMPLEMENTED
     reason = "UNSUPPORTED"

@@ -9,6 +9,8 @@ from typing import Any
 
 from engine.request import FinishReason
 from engine.sampling_params import SamplingParams
+from engine.structured.constraint import OutputConstraint
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +42,26 @@ class GenerationRequest:
     priority: int = 0
     cache_salt: str = ""
     return_text: bool = True
+    # Guided decoding: what every choice's output must match (compiled off the step thread).
+    constraint: OutputConstraint | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    # 1 = the most likely token.
+    rank: int
+    # The token's text (decoded on its own; special tokens kept).
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class PositionLogprobs:
+    """The chosen token at one position and the most likely alternatives, best first."""
+
+    chosen: TokenLogprob
+    top: list[TokenLogprob]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +70,8 @@ class GenerationStarted:
     prompt_token_ids: list[int]
     prompt_text: str | None
     num_cached_tokens: int
+    # One entry per prompt token (None for the first), when prompt_logprobs was asked.
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +79,11 @@ class GenerationDelta:
     index: int
     token_ids: list[int]
     text: str
+    # One entry per token in token_ids, when logprobs was asked.
+    logprobs: list[PositionLogprobs] | None = None
+    # Only on a choice's first delta, when prompt_logprobs was asked: the engine loop moves
+    # it into GenerationStarted.
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +93,8 @@ class GenerationFinished:
     num_output_tokens: int
     stop_token_id: int | None = None
     stop_string: str | None = None
+    # Human-readable detail (e.g. why the output constraint failed).
+    message: str | None = None
 
 
 GenerationEvent = GenerationStarted | GenerationDelta | GenerationFinished

@@ -4,13 +4,20 @@ asyncio side, never on the step thread."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from engine.errors import ContextLengthError, InvalidRequestError
 from engine.generation import GenerationRequest
 from engine.request import Request
+from engine.sampling_resolution import resolve_sampling_params
 from engine.tokenizer import Tokenizer
+from engine.tokenizer.chat_media import reject_media_parts
+
+if TYPE_CHECKING:
+    from engine.structured.compiler import GrammarCompiler
 
 _SEED_MOD = 2**63
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +27,8 @@ class ModelLimits:
     eos_token_ids: frozenset[int]
     # Tokens the whole KV cache can hold: a prompt beyond it can never run.
     kv_capacity_tokens: int
+    # Server limit on logprobs / prompt_logprobs (--max-logprobs).
+    max_logprobs: int = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,16 +38,49 @@ class PreparedPrompt:
 
 
 class InputProcessor:
-    def __init__(self, tokenizer: Tokenizer, limits: ModelLimits) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        limits: ModelLimits,
+        model_name: str = "",
+        *,
+        grammar_compiler: GrammarCompiler | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.limits = limits
+        # Named in errors about input the model cannot take (images, audio).
+        self.model_name = model_name
+        self.grammar_compiler = grammar_compiler
+
+    async def attach_grammars(self, req: GenerationRequest, requests: list[Request]) -> None:
+        """Compile the request's output constraint on the compiler's worker thread (never the
+        step thread) and give every choice its own matcher. Raises InvalidRequestError
+        naming the constraint field for a constraint the backend rejects."""
+        if req.constraint is None:
+            return
+        if self.grammar_compiler is None:
+            raise InvalidRequestError(
+                "guided decoding is not available for this model", field="constraint"
+            )
+        grammars = await self.grammar_compiler.new_grammars_async(req.constraint, len(requests))
+        for request, grammar in zip(requests, grammars, strict=True):
+            request.grammar = grammar
 
     def prepare_prompt(self, req: GenerationRequest) -> PreparedPrompt:
+        """The prompt's token ids, keeping the last truncate_prompt_tokens when asked."""
+        prompt = self._tokenize_prompt(req)
+        keep = req.sampling_params.truncate_prompt_tokens
+        if keep is not None and keep >= 1 and len(prompt.token_ids) > keep:
+            return PreparedPrompt(prompt.token_ids[-keep:], prompt.text)
+        return prompt
+
+    def _tokenize_prompt(self, req: GenerationRequest) -> PreparedPrompt:
         prompt = req.prompt
         if prompt.chat is not None:
             chat = prompt.chat
             if not chat.messages:
                 raise InvalidRequestError("messages must not be empty", field="messages")
+            reject_media_parts(chat.messages, self.model_name)
             text = self.tokenizer.render_chat(
                 chat.messages,
                 add_generation_prompt=chat.add_generation_prompt,
@@ -49,7 +91,8 @@ class InputProcessor:
                 documents=chat.documents,
             )
             add_special = bool(req.add_special_tokens)
-            return PreparedPrompt(self.tokenizer.encode(text, add_special_tokens=add_special), text)
+            token_ids = self.tokenizer.encode_chat(text, add_special_tokens=add_special)
+            return PreparedPrompt(token_ids, text)
         if prompt.token_ids is not None:
             self._check_token_ids(prompt.token_ids)
             return PreparedPrompt(list(prompt.token_ids), None)
@@ -77,6 +120,7 @@ class InputProcessor:
         max_tokens need."""
         params = req.sampling_params
         params.validate()
+        params = resolve_sampling_params(params, self.tokenizer, self.limits)
         num_prompt = len(prompt.token_ids)
         if num_prompt == 0:
             raise InvalidRequestError("prompt must not be empty (it tokenized to no tokens)", field="prompt")
@@ -105,9 +149,11 @@ class InputProcessor:
         max_tokens = max_len - num_prompt
         if params.max_tokens is not None:
             max_tokens = min(max_tokens, params.max_tokens)
+        # best_of candidates run as children too; the best n are picked when all finish.
+        num_children = params.best_of or params.n
         return [
             Request(
-                request_id=req.request_id if params.n == 1 else f"{req.request_id}-{i}",
+                request_id=req.request_id if num_children == 1 else f"{req.request_id}-{i}",
                 prompt_token_ids=prompt.token_ids,
                 sampling_params=self._child_params(params, i),
                 max_tokens=max_tokens,
@@ -115,13 +161,13 @@ class InputProcessor:
                 priority=req.priority,
                 cache_salt=req.cache_salt,
             )
-            for i in range(params.n)
+            for i in range(num_children)
         ]
 
     @staticmethod
     def _child_params(params, index: int):
         # Each of n choices draws from its own seed, derived deterministically, so n > 1 with
         # a seed gives n different but reproducible samples.
-        if params.n == 1 or params.seed is None:
+        if (params.best_of or params.n) == 1 or params.seed is None:
             return params
         return replace(params, seed=(params.seed + index) % _SEED_MOD)

@@ -1,9 +1,21 @@
 """Typed hand-offs back up the stack: runner -> scheduler, and engine core -> engine loop."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.request import FinishReason
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """Log-probabilities at one position: the chosen (sampled or prompt) token with its rank
+    (1 = most likely) and the `len(top_token_ids)` most likely tokens, best first."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top_token_ids: list[int]
+    top_logprobs: list[float]
 
 
 @dataclass(slots=True)
@@ -12,6 +24,13 @@ class ModelRunnerOutput:
 
     request_ids: list[str]
     sampled_token_ids: list[int]
+    # Aligned with `sampled_token_ids`; None for rows that did not ask (None: no row asked).
+    logprobs: list[TokenLogprobs | None] | None = None
+    # request_id -> (first prompt position covered, entries for consecutive prompt tokens):
+    # the prompt positions this step's prefill chunk scored, for requests that asked.
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+    # request_id -> pooled vector of each embedding request of the batch.
+    embeddings: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -24,7 +43,16 @@ class RequestOutput:
     stop_token_id: int | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    # One entry per new token, when the request asked for logprobs.
+    logprobs: list[TokenLogprobs] | None = None
+    # One entry per prompt token (None for the first), on the request's first output only.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    # The pooled vector of a finished embedding request.
+    embedding: list[float] | None = None
+    # Human-readable detail of the finish (e.g. why the output constraint failed).
+    finish_message: str | None = None
 
     @property
     def finished(self) -> bool:
+
         return self.finish_reason is not None

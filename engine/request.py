@@ -11,8 +11,14 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import TYPE_CHECKING
 
+from engine.pooling_params import PoolingParams
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.structured.grammar import Grammar
+
 
 
 class RequestStatus(enum.IntEnum):
@@ -32,6 +38,8 @@ class FinishReason(enum.Enum):
     LENGTH = "length"  # max_tokens or the context window
     ABORT = "abort"  # the server aborted it (Admin/Abort, shutdown, engine error)
     CANCELLED = "cancelled"  # the client went away
+    DEADLINE = "deadline"  # its deadline (gRPC or bridge timeout) expired
+    CONSTRAINT = "constraint"  # the output constraint admits no further token
 
 
 class Request:
@@ -53,6 +61,9 @@ class Request:
         "finish_reason",
         "stop_token_id",
         "num_preemptions",
+        "prompt_logprobs",
+        "pooling_params",
+        "grammar",
     )
 
     def __init__(
@@ -66,6 +77,7 @@ class Request:
         priority: int = 0,
         cache_salt: str = "",
         arrival_time: float | None = None,
+        pooling_params: PoolingParams | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -86,6 +98,21 @@ class Request:
         self.finish_reason: FinishReason | None = None
         self.stop_token_id: int | None = None
         self.num_preemptions = 0
+        # Per prompt position (None for the first), filled chunk by chunk when the request
+        # asks for prompt_logprobs; handed out with its first output token.
+        self.prompt_logprobs: list | None = None
+        # Set for embedding requests: computed whole in one step, without KV blocks, and
+        # finished with a pooled vector instead of sampled tokens.
+        self.pooling_params = pooling_params
+        # Guided decoding matcher state (engine.structured.Grammar), set before the request
+        # reaches the scheduler. It has accepted exactly the output tokens: preemption keeps
+        # it as is, and recompute never feeds it again.
+        self.grammar: Grammar | None = None
+
+
+    @property
+    def is_pooling(self) -> bool:
+        return self.pooling_params is not None
 
     @property
     def num_prompt_tokens(self) -> int:

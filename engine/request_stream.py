@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from engine.generation import GenerationDelta, GenerationEvent, GenerationFinished
+from engine.logprob_events import to_position_logprobs, to_prompt_logprobs
 from engine.outputs import RequestOutput
 from engine.request import FinishReason, Request
 from engine.tokenizer import Tokenizer
@@ -38,6 +39,7 @@ class RequestStream:
             else None
         )
         self.return_text = return_text
+        self.tokenizer = tokenizer  # token texts of logprobs
         self.stop_matcher = (
             StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None
         )
@@ -57,17 +59,33 @@ class RequestStream:
             if output.finished and stop_string is None:
                 text += self.stop_matcher.flush()
         if output.new_token_ids or text:
-            self.events.put_nowait(
-                GenerationDelta(self.index, output.new_token_ids, text if self.return_text else "")
-            )
+            self.events.put_nowait(self._delta(output, text))
         if stop_string is not None:
             self._put_finished(FinishReason.STOP, stop_string=stop_string)
             return True, not output.finished
         if output.finished:
             assert output.finish_reason is not None
-            self._put_finished(output.finish_reason, stop_token_id=output.stop_token_id)
+            self._put_finished(
+                output.finish_reason,
+                stop_token_id=output.stop_token_id,
+                message=output.finish_message,
+            )
             return True, False
         return False, False
+
+    def _delta(self, output: RequestOutput, text: str) -> GenerationDelta:
+        logprobs = prompt_logprobs = None
+        if output.logprobs is not None:
+            logprobs = [to_position_logprobs(e, self.tokenizer) for e in output.logprobs]
+        if output.prompt_logprobs is not None:
+            prompt_logprobs = to_prompt_logprobs(output.prompt_logprobs, self.tokenizer)
+        return GenerationDelta(
+            self.index,
+            output.new_token_ids,
+            text if self.return_text else "",
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
 
     def finish(self, reason: FinishReason) -> None:
         """End the stream from outside the engine (admin abort)."""
@@ -77,11 +95,17 @@ class RequestStream:
         self.events.put_nowait(error)
 
     def _put_finished(
-        self, reason: FinishReason, *, stop_token_id: int | None = None, stop_string: str | None = None
+        self,
+        reason: FinishReason,
+        *,
+        stop_token_id: int | None = None,
+        stop_string: str | None = None,
+        message: str | None = None,
     ) -> None:
         self.events.put_nowait(
             GenerationFinished(
                 self.index, reason, self.num_output_tokens,
-                stop_token_id=stop_token_id, stop_string=stop_string,
+                stop_token_id=stop_token_id, stop_string=stop_string, message=message,
             )
         )
+

@@ -36,6 +36,17 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    # None: every token allowed; otherwise only these may be sampled.
+    allowed_token_ids: tuple[int, ...] | None = None
+    bad_words: tuple[str, ...] = ()
+    # `bad_words` as token sequences, filled in by the input processor with the engine's
+    # tokenizer (the sampler reads only this).
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
+    truncate_prompt_tokens: int | None = None
+    # Candidates generated per request, of which the n with the best cumulative logprob return.
+    best_of: int | None = None
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
 
     @property
     def is_greedy(self) -> bool:
@@ -75,6 +86,20 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and value < 0:
                 _bad(name, f"must be >= 0, got {value}")
+        self._validate_extras()
+
+    def _validate_extras(self) -> None:
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
+            _bad("truncate_prompt_tokens", f"must be >= 1, got {self.truncate_prompt_tokens}")
+        if self.best_of is not None:
+            if self.best_of < self.n:
+                _bad("best_of", f"({self.best_of}) must be >= n ({self.n})")
+            if self.best_of > 1 and self.is_greedy and not self.use_beam_search:
+                _bad("best_of", "best_of > 1 needs sampling (temperature > 0)")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            _bad("allowed_token_ids", "must not be empty")
+        if any(not word.strip() for word in self.bad_words):
+            _bad("bad_words", "bad words must not be empty")
 
 
 def _bad(field_name: str, message: str) -> None:

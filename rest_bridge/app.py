@@ -7,10 +7,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from rest_bridge.body_limit import BodyLimitMiddleware
 from rest_bridge.engine_client import EngineClient
 from rest_bridge.error_handlers import install_error_handlers
+from rest_bridge.http_options import install_cors
 from rest_bridge.middleware import RequestContextMiddleware
-from rest_bridge.routes import chat, completions, health, models
+from rest_bridge.metrics import BridgeMetrics
+from rest_bridge.routes import chat, completions, embeddings, health, metrics, models
+from rest_bridge.routes import tokenize as tokenize_routes
 from rest_bridge.settings import BridgeSettings
 
 logger = logging.getLogger(__name__)
@@ -22,7 +26,8 @@ def create_app(settings: BridgeSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = EngineClient(settings.engine_address)
+        client = EngineClient(settings.engine_address, api_key=settings.engine_api_key)
+        client.metrics = app.state.metrics
         app.state.engine_client = client
         logger.info("bridge forwarding to the engine at %s", settings.engine_address)
         try:
@@ -36,10 +41,21 @@ def create_app(settings: BridgeSettings) -> FastAPI:
         lifespan=lifespan,
         # Clients that omit Content-Type (common with curl) still send JSON.
         strict_content_type=False,
+        docs_url=None if settings.disable_docs else "/docs",
+        redoc_url=None if settings.disable_docs else "/redoc",
+        openapi_url=None if settings.disable_docs else "/openapi.json",
     )
     app.state.settings = settings
+    app.state.metrics = BridgeMetrics(compat=settings.metrics_compat)
     install_error_handlers(app)
+    # Inside the request-id middleware, so 413/400 answers carry X-Request-Id too.
+    app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(RequestContextMiddleware, api_key=settings.api_key)
-    for router in (completions.router, chat.router, models.router, health.router):
+    # Last added = outermost: preflights are answered before the API-key check.
+    install_cors(app, settings.allowed_origins, allow_credentials=settings.allow_credentials,
+                 methods=settings.allowed_methods, headers=settings.allowed_headers)
+    for router in (completions.router, chat.router, embeddings.router, models.router,
+                   health.router, metrics.router):
         app.include_router(router)
+    app.include_router(tokenize_routes.router)
     return app

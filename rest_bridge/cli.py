@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import uvicorn
 
 from rest_bridge.app import create_app
+from rest_bridge.chat_options import add_chat_args, chat_options_from_args
+from rest_bridge.http_options import ENGINE_API_KEY_ENV, add_http_args
 from rest_bridge.settings import BridgeSettings, validate_engine_address
 
 API_KEY_ENV = "PROTOSERVE_API_KEY"
@@ -48,6 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"require 'Authorization: Bearer KEY' on /v1 routes (or set {API_KEY_ENV})",
     )
+    parser.add_argument(
+        "--engine-api-key",
+        default=None,
+        help=f"key sent to the engine as 'authorization: Bearer KEY' metadata (or set "
+        f"{ENGINE_API_KEY_ENV}; default: the --api-key)",
+    )
+    parser.add_argument(
+        "--metrics-compat", action="store_true",
+        help="/metrics repeats every metric under the vllm: prefix",
+    )
+    add_http_args(parser)
+    add_chat_args(parser)
     return parser
 
 
@@ -59,14 +73,28 @@ def _engine_address(value: str) -> str:
 
 
 def settings_from_args(args: argparse.Namespace) -> BridgeSettings:
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     return BridgeSettings(
         engine_address=args.engine_address,
         host=args.host,
         port=args.port,
         request_timeout=args.request_timeout,
-        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        api_key=api_key,
         root_path=args.root_path,
         uvicorn_log_level=args.uvicorn_log_level,
+        # One key for both hops is the common case (engine-serve --role all).
+        engine_api_key=args.engine_api_key or os.environ.get(ENGINE_API_KEY_ENV) or api_key,
+        allowed_origins=tuple(args.allowed_origins),
+        allow_credentials=args.allow_credentials,
+        allowed_methods=tuple(args.allowed_methods),
+        allowed_headers=tuple(args.allowed_headers),
+        disable_docs=args.disable_fastapi_docs,
+        ssl_keyfile=args.ssl_keyfile,
+        ssl_certfile=args.ssl_certfile,
+        ssl_ca_certs=args.ssl_ca_certs,
+        ssl_cert_reqs=args.ssl_cert_reqs,
+        metrics_compat=args.metrics_compat,
+        chat=chat_options_from_args(args),
     )
 
 
@@ -91,6 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Access lines only when debugging: at serving rates they drown the useful log lines.
         access_log=settings.uvicorn_log_level in ("debug", "trace"),
         timeout_graceful_shutdown=10,
+        ssl_keyfile=settings.ssl_keyfile,
+        ssl_certfile=settings.ssl_certfile,
+        ssl_ca_certs=settings.ssl_ca_certs,
+        ssl_cert_reqs=settings.ssl_cert_reqs,
     )
     return 0
 

@@ -14,9 +14,11 @@ from protoserve.v1 import (
     tokenizer_pb2,
     tokenizer_pb2_grpc,
 )
+from rest_bridge.metrics import BridgeMetrics
 
 INFERENCE_SERVICE = "protoserve.v1.Inference"
 REQUEST_ID_METADATA_KEY = "x-request-id"
+AUTHORIZATION_METADATA_KEY = "authorization"
 
 # Large prompts (token-id lists, long chats) must not trip gRPC's 4 MiB default.
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -36,7 +38,11 @@ class EngineClient:
     ends every call still in flight.
     """
 
-    def __init__(self, engine_address: str) -> None:
+    def __init__(self, engine_address: str, *, api_key: str | None = None) -> None:
+        # Every call carries the key; the engine checks it on every service it protects.
+        self._auth: tuple[tuple[str, str], ...] = (
+            ((AUTHORIZATION_METADATA_KEY, f"Bearer {api_key}"),) if api_key else ()
+        )
         self._channel = grpc.aio.insecure_channel(engine_address, options=_CHANNEL_OPTIONS)
         self._inference = inference_pb2_grpc.InferenceStub(self._channel)
         self._discovery = discovery_pb2_grpc.DiscoveryStub(self._channel)
@@ -44,6 +50,10 @@ class EngineClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         # The served name reported for requests that name no model; learnt once.
         self._default_model_id: str | None = None
+        # Served name (id or alias) -> the model's id, the name responses report.
+        self._model_ids: dict[str, str] | None = None
+        # Set by the app: every Generate call is recorded for /metrics.
+        self.metrics: BridgeMetrics | None = None
 
     async def close(self) -> None:
         await self._channel.close()
@@ -63,19 +73,44 @@ class EngineClient:
         """
         call = self._inference.Generate(
             request,
-            metadata=((REQUEST_ID_METADATA_KEY, request_id),),
+            metadata=((REQUEST_ID_METADATA_KEY, request_id), *self._auth),
             timeout=timeout,
         )
+        tracker = self.metrics.tracker() if self.metrics is not None else None
+        outcome: str | None = None
         try:
             async for response in call:
+                if tracker is not None:
+                    tracker.on_response(response)
                 yield response
+        except BaseException as error:
+            if tracker is not None:
+                outcome = tracker.fail(error)
+            raise
         finally:
+            if tracker is not None:
+                tracker.finish(outcome)
             # A no-op once the call has ended; otherwise this is the abort signal.
             call.cancel()
 
+    async def embed(
+        self, request: inference_pb2.EmbedRequest, *, request_id: str, timeout: float | None
+    ) -> inference_pb2.EmbedResponse:
+        """One Embed call; cancelling the awaiting task cancels it in the engine too."""
+        return await self._inference.Embed(
+            request,
+            metadata=((REQUEST_ID_METADATA_KEY, request_id), *self._auth),
+            timeout=timeout,
+        )
+
+    async def get_load(self, *, timeout: float) -> discovery_pb2.GetLoadResponse:
+        return await self._discovery.GetLoad(
+            discovery_pb2.GetLoadRequest(), timeout=timeout, metadata=self._auth
+        )
+
     async def list_models(self, *, timeout: float | None) -> list[discovery_pb2.ModelInfo]:
         response = await self._discovery.ListModels(
-            discovery_pb2.ListModelsRequest(), timeout=timeout
+            discovery_pb2.ListModelsRequest(), timeout=timeout, metadata=self._auth
         )
         return list(response.models)
 
@@ -88,15 +123,41 @@ class EngineClient:
 
     async def detokenize(self, model: str, token_ids: list[int], *, timeout: float | None) -> str:
         response = await self._tokenizer.Detokenize(
-            tokenizer_pb2.DetokenizeRequest(model=model, token_ids=token_ids), timeout=timeout
+            tokenizer_pb2.DetokenizeRequest(model=model, token_ids=token_ids),
+            timeout=timeout,
+            metadata=self._auth,
         )
         return response.text
+
+    async def tokenize(
+        self, request: tokenizer_pb2.TokenizeRequest, *, timeout: float | None
+    ) -> tokenizer_pb2.TokenizeResponse:
+        return await self._tokenizer.Tokenize(request, timeout=timeout, metadata=self._auth)
+
+    async def server_version(self, *, timeout: float | None) -> str:
+        response = await self._discovery.GetServerInfo(
+            discovery_pb2.GetServerInfoRequest(), timeout=timeout, metadata=self._auth
+        )
+        return response.version
+
+    async def model_id_for(self, name: str, *, timeout: float | None) -> str:
+        """The id (first served name) of the model that `name` selects; `name` itself when
+        the engine does not know it (the engine then answers NOT_FOUND to the request)."""
+        if self._model_ids is None:
+            ids: dict[str, str] = {}
+            for info in await self.list_models(timeout=timeout):
+                for served in (info.id, *info.aliases):
+                    ids.setdefault(served, info.id)
+            self._model_ids = ids
+        return self._model_ids.get(name, name)
 
     async def check_ready(self, *, timeout: float) -> bool:
         """True when the engine's health service reports the Inference service SERVING."""
         try:
             response = await self._health.Check(
-                health_pb2.HealthCheckRequest(service=INFERENCE_SERVICE), timeout=timeout
+                health_pb2.HealthCheckRequest(service=INFERENCE_SERVICE),
+                timeout=timeout,
+                metadata=self._auth,
             )
         except grpc.aio.AioRpcError:
             return False

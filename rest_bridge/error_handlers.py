@@ -26,7 +26,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def bridge_error_response(error: BridgeError) -> JSONResponse:
-    return JSONResponse(error.envelope(), status_code=error.http_status)
+    return JSONResponse(error.envelope(), status_code=error.http_status, headers=error.headers)
 
 
 async def _bridge_error(request: Request, error: BridgeError) -> JSONResponse:

@@ -6,6 +6,7 @@ one shape: `{"error": {"message", "type", "param", "code"}}`.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,9 +84,11 @@ class BridgeError(Exception):
         error_type: str | None = None,
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
+        self.headers = headers
         self.http_status = http_status
         self.error_type = error_type or error_type_for_http(http_status)
         self.param = param
@@ -113,7 +116,7 @@ def bridge_error_from_rpc(
     (renamed through `field_aliases` when the OpenAI name differs from the proto one) and the
     ErrorInfo reason becomes `code`."""
     mapping = mapping_for_grpc(error.code())
-    field, reason = _rich_details(error)
+    field, reason, retry_after = _rich_details(error)
     if field is not None and field_aliases:
         field = field_aliases.get(field, field)
     message = error.details() or (error.code().name if error.code() else "engine error")
@@ -123,11 +126,17 @@ def bridge_error_from_rpc(
         error_type=mapping.error_type,
         param=field,
         code=reason,
+        # google.rpc.RetryInfo (queue full, draining) becomes the HTTP retry hint.
+        headers={"Retry-After": str(max(1, math.ceil(retry_after)))}
+        if retry_after is not None else None,
     )
 
 
-def _rich_details(error: grpc.aio.AioRpcError) -> tuple[str | None, str | None]:
-    """The first BadRequest field violation and the ErrorInfo reason, when attached."""
+def _rich_details(
+    error: grpc.aio.AioRpcError,
+) -> tuple[str | None, str | None, float | None]:
+    """The first BadRequest field violation, the ErrorInfo reason and the RetryInfo delay
+    (seconds), when attached."""
     try:
         status = rpc_status.from_call(error)
     except ValueError:
@@ -135,11 +144,12 @@ def _rich_details(error: grpc.aio.AioRpcError) -> tuple[str | None, str | None]:
         status = _status_from_trailer(error)
     except DecodeError:
         logger.warning("ignoring unparsable grpc-status-details-bin trailer")
-        return None, None
+        return None, None, None
     if status is None:
-        return None, None
+        return None, None, None
     field: str | None = None
     reason: str | None = None
+    retry_after: float | None = None
     for detail in status.details:
         if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR) and field is None:
             bad_request = error_details_pb2.BadRequest()
@@ -150,7 +160,11 @@ def _rich_details(error: grpc.aio.AioRpcError) -> tuple[str | None, str | None]:
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
             reason = info.reason or None
-    return field, reason
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR) and retry_after is None:
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_after = retry.retry_delay.ToNanoseconds() / 1e9
+    return field, reason, retry_after
 
 
 def _status_from_trailer(error: grpc.aio.AioRpcError) -> status_pb2.Status | None:

@@ -17,6 +17,7 @@ from starlette.types import Receive
 from protoserve.v1 import inference_pb2
 from rest_bridge.engine_client import EngineClient
 from rest_bridge.errors import BridgeError, bridge_error_from_rpc
+from rest_bridge.translate.logprobs import with_token_id_labels
 from rest_bridge.translate.proto_to_openai import PromptResult, collect_prompt_result
 from rest_bridge.translate.request_to_proto import GenerationPlan
 
@@ -72,6 +73,8 @@ async def open_streams(
         client.generate(request, request_id=request.request_id, timeout=timeout)
         for request in plan.requests
     ]
+    if plan.tokens_as_ids:
+        generators = [with_token_id_labels(events) for events in generators]
     try:
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(_read_started(events)) for events in generators]

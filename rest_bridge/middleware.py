@@ -15,6 +15,8 @@ REQUEST_ID_HEADER = "x-request-id"
 # gRPC metadata values must be printable ASCII; ids beyond this length are surely a mistake.
 _MAX_REQUEST_ID_LENGTH = 256
 _PROTECTED_PREFIX = "/v1"
+# Outside /v1 but they run the model's tokenizer for the caller, so the key covers them too.
+_PROTECTED_PATHS = frozenset({"/tokenize", "/detokenize"})
 
 
 def fresh_request_id() -> str:
@@ -71,7 +73,8 @@ class RequestContextMiddleware:
         if root_path and path.startswith(root_path):
             path = path[len(root_path):]
         # Health and liveness stay open for probes; CORS preflights carry no credentials.
-        if not path.startswith(_PROTECTED_PREFIX) or scope.get("method") == "OPTIONS":
+        protected = path.startswith(_PROTECTED_PREFIX) or path in _PROTECTED_PATHS
+        if not protected or scope.get("method") == "OPTIONS":
             return True
         scheme, _, token = headers.get("authorization", "").partition(" ")
         assert self._api_key is not None

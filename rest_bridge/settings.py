@@ -1,7 +1,9 @@
 """Bridge settings: fixed at start-up, shared read-only by every request."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from rest_bridge.chat_options import ChatOptions
 
 _UNIX_PREFIX = "unix:"
 
@@ -42,6 +44,23 @@ class BridgeSettings:
     uvicorn_log_level: str = "info"
     # How long /health waits for the engine's health service before answering 503.
     health_timeout: float = 2.0
+    # Tool-call parsing and media limits of chat requests.
+    chat: ChatOptions = field(default_factory=ChatOptions)
+    # Sent to the engine as `authorization: Bearer <key>` metadata; None sends nothing.
+    engine_api_key: str | None = None
+    # CORS; no origins means no CORS middleware at all.
+    allowed_origins: tuple[str, ...] = ()
+    allow_credentials: bool = False
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    disable_docs: bool = False
+    # TLS for the HTTP listener (uvicorn); ssl_cert_reqs is an ssl.CERT_* value.
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_ca_certs: str | None = None
+    ssl_cert_reqs: int = 0
+    # /metrics repeats every family under the vllm: prefix too.
+    metrics_compat: bool = False
 
     def __post_init__(self) -> None:
         validate_engine_address(self.engine_address)
@@ -51,3 +70,10 @@ class BridgeSettings:
             raise ValueError("request timeout must be > 0 seconds")
         if self.health_timeout <= 0:
             raise ValueError("health timeout must be > 0 seconds")
+        if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
+            raise ValueError("TLS needs both --ssl-keyfile and --ssl-certfile")
+        if self.ssl_cert_reqs and not self.ssl_ca_certs:
+            raise ValueError("--ssl-cert-reqs needs --ssl-ca-certs (the CA of client certs)")
+        if self.allow_credentials and "*" in self.allowed_origins:
+            raise ValueError("--allow-credentials cannot be combined with --allowed-origins "
+                             "'*'; list the origins explicitly")

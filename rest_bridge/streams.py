@@ -21,8 +21,11 @@ from rest_bridge.translate.proto_to_openai import (
     completion_chunk,
     finish_reason_name,
     stop_reason_of,
+    tool_calls_finish_reason,
     usage_chunk,
 )
+from rest_bridge.tool_parsers import StreamPiece, ToolCallStream
+from rest_bridge.translate.tool_choice import ToolPlan
 
 logger = logging.getLogger(__name__)
 
@@ -181,9 +184,13 @@ class ChatChunkWriter:
         want_logprobs: bool,
         include_usage: bool,
         continuous_usage: bool,
+        tools: ToolPlan | None = None,
     ) -> None:
         self._meta = meta
         self._choices = choices
+        self._tools = tools
+        # Per choice index: reads tool calls out of the text as it streams.
+        self._tool_streams: dict[int, ToolCallStream] = {}
         self._role = role
         self._echo_text = echo_text
         self._want_logprobs = want_logprobs
@@ -210,25 +217,36 @@ class ChatChunkWriter:
             logprobs = None
             if self._want_logprobs:
                 logprobs = {"content": chat_logprob_entries(delta.logprobs)}
+            message: dict[str, object] = {"content": delta.text}
+            tool_stream = self._tool_stream(delta.index)
+            if tool_stream is not None:
+                message = _delta_of(tool_stream.feed(delta.text))
+                if not message and logprobs is None:
+                    return None
             chunk = chat_chunk(
-                self._meta,
-                delta.index,
-                {"content": delta.text},
-                logprobs=logprobs,
-                usage=self._running(),
+                self._meta, delta.index, message, logprobs=logprobs, usage=self._running()
             )
             return sse_event(chunk)
         if kind == "finished":
             finished = event.finished
+            reason = finish_reason_name(finished.reason)
+            held = b""
+            tool_stream = self._tool_stream(finished.index)
+            if tool_stream is not None and self._tools is not None:
+                rest = _delta_of(tool_stream.finish())
+                if rest:
+                    held = sse_event(chat_chunk(self._meta, finished.index, rest,
+                                                usage=self._running()))
+                reason = tool_calls_finish_reason(reason, self._tools, tool_stream.found_calls)
             chunk = chat_chunk(
                 self._meta,
                 finished.index,
                 {},
-                finish_reason=finish_reason_name(finished.reason),
+                finish_reason=reason,
                 stop_reason=stop_reason_of(finished),
                 usage=self._running(),
             )
-            return sse_event(chunk)
+            return held + sse_event(chunk)
         if kind == "usage":
             self._usage.record(event.usage)
         return None
@@ -237,5 +255,23 @@ class ChatChunkWriter:
         if self._include_usage:
             yield sse_event(usage_chunk(self._meta, "chat.completion.chunk", self._usage.final()))
 
+    def _tool_stream(self, index: int) -> ToolCallStream | None:
+        if self._tools is None or self._tools.new_stream is None:
+            return None
+        stream = self._tool_streams.get(index)
+        if stream is None:
+            stream = self._tool_streams[index] = self._tools.new_stream()
+        return stream
+
     def _running(self) -> dict[str, object] | None:
         return self._usage.current().to_dict() if self._continuous_usage else None
+
+
+def _delta_of(piece: StreamPiece) -> dict[str, object]:
+    """A chat delta with only what the piece carries (content and/or tool_calls)."""
+    delta: dict[str, object] = {}
+    if piece.content:
+        delta["content"] = piece.content
+    if piece.tool_calls:
+        delta["tool_calls"] = piece.tool_calls
+    return delta

@@ -41,10 +41,17 @@ class EngineProcess:
             self.process.wait(timeout=10)
 
 
-def wait_ready(address: str, process: subprocess.Popen[bytes], timeout: float) -> None:
+def wait_ready(
+    address: str,
+    process: subprocess.Popen[bytes],
+    timeout: float,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> None:
     """Poll grpc.health.v1 readiness (service protoserve.v1.Inference) until SERVING."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    channel_cm = (grpc.secure_channel(address, credentials) if credentials is not None
+                  else grpc.insecure_channel(address))
+    with channel_cm as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -61,7 +68,34 @@ def wait_ready(address: str, process: subprocess.Popen[bytes], timeout: float) -
     raise RuntimeError(f"engine at {address} not ready within {timeout} s")
 
 
-def start_engine(model_dir: Path, *extra_args: str, role: str = "engine") -> EngineProcess:
+def wait_bridge(url: str, process: subprocess.Popen[bytes], timeout: float,
+                verify: str | bool = True) -> None:
+    """Poll the bridge's liveness route (`/ping`, open even with an API key) until 200."""
+    import httpx  # only the role-all tests need it
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"engine-serve exited with {process.returncode} during start-up")
+        try:
+            if httpx.get(f"{url}/ping", timeout=2.0, verify=verify).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"bridge at {url} not up within {timeout} s")
+
+
+def start_engine(
+    model_dir: Path,
+    *extra_args: str,
+    role: str = "engine",
+    env: dict[str, str] | None = None,
+    channel_credentials: grpc.ChannelCredentials | None = None,
+    https_ca: str | None = None,
+) -> EngineProcess:
+    """`env` is added to this process's environment; `channel_credentials` is for a TLS gRPC
+    port; `https_ca` (a CA file) makes the REST URL https, verified against that CA."""
     grpc_port = free_port()
     http_port = free_port() if role == "all" else None
     args = [sys.executable, "-m", "engine.cli", "--role", role, "--model", str(model_dir),
@@ -69,12 +103,17 @@ def start_engine(model_dir: Path, *extra_args: str, role: str = "engine") -> Eng
             "--kv-cache-memory", "64MiB", "--log-level", "warning"]
     if http_port is not None:
         args += ["--port", str(http_port)]
-    process = subprocess.Popen([*args, *extra_args], cwd=REPO_ROOT, start_new_session=True)
+    process = subprocess.Popen([*args, *extra_args], cwd=REPO_ROOT, start_new_session=True,
+                               env={**os.environ, **(env or {})})
+    scheme = "https" if https_ca else "http"
     handle = EngineProcess(
-        process, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}" if http_port else None
+        process, f"127.0.0.1:{grpc_port}",
+        f"{scheme}://127.0.0.1:{http_port}" if http_port else None,
     )
     try:
-        wait_ready(handle.grpc_address, process, START_TIMEOUT_S)
+        wait_ready(handle.grpc_address, process, START_TIMEOUT_S, channel_credentials)
+        if handle.http_url is not None:
+            wait_bridge(handle.http_url, process, START_TIMEOUT_S, https_ca or True)
     except BaseException:
         handle.stop()
         raise

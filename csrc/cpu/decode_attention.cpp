@@ -1,14 +1,17 @@
 // paged_decode_attention: one query token per sequence over its paged context.
 //
-// Work units are (sequence, kv head, context partition). A partition is kPartitionTokens
-// tokens (a whole number of blocks), so a long context at batch 1 still splits into enough
-// units to keep every thread busy (flash-decoding):
+// Work units are (sequence, context partition), all heads at once: a block's K rows for all
+// kv heads are one contiguous run of block_size * num_kv_heads * head_dim elements, so a unit
+// streams whole blocks (the prefetchers' favourite pattern) instead of one head's 256-byte
+// slices at a 2 KiB stride. A partition is kPartitionTokens tokens (a whole number of
+// blocks), so a long context at batch 1 still yields enough units to keep every thread busy
+// (flash-decoding):
 //
 //   context of sequence s:  [ part 0 | part 1 | ... | part P-1 ]      P = ceil(len / part_len)
-//   units:                  unit_begin[s] + kv_head * P + part
+//   units:                  unit_begin[s] + part
 //
 // A sequence with one partition writes its output directly. Otherwise every partition stores
-// (m, l, acc) and a second pass merges them:
+// (m, l, acc) per head and a second pass merges them:
 //
 //   M = max_j m_j,   out = sum_j exp(m_j - M) * acc_j  /  sum_j exp(m_j - M) * l_j
 //
@@ -18,24 +21,18 @@
 #include <vector>
 
 #include "cpu_ops.h"
-#include "decode_kernels.h"
+#include "decode_avx512.h"
 
 namespace protoserve {
 namespace {
 
-constexpr int64_t kPartitionTokens = 512;
+constexpr int64_t kPartitionTokens = 256;
+// Blocks between the one being read and the one being prefetched.
+constexpr int64_t kPrefetchDistance = 2;
 
-template <typename T>
-void prefetch_block(const T* keys, const T* values, int64_t stride, int64_t n, int64_t dim) {
-  // Each token's row of this head is dim contiguous elements; the rows of a block sit
-  // `stride` apart, and consecutive blocks anywhere in the cache, so hardware prefetchers
-  // cannot see the next block coming.
-  const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(T));
-  for (int64_t t = 0; t < n; ++t)
-    for (int64_t offset = 0; offset < row_bytes; offset += 64) {
-      __builtin_prefetch(reinterpret_cast<const char*>(keys + t * stride) + offset, 0, 3);
-      __builtin_prefetch(reinterpret_cast<const char*>(values + t * stride) + offset, 0, 3);
-    }
+void prefetch_range(const void* start, int64_t bytes) {
+  const char* bytes_ptr = static_cast<const char*>(start);
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(bytes_ptr + offset, 0, 3);
 }
 
 template <typename T, typename Kernel>
@@ -47,6 +44,7 @@ void run_decode(const DecodeArgs& args) {
   const int64_t dim = shape.head_dim;
   const int64_t block_size = shape.block_size;
   const int64_t part_len = std::max(block_size, round_up(kPartitionTokens, block_size));
+  const int64_t stride = cache.token_stride();
 
   std::vector<int64_t> num_parts(args.num_seqs);
   std::vector<int64_t> unit_begin(args.num_seqs + 1, 0);
@@ -54,12 +52,12 @@ void run_decode(const DecodeArgs& args) {
   for (int64_t s = 0; s < args.num_seqs; ++s) {
     num_parts[s] = ceil_div(args.context_lens[s], part_len);
     any_split |= num_parts[s] > 1;
-    unit_begin[s + 1] = unit_begin[s] + shape.num_kv_heads * num_parts[s];
+    unit_begin[s + 1] = unit_begin[s] + num_parts[s];
   }
   const int64_t num_units = unit_begin[args.num_seqs];
   const int64_t dim_pad = round_up(dim, 32);
-  // Per split unit: [group][dim_pad] acc, then [group] m and [group] l.
-  const int64_t partial_stride = group * (dim_pad + 2);
+  // Per split unit: [num_heads][dim_pad] acc, then [num_heads] m and [num_heads] l.
+  const int64_t partial_stride = args.num_heads * (dim_pad + 2);
   std::vector<float> partials(any_split ? num_units * partial_stride : 0);
 
   T* out = static_cast<T*>(args.out.data);
@@ -67,49 +65,58 @@ void run_decode(const DecodeArgs& args) {
   for_each_unit(
       num_units,
       [&] {
-        return std::make_pair(DecodeState(group, dim, block_size),
-                              std::vector<float>(group * dim_pad));
+        return std::make_pair(DecodeState(args.num_heads, dim, part_len),
+                              std::vector<float>(args.num_heads * dim_pad));
       },
       [&](int64_t unit, auto& worker) {
         DecodeState& st = worker.first;
         float* natural = worker.second.data();
         const int64_t s =
             std::upper_bound(unit_begin.begin(), unit_begin.end(), unit) - unit_begin.begin() - 1;
-        const int64_t local = unit - unit_begin[s];
-        const int64_t kv_head = local / num_parts[s];
-        const int64_t part = local % num_parts[s];
+        const int64_t part = unit - unit_begin[s];
         const int64_t begin = part * part_len;
         const int64_t end = std::min(args.context_lens[s], begin + part_len);
+        const int64_t first_block = begin / block_size;
+        const int64_t end_block = ceil_div(end, block_size);
+        auto block_at = [&](int64_t index) { return args.block_tables.at(s, index); };
+        auto tokens_in = [&](int64_t index) { return std::min(block_size, end - index * block_size); };
+        auto prefetch = [&](int64_t index, int64_t kv) {
+          if (index >= end_block) return;
+          const T* rows = kv == 0 ? cache.key_row(block_at(index), 0, 0)
+                                  : cache.value_row(block_at(index), 0, 0);
+          prefetch_range(rows, tokens_in(index) * stride * static_cast<int64_t>(sizeof(T)));
+        };
 
-        st.reset();
-        Kernel::load_query(st, query + s * args.query.token_stride + kv_head * group * args.query.head_stride,
-                           args.query.head_stride);
-        for (int64_t block_index = begin / block_size; block_index * block_size < end; ++block_index) {
-          const int64_t block = args.block_tables.at(s, block_index);
-          const int64_t n = std::min(block_size, end - block_index * block_size);
-          if ((block_index + 1) * block_size < end) {
-            const int64_t next = args.block_tables.at(s, block_index + 1);
-            prefetch_block(cache.key_row(next, 0, kv_head), cache.value_row(next, 0, kv_head),
-                           cache.token_stride(), std::min(block_size, end - (block_index + 1) * block_size),
-                           dim);
-          }
-          Kernel::attend_block(st, cache.key_row(block, 0, kv_head), cache.value_row(block, 0, kv_head),
-                               cache.token_stride(), n, args.scale);
+        Kernel::load_query(st, query + s * args.query.token_stride, args.query.head_stride);
+        for (int64_t index = first_block; index < end_block; ++index) {
+          prefetch(index + kPrefetchDistance, 0);
+          const int64_t block = block_at(index);
+          for (int64_t kv_head = 0; kv_head < shape.num_kv_heads; ++kv_head)
+            Kernel::scores(st, kv_head * group, group, cache.key_row(block, 0, kv_head), stride,
+                           tokens_in(index), index * block_size - begin, args.scale);
+        }
+        Kernel::softmax(st, end - begin);
+        for (int64_t index = first_block; index < end_block; ++index) {
+          prefetch(index + kPrefetchDistance, 1);
+          const int64_t block = block_at(index);
+          for (int64_t kv_head = 0; kv_head < shape.num_kv_heads; ++kv_head)
+            Kernel::accumulate(st, kv_head * group, group, cache.value_row(block, 0, kv_head),
+                               stride, tokens_in(index), index * block_size - begin);
         }
         Kernel::finish(st, natural);
 
         if (num_parts[s] == 1) {
-          for (int64_t g = 0; g < group; ++g) {
-            T* row = out + s * args.out.token_stride + (kv_head * group + g) * args.out.head_stride;
-            const float inv = 1.0f / st.l[g];
-            for (int64_t d = 0; d < dim; ++d) row[d] = from_float<T>(natural[g * dim_pad + d] * inv);
+          for (int64_t h = 0; h < args.num_heads; ++h) {
+            T* row = out + s * args.out.token_stride + h * args.out.head_stride;
+            const float inv = 1.0f / st.l[h];
+            for (int64_t d = 0; d < dim; ++d) row[d] = from_float<T>(natural[h * dim_pad + d] * inv);
           }
           return;
         }
         float* partial = partials.data() + unit * partial_stride;
-        std::copy(natural, natural + group * dim_pad, partial);
-        std::copy(st.m.begin(), st.m.end(), partial + group * dim_pad);
-        std::copy(st.l.begin(), st.l.end(), partial + group * dim_pad + group);
+        std::copy(natural, natural + args.num_heads * dim_pad, partial);
+        std::copy(st.m.begin(), st.m.end(), partial + args.num_heads * dim_pad);
+        std::copy(st.l.begin(), st.l.end(), partial + args.num_heads * dim_pad + args.num_heads);
       });
   if (!any_split) return;
 
@@ -119,22 +126,21 @@ void run_decode(const DecodeArgs& args) {
     for (int64_t task = first; task < last; ++task) {
       const int64_t s = task / args.num_heads;
       if (num_parts[s] == 1) continue;
-      const int64_t head = task % args.num_heads;
-      const int64_t kv_head = head / group;
-      const int64_t g = head % group;
-      const float* base = partials.data() + (unit_begin[s] + kv_head * num_parts[s]) * partial_stride;
-      auto m_of = [&](int64_t j) { return base[j * partial_stride + group * dim_pad + g]; };
+      const int64_t h = task % args.num_heads;
+      const float* base = partials.data() + unit_begin[s] * partial_stride;
+      const int64_t m_at = args.num_heads * dim_pad + h;
+      const int64_t l_at = m_at + args.num_heads;
       float m_max = -INFINITY;
-      for (int64_t j = 0; j < num_parts[s]; ++j) m_max = std::max(m_max, m_of(j));
+      for (int64_t j = 0; j < num_parts[s]; ++j) m_max = std::max(m_max, base[j * partial_stride + m_at]);
       std::fill(merged.begin(), merged.end(), 0.0f);
       float total = 0.0f;
       for (int64_t j = 0; j < num_parts[s]; ++j) {
-        const float* acc = base + j * partial_stride + g * dim_pad;
-        const float weight = std::exp(m_of(j) - m_max);
-        total += weight * base[j * partial_stride + group * dim_pad + group + g];
-        for (int64_t d = 0; d < dim; ++d) merged[d] += weight * acc[d];
+        const float* partial = base + j * partial_stride;
+        const float weight = std::exp(partial[m_at] - m_max);
+        total += weight * partial[l_at];
+        for (int64_t d = 0; d < dim; ++d) merged[d] += weight * partial[h * dim_pad + d];
       }
-      T* row = out + s * args.out.token_stride + head * args.out.head_stride;
+      T* row = out + s * args.out.token_stride + h * args.out.head_stride;
       for (int64_t d = 0; d < dim; ++d) row[d] = from_float<T>(merged[d] / total);
     }
   });

@@ -17,8 +17,13 @@ from engine.config import ModelConfig
 from engine.errors import ModelLoadError
 from engine.layers.linear import prepack_cpu_linears
 from engine.layers.rotary import SUPPORTED_ROPE_TYPES, compute_inv_freq, read_rope_spec
+from engine.models.bert import BertModel
 from engine.models.llama import LlamaForCausalLM
-from engine.models.registry import get_model_class, supported_architectures
+from engine.models.registry import get_model_class, is_generative, supported_architectures
+from engine.models.st_config import (
+    SentenceTransformersConfig,
+    read_sentence_transformers_config,
+)
 from engine.models.weights import find_safetensors_files, iter_safetensors
 
 logger = logging.getLogger(__name__)
@@ -30,7 +35,7 @@ _DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
 
 @dataclass(frozen=True)
 class LoadedModel:
-    model: LlamaForCausalLM  # eval mode, no grad, weights in `dtype` on `device`
+    model: LlamaForCausalLM | BertModel  # eval mode, no grad, weights in `dtype` on `device`
     hf_config: Any  # transformers PretrainedConfig
     model_path: Path
     architecture: str
@@ -43,6 +48,12 @@ class LoadedModel:
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    # Pooling defaults and length limit from the sentence-transformers files, if any.
+    sentence_transformers: SentenceTransformersConfig = SentenceTransformersConfig()
+
+    @property
+    def is_generative(self) -> bool:
+        return is_generative(self.architecture)
 
 
 def resolve_model_path(model: str) -> Path:
@@ -70,17 +81,26 @@ def load_model(model_config: ModelConfig, *, attention_backend: str = "torch") -
     assert model_class is not None  # checked by _read_architecture
     weight_files = find_safetensors_files(model_path)
     hf_config = _read_hf_config(model_path)
-    _check_rope(hf_config, model_path)
+    generative = is_generative(architecture)
+    if generative:
+        _check_rope(hf_config, model_path)
     device = torch.device(model_config.device)
     dtype = resolve_dtype(model_config.dtype, hf_config, device)
     max_model_len = resolve_max_model_len(model_config.max_model_len, hf_config, model_path)
-    model = model_class(
-        hf_config,
-        attn_backend=get_attention_backend(attention_backend),
-        max_positions=max_model_len,
-        dtype=dtype,
-        device=device,
-    )
+    st_config = read_sentence_transformers_config(model_path)
+    if model_config.max_model_len is None and st_config.max_seq_length is not None:
+        # The length the embedding model was trained and evaluated at.
+        max_model_len = min(max_model_len, st_config.max_seq_length)
+    try:
+        model = model_class(
+            hf_config,
+            attn_backend=get_attention_backend(attention_backend),
+            max_positions=max_model_len,
+            dtype=dtype,
+            device=device,
+        )
+    except ValueError as exc:  # a config variant our implementation does not cover
+        raise ModelLoadError(f"cannot serve {model_path}: {exc}") from None
     with torch.no_grad():
         model.load_weights(iter_safetensors(weight_files))
     model.eval().requires_grad_(False)
@@ -102,7 +122,13 @@ def load_model(model_config: ModelConfig, *, attention_backend: str = "torch") -
         num_layers=dims.num_layers,
         num_kv_heads=dims.num_kv_heads,
         head_dim=dims.head_dim,
+        sentence_transformers=st_config,
     )
+
+
+def read_architecture(model: str) -> str:
+    """The supported architecture a model directory (or cached hub id) declares."""
+    return _read_architecture(resolve_model_path(model))
 
 
 def _read_architecture(model_path: Path) -> str:

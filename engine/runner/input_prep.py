@@ -27,6 +27,8 @@ class StepInputs:
     # Rows of the model output to sample from, aligned with `sample_requests` (batch order).
     sample_rows: torch.Tensor  # [N] int64
     sample_requests: list[ScheduledRequest]
+    # First flattened row of each request, in batch order (prompt logprobs read row ranges).
+    row_starts: list[int]
 
 
 def prepare_inputs(batch: ScheduledBatch, block_size: int, device: torch.device) -> StepInputs:
@@ -53,6 +55,7 @@ def prepare_inputs(batch: ScheduledBatch, block_size: int, device: torch.device)
     for i in decode_indices + prefill_indices:
         num_rows += requests[i].num_tokens
         last_rows[i] = num_rows - 1
+    row_starts = [last_rows[i] - requests[i].num_tokens + 1 for i in range(len(requests))]
     sample_requests = [request for request in requests if request.sample]
     sample_rows = [last_rows[i] for i, request in enumerate(requests) if request.sample]
 
@@ -72,6 +75,7 @@ def prepare_inputs(batch: ScheduledBatch, block_size: int, device: torch.device)
         attn_metadata=attn_metadata,
         sample_rows=_to_device(sample_rows, device),
         sample_requests=sample_requests,
+        row_starts=row_starts,
     )
 
 

@@ -9,6 +9,7 @@ from engine.models.loader import LoadedModel, load_model
 from engine.outputs import ModelRunnerOutput
 from engine.runner.input_prep import prepare_inputs
 from engine.runner.kv_memory import KVCacheSpec, allocate_kv_caches, determine_num_blocks
+from engine.runner.prompt_logprobs import score_prompt_chunks
 from engine.sampling.sampler import Sampler
 
 
@@ -52,12 +53,18 @@ class ModelRunner:
             hidden = self.loaded.model(
                 inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_metadata
             )
+            # Prefill rows go through the vocab projection only for requests that ask for
+            # prompt_logprobs; otherwise only sampling rows do.
+            prompt_logprobs = score_prompt_chunks(
+                batch.requests, inputs.row_starts, hidden, self.loaded.model.compute_logits
+            )
             if not inputs.sample_requests:
-                return ModelRunnerOutput(request_ids=[], sampled_token_ids=[])
-            # Only sampling rows go through the vocab projection (prefill rows never do).
+                return ModelRunnerOutput([], [], prompt_logprobs=prompt_logprobs)
             logits = self.loaded.model.compute_logits(hidden.index_select(0, inputs.sample_rows))
-            sampled_token_ids = self.sampler.sample(logits, inputs.sample_requests)
+            sampled = self.sampler.sample_with_logprobs(logits, inputs.sample_requests)
         return ModelRunnerOutput(
             request_ids=[request.request_id for request in inputs.sample_requests],
-            sampled_token_ids=sampled_token_ids,
+            sampled_token_ids=sampled.token_ids,
+            logprobs=sampled.logprobs,
+            prompt_logprobs=prompt_logprobs,
         )

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import logging
 
-from engine.batch import ScheduledBatch, ScheduledRequest
+from engine.batch import ScheduledBatch, ScheduledPooling, ScheduledRequest
 from engine.config import SchedulerConfig
 from engine.kv_cache import KVCacheManager
+from engine.kv_cache.kv_cache_manager import NO_HIT
 from engine.outputs import ModelRunnerOutput, RequestOutput
 from engine.request import FinishReason, Request, RequestStatus
 from engine.scheduler.stop_conditions import check_stop
@@ -84,8 +85,13 @@ class Scheduler:
         if not preempted:
             self._schedule_waiting(budget, scheduled)
         batch = ScheduledBatch(
-            requests=[self._to_scheduled(r, n) for r, n in scheduled],
+            requests=[self._to_scheduled(r, n) for r, n in scheduled if not r.is_pooling],
             num_scheduled_tokens=sum(n for _, n in scheduled),
+            pooling=[
+                ScheduledPooling(r.request_id, r.all_token_ids, r.pooling_params)
+                for r, _ in scheduled
+                if r.pooling_params is not None
+            ],
             finished_request_ids=self._finished_ids,
             preempted_request_ids=self._preempted_ids,
         )
@@ -122,10 +128,20 @@ class Scheduler:
     def _schedule_waiting(self, budget: int, scheduled: list[tuple[Request, int]]) -> None:
         while len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting.peek()
+            if request.is_pooling:
+                if not self._admit_pooling(request, budget, scheduled):
+                    break  # head of line waits for the next step's budget
+                budget -= request.num_tokens
+                continue
             if self.kv_cache.blocks_needed(request.num_tokens) > self.kv_cache.num_blocks:
                 self._finish_for_capacity(request)  # removes it from the waiting queue
                 continue
-            hit = self.kv_cache.find_prefix_hit(request)
+            # prompt_logprobs needs every prompt position computed, so no cached prefix.
+            scores_prompt = (
+                request.sampling_params.prompt_logprobs is not None
+                and request.num_output_tokens == 0
+            )
+            hit = NO_HIT if scores_prompt else self.kv_cache.find_prefix_hit(request)
             num_computed = hit.num_blocks * self.kv_cache.block_size
             num_new = min(request.num_tokens - num_computed, budget)
             if not self.kv_cache.allocate_slots(request, num_new, hit):
@@ -139,6 +155,32 @@ class Scheduler:
             self.running.append(request)
             scheduled.append((request, num_new))
             budget -= num_new
+
+    def _admit_pooling(
+        self, request: Request, budget: int, scheduled: list[tuple[Request, int]]
+    ) -> bool:
+        """Embedding requests run whole in one step and hold no KV blocks (encoders have no
+        cache; a decoder's pooling forward uses scratch memory). One that fits the remaining
+        budget runs now; one longer than the whole budget could never fit, so it runs
+        anyway (overshooting once) rather than wait forever behind steady decode traffic."""
+        if request.num_tokens > budget and request.num_tokens <= self.config.max_num_batched_tokens:
+            return False
+        self.waiting.pop()
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        scheduled.append((request, request.num_tokens))
+        return True
+
+    def _finish_pooling(self, batch: ScheduledBatch, output: ModelRunnerOutput) -> None:
+        """Every embedding request of the batch is done after its one forward."""
+        for scheduled in batch.pooling:
+            request = self.requests.get(scheduled.request_id)
+            if request is None:
+                continue  # aborted meanwhile
+            request.num_computed_tokens = request.num_tokens
+            self._finish(request, FinishReason.STOP)
+            self._pending_outputs[-1].embedding = output.embeddings.get(request.request_id)
+        self.running = [r for r in self.running if not r.status.is_finished]
 
     def _pick_victim(self, candidates: list[Request]) -> Request:
         if self.config.policy == "priority":
@@ -167,6 +209,8 @@ class Scheduler:
             sample=start + num_new == request.num_tokens,
             sampling_params=request.sampling_params,
             num_prompt_tokens=request.num_prompt_tokens,
+            eos_token_ids=request.eos_token_ids,
+            grammar=request.grammar,
         )
 
     def update_from_output(
@@ -179,15 +223,29 @@ class Scheduler:
                 continue
             request.num_computed_tokens += scheduled.num_tokens
             self.kv_cache.cache_computed_blocks(request)
+        self._record_prompt_logprobs(output)
+        if batch.pooling:
+            self._finish_pooling(batch, output)
         outputs = self.take_pending_outputs()
         any_finished = False
-        for request_id, token_id in zip(output.request_ids, output.sampled_token_ids):
+        for row, (request_id, token_id) in enumerate(
+            zip(output.request_ids, output.sampled_token_ids)
+        ):
             request = self.requests.get(request_id)
             if request is None:
                 continue
+            if request.grammar is not None and not request.grammar.accept_token(token_id):
+                outputs.append(self._finish_for_constraint(request))
+                any_finished = True
+                continue
             request.append_output_token(token_id)
             stop = check_stop(request, self.max_model_len)
+            if request.grammar is not None and request.grammar.is_terminated:
+                # A complete output is a STOP even when it also used the last allowed token.
+                if stop is None or stop[0] is FinishReason.LENGTH:
+                    stop = (FinishReason.STOP, None)
             out = self._output(request, [token_id])
+            self._attach_logprobs(out, request, output, row)
             if stop is not None:
                 self._finish(request, stop[0], stop[1], emit=False)
                 out.finish_reason, out.stop_token_id = stop
@@ -196,6 +254,40 @@ class Scheduler:
         if any_finished:
             self.running = [r for r in self.running if not r.status.is_finished]
         return outputs
+
+    def _finish_for_constraint(self, request: Request) -> RequestOutput:
+        """The grammar rejected the sampled token: it admitted no token at all this step (a
+        dead end; the sampler leaves such rows unmasked). The token is dropped so the output
+        stays a valid prefix of the constrained language."""
+        assert request.grammar is not None
+        self._finish(request, FinishReason.CONSTRAINT, emit=False)
+        out = self._output(request, [])
+        out.finish_reason = FinishReason.CONSTRAINT
+        out.finish_message = (
+            f"the output constraint admits no further token: {request.grammar.error}"
+        )
+        return out
+
+    def _record_prompt_logprobs(self, output: ModelRunnerOutput) -> None:
+
+        for request_id, (first_position, entries) in output.prompt_logprobs.items():
+            request = self.requests.get(request_id)
+            if request is None:
+                continue
+            if request.prompt_logprobs is None:
+                request.prompt_logprobs = [None] * request.num_prompt_tokens
+            request.prompt_logprobs[first_position : first_position + len(entries)] = entries
+
+    @staticmethod
+    def _attach_logprobs(
+        out: RequestOutput, request: Request, output: ModelRunnerOutput, row: int
+    ) -> None:
+        if output.logprobs is not None and output.logprobs[row] is not None:
+            out.logprobs = [output.logprobs[row]]
+        if request.sampling_params.prompt_logprobs is not None and request.num_output_tokens == 1:
+            # A one-token prompt has nothing to score: its single entry is None.
+            out.prompt_logprobs = request.prompt_logprobs or [None] * request.num_prompt_tokens
+            request.prompt_logprobs = None
 
     def take_pending_outputs(self) -> list[RequestOutput]:
         outputs, self._pending_outputs = self._pending_outputs, []

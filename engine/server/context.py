@@ -2,15 +2,23 @@
 ids from metadata, and turning engine errors into rich gRPC statuses."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
 from engine.engine import Engine
-from engine.errors import EngineError, EngineUnavailableError, ModelNotFoundError
+from engine.errors import (
+    EngineError,
+    EngineUnavailableError,
+    InvalidRequestError,
+    ModelNotFoundError,
+)
+from engine.server.request_tracker import ServingOptions
 from engine.server.status import engine_error_status, to_rpc_status
+from protoserve.serving_metrics import ServingMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -22,20 +30,45 @@ class EngineHandle:
     """Set once the model is loaded; servicers answer UNAVAILABLE until then."""
 
     engine: Engine | None = None
+    # `--embedding-model`: served beside `engine`, picked by name or for unnamed Embed calls.
+    embedding_engine: Engine | None = None
     draining: bool = False
+    options: ServingOptions = field(default_factory=ServingOptions)
+    metrics: ServingMetrics | None = None
+    # Set by SIGTERM/SIGINT or Admin/Drain; engine-serve then drains and exits.
+    shutdown_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set when the step thread dies or hangs; engine-serve exits non-zero unless kept alive.
+    engine_died: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def get(self, model: str = "") -> Engine:
+    @property
+    def engines(self) -> list[Engine]:
+        """Every loaded engine, the default (generation or first) one first."""
+        return [e for e in (self.engine, self.embedding_engine) if e is not None]
+
+    def get(self, model: str = "", task: str | None = None) -> Engine:
+        """The engine serving `model` (empty: the default one for `task`). A named model
+        that cannot do `task` is INVALID_ARGUMENT naming `model`."""
         engine = self.engine
         if engine is None:
             raise EngineUnavailableError("the model is still loading")
         if self.draining:
             raise EngineUnavailableError("the server is shutting down", reason="DRAINING")
+        side = self.embedding_engine
+        if side is not None and (side.resolve_model_name(model) if model else task == "embed"):
+            engine = side
         if not engine.loop.is_alive:
             raise EngineUnavailableError("the engine is not running", reason="ENGINE_DEAD")
         if not engine.resolve_model_name(model):
+            served = [name for e in self.engines for name in e.model.names]
             raise ModelNotFoundError(
-                f"model {model!r} is not served here; served: {', '.join(engine.model.names)}",
+                f"model {model!r} is not served here; served: {', '.join(served)}",
                 field="model",
+            )
+        if task == "generate" and engine.task != "generate":
+            raise InvalidRequestError(
+                f"model {engine.model.names[0]!r} is an embedding model and cannot generate",
+                field="model",
+                reason="TASK_NOT_SUPPORTED",
             )
         return engine
 

@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.server.context import EngineHandle
+from engine.server.health_servicer import HealthServicer
 from engine.server.inference_servicer import InferenceServicer
 from engine.server.info_servicers import AdminServicer, DiscoveryServicer, TokenizerServicer
 from engine.server.interceptors import UndecodableRequestInterceptor
+from engine.server.lifecycle import connection_age_options, wait_for_idle, watch_engine
+from engine.server.security import ApiKeyInterceptor, GrpcTls
 from protoserve.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -44,6 +47,16 @@ class GrpcServerConfig:
     port: int = 50051
     # Extra listening address for a co-located bridge, e.g. "unix:/tmp/protoserve.sock".
     uds_address: str | None = None
+    # Bearer key required on every call except to `auth_exempt_services` (health, reflection).
+    api_key: str | None = None
+    auth_exempt_services: tuple[str, ...] = ()
+    # TLS (and mTLS) for the TCP port; the local UDS stays plaintext.
+    tls: GrpcTls | None = None
+    # Connections get GOAWAY after this long, so long-lived HTTP/2 clients rebalance across
+    # replicas behind a load balancer; None keeps them forever.
+    max_connection_age_s: float | None = None
+    # No step-thread heartbeat for this long = hung: readiness NOT_SERVING, streams fail.
+    engine_hang_timeout_s: float = 60.0
 
 
 class EngineServer:
@@ -51,12 +64,20 @@ class EngineServer:
         self.config = config
         self.server_config = server_config
         self.handle = EngineHandle()
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()  # the library's, plus List
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if server_config.api_key:
+            # First, so an unauthenticated call is refused before any other work.
+            interceptors.append(
+                ApiKeyInterceptor(server_config.api_key, server_config.auth_exempt_services)
+            )
+        interceptors.append(UndecodableRequestInterceptor())
         self.server = grpc.aio.server(
-            interceptors=[UndecodableRequestInterceptor()],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+                *connection_age_options(server_config.max_connection_age_s),
             ]
         )
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.handle), self.server)
@@ -77,7 +98,12 @@ class EngineServer:
 
     async def start(self) -> None:
         address = f"{self.server_config.host}:{self.server_config.port}"
-        if self.server.add_insecure_port(address) == 0:
+        tls = self.server_config.tls
+        if tls is not None:
+            bound = self.server.add_secure_port(address, tls.server_credentials())
+        else:
+            bound = self.server.add_insecure_port(address)
+        if bound == 0:
             raise OSError(f"cannot listen on {address}")
         if self.server_config.uds_address:
             self.server.add_insecure_port(self.server_config.uds_address)
@@ -90,6 +116,12 @@ class EngineServer:
         """Load the model off the event loop (health answers meanwhile), then turn ready."""
         engine = await asyncio.to_thread(Engine.load, self.config)
         engine.loop.start()
+        if self.config.embedding_model is not None:
+            # `--embedding-model`: a second model, with its own step thread, served alongside.
+            side_config = replace(self.config, model=self.config.embedding_model, embedding_model=None)
+            side = await asyncio.to_thread(Engine.load, side_config)
+            side.loop.start()
+            self.handle.embedding_engine = side
         self.handle.engine = engine
         await self.health.set(READINESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self._watchdog = asyncio.create_task(self._watch_engine(engine))
@@ -97,11 +129,18 @@ class EngineServer:
         return engine
 
     async def _watch_engine(self, engine: Engine) -> None:
-        """Readiness follows the step thread: if it dies, stop advertising SERVING."""
-        while engine.loop.is_alive:
-            await asyncio.sleep(0.5)
-        logger.error("engine step thread is not running; readiness -> NOT_SERVING")
+        """Readiness follows the step thread: if it dies or its heartbeat goes stale, stop
+        advertising SERVING, end every open stream with UNAVAILABLE, and tell engine-serve."""
+        await watch_engine(engine, self.server_config.engine_hang_timeout_s)
         await self.health.set(READINESS_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.handle.engine_died.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """Readiness NOT_SERVING and new work refused (UNAVAILABLE, reason DRAINING), then wait
+        up to `timeout` s for in-flight requests. True when they all finished."""
+        self.handle.draining = True
+        await self.health.set(READINESS_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        return await wait_for_idle(self.handle.engine, timeout)
 
     async def stop(self, grace: float | None = 5.0) -> None:
         self.handle.draining = True
@@ -111,6 +150,8 @@ class EngineServer:
             self._watchdog.cancel()
         if self.handle.engine is not None:
             self.handle.engine.loop.stop()
+        if self.handle.embedding_engine is not None:
+            self.handle.embedding_engine.loop.stop()
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()

@@ -1,14 +1,18 @@
 """protoserve.v1.Inference: Generate (server streaming) and Embed."""
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from contextlib import aclosing
 
 import grpc
 
-from engine.errors import EngineError, UnsupportedError
+from engine.errors import QueueFullError, SlowConsumerError
+from engine.best_of import select_best_of
 from engine.generation import GenerationFinished, GenerationStarted
 from engine.server.context import REQUEST_ID_KEY, EngineHandle, abort_for, request_id_from
+from engine.server.embed_convert import embed, embedding_request_from_pb
 from engine.server.proto_convert import event_to_pb, generate_request_from_pb
+from engine.server.request_tracker import RequestTracker, outcome_of
 from protoserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 
@@ -18,37 +22,74 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+    ) -> None:
+        # Written with context.write (not `yield`) so a client that stops reading can be timed
+        # out: each write waits for HTTP/2 flow control, and a stalled one is abandoned.
         request_id = request_id_from(context, request.request_id)
         await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
         usage = common_pb2.Usage()
+        options = self.handle.options
+        preview = request.text if options.max_log_len > 0 else ""
+        tracker = RequestTracker(request_id, self.handle.metrics, options, preview)
+        loop = asyncio.get_running_loop()
+        remaining = context.time_remaining()
+        # A little before gRPC's own expiry, so the engine's DEADLINE path (abort with reason
+        # DEADLINE, DEADLINE_EXCEEDED with details) wins the race against the transport cancel.
+        deadline = loop.time() + max(remaining - 0.05, 0.0) if remaining is not None else None
         try:
-            engine = self.handle.get(request.model)
+            engine = self.handle.get(request.model, task="generate")
+            self._admit(engine)
             generation = generate_request_from_pb(request, request_id)
-            async for event in engine.loop.generate(generation):
-                if isinstance(event, GenerationStarted):
-                    usage.prompt_tokens = len(event.prompt_token_ids)
-                    usage.cached_tokens = event.num_cached_tokens
-                elif isinstance(event, GenerationFinished):
-                    usage.completion_tokens += event.num_output_tokens
-                yield event_to_pb(event, request.return_prompt_token_ids)
-        except EngineError as error:
+            candidates = engine.loop.generate(generation, deadline)
+            best = select_best_of(candidates, generation.sampling_params)
+            async with aclosing(best) as events:
+                async for event in events:
+                    tracker.on_event(event)
+                    if isinstance(event, GenerationStarted):
+                        usage.prompt_tokens = len(event.prompt_token_ids)
+                        usage.cached_tokens = event.num_cached_tokens
+                    elif isinstance(event, GenerationFinished):
+                        usage.completion_tokens += event.num_output_tokens
+                    await self._write(context, event_to_pb(event, request.return_prompt_token_ids))
+            await self._write(context, inference_pb2.GenerateResponse(usage=usage))
+        except asyncio.CancelledError as cancel:
+            tracker.finish(outcome_of(cancel, deadline is not None and loop.time() >= deadline))
+            raise
+        except Exception as error:  # noqa: BLE001 - EngineErrors mapped, the rest INTERNAL
+            tracker.finish(outcome_of(error, False))
             await abort_for(context, error, request_id)
             return
-        except Exception as error:  # noqa: BLE001 - mapped to INTERNAL, logged
-            await abort_for(context, error, request_id)
-            return
-        yield inference_pb2.GenerateResponse(usage=usage)
+        tracker.finish()
+
+    def _admit(self, engine) -> None:
+        """Back-pressure: refuse at once, with a retry hint, when the admission queue is full."""
+        limit = self.handle.options.max_queue_len
+        if limit is not None and engine.loop.num_queued >= limit:
+            raise QueueFullError(
+                f"{engine.loop.num_queued} requests are waiting (max queue length {limit}); "
+                "retry later"
+            )
+
+    async def _write(self, context: grpc.aio.ServicerContext, message) -> None:
+        try:
+            async with asyncio.timeout(self.handle.options.stall_timeout_s):
+                await context.write(message)
+        except TimeoutError:
+            raise SlowConsumerError(
+                f"the client read nothing for {self.handle.options.stall_timeout_s:g} s"
+            ) from None
 
     async def Embed(
         self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.EmbedResponse:
         request_id = request_id_from(context, request.request_id)
+        remaining = context.time_remaining()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(remaining - 0.05, 0.0) if remaining is not None else None
         try:
-            self.handle.get(request.model)
-            raise UnsupportedError(
-                "this server serves a generative model; embeddings need an embedding model"
-            )
-        except Exception as error:  # noqa: BLE001
+            engine = self.handle.get(request.model, task="embed")
+            self._admit(engine)
+            return await embed(engine, embedding_request_from_pb(request, request_id), deadline)
+        except Exception as error:  # noqa: BLE001 - EngineErrors mapped, the rest INTERNAL
             await abort_for(context, error, request_id)
             raise  # unreachable: abort raises

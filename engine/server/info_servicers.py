@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import grpc
 
-from engine.errors import InvalidRequestError
+from engine.errors import EngineUnavailableError, InvalidRequestError
 
 import protoserve
 from engine.engine import Engine
 from engine.server.context import EngineHandle, abort_for
 from engine.server.proto_convert import chat_from_pb
+from engine.server.request_tracker import load_snapshot
 from protoserve.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -92,7 +93,9 @@ def model_info(engine: Engine) -> discovery_pb2.ModelInfo:
         vocab_size=m.vocab_size,
         eos_token_ids=sorted(m.eos_token_ids),
         architecture=m.architecture,
-        task=discovery_pb2.MODEL_TASK_GENERATE,
+        task=(
+            discovery_pb2.MODEL_TASK_EMBED if m.task == "embed" else discovery_pb2.MODEL_TASK_GENERATE
+        ),
         dtype=m.dtype,
         block_size=m.block_size,
         num_kv_blocks=m.num_blocks,
@@ -116,12 +119,34 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
 
     async def ListModels(self, request, context: grpc.aio.ServicerContext):
         try:
-            return discovery_pb2.ListModelsResponse(models=[model_info(self.handle.get())])
+            self.handle.get()  # UNAVAILABLE while loading or draining
+            return discovery_pb2.ListModelsResponse(
+                models=[model_info(engine) for engine in self.handle.engines]
+            )
         except Exception as error:  # noqa: BLE001
             await abort_for(context, error)
 
     async def GetServerInfo(self, request, context: grpc.aio.ServicerContext):
         return discovery_pb2.GetServerInfoResponse(version=protoserve.__version__)
+
+    async def GetLoad(self, request, context: grpc.aio.ServicerContext):
+        # Answers while draining too (routers watch the drain); UNAVAILABLE only before load.
+        engine = self.handle.engine
+        if engine is None:
+            await abort_for(context, EngineUnavailableError("the model is still loading"))
+        load = load_snapshot(engine)
+        pool = engine.core.kv_cache.pool
+        return discovery_pb2.GetLoadResponse(
+            num_requests_running=load.num_requests_running,
+            num_requests_waiting=load.num_requests_waiting,
+            kv_cache_usage=load.kv_cache_usage,
+            num_free_kv_blocks=pool.num_free_blocks,
+            num_kv_blocks=pool.num_blocks,
+            prefix_cache_hit_rate=load.prefix_cache_hit_rate,
+            num_preemptions=load.num_preemptions,
+            draining=self.handle.draining,
+            num_streams=engine.loop.num_streams,
+        )
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
@@ -130,8 +155,16 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     async def Abort(self, request, context: grpc.aio.ServicerContext):
         try:
-            engine = self.handle.get()
+            # Aborts stay allowed while draining: operators end stuck requests that way.
+            engine = self.handle.engine if self.handle.draining else None
+            engine = engine or self.handle.get()
             aborted = engine.loop.abort_by_client_id(list(request.request_ids))
             return admin_pb2.AbortResponse(aborted_request_ids=sorted(set(aborted)))
         except Exception as error:  # noqa: BLE001
             await abort_for(context, error)
+
+    async def Drain(self, request, context: grpc.aio.ServicerContext):
+        """Same path as SIGTERM: engine-serve waits on the event, drains, then exits."""
+        engine = self.handle.engine
+        self.handle.shutdown_requested.set()
+        return admin_pb2.DrainResponse(num_in_flight=engine.loop.num_streams if engine else 0)

@@ -13,30 +13,25 @@ from engine.generation import (
     GenerationFinished,
     GenerationRequest,
     GenerationStarted,
+    PositionLogprobs,
     PromptInput,
+    TokenLogprob,
 )
 from engine.request import FinishReason
 from engine.sampling_params import SamplingParams
-from protoserve.v1 import common_pb2, inference_pb2
+from engine.structured.constraint import OutputConstraint
 
-# Proto fields whose engine support lands later: rejected by name instead of ignored.
-_NOT_YET_SUPPORTED = (
-    "best_of",
-    "truncate_prompt_tokens",
-    "use_beam_search",
-    "length_penalty",
-    "logprobs",
-    "prompt_logprobs",
-    "min_tokens",
-)
-_NOT_YET_SUPPORTED_REPEATED = ("allowed_token_ids", "bad_words")
+from protoserve.v1 import common_pb2, inference_pb2
 
 _FLOAT_FIELDS = (
     "temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
+    "length_penalty",
 )
 _OPTIONAL_FIELDS = (
     "seed", "max_tokens", "include_stop_str_in_output", "ignore_eos", "n",
     "skip_special_tokens", "spaces_between_special_tokens",
+    "min_tokens", "best_of", "logprobs", "prompt_logprobs", "truncate_prompt_tokens",
+    "use_beam_search",
 )
 
 FINISH_REASON_TO_PB = {
@@ -44,16 +39,12 @@ FINISH_REASON_TO_PB = {
     FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
     FinishReason.ABORT: inference_pb2.FINISH_REASON_ABORT,
     FinishReason.CANCELLED: inference_pb2.FINISH_REASON_CANCELLED,
+    FinishReason.DEADLINE: inference_pb2.FINISH_REASON_DEADLINE,
+    FinishReason.CONSTRAINT: inference_pb2.FINISH_REASON_CONSTRAINT,
 }
 
 
 def sampling_from_pb(pb: common_pb2.SamplingParams) -> SamplingParams:
-    for name in _NOT_YET_SUPPORTED:
-        if pb.HasField(name):
-            raise InvalidRequestError(f"{name} is not supported by this server yet", field=name)
-    for name in _NOT_YET_SUPPORTED_REPEATED:
-        if len(getattr(pb, name)):
-            raise InvalidRequestError(f"{name} is not supported by this server yet", field=name)
     kwargs: dict[str, Any] = {}
     for name in _FLOAT_FIELDS + _OPTIONAL_FIELDS:
         if pb.HasField(name):
@@ -66,7 +57,26 @@ def sampling_from_pb(pb: common_pb2.SamplingParams) -> SamplingParams:
         kwargs["stop_token_ids"] = tuple(pb.stop_token_ids)
     if pb.logit_bias:
         kwargs["logit_bias"] = dict(pb.logit_bias)
+    if pb.allowed_token_ids:
+        kwargs["allowed_token_ids"] = tuple(pb.allowed_token_ids)
+    if pb.bad_words:
+        kwargs["bad_words"] = tuple(pb.bad_words)
     return SamplingParams(**kwargs)
+
+
+def _logprob_to_pb(logprob: TokenLogprob) -> inference_pb2.TokenLogprob:
+    return inference_pb2.TokenLogprob(
+        token_id=logprob.token_id, logprob=logprob.logprob, token=logprob.token, rank=logprob.rank
+    )
+
+
+def logprobs_to_pb(entry: PositionLogprobs | None) -> inference_pb2.TokenLogprobs:
+    """None (the first prompt position) becomes an empty entry without `chosen`."""
+    if entry is None:
+        return inference_pb2.TokenLogprobs()
+    return inference_pb2.TokenLogprobs(
+        chosen=_logprob_to_pb(entry.chosen), top=[_logprob_to_pb(t) for t in entry.top]
+    )
 
 
 def _struct_to_dict(struct: Any) -> dict[str, Any]:
@@ -110,7 +120,10 @@ def chat_from_pb(chat: common_pb2.ChatInput) -> ChatPrompt:
         chat_template_kwargs=(
             _struct_to_dict(chat.chat_template_kwargs) if chat.HasField("chat_template_kwargs") else None
         ),
-        tools=[_struct_to_dict(t) for t in chat.tools] or None,
+        # tool_choice "none" means the model must not see the tools at all.
+        tools=(
+            None if chat.tool_choice == "none" else [_struct_to_dict(t) for t in chat.tools] or None
+        ),
         documents=[_struct_to_dict(d) for d in chat.documents] or None,
     )
 
@@ -125,8 +138,7 @@ def generate_request_from_pb(pb: inference_pb2.GenerateRequest, request_id: str)
         prompt = PromptInput(chat=chat_from_pb(pb.chat))
     else:
         raise InvalidRequestError("one of text, token_ids or chat is required", field="input")
-    if pb.HasField("constraint") and pb.constraint.WhichOneof("kind") is not None:
-        raise InvalidRequestError("guided decoding is not supported by this server yet", field="constraint")
+    constraint = constraint_from_pb(pb.constraint) if pb.HasField("constraint") else None
     return GenerationRequest(
         request_id=request_id,
         prompt=prompt,
@@ -135,14 +147,42 @@ def generate_request_from_pb(pb: inference_pb2.GenerateRequest, request_id: str)
         priority=pb.priority,
         cache_salt=pb.cache_salt,
         return_text=pb.return_text if pb.HasField("return_text") else True,
+        constraint=constraint,
     )
+
+
+def constraint_from_pb(pb: common_pb2.OutputConstraint) -> OutputConstraint | None:
+    """The wire's oneof -> the engine's constraint; a message without a kind (only a backend
+    or whitespace pattern) constrains nothing. Backends validate the texts when compiling."""
+    which = pb.WhichOneof("kind")
+    if which is None:
+        return None
+    kwargs: dict[str, Any] = {}
+    if which == "choice":
+        kwargs["choice"] = tuple(pb.choice.choices)
+    elif which == "json_object":
+        if not pb.json_object:
+            return None
+        kwargs["json_object"] = True
+    else:
+        kwargs[which] = getattr(pb, which)
+    constraint = OutputConstraint(
+        **kwargs,
+        whitespace_pattern=pb.whitespace_pattern if pb.HasField("whitespace_pattern") else None,
+        backend=pb.backend if pb.HasField("backend") and pb.backend else None,
+    )
+    constraint.validate()
+    return constraint
 
 
 def event_to_pb(event: GenerationEvent, return_prompt_token_ids: bool) -> inference_pb2.GenerateResponse:
     if isinstance(event, GenerationDelta):
         return inference_pb2.GenerateResponse(
             delta=inference_pb2.GenerateDelta(
-                index=event.index, token_ids=event.token_ids, text=event.text
+                index=event.index,
+                token_ids=event.token_ids,
+                text=event.text,
+                logprobs=[logprobs_to_pb(e) for e in event.logprobs or ()],
             )
         )
     if isinstance(event, GenerationFinished):
@@ -155,6 +195,8 @@ def event_to_pb(event: GenerationEvent, return_prompt_token_ids: bool) -> infere
             finished.stop_string = event.stop_string
         elif event.stop_token_id is not None:
             finished.stop_token_id = event.stop_token_id
+        if event.message:
+            finished.message = event.message
         return inference_pb2.GenerateResponse(finished=finished)
     assert isinstance(event, GenerationStarted)
     started = inference_pb2.GenerateStarted(
@@ -165,4 +207,6 @@ def event_to_pb(event: GenerationEvent, return_prompt_token_ids: bool) -> infere
     )
     if return_prompt_token_ids:
         started.prompt_token_ids.extend(event.prompt_token_ids)
+    if event.prompt_logprobs is not None:
+        started.prompt_logprobs.extend(logprobs_to_pb(e) for e in event.prompt_logprobs)
     return inference_pb2.GenerateResponse(started=started)

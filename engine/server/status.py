@@ -35,8 +35,14 @@ def to_rpc_status(
     reason: str,
     field: str | None = None,
     request_id: str | None = None,
+    retry_after_s: float | None = None,
 ) -> grpc.Status:
     details = [_pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN))]
+    if retry_after_s is not None:
+        # google.rpc.RetryInfo: gRPC clients back off by it; the bridge sends Retry-After.
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(int(retry_after_s * 1e9))
+        details.append(_pack(retry))
     if field is not None:
         violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
@@ -55,6 +61,7 @@ def engine_error_status(error: EngineError, request_id: str | None = None) -> gr
         reason=error.reason,
         field=error.field,
         request_id=request_id,
+        retry_after_s=getattr(error, "retry_after_s", None),
     )
 
 

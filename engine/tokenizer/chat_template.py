@@ -10,9 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import json
+
 import jinja2
 
 from engine.errors import InvalidRequestError
+from engine.tokenizer.content_format import ContentFormat
 from engine.tokenizer.template_sandbox import compile_chat_template
 
 # Appended to the final message when it is to be continued, then located in the rendered text
@@ -32,15 +35,17 @@ def render_chat_template(
     tools: list[dict[str, Any]] | None,
     documents: list[dict[str, Any]] | None,
     variables: Mapping[str, Any],
+    content_format: ContentFormat = "string",
 ) -> str:
-    """The prompt text. `variables` are the special tokens and chat_template_kwargs."""
+    """The prompt text. `variables` are the special tokens and chat_template_kwargs;
+    `content_format` is the shape the template wants message content in."""
     if continue_final_message and add_generation_prompt:
         raise InvalidRequestError(
             "continue_final_message and add_generation_prompt cannot both be true: continue the "
             "final message, or start a new assistant message",
             field="continue_final_message",
         )
-    conversation = template_messages(messages)
+    conversation = template_messages(messages, content_format)
     if continue_final_message:
         _tag_final_message(conversation)
     template = _compile_or_reject(source)
@@ -61,11 +66,16 @@ def render_chat_template(
     return _cut_after_final_message(rendered) if continue_final_message else rendered
 
 
-def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def template_messages(
+    messages: list[dict[str, Any]], content_format: ContentFormat = "string"
+) -> list[dict[str, Any]]:
     """Plain-data copies of the messages in the shape templates expect.
 
     Keys whose value is None are dropped (OpenAI sends `content: null` next to tool calls, and
-    templates test for a missing key); list-of-parts content becomes a string.
+    templates test for a missing key). Content becomes a string ("string" format: text parts
+    joined by newlines) or a list of typed parts ("openai" format: a plain string becomes one
+    text part). Tool-call arguments are decoded from JSON text to objects, as Hugging Face
+    templates expect (they re-encode them with `tojson`).
     """
     if not isinstance(messages, (list, tuple)) or not messages:
         raise InvalidRequestError("messages must be a non-empty list", field="messages")
@@ -76,31 +86,57 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 f"messages[{index}] must be an object with a string 'role'", field="messages"
             )
         plain = {key: _plain(value) for key, value in message.items() if value is not None}
-        if isinstance(plain.get("content"), list):
-            plain["content"] = content_parts_to_text(plain["content"], index)
+        content = plain.get("content")
+        if content_format == "openai" and isinstance(content, str):
+            plain["content"] = [{"type": "text", "text": content}]
+        elif content_format == "openai" and isinstance(content, list):
+            plain["content"] = content_parts_to_openai(content, index)
+        elif isinstance(content, list):
+            plain["content"] = content_parts_to_text(content, index)
+        if isinstance(plain.get("tool_calls"), list):
+            plain["tool_calls"] = [_decoded_tool_call(call) for call in plain["tool_calls"]]
         converted.append(plain)
     return converted
 
 
 def content_parts_to_text(parts: list[Any], message_index: int) -> str:
-    """Join `[{"type": "text", "text": ...}, ...]` into one string, parts separated by "\\n"."""
-    texts = []
+    """Join `[{"type": "text", "text": ...}, ...]` into one string, parts separated by "\n"."""
+    return "\n".join(part["text"] for part in content_parts_to_openai(parts, message_index))
+
+
+def content_parts_to_openai(parts: list[Any], message_index: int) -> list[dict[str, Any]]:
+    """Typed parts as OpenAI-format templates read them: `{"type": "text", "text": ...}`.
+    A refusal is text the assistant said; media never get here for a text-only model (the
+    input processor rejects them first), so any other part is an error."""
+    converted = []
     for part in parts:
-        if not isinstance(part, Mapping) or part.get("type") != "text":
-            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
-            raise InvalidRequestError(
-                f"messages[{message_index}].content: part type {kind!r} is not supported "
-                "(this model takes text parts only)",
-                field="messages",
-            )
-        text = part.get("text")
-        if not isinstance(text, str):
-            raise InvalidRequestError(
-                f"messages[{message_index}].content: a text part needs a string 'text'",
-                field="messages",
-            )
-        texts.append(text)
-    return "\n".join(texts)
+        kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+        if kind in ("text", "refusal"):
+            text = part.get(kind)
+            if not isinstance(text, str):
+                raise InvalidRequestError(
+                    f"messages[{message_index}].content: a {kind} part needs a string {kind!r}",
+                    field="messages",
+                )
+            converted.append({"type": "text", "text": text})
+            continue
+        raise InvalidRequestError(
+            f"messages[{message_index}].content: part type {kind!r} is not supported "
+            "(this model takes text parts only)",
+            field="messages",
+        )
+    return converted
+
+
+def _decoded_tool_call(call: Any) -> Any:
+    function = call.get("function") if isinstance(call, dict) else None
+    if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+        try:
+            function["arguments"] = json.loads(function["arguments"])
+        except ValueError:
+            # Not JSON: the template gets the text as sent rather than a failed request.
+            pass
+    return call
 
 
 def _compile_or_reject(source: str) -> jinja2.Template:
@@ -115,6 +151,9 @@ def _compile_or_reject(source: str) -> jinja2.Template:
 def _tag_final_message(conversation: list[dict[str, Any]]) -> None:
     final = conversation[-1]
     content = final.get("content")
+    if isinstance(content, list) and content and content[-1].get("type") == "text":
+        content[-1]["text"] += _CONTINUE_TAG
+        return
     if not isinstance(content, str):
         raise InvalidRequestError(
             "continue_final_message needs a final message with text content",

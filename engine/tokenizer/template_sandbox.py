@@ -27,7 +27,13 @@ class TemplateRaisedError(jinja2.TemplateError):
 @functools.lru_cache(maxsize=32)
 def compile_chat_template(source: str) -> jinja2.Template:
     """Compile once per distinct template text. Raises jinja2.TemplateSyntaxError."""
-    return _sandboxed_environment().from_string(source)
+    return sandboxed_environment().from_string(source)
+
+
+@functools.lru_cache(maxsize=1)
+def sandboxed_environment() -> ImmutableSandboxedEnvironment:
+    """The one environment every template compiles in (also used to parse for analysis)."""
+    return _sandboxed_environment()
 
 
 def _raise_exception(message: str) -> None:

@@ -1,6 +1,7 @@
 """The engine's tokenizer: a Hugging Face fast tokenizer plus the model's chat templates."""
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -8,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.errors import InvalidRequestError, ModelLoadError
 from engine.tokenizer.chat_template import RESERVED_TEMPLATE_VARIABLES, render_chat_template
+from engine.tokenizer.content_format import ContentFormat, resolve_content_format
 from engine.tokenizer.detokenizer import IncrementalDetokenizer
 from engine.tokenizer.template_sources import (
     load_server_chat_template,
@@ -17,6 +19,8 @@ from engine.tokenizer.template_sources import (
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
 
 
 class Tokenizer:
@@ -28,8 +32,12 @@ class Tokenizer:
         *,
         model_templates: dict[str, str],
         server_template: str | None,
+        content_format: str = "auto",
     ) -> None:
         self._hf = hf_tokenizer
+        # "auto" | "string" | "openai": how request content is shaped for the template.
+        self._content_format_option = content_format
+        resolve_content_format(None, content_format)  # rejects an unknown option early
         self._model_templates = MappingProxyType(dict(model_templates))
         self._server_template = server_template
         # The Rust tokenizer's decode is what transformers' decode runs, minus its Python
@@ -46,7 +54,9 @@ class Tokenizer:
         self._special_token_variables = MappingProxyType(dict(hf_tokenizer.special_tokens_map))
 
     @classmethod
-    def load(cls, path: str, *, chat_template: str | None = None) -> Tokenizer:
+    def load(
+        cls, path: str, *, chat_template: str | None = None, content_format: str = "auto"
+    ) -> Tokenizer:
         """Load from a local directory or a hub id already in the local HF cache (offline).
 
         `chat_template` is the server's `--chat-template`: a file path or the template text.
@@ -58,7 +68,14 @@ class Tokenizer:
         model_templates = read_model_chat_templates(directory)
         if not model_templates:
             model_templates = _templates_known_to_transformers(hf_tokenizer)
-        return cls(hf_tokenizer, model_templates=model_templates, server_template=server_template)
+        tokenizer = cls(
+            hf_tokenizer,
+            model_templates=model_templates,
+            server_template=server_template,
+            content_format=content_format,
+        )
+        tokenizer._log_default_content_format()
+        return tokenizer
 
     @property
     def vocab_size(self) -> int:
@@ -66,7 +83,13 @@ class Tokenizer:
         return len(self._hf)
 
     @property
+    def hf(self) -> PreTrainedTokenizerBase:
+        """The wrapped Hugging Face tokenizer: grammar backends build token tables from it."""
+        return self._hf
+
+    @property
     def eos_token_id(self) -> int | None:
+
         return self._hf.eos_token_id
 
     @property
@@ -84,6 +107,20 @@ class Tokenizer:
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         return list(self._hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def encode_chat(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        """Encode a rendered chat prompt. Templates usually write BOS themselves; when the
+        client also asked for special tokens, the second BOS is dropped (a doubled BOS
+        degrades many models' output) and the request is logged."""
+        token_ids = self.encode(text, add_special_tokens=add_special_tokens)
+        bos = self._hf.bos_token_id
+        if add_special_tokens and bos is not None and token_ids[:2] == [bos, bos]:
+            logger.warning(
+                "add_special_tokens=true with a chat template that writes BOS itself: "
+                "dropped the second BOS"
+            )
+            del token_ids[0]
+        return token_ids
 
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         ids = list(token_ids)
@@ -128,6 +165,7 @@ class Tokenizer:
         source = select_chat_template(
             chat_template, self._server_template, self._model_templates, has_tools=bool(tools)
         )
+        content_format = resolve_content_format(source, self._content_format_option)
         extra = dict(chat_template_kwargs or {})
         reserved = sorted(RESERVED_TEMPLATE_VARIABLES.intersection(extra))
         if reserved:
@@ -144,7 +182,27 @@ class Tokenizer:
             tools=tools,
             documents=documents,
             variables={**self._special_token_variables, **extra},
+            content_format=content_format,
         )
+
+    def default_content_format(self) -> ContentFormat:
+        """The content format of the template a request without overrides renders with."""
+        try:
+            source = select_chat_template(
+                None, self._server_template, self._model_templates, has_tools=False
+            )
+        except InvalidRequestError:
+            source = None
+        return resolve_content_format(source, self._content_format_option)
+
+    def _log_default_content_format(self) -> None:
+        found = self.default_content_format()
+        if self._content_format_option == "auto":
+            logger.info("Detected the chat template content format to be '%s'. Set "
+                        "--chat-template-content-format to override.", found)
+        else:
+            logger.info("Using the chat template content format '%s' (set by "
+                        "--chat-template-content-format).", found)
 
 
 def _resolve_directory(path: str) -> Path:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19protoserve/v1/admin.proto\x12\rprotoserve.v1\x1a\x1cgoogle/api/annotations.proto\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\",\n\rAbortResponse\x12\x1b\n\x13\x61\x62orted_request_ids\x18\x01 \x03(\t2g\n\x05\x41\x64min\x12^\n\x05\x41\x62ort\x12\x1b.protoserve.v1.AbortRequest\x1a\x1c.protoserve.v1.AbortResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/admin:abort:\x01*BDZBgithub.com/protoserve/protoserve/gen/go/protoserve/v1;protoservev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19protoserve/v1/admin.proto\x12\rprotoserve.v1\x1a\x1cgoogle/api/annotations.proto\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\",\n\rAbortResponse\x12\x1b\n\x13\x61\x62orted_request_ids\x18\x01 \x03(\t\"\x0e\n\x0c\x44rainRequest\"&\n\rDrainResponse\x12\x15\n\rnum_in_flight\x18\x01 \x01(\x05\x32\xc7\x01\n\x05\x41\x64min\x12^\n\x05\x41\x62ort\x12\x1b.protoserve.v1.AbortRequest\x1a\x1c.protoserve.v1.AbortResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/admin:abort:\x01*\x12^\n\x05\x44rain\x12\x1b.protoserve.v1.DrainRequest\x1a\x1c.protoserve.v1.DrainResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/admin:drain:\x01*BDZBgithub.com/protoserve/protoserve/gen/go/protoserve/v1;protoservev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'ZBgithub.com/protoserve/protoserve/gen/go/protoserve/v1;protoservev1'
   _globals['_ADMIN'].methods_by_name['Abort']._loaded_options = None
   _globals['_ADMIN'].methods_by_name['Abort']._serialized_options = b'\202\323\344\223\002\024\"\017/v1/admin:abort:\001*'
+  _globals['_ADMIN'].methods_by_name['Drain']._loaded_options = None
+  _globals['_ADMIN'].methods_by_name['Drain']._serialized_options = b'\202\323\344\223\002\024\"\017/v1/admin:drain:\001*'
   _globals['_ABORTREQUEST']._serialized_start=74
   _globals['_ABORTREQUEST']._serialized_end=109
   _globals['_ABORTRESPONSE']._serialized_start=111
   _globals['_ABORTRESPONSE']._serialized_end=155
-  _globals['_ADMIN']._serialized_start=157
-  _globals['_ADMIN']._serialized_end=260
+  _globals['_DRAINREQUEST']._serialized_start=157
+  _globals['_DRAINREQUEST']._serialized_end=171
+  _globals['_DRAINRESPONSE']._serialized_start=173
+  _globals['_DRAINRESPONSE']._serialized_end=211
+  _globals['_ADMIN']._serialized_start=214
+  _globals['_ADMIN']._serialized_end=413
 # @@protoc_insertion_point(module_scope)

@@ -18,3 +18,13 @@ class AbortResponse(_message.Message):
     ABORTED_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     aborted_request_ids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, aborted_request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DrainResponse(_message.Message):
+    __slots__ = ("num_in_flight",)
+    NUM_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    num_in_flight: int
+    def __init__(self, num_in_flight: _Optional[int] = ...) -> None: ...

@@ -39,6 +39,11 @@ class AdminStub:
                 request_serializer=protoserve_dot_v1_dot_admin__pb2.AbortRequest.SerializeToString,
                 response_deserializer=protoserve_dot_v1_dot_admin__pb2.AbortResponse.FromString,
                 _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/protoserve.v1.Admin/Drain',
+                request_serializer=protoserve_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
+                response_deserializer=protoserve_dot_v1_dot_admin__pb2.DrainResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -51,6 +56,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Drain(self, request, context):
+        """Starts a graceful drain, as SIGTERM does: readiness turns NOT_SERVING, new requests get
+        UNAVAILABLE, running ones finish (up to the server's drain timeout), then the server exits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +71,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Abort,
                     request_deserializer=protoserve_dot_v1_dot_admin__pb2.AbortRequest.FromString,
                     response_serializer=protoserve_dot_v1_dot_admin__pb2.AbortResponse.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=protoserve_dot_v1_dot_admin__pb2.DrainRequest.FromString,
+                    response_serializer=protoserve_dot_v1_dot_admin__pb2.DrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +105,33 @@ class Admin:
             '/protoserve.v1.Admin/Abort',
             protoserve_dot_v1_dot_admin__pb2.AbortRequest.SerializeToString,
             protoserve_dot_v1_dot_admin__pb2.AbortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/protoserve.v1.Admin/Drain',
+            protoserve_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
+            protoserve_dot_v1_dot_admin__pb2.DrainResponse.FromString,
             options,
             channel_credentials,
             insecure,

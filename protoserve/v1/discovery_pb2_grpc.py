@@ -49,6 +49,11 @@ class DiscoveryStub:
                 request_serializer=protoserve_dot_v1_dot_discovery__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=protoserve_dot_v1_dot_discovery__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
+        self.GetLoad = channel.unary_unary(
+                '/protoserve.v1.Discovery/GetLoad',
+                request_serializer=protoserve_dot_v1_dot_discovery__pb2.GetLoadRequest.SerializeToString,
+                response_deserializer=protoserve_dot_v1_dot_discovery__pb2.GetLoadResponse.FromString,
+                _registered_method=True)
 
 
 class DiscoveryServicer:
@@ -72,6 +77,13 @@ class DiscoveryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLoad(self, request, context):
+        """The current load, for routers and load balancers: queue depth and KV cache use.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DiscoveryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +101,11 @@ def add_DiscoveryServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=protoserve_dot_v1_dot_discovery__pb2.GetServerInfoRequest.FromString,
                     response_serializer=protoserve_dot_v1_dot_discovery__pb2.GetServerInfoResponse.SerializeToString,
+            ),
+            'GetLoad': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLoad,
+                    request_deserializer=protoserve_dot_v1_dot_discovery__pb2.GetLoadRequest.FromString,
+                    response_serializer=protoserve_dot_v1_dot_discovery__pb2.GetLoadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +189,33 @@ class Discovery:
             '/protoserve.v1.Discovery/GetServerInfo',
             protoserve_dot_v1_dot_discovery__pb2.GetServerInfoRequest.SerializeToString,
             protoserve_dot_v1_dot_discovery__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/protoserve.v1.Discovery/GetLoad',
+            protoserve_dot_v1_dot_discovery__pb2.GetLoadRequest.SerializeToString,
+            protoserve_dot_v1_dot_discovery__pb2.GetLoadResponse.FromString,
             options,
             channel_credentials,
             insecure,

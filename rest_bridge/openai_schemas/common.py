@@ -93,6 +93,8 @@ class SamplingFields(GuidedDecodingFields):
     allowed_token_ids: list[TokenId] | None = None
     bad_words: list[str] | None = None
     prompt_logprobs: Int32 | None = None
+    # Logprob tokens as "token_id:<id>" strings (for tokens that are not valid UTF-8 alone).
+    return_tokens_as_token_ids: bool | None = None
     priority: Int32 | None = 0
     # Separates tenants in the prefix cache.
     cache_salt: str | None = None

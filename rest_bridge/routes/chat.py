@@ -19,6 +19,7 @@ from rest_bridge.sse import SSEResponse
 from rest_bridge.streams import ChatChunkWriter, sse_stream
 from rest_bridge.translate.proto_to_openai import chat_body
 from rest_bridge.translate.request_to_proto import chat_to_plan
+from rest_bridge.translate.tool_choice import tool_plan_from
 
 router = APIRouter()
 
@@ -34,7 +35,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     use_body_request_id(request, body.request_id)
     ctx = RouteContext.of(request)
     log_unknown_fields(body, "/v1/chat/completions", ctx.request_id)
-    plan = chat_to_plan(body, ctx.request_id)
+    options = ctx.settings.chat
+    tools = tool_plan_from(body, options)
+    plan = chat_to_plan(body, ctx.request_id, options, tools)
     meta = await response_meta(ctx, "chatcmpl", body.model)
     role = response_role(body)
     echo_text = echo_text_of(body, role)
@@ -54,6 +57,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
             want_logprobs=want_logprobs,
             include_usage=include_usage,
             continuous_usage=continuous_usage,
+            tools=tools,
         )
         return SSEResponse(sse_stream(streams, writer, plan.field_aliases))
     try:
@@ -64,7 +68,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         # Covers a cancellation that struck before collection began.
         await close_all([stream.events for stream in streams])
     content = chat_body(
-        meta, results[0], role=role, echo_text=echo_text, want_logprobs=want_logprobs
+        meta, results[0], role=role, echo_text=echo_text, want_logprobs=want_logprobs,
+        tools=tools,
     )
     return JSONResponse(content)
 

@@ -66,13 +66,16 @@ def log_unknown_fields(body: SamplingFields, route: str, request_id: str) -> Non
 
 
 async def response_meta(ctx: RouteContext, id_prefix: str, model: str | None) -> ResponseMeta:
-    """The response names the model the client asked for, or the engine's default model."""
+    """The response names the model's first served name, whichever of its names (or none)
+    the client asked for, so clients see one stable id."""
     name = model or ""
-    if not name:
-        try:
+    try:
+        if name:
+            name = await ctx.client.model_id_for(name, timeout=_MODEL_NAME_TIMEOUT_S)
+        else:
             name = await ctx.client.default_model_id(timeout=_MODEL_NAME_TIMEOUT_S)
-        except grpc.aio.AioRpcError as error:
-            logger.warning("could not learn the default model name: %s", error.details())
+    except grpc.aio.AioRpcError as error:
+        logger.warning("could not learn the served model name: %s", error.details())
     return ResponseMeta(id=f"{id_prefix}-{ctx.request_id}", created=int(time.time()), model=name)
 
 

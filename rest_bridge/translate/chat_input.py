@@ -7,6 +7,7 @@ from typing import Any
 from google.protobuf import struct_pb2
 
 from protoserve.v1 import common_pb2
+from rest_bridge.chat_options import ChatOptions
 from rest_bridge.errors import invalid_request
 from rest_bridge.openai_schemas.chat import (
     ChatCompletionRequest,
@@ -16,12 +17,21 @@ from rest_bridge.openai_schemas.chat import (
     NamedToolChoice,
     ToolCallParam,
 )
+from rest_bridge.translate.media import check_input_audio, check_media_url
+
+_DEFAULT_OPTIONS = ChatOptions()
 
 
-def chat_input_from(body: ChatCompletionRequest) -> common_pb2.ChatInput:
+def chat_input_from(
+    body: ChatCompletionRequest,
+    options: ChatOptions = _DEFAULT_OPTIONS,
+    *,
+    send_tools: bool = True,
+) -> common_pb2.ChatInput:
+    """`send_tools` False keeps the tools from the template (tool_choice "none")."""
     chat = common_pb2.ChatInput()
     for index, message in enumerate(body.messages):
-        chat.messages.append(chat_message_from(message, f"messages.{index}"))
+        chat.messages.append(chat_message_from(message, f"messages.{index}", options))
     if body.is_set("add_generation_prompt"):
         chat.add_generation_prompt = bool(body.add_generation_prompt)
     if body.is_set("continue_final_message"):
@@ -30,7 +40,7 @@ def chat_input_from(body: ChatCompletionRequest) -> common_pb2.ChatInput:
         chat.chat_template = body.chat_template or ""
     if body.chat_template_kwargs:
         chat.chat_template_kwargs.update(body.chat_template_kwargs)
-    for tool in body.tools or ():
+    for tool in body.tools if send_tools and body.tools else ():
         chat.tools.append(_struct(tool.model_dump(by_alias=True, exclude_none=True)))
     for document in body.documents or ():
         chat.documents.append(_struct(document))
@@ -39,7 +49,9 @@ def chat_input_from(body: ChatCompletionRequest) -> common_pb2.ChatInput:
     return chat
 
 
-def chat_message_from(message: ChatMessageParam, path: str) -> common_pb2.ChatMessage:
+def chat_message_from(
+    message: ChatMessageParam, path: str, options: ChatOptions = _DEFAULT_OPTIONS
+) -> common_pb2.ChatMessage:
     converted = common_pb2.ChatMessage(role=message.role)
     content = message.content
     if isinstance(content, str):
@@ -47,7 +59,7 @@ def chat_message_from(message: ChatMessageParam, path: str) -> common_pb2.ChatMe
     elif content is not None:
         parts = converted.parts.parts
         for index, part in enumerate(content):
-            parts.append(content_part_from(part, f"{path}.content.{index}"))
+            parts.append(content_part_from(part, f"{path}.content.{index}", options))
         # An empty list still means "has content", distinct from an absent content.
         converted.parts.SetInParent()
     if message.name is not None:
@@ -59,18 +71,25 @@ def chat_message_from(message: ChatMessageParam, path: str) -> common_pb2.ChatMe
     return converted
 
 
-def content_part_from(part: ContentPartParam, path: str) -> common_pb2.ContentPart:
-    """Decide the part kind from `type`, or from the one member present when `type` is absent."""
+def content_part_from(
+    part: ContentPartParam, path: str, options: ChatOptions = _DEFAULT_OPTIONS
+) -> common_pb2.ContentPart:
+    """Decide the part kind from `type`, or from the one member present when `type` is absent.
+    Media are checked against the server's limits here, before the engine sees them."""
     kind = part.type or _inferred_kind(part)
     if kind == "text" and part.text is not None:
         return common_pb2.ContentPart(text=part.text)
     if kind == "image_url" and part.image_url is not None:
-        return common_pb2.ContentPart(image_url=_image_url(part.image_url))
+        image = _image_url(part.image_url)
+        check_media_url(image.url, "image", options, f"{path}.image_url")
+        return common_pb2.ContentPart(image_url=image)
     if kind == "audio_url" and part.audio_url is not None:
         url = part.audio_url if isinstance(part.audio_url, str) else part.audio_url.url
+        check_media_url(url, "audio", options, f"{path}.audio_url")
         return common_pb2.ContentPart(audio_url=common_pb2.AudioUrl(url=url))
     if kind == "input_audio" and part.input_audio is not None:
         audio = part.input_audio
+        check_input_audio(audio.data, audio.format, options, f"{path}.input_audio")
         return common_pb2.ContentPart(
             input_audio=common_pb2.InputAudio(data=audio.data, format=audio.format)
         )

@@ -3,7 +3,8 @@ prompt_logprobs."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import AsyncGenerator, Iterable
+from contextlib import aclosing
 from typing import Any
 
 from protoserve.v1 import inference_pb2
@@ -29,6 +30,24 @@ class CompletionLogprobsBuilder:
         self.token_logprobs: list[float | None] = []
         self.tokens: list[str] = []
         self.top_logprobs: list[dict[str, float] | None] = []
+
+    def extend_echoed_prompt(
+        self, prompt_text: str, entries: Iterable[inference_pb2.TokenLogprobs]
+    ) -> None:
+        """The echoed prompt's tokens: nothing predicts the first (logprob None); its text is
+        what the later tokens' texts leave of the prompt text."""
+        entries = list(entries)
+        if not entries:
+            return
+        scored = entries[1:]
+        rest = sum(len(entry.chosen.token) for entry in scored)
+        first = prompt_text[: max(len(prompt_text) - rest, 0)]
+        self.text_offset.append(self._offset)
+        self.token_logprobs.append(None)
+        self.tokens.append(first)
+        self.top_logprobs.append(None)
+        self._offset += len(first)
+        self.extend(scored)
 
     def extend(self, entries: Iterable[inference_pb2.TokenLogprobs]) -> None:
         for entry in entries:
@@ -90,3 +109,26 @@ def prompt_logprobs_list(
             )
         result.append(position)
     return result
+
+
+async def with_token_id_labels(
+    events: AsyncGenerator[inference_pb2.GenerateResponse, None],
+) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
+    """`events` with every logprob token text replaced by "token_id:<id>"; closing this
+    generator closes (and so cancels) the underlying call."""
+    async with aclosing(events):
+        async for event in events:
+            kind = event.WhichOneof("event")
+            if kind == "delta":
+                _label_with_ids(event.delta.logprobs)
+            elif kind == "started":
+                _label_with_ids(event.started.prompt_logprobs)
+            yield event
+
+
+def _label_with_ids(entries: Iterable[inference_pb2.TokenLogprobs]) -> None:
+    for entry in entries:
+        if not entry.HasField("chosen"):
+            continue  # the first prompt position: nothing to label (and no field to create)
+        for logprob in (entry.chosen, *entry.top):
+            logprob.token = f"token_id:{logprob.token_id}"

@@ -10,11 +10,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protoserve.v1 import common_pb2, inference_pb2
+from rest_bridge.tool_parsers import extract
 from rest_bridge.translate.logprobs import (
     CompletionLogprobsBuilder,
     chat_logprob_entries,
     prompt_logprobs_list,
 )
+from rest_bridge.translate.tool_choice import ToolPlan
 
 _FinishReason = inference_pb2.FinishReason
 # Client cancellation and server aborts look the same to an OpenAI client.
@@ -171,7 +173,10 @@ def completion_body(
         for index, choice in sorted(result.choices.items()):
             logprobs = None
             if want_logprobs:
-                builder = CompletionLogprobsBuilder(start_offset=len(prefix))
+                echoed = echo_texts is not None and bool(result.started.prompt_logprobs)
+                builder = CompletionLogprobsBuilder(start_offset=0 if echoed else len(prefix))
+                if echoed:
+                    builder.extend_echoed_prompt(prefix, result.started.prompt_logprobs)
                 builder.extend(choice.logprobs)
                 logprobs = builder.to_dict()
             choices.append(
@@ -201,20 +206,25 @@ def chat_body(
     role: str,
     echo_text: str | None,
     want_logprobs: bool,
+    tools: ToolPlan | None = None,
 ) -> dict[str, Any]:
     choices = []
     for index, choice in sorted(result.choices.items()):
         logprobs = {"content": chat_logprob_entries(choice.logprobs)} if want_logprobs else None
+        content: str | None = (echo_text or "") + choice.text
+        tool_calls: list[dict[str, Any]] = []
+        finish_reason = choice.finish_reason
+        if tools is not None and tools.new_stream is not None:
+            text, tool_calls = extract(tools.new_stream(), choice.text)
+            # OpenAI sends null content next to tool calls when the model said nothing else.
+            content = (echo_text or "") + text if text or echo_text or not tool_calls else None
+            finish_reason = tool_calls_finish_reason(finish_reason, tools, bool(tool_calls))
         choices.append(
             {
                 "index": index,
-                "message": {
-                    "role": role,
-                    "content": (echo_text or "") + choice.text,
-                    "tool_calls": [],
-                },
+                "message": {"role": role, "content": content, "tool_calls": tool_calls},
                 "logprobs": logprobs,
-                "finish_reason": choice.finish_reason,
+                "finish_reason": finish_reason,
                 "stop_reason": choice.stop_reason,
             }
         )
@@ -228,6 +238,13 @@ def chat_body(
         "usage": usage_of([result]).to_dict(),
         "prompt_logprobs": prompt_logprobs_list(prompt_logprobs) if prompt_logprobs else None,
     }
+
+
+def tool_calls_finish_reason(reason: str | None, tools: ToolPlan, found_calls: bool) -> str | None:
+    """"tool_calls" when parsed calls ended the choice; a length cut stays "length"."""
+    if found_calls and tools.calls_finish_reason and reason in ("stop", None):
+        return "tool_calls"
+    return reason
 
 
 def completion_chunk(

@@ -9,8 +9,14 @@ from rest_bridge.errors import invalid_request
 from rest_bridge.openai_schemas.chat import ChatCompletionRequest
 from rest_bridge.openai_schemas.common import SamplingFields
 from rest_bridge.openai_schemas.completion import CompletionRequest
+from rest_bridge.chat_options import ChatOptions
 from rest_bridge.translate.chat_input import chat_input_from
-from rest_bridge.translate.sampling import output_constraint_from, sampling_params_from
+from rest_bridge.translate.sampling import (
+    constraint_field_aliases,
+    output_constraint_from,
+    sampling_params_from,
+)
+from rest_bridge.translate.tool_choice import ToolPlan
 
 # OpenAI's completion default; the engine's own default is "the rest of the context".
 COMPLETION_DEFAULT_MAX_TOKENS = 16
@@ -27,6 +33,8 @@ class GenerationPlan:
     requests: tuple[inference_pb2.GenerateRequest, ...]
     choices_per_prompt: int
     field_aliases: Mapping[str, str] = field(default_factory=dict)
+    # Logprob tokens become "token_id:<id>" (return_tokens_as_token_ids).
+    tokens_as_ids: bool = False
 
 
 def check_stream_options(body: SamplingFields) -> None:
@@ -34,18 +42,25 @@ def check_stream_options(body: SamplingFields) -> None:
         raise invalid_request(
             "stream_options may only be given together with stream=true", param="stream_options"
         )
+    # The best of best_of candidates is known only at the end: nothing to stream before.
+    if body.stream and body.is_set("best_of") and body.best_of != _choices(body):
+        raise invalid_request("best_of must equal n when streaming", param="best_of")
 
 
 def completion_to_plan(body: CompletionRequest, request_id: str) -> GenerationPlan:
     check_stream_options(body)
     if body.suffix is not None:
-        raise invalid_request("suffix is not supported", param="suffix")
+        # No served tokenizer has fill-in-the-middle tokens the engine knows how to use.
+        raise invalid_request("suffix is not supported for this model", param="suffix")
     if "max_tokens" in body.model_fields_set:
         max_tokens = body.max_tokens
     else:
         max_tokens = COMPLETION_DEFAULT_MAX_TOKENS
     logprobs = body.logprobs if body.is_set("logprobs") else None
     sampling = sampling_params_from(body, max_tokens=max_tokens, logprobs=logprobs)
+    if body.echo and logprobs is not None:
+        # Echoed prompt tokens carry logprobs too: ask the engine to score the prompt.
+        sampling.prompt_logprobs = max(logprobs, sampling.prompt_logprobs)
     constraint = output_constraint_from(body)
     prompts = _split_prompts(body.prompt)
     requests = []
@@ -58,12 +73,25 @@ def completion_to_plan(body: CompletionRequest, request_id: str) -> GenerationPl
         else:
             request.token_ids.ids.extend(prompt)
         requests.append(request)
-    return GenerationPlan(requests=tuple(requests), choices_per_prompt=_choices(body))
+    return GenerationPlan(
+        requests=tuple(requests),
+        choices_per_prompt=_choices(body),
+        field_aliases=constraint_field_aliases(body),
+        tokens_as_ids=bool(body.return_tokens_as_token_ids),
+    )
 
 
-def chat_to_plan(body: ChatCompletionRequest, request_id: str) -> GenerationPlan:
+def chat_to_plan(
+    body: ChatCompletionRequest,
+    request_id: str,
+    options: ChatOptions | None = None,
+    tools: ToolPlan | None = None,
+) -> GenerationPlan:
     check_stream_options(body)
-    aliases: dict[str, str] = {}
+    options = options or ChatOptions()
+    tools = tools or ToolPlan(send_tools=True)
+    aliases: dict[str, str] = constraint_field_aliases(body)
+
     max_tokens = body.max_completion_tokens
     if max_tokens is not None:
         aliases["max_tokens"] = "max_completion_tokens"
@@ -80,10 +108,23 @@ def chat_to_plan(body: ChatCompletionRequest, request_id: str) -> GenerationPlan
     elif body.logprobs:
         logprobs = 0
     sampling = sampling_params_from(body, max_tokens=max_tokens, logprobs=logprobs)
-    request = _base_request(body, request_id, sampling, output_constraint_from(body))
-    request.chat.CopyFrom(chat_input_from(body))
+    constraint = output_constraint_from(body)
+    if tools.constraint is not None:
+        if constraint is not None:
+            raise invalid_request(
+                "a named or required tool_choice cannot be combined with guided decoding or "
+                "response_format", param="tool_choice")
+        constraint = tools.constraint
+    if tools.keep_special_tokens and not sampling.HasField("skip_special_tokens"):
+        # The parser's marker (e.g. [TOOL_CALLS]) is a special token: keep it in the text.
+        sampling.skip_special_tokens = False
+    request = _base_request(body, request_id, sampling, constraint)
+    request.chat.CopyFrom(chat_input_from(body, options, send_tools=tools.send_tools))
     return GenerationPlan(
-        requests=(request,), choices_per_prompt=_choices(body), field_aliases=aliases
+        requests=(request,),
+        choices_per_prompt=_choices(body),
+        field_aliases=aliases,
+        tokens_as_ids=bool(body.return_tokens_as_token_ids),
     )
 
 

@@ -45,7 +45,12 @@ _GUIDED_KINDS: tuple[str, ...] = (
 )
 
 
+# The proto's OutputConstraint kinds, as engine errors name them ("constraint.<kind>").
+_CONSTRAINT_KINDS: tuple[str, ...] = ("json_schema", "regex", "choice", "grammar", "json_object")
+
+
 def sampling_params_from(
+
     body: SamplingFields, *, max_tokens: int | None, logprobs: int | None
 ) -> common_pb2.SamplingParams:
     """Build SamplingParams from the fields `body` set.
@@ -107,6 +112,9 @@ def output_constraint_from(body: SamplingFields) -> common_pb2.OutputConstraint 
     elif kind == "guided_regex":
         constraint.regex = body.guided_regex or ""
     elif kind == "guided_choice":
+        # SetInParent: an empty list still selects `choice`, so the engine rejects it by name
+        # instead of the request running unconstrained.
+        constraint.choice.SetInParent()
         constraint.choice.choices.extend(body.guided_choice or [])
     elif kind == "guided_grammar":
         constraint.grammar = body.guided_grammar or ""
@@ -141,4 +149,21 @@ def _apply_response_format(
             "response_format of type json_schema needs json_schema.schema",
             param="response_format.json_schema",
         )
+    # `strict` is accepted either way: the engine always enforces the whole schema.
     constraint.json_schema = json.dumps(spec.json_schema)
+
+
+def constraint_field_aliases(body: SamplingFields) -> dict[str, str]:
+    """Engine error fields about the constraint -> the OpenAI field the client sent (empty
+    when the client asked for no guided decoding)."""
+    sent = next((name for name in _GUIDED_KINDS if body.is_set(name)), None)
+    if sent is None and _response_format_kind(body) is not None:
+        sent = "response_format"
+    if sent is None:
+        return {}
+    aliases = {f"constraint.{kind}": sent for kind in _CONSTRAINT_KINDS}
+    aliases["constraint"] = sent
+    aliases["constraint.whitespace_pattern"] = "guided_whitespace_pattern"
+    aliases["constraint.backend"] = "guided_decoding_backend"
+    return aliases
+

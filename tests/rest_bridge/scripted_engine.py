@@ -6,6 +6,7 @@ Scripts (the text prompt, or the last chat message's text):
   "error:<CODE>[:<field>[:<reason>]]"  abort before `started` with that status and details
   "fail-after:<k>"                     send `started` and k deltas, then abort with INTERNAL
   "hang"                               send `started` and one delta, then wait to be cancelled
+  "say:<text>"                         stream <text> in 3-character deltas, then finish (stop)
   anything else                        `max_tokens` (default 4) deltas " w0", " w1", ... per
                                        choice; a stop string equal to a word ends the choice
 """
@@ -153,6 +154,20 @@ class ScriptedInference(inference_pb2_grpc.InferenceServicer):
         if script == "hang":
             yield _delta(0, 0, sampling)
             await asyncio.sleep(3600)
+        if script.startswith("say:"):
+            # Exact output text on demand (tool-call markup a random model never writes).
+            text = script.removeprefix("say:")
+            pieces = [text[i:i + 3] for i in range(0, len(text), 3)]
+            for index in range(choices):
+                for number, piece in enumerate(pieces):
+                    yield Response(delta=inference_pb2.GenerateDelta(
+                        index=index, token_ids=[FIRST_TOKEN_ID + number], text=piece))
+                yield Response(finished=inference_pb2.GenerateFinished(
+                    index=index, reason=inference_pb2.FINISH_REASON_STOP,
+                    completion_tokens=len(pieces)))
+            yield Response(usage=common_pb2.Usage(
+                prompt_tokens=prompt_tokens, completion_tokens=len(pieces) * choices))
+            return
         fail_after = (
             int(script.removeprefix("fail-after:")) if script.startswith("fail-after:") else None)
         stopped: set[int] = set()

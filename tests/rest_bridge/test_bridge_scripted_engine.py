@@ -134,7 +134,8 @@ def test_chat_forwards_messages_and_stops_on_a_stop_string(bridge_url: str,
                     {"model": MODEL_ALIAS, "messages": messages, "stop": ["w2"],
                      "chat_template_kwargs": {"flag": True}}, request_id)
     body = ChatCompletionResponse.model_validate(response.json())
-    assert body.id == f"chatcmpl-{request_id}" and body.model == MODEL_ALIAS
+    # Asked by its alias, the model is reported by its first served name.
+    assert body.id == f"chatcmpl-{request_id}" and body.model == MODEL_ID
     assert body.choices[0].message.content == " w0 w1"
     assert (body.choices[0].finish_reason, body.choices[0].stop_reason) == ("stop", "w2")
     (call,) = calls_for(scripted_engine, request_id)

@@ -8,6 +8,7 @@ from google.protobuf import json_format
 from pydantic import ValidationError
 
 from protoserve.v1 import inference_pb2
+from rest_bridge.chat_options import ChatOptions
 from rest_bridge.errors import BridgeError
 from rest_bridge.openai_schemas.chat import ChatCompletionRequest
 from rest_bridge.openai_schemas.completion import CompletionRequest
@@ -171,8 +172,15 @@ def test_response_format_text_is_no_constraint_and_two_kinds_are_refused() -> No
     assert caught.value.param == "response_format.json_schema"
 
 
+def chat_with_options(options: ChatOptions, body: dict[str, Any]) -> inference_pb2.GenerateRequest:
+    (request,) = chat_to_plan(ChatCompletionRequest.model_validate(body), "r", options).requests
+    return request
+
+
 def test_chat_messages_become_chat_input() -> None:
-    request = chat({
+    # http(s) media URLs pass only for hosts the server allows.
+    options = ChatOptions(allowed_media_domains=("i",))
+    request = chat_with_options(options, {
         "model": "m",
         "messages": [
             {"role": "system", "content": "be brief"},

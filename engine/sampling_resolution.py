@@ -1,0 +1,63 @@
+"""Checks and resolution of SamplingParams that need the tokenizer or the server's limits,
+run on the asyncio side once per request (SamplingParams.validate covers the rest)."""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from engine.errors import InvalidRequestError
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from engine.input_processor import ModelLimits
+
+
+def resolve_sampling_params(
+    params: SamplingParams, tokenizer: Tokenizer, limits: ModelLimits
+) -> SamplingParams:
+    """`params` checked against the model and server limits, with bad_words tokenized."""
+    for name in ("logprobs", "prompt_logprobs"):
+        value = getattr(params, name)
+        if value is not None and value > limits.max_logprobs:
+            raise InvalidRequestError(
+                f"{name} ({value}) exceeds the server limit of {limits.max_logprobs} "
+                "(--max-logprobs)",
+                field=name,
+            )
+    if params.use_beam_search:
+        raise InvalidRequestError(
+            "use_beam_search is not supported by this server", field="use_beam_search"
+        )
+    vocab_size = limits.vocab_size
+    _check_in_vocab(params.logit_bias, "logit_bias", vocab_size)
+    _check_in_vocab(params.allowed_token_ids or (), "allowed_token_ids", vocab_size)
+    if params.bad_words:
+        params = replace(params, bad_words_token_ids=bad_words_token_ids(params.bad_words, tokenizer))
+    return params
+
+
+def _check_in_vocab(token_ids: object, field: str, vocab_size: int) -> None:
+    for token_id in token_ids:  # type: ignore[attr-defined]
+        if not 0 <= token_id < vocab_size:
+            raise InvalidRequestError(
+                f"{field} has token id {token_id}, outside the vocabulary [0, {vocab_size})",
+                field=field,
+            )
+
+
+def bad_words_token_ids(words: tuple[str, ...], tokenizer: Tokenizer) -> tuple[tuple[int, ...], ...]:
+    """Each word as it would appear at the start of the text and after a space.
+
+    The spaced form is kept only when the space makes a different first token with the same
+    number of tokens (a genuinely separate spelling, not the same tokens behind a space token).
+    """
+    sequences: list[tuple[int, ...]] = []
+    for word in words:
+        bare = tuple(tokenizer.encode(word.lstrip(), add_special_tokens=False))
+        if bare:
+            sequences.append(bare)
+        spaced = tuple(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+        if spaced and bare and spaced[0] != bare[0] and len(spaced) == len(bare):
+            sequences.append(spaced)
+    return tuple(sequences)

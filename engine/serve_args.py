@@ -1,0 +1,98 @@
+"""engine-serve's network-surface flags (config file, API key, TLS, CORS, REST options) and
+what they become for each server: the gRPC server's security settings and the bridge's argv.
+
+The API key reaches a bridge child process through its environment, never its argv, so it
+does not show in `ps`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from engine.server.security import HEALTH_SERVICE, REFLECTION_SERVICES, GrpcTls
+from rest_bridge.http_options import add_http_args
+
+API_KEY_ENV = "PROTOSERVE_API_KEY"
+
+
+def add_surface_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="YAML file of options: every long flag is a key (dashes or "
+                   "underscores); the command line wins over the file")
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on REST /v1 routes, /tokenize, "
+                   f"/detokenize and on gRPC calls (or set {API_KEY_ENV})")
+    p.add_argument("--grpc-auth-exempt-health", action=argparse.BooleanOptionalAction,
+                   default=True, help="gRPC health checks need no API key (default: on)")
+    p.add_argument("--grpc-auth-exempt-reflection", action=argparse.BooleanOptionalAction,
+                   default=True, help="gRPC server reflection needs no API key (default: on)")
+    p.add_argument("--grpc-require-client-cert", action="store_true",
+                   help="gRPC mTLS: refuse clients without a certificate signed by "
+                   "--ssl-ca-certs (also implied by --ssl-cert-reqs 2)")
+    p.add_argument("--root-path", default="", help="REST path prefix when behind a proxy")
+    # CORS, --disable-fastapi-docs and --ssl-*: shared with engine-bridge.
+    add_http_args(p)
+
+
+def resolve_api_key(args: argparse.Namespace) -> str | None:
+    return args.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+def check_surface_args(args: argparse.Namespace) -> None:
+    """Raise ValueError (one line) for combinations neither server can serve."""
+    if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
+        raise ValueError("TLS needs both --ssl-keyfile and --ssl-certfile")
+    if (args.grpc_require_client_cert or args.ssl_cert_reqs) and not args.ssl_ca_certs:
+        raise ValueError("client certificates need --ssl-ca-certs (the CA that signs them)")
+    if (args.grpc_require_client_cert or args.ssl_ca_certs) and args.ssl_keyfile is None:
+        raise ValueError("client certificates need TLS (--ssl-keyfile and --ssl-certfile)")
+    if args.allow_credentials and "*" in args.allowed_origins:
+        raise ValueError("--allow-credentials cannot be combined with --allowed-origins '*'; "
+                         "list the origins explicitly")
+
+
+def grpc_security(args: argparse.Namespace) -> dict[str, object]:
+    """Keyword arguments for GrpcServerConfig: API key, exempt services and TLS."""
+    exempt: list[str] = []
+    if args.grpc_auth_exempt_health:
+        exempt.append(HEALTH_SERVICE)
+    if args.grpc_auth_exempt_reflection:
+        exempt.extend(REFLECTION_SERVICES)
+    tls = None
+    if args.ssl_keyfile is not None:
+        tls = GrpcTls(
+            keyfile=args.ssl_keyfile,
+            certfile=args.ssl_certfile,
+            client_ca_file=args.ssl_ca_certs,
+            require_client_cert=bool(args.grpc_require_client_cert or args.ssl_cert_reqs == 2),
+        )
+    return {"api_key": resolve_api_key(args), "auth_exempt_services": tuple(exempt), "tls": tls}
+
+
+def bridge_surface_args(args: argparse.Namespace) -> list[str]:
+    """The bridge's share of the surface flags (without the key; see bridge_env)."""
+    extra = ["--root-path", args.root_path]
+    if args.allowed_origins:
+        extra += ["--allowed-origins", json.dumps(args.allowed_origins)]
+        extra += ["--allowed-methods", json.dumps(args.allowed_methods)]
+        extra += ["--allowed-headers", json.dumps(args.allowed_headers)]
+    if args.allow_credentials:
+        extra.append("--allow-credentials")
+    if args.disable_fastapi_docs:
+        extra.append("--disable-fastapi-docs")
+    for flag in ("ssl_keyfile", "ssl_certfile", "ssl_ca_certs"):
+        value = getattr(args, flag)
+        if value is not None:
+            extra += ["--" + flag.replace("_", "-"), value]
+    extra += ["--ssl-cert-reqs", str(args.ssl_cert_reqs)]
+    return extra
+
+
+def bridge_env(args: argparse.Namespace) -> dict[str, str]:
+    """The environment of a bridge child: the key for REST clients and for the engine hop."""
+    env = dict(os.environ)
+    key = resolve_api_key(args)
+    if key:
+        env[API_KEY_ENV] = key
+    return env

@@ -1,0 +1,132 @@
+"""Compiles request constraints into per-choice Grammars, off the step thread, with a bounded
+LRU of compiled grammars.
+
+The cache key is (backend, kind, text, whitespace pattern); the tokenizer is fixed per
+compiler (one compiler per served model), so it is part of the key implicitly.
+
+Compilation runs on this compiler's own worker thread, never on the step thread, so requests
+already running keep decoding while a large grammar compiles. The worker gets a large stack:
+grammar libraries recurse over the grammar's structure, and a deeply nested grammar (a few
+thousand chained Lark rules) overflows a default 8 MiB thread stack, which would take the
+whole process down instead of failing one request.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+from engine.errors import EngineError, UnsupportedError
+from engine.structured.constraint import OutputConstraint
+
+from engine.structured.grammar import CompiledGrammar, Grammar, GrammarBackend, TokenizerInfo
+from engine.structured.registry import DEFAULT_BACKEND, check_backend, create_backend
+
+DEFAULT_CACHE_SIZE = 256
+_WORKER_STACK_BYTES = 512 * 2**20
+
+_CacheKey = tuple[str, str, str, str | None]
+
+
+class GrammarCompiler:
+    def __init__(
+        self,
+        info: TokenizerInfo,
+        *,
+        default_backend: str = DEFAULT_BACKEND,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+    ) -> None:
+        check_backend(default_backend, field="guided_decoding_backend")
+        self.info = info
+        self.default_backend = default_backend
+        self.cache_size = cache_size
+        self._backends: dict[str, GrammarBackend] = {}
+        self._cache: OrderedDict[_CacheKey, CompiledGrammar] = OrderedDict()
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self.num_cache_hits = 0
+        self.num_cache_misses = 0
+
+    # ----- asyncio side ---------------------------------------------------------------------
+
+    async def new_grammars_async(self, constraint: OutputConstraint, n: int) -> list[Grammar]:
+        """Compile (or fetch from the cache) on the worker thread; one Grammar per choice."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._worker(), self.new_grammars, constraint, n)
+
+    # ----- any thread but the step thread ---------------------------------------------------
+
+    def new_grammars(self, constraint: OutputConstraint, n: int) -> list[Grammar]:
+        compiled = self.compile(constraint)
+        return [compiled.new_grammar() for _ in range(n)]
+
+    def compile(self, constraint: OutputConstraint) -> CompiledGrammar:
+        """Raises InvalidRequestError (naming the constraint's field) for a bad constraint."""
+        constraint.validate()
+        backend_name = constraint.backend or self.default_backend
+        check_backend(backend_name)
+        key = (backend_name, constraint.kind.value, constraint.spec, constraint.whitespace_pattern)
+        with self._lock:
+            compiled = self._cache.get(key)
+            if compiled is not None:
+                self._cache.move_to_end(key)
+                self.num_cache_hits += 1
+                return compiled
+            self.num_cache_misses += 1
+        # Compiled outside the lock: a slow grammar must not hold up cache hits. Two threads
+        # compiling the same key at once both succeed; the later insert wins, harmlessly.
+        compiled = self.backend(backend_name).compile(constraint)
+        with self._lock:
+            self._cache[key] = compiled
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return compiled
+
+    def backend(self, name: str) -> GrammarBackend:
+        with self._lock:
+            backend = self._backends.get(name)
+        if backend is None:
+            # Built outside the lock (a large vocabulary takes ~1 s); a rare duplicate is fine.
+            try:
+                backend = create_backend(name, self.info)
+            except EngineError:
+                raise
+            except Exception as exc:  # the library refused this tokenizer
+                raise UnsupportedError(
+                    f"guided decoding backend {name!r} cannot use this model's tokenizer: {exc}",
+                    field="constraint.backend",
+                ) from exc
+            with self._lock:
+                backend = self._backends.setdefault(name, backend)
+        return backend
+
+    @property
+    def cache_len(self) -> int:
+        return len(self._cache)
+
+    def warm_up(self) -> None:
+        """Build the default backend's token tables now rather than on the first request."""
+        self.backend(self.default_backend)
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _worker(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = _big_stack_executor()
+        return self._executor
+
+
+def _big_stack_executor() -> ThreadPoolExecutor:
+    """One worker thread with a large stack. `threading.stack_size` applies to threads created
+    while it is set, so the worker is started here, then the process default is restored."""
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
+    previous = threading.stack_size(_WORKER_STACK_BYTES)
+    try:
+        executor.submit(lambda: None).result()
+    finally:
+        threading.stack_size(previous)
+    return executor

@@ -1,0 +1,92 @@
+"""What a request asks its output to match: plain data, validated once at the boundary.
+
+Mirrors the proto's `OutputConstraint` (one kind per request) so the offline engine and the
+servers share one type. No torch and no backend imports: anyone may import it.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from engine.errors import InvalidRequestError
+
+
+class ConstraintKind(enum.Enum):
+    JSON_SCHEMA = "json_schema"
+    REGEX = "regex"
+    CHOICE = "choice"
+    GRAMMAR = "grammar"  # Lark for llguidance, EBNF (GBNF) for xgrammar
+    JSON_OBJECT = "json_object"  # any JSON object
+
+
+@dataclass(frozen=True, slots=True)
+class OutputConstraint:
+    """Exactly one of json_schema / regex / choice / grammar / json_object.
+
+    `whitespace_pattern` (a regex) replaces the default flexible whitespace between JSON
+    tokens; it applies to the JSON kinds only. `backend` None means the server default.
+    """
+
+    json_schema: str | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    whitespace_pattern: str | None = None
+    backend: str | None = None
+
+    @property
+    def kind(self) -> ConstraintKind:
+        kinds = self._given_kinds()
+        if len(kinds) != 1:
+            self.validate()
+        return kinds[0]
+
+    @property
+    def field(self) -> str:
+        """The request field an error about this constraint names."""
+        return f"constraint.{self.kind.value}"
+
+    @property
+    def spec(self) -> str:
+        """The constraint's text (the choices joined by NUL for the cache key)."""
+        kind = self.kind
+        if kind is ConstraintKind.CHOICE:
+            return "\0".join(self.choice or ())
+        if kind is ConstraintKind.JSON_OBJECT:
+            return ""
+        return getattr(self, kind.value)
+
+    def validate(self) -> None:
+        """Raise InvalidRequestError naming the field: none or several kinds, empty choices."""
+        kinds = self._given_kinds()
+        if not kinds:
+            raise InvalidRequestError(
+                "constraint needs one of json_schema, regex, choice, grammar or json_object",
+                field="constraint",
+            )
+        if len(kinds) > 1:
+            names = ", ".join(k.value for k in kinds)
+            raise InvalidRequestError(
+                f"only one kind of constraint may be given per request, got {names}",
+                field=f"constraint.{kinds[1].value}",
+            )
+        if kinds[0] is ConstraintKind.CHOICE and not self.choice:
+            raise InvalidRequestError("choice must list at least one option", field="constraint.choice")
+        if self.backend is not None and not self.backend:
+            raise InvalidRequestError("backend must not be empty", field="constraint.backend")
+
+    def _given_kinds(self) -> list[ConstraintKind]:
+        kinds = [
+            kind
+            for kind, value in (
+                (ConstraintKind.JSON_SCHEMA, self.json_schema),
+                (ConstraintKind.REGEX, self.regex),
+                (ConstraintKind.CHOICE, self.choice),
+                (ConstraintKind.GRAMMAR, self.grammar),
+            )
+            if value is not None
+        ]
+        if self.json_object:
+            kinds.append(ConstraintKind.JSON_OBJECT)
+        return kinds

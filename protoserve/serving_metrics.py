@@ -1,0 +1,185 @@
+"""Prometheus metrics shared by the engine and the bridge (both import `protoserve`, neither
+imports the other).
+
+Cost model: request-level numbers are recorded once per request from its stream events on the
+asyncio side (a few dict updates); gauges (queue depth, KV use) are read from a callback at
+scrape time. Nothing here runs per token on the step thread.
+
+Names follow vLLM's `/metrics` under our `protoserve:` prefix; `compat_prefixes=("vllm",)`
+repeats every family under `vllm:` for dashboards built for vLLM.
+"""
+from __future__ import annotations
+
+import bisect
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+PREFIX = "protoserve"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Latency buckets (seconds), the ones vLLM uses for the same histograms.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0)
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+E2E_BUCKETS = (1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSnapshot:
+    """Gauges read at scrape time."""
+
+    num_requests_running: int
+    num_requests_waiting: int
+    kv_cache_usage: float
+    prefix_cache_hit_rate: float
+    num_preemptions: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """What one finished request contributes to the counters and histograms."""
+
+    finished_reason: str  # stop | length | abort | cancelled | deadline | error | ...
+    num_prompt_tokens: int
+    num_generation_tokens: int
+    e2e_s: float
+    ttft_s: float | None = None
+
+
+class _Histogram:
+    __slots__ = ("buckets", "counts", "total")
+
+    def __init__(self, buckets: Sequence[float]) -> None:
+        self.buckets = tuple(buckets)
+        self.counts = [0] * (len(self.buckets) + 1)  # the last slot is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.total += value
+
+    def family(self, name: str, doc: str, labels: dict[str, str]) -> HistogramMetricFamily:
+        cumulative, running = [], 0
+        for bound, count in zip((*map(str, self.buckets), "+Inf"), self.counts, strict=True):
+            running += count
+            cumulative.append((bound, running))
+        family = HistogramMetricFamily(name, doc, labels=list(labels))
+        family.add_metric(list(labels.values()), cumulative, self.total)
+        return family
+
+
+class ServingMetrics(Collector):
+    """One instance per process. `record` is called from the event loop; `collect` from the
+    scrape thread, so both take a small lock (held for microseconds)."""
+
+    # Every finish reason always appears (as 0) so dashboards and alerts see the series.
+    REASONS = ("stop", "length", "abort", "cancelled", "deadline", "error")
+
+    def __init__(
+        self,
+        model_name: str | Callable[[], str] = "",
+        *,
+        load: Callable[[], LoadSnapshot | None] | None = None,
+        extra_gauges: Callable[[], dict[str, float]] | None = None,
+        compat_prefixes: Sequence[str] = (),
+    ) -> None:
+        self.model_name = model_name
+        self._load = load
+        self._extra_gauges = extra_gauges
+        self._prefixes = (PREFIX, *compat_prefixes)
+        self._lock = threading.Lock()
+        self._success: dict[str, int] = dict.fromkeys(self.REASONS, 0)
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+        self._ttft = _Histogram(TTFT_BUCKETS)
+        self._tpot = _Histogram(TPOT_BUCKETS)
+        self._e2e = _Histogram(E2E_BUCKETS)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    def record(self, rec: RequestRecord) -> None:
+        with self._lock:
+            self._success[rec.finished_reason] = self._success.get(rec.finished_reason, 0) + 1
+            self._prompt_tokens += rec.num_prompt_tokens
+            self._generation_tokens += rec.num_generation_tokens
+            self._e2e.observe(rec.e2e_s)
+            if rec.ttft_s is not None:
+                self._ttft.observe(rec.ttft_s)
+                if rec.num_generation_tokens > 1:
+                    decode_s = max(rec.e2e_s - rec.ttft_s, 0.0)
+                    self._tpot.observe(decode_s / (rec.num_generation_tokens - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # ----- prometheus_client.Collector ---------------------------------------------------
+
+    def collect(self) -> Iterator:
+        load = self._load() if self._load is not None else None
+        extra = self._extra_gauges() if self._extra_gauges is not None else {}
+        with self._lock:
+            success = dict(self._success)
+            prompt, generation = self._prompt_tokens, self._generation_tokens
+            hists = [(h, list(h.counts), h.total) for h in (self._ttft, self._tpot, self._e2e)]
+        name = self.model_name() if callable(self.model_name) else self.model_name
+        labels = {"model_name": name}
+        for prefix in self._prefixes:
+            yield from self._families(prefix, labels, load, extra, success, prompt, generation,
+                                      hists)
+
+    def _families(self, p, labels, load, extra, success, prompt, generation, hists) -> Iterator:
+        names = list(labels)
+        values = list(labels.values())
+
+        def gauge(name: str, doc: str, value: float):
+            family = GaugeMetricFamily(f"{p}:{name}", doc, labels=names)
+            family.add_metric(values, value)
+            return family
+
+        def counter(name: str, doc: str, value: float):
+            family = CounterMetricFamily(f"{p}:{name}", doc, labels=names)
+            family.add_metric(values, value)
+            return family
+
+        if load is not None:
+            yield gauge("num_requests_running", "Requests in the model batch.",
+                        load.num_requests_running)
+            yield gauge("num_requests_waiting", "Requests waiting to be scheduled.",
+                        load.num_requests_waiting)
+            yield gauge("gpu_cache_usage_perc", "KV cache usage, 0..1 (1 = full).",
+                        load.kv_cache_usage)
+            yield gauge("kv_cache_usage_perc", "KV cache usage, 0..1 (1 = full).",
+                        load.kv_cache_usage)
+            yield gauge("gpu_prefix_cache_hit_rate", "Prefix cache hit rate, 0..1.",
+                        load.prefix_cache_hit_rate)
+            yield counter("num_preemptions", "Preempted (recomputed) requests.",
+                          load.num_preemptions)
+        for name, value in extra.items():
+            yield gauge(name, name.replace("_", " "), value)
+        yield counter("prompt_tokens", "Prefill tokens processed.", prompt)
+        yield counter("generation_tokens", "Generation tokens processed.", generation)
+        yield counter("tokens", "Prompt plus generation tokens.", prompt + generation)
+        done = CounterMetricFamily(f"{p}:request_success", "Finished requests by reason.",
+                                   labels=[*names, "finished_reason"])
+        aborted = CounterMetricFamily(
+            f"{p}:request_aborted", "Requests ended before completion, by reason: cancelled "
+            "(the client went away), deadline (it expired), abort (the server aborted it).",
+            labels=[*names, "reason"])
+        for reason, count in success.items():
+            done.add_metric([*values, reason], count)
+            if reason in ("cancelled", "deadline", "abort", "error"):
+                aborted.add_metric([*values, reason], count)
+        yield done
+        yield aborted
+        docs = ("time_to_first_token_seconds", "Time to first token."), (
+            "time_per_output_token_seconds", "Time per output token after the first."), (
+            "e2e_request_latency_seconds", "End-to-end request latency.")
+        for (name, doc), (hist, counts, total) in zip(docs, hists, strict=True):
+            snapshot = _Histogram(hist.buckets)
+            snapshot.counts, snapshot.total = counts, total
+            yield snapshot.family(f"{p}:{name}", doc, labels)

@@ -1,0 +1,59 @@
+"""Start-up options of chat features the bridge owns: tool-call parsing and media limits."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from rest_bridge.tool_parsers import TOOL_PARSERS
+
+DEFAULT_MAX_MEDIA_BYTES = 20 * 2**20
+# 4096 x 4096: larger images are refused from their header, before any pixel is decoded.
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+@dataclass(frozen=True, slots=True)
+class ChatOptions:
+    # Parse tool calls out of output text when tool_choice is "auto" (explicit or implied).
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    # Hosts whose http(s) media URLs a request may name; none by default (no fetching for
+    # strangers). A leading "." admits subdomains: ".example.com".
+    allowed_media_domains: tuple[str, ...] = ()
+    # Decoded bytes of one media item (data: URL or input_audio).
+    max_media_bytes: int = DEFAULT_MAX_MEDIA_BYTES
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
+            names = ", ".join(sorted(TOOL_PARSERS))
+            raise ValueError(f"--tool-call-parser must be one of {names}")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+        if self.max_media_bytes < 1 or self.max_image_pixels < 1:
+            raise ValueError("media limits must be >= 1")
+
+    @property
+    def auto_tool_parser(self) -> str | None:
+        """The parser for tool_choice "auto", or None when auto tool choice is off."""
+        return self.tool_call_parser if self.enable_auto_tool_choice else None
+
+
+def add_chat_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help="parse tool calls out of model output (needs --tool-call-parser)")
+    parser.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS), default=None)
+    parser.add_argument("--allowed-media-domains", nargs="*", default=[],
+                        help="hosts whose http(s) media URLs requests may name (default: none)")
+    parser.add_argument("--max-media-bytes", type=int, default=DEFAULT_MAX_MEDIA_BYTES,
+                        help="largest decoded image or audio item, in bytes")
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS)
+
+
+def chat_options_from_args(args: argparse.Namespace) -> ChatOptions:
+    return ChatOptions(
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser,
+        allowed_media_domains=tuple(args.allowed_media_domains or ()),
+        max_media_bytes=args.max_media_bytes,
+        max_image_pixels=args.max_image_pixels,
+    )

@@ -1,0 +1,106 @@
+"""The bridge's Prometheus metrics: request latencies as its clients see them (recorded from
+each Generate stream, once per event), plus the engine's queue and KV gauges fetched with
+Discovery.GetLoad at scrape time. Served at GET /metrics (routes/metrics.py)."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import grpc
+
+from protoserve.serving_metrics import LoadSnapshot, RequestRecord, ServingMetrics
+from protoserve.v1 import discovery_pb2, inference_pb2
+
+_PB_REASONS = {
+    inference_pb2.FINISH_REASON_STOP: "stop",
+    inference_pb2.FINISH_REASON_LENGTH: "length",
+    inference_pb2.FINISH_REASON_ABORT: "abort",
+    inference_pb2.FINISH_REASON_CANCELLED: "cancelled",
+    inference_pb2.FINISH_REASON_CONSTRAINT: "stop",
+    inference_pb2.FINISH_REASON_DEADLINE: "deadline",
+}
+_CODE_OUTCOMES = {
+    grpc.StatusCode.DEADLINE_EXCEEDED: "deadline",
+    grpc.StatusCode.CANCELLED: "cancelled",
+}
+
+
+class BridgeMetrics:
+    def __init__(self, *, compat: bool = False) -> None:
+        self._load: LoadSnapshot | None = None
+        self.model_name = ""
+        self.metrics = ServingMetrics(
+            lambda: self.model_name, load=lambda: self._load, extra_gauges=self._process_gauges,
+            compat_prefixes=("vllm",) if compat else (),
+        )
+
+    def tracker(self) -> GenerateTracker:
+        return GenerateTracker(self.metrics)
+
+    def render(self, load: discovery_pb2.GetLoadResponse | None) -> bytes:
+        """Render with the engine gauges of `load` (omitted when the engine did not answer)."""
+        self._load = None if load is None else LoadSnapshot(
+            num_requests_running=load.num_requests_running,
+            num_requests_waiting=load.num_requests_waiting,
+            kv_cache_usage=load.kv_cache_usage,
+            prefix_cache_hit_rate=load.prefix_cache_hit_rate,
+            num_preemptions=load.num_preemptions,
+        )
+        return self.metrics.render()
+
+    @staticmethod
+    def _process_gauges() -> dict[str, float]:
+        # Leak checks: the count of asyncio tasks and threads must return to its idle level.
+        try:
+            tasks = len(asyncio.all_tasks())
+        except RuntimeError:  # rendered outside the event loop
+            tasks = 0
+        return {"bridge_asyncio_tasks": float(tasks),
+                "bridge_threads": float(threading.active_count())}
+
+
+class GenerateTracker:
+    """One Generate call's contribution: TTFT at the first delta, tokens and finish reasons."""
+
+    __slots__ = ("_metrics", "_start", "_first", "_prompt", "_output", "_reasons", "_started")
+
+    def __init__(self, metrics: ServingMetrics) -> None:
+        self._metrics = metrics
+        self._start = time.monotonic()
+        self._first: float | None = None
+        self._prompt = 0
+        self._output = 0
+        self._reasons: list[str] = []
+        self._started = False
+
+    def on_response(self, response: inference_pb2.GenerateResponse) -> None:
+        kind = response.WhichOneof("event")
+        if kind == "delta":
+            if self._first is None and response.delta.token_ids:
+                self._first = time.monotonic()
+        elif kind == "started":
+            self._started = True
+            self._prompt = response.started.prompt_tokens
+        elif kind == "finished":
+            self._output += response.finished.completion_tokens
+            self._reasons.append(_PB_REASONS.get(response.finished.reason, "stop"))
+
+    def fail(self, error: BaseException) -> str:
+        if isinstance(error, grpc.aio.AioRpcError):
+            code = error.code()
+            if code in _CODE_OUTCOMES:
+                return _CODE_OUTCOMES[code]
+            return "error" if self._started else "rejected"
+        # The HTTP client went away (task cancelled or the stream closed early): a cancel,
+        # unless every choice had already finished.
+        return "" if self._reasons else "cancelled"
+
+    def finish(self, outcome: str | None) -> None:
+        reason = outcome or (self._reasons[0] if self._reasons else "error")
+        if reason == "rejected":
+            return  # never admitted: no latency sample
+        now = time.monotonic()
+        ttft = self._first - self._start if self._first is not None else None
+        self._metrics.record(RequestRecord(reason, self._prompt, self._output, now - self._start,
+                                           ttft))

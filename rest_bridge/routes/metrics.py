@@ -1,0 +1,31 @@
+"""`GET /metrics`: Prometheus text. Request latencies as the bridge's clients see them, plus
+the engine's queue and KV gauges (Discovery.GetLoad, asked at scrape time)."""
+from __future__ import annotations
+
+import grpc
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from protoserve.serving_metrics import CONTENT_TYPE
+from rest_bridge.routes.common import RouteContext
+
+router = APIRouter()
+
+# A scrape must answer even when the engine does not: its gauges are then left out.
+_LOAD_TIMEOUT_S = 1.0
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    ctx = RouteContext.of(request)
+    try:
+        load = await ctx.client.get_load(timeout=_LOAD_TIMEOUT_S)
+    except grpc.aio.AioRpcError:
+        load = None
+    bridge_metrics = request.app.state.metrics
+    if load is not None and not bridge_metrics.model_name:
+        try:
+            bridge_metrics.model_name = await ctx.client.default_model_id(timeout=_LOAD_TIMEOUT_S)
+        except grpc.aio.AioRpcError:
+            pass
+    return Response(bridge_metrics.render(load), media_type=CONTENT_TYPE)

@@ -1,0 +1,247 @@
+"""Service-mesh guarantees of the engine's gRPC server, each proven on a real engine process:
+cancellation frees KV blocks, Admin/Abort is idempotent, deadlines evict and stop work,
+back-pressure answers RESOURCE_EXHAUSTED with RetryInfo, metrics count cancels apart from
+aborts, and readiness / drain / engine death behave as a load balancer needs."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from engine_process import EngineProcess, free_port, start_engine
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2
+from grpc_status import rpc_status
+from mesh_helpers import (
+    build_long_context_model,
+    get_load,
+    long_request,
+    open_stream,
+    readiness,
+    sample,
+    scrape,
+    short_request,
+    wait_idle,
+    wait_until,
+)
+
+from protoserve.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+
+# Fault handling must be prompt ("within 2 s"); the bound is generous for a shared machine.
+FAULT_BOUND_S = 10.0
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_long_context_model(tmp_path_factory.mktemp("long-llama"))
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir: Path) -> Iterator[tuple[EngineProcess, str]]:
+    metrics_port = free_port()
+    handle = start_engine(model_dir, "--max-num-seqs", "1", "--max-queue-len", "1",
+                          "--metrics-port", str(metrics_port), "--metrics-compat")
+    yield handle, f"http://127.0.0.1:{metrics_port}/metrics"
+    handle.stop()
+
+
+@pytest.fixture()
+def channel(engine: tuple[EngineProcess, str]) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(engine[0].grpc_address) as ch:
+        wait_idle(ch)
+        yield ch
+
+
+def _finished_reasons(call) -> list[int]:
+    return [r.finished.reason for r in call if r.WhichOneof("event") == "finished"]
+
+
+def test_cancel_frees_kv_blocks_and_counts_as_cancelled(channel, engine) -> None:
+    before = sample(scrape(engine[1]), "protoserve:request_success_total",
+                    finished_reason="cancelled")
+    call = open_stream(channel, long_request())
+    next(call)
+    load = get_load(channel)
+    assert load.num_requests_running == 1 and load.num_free_kv_blocks < load.num_kv_blocks
+    call.cancel()
+    wait_idle(channel, FAULT_BOUND_S)
+    metrics = scrape(engine[1])
+    assert sample(metrics, "protoserve:request_success_total",
+                  finished_reason="cancelled") == before + 1
+    assert sample(metrics, "vllm:request_aborted_total", reason="cancelled") >= 1
+
+
+def test_admin_abort_is_idempotent_and_counted_as_abort(channel, engine) -> None:
+    admin = admin_pb2_grpc.AdminStub(channel)
+    before = sample(scrape(engine[1]), "protoserve:request_aborted_total", reason="abort")
+    call = open_stream(channel, long_request("abort-me"))
+    next(call)
+    reply = admin.Abort(admin_pb2.AbortRequest(request_ids=["abort-me"]), timeout=10)
+    assert list(reply.aborted_request_ids) == ["abort-me"]
+    # The stream ends normally, with the server-side reason (not the client's CANCELLED).
+    assert _finished_reasons(call) == [inference_pb2.FINISH_REASON_ABORT]
+    again = admin.Abort(admin_pb2.AbortRequest(request_ids=["abort-me", "never-seen"]), timeout=10)
+    assert list(again.aborted_request_ids) == []
+    wait_idle(channel, FAULT_BOUND_S)
+    after = sample(scrape(engine[1]), "protoserve:request_aborted_total", reason="abort")
+    assert after == before + 1
+
+
+def test_abort_racing_a_finishing_request_ends_each_stream_once(channel) -> None:
+    admin = admin_pb2_grpc.AdminStub(channel)
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    for i in range(8):
+        request = short_request(max_tokens=1 + i % 3)
+        request.request_id = f"race-{i}"
+        call = stub.Generate(request, timeout=30)
+        # Abort while the request may be finishing this very step.
+        admin.Abort(admin_pb2.AbortRequest(request_ids=[request.request_id]), timeout=10)
+        reasons = _finished_reasons(call)
+        assert len(reasons) == 1 and reasons[0] in (
+            inference_pb2.FINISH_REASON_LENGTH, inference_pb2.FINISH_REASON_ABORT)
+    wait_idle(channel, FAULT_BOUND_S)
+
+
+def test_deadline_stops_decoding_and_evicts_queued(channel, engine) -> None:
+    before = sample(scrape(engine[1]), "protoserve:request_aborted_total", reason="deadline")
+    # Running: the deadline stops its decoding.
+    with pytest.raises(grpc.RpcError) as running:
+        list(inference_pb2_grpc.InferenceStub(channel).Generate(long_request(), timeout=1.5))
+    assert running.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_idle(channel, FAULT_BOUND_S)
+    # Queued behind a long request (--max-num-seqs 1): the deadline evicts it from the queue.
+    blocker = open_stream(channel, long_request())
+    next(blocker)
+    with pytest.raises(grpc.RpcError) as queued:
+        list(inference_pb2_grpc.InferenceStub(channel).Generate(short_request(), timeout=1.0))
+    assert queued.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_until(lambda: get_load(channel).num_requests_waiting == 0, FAULT_BOUND_S,
+               "the expired request left the queue")
+    assert get_load(channel).num_requests_running == 1
+    blocker.cancel()
+    wait_idle(channel, FAULT_BOUND_S)
+    after = sample(scrape(engine[1]), "protoserve:request_aborted_total", reason="deadline")
+    assert after == before + 2
+
+
+def test_queue_full_is_resource_exhausted_with_retry_info(channel) -> None:
+    running = open_stream(channel, long_request())
+    next(running)
+    queued = inference_pb2_grpc.InferenceStub(channel).Generate(long_request(), timeout=60)
+    wait_until(lambda: get_load(channel).num_requests_waiting == 1, FAULT_BOUND_S, "queued")
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as rejected:
+        list(inference_pb2_grpc.InferenceStub(channel).Generate(short_request(), timeout=30))
+    assert time.monotonic() - start < FAULT_BOUND_S  # immediately, not after queueing
+    assert rejected.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    status = rpc_status.from_call(rejected.value)
+    details = {d.type_url.rsplit("/", 1)[-1]: d for d in status.details}
+    info = error_details_pb2.ErrorInfo()
+    details["google.rpc.ErrorInfo"].Unpack(info)
+    assert info.reason == "QUEUE_FULL"
+    retry = error_details_pb2.RetryInfo()
+    details["google.rpc.RetryInfo"].Unpack(retry)
+    assert retry.retry_delay.ToNanoseconds() > 0
+    running.cancel()
+    queued.cancel()
+    wait_idle(channel, FAULT_BOUND_S)
+
+
+def test_engine_metrics_port_exports_reference_names(channel, engine) -> None:
+    list(inference_pb2_grpc.InferenceStub(channel).Generate(short_request(), timeout=30))
+    metrics = scrape(engine[1])
+    for prefix in ("protoserve", "vllm"):
+        for name in ("num_requests_running", "num_requests_waiting", "gpu_cache_usage_perc",
+                     "gpu_prefix_cache_hit_rate", "num_preemptions_total",
+                     "prompt_tokens_total", "generation_tokens_total",
+                     "time_to_first_token_seconds_count", "time_per_output_token_seconds_count",
+                     "e2e_request_latency_seconds_count"):
+            assert any(k.partition("{")[0] == f"{prefix}:{name}" for k in metrics), name
+    assert sample(metrics, "protoserve:request_success_total", finished_reason="length") >= 1
+    assert sample(metrics, "protoserve:generation_tokens_total") >= 4
+
+
+def test_health_list_and_watch(channel) -> None:
+    from grpc_health.v1 import health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(channel)
+    listed = stub.List(health_pb2.HealthListRequest(), timeout=5)
+    assert listed.statuses["protoserve.v1.Inference"].status == health_pb2.HealthCheckResponse.SERVING
+    watch = stub.Watch(health_pb2.HealthCheckRequest(service="protoserve.v1.Inference"), timeout=5)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
+
+
+# ----- destructive: one engine each ---------------------------------------------------------
+
+def _expect_unavailable_soon(call) -> float:
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as failed:
+        for _ in call:
+            pass
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    return time.monotonic() - start
+
+
+def test_step_thread_death_fails_streams_and_exits_nonzero(model_dir: Path) -> None:
+    handle = start_engine(model_dir, "--enable-test-hooks")
+    try:
+        with grpc.insecure_channel(handle.grpc_address) as ch:
+            call = open_stream(ch, long_request(), timeout=120)
+            next(call)
+            os.kill(handle.process.pid, signal.SIGUSR1)
+            assert _expect_unavailable_soon(call) < FAULT_BOUND_S
+        assert handle.process.wait(timeout=FAULT_BOUND_S + 10) != 0
+    finally:
+        handle.stop()
+
+
+def test_hung_step_thread_turns_not_serving_and_keep_alive_keeps_process(model_dir: Path) -> None:
+    handle = start_engine(model_dir, "--enable-test-hooks", "--engine-hang-timeout", "1",
+                          "--keep-alive-on-engine-death")
+    try:
+        with grpc.insecure_channel(handle.grpc_address) as ch:
+            call = open_stream(ch, long_request(), timeout=120)
+            next(call)
+            os.kill(handle.process.pid, signal.SIGUSR2)
+            assert _expect_unavailable_soon(call) < FAULT_BOUND_S
+            wait_until(lambda: readiness(ch) == health_pb2.HealthCheckResponse.NOT_SERVING,
+                       FAULT_BOUND_S, "readiness NOT_SERVING")
+            with pytest.raises(grpc.RpcError) as refused:
+                list(inference_pb2_grpc.InferenceStub(ch).Generate(short_request(), timeout=10))
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert handle.process.poll() is None
+    finally:
+        handle.stop()
+
+
+@pytest.mark.parametrize("trigger", ["sigterm", "admin_drain"])
+def test_drain_finishes_in_flight_rejects_new_and_exits_zero(model_dir: Path, trigger) -> None:
+    handle = start_engine(model_dir, "--drain-timeout", "60")
+    try:
+        with grpc.insecure_channel(handle.grpc_address) as ch:
+            call = open_stream(ch, long_request(max_tokens=1500), timeout=120)
+            events: list = []
+            reader = threading.Thread(target=lambda: events.extend(call), daemon=True)
+            reader.start()
+            if trigger == "sigterm":
+                os.kill(handle.process.pid, signal.SIGTERM)
+            else:
+                admin_pb2_grpc.AdminStub(ch).Drain(admin_pb2.DrainRequest(), timeout=10)
+            wait_until(lambda: readiness(ch) == health_pb2.HealthCheckResponse.NOT_SERVING,
+                       FAULT_BOUND_S, "readiness NOT_SERVING while draining")
+            with pytest.raises(grpc.RpcError) as refused:
+                list(inference_pb2_grpc.InferenceStub(ch).Generate(short_request(), timeout=10))
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            reader.join(timeout=120)
+        finished = [e.finished for e in events if e.WhichOneof("event") == "finished"]
+        assert [f.reason for f in finished] == [inference_pb2.FINISH_REASON_LENGTH]
+        assert finished[0].completion_tokens == 1500
+        assert handle.process.wait(timeout=60) == 0
+    finally:
+        handle.stop()
