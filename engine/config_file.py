@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,6 @@ def parse_args_with_config(
 
     Raises ConfigFileError for an unreadable file, an unknown key or a bad value; argparse
     itself still exits for bad command-line arguments."""
-    import sys
-
     args = list(sys.argv[1:] if argv is None else argv)
     path = find_config_path(args)
     if path is not None:
@@ -63,7 +62,7 @@ def load_config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str
     """{dest: converted value} for every key of the YAML file at `path`."""
     source = Path(path)
     if source.suffix not in (".yaml", ".yml", ".json"):
-        raise ConfigFileError(f"config file {path}: expected a .yaml or .yml file")
+        raise ConfigFileError(f"config file {path}: expected a .yaml, .yml or .json file")
     try:
         data = yaml.safe_load(source.read_text(encoding="utf-8"))
     except OSError as exc:

@@ -69,8 +69,11 @@ class BertDims:
 class LayerNorm(nn.Module):
     def __init__(self, size: int, eps: float, *, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(size, dtype=dtype, device=device), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(size, dtype=dtype, device=device), requires_grad=False)
+        def param() -> nn.Parameter:
+            return nn.Parameter(torch.empty(size, dtype=dtype, device=device), requires_grad=False)
+
+        self.weight = param()
+        self.bias = param()
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -141,6 +141,19 @@ def test_token_id_inputs_equal_text_inputs(server, tokenizer) -> None:
         )
 
 
+def test_add_special_tokens_false_and_user_ignored(server, tokenizer) -> None:
+    bare = post(server, {"input": "hello world", "add_special_tokens": False, "user": "u-1"})
+    assert bare.status_code == 200, bare.text
+    ids = tokenizer.encode("hello world", add_special_tokens=False)
+    assert bare.json()["usage"]["prompt_tokens"] == len(ids)
+    by_ids = post(server, {"input": ids}).json()
+    assert torch.allclose(
+        torch.tensor(bare.json()["data"][0]["embedding"]),
+        torch.tensor(by_ids["data"][0]["embedding"]),
+        atol=1e-5,
+    )
+
+
 def test_chat_form_embeds_the_rendered_template(server, tokenizer) -> None:
     messages = [{"role": "user", "content": "hello world"}]
     chat = post(server, {"messages": messages})

@@ -81,7 +81,9 @@ def test_grpc_embed_batches_on_the_generative_model(server) -> None:
             timeout=60,
         )
         single = stub.Embed(
-            inference_pb2.EmbedRequest(model="llama", inputs=[inference_pb2.EmbedInput(text="two three")]),
+            inference_pb2.EmbedRequest(
+                model="llama", inputs=[inference_pb2.EmbedInput(text="two three")]
+            ),
             timeout=60,
         )
     assert [e.index for e in reply.embeddings] == [0, 1, 2]

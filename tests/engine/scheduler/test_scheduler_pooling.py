@@ -30,7 +30,9 @@ class PoolingFakeRunner(FakeRunner):
         return output
 
 
-def drive(h: Harness, max_steps: int = 200) -> tuple[list[ScheduledBatch], dict[str, RequestOutput]]:
+def drive(
+    h: Harness, max_steps: int = 200
+) -> tuple[list[ScheduledBatch], dict[str, RequestOutput]]:
     batches: list[ScheduledBatch] = []
     finished: dict[str, RequestOutput] = {}
     for _ in range(max_steps):
