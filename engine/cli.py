@@ -26,7 +26,13 @@ from engine.cli_serving import (
     grpc_lifecycle_kwargs,
     serve,
 )
-from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from engine.config import (
+    ATTENTION_BACKENDS,
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+)
 from engine.config_file import parse_args_with_config
 from engine.serve_args import (
     add_surface_args,
@@ -70,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto = bfloat16 on CPU (float16 is never used on CPU)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
+                   help="auto = cpu_paged (our kernels) on CPU when they build, flash_attn or "
+                        "cuda_paged on CUDA, else torch")
     p.add_argument("--kv-cache-memory", type=parse_bytes, default=None, help="e.g. 4GiB")
     p.add_argument("--num-kv-blocks", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
@@ -125,6 +134,7 @@ def engine_config_from_args(args: argparse.Namespace, model: str) -> EngineConfi
             max_logprobs=args.max_logprobs,
             task=args.task,
             pooling_type=args.pooling_type,
+            attention_backend=args.attention_backend,
         ),
         embedding_model=_embedding_model_config(args),
         guided_decoding_backend=_guided_decoding_backend(args),

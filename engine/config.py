@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+ATTENTION_BACKENDS = ("auto", "torch", "cpu_paged", "cuda_paged", "flash_attn")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -29,6 +31,9 @@ class ModelConfig:
     task: str = "auto"
     # Embeddings: "auto" (sentence-transformers config, else cls/last) | "mean" | "cls" | "last".
     pooling_type: str = "auto"
+    # "auto" (cpu_paged on CPU when our kernels build; flash_attn, else cuda_paged on CUDA;
+    # torch otherwise) | "torch" | "cpu_paged" | "cuda_paged" | "flash_attn".
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.task not in ("auto", "generate", "embed"):
@@ -43,6 +48,11 @@ class ModelConfig:
             raise ValueError("chat_template_content_format must be auto, string or openai")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError("max_model_len must be >= 1")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                f"got {self.attention_backend!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.beam_search import (
+    BeamCandidate,
+    BeamSearch,
+    EarlyStopping,
+    beam_stop_token_ids,
+    beam_width,
+    check_beam_search_params,
+    run_beam_searches,
+)
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from engine.engine_core import EngineCore
 from engine.errors import InvalidRequestError
@@ -111,6 +120,8 @@ class LLM:
             p.validate()
             if p.stop:
                 raise InvalidRequestError("stop strings need the serving path", field="stop")
+            if p.use_beam_search:
+                raise InvalidRequestError("use LLM.beam_search for beam search", field="use_beam_search")
             if not prompt or len(prompt) >= self.max_model_len:
                 raise InvalidRequestError(f"prompt {i} is empty or too long", field="prompt")
             budget = self.max_model_len - len(prompt)
@@ -145,3 +156,58 @@ class LLM:
             )
             for r in requests
         ]
+
+    def beam_search(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        *,
+        early_stopping: EarlyStopping = False,
+    ) -> list[list[CompletionOutput]]:
+        """Beam search (see engine/beam_search.py): per prompt, the params.n best of
+        beam_width(params) beams, best first. `early_stopping` as transformers spells it;
+        the servers use False, transformers' default."""
+        check_beam_search_params(params)
+        stop_ids = beam_stop_token_ids(params, frozenset(self.runner.loaded.eos_token_ids))
+        searches = [
+            BeamSearch(
+                beam_width(params),
+                max(1, min(self.max_model_len - len(prompt), params.max_tokens or self.max_model_len)),
+                stop_ids, params.length_penalty, early_stopping,
+            )
+            for prompt in prompts
+        ]
+        num_top = max(searches[0].num_candidates, params.logprobs or 0) if searches else 0
+        step = SamplingParams(temperature=0.0, max_tokens=1, logprobs=num_top)
+
+        def expand(sequences: list[list[int]]) -> list[tuple[list[BeamCandidate], object]]:
+            entries = [out.logprobs[0] for out in self.generate(sequences, step)]  # type: ignore[index]
+            return [
+                ([BeamCandidate(t, lp) for t, lp in zip(e.top_token_ids, e.top_logprobs)], e)
+                for e in entries
+            ]
+
+        run_beam_searches(prompts, searches, expand)
+        return [
+            [
+                CompletionOutput(
+                    prompt, list(h.beam.token_ids),
+                    FinishReason.STOP if h.stop_token_id is not None else FinishReason.LENGTH, 0,
+                    None if params.logprobs is None else [
+                        _beam_token_logprobs(e, t, params.logprobs)  # type: ignore[arg-type]
+                        for e, t in zip(h.beam.details, h.beam.token_ids)
+                    ],
+                )
+                for h in search.best(params.n)
+            ]
+            for prompt, search in zip(prompts, searches)
+        ]
+
+
+def _beam_token_logprobs(entry: TokenLogprobs, token_id: int, num_top: int) -> TokenLogprobs:
+    """A step's entry seen from the beam's token, which is among its top tokens."""
+    rank = entry.top_token_ids.index(token_id)
+    return TokenLogprobs(
+        token_id, entry.top_logprobs[rank], rank + 1,
+        entry.top_token_ids[:num_top], entry.top_logprobs[:num_top],
+    )

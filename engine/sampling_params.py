@@ -80,7 +80,8 @@ class SamplingParams:
             _bad("stop", "stop strings must not be empty")
         if self.n < 1:
             _bad("n", f"must be >= 1, got {self.n}")
-        if self.n > 1 and self.is_greedy:
+        # Beam search is deterministic and still returns n different beams.
+        if self.n > 1 and self.is_greedy and not self.use_beam_search:
             _bad("n", "n > 1 needs sampling (temperature > 0): greedy samples would be identical")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)

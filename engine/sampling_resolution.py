@@ -26,8 +26,11 @@ def resolve_sampling_params(
                 field=name,
             )
     if params.use_beam_search:
+        # Beam search is a driver over one-token requests (engine/beam_search_driver.py); a
+        # request that reaches the engine with it set skipped that driver.
         raise InvalidRequestError(
-            "use_beam_search is not supported by this server", field="use_beam_search"
+            "use_beam_search requests must go through the beam search driver",
+            field="use_beam_search",
         )
     vocab_size = limits.vocab_size
     _check_in_vocab(params.logit_bias, "logit_bias", vocab_size)

@@ -1,8 +1,11 @@
 """ModelRunner: owns the model and the KV cache; one `execute` per engine step."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from engine.attention import resolve_attention_backend
 from engine.batch import ScheduledBatch
 from engine.config import CacheConfig, ModelConfig
 from engine.models.loader import LoadedModel, load_model
@@ -12,6 +15,8 @@ from engine.runner.kv_memory import KVCacheSpec, allocate_kv_caches, determine_n
 from engine.runner.prompt_logprobs import score_prompt_chunks
 from engine.sampling.sampler import Sampler
 
+logger = logging.getLogger(__name__)
+
 
 class ModelRunner:
     def __init__(
@@ -20,9 +25,18 @@ class ModelRunner:
         cache_config: CacheConfig,
         *,
         max_num_seqs: int = 256,
-        attention_backend: str = "torch",
+        attention_backend: str | None = None,
     ) -> None:
-        self.loaded: LoadedModel = load_model(model_config, attention_backend=attention_backend)
+        # None: the config's choice; "auto" becomes a concrete backend for the device here.
+        self.attention_backend: str = resolve_attention_backend(
+            attention_backend or model_config.attention_backend,
+            torch.device(model_config.device),
+            cache_config.block_size,
+        )
+        logger.info("attention backend: %s", self.attention_backend)
+        self.loaded: LoadedModel = load_model(
+            model_config, attention_backend=self.attention_backend
+        )
         self.device = self.loaded.device
         self.block_size = cache_config.block_size
         spec = KVCacheSpec(

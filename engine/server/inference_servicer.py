@@ -8,6 +8,7 @@ import grpc
 
 from engine.errors import QueueFullError, SlowConsumerError
 from engine.best_of import select_best_of
+from engine.beam_search_driver import beam_search
 from engine.generation import GenerationFinished, GenerationStarted
 from engine.server.context import REQUEST_ID_KEY, EngineHandle, abort_for, request_id_from
 from engine.server.embed_convert import embed, embedding_request_from_pb
@@ -40,8 +41,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             engine = self.handle.get(request.model, task="generate")
             self._admit(engine)
             generation = generate_request_from_pb(request, request_id)
-            candidates = engine.loop.generate(generation, deadline)
-            best = select_best_of(candidates, generation.sampling_params)
+            if generation.sampling_params.use_beam_search:
+                best = beam_search(engine.loop, generation, deadline)
+            else:
+                candidates = engine.loop.generate(generation, deadline)
+                best = select_best_of(candidates, generation.sampling_params)
             async with aclosing(best) as events:
                 async for event in events:
                     tracker.on_event(event)

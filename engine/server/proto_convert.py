@@ -51,6 +51,10 @@ def sampling_from_pb(pb: common_pb2.SamplingParams) -> SamplingParams:
             kwargs[name] = getattr(pb, name)
     if pb.HasField("top_k"):
         kwargs["top_k"] = 0 if pb.top_k == -1 else pb.top_k
+    if kwargs.get("use_beam_search") and "temperature" not in kwargs:
+        # Beam search ranks by the model's log-probabilities (temperature 0); the sampling
+        # default of 1.0 would make every beam request without a temperature an error.
+        kwargs["temperature"] = 0.0
     if pb.stop:
         kwargs["stop"] = tuple(pb.stop)
     if pb.stop_token_ids:

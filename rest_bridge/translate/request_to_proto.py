@@ -43,7 +43,13 @@ def check_stream_options(body: SamplingFields) -> None:
             "stream_options may only be given together with stream=true", param="stream_options"
         )
     # The best of best_of candidates is known only at the end: nothing to stream before.
-    if body.stream and body.is_set("best_of") and body.best_of != _choices(body):
+    # Beam search (best_of = beam width) streams all of its choices at the end instead.
+    if (
+        body.stream
+        and body.is_set("best_of")
+        and body.best_of != _choices(body)
+        and not body.use_beam_search
+    ):
         raise invalid_request("best_of must equal n when streaming", param="best_of")
 
 
