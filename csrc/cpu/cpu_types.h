@@ -107,6 +107,16 @@ void for_each_unit(int64_t num_units, MakeWorker make_worker, Body body) {
   });
 }
 
+// q . k in fp32. The simd reduction lets the compiler vectorise the sum (a plain loop must
+// keep the serial summation order, which blocks vectorisation without -ffast-math).
+template <typename T>
+inline float dot_product(const float* q, const T* k, int64_t n) {
+  float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t d = 0; d < n; ++d) dot += q[d] * to_float(k[d]);
+  return dot;
+}
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 

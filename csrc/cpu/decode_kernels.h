@@ -68,12 +68,7 @@ struct PortableDecode {
     for (int64_t h = head0; h < head0 + group; ++h) {
       const float* q = st.query.data() + h * st.head_dim;
       float* s = st.scores.data() + h * st.part_pad + offset;
-      for (int64_t t = 0; t < n; ++t) {
-        const T* k = keys + t * stride;
-        float dot = 0.0f;
-        for (int64_t d = 0; d < st.head_dim; ++d) dot += q[d] * to_float(k[d]);
-        s[t] = dot * scale;
-      }
+      for (int64_t t = 0; t < n; ++t) s[t] = dot_product(q, keys + t * stride, st.head_dim) * scale;
     }
   }
 

@@ -61,9 +61,7 @@ void run_portable(const PrefillArgs& args) {
             float m = -INFINITY;
             for (int64_t t = 0; t < num_keys; ++t) {
               const T* k = cache.key_row(args.block_table.at(0, t / bs), t % bs, kv_head);
-              float dot = 0.0f;
-              for (int64_t d = 0; d < dim; ++d) dot += q[d] * to_float(k[d]);
-              scores[t] = dot * args.scale;
+              scores[t] = dot_product(q, k, dim) * args.scale;
               m = std::max(m, scores[t]);
             }
             std::fill(acc, acc + dim, 0.0f);
