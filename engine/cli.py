@@ -212,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args_with_config(build_parser(), argv)
         check_surface_args(args)
+        if args.enable_auto_tool_choice and not args.tool_call_parser:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
     except ValueError as exc:  # ConfigFileError included: one line, the key named
         print(f"engine-serve: error: {exc}", file=sys.stderr)
         return 2
@@ -243,10 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     bridge = None
-    uds = None
+    uds = f"unix:{args.grpc_uds}" if args.grpc_uds else None
     if args.role == "all":
-        uds_path = Path(tempfile.gettempdir()) / f"protoserve-{os.getpid()}.sock"
-        uds = f"unix:{uds_path}"
+        if uds is None:
+            uds_path = Path(tempfile.gettempdir()) / f"protoserve-{os.getpid()}.sock"
+            uds = f"unix:{uds_path}"
         bridge = start_bridge(uds, args)
     try:
         return asyncio.run(run_engine(config, args, uds))

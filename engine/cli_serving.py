@@ -16,6 +16,8 @@ logger = logging.getLogger("engine.cli")
 
 def add_serving_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("serving (service mesh)")
+    g.add_argument("--grpc-uds", default=None, metavar="PATH",
+                   help="also serve gRPC on this Unix socket (a bridge sidecar sharing a volume)")
     g.add_argument("--max-queue-len", type=int, default=None,
                    help="requests allowed to wait for admission; more get RESOURCE_EXHAUSTED "
                    "(HTTP 429) with a retry hint (default: unbounded)")

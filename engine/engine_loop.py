@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 # How long the idle step thread sleeps between heartbeats (readiness checks its freshness).
 _IDLE_WAIT_S = 0.5
+_STEP_THREAD_STACK_BYTES = 512 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +85,13 @@ class EngineLoop:
         self._loop = asyncio.get_running_loop()
         self.last_heartbeat = time.monotonic()  # the watchdog must not see a stale start
         self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
-        self._thread.start()
+        # Grammar masks are computed on this thread, and deeply nested grammars recurse deep
+        # inside the grammar library: give it the same large stack as the compile thread.
+        previous = threading.stack_size(_STEP_THREAD_STACK_BYTES)
+        try:
+            self._thread.start()
+        finally:
+            threading.stack_size(previous)
 
     def stop(self, timeout: float = 5.0) -> None:
         self._inbox.put(_Stop())
