@@ -10,8 +10,8 @@ only each beam's uncached tail.
     step s:  [prompt + beam_i  for i live] -> top-K logprobs each -> BeamSearch.step
     done:    the n best hypotheses, as choices 0..n-1: one Delta + one Finished each
 
-Nothing streams before the search ends (which beams win is known only then): the events of
-every choice are sent at the end, as the reference server does.
+Only Started streams before the search ends (which beams win is known only then): the events
+of every choice are sent at the end, as the reference server does.
 """
 from __future__ import annotations
 

@@ -22,7 +22,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from engine.engine_core import EngineCore
-from engine.errors import DeadlineExceededError, EngineUnavailableError, InvalidRequestError
+from engine.errors import (
+    DeadlineExceededError,
+    EngineUnavailableError,
+    InvalidRequestError,
+    SlowConsumerError,
+)
 from engine.generation import (
     GenerationEvent,
     GenerationFinished,
@@ -39,6 +44,9 @@ logger = logging.getLogger(__name__)
 
 # How long the idle step thread sleeps between heartbeats (readiness checks its freshness).
 _IDLE_WAIT_S = 0.5
+# Events one request may buffer for a consumer that does not read (a stalled streaming
+# client): beyond it the request is cancelled, so its memory stays bounded.
+_MAX_BUFFERED_EVENTS = 2048
 _STEP_THREAD_STACK_BYTES = 512 * 1024 * 1024
 
 
@@ -223,6 +231,11 @@ class EngineLoop:
             stream = self._streams.get(output.request_id)
             if stream is None:
                 continue  # aborted or stopped by a stop string meanwhile
+            if stream.events.qsize() > _MAX_BUFFERED_EVENTS:
+                del self._streams[output.request_id]
+                stream.fail(SlowConsumerError("the client stopped reading its stream"))
+                self._inbox.put(_Abort([output.request_id], FinishReason.CANCELLED))
+                continue
             done, stopped_early = stream.on_output(output)
             if done:
                 del self._streams[output.request_id]

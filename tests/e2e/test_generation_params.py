@@ -186,7 +186,9 @@ BAD_VALUES = [
     ("logit_bias", {"logit_bias": {"100000": 1.0}}, {"logit_bias": {100000: 1.0}}),
     ("allowed_token_ids", {"allowed_token_ids": [100000]}, {"allowed_token_ids": [100000]}),
     ("truncate_prompt_tokens", {"truncate_prompt_tokens": 0}, {"truncate_prompt_tokens": 0}),
-    ("use_beam_search", {"use_beam_search": True}, {"use_beam_search": True}),
+    # Beam search ranks by the model's log-probabilities: a temperature is refused, by name.
+    ("temperature", {"use_beam_search": True, "temperature": 0.5},
+     {"use_beam_search": True, "temperature": 0.5}),
 ]
 
 

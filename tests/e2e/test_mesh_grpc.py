@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -245,3 +246,62 @@ def test_drain_finishes_in_flight_rejects_new_and_exits_zero(model_dir: Path, tr
         assert handle.process.wait(timeout=60) == 0
     finally:
         handle.stop()
+
+
+def test_a_client_that_stops_reading_is_cancelled_without_slowing_others(model_dir) -> None:
+    handle = start_engine(model_dir, "--stall-timeout", "1")
+    try:
+        # No BDP probing: the HTTP/2 window stays small, so the stall reaches the server soon.
+        with grpc.insecure_channel(handle.grpc_address,
+                                   options=[("grpc.http2.bdp_probe", 0)]) as stalled_ch, \
+                grpc.insecure_channel(handle.grpc_address) as ch:
+            stalled = open_stream(stalled_ch, long_request(max_tokens=8000), timeout=300)
+            stub = inference_pb2_grpc.InferenceStub(ch)
+            for _ in range(5):  # others keep being served while it stalls
+                start = time.monotonic()
+                events = list(stub.Generate(short_request(8), timeout=60))
+                assert events[-2].finished.reason == inference_pb2.FINISH_REASON_LENGTH
+                assert time.monotonic() - start < FAULT_BOUND_S
+            wait_idle(ch, 60)  # the stalled request was cancelled: every block is free
+            with pytest.raises(grpc.RpcError) as ended:
+                for _ in stalled:
+                    pass
+            assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        handle.stop()
+
+
+def test_python_client_cancels_times_out_and_reports_overload(engine) -> None:
+    import asyncio
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "clients" / "python" / "protoserve_client.py"
+    spec = importlib.util.spec_from_file_location("protoserve_client", path)
+    client_mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = client_mod  # dataclasses resolve annotations through it
+    spec.loader.exec_module(client_mod)
+
+    async def scenario() -> None:
+        async with client_mod.ProtoserveClient(engine[0].grpc_address) as client:
+            done = await client.complete("hi", max_tokens=3, temperature=0.0)
+            assert done.finish_reasons == {0: "length"} and done.completion_tokens == 3
+            async for _ in client.generate("hi", max_tokens=5000):
+                break  # leaving early cancels the call
+            with pytest.raises(client_mod.DeadlineExceeded):
+                await client.complete("hi", max_tokens=5000, timeout=1.0)
+            # One running + one queued (--max-queue-len 1): the next is refused, with a hint.
+            streams = [client.generate("hi", max_tokens=5000) for _ in range(2)]
+            await anext(streams[0])
+            waiting = asyncio.create_task(anext(streams[1]))
+            while (await client.get_load()).num_requests_waiting < 1:
+                await asyncio.sleep(0.05)
+            with pytest.raises(client_mod.Overloaded) as overloaded:
+                await client.complete("hi", max_tokens=2)
+            assert overloaded.value.reason == "QUEUE_FULL" and overloaded.value.retry_after_s
+            waiting.cancel()
+            for stream in streams:
+                await stream.aclose()
+
+    asyncio.run(scenario())
+    with grpc.insecure_channel(engine[0].grpc_address) as ch:
+        wait_idle(ch, FAULT_BOUND_S)

@@ -134,6 +134,16 @@ def test_bridge_only_rules() -> None:
         assert caught.value.param == "stream_options"
 
 
+def test_streaming_best_of_is_refused_except_as_a_beam_width() -> None:
+    with pytest.raises(BridgeError) as caught:
+        completion({"prompt": "x", "stream": True, "n": 2, "best_of": 4})
+    assert caught.value.param == "best_of"
+    # Beam search sends every choice at the end: nothing to hold back, so it may stream.
+    (request,) = completion({"prompt": "x", "stream": True, "n": 2, "best_of": 4,
+                             "use_beam_search": True})
+    assert request.sampling.use_beam_search and request.sampling.best_of == 4
+
+
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
