@@ -171,8 +171,8 @@ def run_prefill(args: argparse.Namespace) -> None:
         t_ours = median_seconds(ours, repeats)
         t_sdpa = median_seconds(sdpa, repeats)
         print(f"{context_start:>6} {chunk:>6} {context:>6} | {t_ours * 1e3:>9.2f} "
-              f"{flops / t_ours / 1e9:>6.1f} | {t_sdpa * 1e3:>11.2f} {flops / t_sdpa / 1e9:>6.1f} | "
-              f"{t_sdpa / t_ours:>6.2f}x")
+              f"{flops / t_ours / 1e9:>6.1f} | {t_sdpa * 1e3:>11.2f} "
+              f"{flops / t_sdpa / 1e9:>6.1f} | {t_sdpa / t_ours:>6.2f}x")
 
 
 def parse_shape(text: str) -> tuple[int, int]:

@@ -78,6 +78,8 @@ def make_hf_generate_batch(
     )
 
     def run(prompts: Prompts) -> Outputs:
+        # Each call starts a fresh manager (cache allocation, worker thread; under a second
+        # here), as a user of this API pays it; it also means no prefix cache survives a run.
         with torch.inference_mode():
             results = model.generate_batch(
                 inputs=prompts,

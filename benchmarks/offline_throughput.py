@@ -106,7 +106,8 @@ def time_once(contender: Contender, prompts: Prompts, output_len: int) -> None:
     result.num_prompt_tokens = sum(len(p) for p in prompts)
     result.num_output_tokens = sum(len(o) for o in outputs)
     contender.outputs = outputs
-    print(f"  {result.name}: {result.wall_s[-1]:.2f} s wall, {result.cpu_s[-1]:.2f} s CPU", flush=True)
+    wall, cpu = result.wall_s[-1], result.cpu_s[-1]
+    print(f"  {result.name}: {wall:.2f} s wall, {cpu:.2f} s CPU", flush=True)
 
 
 # --- ours (the transformers baselines live in hf_runners.py) ------------------------------
@@ -203,11 +204,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--hf-batch-size", type=int, default=None,
                         help="static batch size for transformers generate (default: num-prompts)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per contender; median reported")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs per contender; median reported")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     parser.add_argument("--check-tokens", type=int, default=8,
-                        help="leading tokens that must agree in the greedy check")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["hf-generate", "hf-generate-batch"],
+                        help="leading tokens counted in the greedy-agreement report")
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["hf-generate", "hf-generate-batch"],
                         help="contenders to leave out")
     parser.add_argument("--json", default=None, help="write the results to this path")
     return parser.parse_args()
@@ -228,10 +231,15 @@ def print_table(results: list[RunResult]) -> None:
         )
 
 
-def build_contenders(args: argparse.Namespace, model_dir: Path) -> tuple[list[Contender], list[RunResult]]:
+def build_contenders(
+    args: argparse.Namespace, model_dir: Path
+) -> tuple[list[Contender], list[RunResult]]:
     """Every contender is loaded before any is timed, so the timed runs can be interleaved."""
     contenders = [
-        Contender(RunResult("protoserve LLM.generate"), make_ours(model_dir, args.output_len, args.num_prompts))
+        Contender(
+            RunResult("protoserve LLM.generate"),
+            make_ours(model_dir, args.output_len, args.num_prompts),
+        )
     ]
     skipped: list[RunResult] = []
     model = load_hf_model(model_dir)
@@ -309,18 +317,20 @@ def main() -> None:
             "best": round(other.result.best_s / ours.best_s, 2),
         }
     for label, ratio in ratios.items():
-        print(f"output throughput {label}: {ratio['median']:.2f}x (median), {ratio['best']:.2f}x (best)")
+        print(f"output throughput {label}: {ratio['median']:.2f}x (median), "
+              f"{ratio['best']:.2f}x (best)")
 
     agreement: dict[str, object] = {}
+    first_n = min(args.check_tokens, args.output_len)
     for i, first in enumerate(active):
         for second in active[i + 1 :]:
             label = f"{first.result.name} vs {second.result.name}"
-            check = greedy_agreement(first.outputs, second.outputs, args.check_tokens)
+            check = greedy_agreement(first.outputs, second.outputs, first_n)
             agreement[label] = check
             prefixes = check["matching_prefix_lengths"]
             print(
                 f"greedy agreement {label}: {check['prompts_matching_first_n']}/"
-                f"{check['num_prompts']} prompts match the first {args.check_tokens} tokens; "
+                f"{check['num_prompts']} prompts match the first {first_n} tokens; "
                 f"matching prefix median {statistics.median(prefixes)} of {args.output_len} "
                 f"(min {min(prefixes)}, max {max(prefixes)})"
             )
@@ -328,7 +338,11 @@ def main() -> None:
     if args.json:
         report = {
             "machine": machine,
-            "model": {"dir": str(model_dir), "parameters": count_parameters(model_dir), "dtype": "bfloat16"},
+            "model": {
+                "dir": str(model_dir),
+                "parameters": count_parameters(model_dir),
+                "dtype": "bfloat16",
+            },
             "workload": {
                 "num_prompts": args.num_prompts,
                 "input_len": args.input_len,
