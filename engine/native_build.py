@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import importlib.machinery
 import importlib.util
+import logging
 import os
 import platform
 import shutil
@@ -27,6 +28,8 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 CACHE_DIR_ENV = "PROTOSERVE_CACHE_DIR"
 _COMPLETE_MARKER = "complete"
@@ -118,6 +121,7 @@ def _compile(spec: ExtensionSpec, build_dir: Path) -> ModuleType:
     # torch's own lock file; a crashed build may have left one behind, and under our flock
     # nobody else is building in this directory.
     (build_dir / "lock").unlink(missing_ok=True)
+    logger.info("building %s once into %s (later processes reuse it)", spec.name, build_dir)
     try:
         return cpp_extension.load(
             name=spec.name,

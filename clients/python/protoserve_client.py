@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2
@@ -103,6 +104,13 @@ def _error(error: grpc.aio.AioRpcError) -> ProtoserveError:
     return kind(error.code(), error.details() or "", reason, retry)
 
 
+def _request(prompt: str, options: dict[str, Any]) -> inference_pb2.GenerateRequest:
+    request_id = options.pop("request_id", "")
+    options.setdefault("max_tokens", 16)
+    return inference_pb2.GenerateRequest(
+        text=prompt, request_id=request_id, sampling=common_pb2.SamplingParams(**options))
+
+
 class ProtoserveClient:
     def __init__(self, address: str, *, api_key: str | None = None,
                  credentials: grpc.ChannelCredentials | None = None) -> None:
@@ -125,28 +133,20 @@ class ProtoserveClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def generate(self, prompt: str, *, max_tokens: int = 16, temperature: float = 1.0,
-                       n: int = 1, request_id: str = "", timeout: float | None = None,
-                       ) -> AsyncIterator[Chunk]:
-        """Stream text chunks. Closing the iterator early cancels the request."""
-        request = inference_pb2.GenerateRequest(
-            text=prompt, request_id=request_id,
-            sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature,
-                                               n=n),
-        )
+    async def generate(self, prompt: str, *, timeout: float | None = None,
+                       **sampling: Any) -> AsyncIterator[Chunk]:
+        """Stream text chunks. Closing the iterator early cancels the request. `sampling`:
+        max_tokens, temperature, n, ignore_eos, ... (SamplingParams fields), request_id."""
+        request = _request(prompt, sampling)
         async for response in self._stream(request, timeout):
             if response.WhichOneof("event") == "delta":
                 delta = response.delta
                 yield Chunk(delta.index, delta.text, list(delta.token_ids))
 
-    async def complete(self, prompt: str, *, max_tokens: int = 16, temperature: float = 1.0,
-                       n: int = 1, request_id: str = "", timeout: float | None = None,
-                       ) -> Completion:
-        request = inference_pb2.GenerateRequest(
-            text=prompt, request_id=request_id,
-            sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature,
-                                               n=n),
-        )
+    async def complete(self, prompt: str, *, timeout: float | None = None,
+                       **sampling: Any) -> Completion:
+        """The whole generation (all n choices); arguments as for `generate`."""
+        request = _request(prompt, sampling)
         result = Completion()
         async for response in self._stream(request, timeout):
             kind = response.WhichOneof("event")

@@ -29,8 +29,9 @@ void write_kv_cache(const WriteKvArgs& args) {
       const int64_t slot = args.slot_mapping[token];
       if (slot < 0) continue;
       const int64_t dst = slot * token_stride + head * cache.head_dim;
-      const char* key = static_cast<const char*>(args.key.data) +
-                        (token * args.key.token_stride + head * args.key.head_stride) * element_size;
+      const char* key =
+          static_cast<const char*>(args.key.data) +
+          (token * args.key.token_stride + head * args.key.head_stride) * element_size;
       const char* value =
           static_cast<const char*>(args.value.data) +
           (token * args.value.token_stride + head * args.value.head_stride) * element_size;

@@ -17,6 +17,8 @@
 //
 // The partition length does not depend on the thread count, so results are reproducible.
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <cmath>
 #include <vector>
 
@@ -32,7 +34,8 @@ constexpr int64_t kPrefetchDistance = 2;
 
 void prefetch_range(const void* start, int64_t bytes) {
   const char* bytes_ptr = static_cast<const char*>(start);
-  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(bytes_ptr + offset, 0, 3);
+  for (int64_t offset = 0; offset < bytes; offset += 64)
+    __builtin_prefetch(bytes_ptr + offset, 0, 3);
 }
 
 template <typename T, typename Kernel>
@@ -79,7 +82,9 @@ void run_decode(const DecodeArgs& args) {
         const int64_t first_block = begin / block_size;
         const int64_t end_block = ceil_div(end, block_size);
         auto block_at = [&](int64_t index) { return args.block_tables.at(s, index); };
-        auto tokens_in = [&](int64_t index) { return std::min(block_size, end - index * block_size); };
+        auto tokens_in = [&](int64_t index) {
+          return std::min(block_size, end - index * block_size);
+        };
         auto prefetch = [&](int64_t index, int64_t kv) {
           if (index >= end_block) return;
           const T* rows = kv == 0 ? cache.key_row(block_at(index), 0, 0)
@@ -87,20 +92,27 @@ void run_decode(const DecodeArgs& args) {
           prefetch_range(rows, tokens_in(index) * stride * static_cast<int64_t>(sizeof(T)));
         };
 
+        static const int stage_mode = getenv("PROTOSERVE_DECODE_STAGE") ? atoi(getenv("PROTOSERVE_DECODE_STAGE")) : 0;
+        static thread_local std::vector<T> staging;
+        if (stage_mode) staging.resize(block_size * stride);
         Kernel::load_query(st, query + s * args.query.token_stride, args.query.head_stride);
         for (int64_t index = first_block; index < end_block; ++index) {
-          prefetch(index + kPrefetchDistance, 0);
+          if (stage_mode != 2) prefetch(index + kPrefetchDistance, 0);
           const int64_t block = block_at(index);
+          const T* rows = cache.key_row(block, 0, 0);
+          if (stage_mode) { std::memcpy(staging.data(), rows, tokens_in(index) * stride * sizeof(T)); rows = staging.data(); }
           for (int64_t kv_head = 0; kv_head < shape.num_kv_heads; ++kv_head)
-            Kernel::scores(st, kv_head * group, group, cache.key_row(block, 0, kv_head), stride,
+            Kernel::scores(st, kv_head * group, group, rows + kv_head * dim, stride,
                            tokens_in(index), index * block_size - begin, args.scale);
         }
         Kernel::softmax(st, end - begin);
         for (int64_t index = first_block; index < end_block; ++index) {
-          prefetch(index + kPrefetchDistance, 1);
+          if (stage_mode != 2) prefetch(index + kPrefetchDistance, 1);
           const int64_t block = block_at(index);
+          const T* rows = cache.value_row(block, 0, 0);
+          if (stage_mode) { std::memcpy(staging.data(), rows, tokens_in(index) * stride * sizeof(T)); rows = staging.data(); }
           for (int64_t kv_head = 0; kv_head < shape.num_kv_heads; ++kv_head)
-            Kernel::accumulate(st, kv_head * group, group, cache.value_row(block, 0, kv_head),
+            Kernel::accumulate(st, kv_head * group, group, rows + kv_head * dim,
                                stride, tokens_in(index), index * block_size - begin);
         }
         Kernel::finish(st, natural);
@@ -109,7 +121,8 @@ void run_decode(const DecodeArgs& args) {
           for (int64_t h = 0; h < args.num_heads; ++h) {
             T* row = out + s * args.out.token_stride + h * args.out.head_stride;
             const float inv = 1.0f / st.l[h];
-            for (int64_t d = 0; d < dim; ++d) row[d] = from_float<T>(natural[h * dim_pad + d] * inv);
+            for (int64_t d = 0; d < dim; ++d)
+              row[d] = from_float<T>(natural[h * dim_pad + d] * inv);
           }
           return;
         }
@@ -131,7 +144,8 @@ void run_decode(const DecodeArgs& args) {
       const int64_t m_at = args.num_heads * dim_pad + h;
       const int64_t l_at = m_at + args.num_heads;
       float m_max = -INFINITY;
-      for (int64_t j = 0; j < num_parts[s]; ++j) m_max = std::max(m_max, base[j * partial_stride + m_at]);
+      for (int64_t j = 0; j < num_parts[s]; ++j)
+        m_max = std::max(m_max, base[j * partial_stride + m_at]);
       std::fill(merged.begin(), merged.end(), 0.0f);
       float total = 0.0f;
       for (int64_t j = 0; j < num_parts[s]; ++j) {

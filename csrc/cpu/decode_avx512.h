@@ -120,7 +120,8 @@ struct Avx512Bf16Decode {
     __m512bh q[GT][NCH];
     for (int g = 0; g < GT; ++g)
       for (int c = 0; c < NCH; ++c)
-        q[g][c] = (__m512bh)_mm512_loadu_si512(st.query_bf16.data() + (g0 + g) * st.dim_pad + 32 * c);
+        q[g][c] = (__m512bh)_mm512_loadu_si512(st.query_bf16.data() + (g0 + g) * st.dim_pad +
+                                               32 * c);
     __m512 acc[16];
     const bf16_t* row = rows;
 #pragma GCC unroll 16

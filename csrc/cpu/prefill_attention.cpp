@@ -106,8 +106,9 @@ void run_avx512_bf16(const PrefillArgs& args) {
         for (int64_t r = 0; r < rows_pad; ++r) {
           const int64_t i = first + std::min(r, num_rows - 1) / tiling.group;
           query_pos[r] = static_cast<int32_t>(args.context_start + i);
-          const bf16_t* q_row = query + i * args.query.token_stride +
-                                (kv_head * tiling.group + r % tiling.group) * args.query.head_stride;
+          const int64_t head = kv_head * tiling.group + r % tiling.group;
+          const bf16_t* q_row =
+              query + i * args.query.token_stride + head * args.query.head_stride;
           for (int64_t dp = 0; dp < dim / 2; ++dp) {
             uint32_t pair = 0;
             if (r < num_rows) std::memcpy(&pair, q_row + 2 * dp, sizeof(pair));
@@ -139,13 +140,14 @@ void run_avx512_bf16(const PrefillArgs& args) {
         for (int64_t r = 0; r < num_rows; ++r) {
           const float* o = ts.out.data() + r * ts.dim_pad;
           for (int64_t c = 0; c < ts.dim_pad; c += 32)
-            vec::deinterleave(_mm512_loadu_ps(o + c), _mm512_loadu_ps(o + c + 16), natural.data() + c);
+            vec::deinterleave(_mm512_loadu_ps(o + c), _mm512_loadu_ps(o + c + 16),
+                              natural.data() + c);
           const __m512 inv = _mm512_set1_ps(1.0f / ts.l[r]);
           bf16_t* dst = out + (first + r / tiling.group) * args.out.token_stride +
                         (kv_head * tiling.group + r % tiling.group) * args.out.head_stride;
           for (int64_t d = 0; d < dim; d += 16) {
-            const __m256i packed =
-                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(natural.data() + d), inv));
+            const __m512 scaled = _mm512_mul_ps(_mm512_loadu_ps(natural.data() + d), inv);
+            const __m256i packed = (__m256i)_mm512_cvtneps_pbh(scaled);
             const int count = static_cast<int>(std::min<int64_t>(16, dim - d));
             _mm256_mask_storeu_epi16(dst + d, static_cast<__mmask16>((1u << count) - 1), packed);
           }

@@ -161,7 +161,8 @@ inline void softmax_tile(TileScratch& ts, int64_t n, int64_t key_pos, const int3
       if (t % 2 == 0) {
         previous = p;
       } else {
-        _mm512_storeu_si512(ts.pw.data() + (t / 2) * ts.rows_pad + r0, vec::pack_pairs(previous, p));
+        _mm512_storeu_si512(ts.pw.data() + (t / 2) * ts.rows_pad + r0,
+                            vec::pack_pairs(previous, p));
       }
     }
     _mm512_storeu_ps(ts.alpha.data() + r0, alpha);

@@ -15,7 +15,8 @@ pc::DType dtype_of(const torch::Tensor& t) {
     case torch::kFloat32: return pc::DType::kFloat32;
     case torch::kFloat16: return pc::DType::kFloat16;
     case torch::kBFloat16: return pc::DType::kBFloat16;
-    default: TORCH_CHECK(false, "kv_cache must be float32, float16 or bfloat16, got ", t.scalar_type());
+    default:
+      TORCH_CHECK(false, "kv_cache must be float32, float16 or bfloat16, got ", t.scalar_type());
   }
 }
 

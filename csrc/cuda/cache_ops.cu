@@ -20,7 +20,8 @@ __global__ void write_kv_cache_kernel(WriteKvParams params) {
   const int64_t row_elements = cache.num_kv_heads * cache.head_dim;
   const int64_t value_offset = cache.num_blocks * cache.block_size * row_elements;
   Element* dst = static_cast<Element*>(cache.data) + slot * row_elements;
-  const Element* key = static_cast<const Element*>(params.key.data) + token * params.key.token_stride;
+  const Element* key =
+      static_cast<const Element*>(params.key.data) + token * params.key.token_stride;
   const Element* value =
       static_cast<const Element*>(params.value.data) + token * params.value.token_stride;
   for (int64_t i = threadIdx.x; i < row_elements; i += blockDim.x) {

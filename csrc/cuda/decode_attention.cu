@@ -147,12 +147,14 @@ __global__ void merge_partitions(DecodeParams p) {
   float m_max = -INFINITY;
   for (int64_t j = 0; j < num_parts; ++j) m_max = fmaxf(m_max, p.partial_max[base + j]);
   float total = 0.0f;
-  for (int64_t j = 0; j < num_parts; ++j) total += __expf(p.partial_max[base + j] - m_max) * p.partial_sum[base + j];
+  for (int64_t j = 0; j < num_parts; ++j)
+    total += __expf(p.partial_max[base + j] - m_max) * p.partial_sum[base + j];
+  const int64_t head_dim = p.cache.head_dim;
   T* row = static_cast<T*>(p.out.data) + seq * p.out.token_stride + head * p.out.head_stride;
-  for (int64_t d = threadIdx.x; d < p.cache.head_dim; d += blockDim.x) {
+  for (int64_t d = threadIdx.x; d < head_dim; d += blockDim.x) {
     float out = 0.0f;
     for (int64_t j = 0; j < num_parts; ++j)
-      out += __expf(p.partial_max[base + j] - m_max) * p.partial_out[(base + j) * p.cache.head_dim + d];
+      out += __expf(p.partial_max[base + j] - m_max) * p.partial_out[(base + j) * head_dim + d];
     row[d] = from_float<T>(out / total);
   }
 }

@@ -52,7 +52,9 @@ class EngineHandle:
         if engine is None:
             raise EngineUnavailableError("the model is still loading")
         if self.draining:
-            raise EngineUnavailableError("the server is shutting down", reason="DRAINING")
+            draining = EngineUnavailableError("the server is shutting down", reason="DRAINING")
+            draining.retry_after_s = 1.0  # RetryInfo: clients retry on another replica
+            raise draining
         side = self.embedding_engine
         if side is not None and (side.resolve_model_name(model) if model else task == "embed"):
             engine = side

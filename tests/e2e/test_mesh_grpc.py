@@ -239,6 +239,9 @@ def test_drain_finishes_in_flight_rejects_new_and_exits_zero(model_dir: Path, tr
             with pytest.raises(grpc.RpcError) as refused:
                 list(inference_pb2_grpc.InferenceStub(ch).Generate(short_request(), timeout=10))
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            hints = [d for d in rpc_status.from_call(refused.value).details
+                     if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
+            assert hints, "draining answers carry RetryInfo"
             reader.join(timeout=120)
         finished = [e.finished for e in events if e.WhichOneof("event") == "finished"]
         assert [f.reason for f in finished] == [inference_pb2.FINISH_REASON_LENGTH]
@@ -285,12 +288,15 @@ def test_python_client_cancels_times_out_and_reports_overload(engine) -> None:
         async with client_mod.ProtoserveClient(engine[0].grpc_address) as client:
             done = await client.complete("hi", max_tokens=3, temperature=0.0)
             assert done.finish_reasons == {0: "length"} and done.completion_tokens == 3
-            async for _ in client.generate("hi", max_tokens=5000):
-                break  # leaving early cancels the call
+            first = client.generate("hi", max_tokens=5000, ignore_eos=True)
+            async for _ in first:
+                break
+            await first.aclose()  # closing the iterator early cancels the call
             with pytest.raises(client_mod.DeadlineExceeded):
-                await client.complete("hi", max_tokens=5000, timeout=1.0)
+                await client.complete("hi", max_tokens=5000, ignore_eos=True, timeout=1.0)
             # One running + one queued (--max-queue-len 1): the next is refused, with a hint.
-            streams = [client.generate("hi", max_tokens=5000) for _ in range(2)]
+            streams = [client.generate("hi", max_tokens=5000, ignore_eos=True)
+                       for _ in range(2)]
             await anext(streams[0])
             waiting = asyncio.create_task(anext(streams[1]))
             while (await client.get_load()).num_requests_waiting < 1:
@@ -299,6 +305,7 @@ def test_python_client_cancels_times_out_and_reports_overload(engine) -> None:
                 await client.complete("hi", max_tokens=2)
             assert overloaded.value.reason == "QUEUE_FULL" and overloaded.value.retry_after_s
             waiting.cancel()
+            await asyncio.gather(waiting, return_exceptions=True)
             for stream in streams:
                 await stream.aclose()
 

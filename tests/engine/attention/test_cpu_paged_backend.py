@@ -174,9 +174,11 @@ def test_failed_build_logs_once_and_falls_back(monkeypatch: pytest.MonkeyPatch,
         out = torch.empty_like(query)
         ops.paged_decode_attention(out, query, cache, torch.tensor([[2, 0]]), torch.tensor([20]),
                                    0.125)
-        keys, values = cache[0, [2, 0]].reshape(-1, 2, 64)[:20], cache[1, [2, 0]].reshape(-1, 2, 64)[:20]
-        probs = torch.softmax(torch.einsum("hd,thd->ht", query[0], keys.repeat_interleave(2, 1)) * 0.125, -1)
-        expected = torch.einsum("ht,thd->hd", probs, values.repeat_interleave(2, 1))
+        # Blocks 2 then 0; each kv head serves two query heads.
+        keys = cache[0, [2, 0]].reshape(-1, 2, 64)[:20].repeat_interleave(2, 1)
+        values = cache[1, [2, 0]].reshape(-1, 2, 64)[:20].repeat_interleave(2, 1)
+        probs = torch.softmax(torch.einsum("hd,thd->ht", query[0], keys) * 0.125, -1)
+        expected = torch.einsum("ht,thd->hd", probs, values)
         torch.testing.assert_close(out[0], expected, atol=1e-5, rtol=1e-5)
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1

@@ -56,7 +56,9 @@ def test_decode_matches_reference(
     query = torch.randn(num_seqs, NUM_KV_HEADS * group, head_dim, generator=gen).to(dtype)
     out = torch.empty_like(query)
     scale = head_dim**-0.5
-    ops.paged_decode_attention(out, query, case.kv_cache, case.block_tables, case.context_lens, scale)
+    ops.paged_decode_attention(
+        out, query, case.kv_cache, case.block_tables, case.context_lens, scale
+    )
     expected = reference_decode(case, query, scale)
     torch.testing.assert_close(out.float(), expected, **TOLERANCES[dtype])
 
@@ -104,8 +106,9 @@ def test_prefill_matches_reference(
         scale = head_dim**-0.5
         ops.paged_prefill_attention(out, query, case.kv_cache, table, context_start, scale)
         expected = reference_prefill(case.kv_cache, table, query, context_start, scale)
+        shape = (context_start, chunk)
         torch.testing.assert_close(
-            out.float(), expected, **TOLERANCES[dtype], msg=lambda m: f"{(context_start, chunk)}: {m}"
+            out.float(), expected, **TOLERANCES[dtype], msg=lambda m: f"{shape}: {m}"
         )
 
 
@@ -152,6 +155,8 @@ def test_decode_sharp_softmax_over_a_long_context() -> None:
     query = torch.randn(1, NUM_KV_HEADS, head_dim, generator=gen).to(torch.bfloat16)
     scale = 4.0 / math.sqrt(head_dim)
     out = torch.empty_like(query)
-    ops.paged_decode_attention(out, query, case.kv_cache, case.block_tables, case.context_lens, scale)
+    ops.paged_decode_attention(
+        out, query, case.kv_cache, case.block_tables, case.context_lens, scale
+    )
     expected = reference_decode(case, query, scale)
     torch.testing.assert_close(out.float(), expected, **TOLERANCES[torch.bfloat16])
