@@ -17,9 +17,8 @@
 //
 // The partition length does not depend on the thread count, so results are reproducible.
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include "cpu_ops.h"
@@ -61,7 +60,8 @@ void run_decode(const DecodeArgs& args) {
   const int64_t dim_pad = round_up(dim, 32);
   // Per split unit: [num_heads][dim_pad] acc, then [num_heads] m and [num_heads] l.
   const int64_t partial_stride = args.num_heads * (dim_pad + 2);
-  std::vector<float> partials(any_split ? num_units * partial_stride : 0);
+  // Every slot is written before it is read: no zero-fill (megabytes at large batch).
+  std::unique_ptr<float[]> partials(any_split ? new float[num_units * partial_stride] : nullptr);
 
   T* out = static_cast<T*>(args.out.data);
   const T* query = static_cast<const T*>(args.query.data);
@@ -92,27 +92,20 @@ void run_decode(const DecodeArgs& args) {
           prefetch_range(rows, tokens_in(index) * stride * static_cast<int64_t>(sizeof(T)));
         };
 
-        static const int stage_mode = getenv("PROTOSERVE_DECODE_STAGE") ? atoi(getenv("PROTOSERVE_DECODE_STAGE")) : 0;
-        static thread_local std::vector<T> staging;
-        if (stage_mode) staging.resize(block_size * stride);
         Kernel::load_query(st, query + s * args.query.token_stride, args.query.head_stride);
         for (int64_t index = first_block; index < end_block; ++index) {
-          if (stage_mode != 2) prefetch(index + kPrefetchDistance, 0);
+          prefetch(index + kPrefetchDistance, 0);
           const int64_t block = block_at(index);
-          const T* rows = cache.key_row(block, 0, 0);
-          if (stage_mode) { std::memcpy(staging.data(), rows, tokens_in(index) * stride * sizeof(T)); rows = staging.data(); }
           for (int64_t kv_head = 0; kv_head < shape.num_kv_heads; ++kv_head)
-            Kernel::scores(st, kv_head * group, group, rows + kv_head * dim, stride,
+            Kernel::scores(st, kv_head * group, group, cache.key_row(block, 0, kv_head), stride,
                            tokens_in(index), index * block_size - begin, args.scale);
         }
         Kernel::softmax(st, end - begin);
         for (int64_t index = first_block; index < end_block; ++index) {
-          if (stage_mode != 2) prefetch(index + kPrefetchDistance, 1);
+          prefetch(index + kPrefetchDistance, 1);
           const int64_t block = block_at(index);
-          const T* rows = cache.value_row(block, 0, 0);
-          if (stage_mode) { std::memcpy(staging.data(), rows, tokens_in(index) * stride * sizeof(T)); rows = staging.data(); }
           for (int64_t kv_head = 0; kv_head < shape.num_kv_heads; ++kv_head)
-            Kernel::accumulate(st, kv_head * group, group, rows + kv_head * dim,
+            Kernel::accumulate(st, kv_head * group, group, cache.value_row(block, 0, kv_head),
                                stride, tokens_in(index), index * block_size - begin);
         }
         Kernel::finish(st, natural);
@@ -126,7 +119,7 @@ void run_decode(const DecodeArgs& args) {
           }
           return;
         }
-        float* partial = partials.data() + unit * partial_stride;
+        float* partial = partials.get() + unit * partial_stride;
         std::copy(natural, natural + args.num_heads * dim_pad, partial);
         std::copy(st.m.begin(), st.m.end(), partial + args.num_heads * dim_pad);
         std::copy(st.l.begin(), st.l.end(), partial + args.num_heads * dim_pad + args.num_heads);
@@ -140,7 +133,7 @@ void run_decode(const DecodeArgs& args) {
       const int64_t s = task / args.num_heads;
       if (num_parts[s] == 1) continue;
       const int64_t h = task % args.num_heads;
-      const float* base = partials.data() + unit_begin[s] * partial_stride;
+      const float* base = partials.get() + unit_begin[s] * partial_stride;
       const int64_t m_at = args.num_heads * dim_pad + h;
       const int64_t l_at = m_at + args.num_heads;
       float m_max = -INFINITY;

@@ -34,6 +34,10 @@ class ModelRunner:
             cache_config.block_size,
         )
         logger.info("attention backend: %s", self.attention_backend)
+        # --seed: requests without a seed of their own draw from torch's default generator,
+        # which the engine process owns; seeding it makes a restarted server replay the same
+        # unseeded samples for the same request order (as the reference server does).
+        torch.manual_seed(model_config.seed)
         self.loaded: LoadedModel = load_model(
             model_config, attention_backend=self.attention_backend
         )
