@@ -120,7 +120,13 @@ def chat_to_plan(
             raise invalid_request(
                 "a named or required tool_choice cannot be combined with guided decoding or "
                 "response_format", param="tool_choice")
-        constraint = tools.constraint
+        constraint = common_pb2.OutputConstraint()
+        constraint.CopyFrom(tools.constraint)
+        # The guided_* options that shape (rather than choose) a constraint still apply.
+        if body.is_set("guided_whitespace_pattern"):
+            constraint.whitespace_pattern = body.guided_whitespace_pattern or ""
+        if body.is_set("guided_decoding_backend"):
+            constraint.backend = body.guided_decoding_backend or ""
     if tools.keep_special_tokens and not sampling.HasField("skip_special_tokens"):
         # The parser's marker (e.g. [TOOL_CALLS]) is a special token: keep it in the text.
         sampling.skip_special_tokens = False

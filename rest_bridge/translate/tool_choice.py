@@ -103,6 +103,8 @@ def required_schema(tools: list[ToolParam]) -> dict[str, Any]:
                 "parameters": tool.function.parameters or _ANY_OBJECT,
             },
             "required": ["name", "parameters"],
+            # Without this the list item could grow extra keys, i.e. unbounded free text.
+            "additionalProperties": False,
         }
         for tool in tools
     ]
