@@ -90,15 +90,7 @@ class EmbeddingInputProcessor:
                 raise InvalidRequestError(
                     f"input {index}: messages must not be empty", field="messages"
                 )
-            text = self.tokenizer.render_chat(
-                chat.messages,
-                add_generation_prompt=chat.add_generation_prompt,
-                continue_final_message=chat.continue_final_message,
-                chat_template=chat.chat_template,
-                chat_template_kwargs=chat.chat_template_kwargs,
-                tools=chat.tools,
-                documents=chat.documents,
-            )
+            text = self.tokenizer.render_chat_prompt(chat)
             add_special = bool(req.add_special_tokens)
             token_ids = self.tokenizer.encode_chat(text, add_special_tokens=add_special)
         elif prompt.token_ids is not None:

@@ -77,19 +77,8 @@ class InputProcessor:
     def _tokenize_prompt(self, req: GenerationRequest) -> PreparedPrompt:
         prompt = req.prompt
         if prompt.chat is not None:
-            chat = prompt.chat
-            if not chat.messages:
-                raise InvalidRequestError("messages must not be empty", field="messages")
-            reject_media_parts(chat.messages, self.model_name)
-            text = self.tokenizer.render_chat(
-                chat.messages,
-                add_generation_prompt=chat.add_generation_prompt,
-                continue_final_message=chat.continue_final_message,
-                chat_template=chat.chat_template,
-                chat_template_kwargs=chat.chat_template_kwargs,
-                tools=chat.tools,
-                documents=chat.documents,
-            )
+            reject_media_parts(prompt.chat.messages, self.model_name)
+            text = self.tokenizer.render_chat_prompt(prompt.chat)
             add_special = bool(req.add_special_tokens)
             token_ids = self.tokenizer.encode_chat(text, add_special_tokens=add_special)
             return PreparedPrompt(token_ids, text)

@@ -204,3 +204,21 @@ async def cancel_on_disconnect(
     if work_task.cancelled():
         raise ClientDisconnected()
     return work_task.result()
+
+
+async def open_streams_watched(
+    receive: Receive, client: EngineClient, plan: GenerationPlan, *, timeout: float | None
+) -> list[OpenStream]:
+    """open_streams, abandoned (engine calls cancelled) if the HTTP client disconnects."""
+    return await cancel_on_disconnect(receive, lambda: open_streams(client, plan, timeout=timeout))
+
+
+async def collect_results_watched(
+    receive: Receive, streams: list[OpenStream], plan: GenerationPlan
+) -> list[PromptResult]:
+    """collect_results for a non-streamed response: cancelled on disconnect, and every
+    engine call closed whatever happens (also a cancellation before collection began)."""
+    try:
+        return await cancel_on_disconnect(receive, lambda: collect_results(streams, plan))
+    finally:
+        await close_all([stream.events for stream in streams])

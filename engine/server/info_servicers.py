@@ -69,18 +69,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
 
 
 def _render(engine: Engine, chat_pb) -> str:
-    chat = chat_from_pb(chat_pb)
-    if not chat.messages:
-        raise InvalidRequestError("messages must not be empty", field="messages")
-    return engine.tokenizer.render_chat(
-        chat.messages,
-        add_generation_prompt=chat.add_generation_prompt,
-        continue_final_message=chat.continue_final_message,
-        chat_template=chat.chat_template,
-        chat_template_kwargs=chat.chat_template_kwargs,
-        tools=chat.tools,
-        documents=chat.documents,
-    )
+    return engine.tokenizer.render_chat_prompt(chat_from_pb(chat_pb))
 
 
 def model_info(engine: Engine) -> discovery_pb2.ModelInfo:

@@ -18,6 +18,7 @@ from engine.tokenizer.template_sources import (
 )
 
 if TYPE_CHECKING:
+    from engine.generation import ChatPrompt
     from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
@@ -183,6 +184,20 @@ class Tokenizer:
             documents=documents,
             variables={**self._special_token_variables, **extra},
             content_format=content_format,
+        )
+
+    def render_chat_prompt(self, chat: ChatPrompt) -> str:
+        """`render_chat` for a request's ChatPrompt (generate, embed, tokenize alike)."""
+        if not chat.messages:
+            raise InvalidRequestError("messages must not be empty", field="messages")
+        return self.render_chat(
+            chat.messages,
+            add_generation_prompt=chat.add_generation_prompt,
+            continue_final_message=chat.continue_final_message,
+            chat_template=chat.chat_template,
+            chat_template_kwargs=chat.chat_template_kwargs,
+            tools=chat.tools,
+            documents=chat.documents,
         )
 
     def default_content_format(self) -> ContentFormat:

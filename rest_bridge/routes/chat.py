@@ -4,7 +4,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from rest_bridge.generation import cancel_on_disconnect, close_all, collect_results, open_streams
+from rest_bridge.generation import collect_results_watched, open_streams_watched
 from rest_bridge.openai_schemas.chat import ChatCompletionRequest, ChatMessageParam
 from rest_bridge.openai_schemas.responses import ChatCompletionResponse
 from rest_bridge.routes.common import (
@@ -43,9 +43,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     echo_text = echo_text_of(body, role)
     want_logprobs = bool(body.logprobs)
     timeout = ctx.settings.request_timeout
-    streams = await cancel_on_disconnect(
-        request.receive, lambda: open_streams(ctx.client, plan, timeout=timeout)
-    )
+    streams = await open_streams_watched(request.receive, ctx.client, plan, timeout=timeout)
     if body.stream:
         include_usage, continuous_usage = stream_usage_flags(body)
         writer = ChatChunkWriter(
@@ -60,13 +58,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
             tools=tools,
         )
         return SSEResponse(sse_stream(streams, writer, plan.field_aliases))
-    try:
-        results = await cancel_on_disconnect(
-            request.receive, lambda: collect_results(streams, plan)
-        )
-    finally:
-        # Covers a cancellation that struck before collection began.
-        await close_all([stream.events for stream in streams])
+    results = await collect_results_watched(request.receive, streams, plan)
     content = chat_body(
         meta, results[0], role=role, echo_text=echo_text, want_logprobs=want_logprobs,
         tools=tools,

@@ -10,10 +10,9 @@ from fastapi.responses import JSONResponse, Response
 from protoserve.v1 import inference_pb2
 from rest_bridge.generation import (
     OpenStream,
-    cancel_on_disconnect,
     close_all,
-    collect_results,
-    open_streams,
+    collect_results_watched,
+    open_streams_watched,
     translate_engine_error,
 )
 from rest_bridge.openai_schemas.completion import CompletionRequest
@@ -44,9 +43,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     plan = completion_to_plan(body, ctx.request_id)
     meta = await response_meta(ctx, "cmpl", body.model)
     timeout = ctx.settings.request_timeout
-    streams = await cancel_on_disconnect(
-        request.receive, lambda: open_streams(ctx.client, plan, timeout=timeout)
-    )
+    streams = await open_streams_watched(request.receive, ctx.client, plan, timeout=timeout)
     try:
         echo_texts = await _echo_texts(ctx, plan, streams) if body.echo else None
     except BaseException as error:
@@ -65,13 +62,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
             continuous_usage=continuous_usage,
         )
         return SSEResponse(sse_stream(streams, writer, plan.field_aliases))
-    try:
-        results = await cancel_on_disconnect(
-            request.receive, lambda: collect_results(streams, plan)
-        )
-    finally:
-        # Covers a cancellation that struck before collection began.
-        await close_all([stream.events for stream in streams])
+    results = await collect_results_watched(request.receive, streams, plan)
     content: dict[str, Any] = completion_body(
         meta,
         results,
