@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto = cpu_paged (our kernels) on CPU when they build, flash_attn or "
                         "cuda_paged on CUDA, else torch")
     p.add_argument("--kv-cache-memory", type=parse_bytes, default=None, help="e.g. 4GiB")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="CUDA: share of device memory for weights + activations + KV cache")
     p.add_argument("--num-kv-blocks", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -141,6 +143,7 @@ def engine_config_from_args(args: argparse.Namespace, model: str) -> EngineConfi
         cache=CacheConfig(
             block_size=args.block_size,
             kv_cache_memory=args.kv_cache_memory,
+            gpu_memory_utilization=args.gpu_memory_utilization,
             num_blocks=args.num_kv_blocks,
             enable_prefix_caching=args.enable_prefix_caching,
         ),

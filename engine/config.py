@@ -63,10 +63,15 @@ class CacheConfig:
     # Test knob: exact number of KV blocks (overrides kv_cache_memory).
     num_blocks: int | None = None
     enable_prefix_caching: bool = True
+    # CUDA only, when kv_cache_memory is unset: the share of the device's total memory this
+    # process may hold (weights + activations + KV cache), as in the reference server.
+    gpu_memory_utilization: float = 0.9
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,8 @@ from engine.config import CacheConfig
 logger = logging.getLogger(__name__)
 
 _CPU_DEFAULT_BYTES = 4 * 1024**3
-# On CUDA the cache takes this share of the memory free after loading the weights; the rest
-# is headroom for activations and the allocator.
-_CUDA_FREE_FRACTION = 0.8
+# Headroom kept out of the CUDA budget for one step's activations and allocator slack.
+_CUDA_ACTIVATION_RESERVE_BYTES = 1024**3
 
 
 @dataclass(frozen=True)
@@ -37,6 +36,14 @@ class KVCacheSpec:
         return -(-num_tokens // self.block_size)
 
 
+def cuda_kv_budget(total_bytes: int, free_bytes: int, utilization: float) -> int:
+    """Bytes left for the KV cache when this process may hold `utilization` of the device:
+    what is already in use (weights, CUDA context, other processes) and an activation reserve
+    come off the top."""
+    in_use = total_bytes - free_bytes
+    return max(0, int(total_bytes * utilization) - in_use - _CUDA_ACTIVATION_RESERVE_BYTES)
+
+
 def determine_num_blocks(
     spec: KVCacheSpec,
     cache_config: CacheConfig,
@@ -52,8 +59,9 @@ def determine_num_blocks(
     elif cache_config.kv_cache_memory is not None:
         num_blocks = cache_config.kv_cache_memory // spec.bytes_per_block
     elif device.type == "cuda":
-        free_bytes, _ = torch.cuda.mem_get_info(device)
-        num_blocks = int(free_bytes * _CUDA_FREE_FRACTION) // spec.bytes_per_block
+        free_bytes, total_bytes = torch.cuda.mem_get_info(device)
+        budget = cuda_kv_budget(total_bytes, free_bytes, cache_config.gpu_memory_utilization)
+        num_blocks = budget // spec.bytes_per_block
     else:
         needed = max_num_seqs * spec.blocks_per_sequence(max_model_len)
         num_blocks = min(needed, _CPU_DEFAULT_BYTES // spec.bytes_per_block)
