@@ -1,9 +1,10 @@
 """Runs a `use_beam_search` request over the engine loop (asyncio side).
 
 Each step submits one single-token greedy request per live beam, prompt = prompt + beam tokens,
-asking for the top K logprobs (K = engine.beam_search.BeamSearch.num_candidates). Greedy rows
-with no penalty, bias or mask report the model's plain log-softmax, which is what beams are
-ranked by. Beams share their prompt's KV blocks through the prefix cache, so a step recomputes
+asking for the top K logprobs (K = engine.beam_search.BeamSearch.num_candidates, 2 * width
+or more; such a beam expansion is not bounded by --max-logprobs, which limits only what a
+client asks to see). Greedy rows with no penalty, bias or mask report the model's plain
+log-softmax, which is what beams are ranked by. Beams share their prompt's KV blocks through the prefix cache, so a step recomputes
 only each beam's uncached tail.
 
     step 0:  [prompt]                      -> Started (tokenization, prompt_logprobs, cache)
@@ -41,6 +42,7 @@ from engine.generation import (
 )
 from engine.request import FinishReason
 from engine.sampling_params import SamplingParams
+from engine.sampling_resolution import check_logprobs_limit
 
 if TYPE_CHECKING:
     from engine.engine_loop import EngineLoop
@@ -70,15 +72,12 @@ async def beam_search(
             f"{limits.max_model_len} tokens",
             field="max_tokens",
         )
+    # The client's logprobs are bounded by --max-logprobs; the K the beams are ranked by is
+    # the server's own business (the step requests are marked as beam expansions).
+    check_logprobs_limit(params, limits.max_logprobs)
     width = beam_width(params)
     stop_ids = beam_stop_token_ids(params, limits.eos_token_ids)
     num_candidates = BeamSearch(width, 1, stop_ids).num_candidates
-    if num_candidates > limits.max_logprobs:
-        raise InvalidRequestError(
-            f"beam width {width} ranks {num_candidates} tokens per beam and step, more than the "
-            f"server's logprobs limit of {limits.max_logprobs} (--max-logprobs)",
-            field="best_of" if params.best_of else "n",
-        )
     step_params = SamplingParams(
         temperature=0.0,
         max_tokens=1,
@@ -89,6 +88,7 @@ async def beam_search(
     first = replace(
         req,
         request_id=f"{req.request_id}-beam0",
+        beam_expansion=True,
         sampling_params=replace(
             step_params,
             prompt_logprobs=params.prompt_logprobs,
@@ -103,7 +103,7 @@ async def beam_search(
             max_tokens = min(max_tokens, params.max_tokens)
         search = BeamSearch(width, max_tokens, stop_ids, params.length_penalty)
         search.step([_candidates(entry)], [entry])
-        yield replace(started, request_id=req.request_id)
+        yield replace(started, request_id=req.request_id, max_tokens=max_tokens)
         step = 1
         while not search.done:
             children = [
@@ -114,6 +114,7 @@ async def beam_search(
                     priority=req.priority,
                     cache_salt=req.cache_salt,
                     return_text=False,
+                    beam_expansion=True,
                 )
                 for i, beam in enumerate(search.live)
             ]

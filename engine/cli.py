@@ -44,6 +44,7 @@ from engine.serve_args import (
 )
 from engine.errors import ModelLoadError
 from engine.structured.registry import DEFAULT_BACKEND, is_available, known_backends
+from protoserve.tracing import check_tracing_available
 
 
 logger = logging.getLogger("engine.cli")
@@ -215,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args_with_config(build_parser(), argv)
         check_surface_args(args)
+        check_tracing_available(args.otlp_traces_endpoint)
         if args.enable_auto_tool_choice and not args.tool_call_parser:
             raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
     except ValueError as exc:  # ConfigFileError included: one line, the key named

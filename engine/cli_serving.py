@@ -1,5 +1,5 @@
 """engine-serve's production-serving flags and run loop: back-pressure, deadlines, drain,
-engine-death handling, metrics and request logs (kept apart from cli.py's model flags)."""
+engine-death handling, metrics, request logs and tracing (kept apart from cli.py's model flags)."""
 from __future__ import annotations
 
 import argparse
@@ -44,6 +44,10 @@ def add_serving_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt characters a request log line may show (default 0: none)")
     g.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
                    help="the bridge's deadline for each engine call (HTTP 504 when it expires)")
+    g.add_argument("--otlp-traces-endpoint", default=None, metavar="URL",
+                   help="export OpenTelemetry spans (bridge and engine) to this OTLP endpoint; "
+                   "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=grpc|http/protobuf picks the protocol "
+                   "(needs pip install 'protoserve[otel]')")
 
 
 def grpc_lifecycle_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -58,6 +62,8 @@ def bridge_serving_args(args: argparse.Namespace) -> list[str]:
         extra += ["--request-timeout", str(args.request_timeout)]
     if args.metrics_compat:
         extra.append("--metrics-compat")
+    if args.otlp_traces_endpoint:
+        extra += ["--otlp-traces-endpoint", args.otlp_traces_endpoint]
     return extra
 
 
@@ -73,6 +79,7 @@ async def serve(server: EngineServer, args: argparse.Namespace) -> int:
         start_metrics_server,
     )
     from engine.server.request_tracker import ServingOptions
+    from protoserve.tracing import init_tracer
 
     handle = server.handle
     handle.options = ServingOptions(
@@ -80,6 +87,7 @@ async def serve(server: EngineServer, args: argparse.Namespace) -> int:
         log_requests=not args.disable_log_requests, max_log_len=args.max_log_len,
     )
     handle.metrics = make_engine_metrics(handle, args.metrics_compat)
+    handle.tracer = init_tracer("protoserve-engine", args.otlp_traces_endpoint)
     metrics_http = None
     if args.metrics_port is not None:
         metrics_http = start_metrics_server(handle.metrics.render, args.host, args.metrics_port)

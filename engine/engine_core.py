@@ -12,6 +12,10 @@ from engine.kv_cache import KVCacheManager
 from engine.outputs import ModelRunnerOutput, RequestOutput
 from engine.request import FinishReason, Request
 from engine.scheduler import Scheduler
+from protoserve.histogram import Histogram
+
+# The reference server's buckets for tokens computed per step.
+ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
 class Runner(Protocol):
@@ -33,6 +37,9 @@ class EngineCore:
         # Cumulative counters (metrics, and tests that check work skipped by the prefix cache).
         self.num_steps = 0
         self.num_computed_tokens_total = 0
+        # Tokens per step, one observation per step (never per token); the metrics scrape
+        # reads a snapshot from another thread.
+        self.iteration_tokens = Histogram(ITERATION_TOKENS_BUCKETS)
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -51,4 +58,6 @@ class EngineCore:
         output = self.runner.execute(batch)
         self.num_steps += 1
         self.num_computed_tokens_total += batch.num_scheduled_tokens
+        if batch.num_scheduled_tokens:
+            self.iteration_tokens.observe(batch.num_scheduled_tokens)
         return self.scheduler.update_from_output(batch, output)

@@ -123,10 +123,13 @@ class EngineLoop:
             raise EngineUnavailableError("the engine is not running")
         if req.request_id in self._streams or f"{req.request_id}-0" in self._streams:
             raise InvalidRequestError(f"request id {req.request_id!r} is already in use", field="request_id")
+        _check_deadline(deadline, "before it was queued")
         prompt = self.processor.prepare_prompt(req)
         requests = self.processor.make_requests(req, prompt)
         # Guided decoding: compiled on the compile thread while the step thread keeps going.
         await self.processor.attach_grammars(req, requests)
+        _check_deadline(deadline, "before it was queued")
+        _set_deadline(requests, deadline)
         events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
 
         for index, request in enumerate(requests):
@@ -139,12 +142,16 @@ class EngineLoop:
         self.num_streams += 1
         queued = True
         try:
-            first = await self._next(events, deadline)
+            first = _unless_evicted(await self._next(events, deadline))
             self.num_queued -= 1
             queued = False
+            # Written by the step thread before it posted the output that woke us up.
+            scheduled = [r.first_scheduled_time for r in requests
+                         if r.first_scheduled_time is not None]
             yield GenerationStarted(
                 req.request_id, prompt.token_ids, prompt.text, requests[0].num_cached_tokens,
                 prompt_logprobs=getattr(first, "prompt_logprobs", None),
+                scheduled_at=min(scheduled, default=None), max_tokens=requests[0].max_tokens,
             )
             event: GenerationEvent | None = first
             while event is not None:
@@ -153,7 +160,7 @@ class EngineLoop:
                     pending.discard(requests[event.index].request_id)
                     if not pending:
                         return
-                event = await self._next(events, deadline)
+                event = _unless_evicted(await self._next(events, deadline))
         finally:
             self.num_streams -= 1
             if queued:
@@ -177,6 +184,8 @@ class EngineLoop:
             raise InvalidRequestError(
                 f"request id {client_request_id!r} is already in use", field="request_id"
             )
+        _check_deadline(deadline, "before it was queued")
+        _set_deadline(requests, deadline)
         events: asyncio.Queue[PooledOutput | BaseException] = asyncio.Queue()
         for index, request in enumerate(requests):
             self._streams[request.request_id] = PoolingStream(  # type: ignore[assignment]
@@ -188,6 +197,8 @@ class EngineLoop:
         try:
             while pending:
                 pooled = await self._next(events, deadline)
+                if pooled.output.finish_reason is FinishReason.DEADLINE:
+                    raise DeadlineExceededError(_EVICTED)
                 results[pooled.index] = pooled
                 pending.discard(requests[pooled.index].request_id)
         finally:
@@ -302,3 +313,31 @@ class EngineLoop:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return True
+
+
+_EVICTED = "the request's deadline expired while it waited in the queue"
+
+
+def _check_deadline(deadline: float | None, when: str) -> None:
+    """A deadline already past never reaches the step thread (no tokenizing, no queueing)."""
+    if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+        raise DeadlineExceededError(f"the request's deadline expired {when}")
+
+
+def _set_deadline(requests: list[Request], deadline: float | None) -> None:
+    """Hand the deadline to the scheduler, which evicts the request instead of admitting it
+    once it passes. Converted from event-loop time to time.monotonic(), the step thread's
+    clock (an event loop may keep its own)."""
+    if deadline is None:
+        return
+    at = time.monotonic() + (deadline - asyncio.get_running_loop().time())
+    for request in requests:
+        request.deadline = at
+
+
+def _unless_evicted(event: GenerationEvent) -> GenerationEvent:
+    """The scheduler finished the request with DEADLINE: it expired in the queue (it never
+    ran, or waited after a preemption). The caller sees the same error as from the timer."""
+    if isinstance(event, GenerationFinished) and event.reason is FinishReason.DEADLINE:
+        raise DeadlineExceededError(_EVICTED)
+    return event

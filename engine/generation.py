@@ -44,6 +44,9 @@ class GenerationRequest:
     return_text: bool = True
     # Guided decoding: what every choice's output must match (compiled off the step thread).
     constraint: OutputConstraint | None = None
+    # One step of a beam search (beam_search_driver.py): its top-K logprobs rank beams and are
+    # not bounded by --max-logprobs. Servers never set it from a client's request.
+    beam_expansion: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +75,12 @@ class GenerationStarted:
     num_cached_tokens: int
     # One entry per prompt token (None for the first), when prompt_logprobs was asked.
     prompt_logprobs: list[PositionLogprobs | None] | None = None
+    # time.monotonic() when the scheduler first admitted it: the end of its queue wait
+    # (request metrics and traces split its latency there). None when unknown.
+    scheduled_at: float | None = None
+    # The output token limit after resolution (the request's max_tokens, or what remains of
+    # the context after the prompt).
+    max_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

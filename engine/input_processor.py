@@ -109,7 +109,9 @@ class InputProcessor:
         max_tokens need."""
         params = req.sampling_params
         params.validate()
-        params = resolve_sampling_params(params, self.tokenizer, self.limits)
+        params = resolve_sampling_params(
+            params, self.tokenizer, self.limits, beam_expansion=req.beam_expansion
+        )
         num_prompt = len(prompt.token_ids)
         if num_prompt == 0:
             raise InvalidRequestError("prompt must not be empty (it tokenized to no tokens)", field="prompt")

@@ -5,6 +5,9 @@ check for the extension themselves; they may ask `native_available(device)` to p
     write_kv_cache            native                native                torch index_copy_
     paged_decode_attention    native                native                gather + grouped matmul
     paged_prefill_attention   native                torch fallback        gather + SDPA
+    linear_bf16               native (AVX512_BF16)  -                     (callers keep F.linear)
+    rms_norm / silu_and_mul   native (bf16)         -                     (callers keep torch)
+    / rotary_bf16
 
 The extensions are built on first use (engine.native_build). When a build is impossible
 (no compiler, no ninja, a compile error, PROTOSERVE_DISABLE_NATIVE_OPS=1) one warning is
@@ -116,6 +119,80 @@ def paged_prefill_attention(
         enable_gqa=True,
     )
     out.copy_(output.squeeze(0).transpose(0, 1))
+
+
+# Output rows per panel of the packed linear weight (linear_bf16.cpp's kPanelRows).
+LINEAR_PANEL_ROWS = 16
+
+
+def linear_bf16_available() -> bool:
+    """True where `linear_bf16` runs: a CPU build with the AVX512_BF16 kernels."""
+    module = _cpu_module()
+    return module is not None and bool(module.has_avx512_bf16())
+
+
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """W [N, K] (K even) -> the kernel's pair-column panels [ceil(N / 16), K / 2, 16, 2]:
+    packed[p, k2, r, j] = W[16 p + r, 2 k2 + j], rows past N zero."""
+    out_features, in_features = weight.shape
+    if in_features % 2:
+        raise ValueError(f"linear_bf16 needs an even in_features, got {in_features}")
+    num_panels = -(-out_features // LINEAR_PANEL_ROWS)
+    padded = weight.new_zeros(num_panels * LINEAR_PANEL_ROWS, in_features)
+    padded[:out_features] = weight
+    return (
+        padded.view(num_panels, LINEAR_PANEL_ROWS, in_features // 2, 2)
+        .permute(0, 2, 1, 3)
+        .contiguous()
+    )
+
+
+def linear_bf16(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
+    """x [..., K] bfloat16 . W^T (+ bias) with W packed by `pack_linear_weight`; only call
+    where `linear_bf16_available()`."""
+    module = _cpu_module()
+    assert module is not None
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(rows.shape[0], out_features, dtype=x.dtype, device=x.device)
+    module.linear_bf16(out, rows, packed, bias)
+    return out.view(*x.shape[:-1], out_features)
+
+
+def fused_pointwise_available(x: torch.Tensor) -> bool:
+    """Whether the fused bf16 pointwise ops below run for activations like `x`. Float32 keeps
+    the torch expressions: they are the exact reference the float32 tests compare against."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and _cpu_module() is not None
+
+
+def rms_norm_bf16(
+    residual: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None
+) -> torch.Tensor:
+    """RMSNorm of residual [T, H] (after `residual += delta` in place when delta is given)."""
+    module = _cpu_module()
+    assert module is not None
+    out = torch.empty(residual.shape, dtype=residual.dtype)
+    module.rms_norm_bf16(out, residual, delta, weight, eps)
+    return out
+
+
+def silu_and_mul_bf16(gate_up: torch.Tensor) -> torch.Tensor:
+    module = _cpu_module()
+    assert module is not None
+    out = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2, dtype=gate_up.dtype)
+    module.silu_and_mul_bf16(out, gate_up)
+    return out
+
+
+def rotary_bf16_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotates x [T, heads, head_dim] in place; cos/signed_sin [T, 1 or absent, head_dim]."""
+    module = _cpu_module()
+    assert module is not None
+    module.rotary_bf16(x, cos.reshape(x.shape[0], -1), signed_sin.reshape(x.shape[0], -1))
+    return x
 
 
 def _module_for(device: torch.device) -> ModuleType | None:

@@ -64,6 +64,8 @@ class Request:
         "prompt_logprobs",
         "pooling_params",
         "grammar",
+        "first_scheduled_time",
+        "deadline",
     )
 
     def __init__(
@@ -108,7 +110,12 @@ class Request:
         # reaches the scheduler. It has accepted exactly the output tokens: preemption keeps
         # it as is, and recompute never feeds it again.
         self.grammar: Grammar | None = None
-
+        # time.monotonic() when the scheduler first admitted it (its queue wait ends there;
+        # kept across preemption). Read on the asyncio side after its first output.
+        self.first_scheduled_time: float | None = None
+        # time.monotonic() after which it must not start running: the scheduler evicts it
+        # from the queue with FinishReason.DEADLINE instead of admitting it. None: no deadline.
+        self.deadline: float | None = None
 
     @property
     def is_pooling(self) -> bool:

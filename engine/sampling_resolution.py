@@ -12,19 +12,36 @@ from engine.tokenizer import Tokenizer
 if TYPE_CHECKING:
     from engine.input_processor import ModelLimits
 
+# The fields that ask for logprobs returned to the client.
+LOGPROBS_FIELDS = ("logprobs", "prompt_logprobs")
 
-def resolve_sampling_params(
-    params: SamplingParams, tokenizer: Tokenizer, limits: ModelLimits
-) -> SamplingParams:
-    """`params` checked against the model and server limits, with bad_words tokenized."""
-    for name in ("logprobs", "prompt_logprobs"):
+
+def check_logprobs_limit(
+    params: SamplingParams, max_logprobs: int, names: tuple[str, ...] = LOGPROBS_FIELDS
+) -> None:
+    """The client-facing --max-logprobs limit on the logprobs a request returns."""
+    for name in names:
         value = getattr(params, name)
-        if value is not None and value > limits.max_logprobs:
+        if value is not None and value > max_logprobs:
             raise InvalidRequestError(
-                f"{name} ({value}) exceeds the server limit of {limits.max_logprobs} "
-                "(--max-logprobs)",
+                f"{name} ({value}) exceeds the server limit of {max_logprobs} (--max-logprobs)",
                 field=name,
             )
+
+
+def resolve_sampling_params(
+    params: SamplingParams, tokenizer: Tokenizer, limits: ModelLimits, *,
+    beam_expansion: bool = False,
+) -> SamplingParams:
+    """`params` checked against the model and server limits, with bad_words tokenized.
+
+    A beam expansion's `logprobs` rank beams inside the server (their count follows the beam
+    width) and never reach a client as such: --max-logprobs does not bound them. The beam
+    search driver checks the client's own logprobs against it.
+    """
+    check_logprobs_limit(
+        params, limits.max_logprobs, ("prompt_logprobs",) if beam_expansion else LOGPROBS_FIELDS
+    )
     if params.use_beam_search:
         # Beam search is a driver over one-token requests (engine/beam_search_driver.py); a
         # request that reaches the engine with it set skipped that driver.

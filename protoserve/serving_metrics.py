@@ -2,15 +2,15 @@
 imports the other).
 
 Cost model: request-level numbers are recorded once per request from its stream events on the
-asyncio side (a few dict updates); gauges (queue depth, KV use) are read from a callback at
-scrape time. Nothing here runs per token on the step thread.
+asyncio side (a few dict updates); gauges (queue depth, KV use) and the engine's tokens-per-step
+histogram are read from a callback at scrape time. Nothing here runs per token on the step
+thread.
 
 Names follow vLLM's `/metrics` under our `protoserve:` prefix; `compat_prefixes=("vllm",)`
 repeats every family under `vllm:` for dashboards built for vLLM.
 """
 from __future__ import annotations
 
-import bisect
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -19,14 +19,43 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from protoserve.histogram import Histogram, one_two_five
+
 PREFIX = "protoserve"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-# Latency buckets (seconds), the ones vLLM uses for the same histograms.
+# Buckets as vLLM uses them for the same histograms (seconds, or tokens).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
                 5.0, 7.5, 10.0)
 TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 E2E_BUCKETS = (1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0)
+PHASE_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+# The reference server stops at the model's context; ours is fixed, so it covers any context.
+TOKEN_COUNT_BUCKETS = one_two_five(2_000_000)
+PARAMS_N_BUCKETS = (1, 2, 5, 10, 20)
+
+# Per-request histograms every process records: (name, doc, buckets).
+_REQUEST_HISTOGRAMS = (
+    ("time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS),
+    ("time_per_output_token_seconds", "Time per output token after the first.", TPOT_BUCKETS),
+    ("e2e_request_latency_seconds", "End-to-end request latency.", E2E_BUCKETS),
+    ("request_prompt_tokens", "Prompt tokens per request.", TOKEN_COUNT_BUCKETS),
+    ("request_generation_tokens", "Generated tokens per request.", TOKEN_COUNT_BUCKETS),
+    ("request_params_n", "The n parameter of requests.", PARAMS_N_BUCKETS),
+    ("request_params_max_tokens", "The max_tokens of requests (after resolution).",
+     TOKEN_COUNT_BUCKETS),
+)
+# Only where the scheduler's timestamps are known (the engine): a request's latency split at
+# its first scheduling and its first token. queue + inference = e2e; prefill + decode =
+# inference.
+_PHASE_HISTOGRAMS = (
+    ("request_queue_time_seconds",
+     "Arrival to first scheduled (tokenization and queueing).", PHASE_BUCKETS),
+    ("request_prefill_time_seconds", "First scheduled to first token.", PHASE_BUCKETS),
+    ("request_decode_time_seconds", "First token to finish.", PHASE_BUCKETS),
+    ("request_inference_time_seconds", "First scheduled to finish.", PHASE_BUCKETS),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +67,8 @@ class LoadSnapshot:
     kv_cache_usage: float
     prefix_cache_hit_rate: float
     num_preemptions: int
+    # Tokens computed per engine step (a snapshot); None where unknown (the bridge).
+    iteration_tokens: Histogram | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,28 +80,25 @@ class RequestRecord:
     num_generation_tokens: int
     e2e_s: float
     ttft_s: float | None = None
+    # The request's n and resolved max_tokens (None: not known where it is recorded).
+    n: int | None = None
+    max_tokens: int | None = None
+    # Latency split (seconds), for requests the engine scheduled: arrival -> first scheduled,
+    # first scheduled -> first token, first token -> finish, first scheduled -> finish.
+    queue_s: float | None = None
+    prefill_s: float | None = None
+    decode_s: float | None = None
+    inference_s: float | None = None
 
 
-class _Histogram:
-    __slots__ = ("buckets", "counts", "total")
-
-    def __init__(self, buckets: Sequence[float]) -> None:
-        self.buckets = tuple(buckets)
-        self.counts = [0] * (len(self.buckets) + 1)  # the last slot is +Inf
-        self.total = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.total += value
-
-    def family(self, name: str, doc: str, labels: dict[str, str]) -> HistogramMetricFamily:
-        cumulative, running = [], 0
-        for bound, count in zip((*map(str, self.buckets), "+Inf"), self.counts, strict=True):
-            running += count
-            cumulative.append((bound, running))
-        family = HistogramMetricFamily(name, doc, labels=list(labels))
-        family.add_metric(list(labels.values()), cumulative, self.total)
-        return family
+def _family(name: str, doc: str, labels: dict[str, str], hist: Histogram):
+    cumulative, running = [], 0
+    for bound, count in zip((*map(str, hist.buckets), "+Inf"), hist.counts, strict=True):
+        running += count
+        cumulative.append((bound, running))
+    family = HistogramMetricFamily(name, doc, labels=list(labels))
+    family.add_metric(list(labels.values()), cumulative, hist.total)
+    return family
 
 
 class ServingMetrics(Collector):
@@ -87,7 +115,10 @@ class ServingMetrics(Collector):
         load: Callable[[], LoadSnapshot | None] | None = None,
         extra_gauges: Callable[[], dict[str, float]] | None = None,
         compat_prefixes: Sequence[str] = (),
+        request_phases: bool = False,
     ) -> None:
+        """`request_phases`: export the queue/prefill/decode/inference histograms (the engine,
+        which knows when each request was first scheduled)."""
         self.model_name = model_name
         self._load = load
         self._extra_gauges = extra_gauges
@@ -96,23 +127,35 @@ class ServingMetrics(Collector):
         self._success: dict[str, int] = dict.fromkeys(self.REASONS, 0)
         self._prompt_tokens = 0
         self._generation_tokens = 0
-        self._ttft = _Histogram(TTFT_BUCKETS)
-        self._tpot = _Histogram(TPOT_BUCKETS)
-        self._e2e = _Histogram(E2E_BUCKETS)
+        specs = _REQUEST_HISTOGRAMS + (_PHASE_HISTOGRAMS if request_phases else ())
+        self._hists = {name: (doc, Histogram(buckets)) for name, doc, buckets in specs}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
     def record(self, rec: RequestRecord) -> None:
+        values: dict[str, float | None] = {
+            "e2e_request_latency_seconds": rec.e2e_s,
+            "time_to_first_token_seconds": rec.ttft_s,
+            "request_prompt_tokens": rec.num_prompt_tokens,
+            "request_generation_tokens": rec.num_generation_tokens,
+            "request_params_n": rec.n,
+            "request_params_max_tokens": rec.max_tokens,
+            "request_queue_time_seconds": rec.queue_s,
+            "request_prefill_time_seconds": rec.prefill_s,
+            "request_decode_time_seconds": rec.decode_s,
+            "request_inference_time_seconds": rec.inference_s,
+        }
+        if rec.ttft_s is not None and rec.num_generation_tokens > 1:
+            decode_s = max(rec.e2e_s - rec.ttft_s, 0.0)
+            values["time_per_output_token_seconds"] = decode_s / (rec.num_generation_tokens - 1)
         with self._lock:
             self._success[rec.finished_reason] = self._success.get(rec.finished_reason, 0) + 1
             self._prompt_tokens += rec.num_prompt_tokens
             self._generation_tokens += rec.num_generation_tokens
-            self._e2e.observe(rec.e2e_s)
-            if rec.ttft_s is not None:
-                self._ttft.observe(rec.ttft_s)
-                if rec.num_generation_tokens > 1:
-                    decode_s = max(rec.e2e_s - rec.ttft_s, 0.0)
-                    self._tpot.observe(decode_s / (rec.num_generation_tokens - 1))
+            for name, value in values.items():
+                entry = self._hists.get(name)
+                if entry is not None and value is not None:
+                    entry[1].observe(value)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -125,7 +168,10 @@ class ServingMetrics(Collector):
         with self._lock:
             success = dict(self._success)
             prompt, generation = self._prompt_tokens, self._generation_tokens
-            hists = [(h, list(h.counts), h.total) for h in (self._ttft, self._tpot, self._e2e)]
+            hists = [(name, doc, h.snapshot()) for name, (doc, h) in self._hists.items()]
+        if load is not None and load.iteration_tokens is not None:
+            hists.append(("iteration_tokens_total", "Tokens computed per engine step.",
+                          load.iteration_tokens))
         name = self.model_name() if callable(self.model_name) else self.model_name
         labels = {"model_name": name}
         for prefix in self._prefixes:
@@ -176,10 +222,5 @@ class ServingMetrics(Collector):
                 aborted.add_metric([*values, reason], count)
         yield done
         yield aborted
-        docs = ("time_to_first_token_seconds", "Time to first token."), (
-            "time_per_output_token_seconds", "Time per output token after the first."), (
-            "e2e_request_latency_seconds", "End-to-end request latency.")
-        for (name, doc), (hist, counts, total) in zip(docs, hists, strict=True):
-            snapshot = _Histogram(hist.buckets)
-            snapshot.counts, snapshot.total = counts, total
-            yield snapshot.family(f"{p}:{name}", doc, labels)
+        for name, doc, hist in hists:
+            yield _family(f"{p}:{name}", doc, labels, hist)

@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from protoserve.tracing import init_tracer
 from rest_bridge.body_limit import BodyLimitMiddleware
 from rest_bridge.engine_client import EngineClient
 from rest_bridge.error_handlers import install_error_handlers
@@ -16,6 +17,7 @@ from rest_bridge.metrics import BridgeMetrics
 from rest_bridge.routes import chat, completions, embeddings, health, metrics, models
 from rest_bridge.routes import tokenize as tokenize_routes
 from rest_bridge.settings import BridgeSettings
+from rest_bridge.tracing import TraceContextMiddleware
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,9 @@ def create_app(settings: BridgeSettings) -> FastAPI:
     install_error_handlers(app)
     # Inside the request-id middleware, so 413/400 answers carry X-Request-Id too.
     app.add_middleware(BodyLimitMiddleware)
+    # Inside it too, so the bridge's span can name the request id.
+    app.add_middleware(TraceContextMiddleware,
+                       tracer=init_tracer("protoserve-bridge", settings.otlp_traces_endpoint))
     app.add_middleware(RequestContextMiddleware, api_key=settings.api_key)
     # Last added = outermost: preflights are answered before the API-key check.
     install_cors(app, settings.allowed_origins, allow_credentials=settings.allow_credentials,

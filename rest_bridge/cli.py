@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import uvicorn
 
+from protoserve.tracing import check_tracing_available
 from rest_bridge.app import create_app
 from rest_bridge.chat_options import add_chat_args, chat_options_from_args
 from rest_bridge.http_options import ENGINE_API_KEY_ENV, add_http_args
@@ -60,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-compat", action="store_true",
         help="/metrics repeats every metric under the vllm: prefix",
     )
+    parser.add_argument(
+        "--otlp-traces-endpoint", default=None, metavar="URL",
+        help="export OpenTelemetry spans to this OTLP endpoint (needs pip install "
+        "'protoserve[otel]'); traceparent headers reach the engine either way",
+    )
     add_http_args(parser)
     add_chat_args(parser)
     return parser
@@ -94,6 +100,7 @@ def settings_from_args(args: argparse.Namespace) -> BridgeSettings:
         ssl_ca_certs=args.ssl_ca_certs,
         ssl_cert_reqs=args.ssl_cert_reqs,
         metrics_compat=args.metrics_compat,
+        otlp_traces_endpoint=args.otlp_traces_endpoint,
         chat=chat_options_from_args(args),
     )
 
@@ -103,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = settings_from_args(args)
+        check_tracing_available(settings.otlp_traces_endpoint)
     except ValueError as error:
         parser.error(str(error))
     logging.basicConfig(

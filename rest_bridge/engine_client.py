@@ -15,6 +15,7 @@ from protoserve.v1 import (
     tokenizer_pb2_grpc,
 )
 from rest_bridge.metrics import BridgeMetrics
+from rest_bridge.tracing import engine_trace_metadata
 
 INFERENCE_SERVICE = "protoserve.v1.Inference"
 REQUEST_ID_METADATA_KEY = "x-request-id"
@@ -73,10 +74,11 @@ class EngineClient:
         """
         call = self._inference.Generate(
             request,
-            metadata=((REQUEST_ID_METADATA_KEY, request_id), *self._auth),
+            metadata=((REQUEST_ID_METADATA_KEY, request_id), *self._auth,
+                      *engine_trace_metadata()),
             timeout=timeout,
         )
-        tracker = self.metrics.tracker() if self.metrics is not None else None
+        tracker = self.metrics.tracker(request) if self.metrics is not None else None
         outcome: str | None = None
         try:
             async for response in call:
@@ -99,7 +101,8 @@ class EngineClient:
         """One Embed call; cancelling the awaiting task cancels it in the engine too."""
         return await self._inference.Embed(
             request,
-            metadata=((REQUEST_ID_METADATA_KEY, request_id), *self._auth),
+            metadata=((REQUEST_ID_METADATA_KEY, request_id), *self._auth,
+                      *engine_trace_metadata()),
             timeout=timeout,
         )
 

@@ -35,8 +35,8 @@ class BridgeMetrics:
             compat_prefixes=("vllm",) if compat else (),
         )
 
-    def tracker(self) -> GenerateTracker:
-        return GenerateTracker(self.metrics)
+    def tracker(self, request: inference_pb2.GenerateRequest) -> GenerateTracker:
+        return GenerateTracker(self.metrics, request)
 
     def render(self, load: discovery_pb2.GetLoadResponse | None) -> bytes:
         """Render with the engine gauges of `load` (omitted when the engine did not answer)."""
@@ -61,12 +61,18 @@ class BridgeMetrics:
 
 
 class GenerateTracker:
-    """One Generate call's contribution: TTFT at the first delta, tokens and finish reasons."""
+    """One Generate call's contribution: TTFT at the first delta, tokens and finish reasons,
+    and the request's n and max_tokens (max_tokens only when the request sets it: the bridge
+    does not see the engine's default). The queue/prefill/decode split is the engine's."""
 
-    __slots__ = ("_metrics", "_start", "_first", "_prompt", "_output", "_reasons", "_started")
+    __slots__ = ("_metrics", "_start", "_first", "_prompt", "_output", "_reasons", "_started",
+                 "_n", "_max_tokens")
 
-    def __init__(self, metrics: ServingMetrics) -> None:
+    def __init__(self, metrics: ServingMetrics, request: inference_pb2.GenerateRequest) -> None:
         self._metrics = metrics
+        sampling = request.sampling
+        self._n = sampling.n if sampling.HasField("n") else 1
+        self._max_tokens = sampling.max_tokens if sampling.HasField("max_tokens") else None
         self._start = time.monotonic()
         self._first: float | None = None
         self._prompt = 0
@@ -103,4 +109,4 @@ class GenerateTracker:
         now = time.monotonic()
         ttft = self._first - self._start if self._first is not None else None
         self._metrics.record(RequestRecord(reason, self._prompt, self._output, now - self._start,
-                                           ttft))
+                                           ttft, n=self._n, max_tokens=self._max_tokens))

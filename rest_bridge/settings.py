@@ -61,6 +61,8 @@ class BridgeSettings:
     ssl_cert_reqs: int = 0
     # /metrics repeats every family under the vllm: prefix too.
     metrics_compat: bool = False
+    # OTLP endpoint the bridge's spans go to; None: no spans (trace headers still forwarded).
+    otlp_traces_endpoint: str | None = None
 
     def __post_init__(self) -> None:
         validate_engine_address(self.engine_address)

@@ -118,15 +118,31 @@ class CompletionChunkWriter:
         self._include_usage = include_usage
         self._continuous_usage = continuous_usage
         self._usage = StreamUsage(streams)
-        # Characters sent so far per choice, for logprobs' text_offset.
-        self._text_lengths: dict[int, int] = {}
+        # Scored prompt tokens per call (asked for when echo and logprobs go together).
+        self._prompt_logprobs = [stream.started.prompt_logprobs for stream in streams]
+        # Per choice, the text_offset of its next token. Counted over token texts, as the
+        # non-streamed body counts them (a token ending inside a UTF-8 character has a text of
+        # its own before the choice's text has it), so that the chunks concatenate to it.
+        self._offsets: dict[int, int] = {}
 
     def opening(self) -> Iterator[bytes]:
+        """The echoed prompt of every choice, with the prompt's logprobs in the same shape as
+        a non-streamed response."""
         for prompt_index, text in enumerate(self._echo_texts or ()):
+            logprobs = None
+            next_offset = len(text)
+            if self._want_logprobs and self._prompt_logprobs[prompt_index]:
+                builder = CompletionLogprobsBuilder()
+                builder.extend_echoed_prompt(text, self._prompt_logprobs[prompt_index])
+                logprobs = builder.to_dict()
+                next_offset = builder.next_offset
             for choice in range(self._n):
                 index = prompt_index * self._n + choice
-                self._text_lengths[index] = len(text)
-                yield sse_event(completion_chunk(self._meta, index, text, usage=self._running()))
+                self._offsets[index] = next_offset
+                chunk = completion_chunk(
+                    self._meta, index, text, logprobs=logprobs, usage=self._running()
+                )
+                yield sse_event(chunk)
 
     def on_event(self, prompt_index: int, event: inference_pb2.GenerateResponse) -> bytes | None:
         kind = event.WhichOneof("event")
@@ -136,12 +152,11 @@ class CompletionChunkWriter:
             if not delta.text and not delta.logprobs:
                 return None
             index = prompt_index * self._n + delta.index
-            offset = self._text_lengths.get(index, 0)
-            self._text_lengths[index] = offset + len(delta.text)
             logprobs = None
             if self._want_logprobs:
-                builder = CompletionLogprobsBuilder(start_offset=offset)
+                builder = CompletionLogprobsBuilder(start_offset=self._offsets.get(index, 0))
                 builder.extend(delta.logprobs)
+                self._offsets[index] = builder.next_offset
                 logprobs = builder.to_dict()
             chunk = completion_chunk(
                 self._meta, index, delta.text, logprobs=logprobs, usage=self._running()

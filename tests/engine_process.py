@@ -93,9 +93,11 @@ def start_engine(
     env: dict[str, str] | None = None,
     channel_credentials: grpc.ChannelCredentials | None = None,
     https_ca: str | None = None,
+    log_path: Path | None = None,
 ) -> EngineProcess:
     """`env` is added to this process's environment; `channel_credentials` is for a TLS gRPC
-    port; `https_ca` (a CA file) makes the REST URL https, verified against that CA."""
+    port; `https_ca` (a CA file) makes the REST URL https, verified against that CA;
+    `log_path` receives the process's stdout and stderr (the bridge child's too)."""
     grpc_port = free_port()
     http_port = free_port() if role == "all" else None
     args = [sys.executable, "-m", "engine.cli", "--role", role, "--model", str(model_dir),
@@ -103,8 +105,14 @@ def start_engine(
             "--kv-cache-memory", "64MiB", "--log-level", "warning"]
     if http_port is not None:
         args += ["--port", str(http_port)]
-    process = subprocess.Popen([*args, *extra_args], cwd=REPO_ROOT, start_new_session=True,
-                               env={**os.environ, **(env or {})})
+    log = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115 - the child's
+    try:
+        process = subprocess.Popen([*args, *extra_args], cwd=REPO_ROOT, start_new_session=True,
+                                   env={**os.environ, **(env or {})}, stdout=log,
+                                   stderr=subprocess.STDOUT if log is not None else None)
+    finally:
+        if log is not None:
+            log.close()  # the child holds its own descriptor
     scheme = "https" if https_ca else "http"
     handle = EngineProcess(
         process, f"127.0.0.1:{grpc_port}",

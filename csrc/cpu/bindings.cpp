@@ -2,6 +2,7 @@
 // Every op writes into tensors the caller allocated and releases the GIL while it runs.
 #include <torch/extension.h>
 
+#include <optional>
 #include <vector>
 
 #include "cpu_ops.h"
@@ -12,6 +13,7 @@ using protoserve::BlockTables;
 using protoserve::CacheShape;
 using protoserve::RowsView;
 using protoserve::ScalarKind;
+using bf16_ptr_t = protoserve::bf16_t*;
 
 ScalarKind kind_of(const torch::Tensor& kv_cache) {
   if (kv_cache.scalar_type() == torch::kFloat32) return ScalarKind::kFloat32;
@@ -141,6 +143,100 @@ void paged_prefill_attention(torch::Tensor& out, const torch::Tensor& query,
   protoserve::paged_prefill_attention(args);
 }
 
+void linear_bf16(torch::Tensor& out, const torch::Tensor& input, const torch::Tensor& packed,
+                 const std::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(protoserve::has_avx512_bf16(), "linear_bf16 needs AVX512_BF16");
+  for (const torch::Tensor* t : {static_cast<const torch::Tensor*>(&out), &input, &packed})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kBFloat16,
+                "linear_bf16 takes bfloat16 CPU tensors");
+  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == 16 && packed.size(3) == 2 &&
+                  packed.is_contiguous(),
+              "packed weight must be contiguous [ceil(N / 16), K / 2, 16, 2]");
+  const int64_t in_features = packed.size(1) * 2;
+  TORCH_CHECK(input.dim() == 2 && input.size(1) == in_features && input.stride(1) == 1,
+              "input must be [tokens, ", in_features, "] with a contiguous last dim");
+  const int64_t num_tokens = input.size(0);
+  const int64_t out_features = out.size(1);
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == num_tokens && out.stride(1) == 1,
+              "out must be [tokens, out_features] with a contiguous last dim");
+  TORCH_CHECK(out_features <= packed.size(0) * 16 && out_features > (packed.size(0) - 1) * 16,
+              "out_features ", out_features, " does not match ", packed.size(0), " panels");
+  const void* bias_ptr = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == torch::kBFloat16 && bias->is_contiguous() &&
+                    bias->numel() == out_features,
+                "bias must be a contiguous bfloat16 [out_features]");
+    bias_ptr = bias->data_ptr();
+  }
+  protoserve::LinearArgs args{out.data_ptr(), out.stride(0),   input.data_ptr(),
+                              input.stride(0), packed.data_ptr(), bias_ptr,
+                              num_tokens,      in_features,       out_features};
+  pybind11::gil_scoped_release no_gil;
+  protoserve::linear_bf16(args);
+}
+
+// Rows of a bf16 CPU tensor: [rows, width] with a contiguous last dim.
+void check_rows(const torch::Tensor& t, const char* name, int64_t rows, int64_t width) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kBFloat16, name,
+              " must be a bfloat16 CPU tensor");
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == width &&
+                  (t.stride(1) == 1 || width == 1),
+              name, " must be [", rows, ", ", width, "] with a contiguous last dim, got ",
+              t.sizes());
+}
+
+bf16_ptr_t bf16_data(const torch::Tensor& t) {
+  return reinterpret_cast<bf16_ptr_t>(t.data_ptr());
+}
+
+void rms_norm_bf16(torch::Tensor& out, torch::Tensor& residual,
+                   const std::optional<torch::Tensor>& delta, const torch::Tensor& weight,
+                   double eps) {
+  const int64_t rows = residual.size(0), hidden = weight.numel();
+  check_rows(residual, "residual", rows, hidden);
+  check_rows(out, "out", rows, hidden);
+  TORCH_CHECK(out.is_contiguous() && weight.is_contiguous() &&
+                  weight.scalar_type() == torch::kBFloat16,
+              "out and weight must be contiguous bfloat16");
+  if (delta.has_value()) check_rows(*delta, "delta", rows, hidden);
+  protoserve::NormArgs args{bf16_data(residual),
+                            residual.stride(0),
+                            delta.has_value() ? bf16_data(*delta) : nullptr,
+                            delta.has_value() ? delta->stride(0) : 0,
+                            bf16_data(weight),
+                            bf16_data(out),
+                            rows,
+                            hidden,
+                            static_cast<float>(eps)};
+  pybind11::gil_scoped_release no_gil;
+  protoserve::rms_norm_bf16(args);
+}
+
+void silu_and_mul_bf16(torch::Tensor& out, const torch::Tensor& gate_up) {
+  const int64_t rows = gate_up.size(0), width = gate_up.size(1) / 2;
+  check_rows(gate_up, "gate_up", rows, 2 * width);
+  check_rows(out, "out", rows, width);
+  TORCH_CHECK(out.is_contiguous(), "out must be contiguous");
+  protoserve::SiluMulArgs args{bf16_data(gate_up), gate_up.stride(0), bf16_data(out), rows, width};
+  pybind11::gil_scoped_release no_gil;
+  protoserve::silu_and_mul_bf16(args);
+}
+
+void rotary_bf16(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& signed_sin) {
+  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == torch::kBFloat16 && x.device().is_cpu(),
+              "x must be a bfloat16 CPU tensor [tokens, heads, head_dim]");
+  const int64_t rows = x.size(0), heads = x.size(1), dim = x.size(2);
+  TORCH_CHECK(dim % 2 == 0 && x.stride(2) == 1 && x.stride(1) == dim,
+              "x needs contiguous heads of an even head_dim");
+  check_rows(cos, "cos", rows, dim);
+  check_rows(signed_sin, "signed_sin", rows, dim);
+  TORCH_CHECK(cos.is_contiguous() && signed_sin.is_contiguous(), "tables must be contiguous");
+  protoserve::RotaryArgs args{bf16_data(x), x.stride(0), bf16_data(cos), bf16_data(signed_sin),
+                              rows, heads, dim};
+  pybind11::gil_scoped_release no_gil;
+  protoserve::rotary_bf16(args);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -150,6 +246,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "One-query attention per sequence over its paged context");
   m.def("paged_prefill_attention", &paged_prefill_attention,
         "Causal attention of one sequence's query chunk over its paged context");
+  m.def("linear_bf16", &linear_bf16,
+        "bfloat16 x . W^T (+ bias) over a weight packed in 16-row pair-column panels");
+  m.def("rms_norm_bf16", &rms_norm_bf16, "RMSNorm, optionally after residual += delta");
+  m.def("silu_and_mul_bf16", &silu_and_mul_bf16, "silu(gate) * up over a fused [gate | up]");
+  m.def("rotary_bf16", &rotary_bf16, "Rotary embedding in place: x * cos + roll(x) * sin");
   m.def("has_avx512_bf16", &protoserve::has_avx512_bf16,
         "Whether bfloat16 runs on the AVX512_BF16 kernels");
 }

@@ -62,9 +62,59 @@ struct PrefillArgs {
   float scale;
 };
 
+// out[num_tokens, out_features] = input . W^T (+ bias), bfloat16 only; W packed as described
+// in linear_bf16.cpp ([ceil(out_features / 16), in_features / 2, 16, 2], in_features even).
+struct LinearArgs {
+  void* output;
+  int64_t output_stride;  // elements between token rows
+  const void* input;
+  int64_t input_stride;
+  const void* packed_weight;
+  const void* bias;  // [out_features] or nullptr
+  int64_t num_tokens;
+  int64_t in_features;
+  int64_t out_features;
+};
+
+// Fused bfloat16 pointwise ops (pointwise_bf16.cpp). Rows have a contiguous last dim; outputs
+// are contiguous [num_tokens, width].
+struct NormArgs {
+  bf16_t* residual;  // [num_tokens, hidden]: normalised; first += delta when delta is set
+  int64_t residual_stride;
+  const bf16_t* delta;  // nullptr or [num_tokens, hidden]
+  int64_t delta_stride;
+  const bf16_t* weight;  // [hidden]
+  bf16_t* out;
+  int64_t num_tokens;
+  int64_t hidden;
+  float eps;
+};
+
+struct SiluMulArgs {
+  const bf16_t* gate_up;  // [num_tokens, 2 * intermediate] = [gate | up]
+  int64_t gate_up_stride;
+  bf16_t* out;  // [num_tokens, intermediate]
+  int64_t num_tokens;
+  int64_t intermediate;
+};
+
+struct RotaryArgs {
+  bf16_t* x;  // [num_tokens, num_heads, head_dim], rotated in place; heads contiguous
+  int64_t token_stride;
+  const bf16_t* cos;         // [num_tokens, head_dim]
+  const bf16_t* signed_sin;  // [num_tokens, head_dim]
+  int64_t num_tokens;
+  int64_t num_heads;
+  int64_t head_dim;
+};
+
 void write_kv_cache(const WriteKvArgs& args);
 void paged_decode_attention(const DecodeArgs& args);
 void paged_prefill_attention(const PrefillArgs& args);
+void linear_bf16(const LinearArgs& args);  // only with has_avx512_bf16()
+void rms_norm_bf16(const NormArgs& args);
+void silu_and_mul_bf16(const SiluMulArgs& args);
+void rotary_bf16(const RotaryArgs& args);
 
 // True when this build uses the AVX-512 BF16 kernels for bfloat16 (else portable C++).
 bool has_avx512_bf16();

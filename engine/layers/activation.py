@@ -4,9 +4,13 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from engine import ops
+
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """`silu(gate) * up` where `gate_up = [gate | up]` along the last dimension."""
+    if gate_up.dim() == 2 and ops.fused_pointwise_available(gate_up):
+        return ops.silu_and_mul_bf16(gate_up)
     intermediate_size = gate_up.shape[-1] // 2
     gate = gate_up[..., :intermediate_size]
     up = gate_up[..., intermediate_size:]

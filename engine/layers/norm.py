@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine import ops
+
 
 class RMSNorm(nn.Module):
     """Normalise in float32, cast back to the input dtype, then scale by the weight.
@@ -22,6 +24,18 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.dim() == 2 and ops.fused_pointwise_available(hidden):
+            return ops.rms_norm_bf16(hidden, self.weight, self.eps)
+        return self.reference(hidden)
+
+    def add_and_forward(self, residual: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """`residual += delta` in place, then the norm of the sum (one pass where fused)."""
+        if residual.dim() == 2 and ops.fused_pointwise_available(residual):
+            return ops.rms_norm_bf16(residual, self.weight, self.eps, delta)
+        residual += delta
+        return self.reference(residual)
+
+    def reference(self, hidden: torch.Tensor) -> torch.Tensor:
         input_dtype = hidden.dtype
         hidden_f32 = hidden.float()
         variance = hidden_f32.pow(2).mean(-1, keepdim=True)

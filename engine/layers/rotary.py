@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from engine import ops
+
 _DEFAULT_THETA = 10000.0
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -98,3 +100,11 @@ class RotaryEmbedding:
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [T, num_heads, head_dim] by the per-token angles from `RotaryEmbedding.lookup`."""
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+def rotate_in_place(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rotary`, written into x itself where the fused bf16 kernel runs (x may be a
+    strided view into the fused qkv projection; its heads must be contiguous)."""
+    if ops.fused_pointwise_available(x) and x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]:
+        return ops.rotary_bf16_(x, cos, signed_sin)
+    return apply_rotary(x, cos, signed_sin)

@@ -20,7 +20,12 @@ from engine.attention.backend import AttentionBackend, AttentionMetadata
 from engine.layers.activation import silu_and_mul
 from engine.layers.linear import Embedding, Linear
 from engine.layers.norm import RMSNorm
-from engine.layers.rotary import RotaryEmbedding, apply_rotary, compute_inv_freq, read_rope_spec
+from engine.layers.rotary import (
+    RotaryEmbedding,
+    compute_inv_freq,
+    read_rope_spec,
+    rotate_in_place,
+)
 from engine.models.weights import FusedWeightLoader
 
 
@@ -110,7 +115,7 @@ class LlamaAttention(nn.Module):
         qk_size = self.q_size + self.kv_size
         # q and k are adjacent in the fused output: rotate both with one set of ops.
         qk = qkv[:, :qk_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
-        qk = apply_rotary(qk, cos, signed_sin)
+        qk = rotate_in_place(qk, cos, signed_sin)
         query = qk[:, : self.num_heads]
         key = qk[:, self.num_heads :]
         value = qkv[:, qk_size:].view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -158,10 +163,13 @@ class LlamaDecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        # Residual adds happen in the activations' dtype, as in the reference model.
+        # Residual adds happen in the activations' dtype, as in the reference model; the
+        # second one is fused into the norm that follows it. `hidden` is this forward pass's
+        # own activation (never a caller's tensor), so it is updated in place.
         normed = self.input_layernorm(hidden)
-        hidden = hidden + self.self_attn(normed, cos, signed_sin, kv_cache, attn_metadata)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        attn = self.self_attn(normed, cos, signed_sin, kv_cache, attn_metadata)
+        normed = self.post_attention_layernorm.add_and_forward(hidden, attn)
+        return hidden + self.mlp(normed)
 
 
 class LlamaModel(nn.Module):

@@ -6,7 +6,8 @@ tokens; the step's token budget (`max_num_batched_tokens`) is handed out
   1. to RUNNING requests first, in order (decodes and unfinished prompt chunks), so a long
      prompt never stalls the decoding of others by more than one chunk;
   2. then to WAITING requests in policy order (FCFS or priority), starting each one past its
-     prefix-cache hit, while there is budget, a free sequence slot and KV room.
+     prefix-cache hit, while there is budget, a free sequence slot and KV room. A request
+     whose deadline has passed is finished (DEADLINE) instead of admitted.
 
 When the KV pool runs dry for a running request, the least important request not yet scheduled
 this step is preempted (by recompute: its blocks are freed, its progress reset, and it goes
@@ -15,6 +16,7 @@ back to the waiting queue with its generated tokens kept, so greedy output is un
 from __future__ import annotations
 
 import logging
+import time
 
 from engine.batch import ScheduledBatch, ScheduledPooling, ScheduledRequest
 from engine.config import SchedulerConfig
@@ -128,6 +130,11 @@ class Scheduler:
     def _schedule_waiting(self, budget: int, scheduled: list[tuple[Request, int]]) -> None:
         while len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting.peek()
+            if request.deadline is not None and time.monotonic() >= request.deadline:
+                # Expired while queued: it must never run. The asyncio side aborts it too when
+                # its timer fires, but that abort may arrive after this step admits it.
+                self._finish(request, FinishReason.DEADLINE)  # removes it from the queue
+                continue
             if request.is_pooling:
                 if not self._admit_pooling(request, budget, scheduled):
                     break  # head of line waits for the next step's budget
@@ -152,6 +159,7 @@ class Scheduler:
             if request.status == RequestStatus.WAITING:
                 request.num_cached_tokens = num_computed
             request.status = RequestStatus.RUNNING
+            self._mark_scheduled(request)
             self.running.append(request)
             scheduled.append((request, num_new))
             budget -= num_new
@@ -167,9 +175,16 @@ class Scheduler:
             return False
         self.waiting.pop()
         request.status = RequestStatus.RUNNING
+        self._mark_scheduled(request)
         self.running.append(request)
         scheduled.append((request, request.num_tokens))
         return True
+
+    @staticmethod
+    def _mark_scheduled(request: Request) -> None:
+        """The end of its queue wait (metrics); a resumption after preemption keeps the first."""
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = time.monotonic()
 
     def _finish_pooling(self, batch: ScheduledBatch, output: ModelRunnerOutput) -> None:
         """Every embedding request of the batch is done after its one forward."""

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -35,6 +36,8 @@ class EngineHandle:
     draining: bool = False
     options: ServingOptions = field(default_factory=ServingOptions)
     metrics: ServingMetrics | None = None
+    # An OpenTelemetry tracer when --otlp-traces-endpoint is set (Generate spans), else None.
+    tracer: Any = None
     # Set by SIGTERM/SIGINT or Admin/Drain; engine-serve then drains and exits.
     shutdown_requested: asyncio.Event = field(default_factory=asyncio.Event)
     # Set when the step thread dies or hangs; engine-serve exits non-zero unless kept alive.

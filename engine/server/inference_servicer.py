@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import grpc
@@ -9,12 +10,36 @@ import grpc
 from engine.errors import QueueFullError, SlowConsumerError
 from engine.best_of import select_best_of
 from engine.beam_search_driver import beam_search
-from engine.generation import GenerationFinished, GenerationStarted
+from engine.generation import GenerationEvent, GenerationFinished, GenerationStarted
 from engine.server.context import REQUEST_ID_KEY, EngineHandle, abort_for, request_id_from
 from engine.server.embed_convert import embed, embedding_request_from_pb
 from engine.server.proto_convert import event_to_pb, generate_request_from_pb
 from engine.server.request_tracker import RequestTracker, outcome_of
+from protoserve.tracing import TRACEPARENT, span_trace_id, start_span, trace_headers, trace_id_of
 from protoserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
+GENERATE_SPAN = "protoserve.generate"
+
+
+def request_trace(context: grpc.aio.ServicerContext, tracer) -> dict:
+    """The caller's trace id for the request log line (always, from `traceparent` metadata)
+    and, when tracing is configured, a span that is a child of the caller's span."""
+    carrier = trace_headers(context.invocation_metadata() or ())
+    if tracer is None:
+        return {"trace_id": trace_id_of(carrier.get(TRACEPARENT))}
+    span = start_span(tracer, GENERATE_SPAN, carrier)
+    return {"trace_id": span_trace_id(span), "span": span}
+
+
+async def counting_completion_tokens(
+    events: AsyncIterator[GenerationEvent], usage: common_pb2.Usage
+) -> AsyncIterator[GenerationEvent]:
+    """`events` unchanged; each choice's output tokens are added to `usage` as it finishes."""
+    async with aclosing(events):  # type: ignore[type-var]
+        async for event in events:
+            if isinstance(event, GenerationFinished):
+                usage.completion_tokens += event.num_output_tokens
+            yield event
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
@@ -31,7 +56,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         usage = common_pb2.Usage()
         options = self.handle.options
         preview = request.text if options.max_log_len > 0 else ""
-        tracker = RequestTracker(request_id, self.handle.metrics, options, preview)
+        tracker = RequestTracker(
+            request_id, self.handle.metrics, options, preview,
+            n=request.sampling.n if request.sampling.HasField("n") else 1,
+            **request_trace(context, self.handle.tracer),
+        )
         loop = asyncio.get_running_loop()
         remaining = context.time_remaining()
         # A little before gRPC's own expiry, so the engine's DEADLINE path (abort with reason
@@ -41,19 +70,23 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             engine = self.handle.get(request.model, task="generate")
             self._admit(engine)
             generation = generate_request_from_pb(request, request_id)
+            # Usage counts every token generated: all best_of candidates, also the ones not
+            # returned (as OpenAI bills them), and for beam search the beams returned.
             if generation.sampling_params.use_beam_search:
-                best = beam_search(engine.loop, generation, deadline)
+                best = counting_completion_tokens(
+                    beam_search(engine.loop, generation, deadline), usage
+                )
             else:
                 candidates = engine.loop.generate(generation, deadline)
-                best = select_best_of(candidates, generation.sampling_params)
+                best = select_best_of(
+                    counting_completion_tokens(candidates, usage), generation.sampling_params
+                )
             async with aclosing(best) as events:
                 async for event in events:
                     tracker.on_event(event)
                     if isinstance(event, GenerationStarted):
                         usage.prompt_tokens = len(event.prompt_token_ids)
                         usage.cached_tokens = event.num_cached_tokens
-                    elif isinstance(event, GenerationFinished):
-                        usage.completion_tokens += event.num_output_tokens
                     await self._write(context, event_to_pb(event, request.return_prompt_token_ids))
             await self._write(context, inference_pb2.GenerateResponse(usage=usage))
         except asyncio.CancelledError as cancel:

@@ -95,7 +95,7 @@ def make_engine_metrics(handle: EngineHandle, compat: bool) -> ServingMetrics:
         return handle.engine.model.names[0] if handle.engine is not None else ""
 
     return ServingMetrics(model_name, load=load, extra_gauges=extra,
-                          compat_prefixes=("vllm",) if compat else ())
+                          compat_prefixes=("vllm",) if compat else (), request_phases=True)
 
 
 def start_metrics_server(render: Callable[[], bytes], host: str, port: int) -> ThreadingHTTPServer:

@@ -1,18 +1,24 @@
-"""Per-request bookkeeping of the Generate servicer: one metrics record and one structured log
-line per request, built from the events the request streams (asyncio side, once per event;
-nothing on the step thread)."""
+"""Per-request bookkeeping of the Generate servicer: one metrics record, one structured log
+line and (with tracing) one span per request, built from the events the request streams
+(asyncio side, once per event; nothing on the step thread).
+
+Timestamps, all time.monotonic(): arrival (the servicer starts), first scheduled (carried by
+GenerationStarted from the scheduler), first token (the first delta with tokens), finish (the
+last choice's Finished event). They split e2e into queue + prefill + decode."""
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from engine.errors import DeadlineExceededError, EngineError, QueueFullError, SlowConsumerError
 from engine.generation import GenerationDelta, GenerationEvent, GenerationFinished, GenerationStarted
 from engine.request import FinishReason
 from protoserve.serving_metrics import LoadSnapshot, RequestRecord, ServingMetrics
+from protoserve.tracing import end_span
 
 logger = logging.getLogger("engine.requests")
 
@@ -42,6 +48,7 @@ def load_snapshot(engine) -> LoadSnapshot:
         kv_cache_usage=kv.usage,
         prefix_cache_hit_rate=(kv.num_hit_tokens / queried) if queried else 0.0,
         num_preemptions=scheduler.num_preemptions,
+        iteration_tokens=engine.core.iteration_tokens.snapshot(),
     )
 
 
@@ -63,14 +70,21 @@ def outcome_of(error: BaseException, deadline_passed: bool) -> str:
 class RequestTracker:
     def __init__(
         self, request_id: str, metrics: ServingMetrics | None, options: ServingOptions,
-        prompt_preview: str = "",
+        prompt_preview: str = "", *, n: int | None = None, trace_id: str | None = None,
+        span: Any | None = None,
     ) -> None:
         self.request_id = request_id
         self._metrics = metrics
         self._options = options
         self._prompt_preview = prompt_preview
+        self._n = n
+        self._trace_id = trace_id
+        self._span = span  # an OpenTelemetry span, ended by finish()
         self._start = time.monotonic()
+        self._scheduled_at: float | None = None
         self._first_token_at: float | None = None
+        self._finished_at: float | None = None
+        self._max_tokens: int | None = None
         self._num_prompt = 0
         self._num_cached = 0
         self._num_output = 0
@@ -84,9 +98,12 @@ class RequestTracker:
         elif isinstance(event, GenerationStarted):
             self._num_prompt = len(event.prompt_token_ids)
             self._num_cached = event.num_cached_tokens
+            self._scheduled_at = event.scheduled_at
+            self._max_tokens = event.max_tokens
         elif isinstance(event, GenerationFinished):
             self._num_output += event.num_output_tokens
             self._reasons.append(event.reason.value)
+            self._finished_at = time.monotonic()
 
     def finish(self, outcome: str | None = None) -> None:
         """Record once. `outcome` overrides the streamed finish reasons (errors, cancels)."""
@@ -96,17 +113,33 @@ class RequestTracker:
         reason = outcome or (self._reasons[0] if self._reasons else "error")
         if reason == "rejected":
             # Never admitted: not a served request (no latency sample, no token counts).
-            self._log(reason, 0.0, None)
+            self._log(reason, 0.0, None, None)
+            self._end_span(reason, 0.0, None, None)
             return
         now = time.monotonic()
         e2e = now - self._start
-        ttft = self._first_token_at - self._start if self._first_token_at is not None else None
+        first = self._first_token_at
+        ttft = first - self._start if first is not None else None
+        record = RequestRecord(reason, self._num_prompt, self._num_output, e2e, ttft,
+                               n=self._n, max_tokens=self._max_tokens)
+        scheduled = self._scheduled_at
+        if scheduled is not None:
+            # An error or cancel ends the request now; a normal finish at its last Finished
+            # event (the final writes to the client are not the engine's time).
+            end = self._finished_at if outcome is None and self._finished_at else now
+            record = replace(
+                record,
+                queue_s=max(scheduled - self._start, 0.0),
+                inference_s=max(end - scheduled, 0.0),
+                prefill_s=max(first - scheduled, 0.0) if first is not None else None,
+                decode_s=max(end - first, 0.0) if first is not None else None,
+            )
         if self._metrics is not None:
-            self._metrics.record(RequestRecord(reason, self._num_prompt, self._num_output, e2e,
-                                               ttft))
-        self._log(reason, e2e, ttft)
+            self._metrics.record(record)
+        self._log(reason, e2e, ttft, record.queue_s)
+        self._end_span(reason, e2e, ttft, record.queue_s)
 
-    def _log(self, reason: str, e2e: float, ttft: float | None) -> None:
+    def _log(self, reason: str, e2e: float, ttft: float | None, queue: float | None) -> None:
         if not self._options.log_requests:
             return
         line = {
@@ -115,9 +148,33 @@ class RequestTracker:
             "prompt_tokens": self._num_prompt,
             "cached_tokens": self._num_cached,
             "output_tokens": self._num_output,
-            "ttft_s": round(ttft, 4) if ttft is not None else None,
+            "queue_s": _rounded(queue),
+            "ttft_s": _rounded(ttft),
             "e2e_s": round(e2e, 4),
         }
+        if self._trace_id is not None:
+            line["trace_id"] = self._trace_id
         if self._options.max_log_len > 0 and self._prompt_preview:
             line["prompt"] = self._prompt_preview[: self._options.max_log_len]
         logger.info("request %s", json.dumps(line, ensure_ascii=False))
+
+    def _end_span(self, reason: str, e2e: float, ttft: float | None,
+                  queue: float | None) -> None:
+        if self._span is None:
+            return
+        # The reference server's attribute names (gen_ai.*), so its trace views apply.
+        end_span(self._span, {
+            "gen_ai.request.id": self.request_id,
+            "gen_ai.request.n": self._n,
+            "gen_ai.request.max_tokens": self._max_tokens,
+            "gen_ai.usage.prompt_tokens": self._num_prompt,
+            "gen_ai.usage.completion_tokens": self._num_output,
+            "gen_ai.response.finish_reasons": [reason],
+            "gen_ai.latency.time_in_queue": queue,
+            "gen_ai.latency.time_to_first_token": ttft,
+            "gen_ai.latency.e2e": e2e,
+        }, error=reason if reason in ("error", "rejected") else None)
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return round(seconds, 4) if seconds is not None else None

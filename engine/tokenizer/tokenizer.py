@@ -8,6 +8,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from engine.errors import InvalidRequestError, ModelLoadError
+from engine.tokenizer.added_token_spacing import AddedTokenSpacing
 from engine.tokenizer.chat_template import RESERVED_TEMPLATE_VARIABLES, render_chat_template
 from engine.tokenizer.content_format import ContentFormat, resolve_content_format
 from engine.tokenizer.detokenizer import IncrementalDetokenizer
@@ -52,6 +53,10 @@ class Tokenizer:
             if added.special
         )
         self._all_special_ids = frozenset(special_ids)
+        added_texts = {
+            token_id: token.content for token_id, token in hf_tokenizer.added_tokens_decoder.items()
+        }
+        self._added_token_spacing = AddedTokenSpacing(self, added_texts, self._all_special_ids)
         self._special_token_variables = MappingProxyType(dict(hf_tokenizer.special_tokens_map))
 
     @classmethod
@@ -139,15 +144,18 @@ class Tokenizer:
         skip_special_tokens: bool = True,
         spaces_between_special_tokens: bool = True,
     ) -> IncrementalDetokenizer:
-        """A detokenizer whose output concatenates to `decode(output ids)`.
+        """A detokenizer whose output concatenates to the decoding of the output ids.
 
-        `spaces_between_special_tokens` only changes the output of slow (pure Python)
-        tokenizers; fast tokenizers, the only kind loaded here, render special tokens exactly
-        as `decode` does, so it is accepted for API compatibility and has no effect.
+        With special tokens kept (`skip_special_tokens=False`) and
+        `spaces_between_special_tokens` (the default), added tokens are set off by spaces as
+        the reference server renders them (see added_token_spacing.py); otherwise the text is
+        `decode(output ids)`.
         """
-        del spaces_between_special_tokens
+        spaced = not skip_special_tokens and spaces_between_special_tokens
         return IncrementalDetokenizer(
-            self, prompt_token_ids, skip_special_tokens=skip_special_tokens
+            self._added_token_spacing if spaced else self,
+            prompt_token_ids,
+            skip_special_tokens=skip_special_tokens,
         )
 
     def render_chat(

@@ -59,6 +59,11 @@ class CompletionLogprobsBuilder:
             self.top_logprobs.append(top or None)
             self._offset += len(token)
 
+    @property
+    def next_offset(self) -> int:
+        """The text_offset the next token would get."""
+        return self._offset
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "text_offset": self.text_offset,

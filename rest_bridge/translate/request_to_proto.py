@@ -56,8 +56,8 @@ def check_stream_options(body: SamplingFields) -> None:
 def completion_to_plan(body: CompletionRequest, request_id: str) -> GenerationPlan:
     check_stream_options(body)
     if body.suffix is not None:
-        # No served tokenizer has fill-in-the-middle tokens the engine knows how to use.
-        raise invalid_request("suffix is not supported for this model", param="suffix")
+        # Fill-in-the-middle is not built; the reference server refuses it with this message.
+        raise invalid_request("suffix is not currently supported", param="suffix")
     if "max_tokens" in body.model_fields_set:
         max_tokens = body.max_tokens
     else:
@@ -128,8 +128,11 @@ def chat_to_plan(
         if body.is_set("guided_decoding_backend"):
             constraint.backend = body.guided_decoding_backend or ""
     if tools.keep_special_tokens and not sampling.HasField("skip_special_tokens"):
-        # The parser's marker (e.g. [TOOL_CALLS]) is a special token: keep it in the text.
+        # The parser's marker (e.g. [TOOL_CALLS]) is a special token: keep it in the text,
+        # as the model wrote it (no spaces set around it, unless the client asks for them).
         sampling.skip_special_tokens = False
+        if not sampling.HasField("spaces_between_special_tokens"):
+            sampling.spaces_between_special_tokens = False
     request = _base_request(body, request_id, sampling, constraint)
     request.chat.CopyFrom(chat_input_from(body, options, send_tools=tools.send_tools))
     return GenerationPlan(

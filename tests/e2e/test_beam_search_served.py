@@ -1,6 +1,9 @@
 """Beam search through the real servers (`role="all"`): the OpenAI SDK (`use_beam_search` and
 `best_of` in extra_body) and gRPC stubs return the same beams as transformers'
-`generate(num_beams=4, do_sample=False, early_stopping=False)` on a tiny float32 Llama."""
+`generate(num_beams=4, do_sample=False, early_stopping=False)` on a tiny float32 Llama.
+
+The server runs with --max-logprobs 1: width 4 ranks the top 8 tokens per beam and step, which
+that client-facing limit must not bound; a client's own logprobs above it are still refused."""
 from __future__ import annotations
 
 import threading
@@ -22,6 +25,8 @@ from protoserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 PROMPT = "the quick brown fox"
 WIDTH = 4
 MAX_TOKENS = 10
+# Far below the 2 * WIDTH tokens a beam search step ranks.
+MAX_LOGPROBS = 1
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +45,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(model_dir: Path) -> Iterator[EngineProcess]:
-    handle = start_engine(model_dir, "--max-model-len", "256", "--block-size", "4", role="all")
+    handle = start_engine(model_dir, "--max-model-len", "256", "--block-size", "4",
+                          "--max-logprobs", str(MAX_LOGPROBS), role="all")
     yield handle
     handle.stop()
 
@@ -136,13 +142,25 @@ def test_chat_returns_n_beams(client) -> None:
 def test_logprobs_follow_the_returned_beam(client, reference) -> None:
     expected = _expected(reference, 1, 1.0)[0]
     reply = client.completions.create(
-        model="", prompt=PROMPT, temperature=0, max_tokens=MAX_TOKENS, logprobs=2,
+        model="", prompt=PROMPT, temperature=0, max_tokens=MAX_TOKENS, logprobs=MAX_LOGPROBS,
         extra_body={"use_beam_search": True, "best_of": WIDTH},
     )
     logprobs = reply.choices[0].logprobs
     assert len(logprobs.tokens) == len(expected)
-    assert all(len(top) == 2 for top in logprobs.top_logprobs)
+    assert all(len(top) == MAX_LOGPROBS for top in logprobs.top_logprobs)
     assert all(lp <= max(top.values()) + 1e-6 for lp, top in zip(logprobs.token_logprobs, logprobs.top_logprobs))
+
+
+def test_client_logprobs_above_the_limit_are_refused(client, stub) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="", prompt=PROMPT, temperature=0, max_tokens=4,
+                                  logprobs=MAX_LOGPROBS + 1,
+                                  extra_body={"use_beam_search": True, "best_of": WIDTH})
+    assert caught.value.param == "logprobs"
+    with pytest.raises(grpc.RpcError) as info:
+        _grpc_beams(stub, best_of=WIDTH, logprobs=MAX_LOGPROBS + 1)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _bad_fields(info.value) == ["logprobs"]
 
 
 def test_temperature_above_zero_is_refused(client, stub) -> None:
@@ -153,14 +171,18 @@ def test_temperature_above_zero_is_refused(client, stub) -> None:
     with pytest.raises(grpc.RpcError) as info:
         _grpc_beams(stub, best_of=WIDTH, temperature=0.7)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    status = rpc_status.from_call(info.value)
+    assert _bad_fields(info.value) == ["temperature"]
+
+
+def _bad_fields(error: grpc.RpcError) -> list[str]:
+    status = rpc_status.from_call(error)
     fields = []
     for detail in status.details if status else ():
         if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad_request = error_details_pb2.BadRequest()
             detail.Unpack(bad_request)
             fields += [v.field for v in bad_request.field_violations]
-    assert fields == ["temperature"]
+    return fields
 
 
 def test_cancelling_a_search_frees_its_requests(server: EngineProcess, stub) -> None:

@@ -143,10 +143,23 @@ def test_bridge_metrics_and_health(served) -> None:
     engine, url = served
     assert httpx.get(f"{url}/health", timeout=10).status_code == 200
     assert httpx.get(f"{url}/ping", timeout=10).status_code == 200
+    before = scrape(f"{url}/metrics")
+    body = {"prompt": "one two", "max_tokens": 5, "n": 2, "temperature": 1.0,
+            "ignore_eos": True}
+    assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
     text = httpx.get(f"{url}/metrics", timeout=10).text
     for name in ("protoserve:num_requests_waiting", "vllm:gpu_cache_usage_perc",
                  "protoserve:time_to_first_token_seconds_bucket", "vllm:e2e_request_latency_seconds_sum"):
         assert name in text, name
+    after = scrape(f"{url}/metrics")
+    for prefix in ("protoserve", "vllm"):
+        for name, value in (("request_params_n_sum", 2), ("request_params_max_tokens_sum", 5),
+                            ("request_generation_tokens_sum", 10),
+                            ("request_prompt_tokens_count", 1)):
+            key = f"{prefix}:{name}"
+            assert sample(after, key) - sample(before, key) == value, key
+    # The queue/prefill/decode split is the engine's to measure (its metrics port).
+    assert "request_queue_time_seconds" not in text
 
 
 def test_bodies_built_to_break_a_json_server(served) -> None:

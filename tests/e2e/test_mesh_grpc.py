@@ -130,6 +130,70 @@ def test_deadline_stops_decoding_and_evicts_queued(channel, engine) -> None:
     assert after == before + 2
 
 
+def test_deadline_evicts_from_the_queue_before_it_ever_runs(channel, engine) -> None:
+    """Queued behind a long request (--max-num-seqs 1), a request whose deadline passes (or has
+    all but passed on arrival) ends DEADLINE_EXCEEDED without ever being scheduled: no
+    `started` event, no tokens, no queue-time sample, no blocks left behind."""
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    blocker = open_stream(channel, long_request())
+    next(blocker)
+    before = scrape(engine[1])
+    for timeout in (1.0, 0.06):  # the engine keeps 0.05 s of a deadline for its own answer
+        events: list = []
+        with pytest.raises(grpc.RpcError) as expired:
+            events.extend(stub.Generate(short_request(), timeout=timeout))
+        assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert events == []
+        wait_until(lambda: get_load(channel).num_requests_waiting == 0, FAULT_BOUND_S,
+                   "the expired request left the queue")
+    blocker.cancel()
+    wait_idle(channel, FAULT_BOUND_S)
+    after = scrape(engine[1])
+    queue_count = "protoserve:request_queue_time_seconds_count"
+    assert sample(after, queue_count) == sample(before, queue_count) + 1  # the blocker only
+    assert sample(after, "protoserve:request_aborted_total", reason="deadline") >= sample(
+        before, "protoserve:request_aborted_total", reason="deadline") + 1
+
+
+def test_request_latency_split_histograms(channel, engine) -> None:
+    """Every finished request adds one sample to each per-request histogram; queue +
+    inference add up to e2e, prefill + decode to inference; token counts are exact."""
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    max_tokens = [3, 5, 7]
+    before = scrape(engine[1])
+    for n in max_tokens:
+        list(stub.Generate(short_request(max_tokens=n), timeout=60))
+    wait_idle(channel, FAULT_BOUND_S)
+    after = scrape(engine[1])
+
+    def grew(name: str, prefix: str = "protoserve") -> float:
+        return sample(after, f"{prefix}:{name}") - sample(before, f"{prefix}:{name}")
+
+    for prefix in ("protoserve", "vllm"):
+        for name in ("request_queue_time_seconds", "request_prefill_time_seconds",
+                     "request_decode_time_seconds", "request_inference_time_seconds",
+                     "e2e_request_latency_seconds", "request_prompt_tokens",
+                     "request_generation_tokens", "request_params_n",
+                     "request_params_max_tokens"):
+            assert grew(f"{name}_count", prefix) == len(max_tokens), (prefix, name)
+        assert grew("iteration_tokens_total_count", prefix) >= max(max_tokens)
+    e2e = grew("e2e_request_latency_seconds_sum")
+    queue, inference = (grew("request_queue_time_seconds_sum"),
+                        grew("request_inference_time_seconds_sum"))
+    # They end at the last Finished event; e2e also covers writing the final events out.
+    assert 0.0 < inference and 0.5 * e2e <= queue + inference <= e2e
+    assert grew("request_prefill_time_seconds_sum") + grew(
+        "request_decode_time_seconds_sum") == pytest.approx(inference)
+    assert grew("request_generation_tokens_sum") == sum(max_tokens)
+    assert grew("request_params_max_tokens_sum") == sum(max_tokens)
+    assert grew("request_params_n_sum") == len(max_tokens)
+    prompt = grew("request_prompt_tokens_sum") / len(max_tokens)
+    assert prompt == int(prompt) > 0
+    # Each step computes the new tokens of the batch; every output token but the last per
+    # request was computed in some step.
+    assert grew("iteration_tokens_total_sum") >= sum(max_tokens) - len(max_tokens)
+
+
 def test_queue_full_is_resource_exhausted_with_retry_info(channel) -> None:
     running = open_stream(channel, long_request())
     next(running)

@@ -304,3 +304,20 @@ def test_unknown_fields_are_kept_not_rejected() -> None:
     body = ChatCompletionRequest.model_validate(
         {"messages": [{"role": "user", "content": "x", "reasoning": "r"}], "modalities": ["text"]})
     assert set(body.model_extra or {}) == {"modalities"}
+
+
+def test_a_parser_reading_special_tokens_gets_them_unspaced() -> None:
+    from rest_bridge.translate.tool_choice import ToolPlan
+
+    keep = ToolPlan(send_tools=True, keep_special_tokens=True)
+    body = ChatCompletionRequest.model_validate({"messages": USER_HI})
+    (request,) = chat_to_plan(body, "rid", ChatOptions(), keep).requests
+    assert request.sampling.HasField("skip_special_tokens")
+    assert not request.sampling.skip_special_tokens
+    assert request.sampling.HasField("spaces_between_special_tokens")
+    assert not request.sampling.spaces_between_special_tokens
+    # The client's own choice wins.
+    body = ChatCompletionRequest.model_validate(
+        {"messages": USER_HI, "spaces_between_special_tokens": True})
+    (request,) = chat_to_plan(body, "rid", ChatOptions(), keep).requests
+    assert request.sampling.spaces_between_special_tokens

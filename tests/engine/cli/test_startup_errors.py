@@ -41,3 +41,31 @@ def test_unservable_model_fails_with_one_line(tmp_path: Path, make_dir, expected
     assert "Traceback" not in result.stderr
     assert len(error_lines) == 1, result.stderr
     assert error_lines[0].startswith("error:") and expected in error_lines[0]
+
+
+_WITHOUT_OTLP_EXPORTER = (
+    # The exporter made unimportable, as on a machine without the otel extra.
+    "import sys; sys.modules['opentelemetry.exporter.otlp.proto.grpc.trace_exporter'] = None; "
+    "from engine.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+@pytest.mark.parametrize(
+    ("command", "env", "expected"),
+    [
+        (["-c", _WITHOUT_OTLP_EXPORTER], {}, "pip install 'protoserve[otel]'"),
+        (["-m", "engine.cli"], {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "carrier-pigeon"},
+         "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"),
+    ],
+)
+def test_tracing_that_cannot_work_fails_before_loading(command, env, expected) -> None:
+    import os
+
+    result = subprocess.run(
+        [sys.executable, *command, "--role", "engine", "--model", "/nonexistent",
+         "--otlp-traces-endpoint", "http://127.0.0.1:4317"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, **env},
+    )
+    assert result.returncode == 2, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(error_lines) == 1 and expected in error_lines[0], result.stderr

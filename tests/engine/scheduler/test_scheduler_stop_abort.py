@@ -1,5 +1,8 @@
-"""Scheduler: token-level stop conditions and aborts, driven by the scripted runner."""
+"""Scheduler: token-level stop conditions, aborts and queue deadlines, driven by the scripted
+runner."""
 from __future__ import annotations
+
+import time
 
 import pytest
 
@@ -248,4 +251,38 @@ def test_request_id_can_be_reused_after_abort(policy: str) -> None:
     h.run()
     assert h.results["x"].tokens == expected_tokens("x", 7, 2)
     assert h.results["x"].finish_reason == FinishReason.LENGTH
+    h.assert_drained()
+
+
+# ----- deadlines -------------------------------------------------------------------------
+
+
+def test_expired_deadline_evicts_from_the_queue_instead_of_admitting() -> None:
+    """A request whose deadline passed while it waited is finished (DEADLINE) when it would be
+    admitted: never scheduled, no blocks, no tokens; the one behind it is admitted instead."""
+    h = Harness(max_num_seqs=1)
+    h.add(make_request("busy", prompt(P), max_tokens=2))
+    late = make_request("late", prompt(P, start=40), max_tokens=3)
+    late.deadline = time.monotonic() - 1.0  # already past
+    h.add(late, make_request("next", prompt(P, start=70), max_tokens=2))
+    h.run()
+    assert h.results["late"].finish_reason == FinishReason.DEADLINE
+    assert h.results["late"].tokens == []
+    assert all(h.scheduled(b, "late") is None for b in h.batches)
+    assert late.first_scheduled_time is None and late.block_ids == []
+    assert h.results["next"].tokens == expected_tokens("next", P, 2)
+    h.assert_drained()
+
+
+def test_deadline_in_the_future_is_admitted_and_records_first_scheduling() -> None:
+    h = Harness()
+    request = make_request("r", prompt(P), max_tokens=3)
+    request.deadline = time.monotonic() + 3600.0
+    h.add(request)
+    h.step()
+    first = request.first_scheduled_time
+    assert first is not None
+    h.run()
+    assert request.first_scheduled_time == first  # the first admission, kept
+    assert h.results["r"].finish_reason == FinishReason.LENGTH
     h.assert_drained()

@@ -1,9 +1,11 @@
 """One structured log line and one metrics record per request; prompts only within
---max-log-len; rejected requests add no latency sample."""
+--max-log-len; rejected requests add no latency sample; the latency split at the first
+scheduling and the first token."""
 from __future__ import annotations
 
 import json
 import logging
+import time
 
 import pytest
 
@@ -65,3 +67,52 @@ def test_cancel_and_deadline_are_counted_apart() -> None:
     text = metrics.render().decode()
     for reason in ("cancelled", "deadline", "abort"):
         assert f'protoserve:request_aborted_total{{model_name="m",reason="{reason}"}} 1.0' in text
+
+
+def test_latency_split_at_first_scheduling_and_first_token(caplog) -> None:
+    """queue + inference = the span up to the last Finished event; prefill + decode =
+    inference; every per-request histogram gets one sample."""
+    metrics = ServingMetrics("m", request_phases=True)
+    caplog.set_level(logging.INFO, logger="engine.requests")
+    tracker = RequestTracker("r1", metrics, ServingOptions(), n=2, trace_id="ab" * 16)
+    tracker.on_event(GenerationStarted("r1", [1, 2, 3], "abc", 0,
+                                       scheduled_at=time.monotonic(), max_tokens=7))
+    tracker.on_event(GenerationDelta(0, [7], "x"))
+    tracker.on_event(GenerationFinished(0, FinishReason.LENGTH, 1))
+    tracker.finish()
+    samples = _samples(metrics)
+    for name in ("request_queue_time_seconds", "request_prefill_time_seconds",
+                 "request_decode_time_seconds", "request_inference_time_seconds",
+                 "request_prompt_tokens", "request_generation_tokens", "request_params_n",
+                 "request_params_max_tokens", "e2e_request_latency_seconds"):
+        assert samples[f"protoserve:{name}_count"] == 1.0, name
+    assert samples["protoserve:request_params_n_sum"] == 2.0
+    assert samples["protoserve:request_params_max_tokens_sum"] == 7.0
+    assert samples["protoserve:request_prompt_tokens_sum"] == 3.0
+    phases = samples["protoserve:request_prefill_time_seconds_sum"] + samples[
+        "protoserve:request_decode_time_seconds_sum"]
+    assert phases == pytest.approx(samples["protoserve:request_inference_time_seconds_sum"])
+    split = samples["protoserve:request_queue_time_seconds_sum"] + samples[
+        "protoserve:request_inference_time_seconds_sum"]
+    assert split <= samples["protoserve:e2e_request_latency_seconds_sum"]
+    [line] = _lines(caplog)
+    assert line["trace_id"] == "ab" * 16 and line["queue_s"] is not None
+
+
+def test_a_request_never_scheduled_has_no_phase_samples() -> None:
+    metrics = ServingMetrics("m", request_phases=True)
+    RequestTracker("r1", metrics, ServingOptions(log_requests=False)).finish("deadline")
+    samples = _samples(metrics)
+    assert samples["protoserve:e2e_request_latency_seconds_count"] == 1.0
+    assert samples["protoserve:request_queue_time_seconds_count"] == 0.0
+    # The bridge (request_phases=False) does not export the split at all.
+    assert not any("queue_time" in k for k in _samples(ServingMetrics("m")))
+
+
+def _samples(metrics: ServingMetrics) -> dict[str, float]:
+    samples = {}
+    for line in metrics.render().decode().splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key.partition("{")[0] if "_bucket" not in key else key] = float(value)
+    return samples

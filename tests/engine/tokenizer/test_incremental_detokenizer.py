@@ -36,10 +36,15 @@ def _stream(
     rng: random.Random,
     *,
     skip_special_tokens: bool,
+    spaces_between_special_tokens: bool = False,
 ) -> list[str]:
     """Feed output_ids in random chunks (mostly 1-3 tokens); return every step's text and
     the flush."""
-    detokenizer = tokenizer.new_detokenizer(prompt_ids, skip_special_tokens=skip_special_tokens)
+    detokenizer = tokenizer.new_detokenizer(
+        prompt_ids,
+        skip_special_tokens=skip_special_tokens,
+        spaces_between_special_tokens=spaces_between_special_tokens,
+    )
     pieces, position = [], 0
     while position < len(output_ids):
         size = rng.choice((1, 1, 2, 3, 8))
@@ -131,7 +136,9 @@ def test_special_tokens_follow_skip_flag(
         reference.eos_token_id,
     ]
     for skip in (True, False):
-        detokenizer = tokenizer.new_detokenizer([], skip_special_tokens=skip)
+        detokenizer = tokenizer.new_detokenizer(
+            [], skip_special_tokens=skip, spaces_between_special_tokens=False
+        )
         text = detokenizer.step(output_ids) + detokenizer.flush()
         assert text == reference.decode(output_ids, skip_special_tokens=skip)
     assert "<|im_end|>" in reference.decode(output_ids, skip_special_tokens=False)

@@ -1,0 +1,100 @@
+// Fused bfloat16 pointwise ops of a Llama layer: RMSNorm (optionally after the residual add),
+// SiLU-and-mul and rotary embedding. Each replaces 4-8 torch ops, whose per-op dispatch costs
+// more than the arithmetic at decode batch sizes.
+//
+// Every op rounds to bfloat16 exactly where the torch expression it replaces does (each torch
+// op on bf16 tensors computes in fp32 and rounds its result), so outputs match the reference
+// model bit for bit except where a reduction's fp32 summation order or exp's last bit flips a
+// rounding (rare, and within one bf16 ulp).
+#include <cmath>
+#include <vector>
+
+#include "cpu_ops.h"
+
+namespace protoserve {
+namespace {
+
+inline float round_bf16(float value) { return bf16_to_float(float_to_bf16(value)); }
+
+// Rows per parallel chunk: decode-sized calls run inline on the calling thread.
+int64_t row_grain(int64_t row_elements) {
+  constexpr int64_t kElementsPerChunk = 32768;
+  return std::max<int64_t>(1, kElementsPerChunk / std::max<int64_t>(row_elements, 1));
+}
+
+// out = weight * bf16(x * rsqrt(mean(x^2) + eps)), as transformers' LlamaRMSNorm.
+void norm_row(const bf16_t* x, const bf16_t* weight, bf16_t* out, int64_t hidden, float eps) {
+  float sum_squares = 0.0f;
+#pragma omp simd reduction(+ : sum_squares)
+  for (int64_t i = 0; i < hidden; ++i) {
+    const float v = bf16_to_float(x[i]);
+    sum_squares += v * v;
+  }
+  const float inv_rms = 1.0f / std::sqrt(sum_squares / static_cast<float>(hidden) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < hidden; ++i) {
+    const float normed = round_bf16(bf16_to_float(x[i]) * inv_rms);
+    out[i] = float_to_bf16(bf16_to_float(weight[i]) * normed);
+  }
+}
+
+}  // namespace
+
+void rms_norm_bf16(const NormArgs& a) {
+  at::parallel_for(0, a.num_tokens, row_grain(a.hidden), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      bf16_t* residual = a.residual + t * a.residual_stride;
+      if (a.delta != nullptr) {
+        // residual += delta, rounded like the reference's `hidden + attn_output`.
+        const bf16_t* delta = a.delta + t * a.delta_stride;
+#pragma omp simd
+        for (int64_t i = 0; i < a.hidden; ++i)
+          residual[i] = float_to_bf16(bf16_to_float(residual[i]) + bf16_to_float(delta[i]));
+      }
+      norm_row(residual, a.weight, a.out + t * a.hidden, a.hidden, a.eps);
+    }
+  });
+}
+
+void silu_and_mul_bf16(const SiluMulArgs& a) {
+  const int64_t width = a.intermediate;
+  at::parallel_for(0, a.num_tokens, row_grain(width), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const bf16_t* gate = a.gate_up + t * a.gate_up_stride;
+      const bf16_t* up = gate + width;
+      bf16_t* out = a.out + t * width;
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) {
+        const float g = bf16_to_float(gate[i]);
+        const float activated = round_bf16(g / (1.0f + std::exp(-g)));  // F.silu, rounded
+        out[i] = float_to_bf16(activated * bf16_to_float(up[i]));
+      }
+    }
+  });
+}
+
+void rotary_bf16(const RotaryArgs& a) {
+  const int64_t dim = a.head_dim;
+  const int64_t half = dim / 2;
+  at::parallel_for(0, a.num_tokens, row_grain(a.num_heads * dim), [&](int64_t begin, int64_t end) {
+    std::vector<float> row(dim);
+    for (int64_t t = begin; t < end; ++t) {
+      const bf16_t* cos = a.cos + t * dim;
+      const bf16_t* signed_sin = a.signed_sin + t * dim;
+      for (int64_t h = 0; h < a.num_heads; ++h) {
+        bf16_t* x = a.x + t * a.token_stride + h * dim;
+        for (int64_t d = 0; d < dim; ++d) row[d] = bf16_to_float(x[d]);
+        // x * cos + roll(x, dim / 2) * signed_sin, each product and the sum rounded.
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) {
+          const float rolled = row[d < half ? d + half : d - half];
+          const float a_term = round_bf16(row[d] * bf16_to_float(cos[d]));
+          const float b_term = round_bf16(rolled * bf16_to_float(signed_sin[d]));
+          x[d] = float_to_bf16(a_term + b_term);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace protoserve
