@@ -12,6 +12,8 @@
 //
 // The partition's result is (m, l, acc); acc / l when it covers the whole context. Kernels
 // implement: load_query, scores(block, kv head), softmax, accumulate(block, kv head), finish.
+// scores and accumulate also get `prefetch`: null, or n * head_dim contiguous elements that
+// decode_attention.cpp will read soon, to be pulled into L2 while this block computes.
 #pragma once
 
 #include <cmath>
@@ -64,7 +66,8 @@ struct PortableDecode {
   // Scores of heads [head0, head0 + group) for the n keys of one block of their kv head;
   // `offset` = the block's first token in the partition.
   static void scores(DecodeState& st, int64_t head0, int64_t group, const T* keys,
-                     int64_t stride, int64_t n, int64_t offset, float scale) {
+                     int64_t stride, int64_t n, int64_t offset, float scale, const T* prefetch) {
+    prefetch_l2(prefetch, n * st.head_dim);
     for (int64_t h = head0; h < head0 + group; ++h) {
       const float* q = st.query.data() + h * st.head_dim;
       float* s = st.scores.data() + h * st.part_pad + offset;
@@ -90,7 +93,8 @@ struct PortableDecode {
   }
 
   static void accumulate(DecodeState& st, int64_t head0, int64_t group, const T* values,
-                         int64_t stride, int64_t n, int64_t offset) {
+                         int64_t stride, int64_t n, int64_t offset, const T* prefetch) {
+    prefetch_l2(prefetch, n * st.head_dim);
     for (int64_t h = head0; h < head0 + group; ++h) {
       const float* p = st.scores.data() + h * st.part_pad + offset;
       float* acc = st.acc.data() + h * st.dim_pad;
@@ -99,6 +103,13 @@ struct PortableDecode {
         for (int64_t d = 0; d < st.head_dim; ++d) acc[d] += p[t] * to_float(v[d]);
       }
     }
+  }
+
+  static void prefetch_l2(const T* region, int64_t count) {
+    if (region == nullptr) return;
+    const char* end = reinterpret_cast<const char*>(region + count);
+    for (const char* line = reinterpret_cast<const char*>(region); line < end; line += 64)
+      __builtin_prefetch(line, 0, 2);
   }
 
   // natural[h * dim_pad + d] = acc in natural dim order.

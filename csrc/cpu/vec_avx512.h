@@ -39,37 +39,29 @@ inline __m512 exp_ps(__m512 x) {
 
 // Sixteen vectors in, one out: lane i = horizontal sum of v[i].
 //
-// Four halving rounds; each adds two shuffles of a pair so both inputs keep half their lanes:
-//   round 1 (512->256 per input):  [a a a a a a a a | b b b b b b b b]
-//   round 2 (256->128):            [a a a a | b b b b | c c c c | d d d d]
-//   round 3 (128->64, in lanes):   Q0 [a a e e]  Q1 [b b f f]  Q2 [c c g g]  Q3 [d d h h]
-//   round 4 (64->32):              Q0 [a e i m]  Q1 [b f j n]  ...
-// which leaves v[q + 4j] in lane 4q + j; a final permute puts v[i] in lane i.
+// In-lane shuffles first: on Zen 4 they issue beside dpbf16, lane-crossing ones compete with
+// it (6 dpbf16 + 6 vshufps: ~6 cycles; + 6 vshuff32x4: ~10). Per 128-bit lane L:
+//   round 1, unpacklo/hi_ps (v[2j], v[2j+1]):  [a0+a2  b0+b2  a1+a3  b1+b3]
+//   round 2, shuffle_ps pairs of those:        [a  b  c  d]   each one lane L's partial sum
+// then two lane-crossing rounds add the four 128-bit lanes:
+//   round 3  [A.L0+L1  A.L2+L3  B.L0+L1  B.L2+L3]  (A = round-2 vector 0, B = vector 1, ...)
+//   round 4  [A  B  C  D]
+// so 128-bit lane k holds v[4k .. 4k+3]: 6 lane-crossing shuffles instead of 25.
 inline __m512 hsum16(const __m512* v) {
   __m512 r1[8];
-  for (int i = 0; i < 8; ++i) {
-    const __m512 lo = _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0));
-    const __m512 hi = _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2));
-    r1[i] = _mm512_add_ps(lo, hi);
-  }
+  for (int i = 0; i < 8; ++i)
+    r1[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                          _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
   __m512 r2[4];
-  for (int i = 0; i < 4; ++i) {
-    const __m512 lo = _mm512_shuffle_f32x4(r1[2 * i], r1[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0));
-    const __m512 hi = _mm512_shuffle_f32x4(r1[2 * i], r1[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1));
-    r2[i] = _mm512_add_ps(lo, hi);
-  }
+  for (int i = 0; i < 4; ++i)
+    r2[i] = _mm512_add_ps(_mm512_shuffle_ps(r1[2 * i], r1[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                          _mm512_shuffle_ps(r1[2 * i], r1[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
   __m512 r3[2];
-  for (int i = 0; i < 2; ++i) {
-    const __m512 lo = _mm512_shuffle_ps(r2[2 * i], r2[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0));
-    const __m512 hi = _mm512_shuffle_ps(r2[2 * i], r2[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2));
-    r3[i] = _mm512_add_ps(lo, hi);
-  }
-  const __m512 lo = _mm512_shuffle_ps(r3[0], r3[1], _MM_SHUFFLE(2, 0, 2, 0));
-  const __m512 hi = _mm512_shuffle_ps(r3[0], r3[1], _MM_SHUFFLE(3, 1, 3, 1));
-  // v[i] sits in lane 4 * (i % 4) + i / 4.
-  const __m512i order =
-      _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  return _mm512_permutexvar_ps(order, _mm512_add_ps(lo, hi));
+  for (int i = 0; i < 2; ++i)
+    r3[i] = _mm512_add_ps(_mm512_shuffle_f32x4(r2[2 * i], r2[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                          _mm512_shuffle_f32x4(r2[2 * i], r2[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(r3[0], r3[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(r3[0], r3[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
 // Masked load of up to 32 bf16 (missing lanes read as zero, never touching memory).
