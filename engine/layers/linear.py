@@ -6,8 +6,8 @@ layers would only cost start-up time (seconds for billion-parameter models).
 On CPU in bfloat16, `prepack_cpu_linears` re-lays each Linear weight out once after loading,
 and the plain weight is dropped (never kept twice in memory):
 - where our AVX512_BF16 kernel is built (engine.ops.linear_bf16), into its 16-row panels: a
-  decode step streams each panel contiguously, ~1.4x faster than oneDNN at 1-8 tokens and
-  on par with it up to 64 (benchmarks/linear_kernels.py);
+  decode step streams each panel contiguously, ~1.3x faster than oneDNN at 1-8 tokens and
+  on par with it from 32 to 256 (benchmarks/linear_kernels.py);
 - else into oneDNN's blocked format, ~1.5x faster than F.linear at decode.
 Both agree with F.linear to the last bfloat16 bit up to summation order (fp32 accumulation).
 """
