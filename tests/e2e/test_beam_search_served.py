@@ -20,7 +20,7 @@ from grpc_status import rpc_status
 from model_factory import build_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from protoserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from protoserve.v1 import common_pb2, inference_pb2
 
 PROMPT = "the quick brown fox"
 WIDTH = 4
@@ -49,17 +49,6 @@ def server(model_dir: Path) -> Iterator[EngineProcess]:
                           "--max-logprobs", str(MAX_LOGPROBS), role="all")
     yield handle
     handle.stop()
-
-
-@pytest.fixture(scope="module")
-def stub(server: EngineProcess) -> Iterator[inference_pb2_grpc.InferenceStub]:
-    with grpc.insecure_channel(server.grpc_address) as channel:
-        yield inference_pb2_grpc.InferenceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def client(server: EngineProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="unused", max_retries=0)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from transformers import AutoTokenizer
 
-from protoserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from protoserve.v1 import common_pb2, inference_pb2
 
 MAX_LOGPROBS = 5
 PROMPT = "the quick brown fox"
@@ -27,17 +27,6 @@ def server(tiny_llama_dir: Path) -> Iterator[EngineProcess]:
     )
     yield handle
     handle.stop()
-
-
-@pytest.fixture(scope="module")
-def stub(server: EngineProcess) -> Iterator[inference_pb2_grpc.InferenceStub]:
-    with grpc.insecure_channel(server.grpc_address) as channel:
-        yield inference_pb2_grpc.InferenceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def client(server: EngineProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="unused", max_retries=0)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import openai
 import pytest
 import torch
@@ -15,7 +14,7 @@ from engine_process import EngineProcess, start_engine
 from special_token_spacing_reference import reference_output_text
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from protoserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from protoserve.v1 import common_pb2, inference_pb2
 
 PROMPTS = ["the quick brown fox", "a river ran"]
 CHAT = [{"role": "user", "content": "hi"}]
@@ -26,17 +25,6 @@ def server(tiny_llama_dir: Path) -> Iterator[EngineProcess]:
     handle = start_engine(tiny_llama_dir, "--max-model-len", "256", role="all")
     yield handle
     handle.stop()
-
-
-@pytest.fixture(scope="module")
-def stub(server: EngineProcess) -> Iterator[inference_pb2_grpc.InferenceStub]:
-    with grpc.insecure_channel(server.grpc_address) as channel:
-        yield inference_pb2_grpc.InferenceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def client(server: EngineProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="unused", max_retries=0)
 
 
 @pytest.fixture(scope="module")

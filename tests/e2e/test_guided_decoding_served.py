@@ -48,11 +48,6 @@ def server(tiny_llama_dir: Path) -> Iterator[EngineProcess]:
 
 
 @pytest.fixture(scope="module")
-def client(server: EngineProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
 def channel(server: EngineProcess) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(server.grpc_address) as channel:
         yield channel
