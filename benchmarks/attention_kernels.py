@@ -1,8 +1,9 @@
-"""Paged attention kernels on CPU: our csrc kernels against the pure-torch paths.
+"""Paged attention kernels: our csrc kernels against the pure-torch paths, on CPU or CUDA.
 
 Run from the repository root:
     .venv/bin/python -m benchmarks.attention_kernels                 # decode + prefill tables
     .venv/bin/python -m benchmarks.attention_kernels --no-prefill --batch-sizes 1 8
+    python -m benchmarks.attention_kernels --device cuda             # csrc/cuda, decode only
 
 Decode (one query per sequence, 32 query / 8 KV heads, head_dim 128, bf16 by default):
     ours        engine.ops.paged_decode_attention (csrc/cpu)
@@ -10,7 +11,8 @@ Decode (one query per sequence, 32 query / 8 KV heads, head_dim 128, bf16 by def
     sdpa        gather, then torch scaled_dot_product_attention with a mask
 GB/s counts the K/V bytes each call must read. Each timed call cycles over enough distinct
 "layers" (separate caches) that the K/V cannot stay in the last-level cache, as in a real
-model step. The machine's own bandwidth is measured first (sum = read-only, copy = read+write).
+model step. The machine's own bandwidth is measured first (sum = read-only, copy = read+write),
+on the device under test; on CUDA every sample ends with a device synchronize.
 
 Prefill (one chunk of queries over a cached context): ours vs gather + SDPA, in GFLOP/s of
 the causal attention actually computed.
@@ -31,6 +33,12 @@ from engine.attention.backend import AttentionMetadata
 from engine.attention.torch_backend import decode_attention, gather_blocks
 
 COLD_BYTES = 512 * 2**20  # K/V touched per timed call: well above any last-level cache
+DEVICE = torch.device("cpu")  # set once by main() from --device
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def time_samples(fn: Callable[[], object], repeats: int, warmup: int = 2) -> list[float]:
@@ -38,8 +46,10 @@ def time_samples(fn: Callable[[], object], repeats: int, warmup: int = 2) -> lis
         fn()
     samples = []
     for _ in range(repeats):
+        _sync()
         start = time.perf_counter()
         fn()
+        _sync()
         samples.append(time.perf_counter() - start)
     return samples
 
@@ -52,7 +62,7 @@ def measure_bandwidth(repeats: int) -> dict[str, tuple[float, float]]:
     """GB/s over 1 GiB buffers as (best, median): "read" from a sum (read-only), "copy"
     counting read + write. The best run is the machine's capability (kernel shares are
     quoted against it, the conservative choice); the median shows how busy the host is."""
-    source = torch.randn(2**30 // 4)
+    source = torch.randn(2**30 // 4, device=DEVICE)
     target = torch.empty_like(source)
     results = {}
     for name, fn, num_bytes in (("read", lambda: source.sum(), source.numel() * 4),
@@ -77,20 +87,21 @@ class DecodeCase:
         self.kv_bytes = 2 * batch * context * self.num_kv_heads * self.head_dim * dtype.itemsize
         self.num_layers = max(1, math.ceil(COLD_BYTES / self.kv_bytes))
         shape = (2, num_blocks, args.block_size, self.num_kv_heads, self.head_dim)
-        self.caches = [torch.randn(shape).to(dtype) for _ in range(self.num_layers)]
-        self.tables = torch.randperm(num_blocks).view(batch, blocks_per_seq)
-        self.lens = torch.full((batch,), context, dtype=torch.int64)
-        self.query = torch.randn(batch, self.num_heads, self.head_dim).to(dtype)
+        self.caches = [torch.randn(shape, device=DEVICE).to(dtype) for _ in range(self.num_layers)]
+        # int32 tables, as the runner builds them for the kernels.
+        self.tables = torch.randperm(num_blocks).view(batch, blocks_per_seq).to(DEVICE, torch.int32)
+        self.lens = torch.full((batch,), context, dtype=torch.int64, device=DEVICE)
+        self.query = torch.randn(batch, self.num_heads, self.head_dim, device=DEVICE).to(dtype)
         self.out = torch.empty_like(self.query)
         self.scale = self.head_dim**-0.5
-        positions = torch.arange(blocks_per_seq * args.block_size)
-        mask = torch.zeros(batch, positions.numel())
+        positions = torch.arange(blocks_per_seq * args.block_size, device=DEVICE)
+        mask = torch.zeros(batch, positions.numel(), device=DEVICE)
         mask.masked_fill_(positions[None, :] >= self.lens[:, None], float("-inf"))
         self.metadata = AttentionMetadata(
             block_size=args.block_size,
             slot_mapping=torch.empty(0, dtype=torch.int64),
             num_decode_tokens=batch,
-            decode_block_tables=self.tables,
+            decode_block_tables=self.tables.long(),
             decode_context_lens=self.lens,
             decode_mask=mask.view(batch, 1, 1, -1),
             prefills=(),
@@ -109,8 +120,9 @@ class DecodeCase:
     def sdpa(self) -> None:
         batch, length = self.batch, self.tables.shape[1] * self.block_size
         for cache in self.caches:
-            keys = gather_blocks(cache[0], self.tables).view(batch, length, self.num_kv_heads, -1)
-            values = gather_blocks(cache[1], self.tables).view(batch, length, self.num_kv_heads, -1)
+            tables = self.metadata.decode_block_tables
+            keys = gather_blocks(cache[0], tables).view(batch, length, self.num_kv_heads, -1)
+            values = gather_blocks(cache[1], tables).view(batch, length, self.num_kv_heads, -1)
             F.scaled_dot_product_attention(
                 self.query.unsqueeze(2),
                 keys.transpose(1, 2),
@@ -136,7 +148,11 @@ def run_decode(args: argparse.Namespace, read_bw: float) -> None:
                     results[name] = float("nan")
                     continue
                 repeats = args.repeats if name == "ours" else max(3, args.repeats // 3)
-                results[name] = median_seconds(getattr(case, name), repeats) / case.num_layers
+                try:
+                    results[name] = median_seconds(getattr(case, name), repeats) / case.num_layers
+                except RuntimeError as error:  # a peer path failing must not lose the table
+                    print(f"  {name} failed at batch {batch} ctx {context}: {error}")
+                    results[name] = float("nan")
             gbs = {name: case.kv_bytes / t / 1e9 for name, t in results.items()}
             print(f"{batch:>5} {context:>5} {case.kv_bytes / 1e6:>7.1f} | "
                   f"{results['ours'] * 1e3:>8.3f} {gbs['ours']:>6.1f} "
@@ -194,6 +210,7 @@ def parse_shape(text: str) -> tuple[int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (decode only on cuda)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--context-lens", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--heads", type=int, default=32)
@@ -209,13 +226,19 @@ def main() -> None:
                         default=[(0, 512), (256, 256), (768, 256), (1792, 256), (1536, 512)],
                         metavar="START:CHUNK", help="cached context start : chunk length")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not ops.native_available("cpu"):
-        raise SystemExit("the native CPU ops did not build; nothing to compare")
+    if not ops.native_available(DEVICE):
+        raise SystemExit(f"the native {DEVICE.type} ops did not build; nothing to compare")
+    if DEVICE.type == "cuda":
+        # csrc/cuda has no prefill kernel (prefill runs SDPA or flash-attn there).
+        args.no_prefill = True
+        print(f"device {torch.cuda.get_device_name(DEVICE)}, torch {torch.__version__}")
     bandwidth = measure_bandwidth(max(7, args.repeats))
     (read_best, read_median), (copy_best, copy_median) = bandwidth["read"], bandwidth["copy"]
-    print(f"threads {torch.get_num_threads()}; memory bandwidth, best (median) of runs: "
+    print(f"{DEVICE.type}, threads {torch.get_num_threads()}; memory bandwidth, best (median) of runs: "
           f"read-only sum {read_best:.1f} ({read_median:.1f}) GB/s, "
           f"copy {copy_best:.1f} ({copy_median:.1f}) GB/s counting read + write")
     run_decode(args, read_best)

@@ -4,6 +4,10 @@ No model hub is reachable from the benchmark machines, so the model is built loc
 (seeded, hence identical on every machine) and cached as a Hugging Face directory. Only
 token ids are used, so no tokenizer is saved.
 
+Larger shapes (e.g. Llama-3-8B on a GPU) have no checkpoint at all: `ensure_shape_dir` writes
+their config.json alone, and the engine serves them with `--load-format dummy` (random
+weights drawn on the device); the transformers peer builds the same shape from the config.
+
 Run from the repository root to build it ahead of time:
     .venv/bin/python -m benchmarks.bench_model [--model-dir DIR]
 """
@@ -28,6 +32,43 @@ BENCH_LLAMA_SHAPE: dict[str, int | bool] = {
     "tie_word_embeddings": False,
 }
 SEED = 0
+
+# Llama-3-8B's published shape (GQA 32q/8kv, head_dim 128, 128k vocabulary): 8.03B parameters.
+LLAMA3_8B_SHAPE: dict[str, object] = {
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "intermediate_size": 14336,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+}
+# Shapes served from config.json alone (no weights on disk).
+CONFIG_ONLY_SHAPES: dict[str, dict[str, object]] = {"llama3-8b": LLAMA3_8B_SHAPE}
+SHAPE_NAMES = ("bench-100m", *CONFIG_ONLY_SHAPES)
+
+
+def ensure_shape_dir(shape: str, model_dir: str | Path | None = None) -> Path:
+    """A directory holding only the config.json of a CONFIG_ONLY_SHAPES entry."""
+    from transformers import LlamaConfig
+
+    target = Path(model_dir).expanduser() if model_dir else DEFAULT_MODEL_DIR.with_name(
+        f"shape-{shape}")
+    target.mkdir(parents=True, exist_ok=True)
+    config = LlamaConfig(**CONFIG_ONLY_SHAPES[shape])
+    config.architectures = ["LlamaForCausalLM"]
+    config.dtype = "bfloat16"
+    config.save_pretrained(target)
+    return target
+
+
+def is_config_only(model_dir: str | Path) -> bool:
+    return not any(Path(model_dir).glob("*.safetensors"))
 
 
 def _is_complete(model_dir: Path) -> bool:

@@ -371,7 +371,7 @@ def main() -> None:
     print(f"model {model_dir} ({count_parameters(model_dir) / 1e6:.1f}M params, bf16); "
           f"{args.num_prompts} prompts x {args.input_len} in / {args.output_len} out, "
           f"{args.concurrency} concurrent; repeats {args.repeats}", flush=True)
-    from benchmarks.offline_throughput import machine_info
+    from benchmarks.machine import machine_info
 
     machine = machine_info()
     modes = asyncio.run(benchmark(args, model_dir))

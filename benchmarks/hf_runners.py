@@ -6,6 +6,7 @@ protoserve requests with `ignore_eos=True`.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,18 +17,32 @@ Prompts = list[list[int]]
 Outputs = list[list[int]]
 
 
-def load_hf_model(model_dir: Path) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
+def load_hf_model(
+    model_dir: Path, device: torch.device | str = "cpu", *, seed: int | None = None
+) -> torch.nn.Module:
+    """The checkpoint in `model_dir`; with `seed`, random weights for its config.json alone
+    (transformers' own initialisation, drawn on `device`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.bfloat16, attn_implementation="sdpa"
-    ).eval()
+    if seed is None:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.bfloat16, attn_implementation="sdpa"
+        )
+        return model.to(device).eval()
+    config = AutoConfig.from_pretrained(model_dir)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch.bfloat16, attn_implementation="sdpa"
+        )
+    return model.eval()
 
 
 def make_hf_generate(
     model: torch.nn.Module, output_len: int, batch_size: int
 ) -> Callable[[Prompts], Outputs]:
     pad_id = 0
+    device = next(model.parameters()).device
 
     def run(prompts: Prompts) -> Outputs:
         outputs: Outputs = []
@@ -39,8 +54,8 @@ def make_hf_generate(
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
             with torch.inference_mode():
                 generated = model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
                     do_sample=False,
                     max_new_tokens=output_len,
                     min_new_tokens=output_len,
@@ -70,17 +85,25 @@ def make_hf_generate_batch(
     )
     page_size = 256
     pages_per_request = -(-(input_len + output_len) // page_size)
-    # Sized for the workload, like ours: on CPU the default would claim 90% of host RAM.
-    cb_config = ContinuousBatchingConfig(
-        page_size=page_size,
-        num_blocks=num_prompts * pages_per_request + 4,
-        max_batch_tokens=max_batch_tokens,
-    )
+    # Sized for the workload, like ours: on CPU the default would claim 90% of host RAM. The
+    # page-size argument's name differs between transformers releases.
+    accepted = inspect.signature(ContinuousBatchingConfig).parameters
+    page_arg = next((name for name in ("page_size", "block_size") if name in accepted), None)
+    sizes = {"num_blocks": num_prompts * pages_per_request + 4,
+             "max_batch_tokens": max_batch_tokens}
+    if page_arg is not None:
+        sizes[page_arg] = page_size
+    try:
+        cb_config = ContinuousBatchingConfig(**{k: v for k, v in sizes.items() if k in accepted})
+    except (TypeError, ValueError) as error:
+        return f"ContinuousBatchingConfig: {error}"
 
     def run(prompts: Prompts) -> Outputs:
         # Each call starts a fresh manager (cache allocation, worker thread; under a second
         # here), as a user of this API pays it; it also means no prefix cache survives a run.
-        with torch.inference_mode():
+        # no_grad, not inference_mode: some releases' worker thread updates tensors made here
+        # in place outside inference mode, which inference tensors refuse.
+        with torch.no_grad():
             results = model.generate_batch(
                 inputs=prompts,
                 generation_config=generation_config,

@@ -8,14 +8,15 @@ only difference is the engine. This is the engine ceiling in the sense of
 Run from the repository root:
     .venv/bin/python -m benchmarks.offline_throughput [--num-prompts 32] [--input-len 128] \
         [--output-len 128] [--repeats 3] [--json results.json]
+On a GPU, a Llama-3-8B-shaped model with random weights (no checkpoint needed; both engines
+get the same weights, copied from the transformers model into ours):
+    python -m benchmarks.offline_throughput --device cuda --shape llama3-8b --num-prompts 128
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,7 +31,14 @@ if __package__ in (None, ""):
 import numpy  # noqa: F401  (torch warns when imported without numpy loaded first)
 import torch
 
-from benchmarks.bench_model import DEFAULT_MODEL_DIR, count_parameters, ensure_bench_model
+from benchmarks.bench_model import (
+    CONFIG_ONLY_SHAPES,
+    SEED,
+    SHAPE_NAMES,
+    count_parameters,
+    ensure_bench_model,
+    ensure_shape_dir,
+)
 from benchmarks.hf_runners import (
     Outputs,
     Prompts,
@@ -38,6 +46,7 @@ from benchmarks.hf_runners import (
     make_hf_generate,
     make_hf_generate_batch,
 )
+from benchmarks.machine import machine_info
 
 
 @dataclass
@@ -113,12 +122,27 @@ def time_once(contender: Contender, prompts: Prompts, output_len: int) -> None:
 # --- ours (the transformers baselines live in hf_runners.py) ------------------------------
 
 
-def make_ours(model_dir: Path, output_len: int, num_prompts: int) -> Callable[[Prompts], Outputs]:
+def make_ours(
+    model_dir: Path, args: argparse.Namespace, weights_from: torch.nn.Module | None = None
+) -> Callable[[Prompts], Outputs]:
+    """`weights_from`: a transformers model whose weights replace our dummy ones (the model
+    directory then holds only a config.json)."""
     from engine.llm import LLM
     from engine.sampling_params import SamplingParams
 
+    output_len = args.output_len
     # Default scheduler settings; max_num_seqs only grows when the workload needs more.
-    llm = LLM(str(model_dir), dtype="bfloat16", max_num_seqs=max(256, num_prompts))
+    llm = LLM(
+        str(model_dir),
+        dtype="bfloat16",
+        device=args.device,
+        load_format="auto" if weights_from is None else "dummy",
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_seqs=max(256, args.num_prompts),
+    )
+    if weights_from is not None:
+        with torch.no_grad():
+            llm.runner.loaded.model.load_weights(iter(weights_from.state_dict().items()))
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
 
     def run(prompts: Prompts) -> Outputs:
@@ -135,45 +159,6 @@ def make_ours(model_dir: Path, output_len: int, num_prompts: int) -> Callable[[P
 
 
 # --- report ---------------------------------------------------------------------------------
-
-
-def machine_info() -> dict[str, object]:
-    cpu_model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import transformers
-
-    return {
-        "git": _git_state(),
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "loadavg_start": os.getloadavg(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def _git_state() -> str:
-    """Commit of the engine under test, with '-dirty' when the working tree has changes."""
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
-                                capture_output=True, text=True, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("-dirty" if status.strip() else "")
 
 
 def greedy_agreement(ours: Outputs, reference: Outputs, first_n: int) -> dict[str, object]:
@@ -197,8 +182,14 @@ def parse_args() -> argparse.Namespace:
         description="Offline throughput of protoserve LLM.generate vs transformers.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR),
+    parser.add_argument("--model-dir", default=None,
                         help="benchmark checkpoint directory (built there if missing)")
+    parser.add_argument("--shape", choices=SHAPE_NAMES, default="bench-100m",
+                        help="bench-100m: the cached ~100M checkpoint; others: random weights "
+                             "from a config.json alone")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (both engines)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.6,
+                        help="ours on CUDA: the transformers peers share the device")
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
@@ -235,14 +226,15 @@ def build_contenders(
     args: argparse.Namespace, model_dir: Path
 ) -> tuple[list[Contender], list[RunResult]]:
     """Every contender is loaded before any is timed, so the timed runs can be interleaved."""
-    contenders = [
-        Contender(
-            RunResult("protoserve LLM.generate"),
-            make_ours(model_dir, args.output_len, args.num_prompts),
-        )
-    ]
+    if args.shape in CONFIG_ONLY_SHAPES:
+        # One set of random weights for both engines: transformers draws them, ours copies.
+        model = load_hf_model(model_dir, args.device, seed=SEED)
+        ours = make_ours(model_dir, args, weights_from=model)
+    else:
+        ours = make_ours(model_dir, args)
+        model = load_hf_model(model_dir, args.device)
+    contenders = [Contender(RunResult("protoserve LLM.generate"), ours)]
     skipped: list[RunResult] = []
-    model = load_hf_model(model_dir)
     hf_batch_size = args.hf_batch_size or args.num_prompts
     name = f"hf generate (bs {hf_batch_size})"
     if "hf-generate" in args.skip:
@@ -291,7 +283,13 @@ def main() -> None:
     args = parse_args()
     # One thread count for every contender, set once: all cores this process may use.
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    model_dir = ensure_bench_model(args.model_dir)
+    if args.shape in CONFIG_ONLY_SHAPES:
+        if args.device == "cpu":
+            # Our CPU bf16 path packs the weights at load, so they cannot be copied in later.
+            raise SystemExit(f"--shape {args.shape} runs on --device cuda")
+        model_dir = ensure_shape_dir(args.shape, args.model_dir)
+    else:
+        model_dir = ensure_bench_model(args.model_dir)
     vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     prompts = make_prompts(args.num_prompts, args.input_len, vocab_size, args.seed)
     # Different prompts for warm-up, so the timed runs cannot hit anything it cached.
@@ -341,6 +339,8 @@ def main() -> None:
             "model": {
                 "dir": str(model_dir),
                 "parameters": count_parameters(model_dir),
+                "shape": args.shape,
+                "device": args.device,
                 "dtype": "bfloat16",
             },
             "workload": {

@@ -282,7 +282,7 @@ def main() -> None:
           f"{shape.streamed_parameters / 1e6:.1f}M streamed per step, "
           f"{shape.kv_bytes_per_token(dtype_bytes) / 1024:.1f} KiB KV per token ({args.dtype}); "
           f"{torch.get_num_threads()} threads", flush=True)
-    from benchmarks.offline_throughput import machine_info
+    from benchmarks.machine import machine_info
 
     machine = machine_info()
     bandwidth_runs = [measure_bandwidth_gb_s(args.repeats)]

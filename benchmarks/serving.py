@@ -18,6 +18,7 @@ import asyncio
 import json
 import math
 import random
+import shlex
 import statistics
 import sys
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.bench_model import SHAPE_NAMES
 from benchmarks.serving_backends import (
     BENCH_MODEL_NAME,
     BenchRequest,
@@ -218,6 +220,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--launch", action="store_true",
                    help="start our server (role all) on the benchmark model and stop it after")
     p.add_argument("--model-dir", default=None, help="checkpoint for --launch")
+    p.add_argument("--shape", choices=SHAPE_NAMES, default="bench-100m",
+                   help="--launch: bench-100m (the cached checkpoint) or a shape served with "
+                        "random weights from its config.json alone")
+    p.add_argument("--server-args", default="",
+                   help="--launch: extra engine-serve arguments, e.g. '--device cuda'")
+    p.add_argument("--kv-cache-memory", default="1GiB",
+                   help="--launch: the server's KV cache size, or 'auto' (sized by the engine)")
     p.add_argument("--dataset-path", default=None, help="local ShareGPT JSON (else random)")
     p.add_argument("--tokenizer", default=None, help="tokenizer for ShareGPT prompt lengths")
     p.add_argument("--sharegpt-output-len", type=int, default=None)
@@ -265,12 +274,21 @@ async def benchmark(args: argparse.Namespace, send: RequestFunc) -> list[dict[st
 async def main_async(args: argparse.Namespace) -> list[dict[str, object]]:
     server = None
     if args.launch:
-        from benchmarks.bench_model import ensure_bench_model
+        from benchmarks.bench_model import CONFIG_ONLY_SHAPES, ensure_bench_model, ensure_shape_dir
 
-        model_dir = ensure_bench_model(args.model_dir)
-        print(f"launching engine-serve --role all on {model_dir} ...", flush=True)
-        server = launch_server(model_dir, "all")
-        args.address, args.base_url = server.grpc_address, server.http_url + "/v1"
+        if args.shape in CONFIG_ONLY_SHAPES:
+            model_dir = ensure_shape_dir(args.shape, args.model_dir)
+        else:
+            model_dir = ensure_bench_model(args.model_dir)
+        # The bridge only when the load goes through it.
+        role = "engine" if args.backend == "grpc" else "all"
+        kv_memory = None if args.kv_cache_memory == "auto" else args.kv_cache_memory
+        print(f"launching engine-serve --role {role} on {model_dir} ...", flush=True)
+        server = launch_server(model_dir, role, *shlex.split(args.server_args),
+                               kv_cache_memory=kv_memory)
+        args.address = server.grpc_address
+        if server.http_url is not None:
+            args.base_url = server.http_url + "/v1"
         args.model = args.model or BENCH_MODEL_NAME
         if args.dataset_path and not args.tokenizer:
             from benchmarks.serving_backends import DEMO_TOKENIZER_DIR

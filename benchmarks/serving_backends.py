@@ -173,16 +173,27 @@ async def fetch_model_name(base_url: str) -> str:
         return reply.json()["data"][0]["id"]
 
 
-def launch_server(model_dir: Path, role: str, *extra_args: str):  # -> tests' EngineProcess
+def launch_server(model_dir: Path, role: str, *extra_args: str,
+                  kv_cache_memory: str | None = "1GiB"):  # -> tests' EngineProcess
     """Start `engine-serve` on 127.0.0.1 (free ports) and wait until it serves.
 
-    Reuses the tests' launcher; the later `--dtype`/`--kv-cache-memory` override its
-    float32/64MiB test defaults (argparse keeps the last value)."""
+    Reuses the tests' launcher; the later `--dtype` overrides its float32 test default
+    (argparse keeps the last value). `kv_cache_memory` None lets the engine size the cache
+    (on CUDA: --gpu-memory-utilization after its profiling pass). A model directory without
+    weights is served with `--load-format dummy`."""
     sys.path.insert(0, str(REPO_ROOT / "tests"))
     from engine_process import start_engine
 
-    args = ["--dtype", "bfloat16", "--kv-cache-memory", "1GiB",
-            "--served-model-name", BENCH_MODEL_NAME, "--disable-log-requests"]
+    args = ["--dtype", "bfloat16", "--served-model-name", BENCH_MODEL_NAME,
+            "--disable-log-requests"]
     if not (model_dir / "tokenizer.json").exists():
-        args += ["--tokenizer", str(DEMO_TOKENIZER_DIR)]
-    return start_engine(model_dir, *args, *extra_args, role=role)
+        tokenizer_dir = DEMO_TOKENIZER_DIR
+        if not tokenizer_dir.is_dir():
+            from engine.demo.builder import ensure_demo_model
+
+            tokenizer_dir = ensure_demo_model()
+        args += ["--tokenizer", str(tokenizer_dir)]
+    if not any(model_dir.glob("*.safetensors")):
+        args += ["--load-format", "dummy"]
+    return start_engine(model_dir, *args, *extra_args, role=role,
+                        kv_cache_memory=kv_cache_memory)

@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-address", default=None, help="engine gRPC address (role bridge)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="auto = bfloat16 on CPU (float16 is never used on CPU)")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda when a CUDA device is visible, else cpu) | cpu | cuda | cuda:N")
+    p.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
+                   help="dummy: random weights from config.json alone (benchmarks without "
+                        "a checkpoint)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
@@ -134,6 +139,8 @@ def engine_config_from_args(args: argparse.Namespace, model: str) -> EngineConfi
             chat_template=args.chat_template,
             chat_template_content_format=args.chat_template_content_format,
             seed=args.seed,
+            device=args.device,
+            load_format=args.load_format,
             max_logprobs=args.max_logprobs,
             task=args.task,
             pooling_type=args.pooling_type,
@@ -172,6 +179,7 @@ def _embedding_model_config(args: argparse.Namespace) -> ModelConfig | None:
         dtype=args.dtype,
         served_model_names=tuple(args.embedding_served_model_name or ()),
         seed=args.seed,
+        device=args.device,
         task="embed",
         pooling_type=args.pooling_type,
     )

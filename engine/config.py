@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 ATTENTION_BACKENDS = ("auto", "torch", "cpu_paged", "cuda_paged", "flash_attn")
+LOAD_FORMATS = ("auto", "dummy")
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,11 @@ class ModelConfig:
     # "auto" (detect from the template) | "string" | "openai": the shape of message content.
     chat_template_content_format: str = "auto"
     seed: int = 0
-    device: str = "cpu"
+    # "auto" (cuda when a CUDA device is visible, else cpu) | "cpu" | "cuda" | "cuda:N".
+    device: str = "auto"
+    # "auto": the checkpoint's safetensors | "dummy": random weights from config.json alone
+    # (benchmarks of a model's shape without its checkpoint, as the reference server offers).
+    load_format: str = "auto"
     # Most top logprobs a request may ask for (logprobs / prompt_logprobs).
     max_logprobs: int = 20
     # "auto" (from the architecture: encoders embed, decoders generate) | "generate" | "embed".
@@ -42,6 +47,10 @@ class ModelConfig:
             raise ValueError(f"pooling_type must be auto, mean, cls or last, got {self.pooling_type!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.dtype == "float16" and self.device == "cpu":
             raise ValueError("dtype float16 is not supported on CPU (use bfloat16 or float32)")
         if self.chat_template_content_format not in ("auto", "string", "openai"):

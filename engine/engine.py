@@ -156,7 +156,12 @@ def _make_runner(config: EngineConfig) -> EngineRunner:
         )
     if task == "embed":
         return EmbeddingRunner(model_config)
-    runner = ModelRunner(model_config, config.cache, max_num_seqs=config.scheduler.max_num_seqs)
+    runner = ModelRunner(
+        model_config,
+        config.cache,
+        max_num_seqs=config.scheduler.max_num_seqs,
+        max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+    )
     pooling_type = resolve_pooling_type(model_config.pooling_type, runner.loaded)
     return GenerateAndEmbedRunner(runner, PoolingExecutor(runner.loaded, pooling_type))
 

@@ -51,10 +51,14 @@ class LLM:
         model: str,
         *,
         dtype: str = "auto",
+        device: str = "auto",
+        load_format: str = "auto",
+        attention_backend: str = "auto",
         max_model_len: int | None = None,
         block_size: int = 16,
         num_kv_blocks: int | None = None,
         kv_cache_memory: int | None = None,
+        gpu_memory_utilization: float = 0.9,
         enable_prefix_caching: bool = True,
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 2048,
@@ -62,10 +66,13 @@ class LLM:
         guided_decoding_backend: str = "llguidance",
     ) -> None:
         self.config = EngineConfig(
-            model=ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len),
+            model=ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len,
+                              device=device, load_format=load_format,
+                              attention_backend=attention_backend),
             cache=CacheConfig(
                 block_size=block_size,
                 kv_cache_memory=kv_cache_memory,
+                gpu_memory_utilization=gpu_memory_utilization,
                 num_blocks=num_kv_blocks,
                 enable_prefix_caching=enable_prefix_caching,
             ),
@@ -75,7 +82,12 @@ class LLM:
                 policy=scheduling_policy,
             ),
         )
-        self.runner = ModelRunner(self.config.model, self.config.cache, max_num_seqs=max_num_seqs)
+        self.runner = ModelRunner(
+            self.config.model,
+            self.config.cache,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+        )
         self.max_model_len = self.runner.loaded.max_model_len
         self.core = EngineCore(self.config, self.runner, self.max_model_len)
         self._next_id = 0

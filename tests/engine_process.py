@@ -94,6 +94,7 @@ def start_engine(
     channel_credentials: grpc.ChannelCredentials | None = None,
     https_ca: str | None = None,
     log_path: Path | None = None,
+    kv_cache_memory: str | None = "64MiB",
 ) -> EngineProcess:
     """`env` is added to this process's environment; `channel_credentials` is for a TLS gRPC
     port; `https_ca` (a CA file) makes the REST URL https, verified against that CA;
@@ -102,7 +103,9 @@ def start_engine(
     http_port = free_port() if role == "all" else None
     args = [sys.executable, "-m", "engine.cli", "--role", role, "--model", str(model_dir),
             "--host", "127.0.0.1", "--grpc-port", str(grpc_port), "--dtype", "float32",
-            "--kv-cache-memory", "64MiB", "--log-level", "warning"]
+            "--log-level", "warning"]
+    if kv_cache_memory is not None:  # None: the engine sizes it (on CUDA, by profiling)
+        args += ["--kv-cache-memory", kv_cache_memory]
     if http_port is not None:
         args += ["--port", str(http_port)]
     log = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115 - the child's

@@ -4,6 +4,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
+#include <array>
+#include <atomic>
+
 #include "paged_ops.h"
 
 namespace {
@@ -64,6 +67,41 @@ void write_kv_cache(const torch::Tensor& key, const torch::Tensor& value, torch:
                "write_kv_cache");
 }
 
+// Of the current device; read once per device (the attribute query is cheap, but not free).
+int64_t multiprocessor_count() {
+  static std::array<std::atomic<int>, 64> cached{};
+  int device = 0;
+  check_launch(cudaGetDevice(&device), "cudaGetDevice");
+  if (device < 0 || device >= static_cast<int>(cached.size())) device = 0;
+  int count = cached[device].load(std::memory_order_relaxed);
+  if (count == 0) {
+    check_launch(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device),
+                 "cudaDeviceGetAttribute");
+    cached[device].store(count, std::memory_order_relaxed);
+  }
+  return count;
+}
+
+// Halves the context partition (down to kMinDecodePartitionTokens) until the grid has about
+// two thread blocks per multiprocessor: a batch of a few sequences otherwise leaves most of
+// the GPU idle while a handful of blocks walk long partitions.
+int64_t decode_partition_tokens(int64_t num_seqs, int64_t num_heads, const pc::CacheView& cache,
+                                int64_t max_len) {
+  const int64_t target_blocks = 2 * multiprocessor_count();
+  // Thread blocks per partition, as the launcher tiles the heads: one per kv head and
+  // sequence, times group / heads_per_block (heads_per_block: the largest of 8/4/2/1
+  // dividing the group).
+  const int64_t group = num_heads / cache.num_kv_heads;
+  const int64_t heads_per_block = group % 8 == 0 ? 8 : group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;
+  const int64_t blocks_per_part = num_seqs * cache.num_kv_heads * (group / heads_per_block);
+  int64_t tokens = pc::kDecodePartitionTokens;
+  while (tokens > pc::kMinDecodePartitionTokens &&
+         blocks_per_part * ((max_len + tokens - 1) / tokens) < target_blocks) {
+    tokens /= 2;
+  }
+  return tokens;
+}
+
 void paged_decode_attention(torch::Tensor& out, const torch::Tensor& query,
                             const torch::Tensor& kv_cache, const torch::Tensor& block_tables,
                             const torch::Tensor& context_lens, double scale) {
@@ -84,8 +122,9 @@ void paged_decode_attention(torch::Tensor& out, const torch::Tensor& query,
   TORCH_CHECK(lens.dim() == 1 && lens.size(0) == num_seqs, "context_lens must be [num_seqs]");
   // The table width bounds every context length, so the grid is sized without a host sync.
   const int64_t max_len = block_tables.size(1) * cache.block_size;
-  const int64_t max_parts = std::max<int64_t>(
-      1, (max_len + pc::kDecodePartitionTokens - 1) / pc::kDecodePartitionTokens);
+  const int64_t partition_tokens = decode_partition_tokens(num_seqs, num_heads, cache, max_len);
+  const int64_t max_parts =
+      std::max<int64_t>(1, (max_len + partition_tokens - 1) / partition_tokens);
   torch::Tensor partial_out, partial_stats;
   const auto options = query.options().dtype(torch::kFloat32);
   if (max_parts > 1) {
@@ -104,6 +143,7 @@ void paged_decode_attention(torch::Tensor& out, const torch::Tensor& query,
       block_tables.stride(0),
       lens.data_ptr<int64_t>(),
       static_cast<float>(scale),
+      partition_tokens,
       max_parts,
       max_parts > 1 ? partial_out.data_ptr<float>() : nullptr,
       max_parts > 1 ? partial_stats[0].data_ptr<float>() : nullptr,

@@ -53,14 +53,19 @@ struct DecodeParams {
   float scale;
   // Context partitions (flash-decoding): a sequence longer than one partition writes
   // unnormalised partials here, then a merge kernel combines them. Sized for max_parts.
+  // partition_tokens is a power of two <= kDecodePartitionTokens, chosen by the caller so
+  // that short, narrow batches still spread over every multiprocessor.
+  int64_t partition_tokens;
   int64_t max_parts;
   float* partial_out;  // [num_seqs, num_heads, max_parts, head_dim]
   float* partial_max;  // [num_seqs, num_heads, max_parts]
   float* partial_sum;  // [num_seqs, num_heads, max_parts]
 };
 
-// Tokens per context partition of the decode kernel.
+// Most tokens per context partition of the decode kernel (and the fewest, below which the
+// merge costs more than the parallelism gains).
 constexpr int64_t kDecodePartitionTokens = 512;
+constexpr int64_t kMinDecodePartitionTokens = 64;
 // Largest head_dim the decode kernel supports.
 constexpr int64_t kMaxHeadDim = 256;
 

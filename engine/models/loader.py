@@ -24,7 +24,7 @@ from engine.models.st_config import (
     SentenceTransformersConfig,
     read_sentence_transformers_config,
 )
-from engine.models.weights import find_safetensors_files, iter_safetensors
+from engine.models.weights import fill_dummy_weights, find_safetensors_files, iter_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -79,12 +79,13 @@ def load_model(model_config: ModelConfig, *, attention_backend: str = "torch") -
     architecture = _read_architecture(model_path)
     model_class = get_model_class(architecture)
     assert model_class is not None  # checked by _read_architecture
-    weight_files = find_safetensors_files(model_path)
+    dummy = model_config.load_format == "dummy"
+    weight_files = [] if dummy else find_safetensors_files(model_path)
     hf_config = _read_hf_config(model_path)
     generative = is_generative(architecture)
     if generative:
         _check_rope(hf_config, model_path)
-    device = torch.device(model_config.device)
+    device = resolve_device(model_config.device)
     dtype = resolve_dtype(model_config.dtype, hf_config, device)
     max_model_len = resolve_max_model_len(model_config.max_model_len, hf_config, model_path)
     st_config = read_sentence_transformers_config(model_path)
@@ -102,7 +103,12 @@ def load_model(model_config: ModelConfig, *, attention_backend: str = "torch") -
     except ValueError as exc:  # a config variant our implementation does not cover
         raise ModelLoadError(f"cannot serve {model_path}: {exc}") from None
     with torch.no_grad():
-        model.load_weights(iter_safetensors(weight_files))
+        if dummy:
+            std = float(getattr(hf_config, "initializer_range", 0.02))
+            fill_dummy_weights(model, seed=model_config.seed, std=std)
+            logger.info("load format dummy: random weights (std %g), no checkpoint read", std)
+        else:
+            model.load_weights(iter_safetensors(weight_files))
     model.eval().requires_grad_(False)
     if device.type == "cpu" and dtype == torch.bfloat16:
         prepack_cpu_linears(model)
@@ -124,6 +130,16 @@ def load_model(model_config: ModelConfig, *, attention_backend: str = "torch") -
         head_dim=dims.head_dim,
         sentence_transformers=st_config,
     )
+
+
+def resolve_device(requested: str) -> torch.device:
+    """"auto" is the current CUDA device when one is visible, else the CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {requested} requested but no CUDA device is visible")
+    return device
 
 
 def read_architecture(model: str) -> str:

@@ -37,6 +37,22 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, shard.get_tensor(name)
 
 
+def fill_dummy_weights(model: torch.nn.Module, *, seed: int, std: float) -> None:
+    """Random weights in place of a checkpoint, drawn on the parameters' own device: matrices
+    and embeddings ~ N(0, std) (the config's initializer_range, as transformers initialises
+    them), norm scales 1 and biases 0, so activations keep a trained model's scale through
+    every layer and a bf16 forward pass neither overflows nor collapses."""
+    generator_device = next(model.parameters()).device
+    generator = torch.Generator(device=generator_device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("bias"):
+            param.data.zero_()
+        elif param.dim() == 1:
+            param.data.fill_(1.0)
+        else:
+            param.data.normal_(0.0, std, generator=generator)
+
+
 class FusedWeightLoader:
     """Fills parameters from checkpoint tensors, where some checkpoint tensors are row slices
     of one fused parameter. Every parameter must end up fully covered."""

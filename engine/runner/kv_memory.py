@@ -14,8 +14,6 @@ from engine.config import CacheConfig
 logger = logging.getLogger(__name__)
 
 _CPU_DEFAULT_BYTES = 4 * 1024**3
-# Headroom kept out of the CUDA budget for one step's activations and allocator slack.
-_CUDA_ACTIVATION_RESERVE_BYTES = 1024**3
 
 
 @dataclass(frozen=True)
@@ -36,12 +34,10 @@ class KVCacheSpec:
         return -(-num_tokens // self.block_size)
 
 
-def cuda_kv_budget(total_bytes: int, free_bytes: int, utilization: float) -> int:
-    """Bytes left for the KV cache when this process may hold `utilization` of the device:
-    what is already in use (weights, CUDA context, other processes) and an activation reserve
-    come off the top."""
-    in_use = total_bytes - free_bytes
-    return max(0, int(total_bytes * utilization) - in_use - _CUDA_ACTIVATION_RESERVE_BYTES)
+def needs_memory_profile(cache_config: CacheConfig, device: torch.device) -> bool:
+    """Whether the KV cache is sized from --gpu-memory-utilization (CUDA, no explicit size)."""
+    explicit = cache_config.num_blocks is not None or cache_config.kv_cache_memory is not None
+    return device.type == "cuda" and not explicit
 
 
 def determine_num_blocks(
@@ -51,17 +47,19 @@ def determine_num_blocks(
     device: torch.device,
     max_model_len: int,
     max_num_seqs: int,
+    profiled_budget_bytes: int | None = None,
 ) -> int:
     """`cache_config.num_blocks` wins, then `kv_cache_memory` bytes; otherwise on CPU enough
-    for max_num_seqs full-length sequences capped at 4 GiB, on CUDA a share of free memory."""
+    for max_num_seqs full-length sequences capped at 4 GiB, on CUDA the budget the profiling
+    pass left (runner/memory_profile.py)."""
     if cache_config.num_blocks is not None:
         num_blocks = cache_config.num_blocks
     elif cache_config.kv_cache_memory is not None:
         num_blocks = cache_config.kv_cache_memory // spec.bytes_per_block
     elif device.type == "cuda":
-        free_bytes, total_bytes = torch.cuda.mem_get_info(device)
-        budget = cuda_kv_budget(total_bytes, free_bytes, cache_config.gpu_memory_utilization)
-        num_blocks = budget // spec.bytes_per_block
+        if profiled_budget_bytes is None:
+            raise ValueError("CUDA KV sizing by gpu_memory_utilization needs the memory profile")
+        num_blocks = profiled_budget_bytes // spec.bytes_per_block
     else:
         needed = max_num_seqs * spec.blocks_per_sequence(max_model_len)
         num_blocks = min(needed, _CPU_DEFAULT_BYTES // spec.bytes_per_block)

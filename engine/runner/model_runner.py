@@ -8,10 +8,20 @@ import torch
 from engine.attention import resolve_attention_backend
 from engine.batch import ScheduledBatch
 from engine.config import CacheConfig, ModelConfig
-from engine.models.loader import LoadedModel, load_model
+from engine.models.loader import LoadedModel, load_model, resolve_device
 from engine.outputs import ModelRunnerOutput
 from engine.runner.input_prep import prepare_inputs
-from engine.runner.kv_memory import KVCacheSpec, allocate_kv_caches, determine_num_blocks
+from engine.runner.kv_memory import (
+    KVCacheSpec,
+    allocate_kv_caches,
+    determine_num_blocks,
+    needs_memory_profile,
+)
+from engine.runner.memory_profile import (
+    profile_batches,
+    profile_memory,
+    profile_num_blocks,
+)
 from engine.runner.prompt_logprobs import score_prompt_chunks
 from engine.sampling.sampler import Sampler
 
@@ -25,12 +35,13 @@ class ModelRunner:
         cache_config: CacheConfig,
         *,
         max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
         attention_backend: str | None = None,
     ) -> None:
         # None: the config's choice; "auto" becomes a concrete backend for the device here.
         self.attention_backend: str = resolve_attention_backend(
             attention_backend or model_config.attention_backend,
-            torch.device(model_config.device),
+            resolve_device(model_config.device),
             cache_config.block_size,
         )
         logger.info("attention backend: %s", self.attention_backend)
@@ -50,15 +61,44 @@ class ModelRunner:
             block_size=cache_config.block_size,
             dtype=self.loaded.dtype,
         )
+        self.sampler = Sampler(self.device)
+        profiled_budget = None
+        if needs_memory_profile(cache_config, self.device):
+            profiled_budget = self._profile_kv_budget(
+                spec, cache_config.gpu_memory_utilization, max_num_seqs, max_num_batched_tokens
+            )
         self.num_blocks: int = determine_num_blocks(
             spec,
             cache_config,
             device=self.device,
             max_model_len=self.loaded.max_model_len,
             max_num_seqs=max_num_seqs,
+            profiled_budget_bytes=profiled_budget,
         )
         self.kv_caches: list[torch.Tensor] = allocate_kv_caches(spec, self.num_blocks, self.device)
-        self.sampler = Sampler(self.device)
+
+    def _profile_kv_budget(
+        self, spec: KVCacheSpec, utilization: float, max_num_seqs: int, max_num_batched_tokens: int
+    ) -> int:
+        """Bytes the KV cache may take: runs the worst steps once on a throwaway cache."""
+        batches = profile_batches(
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_seqs=max_num_seqs,
+            max_model_len=self.loaded.max_model_len,
+            block_size=self.block_size,
+        )
+        num_blocks = profile_num_blocks(batches)
+        self.kv_caches = allocate_kv_caches(spec, num_blocks, self.device)
+        try:
+            profile = profile_memory(
+                self.device, batches, self.execute, num_blocks * spec.bytes_per_block
+            )
+        finally:
+            self.kv_caches = []
+            self.sampler.free([r.request_id for batch in batches for r in batch.requests])
+            torch.cuda.empty_cache()
+        logger.info("memory profile: %s", profile.describe(utilization))
+        return profile.kv_cache_budget(utilization)
 
     def execute(self, batch: ScheduledBatch) -> ModelRunnerOutput:
         """Compute the scheduled tokens, then sample one token for every request with

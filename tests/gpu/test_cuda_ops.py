@@ -35,7 +35,8 @@ def native_cuda_ops() -> None:
 
 
 @pytest.mark.parametrize("block_size", [16, 32])
-@pytest.mark.parametrize("head_dim", [64, 128])
+# 64/128/256 take the vectorised kernel, 96 the generic one.
+@pytest.mark.parametrize("head_dim", [64, 96, 128, 256])
 @pytest.mark.parametrize("group", [1, 2, 4, 8])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_decode_matches_reference(
@@ -56,6 +57,23 @@ def test_cuda_decode_matches_reference(
         case.context_lens.to(CUDA),
         scale,
     )
+    expected = reference_decode(case, query, scale)
+    torch.testing.assert_close(out.float().cpu(), expected, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_cuda_decode_wide_batch_of_ragged_contexts(dtype: torch.dtype) -> None:
+    """Many sequences keep the widest partitions (512 tokens); lengths straddle their edges."""
+    gen = fresh_generator()
+    block_size, head_dim, group = 16, 128, 4
+    lens = [int(n) for n in torch.randint(1, 2100, (96,), generator=gen)] + [511, 512, 513, 1024]
+    case = make_paged_case(gen, dtype, lens, NUM_KV_HEADS, head_dim, block_size)
+    query = strided_rows(gen, len(lens), NUM_KV_HEADS * group, head_dim, dtype)
+    out = torch.full(query.shape, float("nan"), dtype=dtype, device=CUDA)
+    scale = head_dim**-0.5
+    ops.paged_decode_attention(out, query.to(CUDA), case.kv_cache.to(CUDA),
+                               case.block_tables.to(CUDA, torch.int32),
+                               case.context_lens.to(CUDA), scale)
     expected = reference_decode(case, query, scale)
     torch.testing.assert_close(out.float().cpu(), expected, **TOLERANCES[dtype])
 
