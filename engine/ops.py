@@ -71,19 +71,13 @@ def paged_decode_attention(
     if module is not None:
         module.paged_decode_attention(out, query, kv_cache, block_tables, context_lens, scale)
         return
-    block_size = kv_cache.shape[2]
-    key_positions = torch.arange(block_tables.shape[1] * block_size, device=kv_cache.device)
-    mask = torch.zeros(
-        (query.shape[0], key_positions.numel()), dtype=torch.float32, device=kv_cache.device
-    )
-    mask.masked_fill_(key_positions[None, :] >= context_lens[:, None], float("-inf"))
     metadata = AttentionMetadata(
-        block_size=block_size,
+        block_size=kv_cache.shape[2],
         slot_mapping=torch.empty(0, dtype=torch.int64, device=kv_cache.device),
         num_decode_tokens=query.shape[0],
         decode_block_tables=block_tables.long(),
         decode_context_lens=context_lens,
-        decode_mask=mask.view(query.shape[0], 1, 1, -1),
+        decode_mask=None,  # decode_attention derives it from context_lens
         prefills=(),
     )
     out.copy_(decode_attention(query, kv_cache, metadata, scale))

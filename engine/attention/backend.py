@@ -53,6 +53,8 @@ class AttentionMetadata:
     # [Bd] int64: context length including the new token.
     decode_context_lens: torch.Tensor | None
     # [Bd, 1, 1, max_blocks * block_size] float32: 0 where position < context_len, else -inf.
+    # Only the torch backend reads it, and derives it from decode_context_lens when None (the
+    # runner passes None: building it every step would cost the other backends host time).
     decode_mask: torch.Tensor | None
     prefills: tuple[PrefillSequence, ...]
 

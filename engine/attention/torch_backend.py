@@ -64,7 +64,7 @@ def decode_attention(
 
     Shapes: q [Bd, kv_heads, group, D] x K^T [Bd, kv_heads, D, L] -> scores [Bd, kv_heads,
     group, L], where L = max_blocks * block_size; positions >= context_len get -inf."""
-    assert metadata.decode_block_tables is not None and metadata.decode_mask is not None
+    assert metadata.decode_block_tables is not None and metadata.decode_context_lens is not None
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads = kv_cache.shape[-2]
     tables = metadata.decode_block_tables
@@ -77,9 +77,22 @@ def decode_attention(
     values = values.transpose(1, 2).contiguous()
     grouped_query = query.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     scores = torch.matmul(grouped_query, keys.transpose(-1, -2)).float()
-    scores.mul_(scale).add_(metadata.decode_mask)
+    mask = metadata.decode_mask
+    if mask is None:
+        mask = decode_mask(metadata.decode_context_lens, max_len)
+    scores.mul_(scale).add_(mask)
     probs = torch.softmax(scores, dim=-1).to(query.dtype)
     return torch.matmul(probs, values).view(num_seqs, num_heads, head_dim)
+
+
+def decode_mask(context_lens: torch.Tensor, max_len: int) -> torch.Tensor:
+    """[Bd, 1, 1, max_len] float32: 0 for key positions < context_lens[b], -inf after them."""
+    key_positions = torch.arange(max_len, device=context_lens.device)
+    mask = torch.zeros(
+        (context_lens.shape[0], max_len), dtype=torch.float32, device=context_lens.device
+    )
+    mask.masked_fill_(key_positions[None, :] >= context_lens[:, None], float("-inf"))
+    return mask.view(-1, 1, 1, max_len)
 
 
 def prefill_attention(

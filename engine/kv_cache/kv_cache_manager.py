@@ -88,6 +88,8 @@ class KVCacheManager:
         num_computed = request.num_computed_tokens + hit.num_blocks * self.block_size
         num_required = self.blocks_needed(num_computed + num_new_tokens)
         num_new_blocks = num_required - len(request.block_ids) - hit.num_blocks
+        if num_new_blocks <= 0 and not hit.blocks:
+            return True  # most decode steps: the last block still has room (nothing to do)
         # Hit blocks sitting in the free queue stop being allocatable once touched.
         num_hit_free = sum(1 for b in hit.blocks if b.ref_cnt == 0)
         if num_new_blocks + num_hit_free > self.pool.num_free_blocks:

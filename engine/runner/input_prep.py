@@ -6,11 +6,16 @@ Requests are reordered so that decode rows (one token each) come first, then pre
     batch order:      [ A(prefill 5) | B(decode) | C(prefill 3, chunk: no sample) | D(decode) ]
     flattened rows:   [ B | D | A A A A A | C C C ]
     sample_rows:      [ 6 (A's last row), 0 (B), 1 (D) ]
+
+Cost: this runs once per step, right after the previous step's forward pass has pushed the
+interpreter's, numpy's and torch's code and data out of the CPU caches, when every distinct
+numpy or torch call costs tens of microseconds. So the integer inputs are gathered in plain
+Python lists and become tensors through one numpy array for all of them (`_Int64Pack`),
+rather than through a few small numpy/torch operations per input.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import chain
 
 import numpy as np
 import torch
@@ -33,118 +38,159 @@ class StepInputs:
 
 def prepare_inputs(batch: ScheduledBatch, block_size: int, device: torch.device) -> StepInputs:
     requests = batch.requests
-    decode_indices = [i for i, request in enumerate(requests) if request.is_decode]
-    prefill_indices = [i for i, request in enumerate(requests) if not request.is_decode]
-    decodes = [requests[i] for i in decode_indices]
-    prefills = [requests[i] for i in prefill_indices]
+    decodes = [request for request in requests if request.is_decode]
+    prefills = [request for request in requests if not request.is_decode]
+    row_starts = _row_starts(requests, len(decodes))
+    sample_requests = [request for request in requests if request.sample]
+    sample_rows = [
+        row_start + request.num_tokens - 1
+        for request, row_start in zip(requests, row_starts)
+        if request.sample
+    ]
 
-    input_ids: list[int] = [request.token_ids[request.start] for request in decodes]
-    positions: list[int] = [request.start for request in decodes]
-    slot_mapping: list[int] = [_slot(request, request.start, block_size) for request in decodes]
-    prefill_sequences: list[PrefillSequence] = []
+    # Decode rows: each request's newest token, at position `start`.
+    positions = [request.start for request in decodes]
+    input_ids = [request.token_ids[request.start] for request in decodes]
+    slot_mapping = [
+        request.block_ids[position // block_size] * block_size + position % block_size
+        for request, position in zip(decodes, positions)
+    ]
+    context_lens = [position + 1 for position in positions]
+    prefill_block_tables = []
     for request in prefills:
         end = request.start + request.num_tokens
         input_ids.extend(request.token_ids[request.start : end])
         positions.extend(range(request.start, end))
-        slots, sequence = _prefill_sequence(request, len(slot_mapping), block_size, device)
-        slot_mapping.extend(slots)
-        prefill_sequences.append(sequence)
+        slot_mapping.extend(_prefill_slots(request, block_size))
+        prefill_block_tables.append(request.block_ids[: _num_blocks(end, block_size)])
 
-    last_rows = [0] * len(requests)
-    num_rows = 0
-    for i in decode_indices + prefill_indices:
-        num_rows += requests[i].num_tokens
-        last_rows[i] = num_rows - 1
-    row_starts = [last_rows[i] - requests[i].num_tokens + 1 for i in range(len(requests))]
-    sample_requests = [request for request in requests if request.sample]
-    sample_rows = [last_rows[i] for i, request in enumerate(requests) if request.sample]
+    pack = _Int64Pack()
+    for values in (input_ids, positions, slot_mapping, sample_rows):
+        pack.add(values)
+    if decodes:
+        pack.add(context_lens)
+        pack.add(*_decode_block_tables(decodes, context_lens, block_size))
+    for block_table in prefill_block_tables:
+        pack.add(block_table)
+    tensors = pack.tensors(device)
+    input_ids_t, positions_t, slot_mapping_t, sample_rows_t = tensors[:4]
+    decode_lens, decode_tables = tensors[4:6] if decodes else (None, None)
 
-    decode_tables, decode_lens, decode_mask = _decode_tensors(decodes, block_size, device)
+    prefill_sequences = []
+    query_start = len(decodes)
+    for request, block_table in zip(prefills, tensors[6 if decodes else 4 :]):
+        prefill_sequences.append(_prefill_sequence(request, query_start, block_table, device))
+        query_start += request.num_tokens
     attn_metadata = AttentionMetadata(
         block_size=block_size,
-        slot_mapping=_to_device(slot_mapping, device),
+        slot_mapping=slot_mapping_t,
         num_decode_tokens=len(decodes),
         decode_block_tables=decode_tables,
         decode_context_lens=decode_lens,
-        decode_mask=decode_mask,
+        decode_mask=None,  # only the torch backend needs it, and derives it itself
         prefills=tuple(prefill_sequences),
     )
     return StepInputs(
-        input_ids=_to_device(input_ids, device),
-        positions=_to_device(positions, device),
+        input_ids=input_ids_t,
+        positions=positions_t,
         attn_metadata=attn_metadata,
-        sample_rows=_to_device(sample_rows, device),
+        sample_rows=sample_rows_t,
         sample_requests=sample_requests,
         row_starts=row_starts,
     )
 
 
-def _slot(request: ScheduledRequest, position: int, block_size: int) -> int:
-    return request.block_ids[position // block_size] * block_size + position % block_size
+class _Int64Pack:
+    """Integer lists turned into int64 tensors (one per list, in the order added) by a single
+    numpy conversion and, off the CPU, a single host-to-device copy."""
+
+    def __init__(self) -> None:
+        self._values: list[int] = []
+        self._bounds: list[int] = [0]  # where each list starts in _values, then the end
+        self._shapes: list[tuple[int, ...] | None] = []  # None: 1-D
+
+    def add(self, values: list[int], shape: tuple[int, ...] | None = None) -> None:
+        self._values += values
+        self._bounds.append(len(self._values))
+        self._shapes.append(shape)
+
+    def tensors(self, device: torch.device) -> list[torch.Tensor]:
+        packed = np.array(self._values, dtype=np.int64)
+        bounds, shapes = self._bounds, self._shapes
+        if device.type != "cpu":
+            sizes = [end - start for start, end in zip(bounds, bounds[1:])]
+            pieces = torch.from_numpy(packed).to(device).split(sizes)
+            return [p if s is None else p.view(s) for p, s in zip(pieces, shapes)]
+        # CPU: numpy views, each wrapped without a copy.
+        views = [packed[start:end] for start, end in zip(bounds, bounds[1:])]
+        return [torch.from_numpy(v if s is None else v.reshape(s)) for v, s in zip(views, shapes)]
+
+
+def _row_starts(requests: list[ScheduledRequest], num_decodes: int) -> list[int]:
+    """First flattened row of each request, in batch order: decode rows first, then the
+    prefill runs, each group in batch order."""
+    if num_decodes == len(requests):
+        return list(range(num_decodes))
+    row_starts = []
+    next_decode_row, next_prefill_row = 0, num_decodes
+    for request in requests:
+        if request.is_decode:
+            row_starts.append(next_decode_row)
+            next_decode_row += 1
+        else:
+            row_starts.append(next_prefill_row)
+            next_prefill_row += request.num_tokens
+    return row_starts
 
 
 def _num_blocks(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
+def _prefill_slots(request: ScheduledRequest, block_size: int) -> list[int]:
+    """Cache slots of positions [start, start + num_tokens): one run of consecutive slots per
+    block touched, so the work grows with blocks rather than tokens."""
+    slots: list[int] = []
+    position, end = request.start, request.start + request.num_tokens
+    while position < end:
+        block, offset = divmod(position, block_size)
+        run = min(end - position, block_size - offset)
+        first_slot = request.block_ids[block] * block_size + offset
+        slots.extend(range(first_slot, first_slot + run))
+        position += run
+    return slots
+
+
 def _prefill_sequence(
-    request: ScheduledRequest, query_start: int, block_size: int, device: torch.device
-) -> tuple[np.ndarray, PrefillSequence]:
+    request: ScheduledRequest, query_start: int, block_table: torch.Tensor, device: torch.device
+) -> PrefillSequence:
     context_len = request.start + request.num_tokens
-    block_table = np.asarray(request.block_ids[: _num_blocks(context_len, block_size)], np.int64)
-    new_positions = np.arange(request.start, context_len)
-    slots = block_table[new_positions // block_size] * block_size + new_positions % block_size
     context_mask = None
     if request.start > 0:
         # Query i sits at position start + i and may see keys at positions <= start + i.
         key_positions = torch.arange(context_len, device=device)
         query_positions = torch.arange(request.start, context_len, device=device)
         context_mask = key_positions[None, :] <= query_positions[:, None]
-    sequence = PrefillSequence(
+    return PrefillSequence(
         query_start=query_start,
         num_query_tokens=request.num_tokens,
         context_start=request.start,
-        block_table=torch.from_numpy(block_table).to(device),
+        block_table=block_table,
         context_mask=context_mask,
     )
-    return slots, sequence
 
 
-def _decode_tensors(
-    decodes: list[ScheduledRequest], block_size: int, device: torch.device
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Block tables [Bd, max_blocks] (padded with block 0, which is masked out), context
-    lengths [Bd], and the additive mask [Bd, 1, 1, max_blocks * block_size].
+def _decode_block_tables(
+    decodes: list[ScheduledRequest], context_lens: list[int], block_size: int
+) -> tuple[list[int], tuple[int, int]]:
+    """Block tables [Bd, max_blocks], flattened row by row; short rows are padded with
+    block 0, which attention never reads (it stops at each row's context length)."""
+    blocks_needed = [_num_blocks(length, block_size) for length in context_lens]
+    max_blocks = max(blocks_needed)
+    padding = [0] * max_blocks
+    tables: list[int] = []
+    for request, num_blocks in zip(decodes, blocks_needed):
+        tables += request.block_ids[:num_blocks]
+        tables += padding[: max_blocks - num_blocks]
+    return tables, (len(decodes), max_blocks)
 
-    Built with numpy in one pass over the requests: small per-step tensors are cheaper there
-    than through torch's multi-threaded kernels."""
-    if not decodes:
-        return None, None, None
-    num_decodes = len(decodes)
-    context_lens = np.fromiter((r.start + 1 for r in decodes), np.int64, num_decodes)
-    blocks_needed = -(-context_lens // block_size)
-    num_table_entries = int(blocks_needed.sum())
-    block_ids = np.fromiter(
-        chain.from_iterable(
-            r.block_ids[:num_blocks] for r, num_blocks in zip(decodes, blocks_needed.tolist())
-        ),
-        np.int64,
-        num_table_entries,
-    )
-    rows = np.repeat(np.arange(num_decodes), blocks_needed)
-    row_starts = np.cumsum(blocks_needed) - blocks_needed
-    columns = np.arange(num_table_entries) - np.repeat(row_starts, blocks_needed)
-    tables = np.zeros((num_decodes, int(blocks_needed.max())), np.int64)
-    tables[rows, columns] = block_ids
-    key_positions = np.arange(tables.shape[1] * block_size)
-    mask = np.where(key_positions[None, :] < context_lens[:, None], 0.0, -np.inf)
-    mask = mask.astype(np.float32).reshape(num_decodes, 1, 1, -1)
-    return (
-        torch.from_numpy(tables).to(device),
-        torch.from_numpy(context_lens).to(device),
-        torch.from_numpy(mask).to(device),
-    )
-
-
-def _to_device(values: list[int] | np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(values, dtype=np.int64)).to(device)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 _UINT64_MASK = (1 << 64) - 1
@@ -19,7 +20,38 @@ _UINT64_MASK = (1 << 64) - 1
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """The best token of each row, int64 [num_rows]; consumes no randomness."""
-    return logits.argmax(dim=-1)
+    return argmax_rows(logits)
+
+
+def greedy_token_ids(logits: torch.Tensor) -> list[int]:
+    """`greedy(logits).tolist()`, without the round trip through a torch tensor on CPU."""
+    winners = _numpy_argmax(logits)
+    return winners.tolist() if winners is not None else logits.argmax(dim=-1).tolist()
+
+
+def argmax_rows(values: torch.Tensor) -> torch.Tensor:
+    """Index of each row's largest value, int64 [num_rows]: the first one on ties, the first
+    NaN if any (torch.argmax's rules, which numpy's argmax shares)."""
+    winners = _numpy_argmax(values)
+    if winners is None:
+        return values.argmax(dim=-1)
+    return torch.from_numpy(np.asarray(winners, dtype=np.int64))
+
+
+def _numpy_argmax(values: torch.Tensor) -> np.ndarray | None:
+    """argmax over the last dimension by numpy, for CPU floating-point tensors; None for
+    others.
+
+    numpy's argmax is SIMD-vectorised, torch's CPU argmax reduction is not: ~0.13 ms instead
+    of ~1 ms for 64 x 32000 float32 logits on 2 cores (torch's bfloat16 argmax takes ~4 ms).
+    Half-precision rows are upcast first: exact, so the argmax and its ties are unchanged."""
+    if values.device.type != "cpu" or not values.is_floating_point():
+        return None
+    if values.requires_grad:
+        values = values.detach()
+    if values.dtype in (torch.bfloat16, torch.float16):
+        values = values.float()
+    return values.numpy().argmax(axis=-1)
 
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
@@ -65,7 +97,7 @@ def exponential_race(
         vocab_noise = torch.empty(vocab_size, dtype=probs.dtype, device=probs.device)
         fill_exponential_(vocab_noise, generators[row])
         noise[row] = vocab_noise if token_ids is None else vocab_noise[token_ids[row]]
-    winners = (probs / noise).argmax(dim=-1, keepdim=True)
+    winners = argmax_rows(probs / noise)
     if token_ids is None:
-        return winners.squeeze(-1)
-    return token_ids.gather(-1, winners).squeeze(-1)
+        return winners
+    return token_ids.gather(-1, winners.unsqueeze(-1)).squeeze(-1)

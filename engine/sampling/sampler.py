@@ -36,7 +36,7 @@ import torch
 
 from engine.batch import ScheduledRequest
 from engine.outputs import TokenLogprobs
-from engine.sampling.draw import exponential_race, greedy, make_generator
+from engine.sampling.draw import exponential_race, greedy, greedy_token_ids, make_generator
 from engine.sampling.grammar_mask import apply_grammar_mask
 
 from engine.sampling.logprobs import (
@@ -86,6 +86,10 @@ class Sampler:
             raise ValueError(
                 f"logits of shape {tuple(logits.shape)} do not match {len(requests)} requests"
             )
+        if all(_is_plain_greedy(request) for request in requests):
+            # The common all-greedy batch: one pass over the requests, then the argmax of
+            # the logits as they are (no float32 copy, no per-row bookkeeping).
+            return SamplerOutput(greedy_token_ids(logits))
         params = [r.sampling_params for r in requests]
         sampled_rows = [row for row, p in enumerate(params) if not p.is_greedy]
         wants_logprobs = any(needs_logprobs(p) for p in params)
@@ -155,6 +159,19 @@ class Sampler:
             generator = make_generator(seed, self._device)
             self._generators[request.request_id] = generator
         return generator
+
+
+def _is_plain_greedy(request: ScheduledRequest) -> bool:
+    """Greedy on the raw logits: no grammar, logit bias, token masks, penalties or logprobs."""
+    params = request.sampling_params
+    return (
+        params.is_greedy
+        and request.grammar is None
+        and not needs_logprobs(params)
+        and not needs_logit_bias(params)
+        and not needs_penalties(params)
+        and not needs_token_masks(request)
+    )
 
 
 def _adjust(
