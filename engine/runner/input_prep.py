@@ -31,6 +31,8 @@ class StepInputs:
     attn_metadata: AttentionMetadata
     # Rows of the model output to sample from, aligned with `sample_requests` (batch order).
     sample_rows: torch.Tensor  # [N] int64
+    # sample_rows is 0..N-1 over all T rows (a pure decode batch): no gather needed.
+    samples_every_row_in_order: bool
     sample_requests: list[ScheduledRequest]
     # First flattened row of each request, in batch order (prompt logprobs read row ranges).
     row_starts: list[int]
@@ -95,6 +97,9 @@ def prepare_inputs(batch: ScheduledBatch, block_size: int, device: torch.device)
         positions=positions_t,
         attn_metadata=attn_metadata,
         sample_rows=sample_rows_t,
+        samples_every_row_in_order=(
+            len(sample_rows) == len(input_ids) and sample_rows == list(range(len(sample_rows)))
+        ),
         sample_requests=sample_requests,
         row_starts=row_starts,
     )

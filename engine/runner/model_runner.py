@@ -118,7 +118,9 @@ class ModelRunner:
             )
             if not inputs.sample_requests:
                 return ModelRunnerOutput([], [], prompt_logprobs=prompt_logprobs)
-            logits = self.loaded.model.compute_logits(hidden.index_select(0, inputs.sample_rows))
+            if not inputs.samples_every_row_in_order:
+                hidden = hidden.index_select(0, inputs.sample_rows)
+            logits = self.loaded.model.compute_logits(hidden)
             sampled = self.sampler.sample_with_logprobs(logits, inputs.sample_requests)
         return ModelRunnerOutput(
             request_ids=[request.request_id for request in inputs.sample_requests],

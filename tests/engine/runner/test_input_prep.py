@@ -62,6 +62,8 @@ def test_inputs_match_a_token_by_token_reference(block_size: int) -> None:
         assert inputs.sample_rows.tolist() == [
             first_row[r.request_id] + r.num_tokens - 1 for r in sampling
         ]
+        every_row = inputs.sample_rows.tolist() == list(range(len(rows)))
+        assert inputs.samples_every_row_in_order == every_row
         for tensor in (inputs.input_ids, inputs.positions, inputs.sample_rows,
                        metadata.slot_mapping):
             assert tensor.dtype == torch.int64 and tensor.dim() == 1
@@ -100,3 +102,19 @@ def test_inputs_match_a_token_by_token_reference(block_size: int) -> None:
                 queries = torch.arange(request.start, context_len)[:, None]
                 assert torch.equal(sequence.context_mask,
                                    torch.arange(context_len)[None, :] <= queries)
+
+
+def test_a_pure_decode_batch_needs_no_gather_of_sample_rows() -> None:
+    def decode(i: int, start: int, sample: bool = True) -> ScheduledRequest:
+        return ScheduledRequest(f"d{i}", list(range(start + 1)), start, 1, [i], sample, GREEDY, 1)
+
+    decodes = prepare_inputs(ScheduledBatch([decode(0, 3), decode(1, 7)], 2), 16, CPU)
+    assert decodes.samples_every_row_in_order
+    # A chunk that does not sample, or a prefill ahead of a decode in batch order: rows differ.
+    chunk = ScheduledRequest("c", list(range(20)), 0, 5, [5], False, GREEDY, 20)
+    assert not prepare_inputs(ScheduledBatch([decode(0, 3), chunk], 6), 16, CPU) \
+        .samples_every_row_in_order
+    prefill = ScheduledRequest("p", list(range(5)), 0, 5, [6], True, GREEDY, 5)
+    mixed = prepare_inputs(ScheduledBatch([prefill, decode(1, 7)], 6), 16, CPU)
+    assert not mixed.samples_every_row_in_order
+    assert mixed.sample_rows.tolist() == [5, 0]
