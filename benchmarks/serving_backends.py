@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.bench_model import is_config_only
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The demo tokenizer (2,000 ids) stands in for the benchmark checkpoint's missing one: prompts
 # are token ids, and ids past its vocabulary only make the streamed text empty.
@@ -193,7 +195,7 @@ def launch_server(model_dir: Path, role: str, *extra_args: str,
 
             tokenizer_dir = ensure_demo_model()
         args += ["--tokenizer", str(tokenizer_dir)]
-    if not any(model_dir.glob("*.safetensors")):
+    if is_config_only(model_dir):
         args += ["--load-format", "dummy"]
     return start_engine(model_dir, *args, *extra_args, role=role,
                         kv_cache_memory=kv_cache_memory)

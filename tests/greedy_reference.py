@@ -54,6 +54,17 @@ def transformers_greedy(model_dir: Path, prompts: list[list[int]]) -> list[list[
     return outputs
 
 
+def assert_concurrent_greedy_matches(llm, model_dir: Path, prompts: list[list[int]]) -> None:
+    """All prompts through `llm` at once give transformers' greedy tokens for each alone, and
+    the engine ends with its invariants intact and every KV block free."""
+    outputs = llm.generate(prompts, GREEDY)
+    expected = transformers_greedy(model_dir, prompts)
+    for i, (out, ref) in enumerate(zip(outputs, expected, strict=True)):
+        assert out.token_ids == ref, f"prompt {i} (len {len(prompts[i])}) diverged"
+    llm.core.scheduler.check_invariants()
+    assert llm.core.kv_cache.pool.num_free_blocks == llm.core.kv_cache.num_blocks
+
+
 def prompts_from(seed: int, lengths: list[int],
                  shared_prefix: list[int] | None = None) -> list[list[int]]:
     rng = random.Random(seed)

@@ -9,9 +9,9 @@ import pytest
 from greedy_reference import (
     GREEDY,
     NUM_NEW_TOKENS,
+    assert_concurrent_greedy_matches,
     make_peaked_model,
     prompts_from,
-    transformers_greedy,
 )
 
 from engine.llm import LLM
@@ -24,12 +24,7 @@ def test_concurrent_greedy_equals_transformers(tmp_path: Path, arch: str) -> Non
     prompts = prompts_from(1, [1, 3, 7, 16, 17, 33, 60, 95])
     # A small token budget forces chunked prefill mixed with decodes of other requests.
     llm = LLM(str(model_dir), dtype="float32", max_num_batched_tokens=40, num_kv_blocks=128)
-    outputs = llm.generate(prompts, GREEDY)
-    expected = transformers_greedy(model_dir, prompts)
-    for i, (out, ref) in enumerate(zip(outputs, expected)):
-        assert out.token_ids == ref, f"prompt {i} (len {len(prompts[i])}) diverged"
-    llm.core.scheduler.check_invariants()
-    assert llm.core.kv_cache.pool.num_free_blocks == llm.core.kv_cache.num_blocks
+    assert_concurrent_greedy_matches(llm, model_dir, prompts)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from greedy_reference import GREEDY, make_peaked_model, prompts_from, transformers_greedy
+from greedy_reference import (
+    GREEDY,
+    assert_concurrent_greedy_matches,
+    make_peaked_model,
+    prompts_from,
+    transformers_greedy,
+)
 
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
@@ -42,12 +48,7 @@ def test_concurrent_greedy_equals_transformers_on_cuda(
     llm = LLM(str(model_dir), dtype="float32", device="cuda", attention_backend=backend,
               max_num_batched_tokens=40, num_kv_blocks=128)
     assert llm.runner.kv_caches[0].is_cuda
-    outputs = llm.generate(prompts, GREEDY)
-    expected = transformers_greedy(model_dir, prompts)
-    for i, (out, ref) in enumerate(zip(outputs, expected)):
-        assert out.token_ids == ref, f"prompt {i} (len {len(prompts[i])}) diverged"
-    llm.core.scheduler.check_invariants()
-    assert llm.core.kv_cache.pool.num_free_blocks == llm.core.kv_cache.num_blocks
+    assert_concurrent_greedy_matches(llm, model_dir, prompts)
     del llm
     _free_device()
 
