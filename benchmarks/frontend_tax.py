@@ -97,10 +97,10 @@ class Run:
     @property
     def serving_cpu_s(self) -> float:
         """CPU spent producing the tokens: this process offline (it runs the engine), the
-        engine and bridge processes when serving (a real client runs elsewhere)."""
+        engine, core and bridge processes when serving (a real client runs elsewhere)."""
         if self.engine_steps is not None:  # counted in process: offline
             return self.cpu_s["client"]
-        return self.cpu_s["engine"] + self.cpu_s.get("bridge", 0.0)
+        return sum(self.cpu_s.get(name, 0.0) for name in ("engine", "core", "bridge"))
 
 
 @dataclass
@@ -123,25 +123,29 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def bridge_pid(engine_pid: int) -> int | None:
-    """`--role all` runs the bridge as `python -m rest_bridge`, a child of the engine process."""
+def child_pid(engine_pid: int, marker: bytes) -> int | None:
+    """The child of the engine process whose command line names `marker`: `rest_bridge` (the
+    bridge of `--role all`) or `engine.core_process_main` (the engine core process)."""
     for entry in (e for e in Path("/proc").iterdir() if e.name.isdigit()):
         try:
             parent = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if parent == engine_pid and b"rest_bridge" in argv:
+        if parent == engine_pid and marker in argv:
             return int(entry.name)
     return None
 
 
 class CpuMeter:
-    """CPU seconds of this process and, when serving, the engine and bridge processes."""
+    """CPU seconds of this process and, when serving, the engine (gRPC side), its core
+    process (the step loop) and the bridge."""
 
     def __init__(self, engine_pid: int | None = None) -> None:
-        bridge = bridge_pid(engine_pid) if engine_pid is not None else None
-        candidates = {"engine": engine_pid, "bridge": bridge}
+        candidates = {"engine": engine_pid, "core": None, "bridge": None}
+        if engine_pid is not None:
+            candidates["core"] = child_pid(engine_pid, b"engine.core_process_main")
+            candidates["bridge"] = child_pid(engine_pid, b"rest_bridge")
         self.pids = {name: pid for name, pid in candidates.items() if pid is not None}
 
     def sample(self) -> dict[str, float]:

@@ -28,6 +28,7 @@ from engine.cli_serving import (
 )
 from engine.config import (
     ATTENTION_BACKENDS,
+    ENGINE_CORE_MODES,
     CacheConfig,
     EngineConfig,
     ModelConfig,
@@ -119,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most top logprobs a request may ask for per token")
     p.add_argument("--guided-decoding-backend", choices=known_backends(), default=DEFAULT_BACKEND,
                    help="structured-output backend of requests that name none")
+    p.add_argument("--engine-core", choices=ENGINE_CORE_MODES, default="process",
+                   help="process: the step loop runs in a process of its own, in parallel with "
+                        "the gRPC threads; thread: on a thread of the serving process")
     p.add_argument("--uvicorn-log-level", default="warning",
                    choices=("critical", "error", "warning", "info", "debug", "trace"),
                    help="the REST bridge's log level (access lines at debug/trace)")
@@ -148,6 +152,7 @@ def engine_config_from_args(args: argparse.Namespace, model: str) -> EngineConfi
         ),
         embedding_model=_embedding_model_config(args),
         guided_decoding_backend=_guided_decoding_backend(args),
+        engine_core=args.engine_core,
         cache=CacheConfig(
             block_size=args.block_size,
             kv_cache_memory=args.kv_cache_memory,

@@ -97,6 +97,9 @@ class SchedulerConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
 
 
+ENGINE_CORE_MODES = ("process", "thread")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
@@ -106,4 +109,11 @@ class EngineConfig:
     embedding_model: ModelConfig | None = None
     # Guided decoding backend for requests that name none (`--guided-decoding-backend`).
     guided_decoding_backend: str = "llguidance"
+    # Where a served engine's step loop runs (`--engine-core`): "process", its own process
+    # (the serving threads never take the GIL from it), or "thread", in the serving process.
+    engine_core: str = "process"
+
+    def __post_init__(self) -> None:
+        if self.engine_core not in ENGINE_CORE_MODES:
+            raise ValueError(f"engine core must be one of {ENGINE_CORE_MODES}, got {self.engine_core!r}")
 

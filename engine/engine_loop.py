@@ -1,27 +1,26 @@
-"""The bridge between asyncio servers and the synchronous engine core.
+"""The bridge between asyncio servers and the engine core.
 
-    asyncio side (servers)                          step thread
-    ----------------------                          -----------
-    generate(): tokenize, validate  --inbox-->      add / abort
+    asyncio side (servers)                          engine core (CoreClient)
+    ----------------------                          ------------------------
+    generate(): tokenize, validate  --send-->       add / abort
                                                     core.step() in a loop
     _dispatch(): detokenize, stop   <--call_soon--  list[RequestOutput] per step
     strings -> per-request queue
 
-The core is touched only by the step thread; streams only by the event loop. A stop-string
-match is found on the asyncio side: the stream ends at once and an abort is sent to free the
-request's KV blocks (at most one extra token is computed meanwhile).
+The core runs in its own process (`ProcessCore`) or on a step thread (`ThreadedCore`); this
+side is the same for both. Streams are touched only by the event loop. A stop-string match is
+found on the asyncio side: the stream ends at once and an abort is sent to free the request's
+KV blocks (at most one extra token is computed meanwhile).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
-import threading
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
-from engine.engine_core import EngineCore
+from engine.core_loop import AbortRequests, AddRequests, CoreCommand, CoreStats, InjectFault
 from engine.errors import (
     DeadlineExceededError,
     EngineUnavailableError,
@@ -42,46 +41,41 @@ from engine.request_stream import RequestStream
 
 logger = logging.getLogger(__name__)
 
-# How long the idle step thread sleeps between heartbeats (readiness checks its freshness).
-_IDLE_WAIT_S = 0.5
 # Events one request may buffer for a consumer that does not read (a stalled streaming
 # client): beyond it the request is cancelled, so its memory stays bounded.
 _MAX_BUFFERED_EVENTS = 2048
-_STEP_THREAD_STACK_BYTES = 512 * 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class _Add:
-    requests: list[Request]
+class CoreClient(Protocol):
+    """Where the EngineCore runs: `engine.core_loop.ThreadedCore` or
+    `engine.core_process.ProcessCore`."""
 
+    error: BaseException | None
+    last_heartbeat: float  # time.monotonic() of the core's last sign of life
 
-@dataclass(frozen=True, slots=True)
-class _Abort:
-    request_ids: list[str]
-    reason: FinishReason
+    def start(
+        self,
+        on_outputs: Callable[[list[RequestOutput]], None],
+        on_error: Callable[[BaseException], None],
+    ) -> None: ...
 
+    def send(self, command: CoreCommand) -> None: ...
 
-class _Stop:
-    pass
+    def stop(self, timeout: float = 5.0) -> None: ...
 
+    @property
+    def is_alive(self) -> bool: ...
 
-@dataclass(frozen=True, slots=True)
-class _Fault:
-    """Test hook (only reachable with --enable-test-hooks): make the step thread die or hang."""
-
-    kind: str  # "die" | "hang"
+    def stats(self) -> CoreStats: ...
 
 
 class EngineLoop:
-    def __init__(self, core: EngineCore, processor: InputProcessor) -> None:
+    def __init__(self, core: CoreClient, processor: InputProcessor) -> None:
         self.core = core
         self.processor = processor
-        self._inbox: queue.SimpleQueue[_Add | _Abort | _Stop | _Fault] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self.error: BaseException | None = None
-        self.last_heartbeat = 0.0
+        self._error: BaseException | None = None
         # Asyncio-side counts: requests admitted but without any output yet (the admission
         # queue that --max-queue-len bounds), and open generate() streams (drain waits on it).
         self.num_queued = 0
@@ -90,25 +84,29 @@ class EngineLoop:
     # ----- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self.last_heartbeat = time.monotonic()  # the watchdog must not see a stale start
-        self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
-        # Grammar masks are computed on this thread, and deeply nested grammars recurse deep
-        # inside the grammar library: give it the same large stack as the compile thread.
-        previous = threading.stack_size(_STEP_THREAD_STACK_BYTES)
-        try:
-            self._thread.start()
-        finally:
-            threading.stack_size(previous)
+        loop = self._loop = asyncio.get_running_loop()
+        self.core.start(
+            lambda outputs: loop.call_soon_threadsafe(self._dispatch, outputs),
+            lambda error: loop.call_soon_threadsafe(self._fail_all, error),
+        )
 
     def stop(self, timeout: float = 5.0) -> None:
-        self._inbox.put(_Stop())
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self.core.stop(timeout)
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error or self.core.error
 
     @property
     def is_alive(self) -> bool:
-        return self.error is None and self._thread is not None and self._thread.is_alive()
+        return self._error is None and self.core.is_alive
+
+    @property
+    def last_heartbeat(self) -> float:
+        return self.core.last_heartbeat
+
+    def stats(self) -> CoreStats:
+        return self.core.stats()
 
     # ----- asyncio side -------------------------------------------------------------------
 
@@ -136,7 +134,7 @@ class EngineLoop:
             self._streams[request.request_id] = RequestStream(
                 index, request, req.request_id, events, self.processor.tokenizer, req.return_text
             )
-        self._inbox.put(_Add(requests))
+        self.core.send(AddRequests(requests))
         pending = {r.request_id for r in requests}
         self.num_queued += 1
         self.num_streams += 1
@@ -191,7 +189,7 @@ class EngineLoop:
             self._streams[request.request_id] = PoolingStream(  # type: ignore[assignment]
                 index, request.request_id, client_request_id, events
             )
-        self._inbox.put(_Add(requests))
+        self.core.send(AddRequests(requests))
         pending = {request.request_id for request in requests}
         results: list[PooledOutput | None] = [None] * len(requests)
         try:
@@ -225,7 +223,7 @@ class EngineLoop:
         """Finish requests wherever they are. Safe to call for unknown or finished ids."""
         for request_id in request_ids:
             self._streams.pop(request_id, None)
-        self._inbox.put(_Abort(list(request_ids), reason))
+        self.core.send(AbortRequests(list(request_ids), reason))
 
     def abort_by_client_id(self, request_ids: list[str]) -> list[str]:
         """Admin abort by the id the client used (covers the n children of a request)."""
@@ -245,23 +243,25 @@ class EngineLoop:
             if stream.events.qsize() > _MAX_BUFFERED_EVENTS:
                 del self._streams[output.request_id]
                 stream.fail(SlowConsumerError("the client stopped reading its stream"))
-                self._inbox.put(_Abort([output.request_id], FinishReason.CANCELLED))
+                self.core.send(AbortRequests([output.request_id], FinishReason.CANCELLED))
                 continue
+            if output.first_scheduled_time is not None and isinstance(stream, RequestStream):
+                _learn_admission(stream.request, output)
             done, stopped_early = stream.on_output(output)
             if done:
                 del self._streams[output.request_id]
                 if stopped_early:
-                    self._inbox.put(_Abort([output.request_id], FinishReason.STOP))
+                    self.core.send(AbortRequests([output.request_id], FinishReason.STOP))
 
     def inject_fault(self, kind: str) -> None:
-        """Test hook: the step thread raises ("die") or blocks forever ("hang")."""
-        self._inbox.put(_Fault(kind))
+        """Test hook: the step loop raises ("die") or blocks forever ("hang")."""
+        self.core.send(InjectFault(kind))
 
     def mark_dead(self, error: BaseException) -> None:
         """The step thread hangs (no heartbeat): declare the engine dead from the event loop
         so new requests are refused and every open stream ends now instead of hanging."""
-        if self.error is None:
-            self.error = error
+        if self._error is None:
+            self._error = error
         self._fail_all(error)
 
     def _fail_all(self, error: BaseException) -> None:
@@ -269,50 +269,6 @@ class EngineLoop:
         for stream in self._streams.values():
             stream.fail(failure)
         self._streams.clear()
-
-    # ----- step thread --------------------------------------------------------------------
-
-    def _run(self) -> None:
-        assert self._loop is not None
-        core = self.core
-        try:
-            while True:
-                self.last_heartbeat = time.monotonic()
-                if not self._drain_inbox(block=not core.has_unfinished_requests):
-                    return
-                if not core.has_unfinished_requests:
-                    outputs = core.scheduler.take_pending_outputs()
-                else:
-                    outputs = core.step()
-                if outputs:
-                    self._loop.call_soon_threadsafe(self._dispatch, outputs)
-        except BaseException as exc:  # the step thread must never die silently
-            logger.exception("engine step thread died")
-            self.error = exc
-            self._loop.call_soon_threadsafe(self._fail_all, exc)
-
-    def _drain_inbox(self, block: bool) -> bool:
-        """Apply queued adds/aborts. Returns False when asked to stop."""
-        try:
-            item = self._inbox.get(timeout=_IDLE_WAIT_S) if block else self._inbox.get_nowait()
-        except queue.Empty:
-            return True
-        while True:
-            if isinstance(item, _Stop):
-                return False
-            if isinstance(item, _Fault):
-                if item.kind == "hang":
-                    threading.Event().wait()
-                raise RuntimeError("step thread killed by a test hook")
-            if isinstance(item, _Add):
-                for request in item.requests:
-                    self.core.add_request(request)
-            else:
-                self.core.abort_requests(item.request_ids, item.reason)
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return True
 
 
 _EVICTED = "the request's deadline expired while it waited in the queue"
@@ -341,3 +297,11 @@ def _unless_evicted(event: GenerationEvent) -> GenerationEvent:
     if isinstance(event, GenerationFinished) and event.reason is FinishReason.DEADLINE:
         raise DeadlineExceededError(_EVICTED)
     return event
+
+
+def _learn_admission(request: Request, output: RequestOutput) -> None:
+    """With the core in another process, this side's Request is a copy the scheduler never
+    touches: it learns when it was first admitted, and its prefix-cache hit, from the output."""
+    if request.first_scheduled_time is None:
+        request.num_cached_tokens = output.num_cached_tokens
+        request.first_scheduled_time = output.first_scheduled_time

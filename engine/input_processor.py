@@ -65,6 +65,7 @@ class InputProcessor:
         grammars = await self.grammar_compiler.new_grammars_async(req.constraint, len(requests))
         for request, grammar in zip(requests, grammars, strict=True):
             request.grammar = grammar
+            request.constraint = req.constraint
 
     def prepare_prompt(self, req: GenerationRequest) -> PreparedPrompt:
         """The prompt's token ids, keeping the last truncate_prompt_tokens when asked."""

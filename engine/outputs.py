@@ -43,6 +43,9 @@ class RequestOutput:
     stop_token_id: int | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    # time.monotonic() of the request's first admission (the serving side's copy of the
+    # request learns it from here when the core runs in another process).
+    first_scheduled_time: float | None = None
     # One entry per new token, when the request asked for logprobs.
     logprobs: list[TokenLogprobs] | None = None
     # One entry per prompt token (None for the first), on the request's first output only.

@@ -17,6 +17,7 @@ from engine.pooling_params import PoolingParams
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from engine.structured.constraint import OutputConstraint
     from engine.structured.grammar import Grammar
 
 
@@ -64,6 +65,7 @@ class Request:
         "prompt_logprobs",
         "pooling_params",
         "grammar",
+        "constraint",
         "first_scheduled_time",
         "deadline",
     )
@@ -110,12 +112,24 @@ class Request:
         # reaches the scheduler. It has accepted exactly the output tokens: preemption keeps
         # it as is, and recompute never feeds it again.
         self.grammar: Grammar | None = None
+        # The output constraint the grammar was compiled from: a matcher cannot cross a
+        # process boundary, so the engine core process compiles its own from this.
+        self.constraint: OutputConstraint | None = None
         # time.monotonic() when the scheduler first admitted it (its queue wait ends there;
         # kept across preemption). Read on the asyncio side after its first output.
         self.first_scheduled_time: float | None = None
         # time.monotonic() after which it must not start running: the scheduler evicts it
         # from the queue with FinishReason.DEADLINE instead of admitting it. None: no deadline.
         self.deadline: float | None = None
+
+    def __getstate__(self) -> dict:
+        """Pickled to reach the engine core process: everything but the grammar matcher."""
+        return {name: getattr(self, name) for name in self.__slots__ if name != "grammar"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.grammar = None
+        for name, value in state.items():
+            setattr(self, name, value)
 
     @property
     def is_pooling(self) -> bool:

@@ -24,6 +24,7 @@ class RequestStream:
     ) -> None:
         params = request.sampling_params
         self.index = index
+        self.request = request
         self.client_request_id = client_request_id
         self.events = events
         self.num_output_tokens = 0

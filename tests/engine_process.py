@@ -41,6 +41,24 @@ class EngineProcess:
             self.process.wait(timeout=10)
 
 
+def core_process_pids(server_pid: int) -> list[int]:
+    """The engine core process(es) an engine-serve process started (`--engine-core process`)."""
+    found = []
+    for task in os.listdir(f"/proc/{server_pid}/task"):
+        try:
+            children = open(f"/proc/{server_pid}/task/{task}/children").read().split()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        for pid in map(int, children):
+            try:
+                argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            except FileNotFoundError:
+                continue
+            if b"engine.core_process_main" in argv:
+                found.append(pid)
+    return found
+
+
 def wait_ready(
     address: str,
     process: subprocess.Popen[bytes],

@@ -348,6 +348,7 @@ class Scheduler:
             new_token_ids=new_token_ids,
             num_prompt_tokens=request.num_prompt_tokens,
             num_cached_tokens=request.num_cached_tokens,
+            first_scheduled_time=request.first_scheduled_time,
         )
 
     def check_invariants(self) -> None:

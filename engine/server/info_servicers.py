@@ -124,13 +124,13 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
         if engine is None:
             await abort_for(context, EngineUnavailableError("the model is still loading"))
         load = load_snapshot(engine)
-        pool = engine.core.kv_cache.pool
+        stats = engine.loop.stats()
         return discovery_pb2.GetLoadResponse(
             num_requests_running=load.num_requests_running,
             num_requests_waiting=load.num_requests_waiting,
             kv_cache_usage=load.kv_cache_usage,
-            num_free_kv_blocks=pool.num_free_blocks,
-            num_kv_blocks=pool.num_blocks,
+            num_free_kv_blocks=stats.num_free_kv_blocks,
+            num_kv_blocks=stats.num_kv_blocks,
             prefix_cache_hit_rate=load.prefix_cache_hit_rate,
             num_preemptions=load.num_preemptions,
             draining=self.handle.draining,

@@ -37,18 +37,17 @@ class ServingOptions:
 
 
 def load_snapshot(engine) -> LoadSnapshot:
-    """Scheduler and KV numbers read at scrape time; plain int/float reads of state the step
-    thread owns, so a scrape never waits for a step."""
-    scheduler = engine.core.scheduler
-    kv = engine.core.kv_cache
-    queried = kv.num_queried_tokens
+    """Scheduler and KV numbers at scrape time, as the engine core last reported them (plain
+    reads of its state on a step thread; at most one step old from a core process)."""
+    stats = engine.loop.stats()
+    queried = stats.num_queried_tokens
     return LoadSnapshot(
-        num_requests_running=scheduler.num_running,
-        num_requests_waiting=scheduler.num_waiting,
-        kv_cache_usage=kv.usage,
-        prefix_cache_hit_rate=(kv.num_hit_tokens / queried) if queried else 0.0,
-        num_preemptions=scheduler.num_preemptions,
-        iteration_tokens=engine.core.iteration_tokens.snapshot(),
+        num_requests_running=stats.num_requests_running,
+        num_requests_waiting=stats.num_requests_waiting,
+        kv_cache_usage=stats.kv_cache_usage,
+        prefix_cache_hit_rate=(stats.num_hit_tokens / queried) if queried else 0.0,
+        num_preemptions=stats.num_preemptions,
+        iteration_tokens=stats.iteration_tokens,
     )
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from engine.errors import EngineError, UnsupportedError
 from engine.structured.constraint import OutputConstraint
@@ -54,6 +55,11 @@ class GrammarCompiler:
         """Compile (or fetch from the cache) on the worker thread; one Grammar per choice."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._worker(), self.new_grammars, constraint, n)
+
+    def submit(self, job: Callable[[], None]) -> Future:
+        """Run `job` (which compiles) on the worker thread, from a thread without an event
+        loop (the engine core process's command reader)."""
+        return self._worker().submit(job)
 
     # ----- any thread but the step thread ---------------------------------------------------
 

@@ -1,0 +1,177 @@
+"""Entry point of the engine core process: `python -m engine.core_process_main FD`.
+
+FD is this process's end of a socket pair with the serving process (`engine.core_process`).
+The first message is ("start", EngineConfig, bos_token_id, log level); the reply is
+("ready", ModelFacts) or ("failed", reason). Then commands arrive and
+outputs leave until StopCore, or until the socket closes (the serving process is gone: exit at
+once, nothing is waiting for our outputs).
+
+Threads: the step thread owns the EngineCore (run_core_loop); the reader thread turns
+commands into inbox entries; requests with an output constraint get their grammar matchers on
+the grammar compile thread first, so a slow grammar never stalls the steps of others.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection
+
+from engine.config import EngineConfig
+from engine.core_build import build_core, load_tokenizer, make_grammar_compiler
+from engine.core_loop import (
+    IDLE_WAIT_S,
+    AbortRequests,
+    AddRequests,
+    CoreStats,
+    Inbox,
+    run_core_loop,
+    start_step_thread,
+)
+from engine.engine_core import EngineCore
+from engine.outputs import RequestOutput
+from engine.request import FinishReason, Request
+from engine.structured.compiler import GrammarCompiler
+
+logger = logging.getLogger("engine.core_process")
+
+
+class _Channel:
+    """Sends to the serving process from the step thread and the compile thread."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self._lock = threading.Lock()
+        self.last_sent = 0.0
+
+    def send(self, message: tuple) -> None:
+        with self._lock:
+            self.conn.send(message)
+            self.last_sent = time.monotonic()
+
+
+class _CommandReader:
+    """Reader thread: commands -> inbox; constrained requests via the grammar compiler."""
+
+    def __init__(self, channel: _Channel, inbox: Inbox, compiler: GrammarCompiler | None) -> None:
+        self.channel = channel
+        self.inbox = inbox
+        self.compiler = compiler
+        self._lock = threading.Lock()
+        self._compiling: set[str] = set()  # request ids whose grammars are being built
+
+    def run(self) -> None:
+        try:
+            while True:
+                command = self.channel.conn.recv()
+                if isinstance(command, AddRequests) and any(
+                    r.constraint is not None for r in command.requests
+                ):
+                    self._compile_then_add(command.requests)
+                    continue
+                if isinstance(command, AbortRequests):
+                    with self._lock:
+                        self._compiling.difference_update(command.request_ids)
+                self.inbox.put(command)
+        except (EOFError, OSError):
+            os._exit(0)  # the serving process is gone
+
+    def _compile_then_add(self, requests: list[Request]) -> None:
+        with self._lock:
+            self._compiling.update(r.request_id for r in requests)
+
+        def job() -> None:
+            failure: BaseException | None = None
+            try:
+                _attach_grammars(self.compiler, requests)
+            except Exception as exc:  # noqa: BLE001 - the request fails, the engine goes on
+                failure = exc
+            with self._lock:
+                live = [r for r in requests if r.request_id in self._compiling]
+                self._compiling.difference_update(r.request_id for r in live)
+            if failure is None:
+                if live:
+                    self.inbox.put(AddRequests(live))
+                return
+            self.channel.send(("out", [
+                RequestOutput(r.request_id, [], FinishReason.ABORT,
+                              num_prompt_tokens=r.num_prompt_tokens,
+                              finish_message=f"the output constraint failed to compile: {failure}")
+                for r in live
+            ], None))
+
+        if self.compiler is None:
+            job()
+        else:
+            self.compiler.submit(job)
+
+
+def _attach_grammars(compiler: GrammarCompiler | None, requests: list[Request]) -> None:
+    if compiler is None:
+        raise RuntimeError("guided decoding is not available for this model")
+    constrained = [r for r in requests if r.constraint is not None]
+    # The n choices of one request share one constraint: compile once, one matcher each.
+    grammars = compiler.new_grammars(constrained[0].constraint, len(constrained))
+    for request, grammar in zip(constrained, grammars, strict=True):
+        if request.constraint != constrained[0].constraint:
+            grammar = compiler.new_grammars(request.constraint, 1)[0]
+        request.grammar = grammar
+
+
+def _serve(core: EngineCore, channel: _Channel, compiler: GrammarCompiler | None) -> None:
+    inbox = Inbox()
+    reader = _CommandReader(channel, inbox, compiler)
+    threading.Thread(target=reader.run, name="core-commands", daemon=True).start()
+
+    def emit(outputs: list[RequestOutput]) -> None:
+        channel.send(("out", outputs, CoreStats.of(core)))
+
+    def beat() -> None:
+        # Keeps the serving side's heartbeat and load numbers fresh while nothing is emitted.
+        if time.monotonic() - channel.last_sent >= IDLE_WAIT_S / 2:
+            channel.send(("beat", CoreStats.of(core)))
+
+    failure: list[BaseException] = []
+
+    def step_loop() -> None:
+        try:
+            run_core_loop(core, inbox, emit, beat)
+        except BaseException as exc:  # reported to the serving process, which ends streams
+            logger.exception("engine step loop died")
+            failure.append(exc)
+
+    start_step_thread(step_loop).join()
+    if failure:
+        try:
+            channel.send(("died", repr(failure[0])))
+        except OSError:
+            pass
+        sys.exit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # A drain in the serving process must be able to finish what runs here; the serving
+    # process stops us with StopCore, or we exit when its socket closes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    channel = _Channel(Connection(int(argv[0])))
+    _, config, bos_token_id, log_level = channel.conn.recv()
+    assert isinstance(config, EngineConfig)
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        core, facts = build_core(config, bos_token_id)
+        compiler = make_grammar_compiler(config, facts, load_tokenizer(config))
+    except BaseException as exc:  # noqa: BLE001 - the serving process reports it
+        channel.send(("failed", str(exc) or repr(exc)))
+        return 1
+    channel.send(("ready", facts))
+    _serve(core, channel, compiler)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The engine core in its own process (`--engine-core process`, the default) and on a thread
+of the serving process (`--engine-core thread`): the same tokens as transformers for
+concurrent streams, the same load numbers, and a core process that never outlives its server."""
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from engine_process import EngineProcess, core_process_pids, start_engine
+from greedy_reference import NUM_NEW_TOKENS, make_peaked_model, prompts_from, transformers_greedy
+from mesh_helpers import get_load, wait_idle, wait_until
+from model_factory import make_tiny_tokenizer
+
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+from engine.structured.constraint import OutputConstraint
+from protoserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
+
+def test_a_request_crosses_to_the_core_process_without_its_matcher() -> None:
+    request = Request("r-1", [5, 6, 7], SamplingParams(temperature=0.5, max_tokens=9, seed=3),
+                      max_tokens=9, eos_token_ids=frozenset({1}), priority=2, cache_salt="t")
+    request.constraint = OutputConstraint(regex="[ab]+")
+    request.grammar = threading.Lock()  # stands for a matcher: it cannot be pickled
+    copy = pickle.loads(pickle.dumps(request))
+    assert copy.grammar is None
+    assert copy.constraint == request.constraint
+    for name in Request.__slots__:
+        if name != "grammar":
+            assert getattr(copy, name) == getattr(request, name), name
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = make_peaked_model(tmp_path_factory.mktemp("peaked-llama"), "llama")
+    make_tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=["process", "thread"])
+def served(request: pytest.FixtureRequest, model_dir: Path) -> Iterator[EngineProcess]:
+    handle = start_engine(model_dir, "--engine-core", request.param, "--max-num-seqs", "8")
+    yield handle
+    handle.stop()
+
+
+def _stream_tokens(stub: inference_pb2_grpc.InferenceStub, prompt: list[int]) -> list[int]:
+    request = inference_pb2.GenerateRequest(
+        token_ids=common_pb2.TokenIds(ids=prompt), return_text=False,
+        sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS,
+                                           ignore_eos=True),
+    )
+    tokens: list[int] = []
+    for event in stub.Generate(request, timeout=120):
+        if event.HasField("delta"):
+            tokens.extend(event.delta.token_ids)
+    return tokens
+
+
+def test_concurrent_streams_match_transformers(served: EngineProcess, model_dir: Path) -> None:
+    prompts = prompts_from(11, [3, 17, 40, 9, 64, 25, 5, 33, 12, 50])
+    results: list[list[int] | None] = [None] * len(prompts)
+    with grpc.insecure_channel(served.grpc_address) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+
+        def run(i: int) -> None:
+            results[i] = _stream_tokens(stub, prompts[i])
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(180)
+        load = wait_idle(channel)
+    assert results == transformers_greedy(model_dir, prompts)
+    assert load.num_kv_blocks > 0
+
+
+def test_load_numbers_follow_a_running_request(served: EngineProcess) -> None:
+    request = inference_pb2.GenerateRequest(
+        token_ids=common_pb2.TokenIds(ids=[3] * 40), return_text=False,
+        sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True),
+    )
+    with grpc.insecure_channel(served.grpc_address) as channel:
+        total = wait_idle(channel).num_kv_blocks
+        call = inference_pb2_grpc.InferenceStub(channel).Generate(request, timeout=120)
+        next(call)  # started: the request is admitted
+        wait_until(lambda: get_load(channel).num_free_kv_blocks < total, 10,
+                   "the running request holds KV blocks in GetLoad")
+        assert get_load(channel).num_requests_running == 1
+        call.cancel()
+        load = wait_idle(channel)
+    assert load.num_free_kv_blocks == total
+
+
+def _is_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")  # exited; reaped by whoever adopted it, or not
+
+
+def test_the_core_process_exits_with_its_server(model_dir: Path) -> None:
+    handle = start_engine(model_dir, "--engine-core", "process")
+    try:
+        cores = core_process_pids(handle.process.pid)
+        assert len(cores) == 1
+        # SIGKILL: the server gets no chance to stop its core; the core notices by itself.
+        os.kill(handle.process.pid, signal.SIGKILL)
+        handle.process.wait(10)
+        wait_until(lambda: _is_gone(cores[0]), 20, "the core process exited after its server")
+    finally:
+        handle.stop()
