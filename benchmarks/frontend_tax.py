@@ -4,7 +4,9 @@ The same requests (random token ids, fixed input and output lengths, EOS ignored
 produces exactly --output-len tokens, greedy) run three ways, round-robin over --repeats rounds:
   offline  `engine.llm.LLM.generate` in this process, no server (the engine ceiling);
   grpc     protoserve.v1 Inference/Generate, --concurrency streams on one channel;
-  bridge   the REST bridge's streaming /v1/completions, --concurrency HTTP clients.
+  bridge   the REST bridge's streaming /v1/completions, --concurrency HTTP clients;
+  grpc-thread (opt-in) as grpc, against a second server whose step loop runs on a thread of
+           the gRPC process (`--engine-core thread`) instead of its own process.
 Both servers are one `engine-serve --role all` started with the engine flags the offline LLM
 gets, so the lost throughput is what each hop costs. Targets: <= 5% (grpc) and <= 10% (bridge),
 judged on the median of each round's loss. Serving CPU (engine + bridge processes against the
@@ -45,8 +47,9 @@ from benchmarks.serving_backends import (
     launch_server,
 )
 
-MODES = ("offline", "grpc", "bridge")
-TARGET_LOSS_PCT = {"grpc": 5.0, "bridge": 10.0}
+MODES = ("offline", "grpc", "bridge", "grpc-thread")
+DEFAULT_MODES = ("offline", "grpc", "bridge")
+TARGET_LOSS_PCT = {"grpc": 5.0, "bridge": 10.0, "grpc-thread": 5.0}
 TOKENIZER_CACHE = Path("~/.cache/protoserve").expanduser()
 
 
@@ -223,7 +226,7 @@ def report(modes: list[Mode]) -> dict[str, object]:
     # Serving CPU per run hardly depends on what else the machine runs, so its overhead is a
     # steadier measure of each hop's cost than throughput on a shared machine.
     offline_cpu = statistics.median(r.serving_cpu_s for r in offline.runs)
-    print(f"\n{'mode':<9}{'out tok/s':>11}{'runs':>24}{'loss':>8}{'per-round':>11}"
+    print(f"\n{'mode':<12}{'out tok/s':>11}{'runs':>24}{'loss':>8}{'per-round':>11}"
           f"{'ttft ms':>9}{'tpot ms':>9}{'serving CPU s':>15}  CPU s by process (median)")
     for mode in modes:
         tps = mode.median_tokens_per_s()
@@ -263,7 +266,7 @@ def report(modes: list[Mode]) -> dict[str, object]:
             per_round_text = ""
         runs = " ".join(f"{r.output_tokens_per_s:.0f}" for r in mode.runs)
         cpu_text = " ".join(f"{k} {v:.1f}" for k, v in cpu.items())
-        print(f"{mode.name:<9}{tps:>11.1f}{runs:>24}{loss:>8}{per_round_text:>11}"
+        print(f"{mode.name:<12}{tps:>11.1f}{runs:>24}{loss:>8}{per_round_text:>11}"
               f"{ttft:>9}{tpot:>9}{serving_cpu:>15}  {cpu_text}")
         rows[mode.name] = row
     first = rows["offline"]
@@ -298,7 +301,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed rounds; medians reported")
     p.add_argument("--kv-cache-memory", type=parse_bytes, default="1GiB")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(DEFAULT_MODES),
                    help="offline always runs: it is the reference")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of the offline engine and the server (OMP_NUM_THREADS); "
@@ -318,13 +321,17 @@ def server_flags(args: argparse.Namespace) -> list[str]:
 async def benchmark(args: argparse.Namespace, model_dir: Path) -> list[Mode]:
     vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     online = [m for m in MODES[1:] if m in args.modes]
-    server = None
-    if online:
+    server = thread_server = None
+    tokenizer = ensure_word_tokenizer(vocab_size)
+    if "grpc" in online or "bridge" in online:
         print(f"launching engine-serve --role all {' '.join(server_flags(args))} ...", flush=True)
-        tokenizer = ensure_word_tokenizer(vocab_size)
         # After launch_server's own --tokenizer, so this one wins.
         server = launch_server(model_dir, "all", *server_flags(args),
                                "--tokenizer", str(tokenizer))
+    if "grpc-thread" in online:
+        print("launching engine-serve --role engine --engine-core thread ...", flush=True)
+        thread_server = launch_server(model_dir, "engine", *server_flags(args),
+                                      "--tokenizer", str(tokenizer), "--engine-core", "thread")
     clients: list[GrpcClient | OpenAIClient] = []
     try:
         cpu = CpuMeter(server.process.pid if server else None)
@@ -335,6 +342,11 @@ async def benchmark(args: argparse.Namespace, model_dir: Path) -> list[Mode]:
         if server is not None and "bridge" in online:
             clients.append(OpenAIClient(f"{server.http_url}/v1", BENCH_MODEL_NAME))
             modes.append(Mode("bridge", make_online("bridge", clients[-1], args.concurrency, cpu)))
+        if thread_server is not None:
+            clients.append(GrpcClient(thread_server.grpc_address, BENCH_MODEL_NAME))
+            thread_cpu = CpuMeter(thread_server.process.pid)
+            modes.append(Mode("grpc-thread", make_online("grpc-thread", clients[-1],
+                                                         args.concurrency, thread_cpu)))
 
         def workload(num: int, output_len: int, seed: int) -> list[BenchRequest]:
             return random_requests(num, args.input_len, output_len, vocab_size, seed)
@@ -359,8 +371,9 @@ async def benchmark(args: argparse.Namespace, model_dir: Path) -> list[Mode]:
     finally:
         for client in clients:
             await client.close()
-        if server is not None:
-            server.stop()
+        for launched in (server, thread_server):
+            if launched is not None:
+                launched.stop()
 
 
 def main() -> None:
