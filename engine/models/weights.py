@@ -6,7 +6,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from engine.errors import ModelLoadError
 
@@ -32,7 +32,11 @@ def find_safetensors_files(model_dir: Path) -> list[Path]:
 
 def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as shard:
+        try:
+            shard_cm = safe_open(str(path), framework="pt", device="cpu")
+        except (OSError, SafetensorError) as exc:  # truncated or not a safetensors file
+            raise ModelLoadError(f"cannot read {path}: {exc}") from None
+        with shard_cm as shard:
             for name in shard.keys():
                 yield name, shard.get_tensor(name)
 

@@ -69,3 +69,23 @@ def test_tracing_that_cannot_work_fails_before_loading(command, env, expected) -
     assert result.returncode == 2, result.stderr
     error_lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(error_lines) == 1 and expected in error_lines[0], result.stderr
+
+
+@pytest.mark.parametrize("engine_core", ["process", "thread"])
+def test_truncated_weights_fail_with_one_line_in_either_core(
+    tmp_path: Path, tiny_llama_dir: Path, engine_core: str
+) -> None:
+    """Weights are read where the core runs: in the engine core process, its failure still
+    reaches engine-serve's stderr as one line naming the file."""
+    import shutil
+
+    model = tmp_path / "truncated"
+    shutil.copytree(tiny_llama_dir, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    result = _serve("--model", str(model), "--engine-core", engine_core)
+    assert result.returncode != 0
+    error_lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr
+    assert len(error_lines) == 1, result.stderr
+    assert error_lines[0].startswith("error:") and "model.safetensors" in error_lines[0]
