@@ -5,8 +5,8 @@
     ProcessCore.send(command) --pickle, socket-->   reader thread -> inbox (grammars compiled
                                                     on its compile thread first)
                                                     step thread: run_core_loop
-    reader thread -> on_outputs  <--pickle, socket-- ("out", outputs, stats) per step,
-                                                    ("beat", stats) while idle
+    reader thread -> on_outputs  <--pickle, socket-- CoreOutputs(outputs, stats) per step,
+                                                    CoreBeat(stats) while idle
 
 Why a process: the step loop needs the GIL between its kernels (scheduling, input
 preparation, sampling, dispatching dozens of ops per layer), and the serving threads
@@ -33,6 +33,14 @@ from multiprocessing.connection import Connection
 from engine.config import EngineConfig
 from engine.core_build import ModelFacts
 from engine.core_loop import CoreCommand, CoreStats, StopCore
+from engine.core_messages import (
+    CoreBeat,
+    CoreDied,
+    CoreFailed,
+    CoreOutputs,
+    CoreReady,
+    CoreStart,
+)
 from engine.errors import EngineUnavailableError, ModelLoadError
 from engine.outputs import RequestOutput
 
@@ -57,7 +65,7 @@ class ProcessCore:
         self._stopping = False
         self.error: BaseException | None = None
         self.last_heartbeat = time.monotonic()
-        self._conn.send(("start", config, bos_token_id, logging.getLogger().getEffectiveLevel()))
+        self._conn.send(CoreStart(config, bos_token_id, logging.getLogger().getEffectiveLevel()))
         self.facts = self._wait_until_ready()
         self._stats = CoreStats(num_free_kv_blocks=self.facts.num_blocks,
                                 num_kv_blocks=self.facts.num_blocks)
@@ -66,13 +74,13 @@ class ProcessCore:
         try:
             message = self._conn.recv()
         except (EOFError, OSError):
-            message = ("failed", f"the engine core process exited with code "
-                       f"{self._process.wait()} while loading the model")
-        if message[0] == "ready":
-            return message[1]
+            message = CoreFailed(f"the engine core process exited with code "
+                                 f"{self._process.wait()} while loading the model")
+        if isinstance(message, CoreReady):
+            return message.facts
         self._process.wait()
         self._conn.close()
-        raise ModelLoadError(message[1])
+        raise ModelLoadError(message.reason)
 
     # ----- CoreClient -----------------------------------------------------------------------
 
@@ -129,15 +137,14 @@ class ProcessCore:
             while True:
                 message = self._conn.recv()
                 self.last_heartbeat = time.monotonic()
-                kind = message[0]
-                if kind == "out":
-                    if message[2] is not None:
-                        self._stats = message[2]
-                    on_outputs(message[1])
-                elif kind == "beat":
-                    self._stats = message[1]
-                elif kind == "died":
-                    raise EngineUnavailableError(f"the engine core died: {message[1]}",
+                if isinstance(message, CoreOutputs):
+                    if message.stats is not None:
+                        self._stats = message.stats
+                    on_outputs(message.outputs)
+                elif isinstance(message, CoreBeat):
+                    self._stats = message.stats
+                elif isinstance(message, CoreDied):
+                    raise EngineUnavailableError(f"the engine core died: {message.reason}",
                                                  reason="ENGINE_DEAD")
         except (EOFError, OSError) as exc:
             if self._stopping:

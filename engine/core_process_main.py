@@ -1,8 +1,8 @@
 """Entry point of the engine core process: `python -m engine.core_process_main FD`.
 
 FD is this process's end of a socket pair with the serving process (`engine.core_process`).
-The first message is ("start", EngineConfig, bos_token_id, log level); the reply is
-("ready", ModelFacts) or ("failed", reason). Then commands arrive and
+The first message is CoreStart; the reply is CoreReady or CoreFailed (engine.core_messages).
+Then commands arrive and
 outputs leave until StopCore, or until the socket closes (the serving process is gone: exit at
 once, nothing is waiting for our outputs).
 
@@ -18,9 +18,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 
-from engine.config import EngineConfig
 from engine.core_build import build_core, load_tokenizer, make_grammar_compiler
 from engine.core_loop import (
     IDLE_WAIT_S,
@@ -31,12 +31,23 @@ from engine.core_loop import (
     run_core_loop,
     start_step_thread,
 )
+from engine.core_messages import (
+    CoreBeat,
+    CoreDied,
+    CoreFailed,
+    CoreOutputs,
+    CoreReady,
+    CoreStart,
+)
 from engine.engine_core import EngineCore
 from engine.outputs import RequestOutput
 from engine.request import FinishReason, Request
 from engine.structured.compiler import GrammarCompiler
 
 logger = logging.getLogger("engine.core_process")
+
+
+CoreMessage = CoreReady | CoreFailed | CoreOutputs | CoreBeat | CoreDied
 
 
 class _Channel:
@@ -47,7 +58,7 @@ class _Channel:
         self._lock = threading.Lock()
         self.last_sent = 0.0
 
-    def send(self, message: tuple) -> None:
+    def send(self, message: CoreMessage) -> None:
         with self._lock:
             self.conn.send(message)
             self.last_sent = time.monotonic()
@@ -56,10 +67,18 @@ class _Channel:
 class _CommandReader:
     """Reader thread: commands -> inbox; constrained requests via the grammar compiler."""
 
-    def __init__(self, channel: _Channel, inbox: Inbox, compiler: GrammarCompiler | None) -> None:
+    def __init__(
+        self,
+        channel: _Channel,
+        inbox: Inbox,
+        compiler: GrammarCompiler | None,
+        on_disconnect: Callable[[], None] = lambda: os._exit(0),
+    ) -> None:
         self.channel = channel
         self.inbox = inbox
         self.compiler = compiler
+        # The serving process is gone: nothing waits for our outputs, so exit at once.
+        self.on_disconnect = on_disconnect
         self._lock = threading.Lock()
         self._compiling: set[str] = set()  # request ids whose grammars are being built
 
@@ -77,7 +96,7 @@ class _CommandReader:
                         self._compiling.difference_update(command.request_ids)
                 self.inbox.put(command)
         except (EOFError, OSError):
-            os._exit(0)  # the serving process is gone
+            self.on_disconnect()
 
     def _compile_then_add(self, requests: list[Request]) -> None:
         with self._lock:
@@ -96,7 +115,7 @@ class _CommandReader:
                 if live:
                     self.inbox.put(AddRequests(live))
                 return
-            self.channel.send(("out", [
+            self.channel.send(CoreOutputs([
                 RequestOutput(r.request_id, [], FinishReason.ABORT,
                               num_prompt_tokens=r.num_prompt_tokens,
                               finish_message=f"the output constraint failed to compile: {failure}")
@@ -127,12 +146,12 @@ def _serve(core: EngineCore, channel: _Channel, compiler: GrammarCompiler | None
     threading.Thread(target=reader.run, name="core-commands", daemon=True).start()
 
     def emit(outputs: list[RequestOutput]) -> None:
-        channel.send(("out", outputs, CoreStats.of(core)))
+        channel.send(CoreOutputs(outputs, CoreStats.of(core)))
 
     def beat() -> None:
         # Keeps the serving side's heartbeat and load numbers fresh while nothing is emitted.
         if time.monotonic() - channel.last_sent >= IDLE_WAIT_S / 2:
-            channel.send(("beat", CoreStats.of(core)))
+            channel.send(CoreBeat(CoreStats.of(core)))
 
     failure: list[BaseException] = []
 
@@ -146,7 +165,7 @@ def _serve(core: EngineCore, channel: _Channel, compiler: GrammarCompiler | None
     start_step_thread(step_loop).join()
     if failure:
         try:
-            channel.send(("died", repr(failure[0])))
+            channel.send(CoreDied(repr(failure[0])))
         except OSError:
             pass
         sys.exit(1)
@@ -159,16 +178,17 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     channel = _Channel(Connection(int(argv[0])))
-    _, config, bos_token_id, log_level = channel.conn.recv()
-    assert isinstance(config, EngineConfig)
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start: CoreStart = channel.conn.recv()
+    config = start.config
+    logging.basicConfig(level=start.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        core, facts = build_core(config, bos_token_id)
+        core, facts = build_core(config, start.bos_token_id)
         compiler = make_grammar_compiler(config, facts, load_tokenizer(config))
     except BaseException as exc:  # noqa: BLE001 - the serving process reports it
-        channel.send(("failed", str(exc) or repr(exc)))
+        channel.send(CoreFailed(str(exc) or repr(exc)))
         return 1
-    channel.send(("ready", facts))
+    channel.send(CoreReady(facts))
     _serve(core, channel, compiler)
     return 0
 

@@ -1,0 +1,102 @@
+"""The engine core process's command reader: requests with an output constraint get their
+matchers from the core's own compiler before they reach the step loop's inbox; one aborted
+while compiling never does; a constraint that cannot be compiled there ends its request with
+a reason instead of leaving it waiting. Real sockets, a real grammar compiler."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from multiprocessing.connection import Connection
+
+import pytest
+from model_factory import make_tiny_tokenizer
+
+from engine.core_loop import AbortRequests, AddRequests, Inbox
+from engine.core_messages import CoreOutputs
+from engine.core_process_main import _Channel, _CommandReader
+from engine.request import FinishReason, Request
+from engine.sampling_params import SamplingParams
+from engine.structured.compiler import GrammarCompiler
+from engine.structured.constraint import OutputConstraint
+from engine.structured.grammar import TokenizerInfo
+
+
+@pytest.fixture()
+def link():
+    """(serving side's end, the core's channel) of a real socket pair."""
+    ours, theirs = socket.socketpair()
+    serving = Connection(ours.detach())
+    channel = _Channel(Connection(theirs.detach()))
+    yield serving, channel
+    serving.close()
+    channel.conn.close()
+
+
+def _compiler() -> GrammarCompiler:
+    tokenizer = make_tiny_tokenizer()
+    return GrammarCompiler(TokenizerInfo(tokenizer, len(tokenizer), (1,)))
+
+
+def _constrained(request_id: str, constraint: OutputConstraint) -> Request:
+    request = Request(request_id, [5, 6], SamplingParams(max_tokens=4), max_tokens=4)
+    request.constraint = constraint
+    return request
+
+
+def _next_command(inbox: Inbox, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        command = inbox.get(block=True)
+        if command is not None:
+            return command
+    raise AssertionError("nothing reached the inbox")
+
+
+def test_constrained_requests_reach_the_inbox_with_their_own_matchers(link) -> None:
+    serving, channel = link
+    inbox = Inbox()
+    reader = _CommandReader(channel, inbox, _compiler(), on_disconnect=lambda: None)
+    threading.Thread(target=reader.run, daemon=True).start()
+    choices = [_constrained(f"r-{i}", OutputConstraint(regex="(yes|no)")) for i in range(2)]
+    plain = Request("p", [5], SamplingParams(max_tokens=2), max_tokens=2)
+    serving.send(AddRequests(choices))
+    serving.send(AddRequests([plain]))
+    received = {r.request_id: r for _ in range(2) for r in _next_command(inbox).requests}
+    assert set(received) == {"r-0", "r-1", "p"}
+    assert received["p"].grammar is None
+    matchers = [received[f"r-{i}"].grammar for i in range(2)]
+    assert all(m is not None for m in matchers) and matchers[0] is not matchers[1]
+    # The matcher follows the regex: "y" can start the output, and a finished one is done.
+    assert not matchers[0].is_terminated
+
+
+def test_a_request_aborted_while_compiling_never_reaches_the_step_loop(link) -> None:
+    serving, channel = link
+    inbox = Inbox()
+    compiler = _compiler()
+    gate = threading.Event()
+    compiler.submit(gate.wait)  # holds the compile thread, as a slow grammar would
+    reader = _CommandReader(channel, inbox, compiler, on_disconnect=lambda: None)
+    threading.Thread(target=reader.run, daemon=True).start()
+    serving.send(AddRequests([_constrained("slow", OutputConstraint(regex="a+"))]))
+    serving.send(AbortRequests(["slow"], FinishReason.CANCELLED))
+    abort = _next_command(inbox)
+    assert isinstance(abort, AbortRequests) and abort.request_ids == ["slow"]
+    gate.set()
+    compiler.submit(lambda: None).result(30)  # the compile job ran meanwhile
+    assert inbox.get(block=False) is None
+
+
+def test_without_a_compiler_the_request_ends_with_the_reason(link) -> None:
+    serving, channel = link
+    reader = _CommandReader(channel, Inbox(), None,  # an embedding model's core
+                            on_disconnect=lambda: None)
+    threading.Thread(target=reader.run, daemon=True).start()
+    serving.send(AddRequests([_constrained("g", OutputConstraint(regex="a+"))]))
+    assert serving.poll(30)
+    message = serving.recv()
+    assert isinstance(message, CoreOutputs)
+    (output,) = message.outputs
+    assert output.request_id == "g" and output.finish_reason is FinishReason.ABORT
+    assert "not available" in output.finish_message
