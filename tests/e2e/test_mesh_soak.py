@@ -56,8 +56,13 @@ def test_rss_is_flat_over_many_requests(tiny_llama_dir: Path) -> None:
                 pids.update(("core", pid) for pid in core_process_pids(engine.process.pid))
                 assert "core" in pids, "engine-serve runs its engine core in a process"
                 baseline = {name: _rss_kib(pid) for name, pid in pids.items()}
-                list(pool.map(one, range(warm, NUM_REQUESTS)))
-            wait_idle(channel)
+                # Five legs, RSS after each: a leak grows every leg, a warm-up only the first.
+                legs = [warm + (NUM_REQUESTS - warm) * k // 5 for k in range(6)]
+                for start, end in zip(legs, legs[1:]):
+                    list(pool.map(one, range(start, end)))
+                    wait_idle(channel)
+                    print(f"\nsoak: after {end} requests RSS KiB "
+                          + ", ".join(f"{name} {_rss_kib(pid)}" for name, pid in pids.items()))
             final = {name: _rss_kib(pid) for name, pid in pids.items()}
         for name in pids:
             print(f"\nsoak: {NUM_REQUESTS} requests; {name} RSS {baseline[name]} KiB after "
