@@ -189,6 +189,19 @@ def rotary_bf16_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     return x
 
 
+def decode_layers_available() -> bool:
+    module = _cpu_module()
+    return module is not None and module.has_avx512_bf16()
+
+
+def decode_layers_bf16(hidden: torch.Tensor, layers: list, *step_args) -> None:
+    """Every decoder layer of a pure-decode bf16 step in one call (engine.models.fused_decode);
+    only call where `decode_layers_available()`."""
+    module = _cpu_module()
+    assert module is not None
+    module.decode_layers_bf16(hidden, layers, *step_args)
+
+
 def _module_for(device: torch.device) -> ModuleType | None:
     if device.type == "cpu":
         return _cpu_module()

@@ -237,6 +237,101 @@ void rotary_bf16(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor
   protoserve::rotary_bf16(args);
 }
 
+
+// A packed linear weight of in_features -> out_features (see linear_bf16).
+void check_packed(const torch::Tensor& packed, int64_t in_features, int64_t out_features,
+                  const char* name) {
+  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == torch::kBFloat16 &&
+                  packed.is_contiguous() && packed.dim() == 4 && packed.size(2) == 16 &&
+                  packed.size(3) == 2 && packed.size(1) * 2 == in_features &&
+                  packed.size(0) == (out_features + 15) / 16,
+              name, " must be packed panels of [", out_features, ", ", in_features, "]");
+}
+
+const void* checked_vector(const std::optional<torch::Tensor>& t, int64_t n, const char* name) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kBFloat16 &&
+                  t->is_contiguous() && t->numel() == n,
+              name, " must be a contiguous bfloat16 [", n, "]");
+  return t->data_ptr();
+}
+
+// layers: per layer (input_norm, qkv, qkv_bias, o, o_bias, post_norm, gate_up, gate_up_bias,
+// down, down_bias, kv_cache), biases None when absent.
+void decode_layers_bf16(torch::Tensor& hidden,
+                        const std::vector<std::vector<std::optional<torch::Tensor>>>& layers,
+                        const torch::Tensor& cos, const torch::Tensor& signed_sin,
+                        const torch::Tensor& slot_mapping, const torch::Tensor& tables,
+                        const torch::Tensor& context_lens, int64_t num_heads,
+                        int64_t num_kv_heads, int64_t intermediate, double eps, double scale) {
+  TORCH_CHECK(protoserve::has_avx512_bf16(), "decode_layers_bf16 needs AVX512_BF16");
+  TORCH_CHECK(!layers.empty(), "no layers");
+  const int64_t rows = hidden.size(0), width = hidden.size(1);
+  check_rows(hidden, "hidden", rows, width);
+  TORCH_CHECK(hidden.is_contiguous(), "hidden must be contiguous");
+  const CacheShape shape = cache_shape(*layers[0].at(10));
+  const int64_t dim = shape.head_dim;
+  TORCH_CHECK(shape.num_kv_heads == num_kv_heads && num_heads % num_kv_heads == 0,
+              "kv cache heads do not match num_kv_heads");
+  const int64_t q_width = num_heads * dim, qkv_width = q_width + 2 * num_kv_heads * dim;
+  std::vector<protoserve::DecoderLayerWeights> weights;
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const auto& t = layers[l];
+    TORCH_CHECK(t.size() == 11 && t[0] && t[1] && t[3] && t[5] && t[6] && t[8] && t[10],
+                "layer ", l, " needs 11 entries, only biases may be None");
+    check_packed(*t[1], width, qkv_width, "qkv");
+    check_packed(*t[3], q_width, width, "o");
+    check_packed(*t[6], width, 2 * intermediate, "gate_up");
+    check_packed(*t[8], intermediate, width, "down");
+    const torch::Tensor& cache = *t[10];
+    TORCH_CHECK(kind_of(cache) == ScalarKind::kBFloat16, "kv caches must be bfloat16");
+    const CacheShape layer_shape = cache_shape(cache);
+    TORCH_CHECK(layer_shape.num_blocks == shape.num_blocks &&
+                    layer_shape.block_size == shape.block_size &&
+                    layer_shape.num_kv_heads == shape.num_kv_heads && layer_shape.head_dim == dim,
+                "every layer's kv cache must have the same shape");
+    weights.push_back({static_cast<const protoserve::bf16_t*>(checked_vector(t[0], width, "input_norm")),
+                       t[1]->data_ptr(), checked_vector(t[2], qkv_width, "qkv_bias"),
+                       t[3]->data_ptr(), checked_vector(t[4], width, "o_bias"),
+                       static_cast<const protoserve::bf16_t*>(checked_vector(t[5], width, "post_norm")),
+                       t[6]->data_ptr(), checked_vector(t[7], 2 * intermediate, "gate_up_bias"),
+                       t[8]->data_ptr(), checked_vector(t[9], width, "down_bias"),
+                       cache.data_ptr()});
+  }
+  check_rows(cos, "cos", rows, dim);
+  check_rows(signed_sin, "signed_sin", rows, dim);
+  TORCH_CHECK(cos.is_contiguous() && signed_sin.is_contiguous(), "tables must be contiguous");
+  TORCH_CHECK(slot_mapping.scalar_type() == torch::kInt64 && slot_mapping.is_contiguous() &&
+                  slot_mapping.numel() == rows,
+              "slot_mapping must be a contiguous int64 [rows]");
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK(slots[r] < shape.num_blocks * shape.block_size, "slot ", slots[r], " out of range");
+  const torch::Tensor lens = context_lens.to(torch::kCPU, torch::kInt64).contiguous();
+  TORCH_CHECK(lens.dim() == 1 && lens.size(0) == rows, "context_lens must be [rows]");
+  std::vector<int64_t> blocks_needed(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t len = lens.data_ptr<int64_t>()[r];
+    TORCH_CHECK(len >= 1, "context lengths must be >= 1");
+    blocks_needed[r] = (len + shape.block_size - 1) / shape.block_size;
+  }
+  const auto scratch = [&](int64_t n) { return torch::empty({rows, n}, hidden.options()); };
+  torch::Tensor normed = scratch(width), qkv = scratch(qkv_width), attn = scratch(q_width),
+                proj = scratch(width), gate_up = scratch(2 * intermediate),
+                act = scratch(intermediate);
+  protoserve::DecodeLayersArgs args{weights.data(), static_cast<int64_t>(weights.size()),
+                                    bf16_data(hidden), rows, width, num_heads, num_kv_heads, dim,
+                                    intermediate, static_cast<float>(eps),
+                                    static_cast<float>(scale), bf16_data(cos),
+                                    bf16_data(signed_sin), slots, shape,
+                                    block_tables(tables, shape.num_blocks, rows, blocks_needed),
+                                    lens.data_ptr<int64_t>(), bf16_data(normed), bf16_data(qkv),
+                                    bf16_data(attn), bf16_data(proj), bf16_data(gate_up),
+                                    bf16_data(act)};
+  pybind11::gil_scoped_release no_gil;
+  protoserve::decode_layers_bf16(args);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -251,6 +346,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_bf16", &rms_norm_bf16, "RMSNorm, optionally after residual += delta");
   m.def("silu_and_mul_bf16", &silu_and_mul_bf16, "silu(gate) * up over a fused [gate | up]");
   m.def("rotary_bf16", &rotary_bf16, "Rotary embedding in place: x * cos + roll(x) * sin");
+  m.def("decode_layers_bf16", &decode_layers_bf16,
+        "A pure-decode step through every decoder layer (the per-op kernels, one call)");
   m.def("has_avx512_bf16", &protoserve::has_avx512_bf16,
         "Whether bfloat16 runs on the AVX512_BF16 kernels");
 }

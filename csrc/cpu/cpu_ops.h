@@ -108,6 +108,52 @@ struct RotaryArgs {
   int64_t head_dim;
 };
 
+// One decoder layer for decode_layers_bf16: bfloat16 Llama-family weights, every projection
+// packed for linear_bf16 (biases may be null), and the layer's paged KV cache.
+struct DecoderLayerWeights {
+  const bf16_t* input_norm;
+  const void* qkv;
+  const void* qkv_bias;
+  const void* o;
+  const void* o_bias;
+  const bf16_t* post_norm;
+  const void* gate_up;
+  const void* gate_up_bias;
+  const void* down;
+  const void* down_bias;
+  void* kv_cache;
+};
+
+// A pure-decode step (one new token per sequence) through every decoder layer: the same
+// kernels, in the same order and with the same roundings, as the per-op Python path.
+struct DecodeLayersArgs {
+  const DecoderLayerWeights* layers;
+  int64_t num_layers;
+  bf16_t* hidden;  // [num_seqs, hidden_size] residual stream, updated in place
+  int64_t num_seqs;
+  int64_t hidden_size;
+  int64_t num_heads;
+  int64_t num_kv_heads;
+  int64_t head_dim;
+  int64_t intermediate;
+  float eps;
+  float scale;
+  const bf16_t* cos;         // [num_seqs, head_dim]
+  const bf16_t* signed_sin;  // [num_seqs, head_dim]
+  const int64_t* slot_mapping;
+  CacheShape cache;
+  BlockTables tables;
+  const int64_t* context_lens;
+  // Scratch rows, [num_seqs, width] each: normed (hidden), qkv (q + 2 kv), attn (q),
+  // proj (hidden), gate_up (2 * intermediate), act (intermediate).
+  bf16_t* normed;
+  bf16_t* qkv;
+  bf16_t* attn;
+  bf16_t* proj;
+  bf16_t* gate_up;
+  bf16_t* act;
+};
+
 void write_kv_cache(const WriteKvArgs& args);
 void paged_decode_attention(const DecodeArgs& args);
 void paged_prefill_attention(const PrefillArgs& args);
@@ -115,6 +161,7 @@ void linear_bf16(const LinearArgs& args);  // only with has_avx512_bf16()
 void rms_norm_bf16(const NormArgs& args);
 void silu_and_mul_bf16(const SiluMulArgs& args);
 void rotary_bf16(const RotaryArgs& args);
+void decode_layers_bf16(const DecodeLayersArgs& args);  // only with has_avx512_bf16()
 
 // True when this build uses the AVX-512 BF16 kernels for bfloat16 (else portable C++).
 bool has_avx512_bf16();

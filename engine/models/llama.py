@@ -26,6 +26,7 @@ from engine.layers.rotary import (
     read_rope_spec,
     rotate_in_place,
 )
+from engine.models.fused_decode import FusedDecodeLayers
 from engine.models.weights import FusedWeightLoader
 
 
@@ -220,6 +221,8 @@ class LlamaForCausalLM(nn.Module):
         )
         inv_freq = compute_inv_freq(read_rope_spec(hf_config), self.dims.head_dim)
         self.rotary = RotaryEmbedding(inv_freq, max_positions, device)
+        # All decoder layers of a pure-decode bf16 CPU step in one native call, where it applies.
+        self._fused_decode: FusedDecodeLayers | None = None
 
     def forward(
         self,
@@ -231,6 +234,11 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions [T] -> final-norm hidden states [T, hidden]."""
         hidden = self.model.embed_tokens(input_ids)
         cos, signed_sin = self.rotary.lookup(positions, hidden.dtype)
+        if self._fused_decode is None:  # built at first use: after the weights are packed
+            self._fused_decode = FusedDecodeLayers(self)
+        if self._fused_decode.applies(hidden, attn_metadata):
+            self._fused_decode.run(hidden, cos, signed_sin, kv_caches, attn_metadata)
+            return self.model.norm(hidden)
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
             hidden = layer(hidden, cos, signed_sin, kv_cache, attn_metadata)
         return self.model.norm(hidden)
