@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -182,15 +183,31 @@ def main(argv: list[str] | None = None) -> int:
     config = start.config
     logging.basicConfig(level=start.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    loading = threading.Event()
+    loading.set()
+    threading.Thread(target=_exit_if_orphaned, args=(channel.conn, loading), daemon=True).start()
     try:
         core, facts = build_core(config, start.bos_token_id)
         compiler = make_grammar_compiler(config, facts, load_tokenizer(config))
     except BaseException as exc:  # noqa: BLE001 - the serving process reports it
         channel.send(CoreFailed(str(exc) or repr(exc)))
         return 1
+    finally:
+        loading.clear()
     channel.send(CoreReady(facts))
     _serve(core, channel, compiler)
     return 0
+
+
+def _exit_if_orphaned(conn: Connection, loading: threading.Event) -> None:
+    """While the model loads nobody reads the socket: a large model can take minutes, and a
+    serving process that died meanwhile must not leave us holding the memory. The serving
+    process sends nothing until CoreReady, so a readable socket here means it closed."""
+    fd = conn.fileno()
+    while loading.is_set():
+        readable, _, _ = select.select([fd], [], [], 0.5)
+        if readable and loading.is_set():
+            os._exit(0)
 
 
 if __name__ == "__main__":

@@ -100,3 +100,26 @@ def test_without_a_compiler_the_request_ends_with_the_reason(link) -> None:
     (output,) = message.outputs
     assert output.request_id == "g" and output.finish_reason is FinishReason.ABORT
     assert "not available" in output.finish_message
+
+
+def test_a_core_process_whose_server_dies_while_it_loads_exits(tiny_llama_dir) -> None:
+    """The serving side sends CoreStart and goes away before the model is loaded: the core
+    process must not load on (a large model takes minutes) and then fail; it exits at once."""
+    import subprocess
+    import sys
+
+    from engine.config import EngineConfig, ModelConfig
+    from engine.core_messages import CoreStart
+
+    ours, theirs = socket.socketpair()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "engine.core_process_main", str(theirs.fileno())],
+        pass_fds=(theirs.fileno(),), stderr=subprocess.PIPE, text=True,
+    )
+    theirs.close()
+    serving = Connection(ours.detach())
+    serving.send(CoreStart(EngineConfig(model=ModelConfig(model=str(tiny_llama_dir))), None, 30))
+    serving.close()
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr
