@@ -62,19 +62,39 @@ BlockTables block_tables(const torch::Tensor& tables, int64_t num_blocks, int64_
   return view;
 }
 
-void write_kv_cache(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& kv_cache,
-                    const torch::Tensor& slot_mapping) {
-  const CacheShape shape = cache_shape(kv_cache);
+// The step's slot mapping: contiguous 1-D int64, every slot inside the cache (negative: padding).
+const int64_t* checked_slots(const torch::Tensor& slot_mapping, const CacheShape& shape) {
   TORCH_CHECK(slot_mapping.device().is_cpu() && slot_mapping.scalar_type() == torch::kInt64 &&
                   slot_mapping.dim() == 1 && slot_mapping.is_contiguous(),
               "slot_mapping must be a contiguous 1-D int64 CPU tensor");
+  const int64_t num_slots = shape.num_blocks * shape.block_size;
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < slot_mapping.size(0); ++t)
+    TORCH_CHECK(slots[t] < num_slots, "slot ", slots[t], " out of range (", num_slots, " slots)");
+  return slots;
+}
+
+// Decode context lengths as contiguous int64 [num_seqs] (each >= 1), and the blocks each needs.
+torch::Tensor checked_context_lens(const torch::Tensor& context_lens, int64_t num_seqs,
+                                   int64_t block_size, std::vector<int64_t>& blocks_needed) {
+  torch::Tensor lens = context_lens.to(torch::kCPU, torch::kInt64).contiguous();
+  TORCH_CHECK(lens.dim() == 1 && lens.size(0) == num_seqs, "context_lens must be [num_seqs]");
+  blocks_needed.resize(num_seqs);
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t len = lens.data_ptr<int64_t>()[s];
+    TORCH_CHECK(len >= 1, "context lengths must be >= 1");
+    blocks_needed[s] = (len + block_size - 1) / block_size;
+  }
+  return lens;
+}
+
+void write_kv_cache(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& kv_cache,
+                    const torch::Tensor& slot_mapping) {
+  const CacheShape shape = cache_shape(kv_cache);
+  const int64_t* slots = checked_slots(slot_mapping, shape);
   const int64_t num_tokens = slot_mapping.size(0);
   TORCH_CHECK(key.size(0) == num_tokens && value.size(0) == num_tokens,
               "key/value rows must match slot_mapping");
-  const int64_t num_slots = shape.num_blocks * shape.block_size;
-  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
-  for (int64_t t = 0; t < num_tokens; ++t)
-    TORCH_CHECK(slots[t] < num_slots, "slot ", slots[t], " out of range (", num_slots, " slots)");
   protoserve::WriteKvArgs args{kind_of(kv_cache),
                                rows_view(key, "key", kv_cache, shape.num_kv_heads),
                                rows_view(value, "value", kv_cache, shape.num_kv_heads),
@@ -94,14 +114,9 @@ void paged_decode_attention(torch::Tensor& out, const torch::Tensor& query,
   const int64_t num_heads = query.size(1);
   TORCH_CHECK(num_heads % shape.num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads");
   TORCH_CHECK(out.sizes() == query.sizes(), "out must have the query's shape");
-  const torch::Tensor lens = context_lens.to(torch::kCPU, torch::kInt64).contiguous();
-  TORCH_CHECK(lens.dim() == 1 && lens.size(0) == num_seqs, "context_lens must be [num_seqs]");
-  std::vector<int64_t> blocks_needed(num_seqs);
-  for (int64_t s = 0; s < num_seqs; ++s) {
-    const int64_t len = lens.data_ptr<int64_t>()[s];
-    TORCH_CHECK(len >= 1, "context lengths must be >= 1");
-    blocks_needed[s] = (len + shape.block_size - 1) / shape.block_size;
-  }
+  std::vector<int64_t> blocks_needed;
+  const torch::Tensor lens =
+      checked_context_lens(context_lens, num_seqs, shape.block_size, blocks_needed);
   protoserve::DecodeArgs args{kind_of(kv_cache),
                               rows_view(out, "out", kv_cache, num_heads),
                               rows_view(query, "query", kv_cache, num_heads),
@@ -301,20 +316,11 @@ void decode_layers_bf16(torch::Tensor& hidden,
   check_rows(cos, "cos", rows, dim);
   check_rows(signed_sin, "signed_sin", rows, dim);
   TORCH_CHECK(cos.is_contiguous() && signed_sin.is_contiguous(), "tables must be contiguous");
-  TORCH_CHECK(slot_mapping.scalar_type() == torch::kInt64 && slot_mapping.is_contiguous() &&
-                  slot_mapping.numel() == rows,
-              "slot_mapping must be a contiguous int64 [rows]");
-  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
-  for (int64_t r = 0; r < rows; ++r)
-    TORCH_CHECK(slots[r] < shape.num_blocks * shape.block_size, "slot ", slots[r], " out of range");
-  const torch::Tensor lens = context_lens.to(torch::kCPU, torch::kInt64).contiguous();
-  TORCH_CHECK(lens.dim() == 1 && lens.size(0) == rows, "context_lens must be [rows]");
-  std::vector<int64_t> blocks_needed(rows);
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t len = lens.data_ptr<int64_t>()[r];
-    TORCH_CHECK(len >= 1, "context lengths must be >= 1");
-    blocks_needed[r] = (len + shape.block_size - 1) / shape.block_size;
-  }
+  const int64_t* slots = checked_slots(slot_mapping, shape);
+  TORCH_CHECK(slot_mapping.size(0) == rows, "slot_mapping must have one slot per row");
+  std::vector<int64_t> blocks_needed;
+  const torch::Tensor lens = checked_context_lens(context_lens, rows, shape.block_size,
+                                                  blocks_needed);
   const auto scratch = [&](int64_t n) { return torch::empty({rows, n}, hidden.options()); };
   torch::Tensor normed = scratch(width), qkv = scratch(qkv_width), attn = scratch(q_width),
                 proj = scratch(width), gate_up = scratch(2 * intermediate),
