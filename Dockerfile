@@ -37,8 +37,11 @@ ARG TORCH_VERSION=2.13.0
 # torch first, from the CPU index: the project's `torch>=2.4` range would otherwise resolve to
 # the default multi-GB CUDA build.
 RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}"
-# A bind mount, not COPY: the wheel never becomes a layer of the runtime image.
-RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels pip install /wheels/*.whl
+# A bind mount, not COPY: the wheel never becomes a layer of the runtime image. The versions
+# are the ones CI tested (constraints.txt, `make lock`).
+RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
+    --mount=type=bind,source=constraints.txt,target=/tmp/constraints.txt \
+    pip install -c /tmp/constraints.txt /wheels/*.whl
 USER protoserve
 EXPOSE 8000 50051
 ENTRYPOINT ["engine-serve"]
@@ -46,17 +49,12 @@ CMD ["--host", "0.0.0.0"]
 
 # The bridge imports only the generated stubs and its own package, never `engine`, so it needs
 # none of the engine's dependencies (torch, transformers).
+# Names only: constraints.txt holds the versions CI tested.
 FROM base AS bridge
-RUN pip install \
-    "grpcio>=1.66" \
-    "grpcio-status>=1.66" \
-    "grpcio-health-checking>=1.66" \
-    "protobuf>=5.28" \
-    "googleapis-common-protos>=1.63" \
-    "fastapi>=0.110" \
-    "uvicorn>=0.29" \
-    "pydantic>=2.6" \
-    "prometheus-client>=0.20"
+RUN --mount=type=bind,source=constraints.txt,target=/tmp/constraints.txt \
+    pip install -c /tmp/constraints.txt \
+    grpcio grpcio-status grpcio-health-checking protobuf googleapis-common-protos \
+    fastapi uvicorn pydantic prometheus-client
 COPY protoserve/ protoserve/
 COPY rest_bridge/ rest_bridge/
 ENV PYTHONPATH=/app
@@ -86,7 +84,9 @@ ARG TORCH_CUDA_INDEX=https://download.pytorch.org/whl/cu124
 RUN pip install --index-url ${TORCH_CUDA_INDEX} torch \
     && pip install packaging ninja wheel
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
-    whl=$(ls /wheels/*.whl) && MAX_JOBS=4 pip install --no-build-isolation "${whl}[cuda]"
+    --mount=type=bind,source=constraints.txt,target=/tmp/constraints.txt \
+    whl=$(ls /wheels/*.whl) \
+    && MAX_JOBS=4 pip install --no-build-isolation -c /tmp/constraints.txt "${whl}[cuda]"
 USER protoserve
 EXPOSE 50051 9090
 ENTRYPOINT ["engine-serve", "--role", "engine"]

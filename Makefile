@@ -13,7 +13,7 @@ BUF_STAMP := .ci/node/.buf-$(BUF_VERSION)
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap serve test protos lint-proto check
+.PHONY: bootstrap serve test protos lock lint-proto check
 
 bootstrap:
 	@scripts/bootstrap
@@ -26,6 +26,11 @@ test: bootstrap
 
 protos: bootstrap
 	$(PY) scripts/gen_protos.py
+
+# Re-resolve every dependency to its newest allowed release into constraints.txt (which
+# bootstrap installs from); run `make check test` before committing the new file.
+lock:
+	@scripts/lock
 
 # buf comes from npm into a git-ignored local prefix: no global install, one copy per checkout.
 $(BUF_STAMP):

@@ -3,7 +3,7 @@
 Run from the repository root:
     .venv/bin/python -m benchmarks.attention_kernels                 # decode + prefill tables
     .venv/bin/python -m benchmarks.attention_kernels --no-prefill --batch-sizes 1 8
-    python -m benchmarks.attention_kernels --device cuda             # csrc/cuda, decode only
+    .venv/bin/python -m benchmarks.attention_kernels --device cuda             # csrc/cuda, decode only
 
 Decode (one query per sequence, 32 query / 8 KV heads, head_dim 128, bf16 by default):
     ours        engine.ops.paged_decode_attention (csrc/cpu)

@@ -10,7 +10,7 @@ Run from the repository root:
         [--output-len 128] [--repeats 3] [--json results.json]
 On a GPU, a Llama-3-8B-shaped model with random weights (no checkpoint needed; both engines
 get the same weights, copied from the transformers model into ours):
-    python -m benchmarks.offline_throughput --device cuda --shape llama3-8b --num-prompts 128
+    .venv/bin/python -m benchmarks.offline_throughput --device cuda --shape llama3-8b --num-prompts 128
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Time to first token for requests that share a long prefix, prefix caching on vs off.
 
-    python -m benchmarks.prefix_cache_ttft                 # 1024-token shared prefix
-    python -m benchmarks.prefix_cache_ttft --prefix-len 2048 --requests 8
+    .venv/bin/python -m benchmarks.prefix_cache_ttft                 # 1024-token shared prefix
+    .venv/bin/python -m benchmarks.prefix_cache_ttft --prefix-len 2048 --requests 8
 
 Each request is the shared prefix plus a short unique suffix, generating one token (so the
 measured time is the prefill, i.e. the engine-side time to first token). With caching on, one

@@ -1,7 +1,7 @@
 """Where a decode step's time goes on a device: torch.profiler over steady decode steps.
 
 Run from the repository root (a GPU example: Llama-3-8B shape, random weights):
-    python -m benchmarks.step_profile --device cuda --shape llama3-8b --batch-size 1
+    .venv/bin/python -m benchmarks.step_profile --device cuda --shape llama3-8b --batch-size 1
     .venv/bin/python -m benchmarks.step_profile --batch-size 64          # CPU, bench model
 
 Every request decodes at once (ignore_eos), so after the prefill each engine step is one

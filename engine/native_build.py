@@ -23,6 +23,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -101,7 +102,13 @@ def load_extension(spec: ExtensionSpec) -> ModuleType:
     except OSError as exc:
         raise NativeBuildError(f"cannot create {build_dir}: {exc}") from None
     with open(build_dir / "build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            # Say why start-up pauses: another process (the other half of engine-serve, a
+            # test, bootstrap) is compiling the same build.
+            logger.info("waiting for another process compiling %s into %s", spec.name, build_dir)
+            fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             # Another process may have finished the build while this one waited.
             if (build_dir / _COMPLETE_MARKER).is_file():
@@ -121,9 +128,11 @@ def _compile(spec: ExtensionSpec, build_dir: Path) -> ModuleType:
     # torch's own lock file; a crashed build may have left one behind, and under our flock
     # nobody else is building in this directory.
     (build_dir / "lock").unlink(missing_ok=True)
-    logger.info("building %s once into %s (later processes reuse it)", spec.name, build_dir)
+    logger.info("compiling native kernels %s (first start only, about a minute; later "
+                "processes reuse %s)", spec.name, build_dir)
+    start = time.perf_counter()
     try:
-        return cpp_extension.load(
+        module = cpp_extension.load(
             name=spec.name,
             sources=[str(path) for path in spec.sources],
             extra_cflags=list(spec.cflags),
@@ -135,6 +144,8 @@ def _compile(spec: ExtensionSpec, build_dir: Path) -> ModuleType:
         )
     except Exception as exc:  # compiler errors, missing headers, linker or import failures
         raise NativeBuildError(_first_line(exc)) from exc
+    logger.info("compiled %s in %.0f s", spec.name, time.perf_counter() - start)
+    return module
 
 
 def _import_library(name: str, library: Path) -> ModuleType:

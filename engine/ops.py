@@ -264,3 +264,34 @@ def _load(label: str, make_spec: Callable[[], ExtensionSpec]) -> ModuleType | No
         if exc.__cause__ is not None:
             logger.debug("native %s ops build output:\n%s", label, exc.__cause__)
         return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m engine.ops --build`: build (or find in the cache) the kernels this machine
+    can use, so the first served request does not wait for the compiler (scripts/bootstrap)."""
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(prog="python -m engine.ops", description=main.__doc__)
+    parser.add_argument("--build", action="store_true", help="build the CPU (and CUDA) kernels")
+    args = parser.parse_args(argv)
+    if not args.build:
+        parser.print_help()
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ok = True
+    for label, available in (("CPU", lambda: native_available("cpu")),
+                             ("CUDA", lambda: native_available("cuda"))):
+        if label == "CUDA" and not torch.cuda.is_available():
+            continue
+        start = time.perf_counter()
+        if available():
+            print(f"{label} kernels ready ({time.perf_counter() - start:.1f} s)")
+        else:
+            print(f"{label} kernels unavailable: the pure-torch fallbacks will serve")
+            ok = False
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
