@@ -1,5 +1,6 @@
 // Runs against a live engine: PROTOSERVE_ADDRESS=127.0.0.1:50051 npm test
-// (tests/e2e/test_node_client.py starts one and runs this; without an address, every test skips).
+// (tests/e2e/test_documented_commands.py runs it against `make serve`; without an address, every
+// test skips).
 "use strict";
 
 const test = require("node:test");
@@ -8,6 +9,13 @@ const { ProtoserveClient, grpc } = require("../protoserve");
 
 const address = process.env.PROTOSERVE_ADDRESS;
 const skip = address ? false : "set PROTOSERVE_ADDRESS to a running engine";
+
+// A stream long enough to cancel or to outlive a deadline: as many tokens as the served
+// model's context leaves after a short prompt (servers differ: the demo model serves 2048).
+async function longMaxTokens(client) {
+  const reply = await client.listModels();
+  return reply.models[0].max_model_len - 16;
+}
 
 async function waitIdle(client, timeoutMs = 20000) {
   const end = Date.now() + timeoutMs;
@@ -38,8 +46,9 @@ test("completes a greedy request with the length finish reason", { skip }, async
 
 test("breaking out of a stream cancels it and frees the KV blocks", { skip }, async () => {
   const client = new ProtoserveClient(address);
+  const maxTokens = await longMaxTokens(client);
   let chunks = 0;
-  for await (const delta of client.generate("Hi", { maxTokens: 4000, ignoreEos: true })) {
+  for await (const delta of client.generate("Hi", { maxTokens, ignoreEos: true })) {
     assert.ok(Array.isArray(delta.token_ids));
     if (++chunks === 3) break;
   }
@@ -50,8 +59,9 @@ test("breaking out of a stream cancels it and frees the KV blocks", { skip }, as
 test("an AbortSignal cancels the call", { skip }, async () => {
   const client = new ProtoserveClient(address);
   const controller = new AbortController();
+  const maxTokens = await longMaxTokens(client);
   await assert.rejects(async () => {
-    for await (const _ of client.generate("Hi", { maxTokens: 4000, ignoreEos: true,
+    for await (const _ of client.generate("Hi", { maxTokens, ignoreEos: true,
       signal: controller.signal })) {
       controller.abort();
     }
@@ -62,8 +72,9 @@ test("an AbortSignal cancels the call", { skip }, async () => {
 
 test("a deadline ends the call with DEADLINE_EXCEEDED", { skip }, async () => {
   const client = new ProtoserveClient(address);
+  const maxTokens = await longMaxTokens(client);
   await assert.rejects(
-    client.complete("Hi", { maxTokens: 6000, ignoreEos: true, timeoutMs: 500 }),
+    client.complete("Hi", { maxTokens, ignoreEos: true, timeoutMs: 500 }),
     (error) => error.code === grpc.status.DEADLINE_EXCEEDED,
   );
   await waitIdle(client);
