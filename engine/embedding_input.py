@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.errors import ContextLengthError, InvalidRequestError
-from engine.generation import PromptInput
-from engine.pooling_params import EmbeddingRequest
+from engine.generation import EmbeddingRequest, PromptInput
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer

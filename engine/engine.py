@@ -24,7 +24,8 @@ from engine.core_loop import ThreadedCore
 from engine.core_process import ProcessCore
 from engine.embedding_input import EmbeddingInputProcessor, EmbeddingLimits
 from engine.engine_loop import CoreClient, EngineLoop
-from engine.input_processor import InputProcessor, ModelLimits
+from engine.input_processor import InputProcessor
+from engine.sampling_resolution import ModelLimits
 from engine.tokenizer import Tokenizer
 
 
@@ -103,6 +104,12 @@ class Engine:
             engine_core, facts = build_core(config, tokenizer.bos_token_id)
             core = ThreadedCore(engine_core)
         return cls(config, facts, tokenizer, core)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the core (its step loop, or its process) and the grammar compiler."""
+        if self.grammar_compiler is not None:
+            self.grammar_compiler.close()
+        self.loop.stop(timeout)
 
     def resolve_model_name(self, name: str) -> bool:
         return not name or name in self.model.names

@@ -1,4 +1,5 @@
-"""The engine loop's API types: what a server submits, and the events it streams back.
+"""The engine loop's API types: what a server submits (generation and embedding requests), and
+the events and results it gets back.
 
 Plain data, no torch and no protobuf: server/proto_convert.py maps these to and from the wire.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.pooling_params import PoolingParams
 from engine.request import FinishReason
 from engine.sampling_params import SamplingParams
 from engine.structured.constraint import OutputConstraint
@@ -107,3 +109,24 @@ class GenerationFinished:
 
 
 GenerationEvent = GenerationStarted | GenerationDelta | GenerationFinished
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingRequest:
+    """One Embed call: a batch of inputs answered in order, all with the same parameters."""
+
+    request_id: str
+    inputs: tuple[PromptInput, ...]
+    params: PoolingParams = PoolingParams()
+    # None: keep the whole prompt. Otherwise keep only its last N tokens.
+    truncate_prompt_tokens: int | None = None
+    # None: True for text inputs, False for chat (the template writes its own specials).
+    add_special_tokens: bool | None = None
+    priority: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingResult:
+    index: int
+    values: list[float]
+    num_prompt_tokens: int

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from engine.errors import ContextLengthError, InvalidRequestError
 from engine.generation import GenerationRequest
 from engine.request import Request
-from engine.sampling_resolution import resolve_sampling_params
+from engine.sampling_resolution import ModelLimits, resolve_sampling_params
 from engine.tokenizer import Tokenizer
 from engine.tokenizer.chat_media import reject_media_parts
 
@@ -17,18 +17,6 @@ if TYPE_CHECKING:
     from engine.structured.compiler import GrammarCompiler
 
 _SEED_MOD = 2**63
-
-
-
-@dataclass(frozen=True, slots=True)
-class ModelLimits:
-    max_model_len: int
-    vocab_size: int
-    eos_token_ids: frozenset[int]
-    # Tokens the whole KV cache can hold: a prompt beyond it can never run.
-    kv_capacity_tokens: int
-    # Server limit on logprobs / prompt_logprobs (--max-logprobs).
-    max_logprobs: int = 20
 
 
 @dataclass(frozen=True, slots=True)

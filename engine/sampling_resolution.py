@@ -2,15 +2,25 @@
 run on the asyncio side once per request (SamplingParams.validate covers the rest)."""
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, replace
 
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 
-if TYPE_CHECKING:
-    from engine.input_processor import ModelLimits
+
+@dataclass(frozen=True, slots=True)
+class ModelLimits:
+    """What the served model and the server's flags allow a request."""
+
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: frozenset[int]
+    # Tokens the whole KV cache can hold: a prompt beyond it can never run.
+    kv_capacity_tokens: int
+    # Server limit on logprobs / prompt_logprobs (--max-logprobs).
+    max_logprobs: int = 20
+
 
 # The fields that ask for logprobs returned to the client.
 LOGPROBS_FIELDS = ("logprobs", "prompt_logprobs")

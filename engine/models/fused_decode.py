@@ -9,20 +9,18 @@ ops attention backend, and a step whose rows are all single-token decodes. Anyth
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
+from torch import nn
 
 from engine import ops
 from engine.attention.backend import AttentionMetadata
 from engine.attention.cpu_backend import PagedOpsAttentionBackend
 
-if TYPE_CHECKING:
-    from engine.models.llama import LlamaForCausalLM
-
 
 class FusedDecodeLayers:
-    def __init__(self, model: LlamaForCausalLM) -> None:
+    # `model` is a models/llama.py LlamaForCausalLM (its `dims`, `model.layers`, `model.norm`);
+    # typed as a plain module because llama.py builds this class: no import back up.
+    def __init__(self, model: nn.Module) -> None:
         self.layers: list[tuple[torch.Tensor | None, ...]] | None = _layer_tensors(model)
         dims = model.dims
         self.num_heads, self.num_kv_heads = dims.num_heads, dims.num_kv_heads
@@ -67,7 +65,7 @@ class FusedDecodeLayers:
         )
 
 
-def _layer_tensors(model: LlamaForCausalLM) -> list[tuple[torch.Tensor | None, ...]] | None:
+def _layer_tensors(model: nn.Module) -> list[tuple[torch.Tensor | None, ...]] | None:
     """Per layer (input_norm, qkv, qkv_bias, o, o_bias, post_norm, gate_up, gate_up_bias, down,
     down_bias), or None where the fused path does not apply to this model."""
     norm = model.model.norm.weight

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from engine.engine import Engine
 from engine.errors import InvalidRequestError
-from engine.generation import PromptInput
-from engine.pooling_params import EmbeddingRequest, PoolingParams
+from engine.generation import EmbeddingRequest, PromptInput
+from engine.pooling_params import PoolingParams
 from engine.pooling_stream import embedding_of
 from engine.server.proto_convert import chat_from_pb
 from protoserve.v1 import inference_pb2
