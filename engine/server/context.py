@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,12 +19,16 @@ from engine.errors import (
     ModelNotFoundError,
 )
 from engine.server.request_tracker import ServingOptions
-from engine.server.status import engine_error_status, to_rpc_status
+from engine.server.status import engine_error_status, shorten, to_rpc_status
 from protoserve.serving_metrics import ServingMetrics
 
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "x-request-id"
+# A request id goes back out in response metadata, error details and log lines: printable
+# ASCII (what an HTTP/2 header value may hold) and short, or the request is refused.
+MAX_REQUEST_ID_LEN = 256
+_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]+")
 
 
 @dataclass
@@ -66,7 +71,7 @@ class EngineHandle:
         if not engine.resolve_model_name(model):
             served = [name for e in self.engines for name in e.model.names]
             raise ModelNotFoundError(
-                f"model {model!r} is not served here; served: {', '.join(served)}",
+                f"model {shorten(model, 100)!r} is not served here; served: {', '.join(served)}",
                 field="model",
             )
         if task == "generate" and engine.task != "generate":
@@ -79,12 +84,25 @@ class EngineHandle:
 
 
 def request_id_from(context: grpc.aio.ServicerContext, body_request_id: str = "") -> str:
+    """The body's request_id, else the x-request-id metadata, else a fresh one. A client's id
+    that cannot be echoed safely is InvalidRequestError naming where it came from."""
     if body_request_id:
-        return body_request_id
+        return _checked_request_id(body_request_id, "request_id")
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_KEY and value:
-            return str(value)
+            return _checked_request_id(str(value), REQUEST_ID_KEY)
     return uuid.uuid4().hex
+
+
+def _checked_request_id(request_id: str, field: str) -> str:
+    if len(request_id) > MAX_REQUEST_ID_LEN:
+        raise InvalidRequestError(
+            f"{field} is {len(request_id)} characters long; at most {MAX_REQUEST_ID_LEN}",
+            field=field)
+    if not _PRINTABLE_ASCII.fullmatch(request_id):
+        raise InvalidRequestError(
+            f"{field} must be printable ASCII (no control or non-ASCII characters)", field=field)
+    return request_id
 
 
 async def abort_for(

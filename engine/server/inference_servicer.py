@@ -7,7 +7,7 @@ from contextlib import aclosing
 
 import grpc
 
-from engine.errors import QueueFullError, SlowConsumerError
+from engine.errors import InvalidRequestError, QueueFullError, SlowConsumerError
 from engine.best_of import select_best_of
 from engine.beam_search_driver import beam_search
 from engine.generation import GenerationEvent, GenerationFinished, GenerationStarted
@@ -51,7 +51,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     ) -> None:
         # Written with context.write (not `yield`) so a client that stops reading can be timed
         # out: each write waits for HTTP/2 flow control, and a stalled one is abandoned.
-        request_id = request_id_from(context, request.request_id)
+        try:
+            request_id = request_id_from(context, request.request_id)
+        except InvalidRequestError as error:
+            await abort_for(context, error)
+            return
         await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
         usage = common_pb2.Usage()
         options = self.handle.options
@@ -119,7 +123,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def Embed(
         self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.EmbedResponse:
-        request_id = request_id_from(context, request.request_id)
+        try:
+            request_id = request_id_from(context, request.request_id)
+        except InvalidRequestError as error:
+            await abort_for(context, error)
+            raise  # unreachable: abort raises
         remaining = context.time_remaining()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(remaining - 0.05, 0.0) if remaining is not None else None

@@ -10,6 +10,11 @@ from grpc_status import rpc_status
 from engine.errors import EngineError, ErrorKind
 
 DOMAIN = "protoserve.dev"
+# The message travels twice in trailing metadata (grpc-message, and the details' Status and
+# FieldViolation): an error that echoes a huge input (a 10 KB model name) must stay well
+# inside the peer's metadata limit (8 KiB by default), or the client sees RESOURCE_EXHAUSTED
+# instead of the real status.
+MAX_MESSAGE_CHARS = 1024
 
 _KIND_TO_CODE = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -28,6 +33,14 @@ def _pack(message) -> any_pb2.Any:
     return packed
 
 
+def shorten(text: str, limit: int) -> str:
+    """`text`, or its head with the number of characters left out."""
+    if len(text) <= limit:
+        return text
+    keep = max(limit - 40, 0)  # room for the note
+    return f"{text[:keep]}... ({len(text) - keep} more characters)"
+
+
 def to_rpc_status(
     code: grpc.StatusCode,
     message: str,
@@ -37,6 +50,7 @@ def to_rpc_status(
     request_id: str | None = None,
     retry_after_s: float | None = None,
 ) -> grpc.Status:
+    message = shorten(message, MAX_MESSAGE_CHARS)
     details = [_pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN))]
     if retry_after_s is not None:
         # google.rpc.RetryInfo: gRPC clients back off by it; the bridge sends Retry-After.
