@@ -11,7 +11,10 @@ from rest_bridge.routes.common import RouteContext
 router = APIRouter()
 
 
-@router.get("/health", responses={503: {"model": ErrorResponse}})
+# response_class=Response: the OpenAPI document then says what the server sends, an empty
+# 200 with no content type, instead of FastAPI's default JSON.
+@router.get("/health", response_class=Response, responses={
+    200: {"description": "The engine is ready (empty body)."}, 503: {"model": ErrorResponse}})
 async def health(request: Request) -> Response:
     """200 once the engine reports its Inference service SERVING (model loaded), else 503."""
     ctx = RouteContext.of(request)
@@ -22,7 +25,8 @@ async def health(request: Request) -> Response:
     )
 
 
-@router.get("/ping")
+@router.get("/ping", response_class=Response,
+            responses={200: {"description": "The bridge is up (empty body)."}})
 async def ping() -> Response:
     """The bridge process is up, whatever the engine's state."""
     return Response(status_code=200)

@@ -35,6 +35,17 @@ def test_ping_is_alive_without_an_engine(client: TestClient) -> None:
     assert response.status_code == 200
 
 
+def test_openapi_says_ping_and_health_answer_an_empty_body(client: TestClient) -> None:
+    """Generated clients and fuzzers learn the contract from /openapi.json: a 200 with no
+    content there, and none on the wire."""
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in ("/ping", "/health"):
+        assert "content" not in paths[path]["get"]["responses"]["200"], path
+    assert "application/json" in paths["/health"]["get"]["responses"]["503"]["content"]
+    response = client.get("/ping")
+    assert response.content == b"" and "content-type" not in response.headers
+
+
 def test_health_is_503_while_the_engine_is_unreachable(client: TestClient) -> None:
     error = assert_envelope(client.get("/health"), 503)
     assert error["type"] == "service_unavailable_error"
