@@ -69,7 +69,7 @@ class Engine:
         self.processor = InputProcessor(
             tokenizer, limits, model_name=names[0], grammar_compiler=self.grammar_compiler
         )
-        self.loop = EngineLoop(core, self.processor)
+        self.loop = EngineLoop(core, self.processor, config.scheduler.max_num_seqs)
         self.task: str = facts.task
         self.embedding_processor = EmbeddingInputProcessor(
             tokenizer, EmbeddingLimits(facts.max_model_len, facts.vocab_size, facts.hidden_size)

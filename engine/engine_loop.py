@@ -70,15 +70,17 @@ class CoreClient(Protocol):
 
 
 class EngineLoop:
-    def __init__(self, core: CoreClient, processor: InputProcessor) -> None:
+    def __init__(
+        self, core: CoreClient, processor: InputProcessor, max_num_seqs: int | None = None
+    ) -> None:
         self.core = core
         self.processor = processor
+        # The scheduler's slots (--max-num-seqs): sequences beyond them must wait.
+        self.max_num_seqs = max_num_seqs
         self._streams: dict[str, RequestStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._error: BaseException | None = None
-        # Asyncio-side counts: requests admitted but without any output yet (the admission
-        # queue that --max-queue-len bounds), and open generate() streams (drain waits on it).
-        self.num_queued = 0
+        # Open generate() streams (drain waits on it).
         self.num_streams = 0
 
     # ----- lifecycle ----------------------------------------------------------------------
@@ -108,6 +110,15 @@ class EngineLoop:
     def stats(self) -> CoreStats:
         return self.core.stats()
 
+    @property
+    def num_waiting(self) -> int:
+        """Sequences waiting for a slot, the queue --max-queue-len bounds: the scheduler's
+        waiting queue as of its last step (which also counts waits for KV blocks), or, for
+        sequences sent since, those beyond --max-num-seqs. A burst that fits in the free
+        slots waits for nothing, although none of it has reached a step yet."""
+        beyond_slots = len(self._streams) - self.max_num_seqs if self.max_num_seqs else 0
+        return max(self.core.stats().num_requests_waiting, beyond_slots, 0)
+
     # ----- asyncio side -------------------------------------------------------------------
 
     async def generate(
@@ -136,13 +147,9 @@ class EngineLoop:
             )
         self.core.send(AddRequests(requests))
         pending = {r.request_id for r in requests}
-        self.num_queued += 1
         self.num_streams += 1
-        queued = True
         try:
             first = _unless_evicted(await self._next(events, deadline))
-            self.num_queued -= 1
-            queued = False
             # Written by the step thread before it posted the output that woke us up.
             scheduled = [r.first_scheduled_time for r in requests
                          if r.first_scheduled_time is not None]
@@ -161,8 +168,6 @@ class EngineLoop:
                 event = _unless_evicted(await self._next(events, deadline))
         finally:
             self.num_streams -= 1
-            if queued:
-                self.num_queued -= 1
             if pending:
                 # The gRPC layer may cancel us at the deadline before our own timer fires:
                 # the time decides which reason metrics and logs see.

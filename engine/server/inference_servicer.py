@@ -105,9 +105,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def _admit(self, engine) -> None:
         """Back-pressure: refuse at once, with a retry hint, when the admission queue is full."""
         limit = self.handle.options.max_queue_len
-        if limit is not None and engine.loop.num_queued >= limit:
+        waiting = engine.loop.num_waiting
+        if limit is not None and waiting >= limit:
             raise QueueFullError(
-                f"{engine.loop.num_queued} requests are waiting (max queue length {limit}); "
+                f"{waiting} requests are waiting for a slot (max queue length {limit}); "
                 "retry later"
             )
 
