@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.errors import InvalidRequestError
+from protoserve.sampling_defaults import SAMPLING_DEFAULTS as _D
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
@@ -16,37 +17,38 @@ class SamplingParams:
     the prompt length at admission.
     """
 
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 disables; -1 is accepted at the boundary and normalised to 0
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    max_tokens: int | None = None
-    min_tokens: int = 0
+    # Scalar defaults come from the one table the bridge's OpenAI schema also uses.
+    temperature: float = _D.temperature
+    top_p: float = _D.top_p
+    top_k: int = _D.top_k  # 0 disables; -1 is accepted at the boundary and normalised to 0
+    min_p: float = _D.min_p
+    presence_penalty: float = _D.presence_penalty
+    frequency_penalty: float = _D.frequency_penalty
+    repetition_penalty: float = _D.repetition_penalty
+    seed: int | None = _D.seed
+    max_tokens: int | None = _D.max_tokens
+    min_tokens: int = _D.min_tokens
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
-    include_stop_str_in_output: bool = False
-    ignore_eos: bool = False
-    n: int = 1
+    include_stop_str_in_output: bool = _D.include_stop_str_in_output
+    ignore_eos: bool = _D.ignore_eos
+    n: int = _D.n
     logit_bias: dict[int, float] = field(default_factory=dict)
-    logprobs: int | None = None
-    prompt_logprobs: int | None = None
-    skip_special_tokens: bool = True
-    spaces_between_special_tokens: bool = True
+    logprobs: int | None = _D.logprobs
+    prompt_logprobs: int | None = _D.prompt_logprobs
+    skip_special_tokens: bool = _D.skip_special_tokens
+    spaces_between_special_tokens: bool = _D.spaces_between_special_tokens
     # None: every token allowed; otherwise only these may be sampled.
     allowed_token_ids: tuple[int, ...] | None = None
     bad_words: tuple[str, ...] = ()
     # `bad_words` as token sequences, filled in by the input processor with the engine's
     # tokenizer (the sampler reads only this).
     bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
-    truncate_prompt_tokens: int | None = None
+    truncate_prompt_tokens: int | None = _D.truncate_prompt_tokens
     # Candidates generated per request, of which the n with the best cumulative logprob return.
-    best_of: int | None = None
-    use_beam_search: bool = False
-    length_penalty: float = 1.0
+    best_of: int | None = _D.best_of
+    use_beam_search: bool = _D.use_beam_search
+    length_penalty: float = _D.length_penalty
 
     @property
     def is_greedy(self) -> bool:

@@ -21,18 +21,14 @@ from engine.request import FinishReason
 from engine.sampling_params import SamplingParams
 from engine.structured.constraint import OutputConstraint
 
+from protoserve.sampling_fields import SAMPLING_FIELDS
 from protoserve.v1 import common_pb2, inference_pb2
 
-_FLOAT_FIELDS = (
-    "temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
-    "length_penalty",
-)
-_OPTIONAL_FIELDS = (
-    "seed", "max_tokens", "include_stop_str_in_output", "ignore_eos", "n",
-    "skip_special_tokens", "spaces_between_special_tokens",
-    "min_tokens", "best_of", "logprobs", "prompt_logprobs", "truncate_prompt_tokens",
-    "use_beam_search",
-)
+# SamplingParams fields copied by hand in sampling_from_pb; every other proto field takes the
+# plain path from the descriptor (a new optional scalar, repeated or map field needs only a
+# same-named SamplingParams attribute). top_k: -1 is vLLM's "disabled", the engine's 0.
+SPECIAL_SAMPLING_FIELDS = frozenset({"top_k"})
+_PLAIN = SAMPLING_FIELDS.without(SPECIAL_SAMPLING_FIELDS)
 
 FINISH_REASON_TO_PB = {
     FinishReason.STOP: inference_pb2.FINISH_REASON_STOP,
@@ -46,25 +42,23 @@ FINISH_REASON_TO_PB = {
 
 def sampling_from_pb(pb: common_pb2.SamplingParams) -> SamplingParams:
     kwargs: dict[str, Any] = {}
-    for name in _FLOAT_FIELDS + _OPTIONAL_FIELDS:
+    for name in _PLAIN.scalar:
         if pb.HasField(name):
             kwargs[name] = getattr(pb, name)
+    # Empty repeated/map fields are "not given": the engine's default (empty, or None for
+    # allowed_token_ids, meaning every token) applies.
+    for name in _PLAIN.repeated:
+        if values := getattr(pb, name):
+            kwargs[name] = tuple(values)
+    for name in _PLAIN.map:
+        if entries := getattr(pb, name):
+            kwargs[name] = dict(entries)
     if pb.HasField("top_k"):
         kwargs["top_k"] = 0 if pb.top_k == -1 else pb.top_k
     if kwargs.get("use_beam_search") and "temperature" not in kwargs:
         # Beam search ranks by the model's log-probabilities (temperature 0); the sampling
         # default of 1.0 would make every beam request without a temperature an error.
         kwargs["temperature"] = 0.0
-    if pb.stop:
-        kwargs["stop"] = tuple(pb.stop)
-    if pb.stop_token_ids:
-        kwargs["stop_token_ids"] = tuple(pb.stop_token_ids)
-    if pb.logit_bias:
-        kwargs["logit_bias"] = dict(pb.logit_bias)
-    if pb.allowed_token_ids:
-        kwargs["allowed_token_ids"] = tuple(pb.allowed_token_ids)
-    if pb.bad_words:
-        kwargs["bad_words"] = tuple(pb.bad_words)
     return SamplingParams(**kwargs)
 
 

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from protoserve.sampling_defaults import SAMPLING_DEFAULTS as _D
+
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -61,38 +63,39 @@ class GuidedDecodingFields(OpenAIModel):
 class SamplingFields(GuidedDecodingFields):
     """Sampling fields common to both endpoints.
 
-    Defaults are the documented OpenAI/vLLM ones; translation forwards only the fields the
-    client actually sent (see `model_fields_set`), so the engine's defaults apply otherwise.
+    Sampling defaults are the engine's, from protoserve/sampling_defaults.py, so /openapi.json
+    shows what applies; translation forwards only the fields the client actually sent (see
+    `model_fields_set`) and the engine applies those same defaults to the rest.
     """
 
     model: str | None = None
-    frequency_penalty: float | None = 0.0
-    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = _D.frequency_penalty
+    presence_penalty: float | None = _D.presence_penalty
     logit_bias: dict[str, float] | None = None
-    n: Int32 | None = 1
-    best_of: Int32 | None = None
-    seed: Int64 | None = None
+    n: Int32 | None = _D.n
+    best_of: Int32 | None = _D.best_of
+    seed: Int64 | None = _D.seed
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = 1.0
-    top_p: float | None = 1.0
+    temperature: float | None = _D.temperature
+    top_p: float | None = _D.top_p
     user: str | None = None
-    use_beam_search: bool | None = False
-    top_k: Int32 | None = -1
-    min_p: float | None = 0.0
-    repetition_penalty: float | None = 1.0
-    length_penalty: float | None = 1.0
+    use_beam_search: bool | None = _D.use_beam_search
+    top_k: Int32 | None = _D.top_k
+    min_p: float | None = _D.min_p
+    repetition_penalty: float | None = _D.repetition_penalty
+    length_penalty: float | None = _D.length_penalty
     stop_token_ids: list[TokenId] | None = Field(default_factory=list)
-    include_stop_str_in_output: bool | None = False
-    ignore_eos: bool | None = False
-    min_tokens: Int32 | None = 0
-    skip_special_tokens: bool | None = True
-    spaces_between_special_tokens: bool | None = True
-    truncate_prompt_tokens: Int32 | None = None
+    include_stop_str_in_output: bool | None = _D.include_stop_str_in_output
+    ignore_eos: bool | None = _D.ignore_eos
+    min_tokens: Int32 | None = _D.min_tokens
+    skip_special_tokens: bool | None = _D.skip_special_tokens
+    spaces_between_special_tokens: bool | None = _D.spaces_between_special_tokens
+    truncate_prompt_tokens: Int32 | None = _D.truncate_prompt_tokens
     allowed_token_ids: list[TokenId] | None = None
     bad_words: list[str] | None = None
-    prompt_logprobs: Int32 | None = None
+    prompt_logprobs: Int32 | None = _D.prompt_logprobs
     # Logprob tokens as "token_id:<id>" strings (for tokens that are not valid UTF-8 alone).
     return_tokens_as_token_ids: bool | None = None
     priority: Int32 | None = 0

@@ -8,33 +8,21 @@ from __future__ import annotations
 
 import json
 
+from protoserve.sampling_fields import SAMPLING_FIELDS
 from protoserve.v1 import common_pb2
 from rest_bridge.errors import invalid_request
 from rest_bridge.openai_schemas.common import INT32_MAX, INT32_MIN, SamplingFields
 
-# Fields whose OpenAI name and SamplingParams name agree and whose value is copied as is.
-_SCALAR_FIELDS: tuple[str, ...] = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-    "seed",
-    "min_tokens",
-    "include_stop_str_in_output",
-    "ignore_eos",
-    "n",
-    "best_of",
-    "prompt_logprobs",
-    "skip_special_tokens",
-    "spaces_between_special_tokens",
-    "truncate_prompt_tokens",
-    "use_beam_search",
-    "length_penalty",
-)
-_REPEATED_FIELDS: tuple[str, ...] = ("stop_token_ids", "allowed_token_ids", "bad_words")
+# SamplingParams fields sampling_params_from sets by hand; every other optional scalar and
+# repeated field of the proto is copied as is from the same-named OpenAI field (declared on
+# SamplingFields), so a plain field added to the proto needs no edit here.
+#   max_tokens, logprobs: spelled differently per endpoint, resolved by the caller;
+#   stop: OpenAI allows a bare string as well as a list;
+#   logit_bias: JSON object keys are strings, the proto's are token ids.
+SPECIAL_SAMPLING_FIELDS = frozenset({"max_tokens", "logprobs", "stop", "logit_bias"})
+# No plain path for maps: JSON keys are strings, so each map needs a named case that converts
+# them (tests/test_sampling_fields.py fails for a map field left out of the set above).
+_PLAIN = SAMPLING_FIELDS.without(SPECIAL_SAMPLING_FIELDS)
 
 # Guided-decoding fields of which at most one may be given (the proto holds one constraint).
 _GUIDED_KINDS: tuple[str, ...] = (
@@ -59,10 +47,10 @@ def sampling_params_from(
     differs per endpoint; None leaves them unset (engine default).
     """
     params = common_pb2.SamplingParams()
-    for name in _SCALAR_FIELDS:
+    for name in _PLAIN.scalar:
         if body.is_set(name):
             setattr(params, name, getattr(body, name))
-    for name in _REPEATED_FIELDS:
+    for name in _PLAIN.repeated:
         if body.is_set(name):
             getattr(params, name).extend(getattr(body, name))
     if body.is_set("stop"):
