@@ -195,7 +195,7 @@ def _choice_events(
     stop_id = hypothesis.stop_token_id
     reason = FinishReason.STOP if stop_id is not None else FinishReason.LENGTH
     return [
-        GenerationDelta(index, token_ids, text, logprobs=logprobs),
+        GenerationDelta(index, token_ids, text, logprobs=logprobs, last=True),
         GenerationFinished(
             index, reason, len(token_ids),
             # As for sampled requests: EOS finishes with STOP and no stop token id.

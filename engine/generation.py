@@ -95,6 +95,9 @@ class GenerationDelta:
     # Only on a choice's first delta, when prompt_logprobs was asked: the engine loop moves
     # it into GenerationStarted.
     prompt_logprobs: list[PositionLogprobs | None] | None = None
+    # These tokens ended the choice: its GenerationFinished comes next, so a streaming client
+    # can send the finish with this delta instead of waiting for another event.
+    last: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,7 +60,9 @@ class RequestStream:
             if output.finished and stop_string is None:
                 text += self.stop_matcher.flush()
         if output.new_token_ids or text:
-            self.events.put_nowait(self._delta(output, text))
+            # Marked last when the Finished event is queued right behind it (below).
+            last = stop_string is not None or output.finished
+            self.events.put_nowait(self._delta(output, text, last))
         if stop_string is not None:
             self._put_finished(FinishReason.STOP, stop_string=stop_string)
             return True, not output.finished
@@ -74,7 +76,7 @@ class RequestStream:
             return True, False
         return False, False
 
-    def _delta(self, output: RequestOutput, text: str) -> GenerationDelta:
+    def _delta(self, output: RequestOutput, text: str, last: bool) -> GenerationDelta:
         logprobs = prompt_logprobs = None
         if output.logprobs is not None:
             logprobs = [to_position_logprobs(e, self.tokenizer) for e in output.logprobs]
@@ -86,6 +88,7 @@ class RequestStream:
             text if self.return_text else "",
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            last=last,
         )
 
     def finish(self, reason: FinishReason) -> None:

@@ -1,4 +1,5 @@
-"""Start-up options of chat features the bridge owns: tool-call parsing and media limits."""
+"""Start-up options of response features the bridge owns: tool-call parsing, media limits and
+the usage details (chat and completions)."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +23,9 @@ class ChatOptions:
     # Decoded bytes of one media item (data: URL or input_audio).
     max_media_bytes: int = DEFAULT_MAX_MEDIA_BYTES
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    # usage.prompt_tokens_details.cached_tokens (prompt tokens served from the prefix cache)
+    # in chat and completion responses; off by default, as on the reference server.
+    enable_prompt_tokens_details: bool = False
 
     def __post_init__(self) -> None:
         if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
@@ -41,12 +45,18 @@ class ChatOptions:
 def add_chat_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enable-auto-tool-choice", action="store_true",
                         help="parse tool calls out of model output (needs --tool-call-parser)")
-    parser.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS), default=None)
+    parser.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS), default=None,
+                        help="the model family's tool-call format")
     parser.add_argument("--allowed-media-domains", nargs="*", default=[],
                         help="hosts whose http(s) media URLs requests may name (default: none)")
     parser.add_argument("--max-media-bytes", type=int, default=DEFAULT_MAX_MEDIA_BYTES,
                         help="largest decoded image or audio item, in bytes")
-    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS)
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="largest image (width x height) a request may carry; larger ones "
+                        "are refused from their header")
+    parser.add_argument("--enable-prompt-tokens-details", action="store_true",
+                        help="add usage.prompt_tokens_details.cached_tokens (prompt tokens "
+                        "served from the prefix cache) to chat and completion responses")
 
 
 def chat_options_from_args(args: argparse.Namespace) -> ChatOptions:
@@ -56,4 +66,5 @@ def chat_options_from_args(args: argparse.Namespace) -> ChatOptions:
         allowed_media_domains=tuple(args.allowed_media_domains or ()),
         max_media_bytes=args.max_media_bytes,
         max_image_pixels=args.max_image_pixels,
+        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
     )

@@ -2,6 +2,12 @@
 
 One driver (`sse_stream`) owns framing, errors and `[DONE]`; a writer per endpoint turns each
 engine event into at most one chunk.
+
+As the reference server does, a choice's last content chunk carries its finish_reason. The
+engine marks the delta whose tokens ended a choice (`GenerateDelta.last`) and sends that
+choice's Finished event right behind it, so a writer holds only that one delta, per choice,
+until the Finished event arrives; no other chunk waits. A choice ended by something else than
+a token (abort, deadline) has no such delta: its finish comes as a chunk of its own.
 """
 from __future__ import annotations
 
@@ -43,8 +49,9 @@ class StreamUsage:
     """Token counts while streaming: running counts for continuous usage stats, replaced by the
     engine's own usage events once every call has reported one."""
 
-    def __init__(self, streams: list[OpenStream]) -> None:
+    def __init__(self, streams: list[OpenStream], *, prompt_tokens_details: bool) -> None:
         self._num_streams = len(streams)
+        self._prompt_tokens_details = prompt_tokens_details
         self._running = UsageTotals(
             prompt_tokens=sum(stream.started.prompt_tokens for stream in streams),
             cached_tokens=sum(stream.started.cached_tokens for stream in streams),
@@ -57,16 +64,16 @@ class StreamUsage:
     def record(self, usage: common_pb2.Usage) -> None:
         self._reported.append(usage)
 
-    def current(self) -> UsageTotals:
-        return self._running
+    def current(self) -> dict[str, object]:
+        return self._running.to_dict(prompt_tokens_details=self._prompt_tokens_details)
 
-    def final(self) -> UsageTotals:
-        if len(self._reported) < self._num_streams:
-            return self._running
-        totals = UsageTotals()
-        for usage in self._reported:
-            totals.add(usage)
-        return totals
+    def final(self) -> dict[str, object]:
+        totals = self._running
+        if len(self._reported) == self._num_streams:
+            totals = UsageTotals()
+            for usage in self._reported:
+                totals.add(usage)
+        return totals.to_dict(prompt_tokens_details=self._prompt_tokens_details)
 
 
 class ChunkWriter(Protocol):
@@ -110,6 +117,7 @@ class CompletionChunkWriter:
         want_logprobs: bool,
         include_usage: bool,
         continuous_usage: bool,
+        prompt_tokens_details: bool = False,
     ) -> None:
         self._meta = meta
         self._n = choices_per_prompt
@@ -117,13 +125,15 @@ class CompletionChunkWriter:
         self._want_logprobs = want_logprobs
         self._include_usage = include_usage
         self._continuous_usage = continuous_usage
-        self._usage = StreamUsage(streams)
+        self._usage = StreamUsage(streams, prompt_tokens_details=prompt_tokens_details)
         # Scored prompt tokens per call (asked for when echo and logprobs go together).
         self._prompt_logprobs = [stream.started.prompt_logprobs for stream in streams]
         # Per choice, the text_offset of its next token. Counted over token texts, as the
         # non-streamed body counts them (a token ending inside a UTF-8 character has a text of
         # its own before the choice's text has it), so that the chunks concatenate to it.
         self._offsets: dict[int, int] = {}
+        # Per choice index: its `last` delta, waiting for the Finished event right behind it.
+        self._last_deltas: dict[int, inference_pb2.GenerateDelta] = {}
 
     def opening(self) -> Iterator[bytes]:
         """The echoed prompt of every choice, with the prompt's logprobs in the same shape as
@@ -149,25 +159,26 @@ class CompletionChunkWriter:
         if kind == "delta":
             delta = event.delta
             self._usage.count(delta)
+            index = prompt_index * self._n + delta.index
+            if delta.last:
+                self._last_deltas[index] = delta
+                return None
             if not delta.text and not delta.logprobs:
                 return None
-            index = prompt_index * self._n + delta.index
-            logprobs = None
-            if self._want_logprobs:
-                builder = CompletionLogprobsBuilder(start_offset=self._offsets.get(index, 0))
-                builder.extend(delta.logprobs)
-                self._offsets[index] = builder.next_offset
-                logprobs = builder.to_dict()
             chunk = completion_chunk(
-                self._meta, index, delta.text, logprobs=logprobs, usage=self._running()
+                self._meta, index, delta.text, logprobs=self._logprobs(index, delta),
+                usage=self._running(),
             )
             return sse_event(chunk)
         if kind == "finished":
             finished = event.finished
+            index = prompt_index * self._n + finished.index
+            last = self._last_deltas.pop(index, None)
             chunk = completion_chunk(
                 self._meta,
-                prompt_index * self._n + finished.index,
-                "",
+                index,
+                last.text if last is not None else "",
+                logprobs=self._logprobs(index, last) if last is not None else None,
                 finish_reason=finish_reason_name(finished.reason),
                 stop_reason=stop_reason_of(finished),
                 usage=self._running(),
@@ -178,15 +189,35 @@ class CompletionChunkWriter:
         return None
 
     def closing(self) -> Iterator[bytes]:
+        # A last delta whose Finished never came (an engine that ended the stream early):
+        # its text still reaches the client.
+        for index, delta in sorted(self._last_deltas.items()):
+            yield sse_event(completion_chunk(
+                self._meta, index, delta.text, logprobs=self._logprobs(index, delta),
+                usage=self._running(),
+            ))
+        self._last_deltas.clear()
         if self._include_usage:
             yield sse_event(usage_chunk(self._meta, "text_completion", self._usage.final()))
 
+    def _logprobs(
+        self, index: int, delta: inference_pb2.GenerateDelta
+    ) -> dict[str, object] | None:
+        """The delta's logprobs, text offsets continuing the choice's earlier chunks."""
+        if not self._want_logprobs:
+            return None
+        builder = CompletionLogprobsBuilder(start_offset=self._offsets.get(index, 0))
+        builder.extend(delta.logprobs)
+        self._offsets[index] = builder.next_offset
+        return builder.to_dict()
+
     def _running(self) -> dict[str, object] | None:
-        return self._usage.current().to_dict() if self._continuous_usage else None
+        return self._usage.current() if self._continuous_usage else None
 
 
 class ChatChunkWriter:
-    """`chat.completion.chunk`s: a role chunk per choice, content deltas, a finish chunk."""
+    """`chat.completion.chunk`s: a role chunk per choice, then content deltas, the last of
+    them with the finish reason."""
 
     def __init__(
         self,
@@ -200,6 +231,7 @@ class ChatChunkWriter:
         include_usage: bool,
         continuous_usage: bool,
         tools: ToolPlan | None = None,
+        prompt_tokens_details: bool = False,
     ) -> None:
         self._meta = meta
         self._choices = choices
@@ -211,7 +243,9 @@ class ChatChunkWriter:
         self._want_logprobs = want_logprobs
         self._include_usage = include_usage
         self._continuous_usage = continuous_usage
-        self._usage = StreamUsage(streams)
+        self._usage = StreamUsage(streams, prompt_tokens_details=prompt_tokens_details)
+        # Per choice index: its `last` delta, waiting for the Finished event right behind it.
+        self._last_deltas: dict[int, inference_pb2.GenerateDelta] = {}
 
     def opening(self) -> Iterator[bytes]:
         for index in range(self._choices):
@@ -227,11 +261,12 @@ class ChatChunkWriter:
         if kind == "delta":
             delta = event.delta
             self._usage.count(delta)
+            if delta.last:
+                self._last_deltas[delta.index] = delta
+                return None
             if not delta.text and not delta.logprobs:
                 return None
-            logprobs = None
-            if self._want_logprobs:
-                logprobs = {"content": chat_logprob_entries(delta.logprobs)}
+            logprobs = self._logprobs(delta)
             message: dict[str, object] = {"content": delta.text}
             tool_stream = self._tool_stream(delta.index)
             if tool_stream is not None:
@@ -243,32 +278,56 @@ class ChatChunkWriter:
             )
             return sse_event(chunk)
         if kind == "finished":
-            finished = event.finished
-            reason = finish_reason_name(finished.reason)
-            held = b""
-            tool_stream = self._tool_stream(finished.index)
-            if tool_stream is not None and self._tools is not None:
-                rest = _delta_of(tool_stream.finish())
-                if rest:
-                    held = sse_event(chat_chunk(self._meta, finished.index, rest,
-                                                usage=self._running()))
-                reason = tool_calls_finish_reason(reason, self._tools, tool_stream.found_calls)
-            chunk = chat_chunk(
-                self._meta,
-                finished.index,
-                {},
-                finish_reason=reason,
-                stop_reason=stop_reason_of(finished),
-                usage=self._running(),
-            )
-            return held + sse_event(chunk)
+            return sse_event(self._finish_chunk(event.finished))
         if kind == "usage":
             self._usage.record(event.usage)
         return None
 
     def closing(self) -> Iterator[bytes]:
+        # A last delta whose Finished never came (an engine that ended the stream early):
+        # its text still reaches the client.
+        for index, delta in sorted(self._last_deltas.items()):
+            tool_stream = self._tool_stream(index)
+            message = (_delta_of(tool_stream.feed(delta.text)) if tool_stream is not None
+                       else {"content": delta.text})
+            yield sse_event(chat_chunk(self._meta, index, message,
+                                       logprobs=self._logprobs(delta), usage=self._running()))
+        self._last_deltas.clear()
         if self._include_usage:
             yield sse_event(usage_chunk(self._meta, "chat.completion.chunk", self._usage.final()))
+
+    def _finish_chunk(self, finished: inference_pb2.GenerateFinished) -> dict[str, object]:
+        """The choice's last chunk: its last delta's content (when tokens ended it), what the
+        tool-call parser still held, and the finish reason."""
+        reason = finish_reason_name(finished.reason)
+        last = self._last_deltas.pop(finished.index, None)
+        message: dict[str, object] = {}
+        logprobs = None
+        if last is not None:
+            message = {"content": last.text}
+            logprobs = self._logprobs(last)
+        tool_stream = self._tool_stream(finished.index)
+        if tool_stream is not None and self._tools is not None:
+            fed = tool_stream.feed(last.text) if last is not None else StreamPiece()
+            rest = tool_stream.finish()
+            # Calls found by feed and by finish have distinct indexes: one delta holds both.
+            message = _delta_of(StreamPiece(fed.content + rest.content,
+                                            fed.tool_calls + rest.tool_calls))
+            reason = tool_calls_finish_reason(reason, self._tools, tool_stream.found_calls)
+        return chat_chunk(
+            self._meta,
+            finished.index,
+            message,
+            logprobs=logprobs,
+            finish_reason=reason,
+            stop_reason=stop_reason_of(finished),
+            usage=self._running(),
+        )
+
+    def _logprobs(self, delta: inference_pb2.GenerateDelta) -> dict[str, object] | None:
+        if not self._want_logprobs:
+            return None
+        return {"content": chat_logprob_entries(delta.logprobs)}
 
     def _tool_stream(self, index: int) -> ToolCallStream | None:
         if self._tools is None or self._tools.new_stream is None:
@@ -279,7 +338,7 @@ class ChatChunkWriter:
         return stream
 
     def _running(self) -> dict[str, object] | None:
-        return self._usage.current().to_dict() if self._continuous_usage else None
+        return self._usage.current() if self._continuous_usage else None
 
 
 def _delta_of(piece: StreamPiece) -> dict[str, object]:

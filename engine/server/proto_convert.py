@@ -181,6 +181,7 @@ def event_to_pb(event: GenerationEvent, return_prompt_token_ids: bool) -> infere
                 token_ids=event.token_ids,
                 text=event.text,
                 logprobs=[logprobs_to_pb(e) for e in event.logprobs or ()],
+                last=event.last,
             )
         )
     if isinstance(event, GenerationFinished):

@@ -56,12 +56,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
             include_usage=include_usage,
             continuous_usage=continuous_usage,
             tools=tools,
+            prompt_tokens_details=options.enable_prompt_tokens_details,
         )
         return SSEResponse(sse_stream(streams, writer, plan.field_aliases))
     results = await collect_results_watched(request.receive, streams, plan)
     content = chat_body(
         meta, results[0], role=role, echo_text=echo_text, want_logprobs=want_logprobs,
-        tools=tools,
+        tools=tools, prompt_tokens_details=options.enable_prompt_tokens_details,
     )
     return JSONResponse(content)
 

@@ -50,6 +50,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         await close_all([stream.events for stream in streams])
         raise translate_engine_error(error, plan.field_aliases) from None
     want_logprobs = body.logprobs is not None
+    prompt_tokens_details = ctx.settings.chat.enable_prompt_tokens_details
     if body.stream:
         include_usage, continuous_usage = stream_usage_flags(body)
         writer = CompletionChunkWriter(
@@ -60,6 +61,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
             want_logprobs=want_logprobs,
             include_usage=include_usage,
             continuous_usage=continuous_usage,
+            prompt_tokens_details=prompt_tokens_details,
         )
         return SSEResponse(sse_stream(streams, writer, plan.field_aliases))
     results = await collect_results_watched(request.receive, streams, plan)
@@ -69,6 +71,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         choices_per_prompt=plan.choices_per_prompt,
         echo_texts=echo_texts,
         want_logprobs=want_logprobs,
+        prompt_tokens_details=prompt_tokens_details,
     )
     return JSONResponse(content)
 

@@ -52,11 +52,17 @@ class CompletionLogprobsBuilder:
     def extend(self, entries: Iterable[inference_pb2.TokenLogprobs]) -> None:
         for entry in entries:
             token = entry.chosen.token
+            logprob = finite_logprob(entry.chosen.logprob)
             self.text_offset.append(self._offset)
-            self.token_logprobs.append(finite_logprob(entry.chosen.logprob))
+            self.token_logprobs.append(logprob)
             self.tokens.append(token)
-            top = {alt.token: finite_logprob(alt.logprob) for alt in entry.top}
-            self.top_logprobs.append(top or None)
+            # As the reference server (and OpenAI's legacy completions): the chosen token
+            # first, then the top alternatives, so `logprobs=N` gives up to N + 1 entries and
+            # `logprobs=0` still one, the chosen token's. Keyed by text: tokens that decode
+            # alike share a key, the later value winning, as there.
+            top = {token: logprob}
+            top.update((alt.token, finite_logprob(alt.logprob)) for alt in entry.top)
+            self.top_logprobs.append(top)
             self._offset += len(token)
 
     @property

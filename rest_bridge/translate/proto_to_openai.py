@@ -66,13 +66,24 @@ class UsageTotals:
         self.completion_tokens += usage.completion_tokens
         self.cached_tokens += usage.cached_tokens
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
+    def to_dict(self, *, prompt_tokens_details: bool) -> dict[str, Any]:
+        """The usage object; `prompt_tokens_details` (the prefix cache's share of the prompt)
+        only with --enable-prompt-tokens-details, as the reference server sends it."""
+        usage: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
+        if prompt_tokens_details:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        return usage
+
+    def body_dict(self, *, prompt_tokens_details: bool) -> dict[str, Any]:
+        """The usage of a non-streamed body: there the reference server always has the key,
+        null when the details are off (streamed usage leaves it out)."""
+        usage = self.to_dict(prompt_tokens_details=prompt_tokens_details)
+        usage.setdefault("prompt_tokens_details", None)
+        return usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +172,7 @@ def completion_body(
     choices_per_prompt: int,
     echo_texts: list[str] | None,
     want_logprobs: bool,
+    prompt_tokens_details: bool = False,
 ) -> dict[str, Any]:
     choices: list[dict[str, Any]] = []
     for prompt_index, result in enumerate(results):
@@ -195,7 +207,7 @@ def completion_body(
         "created": meta.created,
         "model": meta.model,
         "choices": choices,
-        "usage": usage_of(results).to_dict(),
+        "usage": usage_of(results).body_dict(prompt_tokens_details=prompt_tokens_details),
     }
 
 
@@ -207,6 +219,7 @@ def chat_body(
     echo_text: str | None,
     want_logprobs: bool,
     tools: ToolPlan | None = None,
+    prompt_tokens_details: bool = False,
 ) -> dict[str, Any]:
     choices = []
     for index, choice in sorted(result.choices.items()):
@@ -235,7 +248,7 @@ def chat_body(
         "created": meta.created,
         "model": meta.model,
         "choices": choices,
-        "usage": usage_of([result]).to_dict(),
+        "usage": usage_of([result]).body_dict(prompt_tokens_details=prompt_tokens_details),
         "prompt_logprobs": prompt_logprobs_list(prompt_logprobs) if prompt_logprobs else None,
     }
 
@@ -307,7 +320,7 @@ def chat_chunk(
     return chunk
 
 
-def usage_chunk(meta: ResponseMeta, object_name: str, usage: UsageTotals) -> dict[str, Any]:
+def usage_chunk(meta: ResponseMeta, object_name: str, usage: dict[str, Any]) -> dict[str, Any]:
     """The final chunk of `stream_options.include_usage`: no choices, only usage."""
     return {
         "id": meta.id,
@@ -315,5 +328,5 @@ def usage_chunk(meta: ResponseMeta, object_name: str, usage: UsageTotals) -> dic
         "created": meta.created,
         "model": meta.model,
         "choices": [],
-        "usage": usage.to_dict(),
+        "usage": usage,
     }

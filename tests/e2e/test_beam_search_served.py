@@ -136,7 +136,9 @@ def test_logprobs_follow_the_returned_beam(client, reference) -> None:
     )
     logprobs = reply.choices[0].logprobs
     assert len(logprobs.tokens) == len(expected)
-    assert all(len(top) == MAX_LOGPROBS for top in logprobs.top_logprobs)
+    # The beam's token first, then the top MAX_LOGPROBS (it may rank below them).
+    assert all(next(iter(top)) == token and len(top) <= MAX_LOGPROBS + 1
+               for token, top in zip(logprobs.tokens, logprobs.top_logprobs))
     assert all(lp <= max(top.values()) + 1e-6 for lp, top in zip(logprobs.token_logprobs, logprobs.top_logprobs))
 
 

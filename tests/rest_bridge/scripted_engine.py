@@ -9,6 +9,9 @@ Scripts (the text prompt, or the last chat message's text):
   "say:<text>"                         stream <text> in 3-character deltas, then finish (stop)
   anything else                        `max_tokens` (default 4) deltas " w0", " w1", ... per
                                        choice; a stop string equal to a word ends the choice
+                                       (a finish with no delta, as an abort's); the choices'
+                                       last deltas all come before their Finished events
+As the engine does, a delta whose token ended its choice is marked `last`.
 """
 from __future__ import annotations
 
@@ -95,9 +98,10 @@ def rich_status_trailer(
     return (("grpc-status-details-bin", status.SerializeToString()),)
 
 
-def _delta(index: int, step: int, sampling: common_pb2.SamplingParams) -> Response:
+def _delta(index: int, step: int, sampling: common_pb2.SamplingParams, last: bool) -> Response:
     token_id = FIRST_TOKEN_ID + step
-    delta = inference_pb2.GenerateDelta(index=index, token_ids=[token_id], text=f" w{step}")
+    delta = inference_pb2.GenerateDelta(index=index, token_ids=[token_id], text=f" w{step}",
+                                        last=last)
     if sampling.HasField("logprobs"):
         chosen = inference_pb2.TokenLogprob(
             token_id=token_id, logprob=-0.5, token=f" w{step}", rank=1)
@@ -152,7 +156,7 @@ class ScriptedInference(inference_pb2_grpc.InferenceServicer):
         max_tokens = (
             sampling.max_tokens if sampling.HasField("max_tokens") else DEFAULT_MAX_TOKENS)
         if script == "hang":
-            yield _delta(0, 0, sampling)
+            yield _delta(0, 0, sampling, last=False)
             await asyncio.sleep(3600)
         if script.startswith("say:"):
             # Exact output text on demand (tool-call markup a random model never writes).
@@ -161,7 +165,8 @@ class ScriptedInference(inference_pb2_grpc.InferenceServicer):
             for index in range(choices):
                 for number, piece in enumerate(pieces):
                     yield Response(delta=inference_pb2.GenerateDelta(
-                        index=index, token_ids=[FIRST_TOKEN_ID + number], text=piece))
+                        index=index, token_ids=[FIRST_TOKEN_ID + number], text=piece,
+                        last=number == len(pieces) - 1))
                 yield Response(finished=inference_pb2.GenerateFinished(
                     index=index, reason=inference_pb2.FINISH_REASON_STOP,
                     completion_tokens=len(pieces)))
@@ -184,7 +189,7 @@ class ScriptedInference(inference_pb2_grpc.InferenceServicer):
                         stop_string=word, completion_tokens=step))
                     continue
                 produced += 1
-                yield _delta(index, step, sampling)
+                yield _delta(index, step, sampling, last=step == max_tokens - 1)
             await asyncio.sleep(0)
         for index in sorted(set(range(choices)) - stopped):
             yield Response(finished=inference_pb2.GenerateFinished(

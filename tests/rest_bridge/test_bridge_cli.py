@@ -42,6 +42,14 @@ def test_arguments_become_frozen_settings(monkeypatch: pytest.MonkeyPatch) -> No
     assert settings_from_args(args).api_key == "from-env"
 
 
+def test_prompt_tokens_details_flag() -> None:
+    parser = build_parser()
+    args = ["--engine-address", "127.0.0.1:1"]
+    assert not settings_from_args(parser.parse_args(args)).chat.enable_prompt_tokens_details
+    enabled = settings_from_args(parser.parse_args([*args, "--enable-prompt-tokens-details"]))
+    assert enabled.chat.enable_prompt_tokens_details
+
+
 def test_bad_arguments_exit_with_usage() -> None:
     with pytest.raises(SystemExit) as caught:
         build_parser().parse_args(["--engine-address", "nowhere"])

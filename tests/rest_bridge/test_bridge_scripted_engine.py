@@ -9,13 +9,17 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from fastapi.testclient import TestClient
 from scripted_engine import MODEL_ALIAS, MODEL_ID, ReceivedCall, ScriptedEngine
 
+from rest_bridge.app import create_app
+from rest_bridge.chat_options import ChatOptions
 from rest_bridge.openai_schemas.responses import (
     ChatCompletionResponse,
     CompletionResponse,
     ModelList,
 )
+from rest_bridge.settings import BridgeSettings
 from rest_bridge.sse import parse_sse_events
 
 
@@ -53,9 +57,11 @@ def test_completion_reaches_the_engine_and_comes_back(bridge_url: str,
     assert body.id == f"cmpl-{request_id}" and body.model == MODEL_ID
     assert body.choices[0].text == " w0 w1 w2"
     assert body.choices[0].finish_reason == "length"
-    assert body.usage.model_dump() == {
+    # No prompt_tokens_details without --enable-prompt-tokens-details: null in a plain body,
+    # as the reference server sends it.
+    assert response.json()["usage"] == {
         "prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5,
-        "prompt_tokens_details": {"cached_tokens": 1}}
+        "prompt_tokens_details": None}
     (call,) = calls_for(scripted_engine, request_id)
     assert call.metadata["x-request-id"] == request_id
     assert call.request.request_id == request_id and call.request.text == "say it"
@@ -72,9 +78,14 @@ def test_streamed_text_equals_the_plain_response_and_ends_with_usage(bridge_url:
     assert streamed.headers["content-type"].startswith("text/event-stream")
     *chunks, usage_chunk, done = parse_sse_events(streamed.content)
     assert done == "[DONE]"
+    # One chunk per token; the last one carries the finish reason (no empty trailing chunk).
+    assert [(c["choices"][0]["text"], c["choices"][0]["finish_reason"]) for c in chunks] == [
+        (" w0", None), (" w1", None), (" w2", None), (" w3", "length")]
     assert "".join(c["choices"][0]["text"] for c in chunks) == plain["choices"][0]["text"]
-    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-    assert usage_chunk["choices"] == [] and usage_chunk["usage"] == plain["usage"]
+    assert usage_chunk["choices"] == []
+    # Streamed usage leaves prompt_tokens_details out (without the flag), the body has null.
+    assert usage_chunk["usage"] == {key: value for key, value in plain["usage"].items()
+                                    if key != "prompt_tokens_details"}
 
 
 def test_batch_prompts_with_n_run_as_parallel_calls(bridge_url: str,
@@ -116,7 +127,11 @@ def test_completion_and_chat_logprobs_shapes(bridge_url: str) -> None:
                   new_id()).json()["choices"][0]
     assert choice["logprobs"] == {
         "text_offset": [0, 3], "token_logprobs": [-0.5, -0.5], "tokens": [" w0", " w1"],
-        "top_logprobs": [{" alt0": -0.5}, {" alt0": -0.5}]}
+        # The chosen token first, then the top alternatives (up to logprobs + 1 entries).
+        "top_logprobs": [{" w0": -0.5, " alt0": -0.5}, {" w1": -0.5, " alt0": -0.5}]}
+    zero = post(bridge_url, "/v1/completions", {"prompt": "x", "max_tokens": 2, "logprobs": 0},
+                new_id()).json()["choices"][0]["logprobs"]
+    assert zero["top_logprobs"] == [{" w0": -0.5}, {" w1": -0.5}]
     chat = post(bridge_url, "/v1/chat/completions",
                 {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1,
                  "logprobs": True, "top_logprobs": 2}, new_id()).json()
@@ -256,3 +271,30 @@ def test_models_health_and_the_openai_sdk(bridge_url: str) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
         client.completions.create(model=MODEL_ID, prompt="error:NOT_FOUND:model", max_tokens=2)
     assert caught.value.status_code == 404
+
+
+def test_prompt_tokens_details_only_with_the_flag(bridge_url: str,
+                                                  scripted_engine: ScriptedEngine) -> None:
+    chat_body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    stream_options = {"stream": True,
+                      "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    # Without --enable-prompt-tokens-details (the bridge_url bridge): null in a plain body,
+    # left out of streamed usage.
+    plain = post(bridge_url, "/v1/chat/completions", chat_body, new_id()).json()
+    assert plain["usage"]["prompt_tokens_details"] is None
+    streamed = post(bridge_url, "/v1/chat/completions", {**chat_body, **stream_options},
+                    new_id())
+    chunks = parse_sse_events(streamed.content)[:-1]
+    assert chunks and all("prompt_tokens_details" not in c["usage"] for c in chunks)
+    # With it: the prefix cache's share of the prompt, everywhere usage goes.
+    settings = BridgeSettings(engine_address=f"127.0.0.1:{scripted_engine.port}",
+                              chat=ChatOptions(enable_prompt_tokens_details=True))
+    details = {"cached_tokens": 1}
+    with TestClient(create_app(settings)) as client:
+        for path, body in (("/v1/completions", {"prompt": "x", "max_tokens": 2}),
+                           ("/v1/chat/completions", chat_body)):
+            assert client.post(path, json=body).json()["usage"]["prompt_tokens_details"] == (
+                details)
+            chunks = parse_sse_events(client.post(path, json={**body, **stream_options}).content)
+            assert chunks[-1] == "[DONE]"
+            assert all(c["usage"]["prompt_tokens_details"] == details for c in chunks[:-1])
