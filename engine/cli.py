@@ -6,7 +6,9 @@
     engine-serve --role bridge --engine-address host:50051
 
 With `--role all` (default) the bridge runs as a child process and reaches the engine over a
-Unix domain socket, so it never shares the engine's GIL.
+Unix domain socket, so it never shares the engine's GIL. A port that is taken stops start-up
+with one line; if the bridge or the engine core dies, engine-serve exits 1; SIGTERM drains
+both and exits 0 (docs/architecture.md, "Start-up and supervision").
 """
 from __future__ import annotations
 
@@ -14,18 +16,15 @@ import argparse
 import asyncio
 import logging
 import os
+import gc
 import re
-import subprocess
+import socket
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from engine.cli_serving import (
-    add_serving_arguments,
-    bridge_serving_args,
-    grpc_lifecycle_kwargs,
-    serve,
-)
+from engine.cli_serving import add_serving_arguments, grpc_lifecycle_kwargs
 from engine.config import (
     ATTENTION_BACKENDS,
     ENGINE_CORE_MODES,
@@ -37,15 +36,18 @@ from engine.config import (
 from engine.config_file import parse_args_with_config
 from engine.serve_args import (
     add_surface_args,
-    bridge_env,
-    bridge_surface_args,
     check_surface_args,
     grpc_security,
     resolve_api_key,
 )
 from engine.errors import ModelLoadError
 from engine.structured.registry import DEFAULT_BACKEND, is_available, known_backends
+from protoserve.help_format import DefaultsHelpFormatter
+from protoserve.listeners import ListenError, bind_tcp, check_tcp, check_unix
 from protoserve.tracing import check_tracing_available
+
+if TYPE_CHECKING:
+    from engine.bridge_child import BridgeChild
 
 
 logger = logging.getLogger("engine.cli")
@@ -65,15 +67,19 @@ def parse_bytes(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="engine-serve", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", default=None, help="HF model directory or hub id (default: the demo model)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
-    p.add_argument("--served-model-name", nargs="+", default=None, help="name(s) clients use")
-    p.add_argument("--role", choices=("all", "engine", "bridge"), default="all")
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="name(s) clients use (default: the --model value)")
+    p.add_argument("--role", choices=("all", "engine", "bridge"), default="all",
+                   help="all: the engine (gRPC) and the REST bridge as its child process; "
+                   "engine: gRPC only; bridge: REST only, in front of --engine-address")
     p.add_argument("--host", default="0.0.0.0", help="bind address of both servers")
     p.add_argument("--port", type=int, default=8000, help="REST (OpenAI bridge) port")
     p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port")
-    p.add_argument("--engine-address", default=None, help="engine gRPC address (role bridge)")
+    p.add_argument("--engine-address", default=None,
+                   help="engine gRPC address, host:port or unix:/path (role bridge; default: none)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="auto = bfloat16 on CPU (float16 is never used on CPU)")
     p.add_argument("--device", default="auto",
@@ -81,32 +87,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
                    help="dummy: random weights from config.json alone (benchmarks without "
                         "a checkpoint)")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest sequence (prompt + output) in tokens (default: the model's "
+                   "config, capped by a sliding window)")
+    p.add_argument("--block-size", type=int, default=16,
+                   help="tokens per KV cache block (the unit of allocation and prefix sharing)")
     p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
                    help="auto = cpu_paged (our kernels) on CPU when they build, flash_attn or "
                         "cuda_paged on CUDA, else torch")
-    p.add_argument("--kv-cache-memory", type=parse_bytes, default=None, help="e.g. 4GiB")
+    p.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
+                   help="KV cache size, e.g. 4GiB (default: on CPU room for --max-num-seqs "
+                   "full-length sequences, at most 4 GiB; on CUDA what "
+                   "--gpu-memory-utilization leaves)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="CUDA: share of device memory for weights + activations + KV cache")
     p.add_argument("--num-kv-blocks", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs")
-    p.add_argument("--chat-template", default=None, help="a template file or the template text")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV blocks of a prompt prefix already computed")
+    p.add_argument("--max-num-seqs", type=int, default=256,
+                   help="most sequences running in one step (batch size)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="most tokens one step computes (long prompts are prefilled in chunks)")
+    p.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs",
+                   help="admission order: arrival, or each request's priority (then arrival)")
+    p.add_argument("--chat-template", default=None,
+                   help="a template file or the template text (default: the model's)")
     p.add_argument("--chat-template-content-format", choices=("auto", "string", "openai"),
                    default="auto", help="message content as a string or a list of typed "
-                   "parts (default: detected from the template)")
+                   "parts (default: auto, detected from the template)")
     # Tool calling and media are the bridge's work; these are handed on to it.
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="parse tool calls out of the model's output (needs --tool-call-parser)")
-    p.add_argument("--tool-call-parser", choices=("hermes", "llama3_json", "mistral"), default=None)
+    p.add_argument("--tool-call-parser", choices=("hermes", "llama3_json", "mistral"), default=None,
+                   help="the model family's tool-call format")
     p.add_argument("--allowed-media-domains", nargs="*", default=None,
                    help="hosts whose http(s) media URLs requests may name (default: none)")
     p.add_argument("--max-media-bytes", type=parse_bytes, default=None,
-                   help="largest decoded media item a request may carry (e.g. 20MiB)")
-    p.add_argument("--seed", type=int, default=0)
+                   help="largest decoded media item a request may carry, e.g. 20MiB "
+                   "(default: 20MiB)")
+    p.add_argument("--enable-prompt-tokens-details", action="store_true",
+                   help="add usage.prompt_tokens_details.cached_tokens (prompt tokens served "
+                   "from the prefix cache) to chat and completion responses")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random generator that requests without a seed sample "
+                   "from, and of --load-format dummy weights")
     p.add_argument("--task", choices=("auto", "generate", "embed"), default="auto",
                    help="auto: encoders (BERT) embed, decoders generate (and embed on request)")
     p.add_argument("--pooling-type", choices=("auto", "mean", "cls", "last"), default="auto",
@@ -126,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uvicorn-log-level", default="warning",
                    choices=("critical", "error", "warning", "info", "debug", "trace"),
                    help="the REST bridge's log level (access lines at debug/trace)")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info",
+                   help="log level of the engine processes: debug, info, warning, error")
     add_serving_arguments(p)
     add_surface_args(p)
     return p
@@ -190,30 +215,9 @@ def _embedding_model_config(args: argparse.Namespace) -> ModelConfig | None:
     )
 
 
-def start_bridge(engine_address: str, args: argparse.Namespace) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "rest_bridge", "--engine-address", engine_address,
-           "--host", args.host, "--port", str(args.port),
-           "--uvicorn-log-level", args.uvicorn_log_level, *bridge_feature_args(args),
-           *bridge_serving_args(args), *bridge_surface_args(args)]
-    # The API key travels in the environment, not argv (visible to every local user).
-    return subprocess.Popen(cmd, env=bridge_env(args))
-
-
-def bridge_feature_args(args: argparse.Namespace) -> list[str]:
-    """The bridge's share of the command line: tool-call parsing and media limits."""
-    extra: list[str] = []
-    if args.enable_auto_tool_choice:
-        extra.append("--enable-auto-tool-choice")
-    if args.tool_call_parser:
-        extra += ["--tool-call-parser", args.tool_call_parser]
-    if args.allowed_media_domains:
-        extra += ["--allowed-media-domains", *args.allowed_media_domains]
-    if args.max_media_bytes is not None:
-        extra += ["--max-media-bytes", str(args.max_media_bytes)]
-    return extra
-
-
-async def run_engine(config: EngineConfig, args: argparse.Namespace, uds: str | None) -> int:
+async def run_engine(config: EngineConfig, args: argparse.Namespace, uds: str | None,
+                     bridge: BridgeChild | None = None) -> int:
+    from engine.serve_loop import serve
     from engine.server.grpc_server import EngineServer, GrpcServerConfig
 
     server = EngineServer(
@@ -221,8 +225,20 @@ async def run_engine(config: EngineConfig, args: argparse.Namespace, uds: str | 
             args.host, args.grpc_port, uds, **grpc_lifecycle_kwargs(args), **grpc_security(args)
         )
     )
-    # Drain on SIGTERM/Admin.Drain, exit 1 on engine death: engine/cli_serving.py.
-    return await serve(server, args)
+    # Drain on SIGTERM/Admin.Drain, exit 1 when the engine or the bridge dies: serve_loop.py.
+    return await serve(server, args, bridge)
+
+
+def check_listeners(args: argparse.Namespace) -> socket.socket | None:
+    """Fail before anything starts when a port is taken (ListenError, one line). Returns the
+    REST listener for role all: bound here and handed to the bridge child, so its port is
+    ours from now on and the bridge cannot fail to bind it."""
+    check_tcp(args.host, args.grpc_port, "--grpc-port")
+    if args.grpc_uds:
+        check_unix(args.grpc_uds, "--grpc-uds")
+    if args.metrics_port is not None:
+        check_tcp(args.host, args.metrics_port, "--metrics-port")
+    return bind_tcp(args.host, args.port, "--port") if args.role == "all" else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,15 +255,31 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.role == "bridge":
         if not args.engine_address:
-            print("error: --role bridge needs --engine-address", file=sys.stderr)
+            print("engine-serve: error: --role bridge needs --engine-address", file=sys.stderr)
             return 2
+        from engine.bridge_child import bridge_args
         from rest_bridge.cli import main as bridge_main
 
-        return bridge_main(["--engine-address", args.engine_address, "--host", args.host,
-                            "--port", str(args.port), "--uvicorn-log-level", args.uvicorn_log_level,
-                            *bridge_feature_args(args), *bridge_serving_args(args),
-                            *bridge_surface_args(args),
-                            *(["--api-key", key] if (key := resolve_api_key(args)) else [])])
+        return bridge_main(["--engine-address", args.engine_address, *bridge_args(args),
+                            *(["--api-key", key] if (key := resolve_api_key(args)) else [])],
+                           prog="engine-serve")
+    from engine.serve_loop import catch_stop_signals
+
+    catch_stop_signals()
+    try:
+        rest_listener = check_listeners(args)
+    except ListenError as exc:
+        print(f"engine-serve: error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return _serve_engine(args, rest_listener)
+    finally:
+        # The interpreter's final garbage collection walks every object torch and the model
+        # made (a second or more); nothing left needs collecting at exit.
+        gc.freeze()
+
+
+def _serve_engine(args: argparse.Namespace, rest_listener: socket.socket | None) -> int:
     model = args.model
     if model is None:
         from engine.demo import DEMO_MODEL_NAME, ensure_demo_model
@@ -264,13 +296,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     bridge = None
     uds = f"unix:{args.grpc_uds}" if args.grpc_uds else None
-    if args.role == "all":
+    if rest_listener is not None:
+        from engine.bridge_child import BridgeChild
+
         if uds is None:
             uds_path = Path(tempfile.gettempdir()) / f"protoserve-{os.getpid()}.sock"
             uds = f"unix:{uds_path}"
-        bridge = start_bridge(uds, args)
+        bridge = BridgeChild(uds, args, rest_listener)
     try:
-        return asyncio.run(run_engine(config, args, uds))
+        return asyncio.run(run_engine(config, args, uds, bridge))
+    except ListenError as exc:
+        print(f"engine-serve: error: {exc}", file=sys.stderr)
+        return 1
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -279,11 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         if bridge is not None:
-            bridge.terminate()
-            try:
-                bridge.wait(10)
-            except subprocess.TimeoutExpired:
-                bridge.kill()
+            # Already draining since the engine's drain began (SIGTERM): this waits for it.
+            bridge.stop(args.drain_timeout + 5.0)
         if uds:
             Path(uds.removeprefix("unix:")).unlink(missing_ok=True)
 

@@ -1,17 +1,10 @@
-"""engine-serve's production-serving flags and run loop: back-pressure, deadlines, drain,
-engine-death handling, metrics, request logs and tracing (kept apart from cli.py's model flags)."""
+"""engine-serve's production-serving flags: back-pressure, deadlines, drain, engine-death
+handling, metrics, request logs and tracing (kept apart from cli.py's model flags). The run
+loop they drive is engine/serve_loop.py."""
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
-import signal
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # the server stack is imported lazily: `engine-serve --help` stays fast
-    from engine.server.grpc_server import EngineServer
-
-logger = logging.getLogger("engine.cli")
+from typing import Any
 
 
 def add_serving_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,8 +23,9 @@ def add_serving_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--engine-hang-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="no step-thread heartbeat for this long = the engine is dead")
     g.add_argument("--keep-alive-on-engine-death", action="store_true",
-                   help="keep the process (health NOT_SERVING) when the engine dies, instead "
-                   "of exiting non-zero for the supervisor to restart it")
+                   help="keep the process when the engine dies (readiness NOT_SERVING, "
+                   "liveness SERVING, for a post-mortem), instead of exiting non-zero for the "
+                   "supervisor to restart it")
     g.add_argument("--enable-test-hooks", action="store_true",
                    help="testing only: SIGUSR1 kills the step thread, SIGUSR2 hangs it")
     g.add_argument("--metrics-port", type=int, default=None,
@@ -57,7 +51,8 @@ def grpc_lifecycle_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def bridge_serving_args(args: argparse.Namespace) -> list[str]:
-    extra: list[str] = []
+    # The bridge drains its HTTP requests as long as the engine drains their streams.
+    extra: list[str] = ["--drain-timeout", str(args.drain_timeout)]
     if args.request_timeout is not None:
         extra += ["--request-timeout", str(args.request_timeout)]
     if args.metrics_compat:
@@ -65,65 +60,3 @@ def bridge_serving_args(args: argparse.Namespace) -> list[str]:
     if args.otlp_traces_endpoint:
         extra += ["--otlp-traces-endpoint", args.otlp_traces_endpoint]
     return extra
-
-
-async def serve(server: EngineServer, args: argparse.Namespace) -> int:
-    """Start, load, then wait for a drain request (SIGTERM/SIGINT/Admin.Drain) or engine death.
-
-    Exit codes: 0 after a drain; 1 when the engine died (unless --keep-alive-on-engine-death),
-    so a supervisor (Kubernetes, systemd) restarts the process.
-    """
-    from engine.server.lifecycle import (
-        install_test_hooks,
-        make_engine_metrics,
-        start_metrics_server,
-    )
-    from engine.server.request_tracker import ServingOptions
-    from protoserve.tracing import init_tracer
-
-    handle = server.handle
-    handle.options = ServingOptions(
-        max_queue_len=args.max_queue_len, stall_timeout_s=args.stall_timeout,
-        log_requests=not args.disable_log_requests, max_log_len=args.max_log_len,
-    )
-    handle.metrics = make_engine_metrics(handle, args.metrics_compat)
-    handle.tracer = init_tracer("protoserve-engine", args.otlp_traces_endpoint)
-    metrics_http = None
-    if args.metrics_port is not None:
-        metrics_http = start_metrics_server(handle.metrics.render, args.host, args.metrics_port)
-    await server.start()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, handle.shutdown_requested.set)
-    if args.enable_test_hooks:
-        install_test_hooks(handle)
-    load = asyncio.create_task(server.load_engine())
-    stop = asyncio.create_task(handle.shutdown_requested.wait())
-    died = asyncio.create_task(handle.engine_died.wait())
-    try:
-        done, _ = await asyncio.wait({load, stop}, return_when=asyncio.FIRST_COMPLETED)
-        if load in done and load.exception() is not None:
-            await server.stop(0)
-            raise load.exception()
-        if stop in done and not load.done():
-            logger.info("stopping before the model finished loading")
-            load.cancel()
-            await server.stop(0)
-            return 0
-        watched = {stop} if args.keep_alive_on_engine_death else {stop, died}
-        done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
-        if stop not in done:
-            logger.error("the engine died: exiting with status 1 "
-                         "(--keep-alive-on-engine-death keeps the process)")
-            await server.stop(1.0)  # the failed streams' statuses still go out
-            return 1
-        logger.info("draining: up to %.0f s for running requests", args.drain_timeout)
-        finished = await server.drain(args.drain_timeout)
-        logger.info("drained (%s); shutting down", "all finished" if finished else "timed out")
-        await server.stop(1.0)
-        return 0
-    finally:
-        for task in (stop, died):
-            task.cancel()
-        if metrics_http is not None:
-            metrics_http.shutdown()

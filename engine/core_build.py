@@ -59,12 +59,15 @@ class ModelFacts:
         )
 
 
-def load_tokenizer(config: EngineConfig) -> Tokenizer:
+def load_tokenizer(config: EngineConfig, *, announce: bool = True) -> Tokenizer:
+    """`announce`: log the chat template's content format (once per server, not per process
+    that loads the tokenizer)."""
     model = config.model
     return Tokenizer.load(
         model.tokenizer or model.model,
         chat_template=model.chat_template,
         content_format=model.chat_template_content_format,
+        announce=announce,
     )
 
 
@@ -94,7 +97,10 @@ def make_grammar_compiler(
         try:
             compiler.warm_up()
         except Exception as exc:  # noqa: BLE001 - any library failure, reported per request
-            logger.warning("guided decoding unavailable: %s", exc)
+            if compiler.closed:  # stopped within moments of starting: the import raced exit
+                logger.debug("grammar warm-up cut short by shutdown: %s", exc)
+            else:
+                logger.warning("guided decoding unavailable: %s", exc)
 
     compiler.submit(warm_up)
     return compiler

@@ -22,6 +22,7 @@ process is gone.
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import subprocess
 import sys
@@ -47,6 +48,46 @@ from engine.outputs import RequestOutput
 logger = logging.getLogger(__name__)
 
 _STOP_KILL_GRACE_S = 5.0
+# How long the reader waits for an exit status after the socket closed (the process is dying).
+_EXIT_STATUS_WAIT_S = 2.0
+
+# Core processes still loading their model. A server that must stop meanwhile kills them
+# (abort_starting), so that it does not wait minutes for a large model to finish loading.
+_starting: set[subprocess.Popen] = set()
+_starting_lock = threading.Lock()
+_aborted = False
+
+
+def abort_starting() -> None:
+    """Kill every core process still loading, and refuse to start more: each ProcessCore
+    being built raises ModelLoadError. For a server that is stopping."""
+    global _aborted
+    with _starting_lock:
+        _aborted = True
+        for process in _starting:
+            process.kill()
+
+
+def _track_starting(process: subprocess.Popen) -> None:
+    with _starting_lock:
+        _starting.add(process)
+        if _aborted:  # the server stopped while this one was being spawned
+            process.kill()
+
+
+def describe_exit(code: int | None) -> str:
+    """'was killed by SIGKILL' / 'exited with status 3', for a process's exit code."""
+    if code is None:
+        return "closed its socket"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        # SIGKILL out of nowhere is most often the kernel's OOM killer.
+        hint = " (out of memory?)" if code == -signal.SIGKILL else ""
+        return f"was killed by {name}{hint}"
+    return f"exited with status {code}"
 
 
 class ProcessCore:
@@ -58,6 +99,7 @@ class ProcessCore:
             [sys.executable, "-m", "engine.core_process_main", str(child_socket.fileno())],
             pass_fds=(child_socket.fileno(),),
         )
+        _track_starting(self._process)
         child_socket.close()
         self._conn = Connection(parent_socket.detach())
         self._send_lock = threading.Lock()
@@ -65,8 +107,16 @@ class ProcessCore:
         self._stopping = False
         self.error: BaseException | None = None
         self.last_heartbeat = time.monotonic()
-        self._conn.send(CoreStart(config, bos_token_id, logging.getLogger().getEffectiveLevel()))
-        self.facts = self._wait_until_ready()
+        try:
+            try:
+                self._conn.send(CoreStart(config, bos_token_id,
+                                          logging.getLogger().getEffectiveLevel()))
+            except OSError:
+                pass  # it is gone already: _wait_until_ready says how
+            self.facts = self._wait_until_ready()
+        finally:
+            with _starting_lock:
+                _starting.discard(self._process)
         self._stats = CoreStats(num_free_kv_blocks=self.facts.num_blocks,
                                 num_kv_blocks=self.facts.num_blocks)
 
@@ -74,8 +124,8 @@ class ProcessCore:
         try:
             message = self._conn.recv()
         except (EOFError, OSError):
-            message = CoreFailed(f"the engine core process exited with code "
-                                 f"{self._process.wait()} while loading the model")
+            message = CoreFailed(f"the engine core process {describe_exit(self._process.wait())} "
+                                 f"while loading the model")
         if isinstance(message, CoreReady):
             return message.facts
         self._process.wait()
@@ -146,15 +196,20 @@ class ProcessCore:
                 elif isinstance(message, CoreDied):
                     raise EngineUnavailableError(f"the engine core died: {message.reason}",
                                                  reason="ENGINE_DEAD")
-        except (EOFError, OSError) as exc:
+        except (EOFError, OSError):
             if self._stopping:
                 return
+            try:
+                code = self._process.wait(_EXIT_STATUS_WAIT_S)
+            except subprocess.TimeoutExpired:
+                code = None
             error: BaseException = EngineUnavailableError(
-                f"the engine core process exited (code {self._process.poll()}): {exc!r}",
+                f"the engine core process (pid {self._process.pid}) {describe_exit(code)}",
                 reason="ENGINE_DEAD",
             )
         except BaseException as exc:  # noqa: BLE001 - reported to every stream
             error = exc
-        logger.error("engine core process stopped: %s", error)
+        # engine-serve logs the one error line, with this reason (serve_loop.py).
+        logger.debug("engine core process stopped: %s", error)
         self.error = error
         on_error(error)

@@ -3,8 +3,9 @@
 FD is this process's end of a socket pair with the serving process (`engine.core_process`).
 The first message is CoreStart; the reply is CoreReady or CoreFailed (engine.core_messages).
 Then commands arrive and
-outputs leave until StopCore, or until the socket closes (the serving process is gone: exit at
-once, nothing is waiting for our outputs).
+outputs leave until StopCore (then exit at once: os._exit, no interpreter teardown), or until
+the socket closes (the serving process is gone: exit at once, nothing is waiting for our
+outputs).
 
 Threads: the step thread owns the EngineCore (run_core_loop); the reader thread turns
 commands into inbox entries; requests with an output constraint get their grammar matchers on
@@ -141,7 +142,8 @@ def _attach_grammars(compiler: GrammarCompiler | None, requests: list[Request]) 
         request.grammar = grammar
 
 
-def _serve(core: EngineCore, channel: _Channel, compiler: GrammarCompiler | None) -> None:
+def _serve(core: EngineCore, channel: _Channel, compiler: GrammarCompiler | None) -> int:
+    """Run the step loop until StopCore (0) or until it dies (1, reported to the server)."""
     inbox = Inbox()
     reader = _CommandReader(channel, inbox, compiler)
     threading.Thread(target=reader.run, name="core-commands", daemon=True).start()
@@ -169,7 +171,8 @@ def _serve(core: EngineCore, channel: _Channel, compiler: GrammarCompiler | None
             channel.send(CoreDied(repr(failure[0])))
         except OSError:
             pass
-        sys.exit(1)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,15 +191,25 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=_exit_if_orphaned, args=(channel.conn, loading), daemon=True).start()
     try:
         core, facts = build_core(config, start.bos_token_id)
-        compiler = make_grammar_compiler(config, facts, load_tokenizer(config))
+        # The serving process loaded the same tokenizer and said what it found: only the
+        # grammar backend's token table needs it here.
+        compiler = make_grammar_compiler(config, facts, load_tokenizer(config, announce=False))
     except BaseException as exc:  # noqa: BLE001 - the serving process reports it
         channel.send(CoreFailed(str(exc) or repr(exc)))
         return 1
     finally:
         loading.clear()
     channel.send(CoreReady(facts))
-    _serve(core, channel, compiler)
-    return 0
+    code = _serve(core, channel, compiler)
+    if compiler is not None:
+        compiler.close()  # a warm-up still running may fail now; that is no news
+    # Nothing here needs an orderly interpreter teardown: with torch and the model loaded its
+    # final garbage collection alone takes a second or more (several on a busy machine), and
+    # it would wait for the grammar warm-up thread. The serving process waits for this exit.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _exit_if_orphaned(conn: Connection, loading: threading.Event) -> None:

@@ -24,13 +24,14 @@ def add_surface_args(p: argparse.ArgumentParser) -> None:
                    help=f"require 'Authorization: Bearer KEY' on REST /v1 routes, /tokenize, "
                    f"/detokenize and on gRPC calls (or set {API_KEY_ENV})")
     p.add_argument("--grpc-auth-exempt-health", action=argparse.BooleanOptionalAction,
-                   default=True, help="gRPC health checks need no API key (default: on)")
+                   default=True, help="gRPC health checks need no API key")
     p.add_argument("--grpc-auth-exempt-reflection", action=argparse.BooleanOptionalAction,
-                   default=True, help="gRPC server reflection needs no API key (default: on)")
+                   default=True, help="gRPC server reflection needs no API key")
     p.add_argument("--grpc-require-client-cert", action="store_true",
                    help="gRPC mTLS: refuse clients without a certificate signed by "
                    "--ssl-ca-certs (also implied by --ssl-cert-reqs 2)")
-    p.add_argument("--root-path", default="", help="REST path prefix when behind a proxy")
+    p.add_argument("--root-path", default="",
+                   help="REST path prefix when behind a proxy (default: none)")
     # CORS, --disable-fastapi-docs and --ssl-*: shared with engine-bridge.
     add_http_args(p)
 

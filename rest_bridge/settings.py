@@ -63,6 +63,8 @@ class BridgeSettings:
     metrics_compat: bool = False
     # OTLP endpoint the bridge's spans go to; None: no spans (trace headers still forwarded).
     otlp_traces_endpoint: str | None = None
+    # On SIGTERM: how long running requests may take before they are cancelled.
+    drain_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         validate_engine_address(self.engine_address)
@@ -72,6 +74,8 @@ class BridgeSettings:
             raise ValueError("request timeout must be > 0 seconds")
         if self.health_timeout <= 0:
             raise ValueError("health timeout must be > 0 seconds")
+        if self.drain_timeout < 0:
+            raise ValueError("--drain-timeout must be >= 0 seconds")
         if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
             raise ValueError("TLS needs both --ssl-keyfile and --ssl-certfile")
         if self.ssl_cert_reqs and not self.ssl_ca_certs:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -11,6 +13,10 @@ from safetensors import SafetensorError, safe_open
 from engine.errors import ModelLoadError
 
 _INDEX_FILE = "model.safetensors.index.json"
+# Checkpoints this large take seconds to read (more from network storage): progress is logged.
+ANNOUNCE_BYTES = 2**30
+
+logger = logging.getLogger(__name__)
 
 
 def find_safetensors_files(model_dir: Path) -> list[Path]:
@@ -30,7 +36,13 @@ def find_safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(
+    files: list[Path], *, announce_bytes: int = ANNOUNCE_BYTES
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of every shard. A checkpoint of `announce_bytes` or more takes seconds to
+    read: its size is logged before, its progress after each shard, its time at the end."""
+    total = sum(path.stat().st_size for path in files)
+    progress = _LoadProgress(len(files), total) if total >= announce_bytes else None
     for path in files:
         try:
             shard_cm = safe_open(str(path), framework="pt", device="cpu")
@@ -39,6 +51,27 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
         with shard_cm as shard:
             for name in shard.keys():
                 yield name, shard.get_tensor(name)
+        if progress is not None:
+            progress.shard_done(path.stat().st_size)
+
+
+class _LoadProgress:
+    def __init__(self, num_shards: int, total_bytes: int) -> None:
+        self.num_shards, self.total_gib = num_shards, total_bytes / 2**30
+        self.shards_done, self.bytes_done = 0, 0
+        self.start = time.perf_counter()
+        logger.info("loading weights: %d shard(s), %.1f GiB", num_shards, self.total_gib)
+
+    def shard_done(self, size: int) -> None:
+        self.shards_done += 1
+        self.bytes_done += size
+        elapsed = time.perf_counter() - self.start
+        if self.shards_done < self.num_shards:
+            logger.info("loading weights: shard %d/%d done (%.1f of %.1f GiB, %.0f s)",
+                        self.shards_done, self.num_shards, self.bytes_done / 2**30,
+                        self.total_gib, elapsed)
+        else:
+            logger.info("loaded weights: %.1f GiB in %.1f s", self.total_gib, elapsed)
 
 
 def fill_dummy_weights(model: torch.nn.Module, *, seed: int, std: float) -> None:

@@ -68,14 +68,17 @@ def determine_num_blocks(
             f"KV cache too small: {spec.bytes_per_block} bytes per block of {spec.block_size} "
             f"tokens do not fit the configured memory"
         )
-    max_concurrency = num_blocks // spec.blocks_per_sequence(max_model_len)
+    # As vLLM words it: how many requests of the full model length fit in the cache at once.
+    max_concurrency = num_blocks / spec.blocks_per_sequence(max_model_len)
     logger.info(
-        "KV cache: %d blocks of %d tokens (%.1f MiB), max concurrency %d at max_model_len %d",
+        "KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB); maximum concurrency for %d "
+        "tokens per request: %.2fx",
         num_blocks,
         spec.block_size,
+        num_blocks * spec.block_size,
         num_blocks * spec.bytes_per_block / 2**20,
-        max_concurrency,
         max_model_len,
+        max_concurrency,
     )
     return num_blocks
 

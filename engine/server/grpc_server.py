@@ -1,9 +1,10 @@
 """Builds and runs the engine's gRPC server: the protoserve.v1 services, grpc.health.v1 and
 server reflection, on TCP and (for a co-located bridge) a Unix domain socket.
 
-Health: "" is liveness (SERVING while the process runs); "protoserve.v1.Inference" is
-readiness: SERVING once weights are loaded and warmed up, NOT_SERVING while loading, after
-the step thread dies, and while draining.
+Health: "" is liveness (SERVING while the process runs, NOT_SERVING once engine-serve is
+going down because a child died); "protoserve.v1.Inference" is readiness: SERVING once
+weights are loaded and warmed up, NOT_SERVING while loading, after the step thread dies, and
+while draining. Both turn NOT_SERVING when the server stops, and Watch streams then end.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from engine.server.info_servicers import AdminServicer, DiscoveryServicer, Token
 from engine.server.interceptors import UndecodableRequestInterceptor
 from engine.server.lifecycle import connection_age_options, wait_for_idle, watch_engine
 from engine.server.security import ApiKeyInterceptor, GrpcTls
+from protoserve.listeners import ListenError, check_tcp, check_unix, tcp_address
 from protoserve.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -75,6 +77,9 @@ class EngineServer:
         self.server = grpc.aio.server(
             interceptors=interceptors,
             options=[
+                # grpc shares a port with any other process that asks (SO_REUSEPORT): a second
+                # engine on a taken port would start and get half its connections.
+                ("grpc.so_reuseport", 0),
                 ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
                 *connection_age_options(server_config.max_connection_age_s),
@@ -95,22 +100,35 @@ class EngineServer:
         ]
         reflection.enable_server_reflection(service_names, self.server)
         self._watchdog: asyncio.Task | None = None
+        self.port = server_config.port  # the bound one once started (port 0: the kernel's)
 
     async def start(self) -> None:
-        address = f"{self.server_config.host}:{self.server_config.port}"
+        """Bind and serve; raises ListenError (naming the flag) for an address it cannot take."""
+        host, port = self.server_config.host, self.server_config.port
+        uds = self.server_config.uds_address
+        # Probed first: grpc's own failure names no reason, and over a live Unix socket it
+        # would silently unlink the other server's socket and take the path.
+        check_tcp(host, port, "--grpc-port")
+        if uds:
+            check_unix(uds.removeprefix("unix:"), "--grpc-uds")
+        address = tcp_address(host, port)
         tls = self.server_config.tls
-        if tls is not None:
-            bound = self.server.add_secure_port(address, tls.server_credentials())
-        else:
-            bound = self.server.add_insecure_port(address)
-        if bound == 0:
-            raise OSError(f"cannot listen on {address}")
-        if self.server_config.uds_address:
-            self.server.add_insecure_port(self.server_config.uds_address)
+        try:
+            if tls is not None:
+                self.port = self.server.add_secure_port(address, tls.server_credentials())
+            else:
+                self.port = self.server.add_insecure_port(address)
+        except RuntimeError:  # taken between the probe and the bind
+            raise ListenError(address, "--grpc-port", "grpc could not bind it") from None
+        if uds:
+            try:
+                self.server.add_insecure_port(uds)
+            except RuntimeError:
+                raise ListenError(uds, "--grpc-uds", "grpc could not bind it") from None
         await self.server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(READINESS_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
-        logger.info("gRPC listening on %s", address)
+        logger.info("gRPC listening on %s", tcp_address(host, self.port))
 
     async def load_engine(self) -> Engine:
         """Load the model off the event loop (health answers meanwhile), then turn ready."""
@@ -125,7 +143,7 @@ class EngineServer:
         self.handle.engine = engine
         await self.health.set(READINESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self._watchdog = asyncio.create_task(self._watch_engine(engine))
-        logger.info("ready: serving %s", ", ".join(engine.model.names))
+        logger.info("model ready: serving %s", ", ".join(engine.model.names))
         return engine
 
     async def _watch_engine(self, engine: Engine) -> None:
@@ -142,6 +160,11 @@ class EngineServer:
         await self.health.set(READINESS_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         return await wait_for_idle(self.handle.engine, timeout)
 
+    async def set_not_serving(self) -> None:
+        """Liveness and readiness NOT_SERVING: the process is going away (a child died)."""
+        for service in ("", READINESS_SERVICE):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+
     async def stop(self, grace: float | None = 5.0) -> None:
         self.handle.draining = True
         await self.health.enter_graceful_shutdown()
@@ -149,9 +172,9 @@ class EngineServer:
         if self._watchdog is not None:
             self._watchdog.cancel()
         if self.handle.engine is not None:
-            self.handle.engine.loop.stop()
+            self.handle.engine.stop()
         if self.handle.embedding_engine is not None:
-            self.handle.embedding_engine.loop.stop()
+            self.handle.embedding_engine.stop()
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()

@@ -14,6 +14,7 @@ from engine.engine import Engine
 from engine.errors import EngineUnavailableError
 from engine.server.context import EngineHandle
 from engine.server.request_tracker import load_snapshot
+from protoserve.listeners import ListenError, check_tcp, tcp_address
 from protoserve.serving_metrics import CONTENT_TYPE, ServingMetrics
 
 logger = logging.getLogger(__name__)
@@ -39,13 +40,14 @@ async def watch_engine(engine: Engine, hang_timeout_s: float) -> None:
     while loop.is_alive:
         stale = time.monotonic() - loop.last_heartbeat
         if stale > hang_timeout_s:
-            logger.error("engine step thread shows no heartbeat for %.1f s: declaring it dead",
-                         stale)
+            logger.warning("engine step thread shows no heartbeat for %.1f s: declaring it "
+                           "dead", stale)
             loop.mark_dead(EngineUnavailableError("the engine step thread is hung",
                                                   reason="ENGINE_DEAD"))
             break
         await asyncio.sleep(_WATCH_INTERVAL_S)
-    logger.error("engine step thread is not running; readiness -> NOT_SERVING")
+    # engine-serve logs the one error line, with the reason (serve_loop.py).
+    logger.debug("engine step thread is not running; readiness -> NOT_SERVING")
 
 
 async def wait_for_idle(engine: Engine | None, timeout: float) -> bool:
@@ -116,8 +118,14 @@ def start_metrics_server(render: Callable[[], bytes], host: str, port: int) -> T
         def log_message(self, *args) -> None:  # scrapes every few seconds are not news
             pass
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as exc:  # the same one line as every other port engine-serve binds
+        check_tcp(host, port, "--metrics-port")  # names the reason; raises ListenError
+        raise ListenError(tcp_address(host, port), "--metrics-port", str(exc)) from None
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
-    logger.info("metrics on http://%s:%d/metrics", host, port)
+    # shutdown() waits for serve_forever's next poll (0.5 s by default) at every stop.
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                     name="metrics-http", daemon=True).start()
+    logger.info("metrics on http://%s/metrics", tcp_address(host, server.server_address[1]))
     return server

@@ -13,10 +13,11 @@ whole process down instead of failing one request.
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 
 from engine.errors import EngineError, UnsupportedError
 from engine.structured.constraint import OutputConstraint
@@ -45,7 +46,8 @@ class GrammarCompiler:
         self._backends: dict[str, GrammarBackend] = {}
         self._cache: OrderedDict[_CacheKey, CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: _DaemonWorker | None = None
+        self._closed = False
         self.num_cache_hits = 0
         self.num_cache_misses = 0
 
@@ -117,22 +119,64 @@ class GrammarCompiler:
         self.backend(self.default_backend)
 
     def close(self) -> None:
+        """Drop queued jobs; one already running finishes (or fails: see `closed`)."""
+        self._closed = True
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _worker(self) -> ThreadPoolExecutor:
+    @property
+    def closed(self) -> bool:
+        """True once the server stops: a job failing then (a library import racing the
+        interpreter's shutdown) is not a fault worth reporting."""
+        return self._closed
+
+    def _worker(self) -> _DaemonWorker:
         if self._executor is None:
-            self._executor = _big_stack_executor()
+            self._executor = _DaemonWorker()
         return self._executor
 
 
-def _big_stack_executor() -> ThreadPoolExecutor:
-    """One worker thread with a large stack. `threading.stack_size` applies to threads created
-    while it is set, so the worker is started here, then the process default is restored."""
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
-    previous = threading.stack_size(_WORKER_STACK_BYTES)
-    try:
-        executor.submit(lambda: None).result()
-    finally:
-        threading.stack_size(previous)
-    return executor
+class _DaemonWorker(Executor):
+    """One daemon thread with a large stack, as an Executor. Not a ThreadPoolExecutor: the
+    interpreter joins those at exit, so a server stopped right after it started would wait
+    for the grammar warm-up (seconds for a large vocabulary); a daemon thread is dropped."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Future, Callable, tuple, dict] | None] = (
+            queue.SimpleQueue())
+        self._shut_down = False
+        # `threading.stack_size` applies to threads created while it is set.
+        previous = threading.stack_size(_WORKER_STACK_BYTES)
+        try:
+            threading.Thread(target=self._run, name="grammar-compile", daemon=True).start()
+        finally:
+            threading.stack_size(previous)
+
+    def submit(self, fn: Callable, /, *args, **kwargs) -> Future:
+        if self._shut_down:
+            raise RuntimeError("the grammar compiler is closed")
+        future: Future = Future()
+        self._queue.put((future, fn, args, kwargs))
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._shut_down = True
+        if cancel_futures:
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].cancel()
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, fn, args, kwargs = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on it
+                future.set_exception(exc)

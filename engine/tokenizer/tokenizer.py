@@ -61,11 +61,13 @@ class Tokenizer:
 
     @classmethod
     def load(
-        cls, path: str, *, chat_template: str | None = None, content_format: str = "auto"
+        cls, path: str, *, chat_template: str | None = None, content_format: str = "auto",
+        announce: bool = True,
     ) -> Tokenizer:
         """Load from a local directory or a hub id already in the local HF cache (offline).
 
         `chat_template` is the server's `--chat-template`: a file path or the template text.
+        `announce`: log the detected content format (False where another process does).
         Raises ModelLoadError with a one-line message when the tokenizer cannot be served.
         """
         directory = _resolve_directory(path)
@@ -80,7 +82,8 @@ class Tokenizer:
             server_template=server_template,
             content_format=content_format,
         )
-        tokenizer._log_default_content_format()
+        if announce:
+            tokenizer._log_default_content_format()
         return tokenizer
 
     @property
