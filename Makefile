@@ -24,6 +24,11 @@ serve: bootstrap
 test: bootstrap
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The unit tier: no real servers (e2e), soaks (slow) or generated-input runs (fuzz).
+.PHONY: test-fast
+test-fast: bootstrap
+	$(PY) -m pytest -q -m "not e2e and not slow and not fuzz" $(PYTEST_ARGS)
+
 protos: bootstrap
 	$(PY) scripts/gen_protos.py
 

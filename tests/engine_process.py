@@ -8,14 +8,36 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+F = TypeVar("F", bound=Callable[..., object])
 REPO_ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 180.0
+
+# Whether the running test carries the `e2e` marker: set by tests/conftest.py before each
+# test's setup; None outside pytest. start_engine refuses to run for an unmarked test.
+running_e2e_test: bool | None = None
+
+
+def starts_servers(fixture_function: F) -> F:
+    """Marks a fixture function (below its @pytest.fixture) that starts real servers: every
+    test that uses it, directly or through other fixtures, gets the `e2e` marker."""
+    fixture_function.starts_servers = True  # type: ignore[attr-defined]
+    return fixture_function
+
+
+def require_e2e_marker(what: str) -> None:
+    if running_e2e_test is False:
+        raise RuntimeError(
+            f"{what} in a test without the e2e marker: mark it @pytest.mark.e2e, or mark the "
+            "fixture that starts it @starts_servers (engine_process), so that the fast tier "
+            "(-m 'not e2e') leaves it out")
 
 
 def free_port() -> int:
@@ -117,6 +139,7 @@ def start_engine(
     """`env` is added to this process's environment; `channel_credentials` is for a TLS gRPC
     port; `https_ca` (a CA file) makes the REST URL https, verified against that CA;
     `log_path` receives the process's stdout and stderr (the bridge child's too)."""
+    require_e2e_marker("engine-serve started")
     grpc_port = free_port()
     http_port = free_port() if role == "all" else None
     args = [sys.executable, "-m", "engine.cli", "--role", role, "--model", str(model_dir),

@@ -1,45 +1,32 @@
 """End-to-end fixtures: the real `engine-serve` (engine + bridge subprocesses) on 127.0.0.1,
 serving the suite's tiny Llama; and clients of a module's own `server` (an EngineProcess
-fixture each module starts with the flags it needs)."""
+fixture each module provides with the flags it needs, shared through `shared_server` where
+another module asks for the same flags)."""
 from __future__ import annotations
 
-import subprocess
-import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import openai
 import pytest
-from engine_process import EngineProcess
-from served_engine import (
-    REPO_ROOT,
-    SERVER_START_TIMEOUT_S,
-    RunningServer,
-    reserve_port,
-    stop_process_group,
-    wait_for_health,
-)
+from engine_process import START_TIMEOUT_S, EngineProcess
+from served_engine import RunningServer, wait_for_health
 
 from protoserve.v1 import inference_pb2_grpc
 
 
 @pytest.fixture(scope="session")
-def served_model(tiny_llama_dir: Path) -> Iterator[RunningServer]:
-    port, grpc_port = reserve_port(), reserve_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "--model", str(tiny_llama_dir),
-         "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(grpc_port),
-         "--kv-cache-memory", "64MiB", "--dtype", "float32"],
-        cwd=REPO_ROOT,
-        start_new_session=True,
-    )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_health(base_url, process, SERVER_START_TIMEOUT_S)
-        yield RunningServer(base_url=base_url, grpc_port=grpc_port, model_dir=tiny_llama_dir)
-    finally:
-        stop_process_group(process)
+def served_model(
+    shared_server: Callable[..., EngineProcess], tiny_llama_dir: Path
+) -> RunningServer:
+    """engine-serve with its defaults (`--role all`), the bridge healthy."""
+    server = shared_server(role="all")
+    assert server.http_url is not None
+    wait_for_health(server.http_url, server.process, START_TIMEOUT_S)
+    return RunningServer(base_url=server.http_url,
+                         grpc_port=int(server.grpc_address.rsplit(":", 1)[1]),
+                         model_dir=tiny_llama_dir)
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,7 @@
-"""Running the real `engine-serve` (engine + bridge) as a subprocess group on 127.0.0.1."""
+"""A running engine-serve (engine + bridge) as the OpenAI-SDK tests see it, and waiting for
+the bridge's /health (the bridge answers 200 once it reaches its engine)."""
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -11,40 +9,12 @@ from pathlib import Path
 
 import httpx
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-# Model loading and warm-up on a busy 2-core machine can take a while.
-SERVER_START_TIMEOUT_S = 180.0
-SHUTDOWN_GRACE_S = 10.0
-
 
 @dataclass(frozen=True)
 class RunningServer:
     base_url: str
     grpc_port: int
     model_dir: Path
-
-
-def reserve_port() -> int:
-    """A port that was free a moment ago (bind to 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def stop_process_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the whole group (engine and bridge), SIGKILL whatever is left after 10 s."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=SHUTDOWN_GRACE_S)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        # The bridge child may outlive its parent; the group id still reaches it.
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=SHUTDOWN_GRACE_S)
 
 
 def wait_for_health(base_url: str, process: subprocess.Popen[bytes], timeout: float) -> None:

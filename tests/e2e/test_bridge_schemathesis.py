@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
-from engine_process import REPO_ROOT, free_port, start_engine
+from engine_process import REPO_ROOT, EngineProcess, free_port
 from mesh_helpers import wait_until
 
 schemathesis = pytest.importorskip("schemathesis", reason="pip install schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+pytestmark = pytest.mark.fuzz
+
 
 @pytest.fixture(scope="module")
-def bridge_url(tiny_llama_dir: Path) -> Iterator[str]:
-    engine = start_engine(tiny_llama_dir, "--max-model-len", "128")
+def bridge_url(shared_server: Callable[..., EngineProcess]) -> Iterator[str]:
+    # The engine of tests/engine/server's gRPC tests (same flags): the bridge is this test's.
+    engine = shared_server("--max-model-len", "256")
     port = free_port()
     bridge = subprocess.Popen(
         [sys.executable, "-m", "rest_bridge", "--engine-address", engine.grpc_address,
@@ -38,7 +40,6 @@ def bridge_url(tiny_llama_dir: Path) -> Iterator[str]:
     finally:
         bridge.terminate()
         bridge.wait(timeout=15)
-        engine.stop()
 
 
 def test_no_route_answers_5xx(bridge_url: str) -> None:

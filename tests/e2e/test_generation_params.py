@@ -3,13 +3,13 @@ OpenAI SDK and through gRPC stubs."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import openai
 import pytest
-from engine_process import EngineProcess, start_engine
+from engine_process import EngineProcess
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from transformers import AutoTokenizer
@@ -21,12 +21,10 @@ PROMPT = "the quick brown fox"
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama_dir: Path) -> Iterator[EngineProcess]:
-    handle = start_engine(
-        tiny_llama_dir, "--max-model-len", "256", "--max-logprobs", str(MAX_LOGPROBS), role="all"
-    )
-    yield handle
-    handle.stop()
+def server(shared_server: Callable[..., EngineProcess]) -> EngineProcess:
+    # The same flags as test_generation_params_parity.py: the two modules share the server.
+    return shared_server("--max-model-len", "256", "--max-logprobs", str(MAX_LOGPROBS),
+                         role="all")
 
 
 @pytest.fixture(scope="module")

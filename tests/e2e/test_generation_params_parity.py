@@ -3,14 +3,14 @@ echo with logprobs, spaces between special tokens, best_of selection and its usa
 fields the reference server refuses (streamed best_of != n, suffix)."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 import torch
-from engine_process import EngineProcess, start_engine
+from engine_process import EngineProcess
 from special_token_spacing_reference import reference_output_text
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -21,10 +21,10 @@ CHAT = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama_dir: Path) -> Iterator[EngineProcess]:
-    handle = start_engine(tiny_llama_dir, "--max-model-len", "256", role="all")
-    yield handle
-    handle.stop()
+def server(shared_server: Callable[..., EngineProcess]) -> EngineProcess:
+    # test_generation_params.py's flags (this module asks for at most 2 logprobs), so the two
+    # modules share one server.
+    return shared_server("--max-model-len", "256", "--max-logprobs", "5", role="all")
 
 
 @pytest.fixture(scope="module")

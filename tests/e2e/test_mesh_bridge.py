@@ -18,7 +18,6 @@ import httpx
 import pytest
 from engine_process import REPO_ROOT, EngineProcess, free_port, start_engine, wait_ready
 from mesh_helpers import (
-    build_long_context_model,
     get_load,
     long_request,
     open_stream,
@@ -61,8 +60,8 @@ def stop(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_long_context_model(tmp_path_factory.mktemp("long-llama"))
+def model_dir(long_context_model_dir: Path) -> Path:
+    return long_context_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 from mesh_helpers import (
-    build_long_context_model,
     get_load,
     long_request,
     open_stream,
@@ -38,8 +37,8 @@ FAULT_BOUND_S = 10.0
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_long_context_model(tmp_path_factory.mktemp("long-llama"))
+def model_dir(long_context_model_dir: Path) -> Path:
+    return long_context_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -322,7 +321,11 @@ def test_a_client_that_stops_reading_is_cancelled_without_slowing_others(model_d
         with grpc.insecure_channel(handle.grpc_address,
                                    options=[("grpc.http2.bdp_probe", 0)]) as stalled_ch, \
                 grpc.insecure_channel(handle.grpc_address) as ch:
-            stalled = open_stream(stalled_ch, long_request(max_tokens=8000), timeout=300)
+            # Twenty logprobs make each event many times larger, so the transport's buffers fill
+            # after hundreds of tokens rather than thousands: the same stall, seconds sooner.
+            unread = long_request(max_tokens=8000)
+            unread.sampling.logprobs = 20
+            stalled = open_stream(stalled_ch, unread, timeout=300)
             stub = inference_pb2_grpc.InferenceStub(ch)
             for _ in range(5):  # others keep being served while it stalls
                 start = time.monotonic()

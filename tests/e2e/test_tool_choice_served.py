@@ -3,12 +3,11 @@ arguments are valid JSON for the function's schema, even from a random-weight mo
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import jsonschema
 import pytest
-from engine_process import EngineProcess, start_engine
+from engine_process import EngineProcess
 from openai import OpenAI
 
 WEATHER = {
@@ -28,12 +27,9 @@ WEATHER = {
 
 
 @pytest.fixture(scope="module")
-def client(tiny_llama_dir: Path) -> Iterator[OpenAI]:
-    server: EngineProcess = start_engine(tiny_llama_dir, role="all")
-    try:
-        yield OpenAI(base_url=f"{server.http_url}/v1", api_key="x", max_retries=0)
-    finally:
-        server.stop()
+def client(shared_server: Callable[..., EngineProcess]) -> OpenAI:
+    server = shared_server(role="all")  # engine-serve's defaults, as served_model
+    return OpenAI(base_url=f"{server.http_url}/v1", api_key="x", max_retries=0)
 
 
 @pytest.mark.parametrize("seed", range(4))

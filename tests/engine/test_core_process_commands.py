@@ -102,6 +102,7 @@ def test_without_a_compiler_the_request_ends_with_the_reason(link) -> None:
     assert "not available" in output.finish_message
 
 
+@pytest.mark.e2e
 def test_a_core_process_whose_server_dies_while_it_loads_exits(tiny_llama_dir) -> None:
     """The serving side sends CoreStart and goes away before the model is loaded: the core
     process must not load on (a large model takes minutes) and then fail; it exits at once."""

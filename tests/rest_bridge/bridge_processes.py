@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+from engine_process import require_e2e_marker
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BRIDGE_START_TIMEOUT_S = 60.0
@@ -49,6 +50,7 @@ def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout: float) ->
 
 
 def start_bridge(engine_address: str, *extra_args: str) -> tuple[subprocess.Popen[bytes], str]:
+    require_e2e_marker("the bridge started")
     port = reserve_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "rest_bridge", "--engine-address", engine_address,

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 from bridge_processes import start_bridge, stop_process_group
+from engine_process import starts_servers
 from scripted_engine import ScriptedEngine
 
 
@@ -18,6 +19,7 @@ def scripted_engine() -> Iterator[ScriptedEngine]:
 
 
 @pytest.fixture(scope="session")
+@starts_servers
 def bridge_url(scripted_engine: ScriptedEngine) -> Iterator[str]:
     """Base URL of a bridge in front of the scripted engine."""
     process, base_url = start_bridge(f"127.0.0.1:{scripted_engine.port}")

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from bridge_processes import start_bridge, stop_process_group
+from engine_process import starts_servers
 from scripted_engine import ScriptedEngine
 
 from rest_bridge.sse import parse_sse_events
@@ -26,6 +27,7 @@ HERMES_OUTPUT = ('Checking.<tool_call>{"name": "get_weather", "arguments": {"cit
 
 
 @pytest.fixture(scope="module")
+@starts_servers
 def tool_bridge_url(scripted_engine: ScriptedEngine) -> Iterator[str]:
     process, base_url = start_bridge(
         f"127.0.0.1:{scripted_engine.port}", "--enable-auto-tool-choice",
@@ -63,7 +65,9 @@ def test_auto_tool_calls_plain_and_streamed_agree(tool_bridge_url: str) -> None:
     content, calls = merge_pieces(pieces)
     assert content == "Checking."
     assert [c["function"] for c in calls] == [call["function"]]
+    # The call completes with the last token: that chunk carries it and the finish reason.
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert chunks[-1]["choices"][0]["delta"]["tool_calls"][0]["function"] == call["function"]
 
 
 def test_tool_choice_none_sends_no_tools_and_parses_nothing(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from engine_process import EngineProcess, core_process_pids, start_engine
+from engine_process import EngineProcess, core_process_pids, start_engine, starts_servers
 from greedy_reference import NUM_NEW_TOKENS, make_peaked_model, prompts_from, transformers_greedy
 from mesh_helpers import get_load, wait_idle, wait_until
 from model_factory import make_tiny_tokenizer
@@ -44,6 +44,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module", params=["process", "thread"])
+@starts_servers
 def served(request: pytest.FixtureRequest, model_dir: Path) -> Iterator[EngineProcess]:
     handle = start_engine(model_dir, "--engine-core", request.param, "--max-num-seqs", "8")
     yield handle
@@ -63,8 +64,17 @@ def _stream_tokens(stub: inference_pb2_grpc.InferenceStub, prompt: list[int]) ->
     return tokens
 
 
-def test_concurrent_streams_match_transformers(served: EngineProcess, model_dir: Path) -> None:
-    prompts = prompts_from(11, [3, 17, 40, 9, 64, 25, 5, 33, 12, 50])
+PROMPTS = prompts_from(11, [3, 17, 40, 9, 64, 25, 5, 33, 12, 50])
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir: Path) -> list[list[int]]:
+    """transformers' greedy tokens for PROMPTS (once for both core modes)."""
+    return transformers_greedy(model_dir, PROMPTS)
+
+
+def test_concurrent_streams_match_transformers(served: EngineProcess, expected) -> None:
+    prompts = PROMPTS
     results: list[list[int] | None] = [None] * len(prompts)
     with grpc.insecure_channel(served.grpc_address) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
@@ -78,7 +88,7 @@ def test_concurrent_streams_match_transformers(served: EngineProcess, model_dir:
         for thread in threads:
             thread.join(180)
         load = wait_idle(channel)
-    assert results == transformers_greedy(model_dir, prompts)
+    assert results == expected
     assert load.num_kv_blocks > 0
 
 
@@ -108,6 +118,7 @@ def _is_gone(pid: int) -> bool:
     return state in ("Z", "X")  # exited; reaped by whoever adopted it, or not
 
 
+@pytest.mark.e2e
 def test_the_core_process_exits_with_its_server(model_dir: Path) -> None:
     handle = start_engine(model_dir, "--engine-core", "process")
     try:

@@ -3,12 +3,11 @@ engine: each call ends OK or with a client-error status, never INTERNAL/UNKNOWN,
 stays SERVING with every KV block back in the pool. Raw undecodable bytes likewise."""
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
-from engine_process import EngineProcess, start_engine
+from engine_process import EngineProcess
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mesh_helpers import wait_idle
@@ -18,6 +17,8 @@ from protoserve.v1 import inference_pb2, inference_pb2_grpc
 hypothesis = pytest.importorskip("hypothesis", reason="pip install hypothesis (the test extra)")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+
+pytestmark = pytest.mark.fuzz
 
 
 CLIENT_ERRORS = {
@@ -97,10 +98,10 @@ def _bounded(request: inference_pb2.GenerateRequest) -> inference_pb2.GenerateRe
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_llama_dir: Path) -> Iterator[EngineProcess]:
-    handle = start_engine(tiny_llama_dir, "--max-model-len", "256")
-    yield handle
-    handle.stop()
+def engine(shared_server: Callable[..., EngineProcess]) -> EngineProcess:
+    # Shared with test_grpc_server.py and the schemathesis test (same flags): fuzzing must
+    # leave it serving and idle, which the tests here check.
+    return shared_server("--max-model-len", "256")
 
 
 @pytest.fixture(scope="module")

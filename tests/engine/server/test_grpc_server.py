@@ -2,12 +2,12 @@
 health, and a clear INVALID_ARGUMENT/NOT_FOUND for each bad input (the server keeps serving)."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from engine_process import EngineProcess, start_engine
+from engine_process import EngineProcess
 from google.protobuf import descriptor_pool, message_factory
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -28,10 +28,9 @@ from protoserve.v1 import (
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_llama_dir: Path) -> Iterator[EngineProcess]:
-    handle = start_engine(tiny_llama_dir, "--max-model-len", "256")
-    yield handle
-    handle.stop()
+def engine(shared_server: Callable[..., EngineProcess]) -> EngineProcess:
+    # Shared with test_grpc_fuzz.py and the schemathesis test (same flags).
+    return shared_server("--max-model-len", "256")
 
 
 @pytest.fixture(scope="module")
