@@ -17,7 +17,7 @@ def process_cpu_s(pid: int) -> float:
 
 def child_pid(engine_pid: int, marker: bytes) -> int | None:
     """The child of the engine process whose command line names `marker`: `rest_bridge` (the
-    bridge of `--role all`) or `engine.core_process_main` (the engine core process)."""
+    bridge of `--role all`) or `engine.core.process_main` (the engine core process)."""
     for entry in (e for e in Path("/proc").iterdir() if e.name.isdigit()):
         try:
             parent = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
@@ -36,7 +36,7 @@ class CpuMeter:
     def __init__(self, engine_pid: int | None = None) -> None:
         candidates = {"engine": engine_pid, "core": None, "bridge": None}
         if engine_pid is not None:
-            candidates["core"] = child_pid(engine_pid, b"engine.core_process_main")
+            candidates["core"] = child_pid(engine_pid, b"engine.core.process_main")
             candidates["bridge"] = child_pid(engine_pid, b"rest_bridge")
         self.pids = {name: pid for name, pid in candidates.items() if pid is not None}
 

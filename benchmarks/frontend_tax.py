@@ -2,7 +2,7 @@
 
 The same requests (random token ids, fixed input and output lengths, EOS ignored so each
 produces exactly --output-len tokens, greedy) run three ways, round-robin over --repeats rounds:
-  offline  `engine.llm.LLM.generate` in this process, no server (the engine ceiling);
+  offline  `engine.frontend.llm.LLM.generate` in this process, no server (the engine ceiling);
   grpc     protoserve.v1 Inference/Generate, --concurrency streams on one channel;
   bridge   the REST bridge's streaming /v1/completions, --concurrency HTTP clients;
   grpc-thread (opt-in) as grpc, against a second server whose step loop runs on a thread of
@@ -121,7 +121,7 @@ class Mode:
 
 
 def make_offline(model_dir: Path, args: argparse.Namespace, cpu: CpuMeter):
-    from engine.llm import LLM
+    from engine.frontend.llm import LLM
     from engine.sampling_params import SamplingParams
 
     llm = LLM(str(model_dir), dtype="bfloat16", kv_cache_memory=args.kv_cache_memory,
@@ -239,7 +239,7 @@ def report(modes: list[Mode]) -> dict[str, object]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from engine.cli import parse_bytes
+    from protoserve.cli.serve import parse_bytes
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -16,7 +16,7 @@ import statistics
 import time
 
 from benchmarks.bench_model import ensure_bench_model
-from engine.llm import LLM
+from engine.frontend.llm import LLM
 from engine.models.fused_decode import FusedDecodeLayers
 from engine.sampling_params import SamplingParams
 

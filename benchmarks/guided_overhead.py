@@ -17,7 +17,7 @@ import time
 import numpy  # noqa: F401  (import before torch, see environment notes)
 import torch
 
-from engine.llm import LLM
+from engine.frontend.llm import LLM
 from engine.sampling_params import SamplingParams
 from engine.structured import OutputConstraint
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from benchmarks.bench_model import ensure_bench_model
-from engine.llm import LLM
+from engine.frontend.llm import LLM
 from engine.runner import model_runner
 from engine.sampling_params import SamplingParams
 

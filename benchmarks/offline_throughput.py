@@ -127,7 +127,7 @@ def make_ours(
 ) -> Callable[[Prompts], Outputs]:
     """`weights_from`: a transformers model whose weights replace our dummy ones (the model
     directory then holds only a config.json)."""
-    from engine.llm import LLM
+    from engine.frontend.llm import LLM
     from engine.sampling_params import SamplingParams
 
     output_len = args.output_len

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from benchmarks.bench_model import DEFAULT_MODEL_DIR, ensure_bench_model
-from engine.llm import LLM
+from engine.frontend.llm import LLM
 from engine.sampling_params import SamplingParams
 
 

@@ -12,7 +12,7 @@ the best run of a large square GEMM in the model dtype (the fastest of F.linear,
 oneDNN-packed weight and our bf16 panel kernel). Best runs, because other load on a shared
 machine only lowers them, and a lowered floor would flatter the engine. The
 measured step is the engine's whole `step()` (schedule, forward, sample, update) on steps where
-every running sequence decodes, timed in process through `engine.llm.LLM`.
+every running sequence decodes, timed in process through `engine.frontend.llm.LLM`.
 "% of roofline" = floor / measured; target: batch-1 decode >= 70% of the bandwidth floor.
 
 Run from the repository root:
@@ -291,7 +291,7 @@ def main() -> None:
         {"batch": batch, "context_len_mean": args.input_len + args.output_len / 2}
         for batch in args.batch_sizes]
     if not args.skip_engine:
-        from engine.llm import LLM
+        from engine.frontend.llm import LLM
 
         llm = LLM(str(model_dir), dtype=args.dtype, kv_cache_memory=1 << 30,
                   max_num_seqs=max(args.batch_sizes))

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from engine.batch import ScheduledRequest
+from engine.core.batch import ScheduledRequest
 from engine.sampling import Sampler
 from engine.sampling_params import SamplingParams
 

@@ -25,8 +25,8 @@ from benchmarks.bench_model import (
     ensure_bench_model,
     ensure_shape_dir,
 )
-from engine.llm import LLM
-from engine.request import Request
+from engine.frontend.llm import LLM
+from engine.core.request import Request
 from engine.sampling_params import SamplingParams
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.pooling_params import PoolingParams
-from engine.request import FinishReason
+from engine.core.request import FinishReason
 from engine.sampling_params import SamplingParams
 from engine.structured.constraint import OutputConstraint
 

@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_http_args(parser)
     add_chat_args(parser)
-    # Set by engine-serve for the bridge it supervises (engine/bridge_child.py), not by hand:
+    # Set by engine-serve for the bridge it supervises (protoserve/cli/bridge_child.py),
+    # not by hand:
     # the listening socket it bound, its end of the supervisor socket pair, and its pid.
     for flag in ("--listen-fd", "--supervisor-fd", "--supervisor-pid"):
         parser.add_argument(flag, type=int, default=None, help=argparse.SUPPRESS)

@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "config.yaml"
 sys.path.insert(0, str(ROOT))
 
-from engine.cli import build_parser  # noqa: E402
-from engine.config_file import CONFIG_FLAG, primary_long_option  # noqa: E402
+from protoserve.cli.serve import build_parser  # noqa: E402
+from protoserve.cli.config_file import CONFIG_FLAG, primary_long_option  # noqa: E402
 
 HEADER = """\
 # engine-serve configuration: engine-serve --config examples/config.yaml

@@ -1,5 +1,5 @@
-"""Starting `engine-serve` (python -m engine.cli) as a real subprocess on 127.0.0.1 and waiting
-until it is ready."""
+"""Starting `engine-serve` (python -m protoserve.cli.serve) as a real subprocess on 127.0.0.1 and
+waiting until it is ready."""
 from __future__ import annotations
 
 import os
@@ -76,7 +76,7 @@ def core_process_pids(server_pid: int) -> list[int]:
                 argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
             except FileNotFoundError:
                 continue
-            if b"engine.core_process_main" in argv:
+            if b"engine.core.process_main" in argv:
                 found.append(pid)
     return found
 
@@ -142,7 +142,7 @@ def start_engine(
     require_e2e_marker("engine-serve started")
     grpc_port = free_port()
     http_port = free_port() if role == "all" else None
-    args = [sys.executable, "-m", "engine.cli", "--role", role, "--model", str(model_dir),
+    args = [sys.executable, "-m", "protoserve.cli.serve", "--role", role, "--model", str(model_dir),
             "--host", "127.0.0.1", "--grpc-port", str(grpc_port), "--dtype", "float32",
             "--log-level", "warning"]
     if kv_cache_memory is not None:  # None: the engine sizes it (on CUDA, by profiling)

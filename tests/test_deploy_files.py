@@ -33,7 +33,7 @@ def test_k8s_deployment_probes_socket_and_drain() -> None:
     assert {v["name"] for v in pod["volumes"]} >= {"sockets"}
     assert bridge["readinessProbe"]["httpGet"]["path"] == "/health"
     # Every flag the example passes exists.
-    from engine.cli import build_parser
+    from protoserve.cli.serve import build_parser
 
     build_parser().parse_args([a for a in engine["args"]])
 

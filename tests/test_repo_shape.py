@@ -41,6 +41,18 @@ class ImportRule:
 
 RULES = [
     ImportRule(scope="rest_bridge", forbidden="engine"),
+    # The bridge runs without the engine, so also without the launcher that knows both.
+    ImportRule(scope="rest_bridge", forbidden="protoserve.cli"),
+    # The engine never depends on the bridge; protoserve/cli is the one place knowing both.
+    ImportRule(scope="engine", forbidden="rest_bridge"),
+    ImportRule(scope="engine", forbidden="protoserve.cli"),
+    # The shared contract package depends on neither side (protoserve/cli aside).
+    ImportRule(scope="protoserve", forbidden="engine", exempt=("protoserve/cli",)),
+    ImportRule(scope="protoserve", forbidden="rest_bridge", exempt=("protoserve/cli",)),
+    # The serving side drives the core; nothing below it reaches back up to the serving side.
+    ImportRule(scope="engine", forbidden="engine.frontend",
+               exempt=("engine/frontend", "engine/server")),
+    ImportRule(scope="engine", forbidden="engine.server", exempt=("engine/server",)),
     ImportRule(scope="engine/scheduler", forbidden="torch"),
     ImportRule(scope="engine/kv_cache", forbidden="torch"),
     ImportRule(scope="engine", forbidden="protoserve.v1", exempt=("engine/server",)),
@@ -114,8 +126,13 @@ def test_checkers_catch_synthetic_violations(tmp_path: Path) -> None:
         "engine/kv_cache/pool.py": "def f() -> None:\n    from torch import Tensor\n",
         "engine/kv_cache/ok.py": "import torchvision_like_name\nfrom ..request import Request\n",
         "engine/runner/prep.py": "from protoserve import v1\n",
-        "engine/core.py": "from .server import convert\nfrom . import config\n",
         "engine/server/convert.py": "from protoserve.v1 import common_pb2\nimport torch\n",
+        "engine/core/loop.py": "from engine.frontend.engine_loop import X\nfrom ..config import C\n",
+        "engine/frontend/served.py": "from engine.core.loop import run\nimport rest_bridge.cli\n",
+        "engine/server/app.py": "from engine.frontend import served\nfrom protoserve import cli\n",
+        "rest_bridge/serve.py": "from protoserve.cli.serve import main\n",
+        "protoserve/tracing.py": "from engine.errors import EngineError\n",
+        "protoserve/cli/serve.py": "from engine.config import C\nfrom rest_bridge import cli\n",
         "engine/models/llama.py": "import torch\n" + "x = 1\n" * (MAX_LINES - 1),
         "engine/models/big.py": "x = 1\n" * (MAX_LINES + 1),
         "protoserve/v1/huge_pb2.py": "x = 1\n" * (MAX_LINES + 1),
@@ -127,12 +144,20 @@ def test_checkers_catch_synthetic_violations(tmp_path: Path) -> None:
 
     found = import_violations(tmp_path, files, RULES)
     assert [v.split(" (")[0] for v in found] == [
+        "engine/core/loop.py:1 imports engine.frontend.engine_loop",
+        "engine/core/loop.py:1 imports engine.frontend.engine_loop.X",
+        "engine/frontend/served.py:2 imports rest_bridge.cli",
         "engine/kv_cache/pool.py:2 imports torch",
         "engine/kv_cache/pool.py:2 imports torch.Tensor",
         "engine/runner/prep.py:1 imports protoserve.v1",
         "engine/scheduler/policy.py:1 imports torch.nn",
+        "engine/server/app.py:2 imports protoserve.cli",
+        "protoserve/tracing.py:1 imports engine.errors",
+        "protoserve/tracing.py:1 imports engine.errors.EngineError",
         "rest_bridge/app.py:1 imports engine.config",
         "rest_bridge/app.py:1 imports engine.config.EngineConfig",
         "rest_bridge/routes/chat.py:1 imports engine",
+        "rest_bridge/serve.py:1 imports protoserve.cli.serve",
+        "rest_bridge/serve.py:1 imports protoserve.cli.serve.main",
     ]
     assert oversized(tmp_path, files, MAX_LINES) == [f"engine/models/big.py: {MAX_LINES + 1} lines"]

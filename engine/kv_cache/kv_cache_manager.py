@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from engine.kv_cache.block_hash import extend_block_hashes
 from engine.kv_cache.block_pool import BlockPool, KVBlock
-from engine.request import Request
+from engine.core.request import Request
 
 
 @dataclass(frozen=True, slots=True)

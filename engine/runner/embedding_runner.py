@@ -2,10 +2,10 @@
 executor, no KV cache and no sampler."""
 from __future__ import annotations
 
-from engine.batch import ScheduledBatch
+from engine.core.batch import ScheduledBatch
 from engine.config import ModelConfig
 from engine.models.loader import LoadedModel, load_model
-from engine.outputs import ModelRunnerOutput
+from engine.core.outputs import ModelRunnerOutput
 from engine.runner.pooling import PoolingExecutor, resolve_pooling_type
 
 

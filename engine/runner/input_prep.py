@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from engine.attention.backend import AttentionMetadata, PrefillSequence
-from engine.batch import ScheduledBatch, ScheduledRequest
+from engine.core.batch import ScheduledBatch, ScheduledRequest
 
 
 @dataclass(frozen=True, slots=True)

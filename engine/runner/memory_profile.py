@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.batch import ScheduledBatch, ScheduledRequest
+from engine.core.batch import ScheduledBatch, ScheduledRequest
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)

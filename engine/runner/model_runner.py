@@ -6,10 +6,10 @@ import logging
 import torch
 
 from engine.attention import resolve_attention_backend
-from engine.batch import ScheduledBatch
+from engine.core.batch import ScheduledBatch
 from engine.config import CacheConfig, ModelConfig
 from engine.models.loader import LoadedModel, load_model, resolve_device
-from engine.outputs import ModelRunnerOutput
+from engine.core.outputs import ModelRunnerOutput
 from engine.runner.input_prep import prepare_inputs
 from engine.runner.kv_memory import (
     KVCacheSpec,

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from engine.batch import ScheduledBatch, ScheduledPooling, ScheduledRequest
+from engine.core.batch import ScheduledBatch, ScheduledPooling, ScheduledRequest
 from engine.models.loader import LoadedModel
-from engine.outputs import ModelRunnerOutput
+from engine.core.outputs import ModelRunnerOutput
 from engine.pooling_params import PoolingParams
 from engine.runner.input_prep import prepare_inputs
 from engine.runner.kv_memory import KVCacheSpec, allocate_kv_caches

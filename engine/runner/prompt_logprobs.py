@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from engine.batch import ScheduledRequest
-from engine.outputs import TokenLogprobs
+from engine.core.batch import ScheduledRequest
+from engine.core.outputs import TokenLogprobs
 from engine.sampling.logprobs import compute_token_logprobs
 
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.outputs import TokenLogprobs
+from engine.core.outputs import TokenLogprobs
 from engine.sampling_params import SamplingParams
 
 

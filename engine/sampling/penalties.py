@@ -18,7 +18,7 @@ from itertools import chain
 
 import torch
 
-from engine.batch import ScheduledRequest
+from engine.core.batch import ScheduledRequest
 from engine.sampling_params import SamplingParams
 
 

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.batch import ScheduledRequest
-from engine.outputs import TokenLogprobs
+from engine.core.batch import ScheduledRequest
+from engine.core.outputs import TokenLogprobs
 from engine.sampling.draw import exponential_race, greedy, greedy_token_ids, make_generator
 from engine.sampling.grammar_mask import apply_grammar_mask
 

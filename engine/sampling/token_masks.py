@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.batch import ScheduledRequest
+from engine.core.batch import ScheduledRequest
 from engine.sampling_params import SamplingParams
 
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 import logging
 import time
 
-from engine.batch import ScheduledBatch, ScheduledPooling, ScheduledRequest
+from engine.core.batch import ScheduledBatch, ScheduledPooling, ScheduledRequest
 from engine.config import SchedulerConfig
 from engine.kv_cache import KVCacheManager
 from engine.kv_cache.kv_cache_manager import NO_HIT
-from engine.outputs import ModelRunnerOutput, RequestOutput
-from engine.request import FinishReason, Request, RequestStatus
+from engine.core.outputs import ModelRunnerOutput, RequestOutput
+from engine.core.request import FinishReason, Request, RequestStatus
 from engine.scheduler.stop_conditions import check_stop
 from engine.scheduler.waiting_queue import make_waiting_queue
 

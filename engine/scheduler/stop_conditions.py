@@ -2,7 +2,7 @@
 checked by the engine loop after detokenization."""
 from __future__ import annotations
 
-from engine.request import FinishReason, Request
+from engine.core.request import FinishReason, Request
 
 
 def check_stop(request: Request, max_model_len: int) -> tuple[FinishReason, int | None] | None:

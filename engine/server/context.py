@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from engine.engine import Engine
+from engine.frontend.served_model import Engine
 from engine.errors import (
     EngineError,
     EngineUnavailableError,

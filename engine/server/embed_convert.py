@@ -2,11 +2,11 @@
 end: validate, queue one pooling request per input, answer the vectors in input order."""
 from __future__ import annotations
 
-from engine.engine import Engine
+from engine.frontend.served_model import Engine
 from engine.errors import InvalidRequestError
 from engine.generation import EmbeddingRequest, PromptInput
 from engine.pooling_params import PoolingParams
-from engine.pooling_stream import embedding_of
+from engine.frontend.pooling_stream import embedding_of
 from engine.server.proto_convert import chat_from_pb
 from protoserve.v1 import inference_pb2
 

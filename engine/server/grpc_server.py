@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine.config import EngineConfig
-from engine.engine import Engine
+from engine.frontend.served_model import Engine
 from engine.server.context import EngineHandle
 from engine.server.health_servicer import HealthServicer
 from engine.server.inference_servicer import InferenceServicer

@@ -8,8 +8,8 @@ from contextlib import aclosing
 import grpc
 
 from engine.errors import InvalidRequestError, QueueFullError, SlowConsumerError
-from engine.best_of import select_best_of
-from engine.beam_search_driver import beam_search
+from engine.frontend.best_of import select_best_of
+from engine.frontend.beam_search_driver import beam_search
 from engine.generation import GenerationEvent, GenerationFinished, GenerationStarted
 from engine.server.context import REQUEST_ID_KEY, EngineHandle, abort_for, request_id_from
 from engine.server.embed_convert import embed, embedding_request_from_pb

@@ -6,7 +6,7 @@ import grpc
 from engine.errors import EngineUnavailableError, InvalidRequestError
 
 import protoserve
-from engine.engine import Engine
+from engine.frontend.served_model import Engine
 from engine.server.context import EngineHandle, abort_for
 from engine.server.proto_convert import chat_from_pb
 from engine.server.request_tracker import load_snapshot

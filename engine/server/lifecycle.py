@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from engine.engine import Engine
+from engine.frontend.served_model import Engine
 from engine.errors import EngineUnavailableError
 from engine.server.context import EngineHandle
 from engine.server.request_tracker import load_snapshot

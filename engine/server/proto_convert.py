@@ -17,7 +17,7 @@ from engine.generation import (
     PromptInput,
     TokenLogprob,
 )
-from engine.request import FinishReason
+from engine.core.request import FinishReason
 from engine.sampling_params import SamplingParams
 from engine.structured.constraint import OutputConstraint
 

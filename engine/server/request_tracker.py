@@ -16,7 +16,7 @@ from typing import Any
 
 from engine.errors import DeadlineExceededError, EngineError, QueueFullError, SlowConsumerError
 from engine.generation import GenerationDelta, GenerationEvent, GenerationFinished, GenerationStarted
-from engine.request import FinishReason
+from engine.core.request import FinishReason
 from protoserve.serving_metrics import LoadSnapshot, RequestRecord, ServingMetrics
 from protoserve.tracing import end_span
 

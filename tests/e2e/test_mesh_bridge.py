@@ -235,7 +235,8 @@ def _waiting(channel: grpc.Channel) -> int:
 
 
 def _restart_engine(model_dir: Path, port: str) -> EngineProcess:
-    args = [sys.executable, "-m", "engine.cli", "--role", "engine", "--model", str(model_dir),
+    args = [sys.executable, "-m", "protoserve.cli.serve", "--role", "engine",
+            "--model", str(model_dir),
             "--host", "127.0.0.1", "--grpc-port", port, "--dtype", "float32",
             "--kv-cache-memory", "64MiB", "--log-level", "warning"]
     process = subprocess.Popen(args, cwd=REPO_ROOT, start_new_session=True)

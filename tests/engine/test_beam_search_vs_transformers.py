@@ -1,5 +1,5 @@
-"""Beam search (engine/beam_search.py over the real engine, offline LLM) against transformers'
-`generate(num_beams=4, do_sample=False, ...)` on a tiny float32 Llama.
+"""Beam search (engine/frontend/beam_search.py over the real engine, offline LLM) against
+transformers' `generate(num_beams=4, do_sample=False, ...)` on a tiny float32 Llama.
 
 The model's logits are made peaked (large weights) so that beams are far from ties, and its EOS
 row is scaled up so that EOS competes: hypotheses finish at EOS, at max_new_tokens, and the
@@ -14,10 +14,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from engine.beam_search import BeamCandidate, BeamSearch
+from engine.frontend.beam_search import BeamCandidate, BeamSearch
 from engine.errors import InvalidRequestError
-from engine.llm import LLM
-from engine.request import FinishReason
+from engine.frontend.llm import LLM
+from engine.core.request import FinishReason
 from engine.sampling_params import SamplingParams
 
 VOCAB = 384

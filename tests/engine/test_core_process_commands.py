@@ -12,10 +12,10 @@ from multiprocessing.connection import Connection
 import pytest
 from model_factory import make_tiny_tokenizer
 
-from engine.core_loop import AbortRequests, AddRequests, Inbox
-from engine.core_messages import CoreOutputs
-from engine.core_process_main import _Channel, _CommandReader
-from engine.request import FinishReason, Request
+from engine.core.loop import AbortRequests, AddRequests, Inbox
+from engine.core.messages import CoreOutputs
+from engine.core.process_main import _Channel, _CommandReader
+from engine.core.request import FinishReason, Request
 from engine.sampling_params import SamplingParams
 from engine.structured.compiler import GrammarCompiler
 from engine.structured.constraint import OutputConstraint
@@ -110,11 +110,11 @@ def test_a_core_process_whose_server_dies_while_it_loads_exits(tiny_llama_dir) -
     import sys
 
     from engine.config import EngineConfig, ModelConfig
-    from engine.core_messages import CoreStart
+    from engine.core.messages import CoreStart
 
     ours, theirs = socket.socketpair()
     process = subprocess.Popen(
-        [sys.executable, "-m", "engine.core_process_main", str(theirs.fileno())],
+        [sys.executable, "-m", "engine.core.process_main", str(theirs.fileno())],
         pass_fds=(theirs.fileno(),), stderr=subprocess.PIPE, text=True,
     )
     theirs.close()

@@ -14,7 +14,7 @@ from greedy_reference import (
     prompts_from,
 )
 
-from engine.llm import LLM
+from engine.frontend.llm import LLM
 from engine.sampling_params import SamplingParams
 
 

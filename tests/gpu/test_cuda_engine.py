@@ -17,7 +17,7 @@ from greedy_reference import (
     transformers_greedy,
 )
 
-from engine.llm import LLM
+from engine.frontend.llm import LLM
 from engine.sampling_params import SamplingParams
 
 pytestmark = [

@@ -11,7 +11,7 @@ from paged_cases import fresh_generator, make_paged_case, reference_decode, stri
 
 from engine import ops
 from engine.attention import get_attention_backend
-from engine.batch import ScheduledBatch, ScheduledRequest
+from engine.core.batch import ScheduledBatch, ScheduledRequest
 from engine.runner.input_prep import prepare_inputs
 from engine.sampling_params import SamplingParams
 

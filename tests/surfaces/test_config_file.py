@@ -10,8 +10,8 @@ import openai
 import pytest
 from engine_process import REPO_ROOT, start_engine
 
-from engine.cli import build_parser
-from engine.config_file import ConfigFileError, long_options, parse_args_with_config
+from protoserve.cli.serve import build_parser
+from protoserve.cli.config_file import ConfigFileError, long_options, parse_args_with_config
 
 
 def _write(tmp_path: Path, text: str, name: str = "config.yaml") -> str:
@@ -84,7 +84,7 @@ def test_bad_files_name_the_key(tmp_path: Path, text: str, fragment: str) -> Non
 
 def test_bad_file_exits_2_with_one_line(tmp_path: Path) -> None:
     path = _write(tmp_path, "max-num-seqs: 4\nno-such-option: 1\n")
-    result = subprocess.run([sys.executable, "-m", "engine.cli", "--config", path],
+    result = subprocess.run([sys.executable, "-m", "protoserve.cli.serve", "--config", path],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

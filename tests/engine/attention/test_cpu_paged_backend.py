@@ -16,7 +16,7 @@ from torch.utils import cpp_extension
 
 from engine import native_build, ops
 from engine.attention import get_attention_backend, resolve_attention_backend
-from engine.batch import ScheduledBatch, ScheduledRequest
+from engine.core.batch import ScheduledBatch, ScheduledRequest
 from engine.config import CacheConfig, ModelConfig
 from engine.runner.input_prep import prepare_inputs
 from engine.runner.model_runner import ModelRunner

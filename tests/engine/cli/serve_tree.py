@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 READINESS = "protoserve.v1.Inference"
 LIVENESS = ""
-_MARKERS = {"bridge": b"rest_bridge", "core": b"engine.core_process_main"}
+_MARKERS = {"bridge": b"rest_bridge", "core": b"engine.core.process_main"}
 
 
 def children(server_pid: int) -> dict[str, int]:

@@ -2,8 +2,8 @@
 own parser into the settings those flags mean (no process started)."""
 from __future__ import annotations
 
-from engine.bridge_child import bridge_args
-from engine.cli import build_parser
+from protoserve.cli.bridge_child import bridge_args
+from protoserve.cli.serve import build_parser
 
 from rest_bridge.cli import build_parser as bridge_parser
 from rest_bridge.cli import settings_from_args

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from engine.cli import build_parser as engine_serve_parser
+from protoserve.cli.serve import build_parser as engine_serve_parser
 from rest_bridge.cli import build_parser as engine_bridge_parser
 
 

@@ -29,7 +29,7 @@ def taken_port() -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
-def _run(*args: str, module: str = "engine.cli") -> subprocess.CompletedProcess[str]:
+def _run(*args: str, module: str = "protoserve.cli.serve") -> subprocess.CompletedProcess[str]:
     """Run to its end in a process group of its own; nothing of the group may outlive it."""
     process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO_ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -85,12 +85,13 @@ def test_a_unix_socket_a_live_server_holds_is_taken(tmp_path: Path) -> None:
     assert path.exists()  # the other server's socket is left alone
 
 
-@pytest.mark.parametrize("command", [("engine.cli", "--role", "bridge"), ("rest_bridge",)])
+@pytest.mark.parametrize("command", [("protoserve.cli.serve", "--role", "bridge"),
+                                     ("rest_bridge",)])
 def test_a_taken_port_stops_the_bridge(taken_port: int, command: tuple[str, ...]) -> None:
     module, *role = command
     result = _run(*role, "--engine-address", "127.0.0.1:1", "--host", "127.0.0.1",
                   "--port", str(taken_port), module=module)
-    prog = "engine-serve" if module == "engine.cli" else "engine-bridge"
+    prog = "engine-serve" if module == "protoserve.cli.serve" else "engine-bridge"
     assert _one_error_line(result) == (
         f"{prog}: error: cannot listen on 127.0.0.1:{taken_port} (--port): {IN_USE}")
 

@@ -102,7 +102,7 @@ def test_role_bridge_drains_and_exits_zero_on_sigterm() -> None:
     port = free_port()
     # No engine behind it: the bridge serves (/ping) without one.
     process = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "--role", "bridge", "--engine-address",
+        [sys.executable, "-m", "protoserve.cli.serve", "--role", "bridge", "--engine-address",
          f"127.0.0.1:{free_port()}", "--host", "127.0.0.1", "--port", str(port)],
         cwd=REPO_ROOT, start_new_session=True,
     )

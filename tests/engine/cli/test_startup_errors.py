@@ -14,7 +14,7 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 
 def _serve(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "engine.cli", "--role", "engine", "--host", "127.0.0.1",
+        [sys.executable, "-m", "protoserve.cli.serve", "--role", "engine", "--host", "127.0.0.1",
          "--grpc-port", "0", "--log-level", "error", *args],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )
@@ -46,7 +46,7 @@ def test_unservable_model_fails_with_one_line(tmp_path: Path, make_dir, expected
 _WITHOUT_OTLP_EXPORTER = (
     # The exporter made unimportable, as on a machine without the otel extra.
     "import sys; sys.modules['opentelemetry.exporter.otlp.proto.grpc.trace_exporter'] = None; "
-    "from engine.cli import main; sys.exit(main(sys.argv[1:]))"
+    "from protoserve.cli.serve import main; sys.exit(main(sys.argv[1:]))"
 )
 
 
@@ -54,7 +54,7 @@ _WITHOUT_OTLP_EXPORTER = (
     ("command", "env", "expected"),
     [
         (["-c", _WITHOUT_OTLP_EXPORTER], {}, "pip install 'protoserve[otel]'"),
-        (["-m", "engine.cli"], {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "carrier-pigeon"},
+        (["-m", "protoserve.cli.serve"], {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "carrier-pigeon"},
          "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"),
     ],
 )

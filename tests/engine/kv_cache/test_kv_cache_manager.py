@@ -9,7 +9,7 @@ import pytest
 
 from engine.kv_cache import KVCacheManager
 from engine.kv_cache.block_hash import extend_block_hashes, hash_block
-from engine.request import Request
+from engine.core.request import Request
 from engine.sampling_params import SamplingParams
 
 BS = 4  # block size used throughout

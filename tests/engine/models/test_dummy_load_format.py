@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.cli import build_parser, engine_config_from_args
+from protoserve.cli.serve import build_parser, engine_config_from_args
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
-from engine.llm import LLM
+from engine.frontend.llm import LLM
 from engine.models.loader import load_model, resolve_device
 from engine.sampling_params import SamplingParams
 

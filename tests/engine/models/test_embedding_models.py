@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from engine.batch import ScheduledBatch, ScheduledPooling
+from engine.core.batch import ScheduledBatch, ScheduledPooling
 from engine.config import ModelConfig
 from engine.pooling_params import PoolingParams
 from engine.runner.embedding_runner import EmbeddingRunner

@@ -10,7 +10,7 @@ import pytest
 from model_factory import build_tiny_model
 
 from engine import ops
-from engine.llm import LLM
+from engine.frontend.llm import LLM
 from engine.models.fused_decode import FusedDecodeLayers
 from engine.sampling_params import SamplingParams
 

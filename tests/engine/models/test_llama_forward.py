@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
 
-from engine.batch import ScheduledBatch, ScheduledRequest
+from engine.core.batch import ScheduledBatch, ScheduledRequest
 from engine.config import ModelConfig
 from engine.models.loader import LoadedModel, load_model
 from engine.runner.input_prep import prepare_inputs

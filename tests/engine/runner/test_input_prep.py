@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.attention.torch_backend import decode_mask
-from engine.batch import ScheduledBatch, ScheduledRequest
+from engine.core.batch import ScheduledBatch, ScheduledRequest
 from engine.runner.input_prep import prepare_inputs
 from engine.sampling_params import SamplingParams
 

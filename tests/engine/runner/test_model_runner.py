@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from engine.batch import ScheduledBatch, ScheduledRequest
+from engine.core.batch import ScheduledBatch, ScheduledRequest
 from engine.config import CacheConfig, ModelConfig
 from engine.runner.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from engine.batch import ScheduledRequest
+from engine.core.batch import ScheduledRequest
 from engine.sampling import Sampler
 from engine.sampling.draw import argmax_rows, greedy, greedy_token_ids
 from engine.sampling_params import SamplingParams

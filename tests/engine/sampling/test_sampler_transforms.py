@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from engine.batch import ScheduledRequest
+from engine.core.batch import ScheduledRequest
 from engine.sampling.logit_bias import apply_logit_bias
 from engine.sampling.penalties import apply_penalties
 from engine.sampling.temperature import apply_temperature

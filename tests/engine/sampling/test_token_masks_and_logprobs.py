@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from engine.batch import ScheduledRequest
+from engine.core.batch import ScheduledRequest
 from engine.sampling import Sampler
 from engine.sampling_params import SamplingParams
 

@@ -17,11 +17,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine.batch import ScheduledBatch, ScheduledRequest
+from engine.core.batch import ScheduledBatch, ScheduledRequest
 from engine.config import SchedulerConfig
 from engine.kv_cache import KVCacheManager
-from engine.outputs import ModelRunnerOutput, RequestOutput
-from engine.request import FinishReason, Request, RequestStatus
+from engine.core.outputs import ModelRunnerOutput, RequestOutput
+from engine.core.request import FinishReason, Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 

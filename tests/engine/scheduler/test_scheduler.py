@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.request import FinishReason
+from engine.core.request import FinishReason
 from scheduler_harness import Harness, expected_tokens, make_request, prompt
 
 

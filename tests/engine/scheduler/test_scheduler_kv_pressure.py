@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.request import FinishReason, Request
+from engine.core.request import FinishReason, Request
 from scheduler_harness import Harness, expected_tokens, make_request, prompt, run_alone
 
 BS = 4

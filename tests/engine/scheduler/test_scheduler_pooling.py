@@ -3,10 +3,10 @@ no KV blocks, finished after one step with their vector, and queued in the same 
 as generation requests."""
 from __future__ import annotations
 
-from engine.batch import ScheduledBatch
-from engine.outputs import ModelRunnerOutput, RequestOutput
+from engine.core.batch import ScheduledBatch
+from engine.core.outputs import ModelRunnerOutput, RequestOutput
 from engine.pooling_params import PoolingParams
-from engine.request import FinishReason, Request
+from engine.core.request import FinishReason, Request
 from engine.sampling_params import SamplingParams
 from scheduler_harness import FakeRunner, Harness, make_request, prompt
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from engine.request import FinishReason
+from engine.core.request import FinishReason
 from scheduler_harness import EOS, Harness, TokenScript, default_token, make_request
 
 

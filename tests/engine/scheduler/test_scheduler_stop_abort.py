@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from engine.request import FinishReason, RequestStatus
+from engine.core.request import FinishReason, RequestStatus
 from scheduler_harness import EOS, Harness, expected_tokens, make_request, prompt, scripted
 
 P = 5  # prompt length: output token i sits at position P + i

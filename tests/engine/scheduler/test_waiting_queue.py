@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.request import Request
+from engine.core.request import Request
 from engine.scheduler.waiting_queue import WaitingQueue, make_waiting_queue
 from scheduler_harness import make_request
 

@@ -17,7 +17,7 @@ from greedy_reference import NUM_NEW_TOKENS, make_peaked_model, prompts_from, tr
 from mesh_helpers import get_load, wait_idle, wait_until
 from model_factory import make_tiny_tokenizer
 
-from engine.request import Request
+from engine.core.request import Request
 from engine.sampling_params import SamplingParams
 from engine.structured.constraint import OutputConstraint
 from protoserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from engine.generation import GenerationDelta, GenerationFinished, GenerationStarted
-from engine.request import FinishReason
+from engine.core.request import FinishReason
 from engine.server.request_tracker import RequestTracker, ServingOptions
 from protoserve.serving_metrics import ServingMetrics
 

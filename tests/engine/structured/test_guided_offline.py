@@ -19,8 +19,8 @@ from guided_helpers import (
 )
 
 from engine.errors import InvalidRequestError
-from engine.llm import LLM
-from engine.request import FinishReason, Request
+from engine.frontend.llm import LLM
+from engine.core.request import FinishReason, Request
 from engine.sampling_params import SamplingParams
 from engine.structured import OutputConstraint
 from engine.structured.compiler import GrammarCompiler

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from engine.generation import PositionLogprobs, TokenLogprob
-from engine.outputs import TokenLogprobs
+from engine.core.outputs import TokenLogprobs
 from engine.tokenizer import Tokenizer
 
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
-from engine.core_build import (
+from engine.core.build import (
     ModelFacts,
     build_core,
     load_tokenizer,
@@ -20,12 +20,12 @@ from engine.core_build import (
     resolve_task,
     served_eos_ids,
 )
-from engine.core_loop import ThreadedCore
-from engine.core_process import ProcessCore
-from engine.embedding_input import EmbeddingInputProcessor, EmbeddingLimits
-from engine.engine_loop import CoreClient, EngineLoop
-from engine.input_processor import InputProcessor
-from engine.sampling_resolution import ModelLimits
+from engine.core.loop import ThreadedCore
+from engine.frontend.core_client import ProcessCore
+from engine.frontend.embedding_input import EmbeddingInputProcessor, EmbeddingLimits
+from engine.frontend.engine_loop import CoreClient, EngineLoop
+from engine.frontend.input_processor import InputProcessor
+from engine.frontend.sampling_resolution import ModelLimits
 from engine.tokenizer import Tokenizer
 
 

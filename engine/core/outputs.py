@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.request import FinishReason
+from engine.core.request import FinishReason
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """engine-serve's production-serving flags: back-pressure, deadlines, drain, engine-death
 handling, metrics, request logs and tracing (kept apart from cli.py's model flags). The run
-loop they drive is engine/serve_loop.py."""
+loop they drive is protoserve/cli/serve_loop.py."""
 from __future__ import annotations
 
 import argparse

@@ -14,7 +14,7 @@ preparation, sampling, dispatching dozens of ops per layer), and the serving thr
 the number of streams. In another process the two run truly in parallel; what crosses is one
 small pickled message per step.
 
-The child is started with `python -m engine.core_process_main FD` on one end of a socket pair.
+The child is started with `python -m engine.core.process_main FD` on one end of a socket pair.
 It ignores SIGINT/SIGTERM (a drain must be able to finish the requests it runs; the serving
 process stops it with StopCore) and exits as soon as its socket reports that the serving
 process is gone.
@@ -32,9 +32,9 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from engine.config import EngineConfig
-from engine.core_build import ModelFacts
-from engine.core_loop import CoreCommand, CoreStats, StopCore
-from engine.core_messages import (
+from engine.core.build import ModelFacts
+from engine.core.loop import CoreCommand, CoreStats, StopCore
+from engine.core.messages import (
     CoreBeat,
     CoreDied,
     CoreFailed,
@@ -43,7 +43,7 @@ from engine.core_messages import (
     CoreStart,
 )
 from engine.errors import EngineUnavailableError, ModelLoadError
-from engine.outputs import RequestOutput
+from engine.core.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class ProcessCore:
         Raises ModelLoadError when it cannot (the child's reason), or when it exits."""
         parent_socket, child_socket = socket.socketpair()
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "engine.core_process_main", str(child_socket.fileno())],
+            [sys.executable, "-m", "engine.core.process_main", str(child_socket.fileno())],
             pass_fds=(child_socket.fileno(),),
         )
         _track_starting(self._process)

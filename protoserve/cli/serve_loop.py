@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING
 from protoserve.listeners import tcp_address
 
 if TYPE_CHECKING:  # the server stack is imported lazily: `engine-serve --help` stays fast
-    from engine.bridge_child import BridgeChild
+    from protoserve.cli.bridge_child import BridgeChild
     from engine.server.grpc_server import EngineServer
 
-logger = logging.getLogger("engine.cli")
+logger = logging.getLogger("protoserve.cli.serve")
 
 _stop_signalled = False
 
@@ -115,7 +115,7 @@ async def _supervise(server: EngineServer, args: argparse.Namespace,
                 await server.stop(0)
                 raise load.exception()
             if bridge_exit in done and bridge_exit.result() != 0:
-                from engine.core_process import describe_exit
+                from engine.frontend.core_client import describe_exit
 
                 return await _fail(server, bridge, load, f"the REST bridge (pid {bridge.pid}) "
                                    f"{describe_exit(bridge_exit.result())}")
@@ -174,7 +174,7 @@ async def _fail(server: EngineServer, bridge: BridgeChild | None, load: asyncio.
 def _abort_loading(load: asyncio.Task) -> None:
     """The load runs on a thread that asyncio cannot cancel, and the process would wait for
     it at exit: a core process still loading is killed, which ends that thread at once."""
-    from engine.core_process import abort_starting
+    from engine.frontend.core_client import abort_starting
 
     load.cancel()
     abort_starting()

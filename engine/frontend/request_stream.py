@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 from engine.generation import GenerationDelta, GenerationEvent, GenerationFinished
-from engine.logprob_events import to_position_logprobs, to_prompt_logprobs
-from engine.outputs import RequestOutput
-from engine.request import FinishReason, Request
+from engine.frontend.logprob_events import to_position_logprobs, to_prompt_logprobs
+from engine.core.outputs import RequestOutput
+from engine.core.request import FinishReason, Request
 from engine.tokenizer import Tokenizer
 from engine.tokenizer.stop_strings import StopStringMatcher
 

@@ -3,7 +3,7 @@
     commands (AddRequests, AbortRequests, ...) --inbox--> run_core_loop: apply, step, emit
 
 The same loop runs on a thread of the serving process (`ThreadedCore`, `--engine-core
-thread`) or in a process of its own (`engine.core_process`, the default for engine-serve),
+thread`) or in a process of its own (`engine.frontend.core_client`, the default for engine-serve),
 where the serving threads never compete with it for the GIL. Either way one thread owns the
 EngineCore; everything else talks to it through the inbox and hears back through `emit`.
 """
@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from engine.engine_core import EngineCore
-from engine.outputs import RequestOutput
-from engine.request import FinishReason, Request
+from engine.core.engine_core import EngineCore
+from engine.core.outputs import RequestOutput
+from engine.core.request import FinishReason, Request
 from protoserve.histogram import Histogram
 
 logger = logging.getLogger(__name__)

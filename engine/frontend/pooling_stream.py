@@ -7,8 +7,8 @@ import asyncio
 from dataclasses import dataclass
 
 from engine.errors import EngineUnavailableError
-from engine.outputs import RequestOutput
-from engine.request import FinishReason
+from engine.core.outputs import RequestOutput
+from engine.core.request import FinishReason
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,5 @@
 """What the engine core process and the serving process say to each other (pickled over their
-socket pair). Serving -> core: CoreStart once, then the commands of engine.core_loop. Core ->
+socket pair). Serving -> core: CoreStart once, then the commands of engine.core.loop. Core ->
 serving: CoreReady or CoreFailed once, then CoreOutputs per step, CoreBeat while idle, and
 CoreDied if the step loop fails."""
 from __future__ import annotations
@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
-from engine.core_build import ModelFacts
-from engine.core_loop import CoreStats
-from engine.outputs import RequestOutput
+from engine.core.build import ModelFacts
+from engine.core.loop import CoreStats
+from engine.core.outputs import RequestOutput
 
 
 @dataclass(frozen=True, slots=True)

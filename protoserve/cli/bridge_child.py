@@ -22,8 +22,8 @@ import socket
 import subprocess
 import sys
 
-from engine.cli_serving import bridge_serving_args
-from engine.serve_args import bridge_env, bridge_surface_args
+from protoserve.cli.serving_args import bridge_serving_args
+from protoserve.cli.surface_args import bridge_env, bridge_surface_args
 
 
 def bridge_feature_args(args: argparse.Namespace) -> list[str]:

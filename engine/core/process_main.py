@@ -1,7 +1,7 @@
-"""Entry point of the engine core process: `python -m engine.core_process_main FD`.
+"""Entry point of the engine core process: `python -m engine.core.process_main FD`.
 
-FD is this process's end of a socket pair with the serving process (`engine.core_process`).
-The first message is CoreStart; the reply is CoreReady or CoreFailed (engine.core_messages).
+FD is this process's end of a socket pair with the serving process (`engine.frontend.core_client`).
+The first message is CoreStart; the reply is CoreReady or CoreFailed (engine.core.messages).
 Then commands arrive and
 outputs leave until StopCore (then exit at once: os._exit, no interpreter teardown), or until
 the socket closes (the serving process is gone: exit at once, nothing is waiting for our
@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
-from engine.core_build import build_core, load_tokenizer, make_grammar_compiler
-from engine.core_loop import (
+from engine.core.build import build_core, load_tokenizer, make_grammar_compiler
+from engine.core.loop import (
     IDLE_WAIT_S,
     AbortRequests,
     AddRequests,
@@ -33,7 +33,7 @@ from engine.core_loop import (
     run_core_loop,
     start_step_thread,
 )
-from engine.core_messages import (
+from engine.core.messages import (
     CoreBeat,
     CoreDied,
     CoreFailed,
@@ -41,12 +41,12 @@ from engine.core_messages import (
     CoreReady,
     CoreStart,
 )
-from engine.engine_core import EngineCore
-from engine.outputs import RequestOutput
-from engine.request import FinishReason, Request
+from engine.core.engine_core import EngineCore
+from engine.core.outputs import RequestOutput
+from engine.core.request import FinishReason, Request
 from engine.structured.compiler import GrammarCompiler
 
-logger = logging.getLogger("engine.core_process")
+logger = logging.getLogger(__name__)
 
 
 CoreMessage = CoreReady | CoreFailed | CoreOutputs | CoreBeat | CoreDied

@@ -1,7 +1,7 @@
 """Runs a `use_beam_search` request over the engine loop (asyncio side).
 
 Each step submits one single-token greedy request per live beam, prompt = prompt + beam tokens,
-asking for the top K logprobs (K = engine.beam_search.BeamSearch.num_candidates, 2 * width
+asking for the top K logprobs (K = engine.frontend.beam_search.BeamSearch.num_candidates, 2 * width
 or more; such a beam expansion is not bounded by --max-logprobs, which limits only what a
 client asks to see). Greedy rows with no penalty, bias or mask report the model's plain
 log-softmax, which is what beams are ranked by. Beams share their prompt's KV blocks through the prefix cache, so a step recomputes
@@ -22,7 +22,7 @@ from contextlib import aclosing
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from engine.beam_search import (
+from engine.frontend.beam_search import (
     BeamCandidate,
     BeamSearch,
     Hypothesis,
@@ -40,12 +40,12 @@ from engine.generation import (
     PositionLogprobs,
     PromptInput,
 )
-from engine.request import FinishReason
+from engine.core.request import FinishReason
 from engine.sampling_params import SamplingParams
-from engine.sampling_resolution import check_logprobs_limit
+from engine.frontend.sampling_resolution import check_logprobs_limit
 
 if TYPE_CHECKING:
-    from engine.engine_loop import EngineLoop
+    from engine.frontend.engine_loop import EngineLoop
 
 
 class _Interrupted(Exception):

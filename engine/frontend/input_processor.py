@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 from engine.errors import ContextLengthError, InvalidRequestError
 from engine.generation import GenerationRequest
-from engine.request import Request
-from engine.sampling_resolution import ModelLimits, resolve_sampling_params
+from engine.core.request import Request
+from engine.frontend.sampling_resolution import ModelLimits, resolve_sampling_params
 from engine.tokenizer import Tokenizer
 from engine.tokenizer.chat_media import reject_media_parts
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from engine.errors import ContextLengthError, InvalidRequestError
 from engine.generation import EmbeddingRequest, PromptInput
-from engine.request import Request
+from engine.core.request import Request
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 

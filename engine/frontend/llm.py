@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.beam_search import (
+from engine.frontend.beam_search import (
     BeamCandidate,
     BeamSearch,
     EarlyStopping,
@@ -18,10 +18,10 @@ from engine.beam_search import (
     run_beam_searches,
 )
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from engine.engine_core import EngineCore
+from engine.core.engine_core import EngineCore
 from engine.errors import InvalidRequestError
-from engine.outputs import TokenLogprobs
-from engine.request import FinishReason, Request
+from engine.core.outputs import TokenLogprobs
+from engine.core.request import FinishReason, Request
 from engine.runner.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.structured.compiler import GrammarCompiler
@@ -176,7 +176,7 @@ class LLM:
         *,
         early_stopping: EarlyStopping = False,
     ) -> list[list[CompletionOutput]]:
-        """Beam search (see engine/beam_search.py): per prompt, the params.n best of
+        """Beam search (see engine/frontend/beam_search.py): per prompt, the params.n best of
         beam_width(params) beams, best first. `early_stopping` as transformers spells it;
         the servers use False, transformers' default."""
         check_beam_search_params(params)

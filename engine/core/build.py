@@ -1,7 +1,7 @@
 """Builds the model side of a served engine: runner (weights + KV cache) and EngineCore.
 
 Used in the serving process with `--engine-core thread`, and in the engine core process
-(`engine.core_process_main`) otherwise. What the serving side needs to know about the model
+(`engine.core.process_main`) otherwise. What the serving side needs to know about the model
 travels back as `ModelFacts`, plain data that crosses a process boundary.
 """
 from __future__ import annotations
@@ -11,12 +11,12 @@ import time
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
-from engine.engine_core import EngineCore
+from engine.core.engine_core import EngineCore
 from engine.errors import ModelLoadError
 from engine.models.loader import read_architecture
 from engine.models.registry import is_generative
 from engine.pooling_params import PoolingParams
-from engine.request import Request
+from engine.core.request import Request
 from engine.runner.embedding_runner import EmbeddingRunner
 from engine.runner.model_runner import ModelRunner
 from engine.runner.pooling import GenerateAndEmbedRunner, PoolingExecutor, resolve_pooling_type

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from engine.batch import ScheduledBatch
+from engine.core.batch import ScheduledBatch
 from engine.config import EngineConfig
 from engine.kv_cache import KVCacheManager
-from engine.outputs import ModelRunnerOutput, RequestOutput
-from engine.request import FinishReason, Request
+from engine.core.outputs import ModelRunnerOutput, RequestOutput
+from engine.core.request import FinishReason, Request
 from engine.scheduler import Scheduler
 from protoserve.histogram import Histogram
 

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.cli_serving import add_serving_arguments, grpc_lifecycle_kwargs
+from protoserve.cli.serving_args import add_serving_arguments, grpc_lifecycle_kwargs
 from engine.config import (
     ATTENTION_BACKENDS,
     ENGINE_CORE_MODES,
@@ -33,8 +33,8 @@ from engine.config import (
     ModelConfig,
     SchedulerConfig,
 )
-from engine.config_file import parse_args_with_config
-from engine.serve_args import (
+from protoserve.cli.config_file import parse_args_with_config
+from protoserve.cli.surface_args import (
     add_surface_args,
     check_surface_args,
     grpc_security,
@@ -47,10 +47,10 @@ from protoserve.listeners import ListenError, bind_tcp, check_tcp, check_unix
 from protoserve.tracing import check_tracing_available
 
 if TYPE_CHECKING:
-    from engine.bridge_child import BridgeChild
+    from protoserve.cli.bridge_child import BridgeChild
 
 
-logger = logging.getLogger("engine.cli")
+logger = logging.getLogger("protoserve.cli.serve")
 
 _SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
                "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
@@ -217,7 +217,7 @@ def _embedding_model_config(args: argparse.Namespace) -> ModelConfig | None:
 
 async def run_engine(config: EngineConfig, args: argparse.Namespace, uds: str | None,
                      bridge: BridgeChild | None = None) -> int:
-    from engine.serve_loop import serve
+    from protoserve.cli.serve_loop import serve
     from engine.server.grpc_server import EngineServer, GrpcServerConfig
 
     server = EngineServer(
@@ -257,13 +257,13 @@ def main(argv: list[str] | None = None) -> int:
         if not args.engine_address:
             print("engine-serve: error: --role bridge needs --engine-address", file=sys.stderr)
             return 2
-        from engine.bridge_child import bridge_args
+        from protoserve.cli.bridge_child import bridge_args
         from rest_bridge.cli import main as bridge_main
 
         return bridge_main(["--engine-address", args.engine_address, *bridge_args(args),
                             *(["--api-key", key] if (key := resolve_api_key(args)) else [])],
                            prog="engine-serve")
-    from engine.serve_loop import catch_stop_signals
+    from protoserve.cli.serve_loop import catch_stop_signals
 
     catch_stop_signals()
     try:
@@ -297,7 +297,7 @@ def _serve_engine(args: argparse.Namespace, rest_listener: socket.socket | None)
     bridge = None
     uds = f"unix:{args.grpc_uds}" if args.grpc_uds else None
     if rest_listener is not None:
-        from engine.bridge_child import BridgeChild
+        from protoserve.cli.bridge_child import BridgeChild
 
         if uds is None:
             uds_path = Path(tempfile.gettempdir()) / f"protoserve-{os.getpid()}.sock"

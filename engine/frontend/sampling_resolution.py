@@ -53,7 +53,7 @@ def resolve_sampling_params(
         params, limits.max_logprobs, ("prompt_logprobs",) if beam_expansion else LOGPROBS_FIELDS
     )
     if params.use_beam_search:
-        # Beam search is a driver over one-token requests (engine/beam_search_driver.py); a
+        # Beam search is a driver over one-token requests (engine/frontend/beam_search_driver.py); a
         # request that reaches the engine with it set skipped that driver.
         raise InvalidRequestError(
             "use_beam_search requests must go through the beam search driver",

@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
-from engine.core_loop import AbortRequests, AddRequests, CoreCommand, CoreStats, InjectFault
+from engine.core.loop import AbortRequests, AddRequests, CoreCommand, CoreStats, InjectFault
 from engine.errors import (
     DeadlineExceededError,
     EngineUnavailableError,
@@ -33,11 +33,11 @@ from engine.generation import (
     GenerationRequest,
     GenerationStarted,
 )
-from engine.input_processor import InputProcessor
-from engine.outputs import RequestOutput
-from engine.request import FinishReason, Request
-from engine.pooling_stream import PooledOutput, PoolingStream
-from engine.request_stream import RequestStream
+from engine.frontend.input_processor import InputProcessor
+from engine.core.outputs import RequestOutput
+from engine.core.request import FinishReason, Request
+from engine.frontend.pooling_stream import PooledOutput, PoolingStream
+from engine.frontend.request_stream import RequestStream
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +47,8 @@ _MAX_BUFFERED_EVENTS = 2048
 
 
 class CoreClient(Protocol):
-    """Where the EngineCore runs: `engine.core_loop.ThreadedCore` or
-    `engine.core_process.ProcessCore`."""
+    """Where the EngineCore runs: `engine.core.loop.ThreadedCore` or
+    `engine.frontend.core_client.ProcessCore`."""
 
     error: BaseException | None
     last_heartbeat: float  # time.monotonic() of the core's last sign of life
