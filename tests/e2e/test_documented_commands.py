@@ -190,3 +190,16 @@ def test_node_suite_against_make_serve(make_serve: Path) -> None:
                             text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "# fail 0" in result.stdout and "# skipped 0" in result.stdout, result.stdout
+
+
+def test_make_serve_names_both_addresses_once(make_serve: Path) -> None:
+    """Start-up ends with one line naming both APIs; no phase message is repeated."""
+    deadline = time.monotonic() + 60
+    while "OpenAI API: " not in make_serve.read_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    log = make_serve.read_text()
+    ready = [line for line in log.splitlines() if "OpenAI API: " in line]
+    assert len(ready) == 1, log[-3000:]
+    assert re.search(rf"OpenAI API: http://\S+:{REST_PORT}/v1\s+gRPC: \S+:{GRPC_PORT}", ready[0])
+    assert log.count("Detected the chat template content format") <= 1, log[-3000:]
+    assert log.count("KV cache: ") == 1, log[-3000:]
