@@ -14,7 +14,7 @@ from engine.generation import GenerationEvent, GenerationFinished, GenerationSta
 from engine.server.context import REQUEST_ID_KEY, EngineHandle, abort_for, request_id_from
 from engine.server.embed_convert import embed, embedding_request_from_pb
 from engine.server.proto_convert import event_to_pb, generate_request_from_pb
-from engine.server.request_tracker import RequestTracker, outcome_of
+from engine.server.request_tracker import PROMPT_BYTES_PER_TOKEN, RequestTracker, outcome_of
 from protoserve.tracing import TRACEPARENT, span_trace_id, start_span, trace_headers, trace_id_of
 from protoserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
@@ -72,6 +72,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         deadline = loop.time() + max(remaining - 0.05, 0.0) if remaining is not None else None
         try:
             engine = self.handle.get(request.model, task="generate")
+            self._check_size(engine, request)
             self._admit(engine)
             generation = generate_request_from_pb(request, request_id)
             # Usage counts every token generated: all best_of candidates, also the ones not
@@ -101,6 +102,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             await abort_for(context, error, request_id)
             return
         tracker.finish()
+
+    def _check_size(self, engine, request: inference_pb2.GenerateRequest) -> None:
+        """Costs that scale with a request field are bounded before anything is spent on it:
+        the number of choices, and the prompt's size before it is tokenized."""
+        options = self.handle.options
+        sampling = request.sampling
+        for name in ("n", "best_of"):
+            if sampling.HasField(name) and getattr(sampling, name) > options.max_n:
+                raise InvalidRequestError(
+                    f"{name} ({getattr(sampling, name)}) exceeds the server limit of "
+                    f"{options.max_n} (--max-n)", field=name)
+        _check_prompt_bytes(request, options.max_prompt_bytes, engine.model.max_model_len)
 
     def _admit(self, engine) -> None:
         """Back-pressure: refuse at once, with a retry hint, when the admission queue is full."""
@@ -134,8 +147,26 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         deadline = loop.time() + max(remaining - 0.05, 0.0) if remaining is not None else None
         try:
             engine = self.handle.get(request.model, task="embed")
+            for item in request.inputs:
+                _check_prompt_bytes(item, self.handle.options.max_prompt_bytes,
+                                    engine.model.max_model_len, "inputs")
             self._admit(engine)
             return await embed(engine, embedding_request_from_pb(request, request_id), deadline)
         except Exception as error:  # noqa: BLE001 - EngineErrors mapped, the rest INTERNAL
             await abort_for(context, error, request_id)
             raise  # unreachable: abort raises
+
+
+def _check_prompt_bytes(message, limit: int | None, max_model_len: int,
+                        field: str = "prompt") -> None:
+    """A prompt (a message with the `input` oneof: text, token ids or chat) over the byte limit
+    is refused before tokenizing it costs anything."""
+    if limit is None:
+        limit = PROMPT_BYTES_PER_TOKEN * max_model_len
+    which = message.WhichOneof("input")
+    size = len(message.text.encode()) if which == "text" else (
+        getattr(message, which).ByteSize() if which else 0)
+    if size > limit:
+        raise InvalidRequestError(
+            f"the prompt is {size} bytes; at most {limit} are accepted (--max-prompt-bytes)",
+            field=field)

@@ -34,6 +34,17 @@ class ServingOptions:
     log_requests: bool = True
     # Characters of the prompt a request log line may carry; 0 never logs prompts.
     max_log_len: int = 0
+    # Most choices (n, best_of, beam width) one request may ask for: each costs memory in both
+    # processes before anything runs, so one request must not be able to exhaust it.
+    max_n: int = 128
+    # Largest prompt (text, token ids or chat input, in bytes of the request) accepted before
+    # tokenizing; None: PROMPT_BYTES_PER_TOKEN x the model's context length.
+    max_prompt_bytes: int | None = None
+
+
+# No real tokenizer gets near this many bytes per token, so a prompt over the derived bound
+# could never fit the context: refused before tokenization costs seconds.
+PROMPT_BYTES_PER_TOKEN = 32
 
 
 def load_snapshot(engine) -> LoadSnapshot:

@@ -65,6 +65,7 @@ async def serve(server: EngineServer, args: argparse.Namespace,
     handle.options = ServingOptions(
         max_queue_len=args.max_queue_len, stall_timeout_s=args.stall_timeout,
         log_requests=not args.disable_log_requests, max_log_len=args.max_log_len,
+        max_n=args.max_n, max_prompt_bytes=args.max_prompt_bytes,
     )
     handle.metrics = make_engine_metrics(handle, args.metrics_compat)
     handle.tracer = init_tracer("protoserve-engine", args.otlp_traces_endpoint)

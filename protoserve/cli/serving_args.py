@@ -14,6 +14,12 @@ def add_serving_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-queue-len", type=int, default=None,
                    help="requests allowed to wait for admission; more get RESOURCE_EXHAUSTED "
                    "(HTTP 429) with a retry hint (default: unbounded)")
+    g.add_argument("--max-n", type=int, default=128,
+                   help="most choices one request may ask for (n, best_of, beam width), as "
+                   "OpenAI caps n; each costs memory before anything runs")
+    g.add_argument("--max-prompt-bytes", type=int, default=None, metavar="BYTES",
+                   help="largest prompt accepted before tokenizing (text, token ids or chat "
+                   "input); default: 32 bytes per token of the context length")
     g.add_argument("--stall-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="cancel a streaming client that reads nothing for this long")
     g.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",

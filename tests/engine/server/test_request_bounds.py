@@ -1,9 +1,17 @@
-"""Client input that the engine echoes back (request ids into response metadata, names into
-error messages) is validated or shortened: a bad id is INVALID_ARGUMENT naming its field, a
-huge echoed value still gives the real status, never INTERNAL or a metadata-size error."""
+"""Client input is bounded before it costs anything, and what the engine echoes back is
+validated or shortened.
+
+- Request ids go into response metadata: a bad id is INVALID_ARGUMENT naming its field; a
+  huge echoed value (a model name) still gives the real status, never INTERNAL or a
+  metadata-size error.
+- The number of choices (n, best_of) is capped by --max-n (128), and the prompt's size in
+  bytes before tokenizing (32 bytes per token of context unless --max-prompt-bytes): one
+  request can no longer grow the server until the OOM killer ends it."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+
+import httpx
 
 import grpc
 import pytest
@@ -77,3 +85,48 @@ def test_huge_unknown_model_name_is_not_found_with_a_short_message(
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND, caught.value.details()
     assert len(caught.value.details()) < 1100
     assert _field_violations(caught.value) == ["model"]
+
+
+@pytest.mark.parametrize("field", ["n", "best_of"])
+def test_choices_beyond_max_n_are_refused(stub: inference_pb2_grpc.InferenceStub,
+                                          field: str) -> None:
+    request = _request()
+    setattr(request.sampling, field, 129)
+    request.sampling.temperature = 1.0
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub.Generate(request, timeout=30))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _field_violations(caught.value) == [field] and "--max-n" in caught.value.details()
+
+
+def test_prompt_over_the_byte_bound_is_refused_before_tokenizing(
+    stub: inference_pb2_grpc.InferenceStub,
+) -> None:
+    # --max-model-len 256: 32 x 256 = 8192 bytes.
+    for request in (inference_pb2.GenerateRequest(text="a" * 8193),
+                    inference_pb2.GenerateRequest(chat=common_pb2.ChatInput(messages=[
+                        common_pb2.ChatMessage(role="user", text="b" * 9000)]))):
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.Generate(request, timeout=30))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert _field_violations(caught.value) == ["prompt"]
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Embed(inference_pb2.EmbedRequest(inputs=[inference_pb2.EmbedInput(text="c" * 9000)]),
+                   timeout=30)
+    assert _field_violations(caught.value) == ["inputs"]
+    # Within the bound the request runs (the context-length check is the tokenizer's).
+    assert list(stub.Generate(_request(), timeout=30))[-1].WhichOneof("event") == "usage"
+
+
+def test_the_bridge_refuses_a_huge_n_with_400(
+    shared_server: Callable[..., EngineProcess],
+) -> None:
+    """The request that once grew the server to 16 GB: now a 400 naming n."""
+    server = shared_server(role="all")
+    body = {"prompt": "hi", "n": 6818742, "max_tokens": 1, "temperature": 1}
+    response = httpx.post(f"{server.http_url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "n"
+    ok = httpx.post(f"{server.http_url}/v1/completions", timeout=60,
+                    json={"prompt": "hi", "n": 2, "max_tokens": 2, "temperature": 1})
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 2
