@@ -52,6 +52,8 @@ class GrpcServerConfig:
     # Bearer key required on every call except to `auth_exempt_services` (health, reflection).
     api_key: str | None = None
     auth_exempt_services: tuple[str, ...] = ()
+    # Required on Admin (which the client key never opens); also accepted where api_key is.
+    admin_api_key: str | None = None
     # TLS (and mTLS) for the TCP port; the local UDS stays plaintext.
     tls: GrpcTls | None = None
     # Connections get GOAWAY after this long, so long-lived HTTP/2 clients rebalance across
@@ -68,11 +70,11 @@ class EngineServer:
         self.handle = EngineHandle()
         self.health = HealthServicer()  # the library's, plus List
         interceptors: list[grpc.aio.ServerInterceptor] = []
-        if server_config.api_key:
+        if server_config.api_key or server_config.admin_api_key:
             # First, so an unauthenticated call is refused before any other work.
-            interceptors.append(
-                ApiKeyInterceptor(server_config.api_key, server_config.auth_exempt_services)
-            )
+            interceptors.append(ApiKeyInterceptor(
+                server_config.api_key or None, server_config.auth_exempt_services,
+                admin_key=server_config.admin_api_key or None))
         interceptors.append(UndecodableRequestInterceptor())
         self.server = grpc.aio.server(
             interceptors=interceptors,

@@ -14,6 +14,7 @@ from engine.server.security import HEALTH_SERVICE, REFLECTION_SERVICES, GrpcTls
 from rest_bridge.http_options import add_http_args
 
 API_KEY_ENV = "PROTOSERVE_API_KEY"
+ADMIN_API_KEY_ENV = "PROTOSERVE_ADMIN_API_KEY"
 
 
 def add_surface_args(p: argparse.ArgumentParser) -> None:
@@ -23,6 +24,10 @@ def add_surface_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on REST /v1 routes, /tokenize, "
                    f"/detokenize and on gRPC calls (or set {API_KEY_ENV})")
+    p.add_argument("--admin-api-key", default=None,
+                   help="the operators' key: required on the gRPC Admin service (Abort of any "
+                   "request, Drain), which the --api-key never opens; without it, Admin is "
+                   f"disabled on a server that has an --api-key (or set {ADMIN_API_KEY_ENV})")
     p.add_argument("--grpc-auth-exempt-health", action=argparse.BooleanOptionalAction,
                    default=True, help="gRPC health checks need no API key")
     p.add_argument("--grpc-auth-exempt-reflection", action=argparse.BooleanOptionalAction,
@@ -38,6 +43,10 @@ def add_surface_args(p: argparse.ArgumentParser) -> None:
 
 def resolve_api_key(args: argparse.Namespace) -> str | None:
     return args.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+def resolve_admin_api_key(args: argparse.Namespace) -> str | None:
+    return args.admin_api_key or os.environ.get(ADMIN_API_KEY_ENV) or None
 
 
 def check_surface_args(args: argparse.Namespace) -> None:
@@ -68,7 +77,8 @@ def grpc_security(args: argparse.Namespace) -> dict[str, object]:
             client_ca_file=args.ssl_ca_certs,
             require_client_cert=bool(args.grpc_require_client_cert or args.ssl_cert_reqs == 2),
         )
-    return {"api_key": resolve_api_key(args), "auth_exempt_services": tuple(exempt), "tls": tls}
+    return {"api_key": resolve_api_key(args), "admin_api_key": resolve_admin_api_key(args),
+            "auth_exempt_services": tuple(exempt), "tls": tls}
 
 
 def bridge_surface_args(args: argparse.Namespace) -> list[str]:
@@ -93,6 +103,8 @@ def bridge_surface_args(args: argparse.Namespace) -> list[str]:
 def bridge_env(args: argparse.Namespace) -> dict[str, str]:
     """The environment of a bridge child: the key for REST clients and for the engine hop."""
     env = dict(os.environ)
+    # The bridge never calls Admin: the operators' key stays out of its process.
+    env.pop(ADMIN_API_KEY_ENV, None)
     key = resolve_api_key(args)
     if key:
         env[API_KEY_ENV] = key
