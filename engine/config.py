@@ -107,8 +107,10 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     # A second model served side by side for embeddings (`--embedding-model`).
     embedding_model: ModelConfig | None = None
-    # Guided decoding backend for requests that name none (`--guided-decoding-backend`).
+    # Guided decoding backend for requests that name none (`--guided-decoding-backend`,
+    # resolved to an installed backend), and the options that name carried.
     guided_decoding_backend: str = "llguidance"
+    guided_decoding_options: frozenset[str] = frozenset()
     # Where a served engine's step loop runs (`--engine-core`): "process", its own process
     # (the serving threads never take the GIL from it), or "thread", in the serving process.
     engine_core: str = "process"

@@ -10,6 +10,13 @@ from dataclasses import dataclass
 
 from engine.errors import InvalidRequestError
 
+# Whitespace between JSON tokens when a request sets no whitespace_pattern: at each position
+# at most one space, or a newline and an indent of up to 16 spaces. Unbounded whitespace lets
+# a weak or random-weight model write whitespace until max_tokens and never close the object.
+BOUNDED_JSON_WHITESPACE = r"(\n[ ]{0,16}|[ ]?)"
+# What JSON itself allows (the `any-whitespace` backend option).
+ANY_JSON_WHITESPACE = r"[ \t\n\r]*"
+
 
 class ConstraintKind(enum.Enum):
     JSON_SCHEMA = "json_schema"
@@ -23,8 +30,9 @@ class ConstraintKind(enum.Enum):
 class OutputConstraint:
     """Exactly one of json_schema / regex / choice / grammar / json_object.
 
-    `whitespace_pattern` (a regex) replaces the default flexible whitespace between JSON
-    tokens; it applies to the JSON kinds only. `backend` None means the server default.
+    `whitespace_pattern` (a regex) replaces the default bounded whitespace between JSON
+    tokens (BOUNDED_JSON_WHITESPACE); it applies to the JSON kinds only. `backend` None means
+    the server default.
     """
 
     json_schema: str | None = None

@@ -19,8 +19,9 @@ import torch
 from llguidance import LLExecutor, LLMatcher
 
 from engine.errors import InvalidRequestError
-from engine.structured.constraint import ConstraintKind, OutputConstraint
+from engine.structured.constraint import BOUNDED_JSON_WHITESPACE, ConstraintKind, OutputConstraint
 from engine.structured.grammar import Grammar, TokenizerInfo
+from engine.structured.regex_classes import ascii_class_escapes
 
 if TYPE_CHECKING:
     from engine.structured.grammar import GrammarBackend
@@ -105,6 +106,18 @@ class LLGuidanceBackend:
             )
         return _CompiledTemplate(self, template)
 
+    @staticmethod
+    def validate(constraint: OutputConstraint) -> None:
+        """The grammar check of `compile` without a tokenizer (the serving side's, before a
+        request queues; no token table, no matcher). Same messages as `compile`; what only
+        a tokenizer can tell (a grammar that cannot start) is left to the core's compile.
+        Releases the GIL while it parses."""
+        error = LLMatcher.validate_grammar(LLGuidanceBackend._grammar_text(constraint))
+        if error:
+            raise InvalidRequestError(
+                f"invalid {constraint.kind.value}: {_first_lines(error)}", field=constraint.field
+            )
+
     def fill_bitmasks(
         self, grammars: Sequence[Grammar], rows: Sequence[int], bitmask: torch.Tensor
     ) -> None:
@@ -118,7 +131,7 @@ class LLGuidanceBackend:
     def _grammar_text(constraint: OutputConstraint) -> str:
         kind = constraint.kind
         if kind is ConstraintKind.REGEX:
-            return LLMatcher.grammar_from_regex(constraint.regex or "")
+            return LLMatcher.grammar_from_regex(ascii_class_escapes(constraint.regex or ""))
         if kind is ConstraintKind.GRAMMAR:
             return LLMatcher.grammar_from_lark(constraint.grammar or "")
         if kind is ConstraintKind.CHOICE:
@@ -126,11 +139,11 @@ class LLGuidanceBackend:
             options = " | ".join(json.dumps(option) for option in constraint.choice or ())
             return LLMatcher.grammar_from_lark(f"start: {options}")
         schema = _schema_of(constraint)
-        overrides = {}
-        if constraint.whitespace_pattern is not None:
-            overrides["whitespace_pattern"] = constraint.whitespace_pattern
+        pattern = constraint.whitespace_pattern
+        overrides = {"whitespace_pattern":
+                     BOUNDED_JSON_WHITESPACE if pattern is None else pattern}
         try:
-            return LLMatcher.grammar_from_json_schema(schema, overrides=overrides or None)
+            return LLMatcher.grammar_from_json_schema(schema, overrides=overrides)
         except ValueError as exc:
             raise InvalidRequestError(
                 f"invalid {kind.value}: {exc}", field=constraint.field

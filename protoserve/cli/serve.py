@@ -40,8 +40,8 @@ from protoserve.cli.surface_args import (
     grpc_security,
     resolve_api_key,
 )
-from engine.errors import ModelLoadError
-from engine.structured.registry import DEFAULT_BACKEND, is_available, known_backends
+from engine.errors import InvalidRequestError, ModelLoadError
+from engine.structured.backend_names import BackendChoice, accepted_names, resolve_backend
 from protoserve.help_format import DefaultsHelpFormatter
 from protoserve.listeners import ListenError, bind_tcp, check_tcp, check_unix
 from protoserve.tracing import check_tracing_available
@@ -142,8 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="name(s) of --embedding-model (default: its path)")
     p.add_argument("--max-logprobs", type=int, default=20,
                    help="most top logprobs a request may ask for per token")
-    p.add_argument("--guided-decoding-backend", choices=known_backends(), default=DEFAULT_BACKEND,
-                   help="structured-output backend of requests that name none")
+    p.add_argument("--guided-decoding-backend", default="auto", metavar="NAME[:OPTIONS]",
+                   help="structured-output backend of requests that name none: any name the "
+                   f"reference server accepts ({', '.join(accepted_names())}), served by the "
+                   "best installed backend, with options such as disable-any-whitespace, "
+                   "any-whitespace, disable-additional-properties")
     p.add_argument("--engine-core", choices=ENGINE_CORE_MODES, default="process",
                    help="process: the step loop runs in a process of its own, in parallel with "
                         "the gRPC threads; thread: on a thread of the serving process")
@@ -176,7 +179,8 @@ def engine_config_from_args(args: argparse.Namespace, model: str) -> EngineConfi
             attention_backend=args.attention_backend,
         ),
         embedding_model=_embedding_model_config(args),
-        guided_decoding_backend=_guided_decoding_backend(args),
+        guided_decoding_backend=(guided := _guided_decoding_backend(args)).backend,
+        guided_decoding_options=guided.options,
         engine_core=args.engine_core,
         cache=CacheConfig(
             block_size=args.block_size,
@@ -193,12 +197,11 @@ def engine_config_from_args(args: argparse.Namespace, model: str) -> EngineConfi
     )
 
 
-def _guided_decoding_backend(args: argparse.Namespace) -> str:
-    name = args.guided_decoding_backend
-    if not is_available(name):
-        raise ValueError(f"--guided-decoding-backend {name}: its library is not installed "
-                         f"(pip install 'protoserve[structured-{name}]')")
-    return name
+def _guided_decoding_backend(args: argparse.Namespace) -> BackendChoice:
+    try:
+        return resolve_backend(args.guided_decoding_backend, field="--guided-decoding-backend")
+    except InvalidRequestError as exc:
+        raise ValueError(f"--guided-decoding-backend: {exc.message}") from None
 
 
 def _embedding_model_config(args: argparse.Namespace) -> ModelConfig | None:

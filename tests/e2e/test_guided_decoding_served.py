@@ -4,6 +4,7 @@ temperature 1.0, with a KV cache small enough that concurrent requests get preem
 from __future__ import annotations
 
 import json
+import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -227,3 +228,31 @@ def test_slow_compile_does_not_stall_other_requests(channel) -> None:
     assert first.WhichOneof("event") == "started" and rest
     print(f"tokens of the running request while the grammar compiled: {during}")
     assert during >= 3, during
+
+
+@pytest.mark.parametrize("backend", [None, "outlines", "lm-format-enforcer", "xgrammar", "auto",
+                                     "guidance:disable-any-whitespace"])
+def test_reference_backend_names_finish_valid_json(client: openai.OpenAI, backend) -> None:
+    """Every name the reference server accepts is served; with no whitespace pattern, JSON
+    whitespace is bounded, so even a random model at temperature 1 closes the object within a
+    budget its longest output fits (the reference's flexible default can run to max_tokens)."""
+    extra = {"guided_json": PERSON_SCHEMA}
+    if backend is not None:
+        extra["guided_decoding_backend"] = backend
+    for seed in range(5):
+        out = client.completions.create(model=_model(client), prompt="JSON:", max_tokens=400,
+                                        temperature=1.0, seed=seed, extra_body=extra)
+        text = out.choices[0].text
+        assert out.choices[0].finish_reason == "stop", text
+        assert_valid_json(text, PERSON_SCHEMA)
+        if backend and "disable-any-whitespace" in backend:
+            outside_strings = re.sub(r'"(?:[^"\\]|\\.)*"', "", text)
+            assert not re.search(r"\s", outside_strings), text
+
+
+def test_unknown_backend_option_is_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=_model(client), prompt="x", max_tokens=5, extra_body={
+            "guided_regex": "a", "guided_decoding_backend": "xgrammar:fast"})
+    assert info.value.body["param"] == "guided_decoding_backend"
+    assert "option" in info.value.body["message"]
