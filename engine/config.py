@@ -111,6 +111,9 @@ class EngineConfig:
     # resolved to an installed backend), and the options that name carried.
     guided_decoding_backend: str = "llguidance"
     guided_decoding_options: frozenset[str] = frozenset()
+    # (SamplingParams field, value) defaults for requests that leave the field unset: the
+    # model's generation_config.json and --override-generation-config (--generation-config).
+    generation_defaults: tuple[tuple[str, float | int], ...] = ()
     # Where a served engine's step loop runs (`--engine-core`): "process", its own process
     # (the serving threads never take the GIL from it), or "thread", in the serving process.
     engine_core: str = "process"

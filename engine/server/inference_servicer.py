@@ -4,24 +4,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import replace
 
 import grpc
 
 from engine.errors import InvalidRequestError, QueueFullError, SlowConsumerError
 from engine.frontend.best_of import select_best_of
 from engine.frontend.beam_search_driver import beam_search
-from engine.generation import (
-    GenerationEvent,
-    GenerationFinished,
-    GenerationRequest,
-    GenerationStarted,
-)
+from engine.generation import GenerationEvent, GenerationFinished, GenerationStarted
 from engine.server.context import REQUEST_ID_KEY, EngineHandle, abort_for, request_id_from
 from engine.server.embed_convert import embed, embedding_request_from_pb
 from engine.server.proto_convert import event_to_pb, generate_request_from_pb
+from engine.server.request_defaults import with_server_defaults
 from engine.server.request_tracker import PROMPT_BYTES_PER_TOKEN, RequestTracker, outcome_of
-from engine.structured.backend_names import BackendChoice, apply_backend
 from protoserve.tracing import TRACEPARENT, span_trace_id, start_span, trace_headers, trace_id_of
 from protoserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
@@ -81,8 +75,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             engine = self.handle.get(request.model, task="generate")
             self._check_size(engine, request)
             self._admit(engine)
-            generation = with_backend_resolved(
-                generate_request_from_pb(request, request_id), engine.config)
+            generation = with_server_defaults(
+                generate_request_from_pb(request, request_id), request.sampling, engine)
             # Usage counts every token generated: all best_of candidates, also the ones not
             # returned (as OpenAI bills them), and for beam search the beams returned.
             if generation.sampling_params.use_beam_search:
@@ -178,12 +172,3 @@ def _check_prompt_bytes(message, limit: int | None, max_model_len: int,
         raise InvalidRequestError(
             f"the prompt is {size} bytes; at most {limit} are accepted (--max-prompt-bytes)",
             field=field)
-
-
-def with_backend_resolved(generation: GenerationRequest, config) -> GenerationRequest:
-    """The request's constraint with its backend name (any the reference server accepts, or
-    the server's default) resolved to an installed backend and its options applied."""
-    if generation.constraint is None:
-        return generation
-    default = BackendChoice("", config.guided_decoding_backend, config.guided_decoding_options)
-    return replace(generation, constraint=apply_backend(generation.constraint, default))

@@ -90,6 +90,8 @@ def model_info(engine: Engine) -> discovery_pb2.ModelInfo:
         num_kv_blocks=m.num_blocks,
         has_chat_template=m.has_chat_template,
         created=m.created,
+        sampling_defaults={name: float(value)
+                           for name, value in engine.config.generation_defaults},
     )
     if m.bos_token_id is not None:
         info.bos_token_id = m.bos_token_id

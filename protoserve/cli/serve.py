@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
+import json
 import logging
 import os
-import gc
 import re
 import socket
 import sys
@@ -24,7 +25,6 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from protoserve.cli.serving_args import add_serving_arguments, grpc_lifecycle_kwargs
 from engine.config import (
     ATTENTION_BACKENDS,
     ENGINE_CORE_MODES,
@@ -33,15 +33,18 @@ from engine.config import (
     ModelConfig,
     SchedulerConfig,
 )
+from engine.errors import InvalidRequestError, ModelLoadError
+from engine.models.generation_config import generation_defaults
+from engine.sampling_params import SamplingParams
+from engine.structured.backend_names import BackendChoice, accepted_names, resolve_backend
 from protoserve.cli.config_file import parse_args_with_config
+from protoserve.cli.serving_args import add_serving_arguments, grpc_lifecycle_kwargs
 from protoserve.cli.surface_args import (
     add_surface_args,
     check_surface_args,
     grpc_security,
     resolve_api_key,
 )
-from engine.errors import InvalidRequestError, ModelLoadError
-from engine.structured.backend_names import BackendChoice, accepted_names, resolve_backend
 from protoserve.help_format import DefaultsHelpFormatter
 from protoserve.listeners import ListenError, bind_tcp, check_tcp, check_unix
 from protoserve.tracing import check_tracing_available
@@ -147,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
                    f"reference server accepts ({', '.join(accepted_names())}), served by the "
                    "best installed backend, with options such as disable-any-whitespace, "
                    "any-whitespace, disable-additional-properties")
+    p.add_argument("--generation-config", default="auto", metavar="auto|vllm|PATH",
+                   help="request defaults for temperature, top_p, top_k, min_p, "
+                   "repetition_penalty and max_tokens: auto = the model's "
+                   "generation_config.json, vllm = the engine's own, or a directory/file")
+    p.add_argument("--override-generation-config", type=_json_object, default=None,
+                   metavar="JSON", help="defaults over --generation-config's, e.g. "
+                   "'{\"temperature\": 0.5}' (generation_config.json or SamplingParams names)")
     p.add_argument("--engine-core", choices=ENGINE_CORE_MODES, default="process",
                    help="process: the step loop runs in a process of its own, in parallel with "
                         "the gRPC threads; thread: on a thread of the serving process")
@@ -181,6 +191,7 @@ def engine_config_from_args(args: argparse.Namespace, model: str) -> EngineConfi
         embedding_model=_embedding_model_config(args),
         guided_decoding_backend=(guided := _guided_decoding_backend(args)).backend,
         guided_decoding_options=guided.options,
+        generation_defaults=_generation_defaults(args, model),
         engine_core=args.engine_core,
         cache=CacheConfig(
             block_size=args.block_size,
@@ -195,6 +206,28 @@ def engine_config_from_args(args: argparse.Namespace, model: str) -> EngineConfi
             policy=args.scheduling_policy,
         ),
     )
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc.msg}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def _generation_defaults(args: argparse.Namespace, model: str) -> tuple:
+    defaults = generation_defaults(args.generation_config, model, args.override_generation_config)
+    try:  # a default the engine would refuse fails start-up, not every request
+        SamplingParams(**{k: v for k, v in defaults if k != "max_tokens"}).validate()
+    except InvalidRequestError as exc:
+        raise ValueError(f"generation config: {exc.message}") from None
+    if defaults:
+        logger.info("request defaults from the generation config: %s",
+                    ", ".join(f"{k}={v}" for k, v in defaults))
+    return defaults
 
 
 def _guided_decoding_backend(args: argparse.Namespace) -> BackendChoice:

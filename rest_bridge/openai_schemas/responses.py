@@ -127,6 +127,8 @@ class ModelCard(ResponseModel):
     root: str | None = None
     parent: str | None = None
     max_model_len: int | None = None
+    # Sampling defaults for fields a request leaves unset (the model's generation config).
+    sampling_defaults: dict[str, float] | None = None
 
 
 class ModelList(ResponseModel):

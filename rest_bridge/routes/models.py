@@ -53,6 +53,9 @@ def model_cards(info: discovery_pb2.ModelInfo) -> list[dict[str, Any]]:
             "root": info.root or None,
             "parent": None,
             "max_model_len": info.max_model_len or None,
+            # The model's generation_config.json defaults, so a client can see why two
+            # servers of the same model sample differently; null when none apply.
+            "sampling_defaults": dict(info.sampling_defaults) or None,
         }
         for name in (info.id, *info.aliases)
     ]
