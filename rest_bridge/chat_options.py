@@ -26,6 +26,9 @@ class ChatOptions:
     # usage.prompt_tokens_details.cached_tokens (prompt tokens served from the prefix cache)
     # in chat and completion responses; off by default, as on the reference server.
     enable_prompt_tokens_details: bool = False
+    # Logprob tokens as "token_id:N" for requests that do not set return_tokens_as_token_ids
+    # themselves (the reference server's --return-tokens-as-token-ids).
+    return_tokens_as_token_ids: bool = False
 
     def __post_init__(self) -> None:
         if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
@@ -57,6 +60,9 @@ def add_chat_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enable-prompt-tokens-details", action="store_true",
                         help="add usage.prompt_tokens_details.cached_tokens (prompt tokens "
                         "served from the prefix cache) to chat and completion responses")
+    parser.add_argument("--return-tokens-as-token-ids", action="store_true",
+                        help="logprob tokens as 'token_id:N' (for tokens that are not valid "
+                        "UTF-8 alone) unless a request sets return_tokens_as_token_ids")
 
 
 def chat_options_from_args(args: argparse.Namespace) -> ChatOptions:
@@ -67,4 +73,5 @@ def chat_options_from_args(args: argparse.Namespace) -> ChatOptions:
         max_media_bytes=args.max_media_bytes,
         max_image_pixels=args.max_image_pixels,
         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+        return_tokens_as_token_ids=args.return_tokens_as_token_ids,
     )

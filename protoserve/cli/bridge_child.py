@@ -39,6 +39,8 @@ def bridge_feature_args(args: argparse.Namespace) -> list[str]:
         extra += ["--max-media-bytes", str(args.max_media_bytes)]
     if args.enable_prompt_tokens_details:
         extra.append("--enable-prompt-tokens-details")
+    if args.return_tokens_as_token_ids:
+        extra.append("--return-tokens-as-token-ids")
     return extra
 
 

@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-prompt-tokens-details", action="store_true",
                    help="add usage.prompt_tokens_details.cached_tokens (prompt tokens served "
                    "from the prefix cache) to chat and completion responses")
+    p.add_argument("--return-tokens-as-token-ids", action="store_true",
+                   help="logprob tokens as 'token_id:N' in REST responses unless a request "
+                   "sets return_tokens_as_token_ids")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random generator that requests without a seed sample "
                    "from, and of --load-format dummy weights")

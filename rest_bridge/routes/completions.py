@@ -40,7 +40,8 @@ router = APIRouter()
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     ctx = RouteContext.of(request)
     log_unknown_fields(body, "/v1/completions", ctx.request_id)
-    plan = completion_to_plan(body, ctx.request_id)
+    plan = completion_to_plan(body, ctx.request_id,
+                              ctx.settings.chat.return_tokens_as_token_ids)
     meta = await response_meta(ctx, "cmpl", body.model)
     timeout = ctx.settings.request_timeout
     streams = await open_streams_watched(request.receive, ctx.client, plan, timeout=timeout)

@@ -53,7 +53,8 @@ def check_stream_options(body: SamplingFields) -> None:
         raise invalid_request("best_of must equal n when streaming", param="best_of")
 
 
-def completion_to_plan(body: CompletionRequest, request_id: str) -> GenerationPlan:
+def completion_to_plan(body: CompletionRequest, request_id: str,
+                       tokens_as_ids_default: bool = False) -> GenerationPlan:
     check_stream_options(body)
     if body.suffix is not None:
         # Fill-in-the-middle is not built; the reference server refuses it with this message.
@@ -83,7 +84,7 @@ def completion_to_plan(body: CompletionRequest, request_id: str) -> GenerationPl
         requests=tuple(requests),
         choices_per_prompt=_choices(body),
         field_aliases=constraint_field_aliases(body),
-        tokens_as_ids=bool(body.return_tokens_as_token_ids),
+        tokens_as_ids=_tokens_as_ids(body, tokens_as_ids_default),
     )
 
 
@@ -139,8 +140,14 @@ def chat_to_plan(
         requests=(request,),
         choices_per_prompt=_choices(body),
         field_aliases=aliases,
-        tokens_as_ids=bool(body.return_tokens_as_token_ids),
+        tokens_as_ids=_tokens_as_ids(body, options.return_tokens_as_token_ids),
     )
+
+
+def _tokens_as_ids(body: SamplingFields, server_default: bool) -> bool:
+    """The request's return_tokens_as_token_ids when it sets one, else the server's."""
+    requested = body.return_tokens_as_token_ids
+    return server_default if requested is None else requested
 
 
 def _base_request(

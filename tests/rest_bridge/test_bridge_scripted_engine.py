@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 from fastapi.testclient import TestClient
-from scripted_engine import MODEL_ALIAS, MODEL_ID, ReceivedCall, ScriptedEngine
+from scripted_engine import FIRST_TOKEN_ID, MODEL_ALIAS, MODEL_ID, ReceivedCall, ScriptedEngine
 
 from rest_bridge.app import create_app
 from rest_bridge.chat_options import ChatOptions
@@ -298,3 +298,23 @@ def test_prompt_tokens_details_only_with_the_flag(bridge_url: str,
             chunks = parse_sse_events(client.post(path, json={**body, **stream_options}).content)
             assert chunks[-1] == "[DONE]"
             assert all(c["usage"]["prompt_tokens_details"] == details for c in chunks[:-1])
+
+
+def test_return_tokens_as_token_ids_server_default(scripted_engine: ScriptedEngine) -> None:
+    """--return-tokens-as-token-ids: logprob tokens as token_id:N unless a request says
+    otherwise, on completions and chat."""
+    settings = BridgeSettings(engine_address=f"127.0.0.1:{scripted_engine.port}",
+                              chat=ChatOptions(return_tokens_as_token_ids=True))
+    first = f"token_id:{FIRST_TOKEN_ID}"
+    with TestClient(create_app(settings)) as client:
+        completion = client.post("/v1/completions", json={
+            "prompt": "x", "max_tokens": 1, "logprobs": 0}).json()["choices"][0]["logprobs"]
+        assert completion["tokens"] == [first]
+        chat = client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "x"}], "max_tokens": 1,
+            "logprobs": True}).json()["choices"][0]["logprobs"]["content"]
+        assert chat[0]["token"] == first
+        opted_out = client.post("/v1/completions", json={
+            "prompt": "x", "max_tokens": 1, "logprobs": 0,
+            "return_tokens_as_token_ids": False}).json()["choices"][0]["logprobs"]
+        assert opted_out["tokens"] == [" w0"]

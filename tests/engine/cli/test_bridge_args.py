@@ -18,13 +18,16 @@ def _bridge_settings(*serve_flags: str):
 def test_defaults_reach_the_bridge_unchanged() -> None:
     settings = _bridge_settings()
     assert not settings.chat.enable_prompt_tokens_details
+    assert not settings.chat.return_tokens_as_token_ids
     assert not settings.chat.enable_auto_tool_choice
 
 
 def test_feature_flags_reach_the_bridge() -> None:
     settings = _bridge_settings(
         "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-        "--enable-prompt-tokens-details", "--request-timeout", "7", "--port", "8123")
+        "--enable-prompt-tokens-details", "--return-tokens-as-token-ids",
+        "--request-timeout", "7", "--port", "8123")
     assert settings.chat.enable_prompt_tokens_details
+    assert settings.chat.return_tokens_as_token_ids
     assert settings.chat.enable_auto_tool_choice and settings.chat.tool_call_parser == "hermes"
     assert settings.request_timeout == 7.0 and settings.port == 8123
