@@ -23,7 +23,8 @@ from protoserve.supervision import SupervisorLink, exit_with_parent
 from protoserve.tracing import check_tracing_available
 from rest_bridge.app import create_app
 from rest_bridge.chat_options import add_chat_args, chat_options_from_args
-from rest_bridge.http_options import ENGINE_API_KEY_ENV, add_http_args
+from rest_bridge.http_limits import limited_protocol
+from rest_bridge.http_options import ENGINE_API_KEY_ENV, add_http_args, limits_from_args
 from rest_bridge.settings import BridgeSettings, validate_engine_address
 
 API_KEY_ENV = "PROTOSERVE_API_KEY"
@@ -115,6 +116,7 @@ def settings_from_args(args: argparse.Namespace) -> BridgeSettings:
         uvicorn_log_level=args.uvicorn_log_level,
         # One key for both hops is the common case (engine-serve --role all).
         engine_api_key=args.engine_api_key or os.environ.get(ENGINE_API_KEY_ENV) or api_key,
+        http_limits=limits_from_args(args),
         allowed_origins=tuple(args.allowed_origins),
         allow_credentials=args.allow_credentials,
         allowed_methods=tuple(args.allowed_methods),
@@ -177,6 +179,10 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "engine-bridge") -> i
         # Access lines only when debugging: at serving rates they drown the useful log lines.
         access_log=settings.uvicorn_log_level in ("debug", "trace"),
         timeout_graceful_shutdown=settings.drain_timeout,
+        # httptools with header size/count bounds and header/body read timeouts.
+        http=limited_protocol(settings.http_limits),
+        timeout_keep_alive=settings.http_limits.keep_alive_timeout_s,
+        limit_concurrency=settings.http_limits.max_connections,
         ssl_keyfile=settings.ssl_keyfile,
         ssl_certfile=settings.ssl_certfile,
         ssl_ca_certs=settings.ssl_ca_certs,

@@ -1,4 +1,5 @@
-"""The bridge's HTTP surface options: CORS, TLS, API docs, and the engine's key.
+"""The bridge's HTTP surface options: CORS, TLS, API docs, connection limits, and the engine's
+key.
 
 `engine-serve` forwards the same flags to the bridge it starts, so they are parsed here once.
 """
@@ -10,6 +11,8 @@ import ssl
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+
+from rest_bridge.http_limits import HttpLimits
 
 ENGINE_API_KEY_ENV = "PROTOSERVE_ENGINE_API_KEY"
 CERT_REQS_CHOICES = (ssl.CERT_NONE, ssl.CERT_OPTIONAL, ssl.CERT_REQUIRED)
@@ -52,6 +55,42 @@ def add_http_args(parser: argparse.ArgumentParser) -> None:
         "--ssl-cert-reqs", type=int, choices=CERT_REQS_CHOICES, default=int(ssl.CERT_NONE),
         help="client certificates: 0 none, 1 optional, 2 required (default 0)",
     )
+    add_limit_args(parser)
+
+
+# Connection limits (rest_bridge/http_limits.py): flag -> HttpLimits field.
+LIMIT_FLAGS = {
+    "--max-header-bytes": "max_header_bytes",
+    "--max-headers": "max_headers",
+    "--header-timeout": "header_timeout_s",
+    "--body-timeout": "body_timeout_s",
+    "--keep-alive-timeout": "keep_alive_timeout_s",
+    "--max-connections": "max_connections",
+}
+
+
+def add_limit_args(parser: argparse.ArgumentParser) -> None:
+    defaults = HttpLimits()
+    parser.add_argument("--max-header-bytes", type=int, default=defaults.max_header_bytes,
+                        help="request line and headers larger than this get 431")
+    parser.add_argument("--max-headers", type=int, default=defaults.max_headers,
+                        help="requests with more headers than this get 431")
+    parser.add_argument("--header-timeout", type=float, default=defaults.header_timeout_s,
+                        metavar="SECONDS", help="a request's headers must arrive within this "
+                        "(from the connection or the request's first byte), else 408")
+    parser.add_argument("--body-timeout", type=float, default=defaults.body_timeout_s,
+                        metavar="SECONDS", help="a request body that sends nothing for this "
+                        "long gets 408 and the connection closes")
+    parser.add_argument("--keep-alive-timeout", type=int, default=defaults.keep_alive_timeout_s,
+                        metavar="SECONDS", help="idle keep-alive connections close after this")
+    parser.add_argument("--max-connections", type=int, default=defaults.max_connections,
+                        help="concurrent connections (and requests) beyond which new ones get "
+                        "503")
+
+
+def limits_from_args(args: argparse.Namespace) -> HttpLimits:
+    return HttpLimits(**{field: getattr(args, flag.removeprefix("--").replace("-", "_"))
+                         for flag, field in LIMIT_FLAGS.items()})
 
 
 def install_cors(

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rest_bridge.chat_options import ChatOptions
+from rest_bridge.http_limits import HttpLimits
 
 _UNIX_PREFIX = "unix:"
 
@@ -65,6 +66,8 @@ class BridgeSettings:
     otlp_traces_endpoint: str | None = None
     # On SIGTERM: how long running requests may take before they are cancelled.
     drain_timeout: float = 30.0
+    # Header size and count, header/body read timeouts, keep-alive, connections.
+    http_limits: HttpLimits = field(default_factory=HttpLimits)
 
     def __post_init__(self) -> None:
         validate_engine_address(self.engine_address)

@@ -11,7 +11,7 @@ import json
 import os
 
 from engine.server.security import HEALTH_SERVICE, REFLECTION_SERVICES, GrpcTls
-from rest_bridge.http_options import add_http_args
+from rest_bridge.http_options import LIMIT_FLAGS, add_http_args
 
 API_KEY_ENV = "PROTOSERVE_API_KEY"
 ADMIN_API_KEY_ENV = "PROTOSERVE_ADMIN_API_KEY"
@@ -97,6 +97,8 @@ def bridge_surface_args(args: argparse.Namespace) -> list[str]:
         if value is not None:
             extra += ["--" + flag.replace("_", "-"), value]
     extra += ["--ssl-cert-reqs", str(args.ssl_cert_reqs)]
+    for flag in LIMIT_FLAGS:
+        extra += [flag, str(getattr(args, flag.removeprefix("--").replace("-", "_")))]
     return extra
 
 
