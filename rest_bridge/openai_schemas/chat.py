@@ -1,7 +1,9 @@
 """`POST /v1/chat/completions` request body."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
 
 from rest_bridge.openai_schemas.common import Int32, OpenAIModel, SamplingFields
 
@@ -81,7 +83,7 @@ class NamedToolChoice(OpenAIModel):
 class ChatCompletionRequest(SamplingFields):
     """OpenAI chat fields plus vLLM's extra sampling, template and decoding parameters."""
 
-    messages: list[ChatMessageParam]
+    messages: Annotated[list[ChatMessageParam], Field(min_length=1)]
     logprobs: bool | None = False
     top_logprobs: Int32 | None = None
     # Deprecated by OpenAI in favour of max_completion_tokens; both are honoured.

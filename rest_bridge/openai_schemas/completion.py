@@ -3,12 +3,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import ValidationError, WrapValidator
+from pydantic import Field, ValidationError, WrapValidator
 from pydantic_core import PydanticCustomError
 
 from rest_bridge.openai_schemas.common import Int32, SamplingFields, TokenId
 
-PromptValue = str | list[str] | list[TokenId] | list[list[TokenId]]
+# Non-empty at every level, as the engine requires: /openapi.json then tells generated
+# clients and fuzzers the contract the server enforces.
+_Text = Annotated[str, Field(min_length=1)]
+_TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+PromptValue = (_Text | Annotated[list[_Text], Field(min_length=1)] | _TokenIds
+               | Annotated[list[_TokenIds], Field(min_length=1)])
 
 
 def _validate_prompt(value: Any, handler: Any) -> PromptValue:
@@ -18,8 +23,8 @@ def _validate_prompt(value: Any, handler: Any) -> PromptValue:
     except ValidationError as error:
         raise PydanticCustomError(
             "prompt_type",
-            "prompt must be a string, a list of strings, a list of token ids or a list of "
-            "token-id lists (token ids are 32-bit integers)",
+            "prompt must be a non-empty string, list of strings, list of token ids or list "
+            "of token-id lists, none of them empty (token ids are 32-bit integers)",
         ) from error
 
 

@@ -6,17 +6,28 @@ so the error names the field.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field
 
 from rest_bridge.openai_schemas.chat import ChatMessageParam
 from rest_bridge.openai_schemas.common import Int32, OpenAIModel, TokenId
 
+_Text = Annotated[str, Field(min_length=1)]
+_TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+
 
 class EmbeddingRequest(OpenAIModel):
+    # /openapi.json says what translation enforces: exactly one of input / messages.
+    model_config = ConfigDict(json_schema_extra={
+        "oneOf": [{"required": ["input"]}, {"required": ["messages"]}]})
+
     model: str | None = None
-    # A string, a batch of strings, one token-id list, or a batch of token-id lists.
-    input: str | list[str] | list[TokenId] | list[list[TokenId]] | None = None
-    messages: list[ChatMessageParam] | None = None
+    # A string, a batch of strings, one token-id list, or a batch of token-id lists; none
+    # of them empty.
+    input: (_Text | Annotated[list[_Text], Field(min_length=1)] | _TokenIds
+            | Annotated[list[_TokenIds], Field(min_length=1)] | None) = None
+    messages: Annotated[list[ChatMessageParam], Field(min_length=1)] | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Int32 | None = None
     # Accepted and ignored (OpenAI's end-user id).

@@ -18,7 +18,7 @@ class TokenizeCompletionRequest(OpenAIModel):
 
 class TokenizeChatRequest(OpenAIModel):
     model: str | None = None
-    messages: list[ChatMessageParam]
+    messages: Annotated[list[ChatMessageParam], Field(min_length=1)]
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     # The chat template normally writes the special tokens itself.

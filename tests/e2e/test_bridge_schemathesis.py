@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 from engine_process import REPO_ROOT, EngineProcess, free_port
+from fuzz_budget import examples
 from mesh_helpers import wait_until
 
 schemathesis = pytest.importorskip("schemathesis", reason="pip install schemathesis")
@@ -54,7 +55,7 @@ def test_no_route_answers_5xx(bridge_url: str) -> None:
         operation = result.ok()
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=8, deadline=None, derandomize=True,
+        @settings(max_examples=examples(8), deadline=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))
         def check(case) -> None:
             # Generated bodies may ask for long generations: cap the work, keep the shape.

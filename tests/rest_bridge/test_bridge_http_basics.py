@@ -80,6 +80,10 @@ def test_non_object_body(client: TestClient) -> None:
     assert "application/json" in assert_envelope(form, 400)["message"]
 
 
+# A valid message list, so that the field under test is the one refused.
+HI = [{"role": "user", "content": "hi"}]
+
+
 @pytest.mark.parametrize(
     ("path", "body", "param"),
     [
@@ -94,9 +98,9 @@ def test_non_object_body(client: TestClient) -> None:
         ("/v1/chat/completions", {"messages": [{"content": "x"}]}, "messages.0.role"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]},
          "messages.0.content"),
-        ("/v1/chat/completions", {"messages": [], "top_logprobs": 2}, "top_logprobs"),
-        ("/v1/chat/completions", {"messages": [], "tool_choice": "sometimes"}, "tool_choice"),
-        ("/v1/chat/completions", {"messages": [], "request_id": "naïve"}, "request_id"),
+        ("/v1/chat/completions", {"messages": HI, "top_logprobs": 2}, "top_logprobs"),
+        ("/v1/chat/completions", {"messages": HI, "tool_choice": "sometimes"}, "tool_choice"),
+        ("/v1/chat/completions", {"messages": HI, "request_id": "naïve"}, "request_id"),
     ],
 )
 def test_bad_bodies_name_the_field(client: TestClient, path: str, body: dict[str, Any],

@@ -119,8 +119,10 @@ def test_prompt_forms_fan_out_one_call_per_prompt() -> None:
     assert ids.WhichOneof("input") == "token_ids" and list(ids.token_ids.ids) == [1, 2, 3]
     batches = completion({"prompt": [[1], [2, 3]]})
     assert [list(r.token_ids.ids) for r in batches] == [[1], [2, 3]]
-    (empty,) = completion({"prompt": []})
-    assert empty.WhichOneof("input") == "text" and empty.text == ""
+    # An empty prompt in any form is refused by the schema (so /openapi.json says so).
+    for empty in ("", [], [""], [[]]):
+        with pytest.raises(ValidationError):
+            completion({"prompt": empty})
 
 
 def test_bridge_only_rules() -> None:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 import grpc
 import pytest
 from engine_process import EngineProcess
+from fuzz_budget import examples
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mesh_helpers import wait_idle
@@ -116,7 +117,7 @@ def _assert_serving(channel: grpc.Channel) -> None:
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-@settings(max_examples=60, deadline=None, derandomize=True,
+@settings(max_examples=examples(60), deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(values=_fields(inference_pb2.GenerateRequest.DESCRIPTOR, 0))
 def test_generated_requests_never_cause_internal_errors(channel: grpc.Channel, values) -> None:
@@ -130,7 +131,7 @@ def test_generated_requests_never_cause_internal_errors(channel: grpc.Channel, v
     _assert_serving(channel)
 
 
-@settings(max_examples=25, deadline=None, derandomize=True,
+@settings(max_examples=examples(25), deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(payload=st.binary(max_size=64))
 def test_raw_bytes_are_rejected_cleanly(channel: grpc.Channel, payload: bytes) -> None:
