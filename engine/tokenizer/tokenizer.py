@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from engine.errors import InvalidRequestError, ModelLoadError
 from engine.tokenizer.added_token_spacing import AddedTokenSpacing
 from engine.tokenizer.chat_template import RESERVED_TEMPLATE_VARIABLES, render_chat_template
+from engine.tokenizer.template_worker import TemplateWorker
 from engine.tokenizer.content_format import ContentFormat, resolve_content_format
 from engine.tokenizer.detokenizer import IncrementalDetokenizer
 from engine.tokenizer.template_sources import (
@@ -58,6 +59,8 @@ class Tokenizer:
         }
         self._added_token_spacing = AddedTokenSpacing(self, added_texts, self._all_special_ids)
         self._special_token_variables = MappingProxyType(dict(hf_tokenizer.special_tokens_map))
+        # Request-supplied templates render there (its process starts on first use).
+        self._template_worker = TemplateWorker()
 
     @classmethod
     def load(
@@ -186,9 +189,9 @@ class Tokenizer:
                 "request fields)",
                 field="chat_template_kwargs",
             )
-        return render_chat_template(
-            source,
-            messages,
+        arguments = dict(
+            source=source,
+            messages=messages,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
             tools=tools,
@@ -196,6 +199,10 @@ class Tokenizer:
             variables={**self._special_token_variables, **extra},
             content_format=content_format,
         )
+        if chat_template is not None and chat_template not in self._model_templates:
+            # A client's own template is untrusted code: bounded in time and memory.
+            return self._template_worker.render(**arguments)
+        return render_chat_template(**arguments)
 
     def render_chat_prompt(self, chat: ChatPrompt) -> str:
         """`render_chat` for a request's ChatPrompt (generate, embed, tokenize alike)."""
