@@ -31,9 +31,10 @@ class Histogram:
         self.counts = [0] * (len(self.buckets) + 1)  # the last slot is +Inf
         self.total = 0.0
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.total += value
+    def observe(self, value: float, count: int = 1) -> None:
+        """`count` observations of `value` (one bisect for a run of equal values)."""
+        self.counts[bisect.bisect_left(self.buckets, value)] += count
+        self.total += value * count
 
     @property
     def count(self) -> int:

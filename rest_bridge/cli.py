@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--metrics-compat", action="store_true",
-        help="/metrics repeats every metric under the vllm: prefix",
+        help="/metrics also exports vLLM's full metric set under the vllm: prefix",
     )
     parser.add_argument(
         "--otlp-traces-endpoint", default=None, metavar="URL",

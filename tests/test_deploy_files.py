@@ -1,11 +1,13 @@
 """The deployment files stay consistent with the code: Dockerfile targets, the Kubernetes
-probes and drain hook, the Envoy transcoder's services and descriptor set, the Go example."""
+probes and drain hook, the metric names the autoscaling and routing examples read, the Envoy
+transcoder's services and descriptor set, the Go example."""
 from __future__ import annotations
 
 import re
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -36,6 +38,81 @@ def test_k8s_deployment_probes_socket_and_drain() -> None:
     from protoserve.cli.serve import build_parser
 
     build_parser().parse_args([a for a in engine["args"]])
+
+
+def _metric_names_in(manifest: str) -> set[str]:
+    """Every vllm: metric name a manifest's values mention (queries, flags)."""
+    names: set[str] = set()
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+        elif isinstance(node, str):
+            names.update(re.findall(r"\bvllm:[A-Za-z_][A-Za-z0-9_:]*", node))
+
+    for doc in yaml.safe_load_all((ROOT / "examples/k8s" / manifest).read_text()):
+        walk(doc)
+    return names
+
+
+def _exported_names(text: bytes) -> set[str]:
+    """Family names (# TYPE lines) and sample names of a Prometheus text page."""
+    names = set(re.findall(r"^# TYPE (\S+)", text.decode(), re.M))
+    return names | set(re.findall(r"^([^#\s{]+)", text.decode(), re.M))
+
+
+def _engine_exports() -> set[str]:
+    """The engine's --metrics-port page with --metrics-compat, from the collector engine-serve
+    builds (make_engine_metrics), over a loaded engine's numbers."""
+    from engine.config import CacheConfig
+    from engine.core.loop import CoreStats
+    from engine.server.context import EngineHandle
+    from engine.server.lifecycle import make_engine_metrics
+    from protoserve.serving_metrics import RequestRecord
+
+    engine = SimpleNamespace(
+        loop=SimpleNamespace(stats=lambda: CoreStats(num_kv_blocks=64, num_free_kv_blocks=64),
+                             is_alive=True, num_streams=0),
+        model=SimpleNamespace(names=("m",), block_size=16, num_blocks=64),
+        config=SimpleNamespace(cache=CacheConfig()))
+    metrics = make_engine_metrics(EngineHandle(engine=engine), compat=True)
+    metrics.record(RequestRecord("stop", 3, 2, 1.0, 0.1, n=1))
+    return _exported_names(metrics.render())
+
+
+def _bridge_exports() -> set[str]:
+    """The bridge's /metrics with --metrics-compat, once it has reached its engine."""
+    from rest_bridge.metrics import BridgeMetrics
+
+    bridge = BridgeMetrics(compat=True)
+    bridge.describe_model(discovery_pb2.ModelInfo(id="m", block_size=16, num_kv_blocks=64))
+    return _exported_names(bridge.render(discovery_pb2.GetLoadResponse()))
+
+
+def test_k8s_autoscaling_and_routing_read_metrics_the_servers_export() -> None:
+    """KEDA queries Prometheus, which scrapes the engine's metrics port; the endpoint picker
+    scrapes the serving port (the bridge). Every name they read is one the server exports."""
+    keda = _metric_names_in("keda-scaledobject.yaml")
+    picker = _metric_names_in("inference-pool.yaml")
+    assert "vllm:num_requests_waiting" in keda
+    assert {"vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:lora_requests_info",
+            "vllm:cache_config_info"} <= picker
+    assert keda <= _engine_exports(), keda - _engine_exports()
+    assert picker <= _bridge_exports(), picker - _bridge_exports()
+    # Both processes of the example Deployment export vLLM's names.
+    pod = next(yaml.safe_load_all((ROOT / "examples/k8s/deployment.yaml").read_text()))
+    for container in pod["spec"]["template"]["spec"]["containers"]:
+        assert "--metrics-compat" in container["args"], container["name"]
+    pool = next(d for d in yaml.safe_load_all(
+        (ROOT / "examples/k8s/inference-pool.yaml").read_text()) if d["kind"] == "InferencePool")
+    bridge_port = next(c for c in pod["spec"]["template"]["spec"]["containers"]
+                       if c["name"] == "bridge")["ports"][0]["containerPort"]
+    assert pool["spec"]["targetPorts"] == [{"number": bridge_port}]
+    assert pool["spec"]["selector"]["matchLabels"] == pod["spec"]["selector"]["matchLabels"]
 
 
 def test_envoy_transcodes_real_services_with_least_request() -> None:

@@ -64,6 +64,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         tracker = RequestTracker(
             request_id, self.handle.metrics, options, preview,
             n=request.sampling.n if request.sampling.HasField("n") else 1,
+            best_of=request.sampling.best_of if request.sampling.HasField("best_of") else None,
             **request_trace(context, self.handle.tracer),
         )
         loop = asyncio.get_running_loop()

@@ -137,6 +137,8 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
             num_preemptions=load.num_preemptions,
             draining=self.handle.draining,
             num_streams=engine.loop.num_streams,
+            num_prefix_cache_queried_tokens=load.num_queried_tokens,
+            num_prefix_cache_hit_tokens=load.num_hit_tokens,
         )
 
 

@@ -16,6 +16,7 @@ from engine.server.context import EngineHandle
 from engine.server.request_tracker import load_snapshot
 from protoserve.listeners import ListenError, check_tcp, tcp_address
 from protoserve.serving_metrics import CONTENT_TYPE, ServingMetrics
+from protoserve.vllm_compat import cache_config_labels
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,19 @@ def make_engine_metrics(handle: EngineHandle, compat: bool) -> ServingMetrics:
     def model_name() -> str:
         return handle.engine.model.names[0] if handle.engine is not None else ""
 
-    return ServingMetrics(model_name, load=load, extra_gauges=extra,
+    def cache_config() -> dict[str, str] | None:
+        engine = handle.engine
+        if engine is None:
+            return None
+        cache = engine.config.cache
+        return cache_config_labels(
+            block_size=engine.model.block_size, num_gpu_blocks=engine.model.num_blocks,
+            gpu_memory_utilization=cache.gpu_memory_utilization,
+            num_gpu_blocks_override=cache.num_blocks,
+            enable_prefix_caching=cache.enable_prefix_caching,
+        )
+
+    return ServingMetrics(model_name, load=load, extra_gauges=extra, cache_config=cache_config,
                           compat_prefixes=("vllm",) if compat else (), request_phases=True)
 
 

@@ -17,7 +17,12 @@ from typing import Any
 from engine.errors import DeadlineExceededError, EngineError, QueueFullError, SlowConsumerError
 from engine.generation import GenerationDelta, GenerationEvent, GenerationFinished, GenerationStarted
 from engine.core.request import FinishReason
-from protoserve.serving_metrics import LoadSnapshot, RequestRecord, ServingMetrics
+from protoserve.serving_metrics import (
+    InterTokenTimer,
+    LoadSnapshot,
+    RequestRecord,
+    ServingMetrics,
+)
 from protoserve.tracing import end_span
 
 logger = logging.getLogger("engine.requests")
@@ -58,6 +63,8 @@ def load_snapshot(engine) -> LoadSnapshot:
         kv_cache_usage=stats.kv_cache_usage,
         prefix_cache_hit_rate=(stats.num_hit_tokens / queried) if queried else 0.0,
         num_preemptions=stats.num_preemptions,
+        num_queried_tokens=queried,
+        num_hit_tokens=stats.num_hit_tokens,
         iteration_tokens=stats.iteration_tokens,
     )
 
@@ -80,14 +87,15 @@ def outcome_of(error: BaseException, deadline_passed: bool) -> str:
 class RequestTracker:
     def __init__(
         self, request_id: str, metrics: ServingMetrics | None, options: ServingOptions,
-        prompt_preview: str = "", *, n: int | None = None, trace_id: str | None = None,
-        span: Any | None = None,
+        prompt_preview: str = "", *, n: int | None = None, best_of: int | None = None,
+        trace_id: str | None = None, span: Any | None = None,
     ) -> None:
         self.request_id = request_id
         self._metrics = metrics
         self._options = options
         self._prompt_preview = prompt_preview
         self._n = n
+        self._best_of = best_of
         self._trace_id = trace_id
         self._span = span  # an OpenTelemetry span, ended by finish()
         self._start = time.monotonic()
@@ -98,13 +106,18 @@ class RequestTracker:
         self._num_prompt = 0
         self._num_cached = 0
         self._num_output = 0
+        self._longest_choice: int | None = None
+        self._itl = InterTokenTimer(metrics)
         self._reasons: list[str] = []
         self._done = False
 
     def on_event(self, event: GenerationEvent) -> None:
         if isinstance(event, GenerationDelta):
-            if self._first_token_at is None and event.token_ids:
-                self._first_token_at = time.monotonic()
+            if event.token_ids:
+                now = time.monotonic()
+                if self._first_token_at is None:
+                    self._first_token_at = now
+                self._itl.on_tokens(event.index, len(event.token_ids), now)
         elif isinstance(event, GenerationStarted):
             self._num_prompt = len(event.prompt_token_ids)
             self._num_cached = event.num_cached_tokens
@@ -112,6 +125,7 @@ class RequestTracker:
             self._max_tokens = event.max_tokens
         elif isinstance(event, GenerationFinished):
             self._num_output += event.num_output_tokens
+            self._longest_choice = max(self._longest_choice or 0, event.num_output_tokens)
             self._reasons.append(event.reason.value)
             self._finished_at = time.monotonic()
 
@@ -131,7 +145,8 @@ class RequestTracker:
         first = self._first_token_at
         ttft = first - self._start if first is not None else None
         record = RequestRecord(reason, self._num_prompt, self._num_output, e2e, ttft,
-                               n=self._n, max_tokens=self._max_tokens)
+                               n=self._n, max_tokens=self._max_tokens, best_of=self._best_of,
+                               max_generation_tokens=self._longest_choice)
         scheduled = self._scheduled_at
         if scheduled is not None:
             # An error or cancel ends the request now; a normal finish at its last Finished

@@ -37,7 +37,8 @@ def add_serving_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--metrics-port", type=int, default=None,
                    help="serve the engine's Prometheus /metrics on this port")
     g.add_argument("--metrics-compat", action="store_true",
-                   help="also export every metric under the vllm: prefix")
+                   help="also export vLLM's full metric set under the vllm: prefix (names, types, "
+                   "labels), for dashboards, autoscalers and the Inference Extension")
     g.add_argument("--disable-log-requests", action="store_true",
                    help="no per-request log line")
     g.add_argument("--max-log-len", type=int, default=0,

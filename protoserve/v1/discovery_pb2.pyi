@@ -95,7 +95,7 @@ class GetLoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetLoadResponse(_message.Message):
-    __slots__ = ("num_requests_running", "num_requests_waiting", "kv_cache_usage", "num_free_kv_blocks", "num_kv_blocks", "prefix_cache_hit_rate", "num_preemptions", "draining", "num_streams")
+    __slots__ = ("num_requests_running", "num_requests_waiting", "kv_cache_usage", "num_free_kv_blocks", "num_kv_blocks", "prefix_cache_hit_rate", "num_preemptions", "draining", "num_streams", "num_prefix_cache_queried_tokens", "num_prefix_cache_hit_tokens")
     NUM_REQUESTS_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_REQUESTS_WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,8 @@ class GetLoadResponse(_message.Message):
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     NUM_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREFIX_CACHE_QUERIED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREFIX_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     num_requests_running: int
     num_requests_waiting: int
     kv_cache_usage: float
@@ -114,4 +116,6 @@ class GetLoadResponse(_message.Message):
     num_preemptions: int
     draining: bool
     num_streams: int
-    def __init__(self, num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_free_kv_blocks: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., draining: _Optional[bool] = ..., num_streams: _Optional[int] = ...) -> None: ...
+    num_prefix_cache_queried_tokens: int
+    num_prefix_cache_hit_tokens: int
+    def __init__(self, num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_free_kv_blocks: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., draining: _Optional[bool] = ..., num_streams: _Optional[int] = ..., num_prefix_cache_queried_tokens: _Optional[int] = ..., num_prefix_cache_hit_tokens: _Optional[int] = ...) -> None: ...

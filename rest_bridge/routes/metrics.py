@@ -1,5 +1,6 @@
 """`GET /metrics`: Prometheus text. Request latencies as the bridge's clients see them, plus
-the engine's queue and KV gauges (Discovery.GetLoad, asked at scrape time)."""
+the engine's queue and KV gauges (Discovery.GetLoad, asked at scrape time) and its model's
+cache settings (Discovery.ListModels, asked once)."""
 from __future__ import annotations
 
 import grpc
@@ -24,8 +25,11 @@ async def metrics(request: Request) -> Response:
         load = None
     bridge_metrics = request.app.state.metrics
     if load is not None and not bridge_metrics.model_name:
+        # Once: the model_name label and cache_config_info (the engine's default model).
         try:
-            bridge_metrics.model_name = await ctx.client.default_model_id(timeout=_LOAD_TIMEOUT_S)
+            models = await ctx.client.list_models(timeout=_LOAD_TIMEOUT_S)
         except grpc.aio.AioRpcError:
-            pass
+            models = []
+        if models:
+            bridge_metrics.describe_model(models[0])
     return Response(bridge_metrics.render(load), media_type=CONTENT_TYPE)

@@ -116,3 +116,23 @@ def _samples(metrics: ServingMetrics) -> dict[str, float]:
             key, _, value = line.rpartition(" ")
             samples[key.partition("{")[0] if "_bucket" not in key else key] = float(value)
     return samples
+
+
+def test_one_inter_token_sample_per_token_gap_and_choice() -> None:
+    """time_per_output_token counts each gap between a choice's tokens (tokens - 1 per
+    choice), as the reference does, not one mean per request."""
+    metrics = ServingMetrics("m")
+    tracker = RequestTracker("r1", metrics, ServingOptions(log_requests=False), n=2, best_of=3)
+    tracker.on_event(GenerationStarted("r1", [1, 2, 3], "abc", 0))
+    for step in range(4):
+        for index in (0, 1):
+            if index == 0 or step < 2:
+                tracker.on_event(GenerationDelta(index, [7 + step], "x"))
+    tracker.on_event(GenerationFinished(0, FinishReason.LENGTH, 4))
+    tracker.on_event(GenerationFinished(1, FinishReason.STOP, 2))
+    tracker.finish()
+    samples = _samples(metrics)
+    assert samples["protoserve:time_per_output_token_seconds_count"] == (4 - 1) + (2 - 1)
+    assert samples["protoserve:request_time_per_output_token_seconds_count"] == 1.0
+    assert samples["protoserve:request_params_best_of_sum"] == 3.0
+    assert samples["protoserve:request_max_num_generation_tokens_sum"] == 4.0
