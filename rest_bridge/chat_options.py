@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from protoserve.arg_types import parse_bytes
 from rest_bridge.tool_parsers import TOOL_PARSERS
 
 DEFAULT_MAX_MEDIA_BYTES = 20 * 2**20
@@ -46,14 +47,16 @@ class ChatOptions:
 
 
 def add_chat_args(parser: argparse.ArgumentParser) -> None:
+    """The bridge's response-feature flags; engine-serve declares the same ones (this
+    function) and hands them on to its bridge child (`chat_args`)."""
     parser.add_argument("--enable-auto-tool-choice", action="store_true",
                         help="parse tool calls out of model output (needs --tool-call-parser)")
     parser.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS), default=None,
                         help="the model family's tool-call format")
     parser.add_argument("--allowed-media-domains", nargs="*", default=[],
                         help="hosts whose http(s) media URLs requests may name (default: none)")
-    parser.add_argument("--max-media-bytes", type=int, default=DEFAULT_MAX_MEDIA_BYTES,
-                        help="largest decoded image or audio item, in bytes")
+    parser.add_argument("--max-media-bytes", type=parse_bytes, default=DEFAULT_MAX_MEDIA_BYTES,
+                        help="largest decoded image or audio item, e.g. 20MiB")
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                         help="largest image (width x height) a request may carry; larger ones "
                         "are refused from their header")
@@ -75,3 +78,21 @@ def chat_options_from_args(args: argparse.Namespace) -> ChatOptions:
         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
     )
+
+
+def chat_args(options: ChatOptions) -> list[str]:
+    """The command line that `add_chat_args` parses back into `options`."""
+    extra: list[str] = []
+    if options.enable_auto_tool_choice:
+        extra.append("--enable-auto-tool-choice")
+    if options.tool_call_parser:
+        extra += ["--tool-call-parser", options.tool_call_parser]
+    if options.allowed_media_domains:
+        extra += ["--allowed-media-domains", *options.allowed_media_domains]
+    extra += ["--max-media-bytes", str(options.max_media_bytes),
+              "--max-image-pixels", str(options.max_image_pixels)]
+    if options.enable_prompt_tokens_details:
+        extra.append("--enable-prompt-tokens-details")
+    if options.return_tokens_as_token_ids:
+        extra.append("--return-tokens-as-token-ids")
+    return extra

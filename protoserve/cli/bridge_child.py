@@ -24,30 +24,14 @@ import sys
 
 from protoserve.cli.serving_args import bridge_serving_args
 from protoserve.cli.surface_args import bridge_env, bridge_surface_args
-
-
-def bridge_feature_args(args: argparse.Namespace) -> list[str]:
-    """The bridge's share of the command line: tool-call parsing, media limits, usage details."""
-    extra: list[str] = []
-    if args.enable_auto_tool_choice:
-        extra.append("--enable-auto-tool-choice")
-    if args.tool_call_parser:
-        extra += ["--tool-call-parser", args.tool_call_parser]
-    if args.allowed_media_domains:
-        extra += ["--allowed-media-domains", *args.allowed_media_domains]
-    if args.max_media_bytes is not None:
-        extra += ["--max-media-bytes", str(args.max_media_bytes)]
-    if args.enable_prompt_tokens_details:
-        extra.append("--enable-prompt-tokens-details")
-    if args.return_tokens_as_token_ids:
-        extra.append("--return-tokens-as-token-ids")
-    return extra
+from rest_bridge.chat_options import chat_args, chat_options_from_args
 
 
 def bridge_args(args: argparse.Namespace) -> list[str]:
     """engine-bridge's command line for engine-serve's flags (without the engine address)."""
     return ["--host", args.host, "--port", str(args.port),
-            "--uvicorn-log-level", args.uvicorn_log_level, *bridge_feature_args(args),
+            "--uvicorn-log-level", args.uvicorn_log_level,
+            *chat_args(chat_options_from_args(args)),
             *bridge_serving_args(args), *bridge_surface_args(args)]
 
 

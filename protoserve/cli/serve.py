@@ -45,28 +45,17 @@ from protoserve.cli.surface_args import (
     grpc_security,
     resolve_api_key,
 )
+from protoserve.arg_types import parse_bytes
 from protoserve.help_format import DefaultsHelpFormatter
 from protoserve.listeners import ListenError, bind_tcp, check_tcp, check_unix
 from protoserve.tracing import check_tracing_available
+from rest_bridge.chat_options import add_chat_args, chat_options_from_args
 
 if TYPE_CHECKING:
     from protoserve.cli.bridge_child import BridgeChild
 
 
 logger = logging.getLogger("protoserve.cli.serve")
-
-_SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-               "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-
-
-def parse_bytes(text: str) -> int:
-    """'4GiB', '512MiB', '1.5G', '1000000' -> bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]i?)?[bB]?\s*", text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 4GiB, 512MiB)")
-    number, unit = match.groups()
-    return int(float(number) * _SIZE_UNITS[(unit or "").lower()])
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="engine-serve", description=__doc__,
@@ -118,22 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template-content-format", choices=("auto", "string", "openai"),
                    default="auto", help="message content as a string or a list of typed "
                    "parts (default: auto, detected from the template)")
-    # Tool calling and media are the bridge's work; these are handed on to it.
-    p.add_argument("--enable-auto-tool-choice", action="store_true",
-                   help="parse tool calls out of the model's output (needs --tool-call-parser)")
-    p.add_argument("--tool-call-parser", choices=("hermes", "llama3_json", "mistral"), default=None,
-                   help="the model family's tool-call format")
-    p.add_argument("--allowed-media-domains", nargs="*", default=None,
-                   help="hosts whose http(s) media URLs requests may name (default: none)")
-    p.add_argument("--max-media-bytes", type=parse_bytes, default=None,
-                   help="largest decoded media item a request may carry, e.g. 20MiB "
-                   "(default: 20MiB)")
-    p.add_argument("--enable-prompt-tokens-details", action="store_true",
-                   help="add usage.prompt_tokens_details.cached_tokens (prompt tokens served "
-                   "from the prefix cache) to chat and completion responses")
-    p.add_argument("--return-tokens-as-token-ids", action="store_true",
-                   help="logprob tokens as 'token_id:N' in REST responses unless a request "
-                   "sets return_tokens_as_token_ids")
+    # Tool calling, media and response details are the bridge's work: its own flags,
+    # handed on to it (protoserve/cli/bridge_child.py).
+    add_chat_args(p)
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random generator that requests without a seed sample "
                    "from, and of --load-format dummy weights")
@@ -285,8 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args_with_config(build_parser(), argv)
         check_surface_args(args)
         check_tracing_available(args.otlp_traces_endpoint)
-        if args.enable_auto_tool_choice and not args.tool_call_parser:
-            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+        chat_options_from_args(args)  # the bridge's own checks, before anything starts
     except ValueError as exc:  # ConfigFileError included: one line, the key named
         print(f"engine-serve: error: {exc}", file=sys.stderr)
         return 2
