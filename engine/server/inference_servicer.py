@@ -163,13 +163,24 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 def _check_prompt_bytes(message, limit: int | None, max_model_len: int,
                         field: str = "prompt") -> None:
     """A prompt (a message with the `input` oneof: text, token ids or chat) over the byte limit
-    is refused before tokenizing it costs anything."""
+    is refused before tokenizing it costs anything. Media parts do not count: they become no
+    text tokens here, and the bridge bounds their size (--max-media-bytes)."""
     if limit is None:
         limit = PROMPT_BYTES_PER_TOKEN * max_model_len
     which = message.WhichOneof("input")
-    size = len(message.text.encode()) if which == "text" else (
-        getattr(message, which).ByteSize() if which else 0)
+    if which == "text":
+        size = len(message.text.encode())
+    elif which == "chat":
+        size = message.chat.ByteSize() - sum(
+            part.ByteSize() for chat_message in message.chat.messages
+            if chat_message.WhichOneof("content") == "parts"
+            for part in chat_message.parts.parts if part.WhichOneof("part") not in _TEXT_PARTS)
+    else:
+        size = message.token_ids.ByteSize() if which else 0
     if size > limit:
         raise InvalidRequestError(
             f"the prompt is {size} bytes; at most {limit} are accepted (--max-prompt-bytes)",
             field=field)
+
+
+_TEXT_PARTS = ("text", "refusal")
