@@ -25,8 +25,8 @@ from benchmarks.bench_model import (
     ensure_bench_model,
     ensure_shape_dir,
 )
+from engine.core.core_request import CoreRequest
 from engine.frontend.llm import LLM
-from engine.core.request import Request
 from engine.sampling_params import SamplingParams
 
 
@@ -86,9 +86,9 @@ def _stepper(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> Iter
     """Engine steps, one per next(); the requests go in first and their prefill runs in the
     first steps (which count as warm-up)."""
     for index, prompt in enumerate(prompts):
-        llm.core.add_request(Request(f"profile-{index}", prompt, params,
-                                     max_tokens=params.max_tokens,
-                                     eos_token_ids=llm.runner.loaded.eos_token_ids))
+        llm.core.add_request(CoreRequest(f"profile-{index}", tuple(prompt), params,
+                                         max_tokens=params.max_tokens,
+                                         eos_token_ids=llm.processor.limits.eos_token_ids))
     while llm.core.has_unfinished_requests:
         llm.core.step()
         yield

@@ -16,7 +16,7 @@ from engine.errors import ModelLoadError
 from engine.models.loader import read_architecture
 from engine.models.registry import is_generative
 from engine.pooling_params import PoolingParams
-from engine.core.request import Request
+from engine.core.core_request import CoreRequest
 from engine.runner.embedding_runner import EmbeddingRunner
 from engine.runner.model_runner import ModelRunner
 from engine.runner.pooling import GenerateAndEmbedRunner, PoolingExecutor, resolve_pooling_type
@@ -71,9 +71,10 @@ def load_tokenizer(config: EngineConfig, *, announce: bool = True) -> Tokenizer:
     )
 
 
-def served_eos_ids(facts: ModelFacts, tokenizer: Tokenizer) -> frozenset[int]:
+def served_eos_ids(facts: ModelFacts, tokenizer: Tokenizer | None) -> frozenset[int]:
+    """What ends generation, served or offline: the model's EOS ids and the tokenizer's."""
     eos_ids = set(facts.eos_token_ids)
-    if tokenizer.eos_token_id is not None:
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos_ids.add(tokenizer.eos_token_id)
     return frozenset(eos_ids)
 
@@ -116,11 +117,11 @@ def build_core(config: EngineConfig, bos_token_id: int | None) -> tuple[EngineCo
     start = time.perf_counter()
     token_id = bos_token_id if bos_token_id is not None else 0
     if facts.task == "embed":
-        request = Request("warmup", [token_id] * 2, SamplingParams(), max_tokens=0,
-                          pooling_params=PoolingParams())
+        request = CoreRequest("warmup", (token_id,) * 2, SamplingParams(), max_tokens=0,
+                              pooling_params=PoolingParams())
     else:
-        request = Request("warmup", [token_id] * 2, SamplingParams(temperature=0.0, max_tokens=2),
-                          max_tokens=2)
+        request = CoreRequest("warmup", (token_id,) * 2,
+                              SamplingParams(temperature=0.0, max_tokens=2), max_tokens=2)
     core.add_request(request)
     while core.has_unfinished_requests:
         core.step()

@@ -4,15 +4,19 @@ Everything here runs on the step thread; the engine loop is the only caller.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from engine.core.batch import ScheduledBatch
+from engine.core.core_request import CoreRequest
 from engine.config import EngineConfig
 from engine.kv_cache import KVCacheManager
 from engine.core.outputs import ModelRunnerOutput, RequestOutput
 from engine.core.request import FinishReason, Request
 from engine.scheduler import Scheduler
 from protoserve.histogram import Histogram
+
+if TYPE_CHECKING:
+    from engine.structured.grammar import Grammar
 
 # The reference server's buckets for tokens computed per step.
 ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -41,8 +45,10 @@ class EngineCore:
         # reads a snapshot from another thread.
         self.iteration_tokens = Histogram(ITERATION_TOKENS_BUCKETS)
 
-    def add_request(self, request: Request) -> None:
-        self.scheduler.add_request(request)
+    def add_request(self, request: CoreRequest, grammar: Grammar | None = None) -> None:
+        """The core's own Request for `request`, queued. `grammar`: its matcher, built by
+        the core's grammar compiler (off the step thread) when it has a constraint."""
+        self.scheduler.add_request(Request.from_core(request, grammar))
 
     def abort_requests(self, request_ids: list[str], reason: FinishReason) -> list[str]:
         return self.scheduler.abort_requests(request_ids, reason)

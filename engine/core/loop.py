@@ -1,27 +1,30 @@
 """The step loop around an EngineCore, and the commands that reach it.
 
-    commands (AddRequests, AbortRequests, ...) --inbox--> run_core_loop: apply, step, emit
+    commands (AddRequests, AbortRequests, ...) --RequestIntake--> inbox
+        --> run_core_loop: apply, step, emit
 
-The same loop runs on a thread of the serving process (`ThreadedCore`, `--engine-core
-thread`) or in a process of its own (`engine.frontend.core_client`, the default for engine-serve),
-where the serving threads never compete with it for the GIL. Either way one thread owns the
-EngineCore; everything else talks to it through the inbox and hears back through `emit`.
+The same loop runs on a thread of the serving process (`engine.core.threaded_core`,
+`--engine-core thread`) or in a process of its own (`engine.core.process_main`, the default
+for engine-serve), where the serving threads never compete with it for the GIL. Either way
+one thread owns the EngineCore; everything else talks to it through the inbox (by way of the
+core's request intake, `engine.core.intake`) and hears back through `emit`.
 """
 from __future__ import annotations
 
-import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from engine.core.core_request import CoreRequest
 from engine.core.engine_core import EngineCore
 from engine.core.outputs import RequestOutput
-from engine.core.request import FinishReason, Request
+from engine.core.request import FinishReason
 from protoserve.histogram import Histogram
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from engine.structured.grammar import Grammar
 
 # How long an idle loop waits for a command before it beats its heartbeat again.
 IDLE_WAIT_S = 0.5
@@ -32,7 +35,16 @@ STEP_THREAD_STACK_BYTES = 512 * 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class AddRequests:
-    requests: list[Request]
+    requests: list[CoreRequest]
+
+
+@dataclass(frozen=True, slots=True)
+class AddCompiled:
+    """Core-internal, never pickled: requests with an output constraint and their matchers,
+    put in the inbox by the grammar compile thread (engine.core.intake)."""
+
+    requests: list[CoreRequest]
+    grammars: list[Grammar | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +65,9 @@ class InjectFault:
     kind: str  # "die" | "hang"
 
 
+# What the serving side sends; the inbox also takes AddCompiled from inside the core.
 CoreCommand = AddRequests | AbortRequests | StopCore | InjectFault
+InboxEntry = CoreCommand | AddCompiled
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,12 +106,12 @@ class Inbox:
     """Commands for the step loop, from any thread."""
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[CoreCommand] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[InboxEntry] = queue.SimpleQueue()
 
-    def put(self, command: CoreCommand) -> None:
+    def put(self, command: InboxEntry) -> None:
         self._queue.put(command)
 
-    def get(self, block: bool) -> CoreCommand | None:
+    def get(self, block: bool) -> InboxEntry | None:
         try:
             return self._queue.get(timeout=IDLE_WAIT_S) if block else self._queue.get_nowait()
         except queue.Empty:
@@ -138,6 +152,9 @@ def _apply_commands(core: EngineCore, inbox: Inbox, block: bool) -> bool:
         if isinstance(command, AddRequests):
             for request in command.requests:
                 core.add_request(request)
+        elif isinstance(command, AddCompiled):
+            for request, grammar in zip(command.requests, command.grammars, strict=True):
+                core.add_request(request, grammar)
         else:
             core.abort_requests(command.request_ids, command.reason)
         command = inbox.get(block=False)
@@ -152,50 +169,3 @@ def start_step_thread(target: Callable[[], None], name: str = "engine-step") -> 
     finally:
         threading.stack_size(previous)
     return thread
-
-
-class ThreadedCore:
-    """The EngineCore on a step thread of this process (`--engine-core thread`)."""
-
-    def __init__(self, core: EngineCore) -> None:
-        self.core = core
-        self._inbox = Inbox()
-        self._thread: threading.Thread | None = None
-        self.error: BaseException | None = None
-        self.last_heartbeat = 0.0
-
-    def start(
-        self,
-        on_outputs: Callable[[list[RequestOutput]], None],
-        on_error: Callable[[BaseException], None],
-    ) -> None:
-        """`on_outputs` / `on_error` are called on the step thread (the caller hops threads)."""
-        self.last_heartbeat = time.monotonic()  # the watchdog must not see a stale start
-
-        def run() -> None:
-            try:
-                run_core_loop(self.core, self._inbox, on_outputs, self._beat)
-            except BaseException as exc:  # the step thread must never die silently
-                logger.exception("engine step thread died")
-                self.error = exc
-                on_error(exc)
-
-        self._thread = start_step_thread(run)
-
-    def _beat(self) -> None:
-        self.last_heartbeat = time.monotonic()
-
-    def send(self, command: CoreCommand) -> None:
-        self._inbox.put(command)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._inbox.put(StopCore())
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    @property
-    def is_alive(self) -> bool:
-        return self.error is None and self._thread is not None and self._thread.is_alive()
-
-    def stats(self) -> CoreStats:
-        return CoreStats.of(self.core)

@@ -1,7 +1,7 @@
 """What the engine core process and the serving process say to each other (pickled over their
-socket pair). Serving -> core: CoreStart once, then the commands of engine.core.loop. Core ->
-serving: CoreReady or CoreFailed once, then CoreOutputs per step, CoreBeat while idle, and
-CoreDied if the step loop fails."""
+socket pair). Serving -> core: CoreStart once, then the commands of engine.core.loop (new
+requests as CoreRequests, engine.core.core_request). Core -> serving: CoreReady or CoreFailed
+once, then CoreOutputs per step, CoreBeat while idle, and CoreDied if the step loop fails."""
 from __future__ import annotations
 
 from dataclasses import dataclass

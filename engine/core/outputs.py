@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.core.request import FinishReason
+from engine.errors import EngineError
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,9 +43,9 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     stop_token_id: int | None = None
     num_prompt_tokens: int = 0
+    # Prompt tokens found in the prefix cache at first admission, and time.monotonic() of
+    # that admission: on every output, so the serving side needs no view of the core's Request.
     num_cached_tokens: int = 0
-    # time.monotonic() of the request's first admission (the serving side's copy of the
-    # request learns it from here when the core runs in another process).
     first_scheduled_time: float | None = None
     # One entry per new token, when the request asked for logprobs.
     logprobs: list[TokenLogprobs] | None = None
@@ -54,8 +55,11 @@ class RequestOutput:
     embedding: list[float] | None = None
     # Human-readable detail of the finish (e.g. why the output constraint failed).
     finish_message: str | None = None
+    # The core refused the request before running it (its output constraint did not
+    # compile): the serving side raises this instead of starting the stream. Engine errors
+    # pickle with their kind, field and reason, so it crosses the process boundary as it is.
+    error: EngineError | None = None
 
     @property
     def finished(self) -> bool:
-
         return self.finish_reason is not None

@@ -7,9 +7,10 @@ outputs leave until StopCore (then exit at once: os._exit, no interpreter teardo
 the socket closes (the serving process is gone: exit at once, nothing is waiting for our
 outputs).
 
-Threads: the step thread owns the EngineCore (run_core_loop); the reader thread turns
-commands into inbox entries; requests with an output constraint get their grammar matchers on
-the grammar compile thread first, so a slow grammar never stalls the steps of others.
+Threads: the step thread owns the EngineCore (run_core_loop); the reader thread hands
+commands to the request intake (engine.core.intake): requests with an output constraint get
+their grammar matchers from this process's compiler, the only one, on its compile thread
+first, so a slow grammar never stalls the steps of others.
 """
 from __future__ import annotations
 
@@ -24,15 +25,8 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from engine.core.build import build_core, load_tokenizer, make_grammar_compiler
-from engine.core.loop import (
-    IDLE_WAIT_S,
-    AbortRequests,
-    AddRequests,
-    CoreStats,
-    Inbox,
-    run_core_loop,
-    start_step_thread,
-)
+from engine.core.intake import RequestIntake
+from engine.core.loop import IDLE_WAIT_S, CoreStats, Inbox, run_core_loop, start_step_thread
 from engine.core.messages import (
     CoreBeat,
     CoreDied,
@@ -43,7 +37,6 @@ from engine.core.messages import (
 )
 from engine.core.engine_core import EngineCore
 from engine.core.outputs import RequestOutput
-from engine.core.request import FinishReason, Request
 from engine.structured.compiler import GrammarCompiler
 
 logger = logging.getLogger(__name__)
@@ -67,7 +60,8 @@ class _Channel:
 
 
 class _CommandReader:
-    """Reader thread: commands -> inbox; constrained requests via the grammar compiler."""
+    """Reader thread: commands -> the core's request intake (engine.core.intake), which
+    compiles constrained requests' grammars before they reach the inbox."""
 
     def __init__(
         self,
@@ -77,69 +71,18 @@ class _CommandReader:
         on_disconnect: Callable[[], None] = lambda: os._exit(0),
     ) -> None:
         self.channel = channel
-        self.inbox = inbox
-        self.compiler = compiler
+        # Compile failures go back at once, without fresh stats (sent off the step thread).
+        self.intake = RequestIntake(inbox, compiler,
+                                    lambda outputs: channel.send(CoreOutputs(outputs, None)))
         # The serving process is gone: nothing waits for our outputs, so exit at once.
         self.on_disconnect = on_disconnect
-        self._lock = threading.Lock()
-        self._compiling: set[str] = set()  # request ids whose grammars are being built
 
     def run(self) -> None:
         try:
             while True:
-                command = self.channel.conn.recv()
-                if isinstance(command, AddRequests) and any(
-                    r.constraint is not None for r in command.requests
-                ):
-                    self._compile_then_add(command.requests)
-                    continue
-                if isinstance(command, AbortRequests):
-                    with self._lock:
-                        self._compiling.difference_update(command.request_ids)
-                self.inbox.put(command)
+                self.intake.put(self.channel.conn.recv())
         except (EOFError, OSError):
             self.on_disconnect()
-
-    def _compile_then_add(self, requests: list[Request]) -> None:
-        with self._lock:
-            self._compiling.update(r.request_id for r in requests)
-
-        def job() -> None:
-            failure: BaseException | None = None
-            try:
-                _attach_grammars(self.compiler, requests)
-            except Exception as exc:  # noqa: BLE001 - the request fails, the engine goes on
-                failure = exc
-            with self._lock:
-                live = [r for r in requests if r.request_id in self._compiling]
-                self._compiling.difference_update(r.request_id for r in live)
-            if failure is None:
-                if live:
-                    self.inbox.put(AddRequests(live))
-                return
-            self.channel.send(CoreOutputs([
-                RequestOutput(r.request_id, [], FinishReason.ABORT,
-                              num_prompt_tokens=r.num_prompt_tokens,
-                              finish_message=f"the output constraint failed to compile: {failure}")
-                for r in live
-            ], None))
-
-        if self.compiler is None:
-            job()
-        else:
-            self.compiler.submit(job)
-
-
-def _attach_grammars(compiler: GrammarCompiler | None, requests: list[Request]) -> None:
-    if compiler is None:
-        raise RuntimeError("guided decoding is not available for this model")
-    constrained = [r for r in requests if r.constraint is not None]
-    # The n choices of one request share one constraint: compile once, one matcher each.
-    grammars = compiler.new_grammars(constrained[0].constraint, len(constrained))
-    for request, grammar in zip(constrained, grammars, strict=True):
-        if request.constraint != constrained[0].constraint:
-            grammar = compiler.new_grammars(request.constraint, 1)[0]
-        request.grammar = grammar
 
 
 def _serve(core: EngineCore, channel: _Channel, compiler: GrammarCompiler | None) -> int:

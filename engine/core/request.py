@@ -4,22 +4,24 @@ Progress is one counter, `num_computed_tokens`, against `num_tokens` (prompt + o
 chunked prefill, prefix-cache hits and resumption after preemption are all "compute the tokens
 in [num_computed_tokens, num_tokens)"; no phase flags.
 
-Ownership: the scheduler owns status and counters; KVCacheManager is the only writer of
+Ownership: the engine core builds it from a CoreRequest (`EngineCore.add_request`) and it
+never leaves the core's thread: the serving side learns about it from RequestOutputs only.
+Inside the core, the scheduler owns status and counters; KVCacheManager is the only writer of
 `block_ids` and `block_hashes`.
 """
 from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from engine.pooling_params import PoolingParams
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from engine.structured.constraint import OutputConstraint
+    from engine.core.core_request import CoreRequest
     from engine.structured.grammar import Grammar
-
 
 
 class RequestStatus(enum.IntEnum):
@@ -65,7 +67,6 @@ class Request:
         "prompt_logprobs",
         "pooling_params",
         "grammar",
-        "constraint",
         "first_scheduled_time",
         "deadline",
     )
@@ -73,7 +74,7 @@ class Request:
     def __init__(
         self,
         request_id: str,
-        prompt_token_ids: list[int],
+        prompt_token_ids: Sequence[int],
         sampling_params: SamplingParams,
         *,
         max_tokens: int,
@@ -82,6 +83,8 @@ class Request:
         cache_salt: str = "",
         arrival_time: float | None = None,
         pooling_params: PoolingParams | None = None,
+        deadline: float | None = None,
+        grammar: Grammar | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -108,28 +111,34 @@ class Request:
         # Set for embedding requests: computed whole in one step, without KV blocks, and
         # finished with a pooled vector instead of sampled tokens.
         self.pooling_params = pooling_params
-        # Guided decoding matcher state (engine.structured.Grammar), set before the request
-        # reaches the scheduler. It has accepted exactly the output tokens: preemption keeps
-        # it as is, and recompute never feeds it again.
-        self.grammar: Grammar | None = None
-        # The output constraint the grammar was compiled from: a matcher cannot cross a
-        # process boundary, so the engine core process compiles its own from this.
-        self.constraint: OutputConstraint | None = None
+        # Guided decoding matcher state (engine.structured.Grammar), built by the core's own
+        # grammar compiler from the request's constraint before the request reaches the
+        # scheduler. It has accepted exactly the output tokens: preemption keeps it as is,
+        # and recompute never feeds it again.
+        self.grammar = grammar
         # time.monotonic() when the scheduler first admitted it (its queue wait ends there;
-        # kept across preemption). Read on the asyncio side after its first output.
+        # kept across preemption). Every RequestOutput carries it to the serving side.
         self.first_scheduled_time: float | None = None
         # time.monotonic() after which it must not start running: the scheduler evicts it
         # from the queue with FinishReason.DEADLINE instead of admitting it. None: no deadline.
-        self.deadline: float | None = None
+        self.deadline = deadline
 
-    def __getstate__(self) -> dict:
-        """Pickled to reach the engine core process: everything but the grammar matcher."""
-        return {name: getattr(self, name) for name in self.__slots__ if name != "grammar"}
-
-    def __setstate__(self, state: dict) -> None:
-        self.grammar = None
-        for name, value in state.items():
-            setattr(self, name, value)
+    @classmethod
+    def from_core(cls, request: CoreRequest, grammar: Grammar | None = None) -> Request:
+        """The core's own Request for what the serving side sent (EngineCore.add_request)."""
+        return cls(
+            request.request_id,
+            request.prompt_token_ids,
+            request.sampling_params,
+            max_tokens=request.max_tokens,
+            eos_token_ids=request.eos_token_ids,
+            priority=request.priority,
+            cache_salt=request.cache_salt,
+            arrival_time=request.arrival_time,
+            pooling_params=request.pooling_params,
+            deadline=request.deadline,
+            grammar=grammar,
+        )
 
     @property
     def is_pooling(self) -> bool:

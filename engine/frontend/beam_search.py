@@ -175,8 +175,8 @@ def check_beam_search_params(params: SamplingParams) -> None:
 
     temperature must be 0 (servers read an unset temperature as 0 for beam search): beams
     are ranked by the model's own log-probabilities, so a temperature would be ignored, and a
-    silently ignored parameter is worse than a clear error."""
-    params.validate()
+    silently ignored parameter is worse than a clear error. `params` were validated where
+    they entered the engine (gRPC conversion, or the offline LLM)."""
     if params.temperature != 0.0:
         raise InvalidRequestError(
             f"temperature must be 0 with use_beam_search, got {params.temperature}",

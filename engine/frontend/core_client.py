@@ -2,8 +2,9 @@
 
     serving process                                 engine core process
     ---------------                                 -------------------
-    ProcessCore.send(command) --pickle, socket-->   reader thread -> inbox (grammars compiled
-                                                    on its compile thread first)
+    ProcessCore.send(command) --pickle, socket-->   reader thread -> request intake -> inbox
+    (AddRequests of CoreRequests, AbortRequests)    (constraints compiled by the core's own
+                                                    compiler, on its compile thread, first)
                                                     step thread: run_core_loop
     reader thread -> on_outputs  <--pickle, socket-- CoreOutputs(outputs, stats) per step,
                                                     CoreBeat(stats) while idle

@@ -1,4 +1,4 @@
-"""Embedding requests -> token ids -> engine Requests (one per input), with every check that
+"""Embedding requests -> token ids -> CoreRequests (one per input), with every check that
 needs the tokenizer or the model's limits. Runs on the asyncio side, never on the step thread.
 
 Errors name the proto field (`inputs`, `dimensions`, `truncate_prompt_tokens`); the bridge
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from engine.errors import ContextLengthError, InvalidRequestError
 from engine.generation import EmbeddingRequest, PromptInput
-from engine.core.request import Request
+from engine.core.core_request import CoreRequest
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 
@@ -33,7 +33,7 @@ class EmbeddingInputProcessor:
         # Shared by every embedding request: pooling ignores sampling entirely.
         self._sampling = SamplingParams()
 
-    def make_requests(self, req: EmbeddingRequest) -> list[Request]:
+    def make_requests(self, req: EmbeddingRequest) -> list[CoreRequest]:
         self._check_params(req)
         requests = []
         for index, prompt in enumerate(req.inputs):
@@ -48,9 +48,9 @@ class EmbeddingInputProcessor:
                     field="inputs",
                 )
             requests.append(
-                Request(
+                CoreRequest(
                     request_id=f"{req.request_id}-{index}",
-                    prompt_token_ids=token_ids,
+                    prompt_token_ids=tuple(token_ids),
                     sampling_params=self._sampling,
                     max_tokens=0,
                     priority=req.priority,

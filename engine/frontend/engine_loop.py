@@ -1,14 +1,16 @@
 """The bridge between asyncio servers and the engine core.
 
-    asyncio side (servers)                          engine core (CoreClient)
-    ----------------------                          ------------------------
-    generate(): tokenize, validate  --send-->       add / abort
-                                                    core.step() in a loop
-    _dispatch(): detokenize, stop   <--call_soon--  list[RequestOutput] per step
+    asyncio side (servers)                            engine core (CoreClient)
+    ----------------------                            ------------------------
+    generate(): tokenize, validate --AddRequests-->   builds its Requests, compiles
+                                   (CoreRequests)     constraints, steps in a loop
+    _dispatch(): detokenize, stop  <--call_soon--     list[RequestOutput] per step
     strings -> per-request queue
 
 The core runs in its own process (`ProcessCore`) or on a step thread (`ThreadedCore`); this
-side is the same for both. Streams are touched only by the event loop. A stop-string match is
+side is the same for both: it sends typed commands and reads RequestOutputs, and never sees
+the core's Request objects (what it tracks per request, it learns from the outputs).
+Streams are touched only by the event loop. A stop-string match is
 found on the asyncio side: the stream ends at once and an abort is sent to free the request's
 KV blocks (at most one extra token is computed meanwhile).
 """
@@ -18,8 +20,10 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Protocol
 
+from engine.core.core_request import CoreRequest
 from engine.core.loop import AbortRequests, AddRequests, CoreCommand, CoreStats, InjectFault
 from engine.errors import (
     DeadlineExceededError,
@@ -35,7 +39,7 @@ from engine.generation import (
 )
 from engine.frontend.input_processor import InputProcessor
 from engine.core.outputs import RequestOutput
-from engine.core.request import FinishReason, Request
+from engine.core.request import FinishReason
 from engine.frontend.pooling_stream import PooledOutput, PoolingStream
 from engine.frontend.request_stream import RequestStream
 
@@ -47,7 +51,7 @@ _MAX_BUFFERED_EVENTS = 2048
 
 
 class CoreClient(Protocol):
-    """Where the EngineCore runs: `engine.core.loop.ThreadedCore` or
+    """Where the EngineCore runs: `engine.core.threaded_core.ThreadedCore` or
     `engine.frontend.core_client.ProcessCore`."""
 
     error: BaseException | None
@@ -135,26 +139,30 @@ class EngineLoop:
         _check_deadline(deadline, "before it was queued")
         prompt = self.processor.prepare_prompt(req)
         requests = self.processor.make_requests(req, prompt)
-        # Guided decoding: compiled on the compile thread while the step thread keeps going.
-        await self.processor.attach_grammars(req, requests)
+        # Guided decoding: the constraint is validated off the event loop (the core compiles
+        # it, while its step thread keeps going).
+        await self.processor.check_constraint(req)
         _check_deadline(deadline, "before it was queued")
-        _set_deadline(requests, deadline)
+        requests = _with_deadline(requests, deadline)
         events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
-
-        for index, request in enumerate(requests):
-            self._streams[request.request_id] = RequestStream(
-                index, request, req.request_id, events, self.processor.tokenizer, req.return_text
-            )
+        streams = [
+            RequestStream(index, req.request_id, request.prompt_token_ids,
+                          request.sampling_params, events, self.processor.tokenizer,
+                          req.return_text)
+            for index, request in enumerate(requests)
+        ]
+        for request, stream in zip(requests, streams):
+            self._streams[request.request_id] = stream
         self.core.send(AddRequests(requests))
         pending = {r.request_id for r in requests}
         self.num_streams += 1
         try:
             first = _unless_evicted(await self._next(events, deadline))
-            # Written by the step thread before it posted the output that woke us up.
-            scheduled = [r.first_scheduled_time for r in requests
-                         if r.first_scheduled_time is not None]
+            # The streams learned them from the outputs dispatched before this wake-up.
+            scheduled = [s.first_scheduled_time for s in streams
+                         if s.first_scheduled_time is not None]
             yield GenerationStarted(
-                req.request_id, prompt.token_ids, prompt.text, requests[0].num_cached_tokens,
+                req.request_id, prompt.token_ids, prompt.text, streams[0].num_cached_tokens,
                 prompt_logprobs=getattr(first, "prompt_logprobs", None),
                 scheduled_at=min(scheduled, default=None), max_tokens=requests[0].max_tokens,
             )
@@ -176,7 +184,7 @@ class EngineLoop:
                 self.abort(sorted(pending), reason)
 
     async def embed(
-        self, client_request_id: str, requests: list[Request], deadline: float | None = None
+        self, client_request_id: str, requests: list[CoreRequest], deadline: float | None = None
     ) -> list[PooledOutput]:
         """Run embedding requests (one per input, already validated) through the same
         scheduler queue as generation; returns their outputs in input order. Cancellation or
@@ -188,7 +196,7 @@ class EngineLoop:
                 f"request id {client_request_id!r} is already in use", field="request_id"
             )
         _check_deadline(deadline, "before it was queued")
-        _set_deadline(requests, deadline)
+        requests = _with_deadline(requests, deadline)
         events: asyncio.Queue[PooledOutput | BaseException] = asyncio.Queue()
         for index, request in enumerate(requests):
             self._streams[request.request_id] = PoolingStream(  # type: ignore[assignment]
@@ -250,8 +258,6 @@ class EngineLoop:
                 stream.fail(SlowConsumerError("the client stopped reading its stream"))
                 self.core.send(AbortRequests([output.request_id], FinishReason.CANCELLED))
                 continue
-            if output.first_scheduled_time is not None and isinstance(stream, RequestStream):
-                _learn_admission(stream.request, output)
             done, stopped_early = stream.on_output(output)
             if done:
                 del self._streams[output.request_id]
@@ -285,15 +291,14 @@ def _check_deadline(deadline: float | None, when: str) -> None:
         raise DeadlineExceededError(f"the request's deadline expired {when}")
 
 
-def _set_deadline(requests: list[Request], deadline: float | None) -> None:
+def _with_deadline(requests: list[CoreRequest], deadline: float | None) -> list[CoreRequest]:
     """Hand the deadline to the scheduler, which evicts the request instead of admitting it
     once it passes. Converted from event-loop time to time.monotonic(), the step thread's
     clock (an event loop may keep its own)."""
     if deadline is None:
-        return
+        return requests
     at = time.monotonic() + (deadline - asyncio.get_running_loop().time())
-    for request in requests:
-        request.deadline = at
+    return [replace(request, deadline=at) for request in requests]
 
 
 def _unless_evicted(event: GenerationEvent) -> GenerationEvent:
@@ -302,11 +307,3 @@ def _unless_evicted(event: GenerationEvent) -> GenerationEvent:
     if isinstance(event, GenerationFinished) and event.reason is FinishReason.DEADLINE:
         raise DeadlineExceededError(_EVICTED)
     return event
-
-
-def _learn_admission(request: Request, output: RequestOutput) -> None:
-    """With the core in another process, this side's Request is a copy the scheduler never
-    touches: it learns when it was first admitted, and its prefix-cache hit, from the output."""
-    if request.first_scheduled_time is None:
-        request.num_cached_tokens = output.num_cached_tokens
-        request.first_scheduled_time = output.first_scheduled_time

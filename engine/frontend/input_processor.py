@@ -1,20 +1,21 @@
-"""Turns a GenerationRequest into token ids and engine Requests: tokenization, chat
-templating and every check that needs the tokenizer or the model's limits. Runs on the
-asyncio side, never on the step thread."""
+"""Turns a GenerationRequest into token ids and CoreRequests (the one message the engine core
+takes): tokenization, chat templating and every check that needs the tokenizer or the
+model's limits. Runs on the asyncio side (or in the offline LLM's caller), never on the step
+thread."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from engine.core.core_request import CoreRequest
 from engine.errors import ContextLengthError, InvalidRequestError
 from engine.generation import GenerationRequest
-from engine.core.request import Request
 from engine.frontend.sampling_resolution import ModelLimits, resolve_sampling_params
 from engine.tokenizer import Tokenizer
 from engine.tokenizer.chat_media import reject_media_parts
 
 if TYPE_CHECKING:
-    from engine.structured.compiler import GrammarCompiler
+    from engine.structured.validator import ConstraintValidator
 
 _SEED_MOD = 2**63
 
@@ -28,32 +29,32 @@ class PreparedPrompt:
 class InputProcessor:
     def __init__(
         self,
-        tokenizer: Tokenizer,
+        tokenizer: Tokenizer | None,
         limits: ModelLimits,
         model_name: str = "",
         *,
-        grammar_compiler: GrammarCompiler | None = None,
+        constraints: ConstraintValidator | None = None,
     ) -> None:
+        """`tokenizer` None: token ids in, token ids out (the offline LLM on a checkpoint
+        without one). `constraints`: the output-constraint check before a request queues;
+        None where guided decoding is not served (embedding models)."""
         self.tokenizer = tokenizer
         self.limits = limits
         # Named in errors about input the model cannot take (images, audio).
         self.model_name = model_name
-        self.grammar_compiler = grammar_compiler
+        self.constraints = constraints
 
-    async def attach_grammars(self, req: GenerationRequest, requests: list[Request]) -> None:
-        """Compile the request's output constraint on the compiler's worker thread (never the
-        step thread) and give every choice its own matcher. Raises InvalidRequestError
+    async def check_constraint(self, req: GenerationRequest) -> None:
+        """Validate the request's output constraint off the event loop, before it queues
+        (the engine core compiles it: engine/core/intake.py). Raises InvalidRequestError
         naming the constraint field for a constraint the backend rejects."""
         if req.constraint is None:
             return
-        if self.grammar_compiler is None:
+        if self.constraints is None:
             raise InvalidRequestError(
                 "guided decoding is not available for this model", field="constraint"
             )
-        grammars = await self.grammar_compiler.new_grammars_async(req.constraint, len(requests))
-        for request, grammar in zip(requests, grammars, strict=True):
-            request.grammar = grammar
-            request.constraint = req.constraint
+        await self.constraints.check(req.constraint)
 
     def prepare_prompt(self, req: GenerationRequest) -> PreparedPrompt:
         """The prompt's token ids, keeping the last truncate_prompt_tokens when asked."""
@@ -65,19 +66,26 @@ class InputProcessor:
 
     def _tokenize_prompt(self, req: GenerationRequest) -> PreparedPrompt:
         prompt = req.prompt
-        if prompt.chat is not None:
-            reject_media_parts(prompt.chat.messages, self.model_name)
-            text = self.tokenizer.render_chat_prompt(prompt.chat)
-            add_special = bool(req.add_special_tokens)
-            token_ids = self.tokenizer.encode_chat(text, add_special_tokens=add_special)
-            return PreparedPrompt(token_ids, text)
         if prompt.token_ids is not None:
             self._check_token_ids(prompt.token_ids)
             return PreparedPrompt(list(prompt.token_ids), None)
+        tokenizer = self._tokenizer("prompt")
+        if prompt.chat is not None:
+            reject_media_parts(prompt.chat.messages, self.model_name)
+            text = tokenizer.render_chat_prompt(prompt.chat)
+            add_special = bool(req.add_special_tokens)
+            token_ids = tokenizer.encode_chat(text, add_special_tokens=add_special)
+            return PreparedPrompt(token_ids, text)
         if not prompt.text:
             raise InvalidRequestError("prompt must not be empty", field="prompt")
         add_special = True if req.add_special_tokens is None else req.add_special_tokens
-        return PreparedPrompt(self.tokenizer.encode(prompt.text, add_special_tokens=add_special), None)
+        return PreparedPrompt(tokenizer.encode(prompt.text, add_special_tokens=add_special), None)
+
+    def _tokenizer(self, field: str) -> Tokenizer:
+        if self.tokenizer is None:
+            raise InvalidRequestError(f"{field} needs the model's tokenizer, and it has none",
+                                      field=field)
+        return self.tokenizer
 
     def _check_token_ids(self, token_ids: list[int]) -> None:
         if not token_ids:
@@ -89,17 +97,16 @@ class InputProcessor:
                 f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})", field="prompt"
             )
 
-    def make_requests(self, req: GenerationRequest, prompt: PreparedPrompt) -> list[Request]:
-        """One engine Request per choice (n of them), with max_tokens resolved.
+    def make_requests(self, req: GenerationRequest, prompt: PreparedPrompt) -> list[CoreRequest]:
+        """One CoreRequest per choice (n, or best_of, of them), with max_tokens resolved.
+        The sampling params were validated where the request entered the engine.
 
         max_tokens larger than the model's context is an error; a max_tokens that merely
         does not fit after this prompt is clamped to the remaining context (the request then
         finishes with reason `length`), which is what agents that always send a large
         max_tokens need."""
-        params = req.sampling_params
-        params.validate()
         params = resolve_sampling_params(
-            params, self.tokenizer, self.limits, beam_expansion=req.beam_expansion
+            req.sampling_params, self.tokenizer, self.limits, beam_expansion=req.beam_expansion
         )
         num_prompt = len(prompt.token_ids)
         if num_prompt == 0:
@@ -131,15 +138,17 @@ class InputProcessor:
             max_tokens = min(max_tokens, params.max_tokens)
         # best_of candidates run as children too; the best n are picked when all finish.
         num_children = params.best_of or params.n
+        prompt_ids = tuple(prompt.token_ids)
         return [
-            Request(
+            CoreRequest(
                 request_id=req.request_id if num_children == 1 else f"{req.request_id}-{i}",
-                prompt_token_ids=prompt.token_ids,
+                prompt_token_ids=prompt_ids,
                 sampling_params=self._child_params(params, i),
                 max_tokens=max_tokens,
                 eos_token_ids=self.limits.eos_token_ids,
                 priority=req.priority,
                 cache_salt=req.cache_salt,
+                constraint=req.constraint,
             )
             for i in range(num_children)
         ]

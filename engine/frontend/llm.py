@@ -1,13 +1,32 @@
-"""Offline, in-process generation over the engine core (no servers, no threads): the
-fastest path, used by benchmarks and by tests that compare tokens with transformers.
+"""Offline, in-process generation: a thin client of the server's own pieces, with no server
+and no threads. The fastest path, used by benchmarks and by tests that compare tokens with
+transformers or with the served engine.
 
-Token-level only: stop strings and detokenized streaming live on the serving path
-(engine_loop); `generate` rejects stop strings rather than ignoring them.
+    generate(): InputProcessor (the server's: limits, max_tokens, EOS ids, n choices)
+      -> CoreRequests -> EngineCore.add_request (matchers from the core's grammar compiler,
+         make_grammar_compiler as the served core builds it)
+      -> EngineCore.step() on this thread -> RequestStream (the server's output path: stop
+         strings, finish reasons) -> one CompletionOutput per choice
+
+Token ids in, token ids out. The model's tokenizer, when the checkpoint has one, is loaded as
+the server loads it: its EOS ends generation here as it does served, and it gives stop strings
+their text. A checkpoint without a tokenizer runs without stop strings and guided decoding.
+best_of > n is for the servers (they pick the best candidates from streamed logprobs).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from engine.core.build import ModelFacts, load_tokenizer, make_grammar_compiler, served_eos_ids
+from engine.core.core_request import CoreRequest
+from engine.core.engine_core import EngineCore
+from engine.core.intake import compile_grammars
+from engine.core.outputs import RequestOutput, TokenLogprobs
+from engine.core.request import FinishReason
+from engine.errors import InvalidRequestError
 from engine.frontend.beam_search import (
     BeamCandidate,
     BeamSearch,
@@ -17,18 +36,24 @@ from engine.frontend.beam_search import (
     check_beam_search_params,
     run_beam_searches,
 )
-from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from engine.core.engine_core import EngineCore
-from engine.errors import InvalidRequestError
-from engine.core.outputs import TokenLogprobs
-from engine.core.request import FinishReason, Request
+from engine.frontend.best_of import picks_best_of
+from engine.frontend.input_processor import InputProcessor
+from engine.frontend.request_stream import RequestStream
+from engine.frontend.sampling_resolution import ModelLimits
+from engine.generation import (
+    GenerationEvent,
+    GenerationFinished,
+    GenerationRequest,
+    PromptInput,
+)
 from engine.runner.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.structured.compiler import GrammarCompiler
 from engine.structured.constraint import OutputConstraint
-from engine.structured.grammar import TokenizerInfo
 from engine.tokenizer import Tokenizer
 
+if TYPE_CHECKING:
+    from engine.structured.grammar import Grammar
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +68,49 @@ class CompletionOutput:
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     # Why it finished, when the engine says more than the reason (e.g. CONSTRAINT).
     finish_message: str | None = None
+
+
+class _OfflineStream(RequestStream):
+    """The server's RequestStream (stop strings, finish reasons) as its own event sink: it
+    keeps plain token ids and the engine's own logprobs (no token texts, no event per token;
+    only the Finished event is built)."""
+
+    def __init__(self, index: int, request: CoreRequest, prompt_token_ids: list[int],
+                 tokenizer: Tokenizer | None) -> None:
+        super().__init__(index, request.request_id, request.prompt_token_ids,
+                         request.sampling_params, self, tokenizer, return_text=False)
+        self.prompt_token_ids = prompt_token_ids
+        self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprobs] | None = None
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = None
+        self.finished: GenerationFinished | None = None
+
+    def _deliver(self, output: RequestOutput, text: str, last: bool) -> None:
+        self.token_ids.extend(output.new_token_ids)
+        if output.logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(output.logprobs)
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs = output.prompt_logprobs
+
+    def put_nowait(self, event: GenerationEvent | BaseException) -> None:
+        if isinstance(event, BaseException):
+            raise event
+        if isinstance(event, GenerationFinished):
+            self.finished = event
+
+    def qsize(self) -> int:
+        return 0
+
+    def output(self) -> CompletionOutput:
+        finished = self.finished
+        return CompletionOutput(
+            self.prompt_token_ids, self.token_ids,
+            finished.reason if finished is not None else FinishReason.ABORT,
+            self.num_cached_tokens, self.logprobs, self.prompt_logprobs,
+            finished.message if finished is not None else None,
+        )
 
 
 class LLM:
@@ -81,6 +149,7 @@ class LLM:
                 max_num_batched_tokens=max_num_batched_tokens,
                 policy=scheduling_policy,
             ),
+            guided_decoding_backend=guided_decoding_backend,
         )
         self.runner = ModelRunner(
             self.config.model,
@@ -90,23 +159,30 @@ class LLM:
         )
         self.max_model_len = self.runner.loaded.max_model_len
         self.core = EngineCore(self.config, self.runner, self.max_model_len)
+        self.facts = ModelFacts.of(self.runner)
+        self.tokenizer = _load_tokenizer_if_any(self.config)
+        self.processor = InputProcessor(self.tokenizer, ModelLimits(
+            max_model_len=self.max_model_len,
+            vocab_size=self.facts.vocab_size,
+            eos_token_ids=served_eos_ids(self.facts, self.tokenizer),
+            kv_capacity_tokens=self.facts.num_blocks * block_size,
+            # No client here to hold to --max-logprobs: any count the vocabulary has.
+            max_logprobs=self.facts.vocab_size,
+        ))
         self._next_id = 0
-        self._guided_decoding_backend = guided_decoding_backend
         self._grammar_compiler: GrammarCompiler | None = None
 
     @property
     def grammar_compiler(self) -> GrammarCompiler:
-        """Built on first use: loading the tokenizer costs nothing to unconstrained runs."""
+        """The core's grammar compiler, built as the served core builds its own, on first
+        use: its token table costs nothing to unconstrained runs."""
         if self._grammar_compiler is None:
-            tokenizer = Tokenizer.load(self.config.model.model)
-            loaded = self.runner.loaded
-            eos_ids = set(loaded.eos_token_ids)
-            if tokenizer.eos_token_id is not None:
-                eos_ids.add(tokenizer.eos_token_id)
-            info = TokenizerInfo(tokenizer.hf, loaded.vocab_size, tuple(sorted(eos_ids)))
-            self._grammar_compiler = GrammarCompiler(
-                info, default_backend=self._guided_decoding_backend
-            )
+            if self.tokenizer is None:
+                raise InvalidRequestError(
+                    "guided decoding needs the model's tokenizer, and it has none",
+                    field="constraint")
+            self._grammar_compiler = make_grammar_compiler(self.config, self.facts, self.tokenizer)
+            assert self._grammar_compiler is not None  # a generation runner
         return self._grammar_compiler
 
     def generate(
@@ -118,56 +194,77 @@ class LLM:
         constraints: OutputConstraint | list[OutputConstraint | None] | None = None,
     ) -> list[CompletionOutput]:
         """Submit every prompt at once (continuous batching does the rest) and run the
-        engine until all finish. Outputs are in prompt order. `constraints` (one for all
-        prompts, or one per prompt) are compiled here, before anything runs."""
+        engine until all finish. One output per choice, in prompt order (a prompt's n
+        choices side by side). Everything is checked, and `constraints` (one for all prompts,
+        or one per prompt) compiled, before anything runs."""
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
         if not isinstance(constraints, list):
             constraints = [constraints] * len(prompts)
-        grammars = [
-            None if c is None else self.grammar_compiler.new_grammars(c, 1)[0]
-            for c in constraints
-        ]
-        requests = []
-        for i, (prompt, p) in enumerate(zip(prompts, per_prompt, strict=True)):
-            p.validate()
-            if p.stop:
-                raise InvalidRequestError("stop strings need the serving path", field="stop")
-            if p.use_beam_search:
-                raise InvalidRequestError("use LLM.beam_search for beam search", field="use_beam_search")
-            if not prompt or len(prompt) >= self.max_model_len:
-                raise InvalidRequestError(f"prompt {i} is empty or too long", field="prompt")
-            budget = self.max_model_len - len(prompt)
-            request = Request(
-                f"offline-{self._next_id}",
-                prompt,
-                p,
-                max_tokens=min(budget, p.max_tokens) if p.max_tokens else budget,
-                eos_token_ids=self.runner.loaded.eos_token_ids,
-                priority=priorities[i] if priorities else 0,
+        # This API's boundary: each distinct params and constraint validated once, here.
+        for p in {id(p): p for p in per_prompt}.values():
+            self._check_params(p)
+        for constraint in {c for c in constraints if c is not None}:
+            constraint.validate()
+        return self._generate(prompts, per_prompt, priorities, constraints)
+
+    def _check_params(self, params: SamplingParams) -> None:
+        params.validate()
+        if params.use_beam_search:
+            raise InvalidRequestError("use LLM.beam_search for beam search", field="use_beam_search")
+        if picks_best_of(params):
+            raise InvalidRequestError("best_of > n needs a server (engine-serve)", field="best_of")
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop strings need the model's tokenizer, and it has none",
+                                      field="stop")
+
+    def _generate(
+        self,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        priorities: list[int] | None,
+        constraints: list[OutputConstraint | None],
+    ) -> list[CompletionOutput]:
+        requests: list[CoreRequest] = []
+        streams: list[_OfflineStream] = []
+        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+            req = GenerationRequest(
+                f"offline-{self._next_id}", PromptInput(token_ids=prompt), p,
+                priority=priorities[i] if priorities else 0, return_text=False,
+                constraint=constraints[i],
             )
-            request.grammar = grammars[i]
             self._next_id += 1
-            requests.append(request)
-            self.core.add_request(request)
-        logprobs: dict[str, list[TokenLogprobs]] = {}
-        prompt_logprobs: dict[str, list[TokenLogprobs | None]] = {}
-        messages: dict[str, str] = {}
-        while self.core.has_unfinished_requests:
-            for out in self.core.step():
-                if out.finish_message:
-                    messages[out.request_id] = out.finish_message
-                if out.logprobs is not None:
-                    logprobs.setdefault(out.request_id, []).extend(out.logprobs)
-                if out.prompt_logprobs is not None:
-                    prompt_logprobs[out.request_id] = out.prompt_logprobs
-        return [
-            CompletionOutput(
-                r.prompt_token_ids, r.output_token_ids, r.finish_reason or FinishReason.ABORT,
-                r.num_cached_tokens, logprobs.get(r.request_id),
-                prompt_logprobs.get(r.request_id), messages.get(r.request_id),
-            )
-            for r in requests
-        ]
+            prepared = self.processor.prepare_prompt(req)
+            for index, request in enumerate(self.processor.make_requests(req, prepared)):
+                requests.append(request)
+                streams.append(_OfflineStream(index, request, list(prepared.token_ids),
+                                              self.tokenizer))
+        grammars = self._compile(requests)
+        for request, grammar in zip(requests, grammars):
+            self.core.add_request(request, grammar)
+        self._run({request.request_id: stream for request, stream in zip(requests, streams)})
+        return [stream.output() for stream in streams]
+
+    def _compile(self, requests: list[CoreRequest]) -> list[Grammar | None]:
+        if all(request.constraint is None for request in requests):
+            return [None] * len(requests)
+        compiler = self.grammar_compiler
+        # On the compiler's own (large-stack) thread, behind its token-table warm-up.
+        return compiler.submit(lambda: compile_grammars(compiler, requests)).result()
+
+    def _run(self, live: dict[str, _OfflineStream]) -> None:
+        """Step until every request is done, each output through its stream, as the engine
+        loop dispatches them."""
+        core = self.core
+        while core.has_unfinished_requests:
+            for out in core.step():
+                stream = live.get(out.request_id)
+                if stream is None:
+                    continue  # stopped by a stop string: this is its abort's output
+                done, stopped_early = stream.on_output(out)
+                if done:
+                    del live[out.request_id]
+                    if stopped_early:  # a stop string: the core must stop it too
+                        core.abort_requests([out.request_id], FinishReason.STOP)
 
     def beam_search(
         self,
@@ -179,8 +276,9 @@ class LLM:
         """Beam search (see engine/frontend/beam_search.py): per prompt, the params.n best of
         beam_width(params) beams, best first. `early_stopping` as transformers spells it;
         the servers use False, transformers' default."""
+        params.validate()  # this API's boundary
         check_beam_search_params(params)
-        stop_ids = beam_stop_token_ids(params, frozenset(self.runner.loaded.eos_token_ids))
+        stop_ids = beam_stop_token_ids(params, self.processor.limits.eos_token_ids)
         searches = [
             BeamSearch(
                 beam_width(params),
@@ -193,7 +291,9 @@ class LLM:
         step = SamplingParams(temperature=0.0, max_tokens=1, logprobs=num_top)
 
         def expand(sequences: list[list[int]]) -> list[tuple[list[BeamCandidate], object]]:
-            entries = [out.logprobs[0] for out in self.generate(sequences, step)]  # type: ignore[index]
+            outputs = self._generate(sequences, [step] * len(sequences), None,
+                                     [None] * len(sequences))
+            entries = [out.logprobs[0] for out in outputs]  # type: ignore[index]
             return [
                 ([BeamCandidate(t, lp) for t, lp in zip(e.top_token_ids, e.top_logprobs)], e)
                 for e in entries
@@ -223,3 +323,14 @@ def _beam_token_logprobs(entry: TokenLogprobs, token_id: int, num_top: int) -> T
         token_id, entry.top_logprobs[rank], rank + 1,
         entry.top_token_ids[:num_top], entry.top_logprobs[:num_top],
     )
+
+
+def _load_tokenizer_if_any(config: EngineConfig) -> Tokenizer | None:
+    """The tokenizer as the server loads it; None for a checkpoint directory without one
+    (test and benchmark models are often weights alone)."""
+    directory = Path(config.model.tokenizer or config.model.model).expanduser()
+    if directory.is_dir() and not any(
+        (directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")
+    ):
+        return None
+    return load_tokenizer(config, announce=False)

@@ -1,5 +1,6 @@
 """Checks and resolution of SamplingParams that need the tokenizer or the server's limits,
-run on the asyncio side once per request (SamplingParams.validate covers the rest)."""
+run on the asyncio side once per request (SamplingParams.validate, run where the request
+entered the engine, covers the rest)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -40,7 +41,7 @@ def check_logprobs_limit(
 
 
 def resolve_sampling_params(
-    params: SamplingParams, tokenizer: Tokenizer, limits: ModelLimits, *,
+    params: SamplingParams, tokenizer: Tokenizer | None, limits: ModelLimits, *,
     beam_expansion: bool = False,
 ) -> SamplingParams:
     """`params` checked against the model and server limits, with bad_words tokenized.
@@ -63,6 +64,9 @@ def resolve_sampling_params(
     _check_in_vocab(params.logit_bias, "logit_bias", vocab_size)
     _check_in_vocab(params.allowed_token_ids or (), "allowed_token_ids", vocab_size)
     if params.bad_words:
+        if tokenizer is None:  # the offline LLM on a checkpoint without a tokenizer
+            raise InvalidRequestError("bad_words needs the model's tokenizer, and it has none",
+                                      field="bad_words")
         params = replace(params, bad_words_token_ids=bad_words_token_ids(params.bad_words, tokenizer))
     return params
 

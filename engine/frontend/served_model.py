@@ -20,12 +20,13 @@ from engine.core.build import (
     resolve_task,
     served_eos_ids,
 )
-from engine.core.loop import ThreadedCore
+from engine.core.threaded_core import ThreadedCore
 from engine.frontend.core_client import ProcessCore
 from engine.frontend.embedding_input import EmbeddingInputProcessor, EmbeddingLimits
 from engine.frontend.engine_loop import CoreClient, EngineLoop
 from engine.frontend.input_processor import InputProcessor
 from engine.frontend.sampling_resolution import ModelLimits
+from engine.structured.validator import ConstraintValidator
 from engine.tokenizer import Tokenizer
 
 
@@ -64,10 +65,14 @@ class Engine:
             max_logprobs=config.model.max_logprobs,
         )
         names = config.model.served_model_names or (config.model.model,)
-        # Requests are validated (and their constraints compiled) here, before they queue.
-        self.grammar_compiler = make_grammar_compiler(config, facts, tokenizer)
+        # Requests are validated here before they queue, constraints included; the core
+        # compiles the constraints (its grammar compiler holds the one token table).
+        self.constraint_validator = (
+            ConstraintValidator(config.guided_decoding_backend)
+            if facts.task == "generate" else None
+        )
         self.processor = InputProcessor(
-            tokenizer, limits, model_name=names[0], grammar_compiler=self.grammar_compiler
+            tokenizer, limits, model_name=names[0], constraints=self.constraint_validator
         )
         self.loop = EngineLoop(core, self.processor, config.scheduler.max_num_seqs)
         self.task: str = facts.task
@@ -102,13 +107,14 @@ class Engine:
             facts = core.facts
         else:
             engine_core, facts = build_core(config, tokenizer.bos_token_id)
-            core = ThreadedCore(engine_core)
+            # The core's own compiler, as the core process builds one for itself.
+            core = ThreadedCore(engine_core, make_grammar_compiler(config, facts, tokenizer))
         return cls(config, facts, tokenizer, core)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop the core (its step loop, or its process) and the grammar compiler."""
-        if self.grammar_compiler is not None:
-            self.grammar_compiler.close()
+        """Stop the core (its step loop and grammar compiler, or its process)."""
+        if self.constraint_validator is not None:
+            self.constraint_validator.close()
         self.loop.stop(timeout)
 
     def resolve_model_name(self, name: str) -> bool:

@@ -137,10 +137,14 @@ def generate_request_from_pb(pb: inference_pb2.GenerateRequest, request_id: str)
     else:
         raise InvalidRequestError("one of text, token_ids or chat is required", field="input")
     constraint = constraint_from_pb(pb.constraint) if pb.HasField("constraint") else None
+    # The engine's gRPC boundary: the one place served sampling params are validated (the
+    # input processor and the beam search driver take them as valid).
+    sampling = sampling_from_pb(pb.sampling)
+    sampling.validate()
     return GenerationRequest(
         request_id=request_id,
         prompt=prompt,
-        sampling_params=sampling_from_pb(pb.sampling),
+        sampling_params=sampling,
         add_special_tokens=pb.add_special_tokens if pb.HasField("add_special_tokens") else None,
         priority=pb.priority,
         cache_salt=pb.cache_salt,
@@ -151,7 +155,8 @@ def generate_request_from_pb(pb: inference_pb2.GenerateRequest, request_id: str)
 
 def constraint_from_pb(pb: common_pb2.OutputConstraint) -> OutputConstraint | None:
     """The wire's oneof -> the engine's constraint; a message without a kind (only a backend
-    or whitespace pattern) constrains nothing. Backends validate the texts when compiling."""
+    or whitespace pattern) constrains nothing. Its shape is validated here, once; the backend
+    checks its grammar before the request queues (engine.structured.validator)."""
     which = pb.WhichOneof("kind")
     if which is None:
         return None

@@ -1,32 +1,29 @@
 """Compiles request constraints into per-choice Grammars, off the step thread, with a bounded
-LRU of compiled grammars.
+LRU of compiled grammars. The engine core owns the one compiler of a served model (and with
+it the backend's token table): engine.core.intake feeds it, the offline LLM calls it.
 
 The cache key is (backend, kind, text, whitespace pattern); the tokenizer is fixed per
-compiler (one compiler per served model), so it is part of the key implicitly.
+compiler, so it is part of the key implicitly.
 
-Compilation runs on this compiler's own worker thread, never on the step thread, so requests
-already running keep decoding while a large grammar compiles. The worker gets a large stack:
-grammar libraries recurse over the grammar's structure, and a deeply nested grammar (a few
-thousand chained Lark rules) overflows a default 8 MiB thread stack, which would take the
-whole process down instead of failing one request.
+Compilation runs on this compiler's own worker thread (engine.structured.worker, a large
+stack), never on the step thread, so requests already running keep decoding while a large
+grammar compiles.
 """
 from __future__ import annotations
 
-import asyncio
-import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import Future
 
 from engine.errors import EngineError, UnsupportedError
 from engine.structured.constraint import OutputConstraint
 
 from engine.structured.grammar import CompiledGrammar, Grammar, GrammarBackend, TokenizerInfo
 from engine.structured.registry import DEFAULT_BACKEND, check_backend, create_backend
+from engine.structured.worker import BigStackWorker
 
 DEFAULT_CACHE_SIZE = 256
-_WORKER_STACK_BYTES = 512 * 2**20
 
 _CacheKey = tuple[str, str, str, str | None]
 
@@ -46,21 +43,13 @@ class GrammarCompiler:
         self._backends: dict[str, GrammarBackend] = {}
         self._cache: OrderedDict[_CacheKey, CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()
-        self._executor: _DaemonWorker | None = None
+        self._executor: BigStackWorker | None = None
         self._closed = False
         self.num_cache_hits = 0
         self.num_cache_misses = 0
 
-    # ----- asyncio side ---------------------------------------------------------------------
-
-    async def new_grammars_async(self, constraint: OutputConstraint, n: int) -> list[Grammar]:
-        """Compile (or fetch from the cache) on the worker thread; one Grammar per choice."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._worker(), self.new_grammars, constraint, n)
-
     def submit(self, job: Callable[[], None]) -> Future:
-        """Run `job` (which compiles) on the worker thread, from a thread without an event
-        loop (the engine core process's command reader)."""
+        """Run `job` (which compiles) on the worker thread (the core's request intake)."""
         return self._worker().submit(job)
 
     # ----- any thread but the step thread ---------------------------------------------------
@@ -70,8 +59,9 @@ class GrammarCompiler:
         return [compiled.new_grammar() for _ in range(n)]
 
     def compile(self, constraint: OutputConstraint) -> CompiledGrammar:
-        """Raises InvalidRequestError (naming the constraint's field) for a bad constraint."""
-        constraint.validate()
+        """Raises InvalidRequestError (naming the constraint's field) for a constraint the
+        backend rejects. Its shape (one kind, options given) was validated where it entered
+        the engine (gRPC conversion, or the offline LLM), not again here."""
         backend_name = constraint.backend or self.default_backend
         check_backend(backend_name)
         key = (backend_name, constraint.kind.value, constraint.spec, constraint.whitespace_pattern)
@@ -130,53 +120,7 @@ class GrammarCompiler:
         interpreter's shutdown) is not a fault worth reporting."""
         return self._closed
 
-    def _worker(self) -> _DaemonWorker:
+    def _worker(self) -> BigStackWorker:
         if self._executor is None:
-            self._executor = _DaemonWorker()
+            self._executor = BigStackWorker("grammar-compile")
         return self._executor
-
-
-class _DaemonWorker(Executor):
-    """One daemon thread with a large stack, as an Executor. Not a ThreadPoolExecutor: the
-    interpreter joins those at exit, so a server stopped right after it started would wait
-    for the grammar warm-up (seconds for a large vocabulary); a daemon thread is dropped."""
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[Future, Callable, tuple, dict] | None] = (
-            queue.SimpleQueue())
-        self._shut_down = False
-        # `threading.stack_size` applies to threads created while it is set.
-        previous = threading.stack_size(_WORKER_STACK_BYTES)
-        try:
-            threading.Thread(target=self._run, name="grammar-compile", daemon=True).start()
-        finally:
-            threading.stack_size(previous)
-
-    def submit(self, fn: Callable, /, *args, **kwargs) -> Future:
-        if self._shut_down:
-            raise RuntimeError("the grammar compiler is closed")
-        future: Future = Future()
-        self._queue.put((future, fn, args, kwargs))
-        return future
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self._shut_down = True
-        if cancel_futures:
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not None:
-                    item[0].cancel()
-        self._queue.put(None)
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            future, fn, args, kwargs = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(*args, **kwargs))
-            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on it
-                future.set_exception(exc)

@@ -1,6 +1,7 @@
 """The contracts between the engine and a structured-output library.
 
-    GrammarBackend.compile(constraint)  -> CompiledGrammar   (asyncio side, a worker thread)
+    GrammarBackend.validate(constraint)                      (serving side, no tokenizer)
+    GrammarBackend.compile(constraint)  -> CompiledGrammar   (engine core, compile thread)
     CompiledGrammar.new_grammar()       -> Grammar           (one per choice, same thread)
     backend.fill_bitmasks(...)                                (step thread, once per step)
     Grammar.accept_token(token_id)                            (step thread, scheduler)
@@ -75,6 +76,13 @@ class GrammarBackend(Protocol):
     def compile(self, constraint: OutputConstraint) -> CompiledGrammar:
         """Compile (or validate and prepare) a constraint. Slow: never on the step thread.
         Raises InvalidRequestError naming the constraint's field with the backend's reason."""
+        ...
+
+    @staticmethod
+    def validate(constraint: OutputConstraint) -> None:
+        """Check the constraint's grammar without a tokenizer (no token table, no matcher):
+        the serving side's check before a request queues. Raises InvalidRequestError as
+        `compile` does."""
         ...
 
     def fill_bitmasks(

@@ -5,9 +5,13 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from engine.errors import InvalidRequestError
 from engine.structured.grammar import GrammarBackend, TokenizerInfo
+
+if TYPE_CHECKING:
+    from engine.structured.constraint import OutputConstraint
 
 DEFAULT_BACKEND = "llguidance"
 
@@ -43,7 +47,16 @@ def check_backend(name: str, field: str = "constraint.backend") -> None:
 
 
 def create_backend(name: str, info: TokenizerInfo) -> GrammarBackend:
+    return _backend_class(name)(info)
+
+
+def validate_with_backend(name: str, constraint: OutputConstraint) -> None:
+    """The backend's grammar check without a tokenizer (`GrammarBackend.validate`): raises
+    InvalidRequestError naming the constraint's field for a grammar the backend rejects."""
+    _backend_class(name).validate(constraint)
+
+
+def _backend_class(name: str) -> type:
     check_backend(name)
     module_name, class_name, _ = _BACKENDS[name]
-    backend_class = getattr(importlib.import_module(module_name), class_name)
-    return backend_class(info)
+    return getattr(importlib.import_module(module_name), class_name)

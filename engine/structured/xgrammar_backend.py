@@ -84,10 +84,7 @@ class XGrammarBackend:
             elif kind is ConstraintKind.REGEX:
                 compiled = self.compiler.compile_regex(constraint.regex or "")
             elif kind is ConstraintKind.CHOICE:
-                options = " | ".join(
-                    json.dumps(option, ensure_ascii=False) for option in constraint.choice or ()
-                )
-                compiled = self.compiler.compile_grammar(f"root ::= {options}")
+                compiled = self.compiler.compile_grammar(_choice_ebnf(constraint))
             else:
                 compiled = self.compiler.compile_grammar(constraint.grammar or "")
         except (RuntimeError, ValueError) as exc:
@@ -96,8 +93,34 @@ class XGrammarBackend:
             ) from None
         return _Compiled(self, compiled)
 
+    @staticmethod
+    def validate(constraint: OutputConstraint) -> None:
+        """The grammar check of `compile` without a tokenizer (the serving side's, before a
+        request queues): xgrammar parses grammars into `xgr.Grammar` with no tokenizer."""
+        kind = constraint.kind
+        try:
+            if kind is ConstraintKind.JSON_SCHEMA:
+                xgr.Grammar.from_json_schema(constraint.json_schema or "")
+            elif kind is ConstraintKind.REGEX:
+                xgr.Grammar.from_regex(constraint.regex or "")
+            elif kind is ConstraintKind.CHOICE:
+                xgr.Grammar.from_ebnf(_choice_ebnf(constraint))
+            elif kind is ConstraintKind.GRAMMAR:
+                xgr.Grammar.from_ebnf(constraint.grammar or "")
+        except (RuntimeError, ValueError) as exc:
+            raise InvalidRequestError(
+                f"invalid {kind.value}: {exc}", field=constraint.field
+            ) from None
+
     def fill_bitmasks(
         self, grammars: Sequence[Grammar], rows: Sequence[int], bitmask: torch.Tensor
     ) -> None:
         for grammar, row in zip(grammars, rows):
             grammar.fill_bitmask(bitmask, row)
+
+
+def _choice_ebnf(constraint: OutputConstraint) -> str:
+    options = " | ".join(
+        json.dumps(option, ensure_ascii=False) for option in constraint.choice or ()
+    )
+    return f"root ::= {options}"

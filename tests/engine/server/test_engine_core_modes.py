@@ -17,23 +17,38 @@ from greedy_reference import NUM_NEW_TOKENS, make_peaked_model, prompts_from, tr
 from mesh_helpers import get_load, wait_idle, wait_until
 from model_factory import make_tiny_tokenizer
 
-from engine.core.request import Request
+from engine.core.core_request import CoreRequest
+from engine.core.loop import AddRequests
+from engine.core.outputs import RequestOutput
+from engine.core.request import FinishReason, Request
+from engine.errors import ErrorKind, InvalidRequestError
 from engine.sampling_params import SamplingParams
 from engine.structured.constraint import OutputConstraint
 from protoserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 
-def test_a_request_crosses_to_the_core_process_without_its_matcher() -> None:
-    request = Request("r-1", [5, 6, 7], SamplingParams(temperature=0.5, max_tokens=9, seed=3),
-                      max_tokens=9, eos_token_ids=frozenset({1}), priority=2, cache_salt="t")
-    request.constraint = OutputConstraint(regex="[ab]+")
-    request.grammar = threading.Lock()  # stands for a matcher: it cannot be pickled
-    copy = pickle.loads(pickle.dumps(request))
-    assert copy.grammar is None
-    assert copy.constraint == request.constraint
-    for name in Request.__slots__:
-        if name != "grammar":
-            assert getattr(copy, name) == getattr(request, name), name
+def test_a_request_crosses_to_the_core_as_one_plain_message() -> None:
+    request = CoreRequest("r-1", (5, 6, 7), SamplingParams(temperature=0.5, max_tokens=9, seed=3),
+                          max_tokens=9, eos_token_ids=frozenset({1}), priority=2, cache_salt="t",
+                          deadline=123.5, constraint=OutputConstraint(regex="[ab]+"))
+    (copy,) = pickle.loads(pickle.dumps(AddRequests([request]))).requests
+    assert copy == request
+    # The core builds its own Request from it (its matcher from the core's compiler).
+    built = Request.from_core(copy, grammar=None)
+    assert built.prompt_token_ids == built.all_token_ids == [5, 6, 7]
+    for name in ("request_id", "sampling_params", "max_tokens", "eos_token_ids", "priority",
+                 "cache_salt", "arrival_time", "deadline", "pooling_params"):
+        assert getattr(built, name) == getattr(request, name), name
+    assert built.grammar is None and built.first_scheduled_time is None
+
+
+def test_what_the_core_refuses_crosses_back_as_the_typed_error() -> None:
+    error = InvalidRequestError("invalid regex: unclosed group", field="constraint.regex")
+    output = RequestOutput("r-1", [], FinishReason.ABORT, error=error)
+    copy = pickle.loads(pickle.dumps(output)).error
+    assert type(copy) is InvalidRequestError
+    assert (copy.message, copy.field, copy.reason, copy.kind) == (
+        error.message, "constraint.regex", "INVALID_ARGUMENT", ErrorKind.INVALID_ARGUMENT)
 
 
 @pytest.fixture(scope="module")

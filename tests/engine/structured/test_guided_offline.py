@@ -20,7 +20,8 @@ from guided_helpers import (
 
 from engine.errors import InvalidRequestError
 from engine.frontend.llm import LLM
-from engine.core.request import FinishReason, Request
+from engine.core.core_request import CoreRequest
+from engine.core.request import FinishReason
 from engine.sampling_params import SamplingParams
 from engine.structured import OutputConstraint
 from engine.structured.compiler import GrammarCompiler
@@ -146,15 +147,15 @@ class _DeadEndGrammar:
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_dead_end_finishes_with_constraint_not_garbage(llm: LLM, temperature: float) -> None:
-    request = Request("dead-end", PROMPT, SamplingParams(temperature=temperature, max_tokens=50),
-                      max_tokens=50)
-    request.grammar = _DeadEndGrammar(steps=3)
-    llm.core.add_request(request)
+    request = CoreRequest("dead-end", tuple(PROMPT),
+                          SamplingParams(temperature=temperature, max_tokens=50), max_tokens=50)
+    llm.core.add_request(request, grammar=_DeadEndGrammar(steps=3))
     outputs = []
     while llm.core.has_unfinished_requests:
         outputs.extend(llm.core.step())
-    assert request.finish_reason is FinishReason.CONSTRAINT
-    assert len(request.output_token_ids) == 3  # the rejected token is not emitted
+    assert outputs[-1].finish_reason is FinishReason.CONSTRAINT
+    # The rejected token is not emitted.
+    assert sum(len(out.new_token_ids) for out in outputs) == 3
     assert "no token fits here" in (outputs[-1].finish_message or "")
 
 
@@ -189,9 +190,13 @@ def test_compile_cache_hits_and_bound(llm: LLM) -> None:
 def test_bad_constraints_name_the_field(
     llm: LLM, constraint: OutputConstraint, field: str, reason: str
 ) -> None:
+    """At the offline API's boundary (the shape) and in the core's compile (the grammar),
+    before anything runs."""
+    steps = llm.core.num_steps
     with pytest.raises(InvalidRequestError) as info:
-        llm.grammar_compiler.compile(constraint)
+        llm.generate([PROMPT], SamplingParams(max_tokens=5), constraints=constraint)
     assert info.value.field == field and reason in info.value.message
+    assert llm.core.num_steps == steps and not llm.core.has_unfinished_requests
 
 
 @pytest.mark.skipif(importlib.util.find_spec("xgrammar") is not None, reason="xgrammar installed")
