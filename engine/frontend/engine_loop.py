@@ -20,8 +20,9 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from engine.core.core_request import CoreRequest
 from engine.core.loop import AbortRequests, AddRequests, CoreCommand, CoreStats, InjectFault
@@ -37,13 +38,17 @@ from engine.generation import (
     GenerationRequest,
     GenerationStarted,
 )
-from engine.frontend.input_processor import InputProcessor
+from engine.frontend.input_processor import InputProcessor, PreparedPrompt
 from engine.core.outputs import RequestOutput
 from engine.core.request import FinishReason
 from engine.frontend.pooling_stream import PooledOutput, PoolingStream
 from engine.frontend.request_stream import RequestStream
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+# Threads that tokenize and render prompts: the Rust tokenizer releases the GIL, so two keep
+# both cores of a small machine busy; more only queue behind the GIL.
+PREPARE_THREADS = 2
 
 # Events one request may buffer for a consumer that does not read (a stalled streaming
 # client): beyond it the request is cancelled, so its memory stays bounded.
@@ -86,6 +91,10 @@ class EngineLoop:
         self._error: BaseException | None = None
         # Open generate() streams (drain waits on it).
         self.num_streams = 0
+        # Tokenizing and chat-template rendering take milliseconds to seconds per request
+        # (a long prompt, a heavy template): never on the event loop, where they would stall
+        # every stream and health check. Bounded, so a burst of huge prompts queues here.
+        self._prepare_pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="prepare")
 
     # ----- lifecycle ----------------------------------------------------------------------
 
@@ -98,6 +107,11 @@ class EngineLoop:
 
     def stop(self, timeout: float = 5.0) -> None:
         self.core.stop(timeout)
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the preparation threads (tokenizing, rendering, its checks)."""
+        return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, fn, *args)
 
     @property
     def error(self) -> BaseException | None:
@@ -137,8 +151,10 @@ class EngineLoop:
         if req.request_id in self._streams or f"{req.request_id}-0" in self._streams:
             raise InvalidRequestError(f"request id {req.request_id!r} is already in use", field="request_id")
         _check_deadline(deadline, "before it was queued")
-        prompt = self.processor.prepare_prompt(req)
-        requests = self.processor.make_requests(req, prompt)
+        prompt, requests = await self.off_loop(self._prepare, req)
+        if req.request_id in self._streams or f"{req.request_id}-0" in self._streams:
+            # Another request took the id while this one was being prepared.
+            raise InvalidRequestError(f"request id {req.request_id!r} is already in use", field="request_id")
         # Guided decoding: the constraint is validated off the event loop (the core compiles
         # it, while its step thread keeps going).
         await self.processor.check_constraint(req)
@@ -182,6 +198,10 @@ class EngineLoop:
                 expired = deadline is not None and asyncio.get_running_loop().time() >= deadline
                 reason = FinishReason.DEADLINE if expired else FinishReason.CANCELLED
                 self.abort(sorted(pending), reason)
+
+    def _prepare(self, req: GenerationRequest) -> tuple[PreparedPrompt, list[CoreRequest]]:
+        prompt = self.processor.prepare_prompt(req)
+        return prompt, self.processor.make_requests(req, prompt)
 
     async def embed(
         self, client_request_id: str, requests: list[CoreRequest], deadline: float | None = None

@@ -44,7 +44,8 @@ def embedding_request_from_pb(pb: inference_pb2.EmbedRequest, request_id: str) -
 async def embed(
     engine: Engine, req: EmbeddingRequest, deadline: float | None
 ) -> inference_pb2.EmbedResponse:
-    requests = engine.embedding_processor.make_requests(req)
+    # Tokenizing (and rendering chat inputs) off the event loop, as for generation.
+    requests = await engine.loop.off_loop(engine.embedding_processor.make_requests, req)
     pooled = await engine.loop.embed(req.request_id, requests, deadline)
     response = inference_pb2.EmbedResponse(request_id=req.request_id)
     for item in pooled:

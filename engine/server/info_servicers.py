@@ -32,8 +32,10 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
             add_special = (
                 request.add_special_tokens if request.HasField("add_special_tokens") else not is_chat
             )
-            text = _render(engine, request.chat) if is_chat else request.text
-            token_ids = tokenizer.encode(text, add_special_tokens=add_special)
+            text = await engine.loop.off_loop(_render, engine, request.chat) if is_chat else (
+                request.text)
+            token_ids = await engine.loop.off_loop(
+                lambda: tokenizer.encode(text, add_special_tokens=add_special))
             response = tokenizer_pb2.TokenizeResponse(
                 token_ids=token_ids, count=len(token_ids), max_model_len=engine.model.max_model_len
             )
@@ -60,9 +62,10 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
     async def RenderChat(self, request, context: grpc.aio.ServicerContext):
         try:
             engine = self.handle.get(request.model)
-            prompt = _render(engine, request.chat)
+            prompt = await engine.loop.off_loop(_render, engine, request.chat)
             add_special = request.add_special_tokens if request.HasField("add_special_tokens") else False
-            token_ids = engine.tokenizer.encode(prompt, add_special_tokens=add_special)
+            token_ids = await engine.loop.off_loop(
+                lambda: engine.tokenizer.encode(prompt, add_special_tokens=add_special))
             return tokenizer_pb2.RenderChatResponse(prompt=prompt, token_ids=token_ids)
         except Exception as error:  # noqa: BLE001
             await abort_for(context, error)
