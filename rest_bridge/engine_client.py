@@ -124,9 +124,11 @@ class EngineClient:
             self._default_model_id = models[0].id if models else ""
         return self._default_model_id
 
-    async def detokenize(self, model: str, token_ids: list[int], *, timeout: float | None) -> str:
+    async def detokenize(self, model: str, token_ids: list[int], *, timeout: float | None,
+                         skip_special_tokens: bool = True) -> str:
         response = await self._tokenizer.Detokenize(
-            tokenizer_pb2.DetokenizeRequest(model=model, token_ids=token_ids),
+            tokenizer_pb2.DetokenizeRequest(model=model, token_ids=token_ids,
+                                            skip_special_tokens=skip_special_tokens),
             timeout=timeout,
             metadata=self._auth,
         )

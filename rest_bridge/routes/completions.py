@@ -95,8 +95,11 @@ async def _prompt_text(
     if stream.started.prompt_text:
         return stream.started.prompt_text
     try:
+        # The echoed prompt shows every token the client sent, special ones included (as the
+        # reference server echoes a token-id prompt).
         return await ctx.client.detokenize(
-            request.model, list(request.token_ids.ids), timeout=ctx.settings.request_timeout
+            request.model, list(request.token_ids.ids), timeout=ctx.settings.request_timeout,
+            skip_special_tokens=False,
         )
     except grpc.aio.AioRpcError as error:
         raise translate_engine_error(error, {}) from None

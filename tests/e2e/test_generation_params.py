@@ -229,3 +229,14 @@ def _field_of(error: grpc.RpcError) -> str | None:
             detail.Unpack(bad_request)
             return bad_request.field_violations[0].field
     return None
+
+
+def test_echo_of_a_token_id_prompt_keeps_its_special_tokens(client, tokenizer) -> None:
+    """As the reference server echoes it: every token sent, special ones included."""
+    ids = [tokenizer.bos_token_id, *tokenizer.encode("Once upon", add_special_tokens=False),
+           tokenizer.eos_token_id]
+    reply = client.completions.create(model="", prompt=ids, max_tokens=2, temperature=0.0,
+                                      echo=True, extra_body={"ignore_eos": True})
+    expected = tokenizer.decode(ids, skip_special_tokens=False)
+    assert tokenizer.bos_token in expected and tokenizer.eos_token in expected
+    assert reply.choices[0].text.startswith(expected)
