@@ -23,7 +23,7 @@ from protoserve.sampling_defaults import SAMPLING_DEFAULTS, SamplingDefaults
 from protoserve.sampling_fields import ALL_FIELDS, SAMPLING_FIELDS, UNCLASSIFIED
 from protoserve.v1 import common_pb2
 from rest_bridge.openai_schemas.chat import ChatCompletionRequest
-from rest_bridge.openai_schemas.common import SamplingFields
+from rest_bridge.openai_schemas.request_fields import SamplingFields
 from rest_bridge.openai_schemas.completion import CompletionRequest
 from rest_bridge.translate import sampling as bridge_sampling
 

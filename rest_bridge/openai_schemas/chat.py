@@ -5,7 +5,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from rest_bridge.openai_schemas.common import Int32, OpenAIModel, SamplingFields
+from rest_bridge.openai_schemas.request_fields import Int32, OpenAIModel, SamplingFields
 
 
 class ImageUrlParam(OpenAIModel):

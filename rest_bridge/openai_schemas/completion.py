@@ -6,7 +6,7 @@ from typing import Annotated, Any
 from pydantic import Field, ValidationError, WrapValidator
 from pydantic_core import PydanticCustomError
 
-from rest_bridge.openai_schemas.common import Int32, SamplingFields, TokenId
+from rest_bridge.openai_schemas.request_fields import Int32, SamplingFields, TokenId
 
 # Non-empty at every level, as the engine requires: /openapi.json then tells generated
 # clients and fuzzers the contract the server enforces.

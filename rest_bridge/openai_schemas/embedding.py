@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field
 
 from rest_bridge.openai_schemas.chat import ChatMessageParam
-from rest_bridge.openai_schemas.common import Int32, OpenAIModel, TokenId
+from rest_bridge.openai_schemas.request_fields import Int32, OpenAIModel, TokenId
 
 _Text = Annotated[str, Field(min_length=1)]
 _TokenIds = Annotated[list[TokenId], Field(min_length=1)]

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from rest_bridge.openai_schemas.chat import ChatMessageParam, ToolParam
-from rest_bridge.openai_schemas.common import OpenAIModel, TokenId
+from rest_bridge.openai_schemas.request_fields import OpenAIModel, TokenId
 
 
 class TokenizeCompletionRequest(OpenAIModel):

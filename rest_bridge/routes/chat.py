@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse, Response
 from rest_bridge.generation import collect_results_watched, open_streams_watched
 from rest_bridge.openai_schemas.chat import ChatCompletionRequest, ChatMessageParam
 from rest_bridge.openai_schemas.responses import ChatCompletionResponse
-from rest_bridge.routes.common import (
+from rest_bridge.routes.route_context import (
     ERROR_RESPONSES,
     RouteContext,
     log_unknown_fields,

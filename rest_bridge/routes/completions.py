@@ -17,7 +17,7 @@ from rest_bridge.generation import (
 )
 from rest_bridge.openai_schemas.completion import CompletionRequest
 from rest_bridge.openai_schemas.responses import CompletionResponse
-from rest_bridge.routes.common import (
+from rest_bridge.routes.route_context import (
     ERROR_RESPONSES,
     RouteContext,
     log_unknown_fields,

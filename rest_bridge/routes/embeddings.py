@@ -11,7 +11,7 @@ from protoserve.v1 import discovery_pb2
 from rest_bridge.errors import bridge_error_from_rpc
 from rest_bridge.generation import cancel_on_disconnect
 from rest_bridge.openai_schemas.embedding import EmbeddingRequest, EmbeddingResponse
-from rest_bridge.routes.common import ERROR_RESPONSES, RouteContext, log_unknown_fields
+from rest_bridge.routes.route_context import ERROR_RESPONSES, RouteContext, log_unknown_fields
 from rest_bridge.translate.embedding import (
     CHAT_ALIASES,
     INPUT_ALIASES,

@@ -6,7 +6,7 @@ from fastapi.responses import JSONResponse, Response
 
 from rest_bridge.errors import error_envelope
 from rest_bridge.openai_schemas.responses import ErrorResponse
-from rest_bridge.routes.common import RouteContext
+from rest_bridge.routes.route_context import RouteContext
 
 router = APIRouter()
 

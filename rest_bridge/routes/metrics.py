@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from protoserve.serving_metrics import CONTENT_TYPE
-from rest_bridge.routes.common import RouteContext
+from rest_bridge.routes.route_context import RouteContext
 
 router = APIRouter()
 

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from protoserve.v1 import discovery_pb2
 from rest_bridge.errors import BridgeError, bridge_error_from_rpc
 from rest_bridge.openai_schemas.responses import ModelCard, ModelList
-from rest_bridge.routes.common import ERROR_RESPONSES, RouteContext
+from rest_bridge.routes.route_context import ERROR_RESPONSES, RouteContext
 
 router = APIRouter()
 

@@ -19,7 +19,7 @@ from rest_bridge.openai_schemas.tokenize import (
     TokenizeResponse,
     VersionResponse,
 )
-from rest_bridge.routes.common import ERROR_RESPONSES, RouteContext
+from rest_bridge.routes.route_context import ERROR_RESPONSES, RouteContext
 from rest_bridge.translate.chat_input import chat_message_from
 
 router = APIRouter()

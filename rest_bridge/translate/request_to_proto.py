@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from protoserve.v1 import common_pb2, inference_pb2
 from rest_bridge.errors import invalid_request
 from rest_bridge.openai_schemas.chat import ChatCompletionRequest
-from rest_bridge.openai_schemas.common import SamplingFields
+from rest_bridge.openai_schemas.request_fields import SamplingFields
 from rest_bridge.openai_schemas.completion import CompletionRequest
 from rest_bridge.chat_options import ChatOptions
 from rest_bridge.translate.chat_input import chat_input_from

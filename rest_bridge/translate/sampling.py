@@ -11,7 +11,7 @@ import json
 from protoserve.sampling_fields import SAMPLING_FIELDS
 from protoserve.v1 import common_pb2
 from rest_bridge.errors import invalid_request
-from rest_bridge.openai_schemas.common import INT32_MAX, INT32_MIN, SamplingFields
+from rest_bridge.openai_schemas.request_fields import INT32_MAX, INT32_MIN, SamplingFields
 
 # SamplingParams fields sampling_params_from sets by hand; every other optional scalar and
 # repeated field of the proto is copied as is from the same-named OpenAI field (declared on

@@ -13,7 +13,7 @@ from protoserve.v1 import common_pb2, inference_pb2
 from rest_bridge.generation import OpenStream
 from rest_bridge.openai_schemas.completion import CompletionRequest
 from rest_bridge.openai_schemas.responses import ChatCompletionChunk, CompletionStreamResponse
-from rest_bridge.routes.common import stream_usage_flags
+from rest_bridge.routes.route_context import stream_usage_flags
 from rest_bridge.sse import SSE_DONE, parse_sse_events, sse_event
 from rest_bridge.streams import ChatChunkWriter, CompletionChunkWriter, sse_stream
 from rest_bridge.translate.proto_to_openai import ResponseMeta

@@ -12,7 +12,7 @@ from fastapi import Request
 from rest_bridge.engine_client import EngineClient
 from rest_bridge.errors import invalid_request
 from rest_bridge.middleware import is_valid_request_id
-from rest_bridge.openai_schemas.common import SamplingFields
+from rest_bridge.openai_schemas.request_fields import SamplingFields
 from rest_bridge.openai_schemas.responses import ErrorResponse
 from rest_bridge.settings import BridgeSettings
 from rest_bridge.translate.proto_to_openai import ResponseMeta
