@@ -73,11 +73,14 @@ def test_rest_serves_https_verified_by_the_ca(tls_server: EngineProcess,
                                                certs: CertFiles) -> None:
     assert tls_server.http_url is not None and tls_server.http_url.startswith("https://")
     context = ssl.create_default_context(cafile=str(certs.ca))
-    client = openai.OpenAI(base_url=f"{tls_server.http_url}/v1", api_key="unused",
-                           max_retries=0, timeout=60, http_client=httpx.Client(verify=context))
-    model = client.models.list().data[0].id
-    completion = client.completions.create(model=model, prompt="Hi", max_tokens=2,
-                                           temperature=0)
+    # Closed at the end: an idle TLS keep-alive connection left open makes the server's
+    # shutdown wait for a TLS close the client never answers.
+    with httpx.Client(verify=context) as http_client:
+        client = openai.OpenAI(base_url=f"{tls_server.http_url}/v1", api_key="unused",
+                               max_retries=0, timeout=60, http_client=http_client)
+        model = client.models.list().data[0].id
+        completion = client.completions.create(model=model, prompt="Hi", max_tokens=2,
+                                               temperature=0)
     assert completion.choices[0].finish_reason in ("stop", "length")
     # An unknown CA is refused, and plain HTTP on the TLS port gets no answer.
     with pytest.raises(httpx.ConnectError):
