@@ -62,6 +62,27 @@ def test_tokenize_chat_form_matches_render_chat(surfaces_server: EngineProcess) 
     assert without_prompt["count"] < len(tokens)
 
 
+def test_tokenize_chat_form_continues_the_final_message(surfaces_server: EngineProcess) -> None:
+    """continue_final_message: the prompt ends inside the last (assistant) message, exactly
+    as the engine renders it, and it cannot be combined with a generation prompt."""
+    messages = [*MESSAGES, {"role": "assistant", "content": "Hi, I am"}]
+    body = {"messages": messages, "add_generation_prompt": False,
+            "continue_final_message": True, "return_token_strs": True}
+    reply = _post(surfaces_server, "/tokenize", body)
+    assert reply.status_code == 200, reply.text
+    chat = common_pb2.ChatInput(add_generation_prompt=False, continue_final_message=True)
+    for message in messages:
+        chat.messages.append(common_pb2.ChatMessage(role=message["role"],
+                                                    text=message["content"]))
+    with grpc.insecure_channel(surfaces_server.grpc_address) as channel:
+        rendered = tokenizer_pb2_grpc.TokenizerStub(channel).RenderChat(
+            tokenizer_pb2.RenderChatRequest(chat=chat), metadata=GRPC_AUTH, timeout=30)
+    assert reply.json()["tokens"] == list(rendered.token_ids)
+    assert rendered.prompt.endswith("Hi, I am")
+    both = _post(surfaces_server, "/tokenize", {**body, "add_generation_prompt": True})
+    assert both.status_code == 400 and both.json()["error"]["param"] == "continue_final_message"
+
+
 def test_detokenize_round_trip(surfaces_server: EngineProcess) -> None:
     text = "The quick brown fox"
     tokens = _post(surfaces_server, "/tokenize",
