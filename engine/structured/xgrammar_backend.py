@@ -2,7 +2,10 @@
 
 Eager compilation (up to ~170 ms for a 5-field schema on CPU), done on the compile thread like
 every compilation. `grammar` constraints are EBNF (GBNF) here, not Lark. xgrammar has no
-whitespace pattern: `whitespace_pattern` is not honoured by this backend.
+whitespace pattern, so the three patterns the server uses map onto its options
+(`_json_whitespace`): "" is compact JSON, ANY_JSON_WHITESPACE its flexible whitespace, and
+the default bounded whitespace at most 17 whitespace characters per position (the bounded
+pattern's newline and 16 spaces); any other client pattern falls back to that bound.
 
 Importing this module imports xgrammar; the registry imports it only when the backend is used.
 """
@@ -10,13 +13,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import xgrammar as xgr
 
 from engine.errors import InvalidRequestError
-from engine.structured.constraint import ConstraintKind, OutputConstraint
+from engine.structured.constraint import ANY_JSON_WHITESPACE, ConstraintKind, OutputConstraint
 from engine.structured.grammar import Grammar, GrammarBackend, TokenizerInfo
+from engine.structured.regex_classes import ascii_class_escapes
+
+# The default bounded JSON whitespace (constraint.BOUNDED_JSON_WHITESPACE): a newline and up to
+# 16 spaces of indent per position.
+_BOUNDED_WHITESPACE_CHARS = 17
 
 
 class XGrammarGrammar:
@@ -77,12 +86,14 @@ class XGrammarBackend:
     def compile(self, constraint: OutputConstraint) -> _Compiled:
         kind = constraint.kind
         try:
-            if kind is ConstraintKind.JSON_SCHEMA:
-                compiled = self.compiler.compile_json_schema(constraint.json_schema or "")
-            elif kind is ConstraintKind.JSON_OBJECT:
-                compiled = self.compiler.compile_builtin_json_grammar()
+            if kind in (ConstraintKind.JSON_SCHEMA, ConstraintKind.JSON_OBJECT):
+                schema = (constraint.json_schema or "" if kind is ConstraintKind.JSON_SCHEMA
+                          else '{"type": "object"}')
+                compiled = self.compiler.compile_json_schema(
+                    schema, **_json_whitespace(constraint.whitespace_pattern))
             elif kind is ConstraintKind.REGEX:
-                compiled = self.compiler.compile_regex(constraint.regex or "")
+                compiled = self.compiler.compile_regex(
+                    ascii_class_escapes(constraint.regex or ""))
             elif kind is ConstraintKind.CHOICE:
                 compiled = self.compiler.compile_grammar(_choice_ebnf(constraint))
             else:
@@ -102,7 +113,7 @@ class XGrammarBackend:
             if kind is ConstraintKind.JSON_SCHEMA:
                 xgr.Grammar.from_json_schema(constraint.json_schema or "")
             elif kind is ConstraintKind.REGEX:
-                xgr.Grammar.from_regex(constraint.regex or "")
+                xgr.Grammar.from_regex(ascii_class_escapes(constraint.regex or ""))
             elif kind is ConstraintKind.CHOICE:
                 xgr.Grammar.from_ebnf(_choice_ebnf(constraint))
             elif kind is ConstraintKind.GRAMMAR:
@@ -117,6 +128,14 @@ class XGrammarBackend:
     ) -> None:
         for grammar, row in zip(grammars, rows):
             grammar.fill_bitmask(bitmask, row)
+
+
+def _json_whitespace(pattern: str | None) -> dict[str, Any]:
+    if pattern == "":
+        return {"any_whitespace": False, "separators": (",", ":")}
+    if pattern == ANY_JSON_WHITESPACE:
+        return {"any_whitespace": True}
+    return {"any_whitespace": True, "max_whitespace_cnt": _BOUNDED_WHITESPACE_CHARS}
 
 
 def _choice_ebnf(constraint: OutputConstraint) -> str:

@@ -133,3 +133,32 @@ def test_regex_classes_are_ascii(backend) -> None:
 ])
 def test_ascii_class_escapes(regex: str, expected: str) -> None:
     assert ascii_class_escapes(regex) == expected
+
+
+def test_xgrammar_honours_the_whitespace_options(tiny_llama_dir: Path) -> None:
+    """xgrammar has no whitespace pattern: compact, flexible and the default bound map onto
+    its own options, with the same accept / refuse as llguidance above."""
+    pytest.importorskip("xgrammar")
+    from engine.structured.xgrammar_backend import XGrammarBackend
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    xgrammar = XGrammarBackend(TokenizerInfo(tokenizer, len(tokenizer),
+                                             (tokenizer.eos_token_id,)))
+
+    def accepts(constraint: OutputConstraint, text: str) -> bool:
+        grammar = xgrammar.compile(constraint).new_grammar()
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        # xgrammar terminates on the stop token itself.
+        return grammar.accept_tokens(ids) and grammar.accept_token(tokenizer.eos_token_id)
+
+    schema = json.dumps({"type": "object", "properties": {"a": {"type": "integer"}},
+                         "required": ["a"], "additionalProperties": False})
+    spaced = '{"a":' + " " * 20 + "1}"
+    assert accepts(OutputConstraint(json_schema=schema), '{"a": 1}')
+    assert not accepts(OutputConstraint(json_schema=schema), spaced)
+    compact = OutputConstraint(json_schema=schema, whitespace_pattern="")
+    assert accepts(compact, '{"a":1}') and not accepts(compact, '{"a": 1}')
+    assert accepts(OutputConstraint(json_schema=schema, whitespace_pattern=ANY_JSON_WHITESPACE),
+                   spaced)
+    digits = OutputConstraint(regex=r"\d{3}")
+    assert accepts(digits, "123") and not accepts(digits, "\u0661\u0662\u0663")
