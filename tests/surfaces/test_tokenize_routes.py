@@ -83,6 +83,18 @@ def test_tokenize_chat_form_continues_the_final_message(surfaces_server: EngineP
     assert both.status_code == 400 and both.json()["error"]["param"] == "continue_final_message"
 
 
+def test_tokenize_chat_form_passes_tools_to_the_template(surfaces_server: EngineProcess) -> None:
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    template = "{% for tool in tools %}[{{ tool.function.name }}]{% endfor %}"
+    reply = _post(surfaces_server, "/tokenize", {
+        "messages": MESSAGES, "tools": tools, "chat_template": template,
+        "add_special_tokens": False, "return_token_strs": True})
+    assert reply.status_code == 200, reply.text
+    expected = _post(surfaces_server, "/tokenize", {"prompt": "[get_weather]",
+                                                    "add_special_tokens": False}).json()
+    assert reply.json()["tokens"] == expected["tokens"]
+
+
 def test_detokenize_round_trip(surfaces_server: EngineProcess) -> None:
     text = "The quick brown fox"
     tokens = _post(surfaces_server, "/tokenize",
