@@ -171,8 +171,10 @@ class ProcessCore:
 
     @property
     def is_alive(self) -> bool:
-        return (self.error is None and self._reader is not None and self._reader.is_alive()
-                and self._process.poll() is None)
+        # Not the process's exit status: a dead core closes its socket, and the reader thread
+        # records how it ended (`error`) before it stops, so whoever sees the core dead here
+        # also sees why.
+        return self.error is None and self._reader is not None and self._reader.is_alive()
 
     def stats(self) -> CoreStats:
         return self._stats

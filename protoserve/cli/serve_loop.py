@@ -98,16 +98,6 @@ def ready_line(args: argparse.Namespace, grpc_port: int, bridge: BridgeChild | N
     return f"OpenAI API: {scheme}://{tcp_address(args.host, bridge.port)}/v1   {grpc}"
 
 
-async def _death_reason(engine) -> BaseException | None:
-    """What killed the engine. A core process's exit is seen (by poll) a moment before its
-    reader thread records how it ended: wait that moment, so the one error line says it."""
-    for _ in range(50):
-        if engine is None or engine.loop.error is not None:
-            break
-        await asyncio.sleep(0.1)
-    return engine.loop.error if engine is not None else None
-
-
 async def _supervise(server: EngineServer, args: argparse.Namespace,
                      bridge: BridgeChild | None) -> int:
     handle = server.handle
@@ -131,7 +121,8 @@ async def _supervise(server: EngineServer, args: argparse.Namespace,
                 return await _fail(server, bridge, load, f"the REST bridge (pid {bridge.pid}) "
                                    f"{describe_exit(bridge_exit.result())}")
             if died in done:
-                reason = await _death_reason(handle.engine)
+                engine = handle.engine
+                reason = engine.loop.error if engine is not None else None
                 if not args.keep_alive_on_engine_death:
                     return await _fail(server, bridge, load, f"the engine died: {reason}")
                 logger.error("the engine died: %s; --keep-alive-on-engine-death keeps the "
