@@ -54,8 +54,8 @@ def read_rope_spec(hf_config: Any) -> RopeSpec:
     top-level `rope_theta` with an optional `rope_scaling: {type|rope_type, factor, ...}`."""
     field = "rope_parameters"
     params = getattr(hf_config, "rope_parameters", None)
-    if not params:
-        field, params = "rope_scaling", getattr(hf_config, "rope_scaling", None)
+    if not params and getattr(hf_config, "rope_scaling", None):
+        field, params = "rope_scaling", hf_config.rope_scaling
     if params is not None and not isinstance(params, Mapping):
         raise ValueError(f"{field} must be a mapping, got {params!r}")
     params = dict(params or {})
@@ -69,7 +69,9 @@ def read_rope_spec(hf_config: Any) -> RopeSpec:
         partial_rotary_factor=1.0 if partial is None else _partial_factor(field, partial),
         rotary_dim=getattr(hf_config, "rotary_dim", None),
         max_position_embeddings=getattr(hf_config, "max_position_embeddings", None),
-        original_max_position_embeddings=getattr(hf_config, "original_max_position_embeddings", None),
+        original_max_position_embeddings=getattr(
+            hf_config, "original_max_position_embeddings", None
+        ),
         field=field,
     )
 
@@ -81,7 +83,8 @@ def rotary_dim_of(spec: RopeSpec, head_dim: int) -> int:
         if isinstance(dim, bool) or not isinstance(dim, int):
             raise ValueError(f"rotary_dim must be an integer, got {dim!r}")
     else:
-        dim, name = int(head_dim * spec.partial_rotary_factor), f"{spec.field}.partial_rotary_factor"
+        dim = int(head_dim * spec.partial_rotary_factor)
+        name = f"{spec.field}.partial_rotary_factor"
     if dim < 2 or dim > head_dim or dim % 2:
         raise ValueError(
             f"{name} gives a rotary dimension of {dim} for head_dim {head_dim}; "
@@ -122,7 +125,7 @@ def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:
 
 def _dynamic_frequencies(spec: RopeSpec, dim: int) -> torch.Tensor:
     factor = _require_positive(spec, "factor")
-    max_position_embeddings = _config_positive_int("max_position_embeddings", spec.max_position_embeddings)
+    max_position_embeddings = _max_position_embeddings(spec)
     # The NTK base transformers reaches at seq_len = max_position_embeddings * factor.
     seq_len = max(max_position_embeddings * factor, max_position_embeddings)
     base = spec.theta * (
@@ -136,15 +139,16 @@ def _yarn_frequencies(spec: RopeSpec, dim: int) -> tuple[torch.Tensor, float]:
     factor = _param(spec, "factor", default=None)
     if factor is None:
         # DeepSeek-V3 style: the factor is the ratio of the extended to the pretrained length.
-        max_positions = _config_positive_int("max_position_embeddings", spec.max_position_embeddings)
-        factor = max_positions / original
+        factor = _max_position_embeddings(spec) / original
     factor = _positive_number(f"{spec.field}.factor", factor)
     attention_factor = _optional_positive(spec, "attention_factor")
     mscale = _optional_number(spec, "mscale")
     mscale_all_dim = _optional_number(spec, "mscale_all_dim")
     if attention_factor is None:
         if mscale and mscale_all_dim:
-            attention_factor = float(_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim))
+            attention_factor = float(
+                _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+            )
         else:
             attention_factor = _yarn_mscale(factor)
     beta_fast = _optional_number(spec, "beta_fast") or 32
@@ -197,10 +201,7 @@ def _longrope_frequencies(
     factor = _param(spec, "factor", default=None)
     if factor is None:
         # Phi-3 style: the factor is the ratio of the extended to the pretrained length.
-        max_positions_config = _config_positive_int(
-            "max_position_embeddings", spec.max_position_embeddings
-        )
-        factor = max_positions_config / original
+        factor = _max_position_embeddings(spec) / original
     factor = _positive_number(f"{spec.field}.factor", factor)
     attention_factor = _optional_positive(spec, "attention_factor")
     if attention_factor is None:
@@ -252,6 +253,10 @@ def _original_max_positions(spec: RopeSpec) -> int:
     return _config_positive_int(f"{spec.field}.original_max_position_embeddings", value)
 
 
+def _max_position_embeddings(spec: RopeSpec) -> int:
+    return _config_positive_int("max_position_embeddings", spec.max_position_embeddings)
+
+
 def _factor_list(spec: RopeSpec, key: str, dim: int) -> list[float]:
     values = _param(spec, key)
     if not isinstance(values, (list, tuple)) or not all(
@@ -260,7 +265,8 @@ def _factor_list(spec: RopeSpec, key: str, dim: int) -> list[float]:
         raise ValueError(f"{spec.field}.{key} must be a list of positive numbers, got {values!r}")
     if len(values) != dim // 2:
         raise ValueError(
-            f"{spec.field}.{key} has {len(values)} entries; the rotary dimension {dim} needs {dim // 2}"
+            f"{spec.field}.{key} has {len(values)} entries; "
+            f"the rotary dimension {dim} needs {dim // 2}"
         )
     return list(values)
 

@@ -94,7 +94,8 @@ def build_rotary(
     naming the config field."""
     if isinstance(max_positions, bool) or not isinstance(max_positions, int) or max_positions < 1:
         raise ValueError(f"max_positions must be a positive integer, got {max_positions!r}")
-    inv_freq, attention_scaling = rope_frequencies(read_rope_spec(hf_config), head_dim, max_positions)
+    spec = read_rope_spec(hf_config)
+    inv_freq, attention_scaling = rope_frequencies(spec, head_dim, max_positions)
     return RotaryEmbedding(inv_freq, max_positions, device, attention_scaling)
 
 

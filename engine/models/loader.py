@@ -1,6 +1,7 @@
 """Load a Llama-family checkpoint (local directory or cached hub id) into our model classes."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Mapping
@@ -16,7 +17,7 @@ from engine.attention import get_attention_backend
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
 from engine.layers.linear import prepack_cpu_linears
-from engine.layers.rotary import SUPPORTED_ROPE_TYPES, compute_inv_freq, read_rope_spec
+from engine.layers.rotary import SUPPORTED_ROPE_TYPES, RopeSpec, build_rotary, read_rope_spec
 from engine.models.bert import BertModel
 from engine.models.llama import LlamaForCausalLM
 from engine.models.registry import get_model_class, is_generative, supported_architectures
@@ -175,18 +176,60 @@ def _read_hf_config(model_path: Path) -> Any:
 
 
 def _check_rope(hf_config: Any, model_path: Path) -> None:
-    spec = read_rope_spec(hf_config)
-    if spec.rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ModelLoadError(
-            f"unsupported rope_type {spec.rope_type!r} in {model_path / 'config.json'}; "
-            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
-        )
+    """Fail at load, naming the field, rather than at the first forward: the rotary tables of
+    each RoPE set are built for two positions with the checkpoint's head size (LongRoPE factor
+    lists and partial rotary are checked against it)."""
+    config_path = model_path / "config.json"
+    for rope_config in _rope_configs(hf_config):
+        spec = _read_rope_spec(rope_config, config_path)
+        if spec.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ModelLoadError(
+                f"unsupported rope_type {spec.rope_type!r} in {config_path}; "
+                f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+        try:
+            build_rotary(rope_config, _rope_head_dim(hf_config), 2, "cpu")
+        except ValueError as exc:
+            raise ModelLoadError(
+                f"invalid {spec.rope_type} rope parameters in {config_path}: {exc}"
+            ) from None
+
+
+def _read_rope_spec(rope_config: Any, config_path: Path) -> RopeSpec:
     try:
-        compute_inv_freq(spec, 64)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelLoadError(
-            f"invalid {spec.rope_type} rope parameters in {model_path / 'config.json'}: {exc!r}"
-        ) from None
+        return read_rope_spec(rope_config)
+    except ValueError as exc:
+        raise ModelLoadError(f"invalid rope parameters in {config_path}: {exc}") from None
+
+
+def _rope_configs(hf_config: Any) -> list[Any]:
+    """One config per RoPE set: Gemma 3 nests one `rope_parameters` dict per layer type."""
+    params = getattr(hf_config, "rope_parameters", None)
+    nested = (
+        isinstance(params, Mapping)
+        and bool(params)
+        and "rope_type" not in params
+        and all(isinstance(value, Mapping) for value in params.values())
+    )
+    if not nested:
+        return [hf_config]
+    views = []
+    for layer_params in params.values():
+        view = copy.copy(hf_config)
+        view.rope_parameters = dict(layer_params)
+        views.append(view)
+    return views
+
+
+def _rope_head_dim(hf_config: Any) -> int:
+    head_dim = getattr(hf_config, "head_dim", None)
+    if isinstance(head_dim, int) and head_dim > 0:
+        return head_dim
+    hidden = getattr(hf_config, "hidden_size", None)
+    heads = getattr(hf_config, "num_attention_heads", None)
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+        return hidden // heads
+    return 64  # no head size in the config: check the settings on a typical one
 
 
 def resolve_dtype(requested: str, hf_config: Any, device: torch.device) -> torch.dtype:
