@@ -8,14 +8,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 ATTENTION_BACKENDS = ("auto", "torch", "cpu_paged", "cuda_paged", "flash_attn")
-LOAD_FORMATS = ("auto", "dummy")
+LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # A local Hugging Face directory or a hub id (resolved through the local HF cache).
+    # A local Hugging Face directory or a hub id (downloaded into the HF cache once, at
+    # start-up: engine/models/hub.py; the processes after that see the snapshot directory).
     model: str
     tokenizer: str | None = None
+    # Hub ids only: the branch, tag or commit to download (None: the default branch), of
+    # the model and of the tokenizer (None: the model's revision).
+    revision: str | None = None
+    tokenizer_revision: str | None = None
+    # Hub ids only: the Hugging Face cache directory to use (None: HF_HUB_CACHE).
+    download_dir: str | None = None
     # "auto" | "float32" | "bfloat16" ("auto" = bfloat16 on CPU, the checkpoint dtype on CUDA).
     dtype: str = "auto"
     # None: the model's own context length.
@@ -27,8 +34,9 @@ class ModelConfig:
     seed: int = 0
     # "auto" (cuda when a CUDA device is visible, else cpu) | "cpu" | "cuda" | "cuda:N".
     device: str = "auto"
-    # "auto": the checkpoint's safetensors | "dummy": random weights from config.json alone
-    # (benchmarks of a model's shape without its checkpoint, as the reference server offers).
+    # "auto": the checkpoint's safetensors, else its PyTorch .bin/.pt files | "safetensors" |
+    # "pt" | "dummy": random weights from config.json alone (benchmarks of a model's shape
+    # without its checkpoint, as the reference server offers).
     load_format: str = "auto"
     # Most top logprobs a request may ask for (logprobs / prompt_logprobs).
     max_logprobs: int = 20
@@ -48,7 +56,8 @@ class ModelConfig:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.load_format not in LOAD_FORMATS:
-            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, "
+                             f"got {self.load_format!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.dtype == "float16" and self.device == "cpu":

@@ -46,6 +46,7 @@ from engine.generation import (
     GenerationRequest,
     PromptInput,
 )
+from engine.models.hub import local_model_config
 from engine.runner.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.structured.compiler import GrammarCompiler
@@ -121,6 +122,8 @@ class LLM:
         dtype: str = "auto",
         device: str = "auto",
         load_format: str = "auto",
+        revision: str | None = None,
+        download_dir: str | None = None,
         attention_backend: str = "auto",
         max_model_len: int | None = None,
         block_size: int = 16,
@@ -134,9 +137,12 @@ class LLM:
         guided_decoding_backend: str = "llguidance",
     ) -> None:
         self.config = EngineConfig(
-            model=ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len,
-                              device=device, load_format=load_format,
-                              attention_backend=attention_backend),
+            # A hub id is downloaded (or found in the cache) here, once: the runner and the
+            # tokenizer then read the same snapshot directory.
+            model=local_model_config(ModelConfig(
+                model=model, dtype=dtype, max_model_len=max_model_len, device=device,
+                load_format=load_format, revision=revision, download_dir=download_dir,
+                attention_backend=attention_backend)),
             cache=CacheConfig(
                 block_size=block_size,
                 kv_cache_memory=kv_cache_memory,

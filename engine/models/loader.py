@@ -25,7 +25,8 @@ from engine.models.st_config import (
     SentenceTransformersConfig,
     read_sentence_transformers_config,
 )
-from engine.models.weights import fill_dummy_weights, find_safetensors_files, iter_safetensors
+from engine.models.hub import model_directory
+from engine.models.weights import fill_dummy_weights, find_checkpoint_files, iter_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -57,31 +58,26 @@ class LoadedModel:
         return is_generative(self.architecture)
 
 
-def resolve_model_path(model: str) -> Path:
-    """A local directory as is; otherwise a hub id looked up in the local HF cache only."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path.resolve()
-    if path.is_absolute() or model.startswith(".") or model.count("/") > 1:
-        raise ModelLoadError(f"model directory {model} does not exist")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id=model, local_files_only=True))
-    except Exception as exc:  # invalid id, not cached, offline: all one answer to the user
-        raise ModelLoadError(
-            f"model {model!r} is neither a local directory nor in the local Hugging Face cache "
-            f"({type(exc).__name__})"
-        ) from None
+def resolve_model_path(
+    model: str, *, revision: str | None = None, download_dir: str | None = None,
+    load_format: str = "auto",
+) -> Path:
+    """A local directory as is; a hub id from the HF cache, downloaded there first when it
+    is missing (engine/models/hub.py)."""
+    return model_directory(model, revision=revision, download_dir=download_dir,
+                           load_format=load_format)
 
 
 def load_model(model_config: ModelConfig, *, attention_backend: str = "torch") -> LoadedModel:
-    model_path = resolve_model_path(model_config.model)
+    model_path = resolve_model_path(
+        model_config.model, revision=model_config.revision,
+        download_dir=model_config.download_dir, load_format=model_config.load_format)
     architecture = _read_architecture(model_path)
     model_class = get_model_class(architecture)
     assert model_class is not None  # checked by _read_architecture
     dummy = model_config.load_format == "dummy"
-    weight_files = [] if dummy else find_safetensors_files(model_path)
+    weight_format, weight_files = ("dummy", []) if dummy else find_checkpoint_files(
+        model_path, model_config.load_format)
     hf_config = _read_hf_config(model_path)
     generative = is_generative(architecture)
     if generative:
@@ -109,7 +105,7 @@ def load_model(model_config: ModelConfig, *, attention_backend: str = "torch") -
             fill_dummy_weights(model, seed=model_config.seed, std=std)
             logger.info("load format dummy: random weights (std %g), no checkpoint read", std)
         else:
-            model.load_weights(iter_safetensors(weight_files))
+            model.load_weights(iter_checkpoint(weight_format, weight_files))
     model.eval().requires_grad_(False)
     if device.type == "cpu" and dtype == torch.bfloat16:
         prepack_cpu_linears(model)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from engine.config import (
     ATTENTION_BACKENDS,
     ENGINE_CORE_MODES,
+    LOAD_FORMATS,
     CacheConfig,
     EngineConfig,
     ModelConfig,
@@ -35,6 +36,7 @@ from engine.config import (
 )
 from engine.errors import InvalidRequestError, ModelLoadError
 from engine.models.generation_config import generation_defaults
+from engine.models.hub import local_model_config
 from engine.sampling_params import SamplingParams
 from engine.structured.backend_names import BackendChoice, accepted_names, resolve_backend
 from protoserve.cli.config_file import parse_args_with_config
@@ -60,8 +62,20 @@ logger = logging.getLogger("protoserve.cli.serve")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="engine-serve", description=__doc__,
                                 formatter_class=DefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help="HF model directory or hub id (default: the demo model)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    p.add_argument("--model", default=None,
+                   help="HF model directory or hub id (org/name: downloaded once into the "
+                   "Hugging Face cache; HF_TOKEN, HF_HUB_OFFLINE, HF_ENDPOINT apply) "
+                   "(default: the demo model)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory or hub id (default: the model's)")
+    p.add_argument("--revision", default=None,
+                   help="hub ids: the branch, tag or commit of --model (default: main)")
+    p.add_argument("--tokenizer-revision", default=None,
+                   help="hub ids: the branch, tag or commit of the tokenizer (default: "
+                   "--revision)")
+    p.add_argument("--download-dir", default=None,
+                   help="hub ids: the Hugging Face cache directory to download into and "
+                   "load from (default: HF_HUB_CACHE, ~/.cache/huggingface/hub)")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="name(s) clients use (default: the --model value)")
     p.add_argument("--role", choices=("all", "engine", "bridge"), default="all",
@@ -76,9 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto = bfloat16 on CPU (float16 is never used on CPU)")
     p.add_argument("--device", default="auto",
                    help="auto (cuda when a CUDA device is visible, else cpu) | cpu | cuda | cuda:N")
-    p.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
-                   help="dummy: random weights from config.json alone (benchmarks without "
-                        "a checkpoint)")
+    p.add_argument("--load-format", choices=LOAD_FORMATS, default="auto",
+                   help="auto: safetensors when the checkpoint has them, else PyTorch "
+                        ".bin/.pt (pt: read with torch.load weights_only); dummy: random "
+                        "weights from config.json alone (benchmarks without a checkpoint)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="longest sequence (prompt + output) in tokens (default: the model's "
                    "config, capped by a sliding window)")
@@ -150,27 +165,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def engine_config_from_args(args: argparse.Namespace, model: str) -> EngineConfig:
+    """Hub ids (--model, --tokenizer, --embedding-model) are downloaded here, once, before
+    anything starts: the config carries their snapshot directories to every process.
+    Raises ModelLoadError when one cannot be had."""
+    model_config = local_model_config(ModelConfig(
+        model=model,
+        tokenizer=args.tokenizer,
+        revision=args.revision,
+        tokenizer_revision=args.tokenizer_revision,
+        download_dir=args.download_dir,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        served_model_names=tuple(args.served_model_name or ()),
+        chat_template=args.chat_template,
+        chat_template_content_format=args.chat_template_content_format,
+        seed=args.seed,
+        device=args.device,
+        load_format=args.load_format,
+        max_logprobs=args.max_logprobs,
+        task=args.task,
+        pooling_type=args.pooling_type,
+        attention_backend=args.attention_backend,
+    ))
     return EngineConfig(
-        model=ModelConfig(
-            model=model,
-            tokenizer=args.tokenizer,
-            dtype=args.dtype,
-            max_model_len=args.max_model_len,
-            served_model_names=tuple(args.served_model_name or ()),
-            chat_template=args.chat_template,
-            chat_template_content_format=args.chat_template_content_format,
-            seed=args.seed,
-            device=args.device,
-            load_format=args.load_format,
-            max_logprobs=args.max_logprobs,
-            task=args.task,
-            pooling_type=args.pooling_type,
-            attention_backend=args.attention_backend,
-        ),
+        model=model_config,
         embedding_model=_embedding_model_config(args),
         guided_decoding_backend=(guided := _guided_decoding_backend(args)).backend,
         guided_decoding_options=guided.options,
-        generation_defaults=_generation_defaults(args, model),
+        generation_defaults=_generation_defaults(args, model_config.model),
         engine_core=args.engine_core,
         cache=CacheConfig(
             block_size=args.block_size,
@@ -219,15 +241,16 @@ def _guided_decoding_backend(args: argparse.Namespace) -> BackendChoice:
 def _embedding_model_config(args: argparse.Namespace) -> ModelConfig | None:
     if not args.embedding_model:
         return None
-    return ModelConfig(
+    return local_model_config(ModelConfig(
         model=args.embedding_model,
+        download_dir=args.download_dir,
         dtype=args.dtype,
         served_model_names=tuple(args.embedding_served_model_name or ()),
         seed=args.seed,
         device=args.device,
         task="embed",
         pooling_type=args.pooling_type,
-    )
+    ))
 
 
 async def run_engine(config: EngineConfig, args: argparse.Namespace, uds: str | None,
@@ -308,6 +331,9 @@ def _serve_engine(args: argparse.Namespace, rest_listener: socket.socket | None)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ModelLoadError as exc:  # a hub id that cannot be downloaded
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     bridge = None
     uds = f"unix:{args.grpc_uds}" if args.grpc_uds else None
     if rest_listener is not None:

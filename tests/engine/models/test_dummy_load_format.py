@@ -67,7 +67,7 @@ def test_cli_flags_reach_the_model_config(config_only_dir: Path) -> None:
     model = engine_config_from_args(args, str(config_only_dir)).model
     assert (model.device, model.load_format) == ("cpu", "dummy")
     with pytest.raises(ValueError, match="load_format"):
-        ModelConfig(str(config_only_dir), load_format="pt")
+        ModelConfig(str(config_only_dir), load_format="gguf")
     with pytest.raises(ValueError, match="device"):
         ModelConfig(str(config_only_dir), device="tpu")
 
