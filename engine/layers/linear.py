@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from engine import ops
+from engine.layers.moe import prepack_fused_experts
 
 
 class Linear(nn.Module):
@@ -75,6 +76,7 @@ class Linear(nn.Module):
 def prepack_cpu_linears(model: nn.Module) -> str | None:
     """Prepack every Linear of a bfloat16 CPU model; returns the packing used, or None (model
     unchanged) where neither our kernel nor this torch build's oneDNN ops are available."""
+    prepack_fused_experts(model)  # mixture-of-experts weights: their own panels (layers/moe.py)
     linears = [module for module in model.modules() if isinstance(module, Linear)]
     if not linears:
         return None
