@@ -18,7 +18,8 @@ class ModelConfig:
     model: str
     tokenizer: str | None = None
     # Hub ids only: the branch, tag or commit to download (None: the default branch), of
-    # the model and of the tokenizer (None: the model's revision).
+    # the model and of the tokenizer (None: the model snapshot's tokenizer, or the default
+    # branch of a separate tokenizer hub id).
     revision: str | None = None
     tokenizer_revision: str | None = None
     # Hub ids only: the Hugging Face cache directory to use (None: HF_HUB_CACHE).

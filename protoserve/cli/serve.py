@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None,
                    help="hub ids: the branch, tag or commit of --model (default: main)")
     p.add_argument("--tokenizer-revision", default=None,
-                   help="hub ids: the branch, tag or commit of the tokenizer (default: "
-                   "--revision)")
+                   help="hub ids: the branch, tag or commit of the tokenizer (default: the "
+                   "--model snapshot's tokenizer, or the default branch of a --tokenizer hub id)")
     p.add_argument("--download-dir", default=None,
                    help="hub ids: the Hugging Face cache directory to download into and "
                    "load from (default: HF_HUB_CACHE, ~/.cache/huggingface/hub)")
@@ -290,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if logging.getLogger().level > logging.DEBUG:
+        # huggingface_hub's HTTP client logs every request of a download at INFO.
+        logging.getLogger("httpx2").setLevel(logging.WARNING)
     if args.role == "bridge":
         if not args.engine_address:
             print("engine-serve: error: --role bridge needs --engine-address", file=sys.stderr)
