@@ -208,3 +208,17 @@ def test_cli_flags_download_once_and_keep_the_hub_id_as_the_name(
     assert hub.requests == []
     with pytest.raises(ValueError, match="load_format must be one of auto, safetensors, pt, dummy"):
         ModelConfig("acme/tiny-llama", load_format="gguf")
+
+
+def test_tokenizer_hub_id_downloads_the_tokenizer_alone(
+    hub: HubEndpoint, cache: str, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    hub.add_commit("acme/tiny-llama", tiny_llama_dir)
+    hub.add_commit("acme/tokenizer", tiny_llama_dir, refs=("v3",))
+    config = local_model_config(ModelConfig("acme/tiny-llama", tokenizer="acme/tokenizer",
+                                            tokenizer_revision="v3", download_dir=cache))
+    assert config.tokenizer is not None
+    tokenizer_dir = Path(config.tokenizer)
+    assert tokenizer_dir.parent.parent.name == "models--acme--tokenizer"
+    assert (tokenizer_dir / "tokenizer.json").is_file()
+    assert not (tokenizer_dir / "model.safetensors").exists()
