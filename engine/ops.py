@@ -5,8 +5,8 @@ check for the extension themselves; they may ask `native_available(device)` to p
     write_kv_cache            native                native                torch index_copy_
     paged_decode_attention    native                native                gather + grouped matmul
     paged_prefill_attention   native                torch fallback        gather + SDPA
+    (a sliding window or soft-cap: native on CPU, the torch code on CUDA and elsewhere)
     linear_bf16               native (AVX512_BF16)  -                     (callers keep F.linear)
-    moe_bf16                  native (AVX512_BF16)  -                     (engine.layers.moe's torch path)
     rms_norm / silu_and_mul   native (bf16)         -                     (callers keep torch)
     / rotary_bf16
 
@@ -26,8 +26,13 @@ from types import ModuleType
 import torch
 from torch.nn import functional as F
 
-from engine.attention.backend import AttentionMetadata
-from engine.attention.torch_backend import decode_attention, gather_blocks, write_kv
+from engine.attention.backend import AttentionMetadata, check_attention_options
+from engine.attention.torch_backend import (
+    cached_prefill_attention,
+    decode_attention,
+    gather_blocks,
+    write_kv,
+)
 from engine.native_build import ExtensionSpec, load_extension
 
 logger = logging.getLogger(__name__)
@@ -63,13 +68,26 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    *,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
 ) -> None:
     """out[b] = softmax(scale * q_b K_b^T) V_b for one query token per sequence.
 
     query/out [B, num_heads, D]; block_tables [B, max_blocks] int32/int64 covering each
-    sequence's context_lens[b] tokens (which include the new token, already in the cache)."""
+    sequence's context_lens[b] tokens (which include the new token, already in the cache).
+    `sliding_window` / `soft_cap` as in engine.attention.backend; the CUDA kernel has
+    neither, so such calls on CUDA take the torch code."""
+    windowed = sliding_window is not None or soft_cap is not None
+    if windowed:
+        check_attention_options(sliding_window, soft_cap)
     module = _module_for(kv_cache.device)
-    if module is not None:
+    if module is not None and kv_cache.device.type == "cpu":
+        # The kernel's "none" is 0 for both.
+        module.paged_decode_attention(out, query, kv_cache, block_tables, context_lens, scale,
+                                      sliding_window or 0, soft_cap or 0.0)
+        return
+    if module is not None and not windowed:
         module.paged_decode_attention(out, query, kv_cache, block_tables, context_lens, scale)
         return
     metadata = AttentionMetadata(
@@ -81,7 +99,8 @@ def paged_decode_attention(
         decode_mask=None,  # decode_attention derives it from context_lens
         prefills=(),
     )
-    out.copy_(decode_attention(query, kv_cache, metadata, scale))
+    out.copy_(decode_attention(query, kv_cache, metadata, scale,
+                               sliding_window=sliding_window, soft_cap=soft_cap))
 
 
 def paged_prefill_attention(
@@ -91,13 +110,25 @@ def paged_prefill_attention(
     block_table: torch.Tensor,
     context_start: int,
     scale: float,
+    *,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
 ) -> None:
     """One sequence's query rows [q, num_heads, D] at positions [context_start,
     context_start + q) attend causally over positions [0, context_start + q), all read from
-    the cache through `block_table` [>= ceil((context_start + q) / block_size)]."""
+    the cache through `block_table` [>= ceil((context_start + q) / block_size)]; with a
+    sliding window W, row p sees only positions > p - W."""
+    windowed = sliding_window is not None or soft_cap is not None
+    if windowed:
+        check_attention_options(sliding_window, soft_cap)
     module = _module_for(kv_cache.device)
     if module is not None and hasattr(module, "paged_prefill_attention"):
-        module.paged_prefill_attention(out, query, kv_cache, block_table, context_start, scale)
+        module.paged_prefill_attention(out, query, kv_cache, block_table, context_start, scale,
+                                       sliding_window or 0, soft_cap or 0.0)
+        return
+    if windowed:
+        out.copy_(cached_prefill_attention(query, kv_cache, block_table.long(), context_start,
+                                           scale, sliding_window, soft_cap))
         return
     num_kv_heads, head_dim = kv_cache.shape[-2:]
     context_len = context_start + query.shape[0]
@@ -155,58 +186,6 @@ def linear_bf16(
     out = torch.empty(rows.shape[0], out_features, dtype=x.dtype, device=x.device)
     module.linear_bf16(out, rows, packed, bias)
     return out.view(*x.shape[:-1], out_features)
-
-
-def pack_moe_gate_up(gate_up: torch.Tensor) -> torch.Tensor:
-    """Experts' fused [gate; up] weights [E, 2 I, H] -> moe_bf16's panels [E, 2 ceil(I / 16),
-    H / 2, 16, 2]: gate and up each padded to whole panels, then interleaved (gate panel q at
-    2q, up panel q at 2q + 1) so one work item holds both halves of its silu-and-mul."""
-    num_experts, double_inter, hidden = gate_up.shape
-    inter = double_inter // 2
-    gate = _pack_expert_panels(gate_up[:, :inter])
-    up = _pack_expert_panels(gate_up[:, inter:])
-    return torch.stack((gate, up), dim=2).view(num_experts, -1, *gate.shape[2:]).contiguous()
-
-
-def pack_moe_down(down: torch.Tensor) -> torch.Tensor:
-    """Experts' down weights [E, H, I] -> [E, ceil(H / 16), I / 2, 16, 2]."""
-    return _pack_expert_panels(down)
-
-
-def _pack_expert_panels(weights: torch.Tensor) -> torch.Tensor:
-    """pack_linear_weight of every expert's [N, K] at once: [E, ceil(N / 16), K / 2, 16, 2]."""
-    num_experts, out_features, in_features = weights.shape
-    if in_features % 2:
-        raise ValueError(f"moe_bf16 needs even expert input sizes, got {in_features}")
-    num_panels = -(-out_features // LINEAR_PANEL_ROWS)
-    padded = weights.new_zeros(num_experts, num_panels * LINEAR_PANEL_ROWS, in_features)
-    padded[:, :out_features] = weights
-    return (
-        padded.view(num_experts, num_panels, LINEAR_PANEL_ROWS, in_features // 2, 2)
-        .permute(0, 1, 3, 2, 4)
-        .contiguous()
-    )
-
-
-def moe_bf16(
-    hidden: torch.Tensor,
-    expert_ids: torch.Tensor,
-    weights: torch.Tensor,
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
-    intermediate: int,
-    round_weighted: bool,
-) -> torch.Tensor:
-    """One mixture-of-experts layer in one native call: hidden [T, H] bfloat16, expert_ids
-    [T, k] int64 and weights [T, k] float32 from the router, experts packed by
-    pack_moe_gate_up / pack_moe_down. round_weighted: the weights are bfloat16 values and each
-    weighted expert output rounds to bfloat16 (Qwen3-MoE); else fp32 products (Mixtral). Only
-    call where `linear_bf16_available()`."""
-    module = _cpu_module()
-    assert module is not None
-    out = torch.empty(hidden.shape, dtype=hidden.dtype)
-    module.moe_bf16(out, hidden, expert_ids, weights, gate_up, down, intermediate, round_weighted)
-    return out
 
 
 def fused_pointwise_available(x: torch.Tensor) -> bool:

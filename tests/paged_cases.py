@@ -2,14 +2,20 @@
 
 Every case draws fresh random data (never zeros) from a generator whose seed is printed, so
 a failure can be replayed with `PAGED_CASE_SEED=<seed>`.
+
+Sliding windows and soft-caps are checked against `dense_attention`, an explicit reference
+written here (dense scores, mask k <= p and p - k < W, C * tanh(s / C), float32 softmax), not
+against the engine's torch backend.
 """
 from __future__ import annotations
 
 import math
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 from engine.attention.backend import AttentionMetadata, PrefillSequence
@@ -122,3 +128,104 @@ def strided_rows(
     the way q/k/v come out of a fused projection."""
     wide = torch.randn(num_tokens, num_heads + 3, head_dim, generator=gen).to(dtype)
     return wide[:, 1 : num_heads + 1]
+
+
+# (window, soft_cap, group, head_dim) of the window/cap kernel cases; the window is a kind,
+# sized per block size by `window_tokens`. Group and head size rotate through the cases.
+WINDOW_CAP_CASES = [
+    pytest.param("small", None, 4, 64, id="window-inside-a-block"),
+    pytest.param("span", 2.5, 2, 128, id="window-spans-blocks-capped"),
+    pytest.param("parts", None, 8, 128, id="window-spans-partitions"),
+    pytest.param("wide", 50.0, 1, 64, id="window-wider-than-context-capped"),
+    pytest.param(None, 2.5, 4, 128, id="capped"),
+]
+
+
+def window_tokens(kind: str | None, block_size: int) -> int | None:
+    """small: under half a block; span: a few blocks; parts: across the 256-token decode
+    partitions; wide: more than any context here."""
+    sizes = {"small": block_size // 2 - 1, "span": 2 * block_size + 5, "parts": 300,
+             "wide": 5000}
+    return None if kind is None else sizes[kind]
+
+
+def dense_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    query_positions: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+) -> torch.Tensor:
+    """query [Tq, H, D] at `query_positions` over keys/values [L, kv_heads, D] at positions
+    0 .. L-1, all in float32: key k is visible to the query at p iff k <= p and p - k < W;
+    scores are C * tanh(scale q.k / C) with a cap."""
+    group = query.shape[1] // keys.shape[1]
+    keys = keys.float().repeat_interleave(group, dim=1)
+    values = values.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", query.float(), keys) * scale
+    if soft_cap is not None:
+        scores = soft_cap * torch.tanh(scores / soft_cap)
+    key_positions = torch.arange(keys.shape[0], device=query.device)[None, :]
+    positions = query_positions[:, None]
+    visible = key_positions <= positions
+    if sliding_window is not None:
+        visible &= positions - key_positions < sliding_window
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    return torch.einsum("hqk,khd->qhd", probs, values)
+
+
+def sequence_kv(
+    kv_cache: torch.Tensor, block_table: torch.Tensor, length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's K and V [length, kv_heads, D] in position order, read through its table."""
+    num_kv_heads, head_dim = kv_cache.shape[-2:]
+    keys = kv_cache[0, block_table.long()].reshape(-1, num_kv_heads, head_dim)[:length]
+    values = kv_cache[1, block_table.long()].reshape(-1, num_kv_heads, head_dim)[:length]
+    return keys, values
+
+
+def dense_decode(
+    case: PagedCase,
+    query: torch.Tensor,
+    scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+) -> torch.Tensor:
+    rows = []
+    for row, length in enumerate(case.context_lens.tolist()):
+        keys, values = sequence_kv(case.kv_cache, case.block_tables[row], length)
+        position = torch.tensor([length - 1])
+        rows.append(dense_attention(query[row : row + 1], keys, values, position, scale,
+                                    sliding_window, soft_cap))
+    return torch.cat(rows)
+
+
+def dense_prefill(
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query: torch.Tensor,
+    context_start: int,
+    scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+) -> torch.Tensor:
+    context_len = context_start + query.shape[0]
+    keys, values = sequence_kv(kv_cache, block_table, context_len)
+    positions = torch.arange(context_start, context_len)
+    return dense_attention(query, keys, values, positions, scale, sliding_window, soft_cap)
+
+
+def poison_before(
+    kv_cache: torch.Tensor, block_tables: torch.Tensor, first_positions: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cache with one extra block full of NaN, and tables whose entries for the blocks wholly
+    before row b's first_positions[b] point at it: attention that reads any of them (instead
+    of skipping the blocks outside the window) returns NaN."""
+    nan_block = torch.full_like(kv_cache[:, :1], float("nan"))
+    poisoned = torch.cat([kv_cache, nan_block], dim=1)
+    tables = block_tables.clone()
+    for row, first in enumerate(first_positions):
+        tables[row, : first // kv_cache.shape[2]] = kv_cache.shape[1]
+    return poisoned, tables

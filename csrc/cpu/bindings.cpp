@@ -2,11 +2,12 @@
 // Every op writes into tensors the caller allocated and releases the GIL while it runs.
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <cmath>
 #include <optional>
 #include <vector>
 
 #include "cpu_ops.h"
-#include "moe_bindings.h"
 
 namespace {
 
@@ -43,8 +44,10 @@ RowsView rows_view(const torch::Tensor& t, const char* name, const torch::Tensor
   return {t.data_ptr(), t.stride(0), t.stride(1)};
 }
 
+// Rows read blocks [first_needed[row] (0 when null), blocks_needed[row]) of their table.
 BlockTables block_tables(const torch::Tensor& tables, int64_t num_blocks, int64_t num_rows,
-                         const std::vector<int64_t>& blocks_needed) {
+                         const std::vector<int64_t>& blocks_needed,
+                         const std::vector<int64_t>* first_needed = nullptr) {
   TORCH_CHECK(tables.device().is_cpu(), "block tables must be a CPU tensor");
   TORCH_CHECK(tables.scalar_type() == torch::kInt32 || tables.scalar_type() == torch::kInt64,
               "block tables must be int32 or int64");
@@ -55,7 +58,7 @@ BlockTables block_tables(const torch::Tensor& tables, int64_t num_blocks, int64_
   for (int64_t row = 0; row < num_rows; ++row) {
     TORCH_CHECK(blocks_needed[row] <= tables.size(1), "context of row ", row, " needs ",
                 blocks_needed[row], " blocks; its table has ", tables.size(1));
-    for (int64_t i = 0; i < blocks_needed[row]; ++i) {
+    for (int64_t i = first_needed ? (*first_needed)[row] : 0; i < blocks_needed[row]; ++i) {
       const int64_t block = view.at(row, i);
       TORCH_CHECK(block >= 0 && block < num_blocks, "block id ", block, " out of range");
     }
@@ -73,6 +76,13 @@ const int64_t* checked_slots(const torch::Tensor& slot_mapping, const CacheShape
   for (int64_t t = 0; t < slot_mapping.size(0); ++t)
     TORCH_CHECK(slots[t] < num_slots, "slot ", slots[t], " out of range (", num_slots, " slots)");
   return slots;
+}
+
+// The layer options of the attention kernels: 0 means none.
+void check_attention_options(int64_t sliding_window, double soft_cap) {
+  TORCH_CHECK(sliding_window >= 0, "sliding_window must be >= 0 (0: none), got ", sliding_window);
+  TORCH_CHECK(std::isfinite(soft_cap) && soft_cap >= 0.0,
+              "soft_cap must be finite and >= 0 (0: none), got ", soft_cap);
 }
 
 // Decode context lengths as contiguous int64 [num_seqs] (each >= 1), and the blocks each needs.
@@ -109,15 +119,22 @@ void write_kv_cache(const torch::Tensor& key, const torch::Tensor& value, torch:
 
 void paged_decode_attention(torch::Tensor& out, const torch::Tensor& query,
                             const torch::Tensor& kv_cache, const torch::Tensor& tables,
-                            const torch::Tensor& context_lens, double scale) {
+                            const torch::Tensor& context_lens, double scale,
+                            int64_t sliding_window, double soft_cap) {
   const CacheShape shape = cache_shape(kv_cache);
   const int64_t num_seqs = query.size(0);
   const int64_t num_heads = query.size(1);
   TORCH_CHECK(num_heads % shape.num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads");
   TORCH_CHECK(out.sizes() == query.sizes(), "out must have the query's shape");
+  check_attention_options(sliding_window, soft_cap);
   std::vector<int64_t> blocks_needed;
   const torch::Tensor lens =
       checked_context_lens(context_lens, num_seqs, shape.block_size, blocks_needed);
+  // With a window only the blocks from each row's window start on are read (and checked).
+  std::vector<int64_t> first_needed(num_seqs, 0);
+  for (int64_t s = 0; sliding_window > 0 && s < num_seqs; ++s)
+    first_needed[s] =
+        std::max<int64_t>(0, lens.data_ptr<int64_t>()[s] - sliding_window) / shape.block_size;
   protoserve::DecodeArgs args{kind_of(kv_cache),
                               rows_view(out, "out", kv_cache, num_heads),
                               rows_view(query, "query", kv_cache, num_heads),
@@ -125,16 +142,20 @@ void paged_decode_attention(torch::Tensor& out, const torch::Tensor& query,
                               shape,
                               num_seqs,
                               num_heads,
-                              block_tables(tables, shape.num_blocks, num_seqs, blocks_needed),
+                              block_tables(tables, shape.num_blocks, num_seqs, blocks_needed,
+                                           &first_needed),
                               lens.data_ptr<int64_t>(),
-                              static_cast<float>(scale)};
+                              static_cast<float>(scale),
+                              sliding_window,
+                              static_cast<float>(soft_cap)};
   pybind11::gil_scoped_release no_gil;
   protoserve::paged_decode_attention(args);
 }
 
 void paged_prefill_attention(torch::Tensor& out, const torch::Tensor& query,
                              const torch::Tensor& kv_cache, const torch::Tensor& block_table,
-                             int64_t context_start, double scale) {
+                             int64_t context_start, double scale, int64_t sliding_window,
+                             double soft_cap) {
   const CacheShape shape = cache_shape(kv_cache);
   const int64_t num_query_tokens = query.size(0);
   const int64_t num_heads = query.size(1);
@@ -142,8 +163,13 @@ void paged_prefill_attention(torch::Tensor& out, const torch::Tensor& query,
   TORCH_CHECK(out.sizes() == query.sizes(), "out must have the query's shape");
   TORCH_CHECK(context_start >= 0, "context_start must be >= 0");
   TORCH_CHECK(block_table.dim() == 1, "block_table must be 1-D");
+  check_attention_options(sliding_window, soft_cap);
   const int64_t context_len = context_start + num_query_tokens;
   const std::vector<int64_t> blocks_needed{(context_len + shape.block_size - 1) / shape.block_size};
+  // With a window the first query row's window start bounds the blocks read.
+  const int64_t first_key =
+      sliding_window > 0 ? std::max<int64_t>(0, context_start - sliding_window + 1) : 0;
+  const std::vector<int64_t> first_needed{first_key / shape.block_size};
   protoserve::PrefillArgs args{kind_of(kv_cache),
                                rows_view(out, "out", kv_cache, num_heads),
                                rows_view(query, "query", kv_cache, num_heads),
@@ -151,10 +177,12 @@ void paged_prefill_attention(torch::Tensor& out, const torch::Tensor& query,
                                shape,
                                num_heads,
                                block_tables(block_table.unsqueeze(0), shape.num_blocks, 1,
-                                            blocks_needed),
+                                            blocks_needed, &first_needed),
                                context_start,
                                num_query_tokens,
-                               static_cast<float>(scale)};
+                               static_cast<float>(scale),
+                               sliding_window,
+                               static_cast<float>(soft_cap)};
   pybind11::gil_scoped_release no_gil;
   protoserve::paged_prefill_attention(args);
 }
@@ -345,7 +373,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "protoserve paged KV-cache kernels (CPU)";
   m.def("write_kv_cache", &write_kv_cache, "Scatter K/V rows into the paged cache");
   m.def("paged_decode_attention", &paged_decode_attention,
-        "One-query attention per sequence over its paged context");
+        "One-query attention per sequence over its paged context (sliding_window, soft_cap: "
+        "0 for none)");
   m.def("paged_prefill_attention", &paged_prefill_attention,
         "Causal attention of one sequence's query chunk over its paged context");
   m.def("linear_bf16", &linear_bf16,
@@ -355,8 +384,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_bf16", &rotary_bf16, "Rotary embedding in place: x * cos + roll(x) * sin");
   m.def("decode_layers_bf16", &decode_layers_bf16,
         "A pure-decode step through every decoder layer (the per-op kernels, one call)");
-  m.def("moe_bf16", &protoserve::moe_bf16_op,
-        "A mixture-of-experts layer: grouped expert GEMMs over packed panels, one call");
   m.def("has_avx512_bf16", &protoserve::has_avx512_bf16,
         "Whether bfloat16 runs on the AVX512_BF16 kernels");
 }

@@ -47,6 +47,11 @@ struct DecodeArgs {
   BlockTables block_tables;     // [num_seqs, >= ceil(context_len / block_size)]
   const int64_t* context_lens;  // [num_seqs], each >= 1, including the new token
   float scale;
+  // Layer options (0: none; engine/attention/backend.py). With a window W the query at
+  // position p = len - 1 sees keys at positions > p - W only, and blocks wholly before them
+  // are never read; a soft-cap C turns each scaled score s into C * tanh(s / C).
+  int64_t sliding_window = 0;
+  float soft_cap = 0.0f;
 };
 
 struct PrefillArgs {
@@ -60,6 +65,8 @@ struct PrefillArgs {
   int64_t context_start;    // query row i sits at position context_start + i
   int64_t num_query_tokens;
   float scale;
+  int64_t sliding_window = 0;  // as in DecodeArgs, for each query row's position
+  float soft_cap = 0.0f;
 };
 
 // out[num_tokens, out_features] = input . W^T (+ bias), bfloat16 only; W packed as described

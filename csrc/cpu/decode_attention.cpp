@@ -17,6 +17,17 @@
 //
 // The partition length does not depend on the thread count, so results are reproducible.
 //
+// Sliding window W: the query at p = len - 1 sees positions [len - W, len). Partitions stay on
+// the same part_len grid, starting with the one that holds len - W; within it the unit starts
+// at that position's block, whose leading keys before len - W (`hidden`) get score -inf. So a
+// long context with a small window reads O(W) tokens:
+//
+//   context:  [ part 0 | part 1 | part 2 | part 3 ]
+//   window:                  [xx|#######]            first unit: blocks from the window's
+//                                                    first, its xx keys masked
+//
+// A soft-cap C rewrites the partition's scores to C * tanh(s / C) before the softmax.
+//
 // Memory. Blocks lie anywhere in the cache, and the hardware prefetchers stop at 4 KiB
 // pages, so left alone a unit waits on one miss after another and reads ~8 GB/s a core.
 // Each worker instead prefetches its own read order into L2, kPrefetchBytes ahead of the
@@ -43,6 +54,7 @@
 
 #include "cpu_ops.h"
 #include "decode_avx512.h"
+#include "soft_cap.h"
 
 namespace protoserve {
 namespace {
@@ -59,10 +71,11 @@ void prefetch_l2(const void* start, int64_t bytes) {
 }
 
 // Tokens [begin, end) of sequence `seq`, blocks [first_block, end_block) of its table;
-// seq < 0 for no unit.
+// seq < 0 for no unit. The first `hidden` tokens lie before the sliding window (masked).
 struct UnitSpan {
   int64_t seq = -1;
   int64_t begin = 0, end = 0;
+  int64_t hidden = 0;
   int64_t first_block = 0, end_block = 0;
   int64_t num_blocks() const { return end_block - first_block; }
 };
@@ -83,7 +96,14 @@ struct Partitioning {
         part_len(std::max(block_size, round_up(kPartitionTokens, block_size))),
         unit_begin(a.num_seqs + 1, 0) {
     for (int64_t s = 0; s < a.num_seqs; ++s)
-      unit_begin[s + 1] = unit_begin[s] + ceil_div(a.context_lens[s], part_len);
+      unit_begin[s + 1] =
+          unit_begin[s] + ceil_div(a.context_lens[s], part_len) - window_start(s) / part_len;
+  }
+
+  // First position the query of sequence s sees.
+  int64_t window_start(int64_t s) const {
+    if (args.sliding_window <= 0) return 0;
+    return std::max<int64_t>(0, args.context_lens[s] - args.sliding_window);
   }
 
   int64_t num_units() const { return unit_begin.back(); }
@@ -93,8 +113,12 @@ struct Partitioning {
     UnitSpan u;
     if (unit >= num_units()) return u;
     u.seq = std::upper_bound(unit_begin.begin(), unit_begin.end(), unit) - unit_begin.begin() - 1;
-    u.begin = (unit - unit_begin[u.seq]) * part_len;
-    u.end = std::min(args.context_lens[u.seq], u.begin + part_len);
+    const int64_t start = window_start(u.seq);
+    const int64_t part_begin = (start / part_len + unit - unit_begin[u.seq]) * part_len;
+    // part_len is a whole number of blocks, so begin stays block aligned.
+    u.begin = std::max(part_begin, start / block_size * block_size);
+    u.end = std::min(args.context_lens[u.seq], part_begin + part_len);
+    u.hidden = std::max<int64_t>(0, start - u.begin);
     u.first_block = u.begin / block_size;
     u.end_block = ceil_div(u.end, block_size);
     return u;
@@ -127,6 +151,16 @@ struct Partitioning {
     return block_rows + (slice % per_block) * block_size * cache.head_dim;
   }
 };
+
+// Window mask and soft-cap on the unit's scores, between the two passes.
+void shape_scores(DecodeState& st, const UnitSpan& u, float soft_cap) {
+  const int64_t n = u.end - u.begin;
+  for (int64_t h = 0; h < st.num_heads; ++h) {
+    float* s = st.scores.data() + h * st.part_pad;
+    if (soft_cap > 0.0f) soft_cap_scores(s + u.hidden, n - u.hidden, soft_cap);
+    std::fill(s, s + u.hidden, -INFINITY);
+  }
+}
 
 // out rows of sequence s from its partitions' (acc, m, l) at `base`.
 template <typename T>
@@ -205,6 +239,7 @@ void run_decode(const DecodeArgs& args) {
                          index * block_size - cur.begin, args.scale,
                          plan.slice_at(cur, next, i * num_kv + kv + ahead));
       }
+      if (cur.hidden > 0 || args.soft_cap > 0.0f) shape_scores(st, cur, args.soft_cap);
       Kernel::softmax(st, cur.end - cur.begin);
 
       const int64_t following = next_unit.fetch_add(1);

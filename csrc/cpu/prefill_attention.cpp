@@ -5,6 +5,11 @@
 //               [ cached context ][ this chunk's tokens (queries) ]
 //   query i (position context_start + i) sees keys at positions [0, context_start + i].
 //
+// With a sliding window W it sees only [context_start + i - W + 1, context_start + i]: a tile
+// starts its keys at its first row's window start, so blocks before it are never read, and
+// the rows' masks add the window's lower bound. A soft-cap C makes each scaled score
+// C * tanh(s / C).
+//
 // Work units are (query tile, kv head); a tile holds `tile_tokens` query tokens times the G
 // query heads that share the kv head. Later tiles see more keys, so they are handed out first.
 #include <algorithm>
@@ -13,17 +18,21 @@
 
 #include "cpu_ops.h"
 #include "prefill_kernels.h"
+#include "soft_cap.h"
 
 namespace protoserve {
 namespace {
+
+// Query rows (tokens x group heads) per tile: enough reuse of each K/V row, small enough
+// scratch for L2.
+constexpr int64_t kQueryTileRows = 64;
 
 struct Tiling {
   int64_t group, tile_tokens, num_tiles;
 
   Tiling(const PrefillArgs& args) {
     group = args.num_heads / args.cache.num_kv_heads;
-    // About 64 rows per tile: enough reuse of each K/V row, small enough scratch for L2.
-    tile_tokens = std::max<int64_t>(1, 64 / group);
+    tile_tokens = std::max<int64_t>(1, kQueryTileRows / group);
     num_tiles = ceil_div(args.num_query_tokens, tile_tokens);
   }
   // unit -> (tile, kv_head), largest tiles first.
@@ -58,15 +67,19 @@ void run_portable(const PrefillArgs& args) {
             const T* q_row = query + i * args.query.token_stride + head * args.query.head_stride;
             for (int64_t d = 0; d < dim; ++d) q[d] = to_float(q_row[d]);
             const int64_t num_keys = args.context_start + i + 1;
+            const int64_t first_key =
+                args.sliding_window > 0 ? std::max<int64_t>(0, num_keys - args.sliding_window) : 0;
             float m = -INFINITY;
-            for (int64_t t = 0; t < num_keys; ++t) {
+            for (int64_t t = first_key; t < num_keys; ++t) {
               const T* k = cache.key_row(args.block_table.at(0, t / bs), t % bs, kv_head);
               scores[t] = dot_product(q, k, dim) * args.scale;
+              if (args.soft_cap > 0.0f)
+                scores[t] = args.soft_cap * std::tanh(scores[t] / args.soft_cap);
               m = std::max(m, scores[t]);
             }
             std::fill(acc, acc + dim, 0.0f);
             float l = 0.0f;
-            for (int64_t t = 0; t < num_keys; ++t) {
+            for (int64_t t = first_key; t < num_keys; ++t) {
               const float p = std::exp(scores[t] - m);
               l += p;
               const T* v = cache.value_row(args.block_table.at(0, t / bs), t % bs, kv_head);
@@ -81,6 +94,7 @@ void run_portable(const PrefillArgs& args) {
 #if PROTOSERVE_AVX512_BF16
 void run_avx512_bf16(const PrefillArgs& args) {
   using prefill::kKeyTile;
+  static_assert(kKeyTile >= kQueryTileRows, "a row would see no key of its tile's first key tile");
   using prefill::TileScratch;
   const PagedCache<bf16_t> cache{static_cast<const bf16_t*>(args.kv_cache), args.cache.num_blocks,
                                  args.cache.block_size, args.cache.num_kv_heads,
@@ -121,7 +135,9 @@ void run_avx512_bf16(const PrefillArgs& args) {
 
         const int64_t min_query_pos = args.context_start + first;
         const int64_t num_keys = args.context_start + first + num_tokens;
-        for (int64_t key_pos = 0; key_pos < num_keys; key_pos += kKeyTile) {
+        const int64_t window = args.sliding_window;
+        const int64_t first_key = window > 0 ? std::max<int64_t>(0, min_query_pos - window + 1) : 0;
+        for (int64_t key_pos = first_key; key_pos < num_keys; key_pos += kKeyTile) {
           const int64_t n = std::min(kKeyTile, num_keys - key_pos);
           for (int64_t t = 0; t < n; ++t) {
             const int64_t pos = key_pos + t;
@@ -130,8 +146,12 @@ void run_avx512_bf16(const PrefillArgs& args) {
             ts.value_rows[t] = cache.value_row(block, pos % bs, kv_head);
           }
           prefill::compute_scores(ts, n);
-          prefill::softmax_tile(ts, n, key_pos, query_pos, key_pos + n - 1 > min_query_pos,
-                                args.scale);
+          // Some row misses a key of this tile: a later key (causal) or, with a window, an
+          // earlier one (the last row's window starts after key_pos).
+          const bool needs_mask = key_pos + n - 1 > min_query_pos ||
+                                  (window > 0 && key_pos <= num_keys - 1 - window);
+          prefill::softmax_tile(ts, n, key_pos, query_pos, needs_mask, args.scale, window,
+                                args.soft_cap);
           prefill::pack_values(ts, n);
           prefill::accumulate_values(ts, n);
         }
@@ -158,8 +178,11 @@ void run_avx512_bf16(const PrefillArgs& args) {
 
 }  // namespace
 
-void paged_prefill_attention(const PrefillArgs& args) {
-  if (args.num_query_tokens <= 0) return;
+void paged_prefill_attention(const PrefillArgs& call) {
+  if (call.num_query_tokens <= 0) return;
+  PrefillArgs args = call;
+  // A window that holds the whole context changes nothing (and keeps positions + W in int32).
+  if (args.sliding_window >= args.context_start + args.num_query_tokens) args.sliding_window = 0;
   if (args.kind == ScalarKind::kFloat32) {
     run_portable<float>(args);
     return;

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cpu_types.h"
+#include "soft_cap.h"
 #include "vec_avx512.h"
 
 #if PROTOSERVE_AVX512_BF16
@@ -126,26 +127,38 @@ inline void compute_scores(TileScratch& ts, int64_t n) {
 }
 
 // Online-softmax step over a key tile whose first key sits at position `key_pos`.
-// query_pos[r] is row r's position; key t is visible to row r iff key_pos + t <= query_pos[r].
-// Writes Pw (bf16 pairs, a zero partner for an odd n) and alpha, updates m and l.
+// query_pos[r] is row r's position; key t is visible to row r iff key_pos + t <= query_pos[r]
+// and, with a sliding window (window > 0), query_pos[r] - (key_pos + t) < window. A soft_cap
+// > 0 caps the scaled scores first. Writes Pw (bf16 pairs, a zero partner for an odd n) and
+// alpha, updates m and l.
 inline void softmax_tile(TileScratch& ts, int64_t n, int64_t key_pos, const int32_t* query_pos,
-                         bool needs_mask, float scale) {
+                         bool needs_mask, float scale, int64_t window, float soft_cap) {
   const __m512 scale_v = _mm512_set1_ps(scale);
   const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+  const bool capped = soft_cap > 0.0f;
+  const __m512 cap_v = _mm512_set1_ps(soft_cap);
+  const __m512 inv_cap = _mm512_set1_ps(capped ? 1.0f / soft_cap : 0.0f);
+  // Positions fit int32 (the caller drops a window wider than the context).
+  const __m512i window_v = _mm512_set1_epi32(static_cast<int>(window));
   for (int64_t r0 = 0; r0 < ts.rows_pad; r0 += 16) {
     const __m512i qpos = _mm512_loadu_si512(query_pos + r0);
     auto visible = [&](int64_t t) -> __mmask16 {
       if (!needs_mask) return 0xffff;
-      return _mm512_cmpge_epi32_mask(qpos, _mm512_set1_epi32(static_cast<int>(key_pos + t)));
+      const __m512i key = _mm512_set1_epi32(static_cast<int>(key_pos + t));
+      const __mmask16 causal = _mm512_cmpge_epi32_mask(qpos, key);
+      if (window <= 0) return causal;
+      return causal & _mm512_cmplt_epi32_mask(qpos, _mm512_add_epi32(key, window_v));
     };
     __m512 tile_max = neg_inf;
     for (int64_t t = 0; t < n; ++t) {
       float* s = ts.scores.data() + t * ts.rows_pad + r0;
-      const __m512 scaled = _mm512_mul_ps(_mm512_loadu_ps(s), scale_v);
+      __m512 scaled = _mm512_mul_ps(_mm512_loadu_ps(s), scale_v);
+      if (capped) scaled = soft_cap_ps(scaled, cap_v, inv_cap);
       _mm512_storeu_ps(s, scaled);
       tile_max = _mm512_mask_max_ps(tile_max, visible(t), tile_max, scaled);
     }
-    // Every real row sees key 0 in the first tile, so m is finite from then on.
+    // Every row sees a key of the first tile (a tile has at most kKeyTile query tokens, see
+    // prefill_attention.cpp), so m is finite from then on.
     const __m512 m_old = _mm512_loadu_ps(ts.m.data() + r0);
     const __m512 m_new = _mm512_max_ps(m_old, tile_max);
     const __m512 alpha = vec::exp_ps(_mm512_sub_ps(m_old, m_new));

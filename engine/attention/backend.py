@@ -10,9 +10,22 @@ Paged KV cache, one tensor per layer: kv_cache[2, num_blocks, block_size, num_kv
 (K at [0], V at [1]). The token at position p of a sequence lives in flat slot
 
     block_table[p // block_size] * block_size + p % block_size
+
+Per-layer options every backend honours (None: plain causal attention, no extra work):
+
+    sliding_window W   a query at position p sees keys at positions k with k <= p and
+                       p - k < W, i.e. the W most recent tokens, itself included (transformers'
+                       sliding_window_overlay: `kv_idx > q_idx - sliding_window`)
+    soft_cap C         scores = C * tanh((q . k * scale) / C), before masking and softmax
+                       (Gemma 2's attn_logit_softcapping)
+
+With a window, the cache blocks that hold only positions < p - W + 1 of every query are
+never read by the native kernels or by flash-attn (the torch path reads them and masks them
+out), so their table entries only need to be valid block ids.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -59,10 +72,26 @@ class AttentionMetadata:
     prefills: tuple[PrefillSequence, ...]
 
 
+def check_attention_options(sliding_window: int | None, soft_cap: float | None) -> None:
+    """Raises ValueError naming the option when it is neither None nor positive."""
+    if sliding_window is not None:
+        # bool is an int; a window of True tokens is a caller's mistake.
+        if isinstance(sliding_window, bool) or not isinstance(sliding_window, int):
+            raise ValueError(f"sliding_window must be an int or None, got {sliding_window!r}")
+        if sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 token, got {sliding_window}")
+    if soft_cap is not None:
+        if isinstance(soft_cap, bool) or not isinstance(soft_cap, (int, float)):
+            raise ValueError(f"soft_cap must be a float or None, got {soft_cap!r}")
+        if not 0.0 < soft_cap < math.inf:
+            raise ValueError(f"soft_cap must be positive and finite, got {soft_cap}")
+
+
 class AttentionBackend(Protocol):
     """Writes the step's new K/V into the paged cache, then attends over each sequence's
     context. query [T, num_heads, head_dim], key/value [T, num_kv_heads, head_dim]; returns
-    [T, num_heads, head_dim] in the query's dtype."""
+    [T, num_heads, head_dim] in the query's dtype. `sliding_window` and `soft_cap` are the
+    layer's options (module docstring); a backend raises ValueError for invalid ones."""
 
     name: str
 
@@ -74,4 +103,7 @@ class AttentionBackend(Protocol):
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
         scale: float,
+        *,
+        sliding_window: int | None = None,
+        soft_cap: float | None = None,
     ) -> torch.Tensor: ...

@@ -10,13 +10,16 @@ at the start of the step):
 
     out rows:  [ d0 .. d(Bd-1) | p0 p0 p0 | p1 p1 | ... ]
                  paged_decode_attention   paged_prefill_attention (one call per run)
+
+A layer's sliding window and soft-cap go to every call (the CPU kernels skip the blocks
+outside the window; on CUDA engine.ops serves such calls with the torch code).
 """
 from __future__ import annotations
 
 import torch
 
 from engine import ops
-from engine.attention.backend import AttentionMetadata
+from engine.attention.backend import AttentionMetadata, check_attention_options
 from engine.attention.torch_backend import prefill_attention
 
 
@@ -32,7 +35,12 @@ class PagedOpsAttentionBackend:
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
         scale: float,
+        *,
+        sliding_window: int | None = None,
+        soft_cap: float | None = None,
     ) -> torch.Tensor:
+        if sliding_window is not None or soft_cap is not None:
+            check_attention_options(sliding_window, soft_cap)
         ops.write_kv_cache(key, value, kv_cache, metadata.slot_mapping)
         # Kernels write straight into row slices of one output (no concatenation).
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
@@ -47,17 +55,21 @@ class PagedOpsAttentionBackend:
                 metadata.decode_block_tables,
                 metadata.decode_context_lens,
                 scale,
+                sliding_window=sliding_window,
+                soft_cap=soft_cap,
             )
         for prefill in metadata.prefills:
             rows = slice(prefill.query_start, prefill.query_start + prefill.num_query_tokens)
             if prefill.context_start == 0 and not self._kernel_prefill(query):
                 # Nothing cached: SDPA on the fresh K/V is the faster path for this dtype.
                 out[rows] = prefill_attention(
-                    query[rows], key[rows], value[rows], kv_cache, prefill, scale
+                    query[rows], key[rows], value[rows], kv_cache, prefill, scale,
+                    sliding_window=sliding_window, soft_cap=soft_cap,
                 )
                 continue
             ops.paged_prefill_attention(
-                out[rows], query[rows], kv_cache, prefill.block_table, prefill.context_start, scale
+                out[rows], query[rows], kv_cache, prefill.block_table, prefill.context_start, scale,
+                sliding_window=sliding_window, soft_cap=soft_cap,
             )
         return out
 

@@ -12,6 +12,9 @@ flash-attn reads the cache in place: kv_cache[0] / kv_cache[1] are exactly its p
                      causal masks align bottom-right, so query i of a run at position
                      context_start + i sees keys [0, context_start + i]
 
+A sliding window W is flash-attn's `window_size=(W - 1, 0)` (its left window counts the keys
+before the query, so with the query itself W keys: p - k < W), a soft-cap C is `softcap=C`.
+
 The per-step tensors (int32 tables and offsets) are built once per step and reused by every
 layer. float32 models are served by our paged ops instead (flash-attn has no fp32 kernels).
 """
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from engine import ops
-from engine.attention.backend import AttentionMetadata
+from engine.attention.backend import AttentionMetadata, check_attention_options
 from engine.attention.cpu_backend import PagedOpsAttentionBackend
 
 
@@ -62,9 +65,19 @@ class FlashAttentionBackend:
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
         scale: float,
+        *,
+        sliding_window: int | None = None,
+        soft_cap: float | None = None,
     ) -> torch.Tensor:
         if query.dtype == torch.float32:
-            return self._fp32_backend.forward(query, key, value, kv_cache, metadata, scale)
+            return self._fp32_backend.forward(
+                query, key, value, kv_cache, metadata, scale,
+                sliding_window=sliding_window, soft_cap=soft_cap,
+            )
+        options: dict[str, object] = {}
+        if sliding_window is not None or soft_cap is not None:
+            check_attention_options(sliding_window, soft_cap)
+            options = _flash_options(sliding_window, soft_cap)
         ops.write_kv_cache(key, value, kv_cache, metadata.slot_mapping)
         step = self._step_tensors(metadata)
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
@@ -78,6 +91,7 @@ class FlashAttentionBackend:
                 block_table=step.decode_tables,
                 softmax_scale=scale,
                 causal=True,
+                **options,
             )
             out[:num_decode_tokens] = decoded.squeeze(1)
         if metadata.prefills:
@@ -92,6 +106,7 @@ class FlashAttentionBackend:
                 softmax_scale=scale,
                 causal=True,
                 block_table=step.prefill_tables,
+                **options,
             )
         return out
 
@@ -122,6 +137,16 @@ class FlashAttentionBackend:
         tensors = _StepTensors(decode_tables, decode_lens, prefill_tables, cu_q, cu_k, max_q, max_k)
         self._step = (metadata, tensors)
         return tensors
+
+
+def _flash_options(sliding_window: int | None, soft_cap: float | None) -> dict[str, object]:
+    """flash-attn keyword arguments for a layer's window and cap (its defaults otherwise)."""
+    options: dict[str, object] = {}
+    if sliding_window is not None:
+        options["window_size"] = (sliding_window - 1, 0)
+    if soft_cap is not None:
+        options["softcap"] = float(soft_cap)
+    return options
 
 
 def _cumulative(lengths: list[int], device: torch.device) -> torch.Tensor:

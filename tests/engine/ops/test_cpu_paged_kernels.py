@@ -2,8 +2,11 @@
 
 Grid: float32 and bfloat16, GQA ratios 1/2/4/8, head sizes 64/128, block sizes 16/32, ragged
 context lengths (1, block boundaries +-1, a few hundred, past the 256-token decode partition),
-shuffled block tables, padding slots in slot_mapping, strided q/k/v views. The extension is
-built once per process (and cached on disk across runs) by the module fixture.
+shuffled block tables, padding slots in slot_mapping, strided q/k/v views; sliding windows
+(inside a block, across blocks, across decode partitions, wider than the context) and
+soft-caps against the dense reference, with the blocks outside every window poisoned with NaN
+so that reading them fails. The extension is built once per process (and cached on disk
+across runs) by the module fixture.
 """
 from __future__ import annotations
 
@@ -14,11 +17,16 @@ import pytest
 import torch
 from paged_cases import (
     TOLERANCES,
+    WINDOW_CAP_CASES,
+    dense_decode,
+    dense_prefill,
     fresh_generator,
     make_paged_case,
+    poison_before,
     reference_decode,
     reference_prefill,
     strided_rows,
+    window_tokens,
 )
 from torch.utils import cpp_extension
 
@@ -48,6 +56,21 @@ def context_lens_for(block_size: int, gen: torch.Generator) -> list[int]:
 def test_decode_matches_reference(
     dtype: torch.dtype, group: int, head_dim: int, block_size: int
 ) -> None:
+    check_decode(dtype, group, head_dim, block_size, None, None)
+
+
+@pytest.mark.parametrize("window,soft_cap,group,head_dim", WINDOW_CAP_CASES)
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_window_and_cap_match_dense_reference(
+    dtype: torch.dtype, block_size: int, window: str | None, soft_cap: float | None, group: int,
+    head_dim: int,
+) -> None:
+    check_decode(dtype, group, head_dim, block_size, window_tokens(window, block_size), soft_cap)
+
+
+def check_decode(dtype: torch.dtype, group: int, head_dim: int, block_size: int,
+                 sliding_window: int | None, soft_cap: float | None) -> None:
     gen = fresh_generator()
     case = make_paged_case(
         gen, dtype, context_lens_for(block_size, gen), NUM_KV_HEADS, head_dim, block_size
@@ -56,10 +79,17 @@ def test_decode_matches_reference(
     query = torch.randn(num_seqs, NUM_KV_HEADS * group, head_dim, generator=gen).to(dtype)
     out = torch.empty_like(query)
     scale = head_dim**-0.5
-    ops.paged_decode_attention(
-        out, query, case.kv_cache, case.block_tables, case.context_lens, scale
-    )
-    expected = reference_decode(case, query, scale)
+    if sliding_window is None and soft_cap is None:
+        ops.paged_decode_attention(
+            out, query, case.kv_cache, case.block_tables, case.context_lens, scale
+        )
+        expected = reference_decode(case, query, scale)
+    else:
+        expected = dense_decode(case, query, scale, sliding_window, soft_cap)
+        window_starts = [max(0, int(n) - (sliding_window or n)) for n in case.context_lens]
+        kv_cache, tables = poison_before(case.kv_cache, case.block_tables, window_starts)
+        ops.paged_decode_attention(out, query, kv_cache, tables, case.context_lens, scale,
+                                   sliding_window=sliding_window, soft_cap=soft_cap)
     torch.testing.assert_close(out.float(), expected, **TOLERANCES[dtype])
 
 
@@ -85,6 +115,21 @@ def test_decode_int32_tables_and_strided_views(dtype: torch.dtype) -> None:
 def test_prefill_matches_reference(
     dtype: torch.dtype, group: int, head_dim: int, block_size: int
 ) -> None:
+    check_prefill(dtype, group, head_dim, block_size, None, None)
+
+
+@pytest.mark.parametrize("window,soft_cap,group,head_dim", WINDOW_CAP_CASES)
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prefill_window_and_cap_match_dense_reference(
+    dtype: torch.dtype, block_size: int, window: str | None, soft_cap: float | None, group: int,
+    head_dim: int,
+) -> None:
+    check_prefill(dtype, group, head_dim, block_size, window_tokens(window, block_size), soft_cap)
+
+
+def check_prefill(dtype: torch.dtype, group: int, head_dim: int, block_size: int,
+                  sliding_window: int | None, soft_cap: float | None) -> None:
     gen = fresh_generator()
     random_start = int(torch.randint(100, 300, (1,), generator=gen))
     random_chunk = int(torch.randint(1, 80, (1,), generator=gen))
@@ -104,8 +149,17 @@ def test_prefill_matches_reference(
         query = strided_rows(gen, chunk, NUM_KV_HEADS * group, head_dim, dtype)
         out = torch.empty(query.shape, dtype=dtype)
         scale = head_dim**-0.5
-        ops.paged_prefill_attention(out, query, case.kv_cache, table, context_start, scale)
-        expected = reference_prefill(case.kv_cache, table, query, context_start, scale)
+        if sliding_window is None and soft_cap is None:
+            ops.paged_prefill_attention(out, query, case.kv_cache, table, context_start, scale)
+            expected = reference_prefill(case.kv_cache, table, query, context_start, scale)
+        else:
+            expected = dense_prefill(case.kv_cache, table, query, context_start, scale,
+                                     sliding_window, soft_cap)
+            # Blocks before the first query's window are never read.
+            first_key = max(0, context_start - (sliding_window or context_start + 1) + 1)
+            kv_cache, tables = poison_before(case.kv_cache, case.block_tables, [first_key])
+            ops.paged_prefill_attention(out, query, kv_cache, tables[0], context_start, scale,
+                                        sliding_window=sliding_window, soft_cap=soft_cap)
         shape = (context_start, chunk)
         torch.testing.assert_close(
             out.float(), expected, **TOLERANCES[dtype], msg=lambda m: f"{shape}: {m}"
