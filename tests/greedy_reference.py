@@ -6,7 +6,8 @@ import random
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from family_configs import family_config
+from transformers import AutoModelForCausalLM
 
 from engine.sampling_params import SamplingParams
 
@@ -16,20 +17,16 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=T
 
 
 def make_peaked_model(path: Path, arch: str) -> Path:
-    """A 2-layer float32 `arch` checkpoint whose logits are peaked enough that greedy ties
-    cannot flip between implementations."""
+    """A 2-layer float32 checkpoint of family `arch` (tests/family_configs.py) whose logits
+    are peaked enough that greedy ties cannot flip between implementations."""
     common = dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )
     torch.manual_seed(0)
-    if arch == "llama":
-        config = LlamaConfig(**common, tie_word_embeddings=False)
-    elif arch == "mistral":
-        config = MistralConfig(**common, sliding_window=None, tie_word_embeddings=True)
-    else:
-        config = Qwen2Config(**common, tie_word_embeddings=False)
+    # Mistral with a tied head, the others untied: both LM-head paths stay covered.
+    config = family_config(arch, **common, tie_word_embeddings=arch == "mistral")
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         # Larger-than-default weights give peaked logits, so greedy ties cannot flip.
@@ -54,7 +51,7 @@ def transformers_greedy(model_dir: Path, prompts: list[list[int]]) -> list[list[
     return outputs
 
 
-def assert_concurrent_greedy_matches(llm, model_dir: Path, prompts: list[list[int]]) -> None:
+def assert_concurrent_greedy_matches(llm, model_dir: Path, prompts: list[list[int]]) -> list:
     """All prompts through `llm` at once give transformers' greedy tokens for each alone, and
     the engine ends with its invariants intact and every KV block free."""
     outputs = llm.generate(prompts, GREEDY)
@@ -63,6 +60,7 @@ def assert_concurrent_greedy_matches(llm, model_dir: Path, prompts: list[list[in
         assert out.token_ids == ref, f"prompt {i} (len {len(prompts[i])}) diverged"
     llm.core.scheduler.check_invariants()
     assert llm.core.kv_cache.pool.num_free_blocks == llm.core.kv_cache.num_blocks
+    return outputs
 
 
 def prompts_from(seed: int, lengths: list[int],

@@ -15,3 +15,14 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate = gate_up[..., :intermediate_size]
     up = gate_up[..., intermediate_size:]
     return F.silu(gate) * up
+
+
+def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """`gelu_tanh(gate) * up` (GeGLU, Gemma's MLP), same layout as `silu_and_mul`."""
+    intermediate_size = gate_up.shape[-1] // 2
+    gate = gate_up[..., :intermediate_size]
+    up = gate_up[..., intermediate_size:]
+    return F.gelu(gate, approximate="tanh") * up
+
+
+GATED_ACTIVATIONS = {"silu": silu_and_mul, "gelu_tanh": gelu_tanh_and_mul}

@@ -44,3 +44,28 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: checkpoints store w with the scale applied as (1 + w), and the
+    product is taken in float32 before rounding (transformers' Gemma2RMSNorm), so bf16
+    outputs round differently from Llama's and the fused bf16 kernel does not apply."""
+
+    def __init__(
+        self, hidden_size: int, eps: float, *, dtype: torch.dtype, device: torch.device | str
+    ) -> None:
+        super().__init__(hidden_size, eps, dtype=dtype, device=device)
+        self.weight.data.zero_()
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.reference(hidden)
+
+    def add_and_forward(self, residual: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        residual += delta
+        return self.reference(residual)
+
+    def reference(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden_f32 = hidden.float()
+        variance = hidden_f32.pow(2).mean(-1, keepdim=True)
+        normed = hidden_f32 * torch.rsqrt(variance + self.eps)
+        return (normed * (1.0 + self.weight.float())).to(hidden.dtype)

@@ -1,4 +1,4 @@
-"""Pure-decode steps of a bfloat16 Llama-family model on the CPU in one native call.
+"""Pure-decode steps of a bfloat16 Llama-shaped model on the CPU in one native call.
 
 At batch 1 the Python between a layer's kernels (module calls, views, output allocation, ten
 dispatches) costs ~8% of the step; `ops.decode_layers_bf16` runs the same kernels in the same
@@ -18,8 +18,8 @@ from engine.attention.cpu_backend import PagedOpsAttentionBackend
 
 
 class FusedDecodeLayers:
-    # `model` is a models/llama.py LlamaForCausalLM (its `dims`, `model.layers`, `model.norm`);
-    # typed as a plain module because llama.py builds this class: no import back up.
+    # `model` is a models/decoder.py DecoderForCausalLM (its `dims`, `model.layers`,
+    # `model.norm`); typed as a plain module because decoder.py builds this class.
     def __init__(self, model: nn.Module) -> None:
         self.layers: list[tuple[torch.Tensor | None, ...]] | None = _layer_tensors(model)
         dims = model.dims
@@ -68,6 +68,11 @@ class FusedDecodeLayers:
 def _layer_tensors(model: nn.Module) -> list[tuple[torch.Tensor | None, ...]] | None:
     """Per layer (input_norm, qkv, qkv_bias, o, o_bias, post_norm, gate_up, gate_up_bias, down,
     down_bias), or None where the fused path does not apply to this model."""
+    # The kernel implements the base Llama layer only, rotating whole heads.
+    if not model.dims.is_plain_llama or any(
+        rotary.rotary_dim != model.dims.head_dim for rotary in model.rotary.values()
+    ):
+        return None
     norm = model.model.norm.weight
     if norm.dtype != torch.bfloat16 or norm.device.type != "cpu" or not ops.decode_layers_available():
         return None

@@ -1,4 +1,4 @@
-"""Load a Llama-family checkpoint (local directory or cached hub id) into our model classes."""
+"""Load a checkpoint (local directory or cached hub id) into our model classes."""
 from __future__ import annotations
 
 import copy
@@ -19,7 +19,7 @@ from engine.errors import ModelLoadError
 from engine.layers.linear import prepack_cpu_linears
 from engine.layers.rotary import SUPPORTED_ROPE_TYPES, RopeSpec, build_rotary, read_rope_spec
 from engine.models.bert import BertModel
-from engine.models.llama import LlamaForCausalLM
+from engine.models.decoder import DecoderForCausalLM
 from engine.models.registry import get_model_class, is_generative, supported_architectures
 from engine.models.st_config import (
     SentenceTransformersConfig,
@@ -37,7 +37,7 @@ _DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
 
 @dataclass(frozen=True)
 class LoadedModel:
-    model: LlamaForCausalLM | BertModel  # eval mode, no grad, weights in `dtype` on `device`
+    model: DecoderForCausalLM | BertModel  # eval mode, no grad, weights in `dtype` on `device`
     hf_config: Any  # transformers PretrainedConfig
     model_path: Path
     architecture: str
@@ -253,22 +253,7 @@ def resolve_max_model_len(requested: int | None, hf_config: Any, model_path: Pat
             f"max_model_len {requested} exceeds the model's max_position_embeddings "
             f"{model_limit} ({model_path / 'config.json'})"
         )
-    max_model_len = model_limit if requested is None else requested
-    window = _sliding_window(hf_config)
-    if window is not None and window < max_model_len:
-        # Sliding-window attention is not implemented; within the window it equals full
-        # attention, so capping the context keeps outputs exact.
-        logger.info("max_model_len capped from %d to the sliding window %d", max_model_len, window)
-        max_model_len = window
-    return max_model_len
-
-
-def _sliding_window(hf_config: Any) -> int | None:
-    window = getattr(hf_config, "sliding_window", None)
-    # Qwen2 carries a sliding_window value that only applies with use_sliding_window.
-    if window is None or not getattr(hf_config, "use_sliding_window", True):
-        return None
-    return int(window)
+    return model_limit if requested is None else requested
 
 
 def _read_special_token_ids(

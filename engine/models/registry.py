@@ -7,15 +7,25 @@ from types import MappingProxyType
 from torch import nn
 
 from engine.models.bert import BertModel
-from engine.models.llama import LlamaForCausalLM
+from engine.models.decoder import DecoderForCausalLM
 
-# Every supported generative architecture shares the Llama-family implementation; the
-# differences (QKV bias, tied embeddings, head_dim, RoPE scaling) are read from the config.
+# Every supported generative architecture shares one decoder implementation; what differs
+# between families is read from the config into a DecoderSpec (models/decoder_spec.py).
+_DECODERS = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "MixtralForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Phi3ForCausalLM",
+    "GraniteForCausalLM",
+)
 _ARCHITECTURES: Mapping[str, type[nn.Module]] = MappingProxyType(
     {
-        "LlamaForCausalLM": LlamaForCausalLM,
-        "MistralForCausalLM": LlamaForCausalLM,
-        "Qwen2ForCausalLM": LlamaForCausalLM,
+        **{name: DecoderForCausalLM for name in _DECODERS},
         # Encoders: embeddings only (bidirectional attention, no KV cache, no LM head).
         "BertModel": BertModel,
     }

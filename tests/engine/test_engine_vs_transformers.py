@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import pytest
+from family_configs import FAMILIES
 from greedy_reference import (
     GREEDY,
     NUM_NEW_TOKENS,
@@ -18,13 +19,25 @@ from engine.frontend.llm import LLM
 from engine.sampling_params import SamplingParams
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
-def test_concurrent_greedy_equals_transformers(tmp_path: Path, arch: str) -> None:
+@pytest.mark.parametrize("arch", [*FAMILIES, "mistral_window"])
+def test_every_family_equals_transformers_batched_chunked_cached_preempted(
+    tmp_path: Path, arch: str
+) -> None:
     model_dir = make_peaked_model(tmp_path / arch, arch)
-    prompts = prompts_from(1, [1, 3, 7, 16, 17, 33, 60, 95])
-    # A small token budget forces chunked prefill mixed with decodes of other requests.
-    llm = LLM(str(model_dir), dtype="float32", max_num_batched_tokens=40, num_kv_blocks=128)
-    assert_concurrent_greedy_matches(llm, model_dir, prompts)
+    prefix = prompts_from(7, [16])[0]
+    # The two prompts sharing a cached 16-token prefix come first, so they are admitted while
+    # its blocks are still cached; the rest are of every length around the block size.
+    prompts = prompts_from(2, [3, 20], prefix) + prompts_from(1, [1, 7, 17, 33, 60])
+    # A small token budget forces chunked prefill mixed with decodes of other requests; a KV
+    # cache of 24 blocks of 8 cannot hold all seven at once and forces preemption.
+    llm = LLM(
+        str(model_dir), dtype="float32", max_num_batched_tokens=40, num_kv_blocks=24,
+        block_size=8,
+    )
+    llm.generate([prefix + [5]], GREEDY)
+    outputs = assert_concurrent_greedy_matches(llm, model_dir, prompts)
+    assert [o.num_cached_tokens for o in outputs[:2]] == [16, 16]
+    assert llm.core.scheduler.num_preemptions > 0
 
 
 @pytest.fixture(scope="module")

@@ -70,7 +70,11 @@ def test_unsupported_architecture_names_it_and_the_supported_ones(tmp_path: Path
         load(tmp_path)
     message = assert_one_line(error)
     assert "GPT2LMHeadModel" in message
-    for supported in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"):
+    for supported in (
+        "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+        "Qwen3MoeForCausalLM", "MixtralForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
+        "Phi3ForCausalLM", "GraniteForCausalLM",
+    ):
         assert supported in message
 
 
@@ -119,14 +123,18 @@ def test_max_model_len_defaults_to_and_is_bounded_by_the_model(tiny_checkpoint) 
     assert "513" in assert_one_line(error)
 
 
-def test_sliding_window_caps_max_model_len(tiny_checkpoint) -> None:
+def test_sliding_window_applies_per_layer_without_capping_the_context(tiny_checkpoint) -> None:
     model_dir, _ = tiny_checkpoint(MistralConfig(**SMALL, sliding_window=64))
     loaded = load(model_dir)
     assert loaded.architecture == "MistralForCausalLM"
-    assert loaded.max_model_len == 64
+    # The attention honours the window, so the served context is the model's whole length.
+    assert loaded.max_model_len == 512
+    assert loaded.model.dims.layer_windows == (64, 64)
     # Qwen2 keeps a sliding_window value that is inactive unless use_sliding_window is set.
     qwen_dir, _ = tiny_checkpoint(Qwen2Config(**SMALL, sliding_window=64, use_sliding_window=False))
-    assert load(qwen_dir).max_model_len == 512
+    qwen = load(qwen_dir)
+    assert qwen.max_model_len == 512
+    assert qwen.model.dims.layer_windows == (None, None)
 
 
 def test_special_tokens_from_config_and_generation_config(tiny_checkpoint) -> None:

@@ -1,10 +1,12 @@
-"""Our paged forward pass against transformers' logits for the same token ids (float32)."""
+"""Our paged forward pass against transformers' logits for the same token ids (float32), for
+every decoder family."""
 from __future__ import annotations
 
 import random
 
 import pytest
 import torch
+from family_configs import FAMILIES, family_config
 from transformers import LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
 
 from engine.core.batch import ScheduledBatch, ScheduledRequest
@@ -51,6 +53,8 @@ CONFIGS: dict[str, PretrainedConfig] = {
     ),
     "mistral": MistralConfig(**SMALL, sliding_window=None),
     "qwen2_tied_bias": Qwen2Config(**SMALL, tie_word_embeddings=True),
+    **{family: family_config(family, **SMALL) for family in FAMILIES if family != "llama"},
+    "mistral_window": family_config("mistral_window", **SMALL),
 }
 
 
@@ -120,7 +124,9 @@ def test_prefill_then_decode_match_reference(tiny_checkpoint, name: str) -> None
         assert_logits_close(sequence.step(1), expected)
 
 
-@pytest.mark.parametrize("name", ["llama_untied", "qwen2_tied_bias"])
+@pytest.mark.parametrize(
+    "name", ["llama_untied", "qwen2_tied_bias", "qwen3_moe", "gemma2", "gemma3", "mistral_window"]
+)
 def test_chunked_prefill_matches_reference(tiny_checkpoint, name: str) -> None:
     model_dir, hf_model = tiny_checkpoint(CONFIGS[name])
     loaded = load_model(ModelConfig(model=str(model_dir), dtype="float32"))

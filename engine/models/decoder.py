@@ -1,0 +1,161 @@
+"""Every generative family (Llama, Mistral, Qwen2/3, Qwen3-MoE, Mixtral, Gemma 2/3, Phi-3,
+Granite): one decoder over a flattened token batch, its switches read into a DecoderSpec
+(models/decoder_spec.py), its layers in models/decoder_layers.py.
+
+Parameter names mirror the checkpoint's (`model.layers.N...`) except for the fused
+projections and the experts, so weight mapping is a handful of renames.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from engine.attention.backend import AttentionBackend, AttentionMetadata
+from engine.errors import ModelLoadError
+from engine.layers.linear import Embedding, Linear
+from engine.layers.rotary import RotaryEmbedding, build_rotary
+from engine.models.decoder_layers import DecoderLayer, Placement, SparseMoE, make_norm
+from engine.models.decoder_spec import DecoderSpec, read_decoder_spec
+from engine.models.fused_decode import FusedDecodeLayers
+from engine.models.weights import FusedWeightLoader
+
+
+class DecoderModel(nn.Module):
+    def __init__(
+        self, spec: DecoderSpec, attn_backend: AttentionBackend, placement: Placement
+    ) -> None:
+        super().__init__()
+        self.embed_tokens = Embedding(
+            spec.vocab_size, spec.hidden_size, dtype=placement.dtype, device=placement.device
+        )
+        self.layers = nn.ModuleList(
+            DecoderLayer(spec, index, attn_backend, placement) for index in range(spec.num_layers)
+        )
+        self.norm = make_norm(spec, spec.hidden_size, placement)
+
+
+class DecoderForCausalLM(nn.Module):
+    def __init__(
+        self,
+        hf_config: Any,
+        *,
+        attn_backend: AttentionBackend,
+        max_positions: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        """Parameters are created uninitialised; `load_weights` fills every one of them."""
+        super().__init__()
+        self.dims = spec = read_decoder_spec(hf_config)
+        placement = Placement(dtype, device)
+        self.model = DecoderModel(spec, attn_backend, placement)
+        # Tied checkpoints have no lm_head tensor: the LM head reads the embedding matrix.
+        self.lm_head = (
+            None
+            if spec.tie_word_embeddings
+            else Linear(spec.hidden_size, spec.vocab_size, bias=False, dtype=dtype, device=device)
+        )
+        # One table per RoPE setting in use (Gemma 3: local and global layers differ).
+        self.rotary: dict[str, RotaryEmbedding] = {
+            key: build_rotary(spec.rope_config(hf_config, key), spec.head_dim, max_positions, device)
+            for key in dict.fromkeys(spec.layer_rope)
+        }
+        # All decoder layers of a pure-decode bf16 CPU step in one native call, where it applies.
+        self._fused_decode: FusedDecodeLayers | None = None
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        """input_ids, positions [T] -> final-norm hidden states [T, hidden]."""
+        hidden = self.model.embed_tokens(input_ids)
+        spec = self.dims
+        if spec.embed_scale != 1.0:
+            # Gemma multiplies by the scale rounded to the activations' dtype, Granite by
+            # the Python float; both as their reference models do.
+            scale = spec.embed_scale
+            hidden = hidden * (torch.tensor(scale, dtype=hidden.dtype) if spec.embed_scale_in_dtype
+                               else scale)
+        tables = {
+            key: rotary.lookup(positions, hidden.dtype) for key, rotary in self.rotary.items()
+        }
+        if self._fused_decode is None:  # built at first use: after the weights are packed
+            self._fused_decode = FusedDecodeLayers(self)
+        if self._fused_decode.applies(hidden, attn_metadata):
+            cos, signed_sin = tables["default"]
+            self._fused_decode.run(hidden, cos, signed_sin, kv_caches, attn_metadata)
+            return self.model.norm(hidden)
+        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+            cos, signed_sin = tables[layer.rope_key]
+            hidden = layer(hidden, cos, signed_sin, kv_cache, attn_metadata)
+        return self.model.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] of the rows that sample -> float32 logits [N, vocab]."""
+        if self.lm_head is None:
+            logits = F.linear(hidden, self.model.embed_tokens.weight)
+        else:
+            logits = self.lm_head(hidden)
+        spec = self.dims
+        if spec.logits_divisor != 1.0:  # Granite
+            logits = logits / spec.logits_divisor
+        if spec.final_logit_soft_cap is not None:  # Gemma 2
+            cap = spec.final_logit_soft_cap
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors (HF names) into the fused parameters and experts; raises
+        ModelLoadError naming any parameter left unfilled."""
+        spec = self.dims
+        q_rows = spec.num_heads * spec.head_dim
+        kv_rows = spec.num_kv_heads * spec.head_dim
+        params = dict(self.named_parameters())
+        experts = {
+            f"model.layers.{index}.mlp.experts": layer.mlp.experts
+            for index, layer in enumerate(self.model.layers)
+            if isinstance(layer.mlp, SparseMoE)
+        }
+        dense_params = {
+            name: param for name, param in params.items()
+            if not name.startswith(tuple(prefix + "." for prefix in experts))
+        }
+        loader = FusedWeightLoader(
+            dense_params,
+            fused_shards={
+                "self_attn.q_proj": ("self_attn.qkv_proj", 0, q_rows),
+                "self_attn.k_proj": ("self_attn.qkv_proj", q_rows, kv_rows),
+                "self_attn.v_proj": ("self_attn.qkv_proj", q_rows + kv_rows, kv_rows),
+                "mlp.gate_proj": ("mlp.gate_up_proj", 0, spec.intermediate_size),
+                "mlp.up_proj": ("mlp.gate_up_proj", spec.intermediate_size, spec.intermediate_size),
+            },
+            ignored_suffixes=("rotary_emb.inv_freq",),
+            ignored_names=("lm_head.weight",) if spec.tie_word_embeddings else (),
+        )
+        for name, tensor in weights:
+            for old, new in spec.renames:
+                name = name.replace(old, new)
+            prefix, _, rest = name.partition(".experts.")
+            if rest and prefix + ".experts" in experts:
+                from engine.layers.moe import expert_weight_target
+
+                target = expert_weight_target("experts." + rest)
+                if target is None:
+                    raise ModelLoadError(f"checkpoint tensor {name} is not an expert weight")
+                expert, projection = target
+                experts[prefix + ".experts"].load_expert(expert, projection, tensor)
+                continue
+            loader.load(name, tensor)
+        loader.check_complete()
+        for prefix, module in experts.items():
+            missing = module.missing_experts()
+            if missing:
+                shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+                raise ModelLoadError(f"checkpoint is missing expert weights of {prefix}: {shown}")
