@@ -7,6 +7,7 @@ check for the extension themselves; they may ask `native_available(device)` to p
     paged_prefill_attention   native                torch fallback        gather + SDPA
     (a sliding window or soft-cap: native on CPU, the torch code on CUDA and elsewhere)
     linear_bf16               native (AVX512_BF16)  -                     (callers keep F.linear)
+    moe_bf16                  native (AVX512_BF16)  -                     (engine.layers.moe's torch path)
     rms_norm / silu_and_mul   native (bf16)         -                     (callers keep torch)
     / rotary_bf16
 
@@ -186,6 +187,59 @@ def linear_bf16(
     out = torch.empty(rows.shape[0], out_features, dtype=x.dtype, device=x.device)
     module.linear_bf16(out, rows, packed, bias)
     return out.view(*x.shape[:-1], out_features)
+
+
+
+def pack_moe_gate_up(gate_up: torch.Tensor) -> torch.Tensor:
+    """Experts' fused [gate; up] weights [E, 2 I, H] -> moe_bf16's panels [E, 2 ceil(I / 16),
+    H / 2, 16, 2]: gate and up each padded to whole panels, then interleaved (gate panel q at
+    2q, up panel q at 2q + 1) so one work item holds both halves of its silu-and-mul."""
+    num_experts, double_inter, hidden = gate_up.shape
+    inter = double_inter // 2
+    gate = _pack_expert_panels(gate_up[:, :inter])
+    up = _pack_expert_panels(gate_up[:, inter:])
+    return torch.stack((gate, up), dim=2).view(num_experts, -1, *gate.shape[2:]).contiguous()
+
+
+def pack_moe_down(down: torch.Tensor) -> torch.Tensor:
+    """Experts' down weights [E, H, I] -> [E, ceil(H / 16), I / 2, 16, 2]."""
+    return _pack_expert_panels(down)
+
+
+def _pack_expert_panels(weights: torch.Tensor) -> torch.Tensor:
+    """pack_linear_weight of every expert's [N, K] at once: [E, ceil(N / 16), K / 2, 16, 2]."""
+    num_experts, out_features, in_features = weights.shape
+    if in_features % 2:
+        raise ValueError(f"moe_bf16 needs even expert input sizes, got {in_features}")
+    num_panels = -(-out_features // LINEAR_PANEL_ROWS)
+    padded = weights.new_zeros(num_experts, num_panels * LINEAR_PANEL_ROWS, in_features)
+    padded[:, :out_features] = weights
+    return (
+        padded.view(num_experts, num_panels, LINEAR_PANEL_ROWS, in_features // 2, 2)
+        .permute(0, 1, 3, 2, 4)
+        .contiguous()
+    )
+
+
+def moe_bf16(
+    hidden: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    intermediate: int,
+    round_weighted: bool,
+) -> torch.Tensor:
+    """One mixture-of-experts layer in one native call: hidden [T, H] bfloat16, expert_ids
+    [T, k] int64 and weights [T, k] float32 from the router, experts packed by
+    pack_moe_gate_up / pack_moe_down. round_weighted: the weights are bfloat16 values and each
+    weighted expert output rounds to bfloat16 (Qwen3-MoE); else fp32 products (Mixtral). Only
+    call where `linear_bf16_available()`."""
+    module = _cpu_module()
+    assert module is not None
+    out = torch.empty(hidden.shape, dtype=hidden.dtype)
+    module.moe_bf16(out, hidden, expert_ids, weights, gate_up, down, intermediate, round_weighted)
+    return out
 
 
 def fused_pointwise_available(x: torch.Tensor) -> bool:

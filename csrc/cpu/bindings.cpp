@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cpu_ops.h"
+#include "moe_bindings.h"
 
 namespace {
 
@@ -384,6 +385,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_bf16", &rotary_bf16, "Rotary embedding in place: x * cos + roll(x) * sin");
   m.def("decode_layers_bf16", &decode_layers_bf16,
         "A pure-decode step through every decoder layer (the per-op kernels, one call)");
+  m.def("moe_bf16", &protoserve::moe_bf16_op,
+        "A mixture-of-experts layer: grouped expert GEMMs over packed panels, one call");
   m.def("has_avx512_bf16", &protoserve::has_avx512_bf16,
         "Whether bfloat16 runs on the AVX512_BF16 kernels");
 }
