@@ -3,18 +3,42 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
-from rest_bridge.openai_schemas.request_fields import Int32, OpenAIModel, SamplingFields
+from rest_bridge.openai_schemas.engine_rules import (
+    CONTINUE_FINAL_MESSAGE_RULE,
+    all_rules,
+    engine_rule,
+    must_be,
+    present,
+    when,
+)
+from rest_bridge.openai_schemas.request_fields import (
+    SAMPLING_RULES,
+    Count,
+    OpenAIModel,
+    PositiveCount,
+    SamplingFields,
+)
+
+# Content part kinds, in the order translation infers a missing `type` from.
+_PART_KINDS = ("text", "image_url", "audio_url", "input_audio", "refusal")
+# A tool choice other than "none" picks from `tools`, so it needs some.
+_CHOOSES_A_TOOL = {"required": ["tool_choice"], "properties": {"tool_choice": {
+    "not": {"anyOf": [{"type": "null"}, {"const": "none"}]}}}}
+
+
+# Media travel inline (data:) or by http(s) URL; the server fetches nothing else.
+_MediaUrl = Annotated[str, engine_rule(pattern="^(data:|https?://)")]
 
 
 class ImageUrlParam(OpenAIModel):
-    url: str
+    url: _MediaUrl
     detail: str | None = None
 
 
 class AudioUrlParam(OpenAIModel):
-    url: str
+    url: _MediaUrl
 
 
 class InputAudioParam(OpenAIModel):
@@ -29,10 +53,16 @@ class ContentPartParam(OpenAIModel):
     member is present decides the kind when it is.
     """
 
+    # A part needs the member its type names (translation refuses it otherwise).
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {**present(kind), "properties": {kind: {"not": {"type": "null"}},
+                                         "type": {"enum": [kind, None]}}}
+        for kind in _PART_KINDS]})
+
     type: str | None = None
     text: str | None = None
-    image_url: str | ImageUrlParam | None = None
-    audio_url: str | AudioUrlParam | None = None
+    image_url: _MediaUrl | ImageUrlParam | None = None
+    audio_url: _MediaUrl | AudioUrlParam | None = None
     input_audio: InputAudioParam | None = None
     refusal: str | None = None
 
@@ -83,12 +113,20 @@ class NamedToolChoice(OpenAIModel):
 class ChatCompletionRequest(SamplingFields):
     """OpenAI chat fields plus vLLM's extra sampling, template and decoding parameters."""
 
+    model_config = ConfigDict(json_schema_extra=all_rules(
+        *SAMPLING_RULES,
+        when(present("top_logprobs"), must_be("logprobs", True)),
+        CONTINUE_FINAL_MESSAGE_RULE,
+        when(_CHOOSES_A_TOOL, {"required": ["tools"], "properties": {"tools": {
+            "type": "array", "minItems": 1}}}),
+    ))
+
     messages: Annotated[list[ChatMessageParam], Field(min_length=1)]
     logprobs: bool | None = False
-    top_logprobs: Int32 | None = None
+    top_logprobs: Count | None = None
     # Deprecated by OpenAI in favour of max_completion_tokens; both are honoured.
-    max_tokens: Int32 | None = None
-    max_completion_tokens: Int32 | None = None
+    max_tokens: PositiveCount | None = None
+    max_completion_tokens: PositiveCount | None = None
     tools: list[ToolParam] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     # Accepted and ignored: the engine emits tool calls as text in one sequence.
@@ -100,5 +138,5 @@ class ChatCompletionRequest(SamplingFields):
     documents: list[dict[str, str]] | None = None
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    # Names the request when no X-Request-Id header does.
-    request_id: str | None = None
+    # Names the request when no X-Request-Id header does (empty: the server picks one).
+    request_id: Annotated[str, engine_rule(pattern="^[ -~]{0,256}$")] | None = None

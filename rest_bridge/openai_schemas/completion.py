@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, WrapValidator
+from pydantic import Field, ValidationError, WithJsonSchema, WrapValidator
 from pydantic_core import PydanticCustomError
 
-from rest_bridge.openai_schemas.request_fields import Int32, SamplingFields, TokenId
+from rest_bridge.openai_schemas.request_fields import Count, PositiveCount, SamplingFields, TokenId
 
 # Non-empty at every level, as the engine requires: /openapi.json then tells generated
 # clients and fuzzers the contract the server enforces.
@@ -37,9 +37,11 @@ class CompletionRequest(SamplingFields):
     prompt: Prompt
     echo: bool | None = False
     # Top-N logprobs per generated token.
-    logprobs: Int32 | None = None
+    logprobs: Count | None = None
     # OpenAI's completion default; explicit null means "the rest of the context".
-    max_tokens: Int32 | None = 16
-    # Declared so a value can be refused clearly: the engine has no fill-in-the-middle.
-    suffix: str | None = None
+    max_tokens: PositiveCount | None = 16
+    # Declared so a value can be refused clearly: the engine has no fill-in-the-middle, so
+    # the document allows only null.
+    suffix: Annotated[str | None, WithJsonSchema({
+        "type": "null", "description": "Not supported: any string is refused (400)."})] = None
     add_special_tokens: bool | None = True

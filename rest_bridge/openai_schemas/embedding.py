@@ -11,16 +11,19 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field
 
 from rest_bridge.openai_schemas.chat import ChatMessageParam
-from rest_bridge.openai_schemas.request_fields import Int32, OpenAIModel, TokenId
+from rest_bridge.openai_schemas.engine_rules import CONTINUE_FINAL_MESSAGE_RULE, present
+from rest_bridge.openai_schemas.request_fields import Int32, OpenAIModel, PositiveCount, TokenId
 
 _Text = Annotated[str, Field(min_length=1)]
 _TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 class EmbeddingRequest(OpenAIModel):
-    # /openapi.json says what translation enforces: exactly one of input / messages.
+    # /openapi.json says what translation enforces: exactly one of input / messages given
+    # with a value (null counts as absent).
     model_config = ConfigDict(json_schema_extra={
-        "oneOf": [{"required": ["input"]}, {"required": ["messages"]}]})
+        "oneOf": [present("input"), present("messages")],
+        "allOf": [CONTINUE_FINAL_MESSAGE_RULE]})
 
     model: str | None = None
     # A string, a batch of strings, one token-id list, or a batch of token-id lists; none
@@ -29,10 +32,11 @@ class EmbeddingRequest(OpenAIModel):
             | Annotated[list[_TokenIds], Field(min_length=1)] | None) = None
     messages: Annotated[list[ChatMessageParam], Field(min_length=1)] | None = None
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Int32 | None = None
+    # At most the model's hidden size.
+    dimensions: PositiveCount | None = None
     # Accepted and ignored (OpenAI's end-user id).
     user: str | None = None
-    truncate_prompt_tokens: Int32 | None = None
+    truncate_prompt_tokens: PositiveCount | None = None
     # Default: true for `input`, false for `messages` (the template writes its own).
     add_special_tokens: bool | None = None
     priority: Int32 | None = 0

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from rest_bridge.openai_schemas.chat import ChatMessageParam, ToolParam
+from rest_bridge.openai_schemas.engine_rules import CONTINUE_FINAL_MESSAGE_RULE
 from rest_bridge.openai_schemas.request_fields import OpenAIModel, TokenId
 
 
@@ -17,6 +18,8 @@ class TokenizeCompletionRequest(OpenAIModel):
 
 
 class TokenizeChatRequest(OpenAIModel):
+    model_config = ConfigDict(json_schema_extra=CONTINUE_FINAL_MESSAGE_RULE)
+
     model: str | None = None
     messages: Annotated[list[ChatMessageParam], Field(min_length=1)]
     add_generation_prompt: bool = True

@@ -12,6 +12,7 @@ from fastapi import Request
 from rest_bridge.engine_client import EngineClient
 from rest_bridge.errors import invalid_request
 from rest_bridge.middleware import is_valid_request_id
+from rest_bridge.openai_schemas.engine_rules import UNSTATED_RULES
 from rest_bridge.openai_schemas.request_fields import SamplingFields
 from rest_bridge.openai_schemas.responses import ErrorResponse
 from rest_bridge.settings import BridgeSettings
@@ -19,10 +20,13 @@ from rest_bridge.translate.proto_to_openai import ResponseMeta
 
 logger = logging.getLogger("rest_bridge.requests")
 
-# For the OpenAPI document: every error a generation route can answer has the envelope shape.
+# For the OpenAPI document: every error a generation route can answer has the envelope shape;
+# the 400 also lists the rules the request schemas cannot state.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 499, 500, 501, 503, 504)
 }
+ERROR_RESPONSES[400]["description"] = (
+    f"Invalid request (the error names the field). {UNSTATED_RULES}")
 
 # Model-name lookups for responses must never hold a request up for long.
 _MODEL_NAME_TIMEOUT_S = 5.0

@@ -1,0 +1,54 @@
+"""Schemathesis' CLI against a running bridge, with every default check (status codes, content
+types, headers, response schemas, negative-data rejection, positive-data acceptance, no 5xx)
+and all its phases (examples, coverage, fuzzing, stateful). Shared by the fuzz-tier test and
+benchmarks/fuzz_long_run.py; openapi_fuzz_hooks.py keeps positive cases within the rules the
+document cannot state."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from protoserve.v1 import discovery_pb2, discovery_pb2_grpc
+
+HOOKS = Path(__file__).with_name("openapi_fuzz_hooks.py")
+_CLI = "import sys; from schemathesis.cli import schemathesis; sys.exit(schemathesis())"
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    vocab_size: int
+    max_model_len: int
+
+
+def served_model(grpc_address: str) -> ServedModel:
+    """The default model's facts the hooks need, from the engine's Discovery service."""
+    with grpc.insecure_channel(grpc_address) as channel:
+        reply = discovery_pb2_grpc.DiscoveryStub(channel).ListModels(
+            discovery_pb2.ListModelsRequest(), timeout=10)
+    info = reply.models[0]
+    return ServedModel(vocab_size=info.vocab_size, max_model_len=info.max_model_len)
+
+
+def run_schemathesis(url: str, model: ServedModel, *, max_examples: int, seed: int,
+                     timeout: float, status_log: Path | None = None,
+                     ) -> subprocess.CompletedProcess[str]:
+    """One `schemathesis run` over every operation; exit status 0 means every check passed.
+
+    filter_too_much is a generation health check, not a response check: a path parameter
+    that is any string (a model name) has no negative values to generate."""
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": str(HOOKS),
+           "PROTOSERVE_FUZZ_VOCAB_SIZE": str(model.vocab_size),
+           "PROTOSERVE_FUZZ_MAX_MODEL_LEN": str(model.max_model_len)}
+    if status_log is not None:
+        env["PROTOSERVE_FUZZ_STATUS_LOG"] = str(status_log)
+    command = [sys.executable, "-c", _CLI, "run", f"{url}/openapi.json",
+               "--max-examples", str(max_examples), "--seed", str(seed), "--workers", "1",
+               "--request-timeout", "60", "--suppress-health-check", "filter_too_much",
+               "--continue-on-failure", "--no-color", "--output-sanitize", "false"]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
