@@ -38,7 +38,7 @@ void moe_bf16_op(torch::Tensor& out, const torch::Tensor& hidden,
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kBFloat16 &&
                     t->is_contiguous() && t->dim() == 5 && t->size(0) == num_experts &&
                     t->size(3) == 16 && t->size(4) == 2,
-                "expert weights must be contiguous bfloat16 panels [experts, panels, K / 2, 16, 2]");
+                "expert weights must be contiguous bfloat16 panels [E, panels, K / 2, 16, 2]");
   TORCH_CHECK(gate_up.size(1) == 2 * inter_panels && gate_up.size(2) * 2 == width,
               "gate_up must be packed [", num_experts, ", ", 2 * inter_panels, ", ", width / 2,
               ", 16, 2], got ", gate_up.sizes());

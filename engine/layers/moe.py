@@ -123,7 +123,7 @@ def grouped_experts(
     weighted = expert_out * weights.reshape(-1)[order].unsqueeze(-1)
     per_assignment = torch.empty_like(weighted)
     per_assignment[order] = weighted
-    summed = per_assignment.view(num_tokens, top_k, -1).sum(dim=1)
+    summed = per_assignment.view(num_tokens, top_k, hidden.shape[1]).sum(dim=1)
     return summed.to(hidden.dtype)
 
 
@@ -143,7 +143,8 @@ class FusedExperts(nn.Module):
             raise ValueError(
                 f"routing.num_experts={routing.num_experts} differs from num_experts={num_experts}"
             )
-        for setting, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size)):
+        sizes = {"hidden_size": hidden_size, "intermediate_size": intermediate_size}
+        for setting, value in sizes.items():
             if value < 1:
                 raise ValueError(f"{setting} must be >= 1, got {value}")
         self.num_experts = num_experts
@@ -151,9 +152,9 @@ class FusedExperts(nn.Module):
         self.intermediate_size = intermediate_size
         self.routing = routing
         # Overwritten by the checkpoint, so never initialised (as engine.layers.linear).
+        gate_up_shape = (num_experts, 2 * intermediate_size, hidden_size)
         self.w13: nn.Parameter | None = nn.Parameter(
-            torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype, device=device),
-            requires_grad=False,
+            torch.empty(gate_up_shape, dtype=dtype, device=device), requires_grad=False
         )
         self.w2: nn.Parameter | None = nn.Parameter(
             torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype, device=device),
@@ -167,7 +168,9 @@ class FusedExperts(nn.Module):
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size:
-            raise ValueError(f"hidden must be [tokens, {self.hidden_size}], got {tuple(hidden.shape)}")
+            raise ValueError(
+                f"hidden must be [tokens, {self.hidden_size}], got {tuple(hidden.shape)}"
+            )
         if router_logits.shape != (num_tokens, self.num_experts):
             raise ValueError(
                 f"router_logits must be [{num_tokens}, {self.num_experts}], "
@@ -175,9 +178,10 @@ class FusedExperts(nn.Module):
             )
         weights, expert_ids = route(router_logits, self.routing)
         if self.packed_gate_up is not None and self.packed_down is not None:
+            # bf16 weights (cast to the logits' dtype) make torch round each weighted output.
             return ops.moe_bf16(
                 hidden, expert_ids, weights.float(), self.packed_gate_up, self.packed_down,
-                self.intermediate_size, round_weighted=not self.routing.float32_weights,
+                self.intermediate_size, round_weighted=weights.dtype != torch.float32,
             )
         assert self.w13 is not None and self.w2 is not None
         return grouped_experts(hidden, expert_ids, weights, self.w13, self.w2)

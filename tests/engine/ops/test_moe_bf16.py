@@ -174,3 +174,15 @@ def test_native_op_rejects_bad_inputs_with_a_message() -> None:
         module.moe_bf16(out, x, torch.tensor([[0, 1], [1, 2]]), weights, gate_up, down, 14, True)
     with pytest.raises(ValueError, match="even expert input sizes"):
         ops.pack_moe_down(torch.randn(2, 16, 15).bfloat16())
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_empty_batch(packed: bool) -> None:
+    if packed and not native_kernel_available():
+        pytest.skip("no AVX512_BF16 kernel build on this machine")
+    _, _, w13, w2 = make_case(1, 8, 2, 32, 16, seed=4, dtype=torch.bfloat16)
+    experts = build(w13, w2, MoERouting(8, 2, True))
+    if packed:
+        assert experts.prepack()
+    out = experts(torch.zeros(0, 32, dtype=torch.bfloat16), torch.zeros(0, 8, dtype=torch.bfloat16))
+    assert out.shape == (0, 32)
