@@ -51,6 +51,9 @@ class GemmaRMSNorm(RMSNorm):
     product is taken in float32 before rounding (transformers' Gemma2RMSNorm), so bf16
     outputs round differently from Llama's and the fused bf16 kernel does not apply."""
 
+    # The stored weight of an identity scale (random-weight loads fill it in).
+    unit_weight = 0.0
+
     def __init__(
         self, hidden_size: int, eps: float, *, dtype: torch.dtype, device: torch.device | str
     ) -> None:

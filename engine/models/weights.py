@@ -179,14 +179,20 @@ def fill_dummy_weights(model: torch.nn.Module, *, seed: int, std: float) -> None
     """Random weights in place of a checkpoint, drawn on the parameters' own device: matrices
     and embeddings ~ N(0, std) (the config's initializer_range, as transformers initialises
     them), norm scales 1 and biases 0, so activations keep a trained model's scale through
-    every layer and a bf16 forward pass neither overflows nor collapses."""
+    every layer and a bf16 forward pass neither overflows nor collapses. A norm whose stored
+    weight is an offset (Gemma's, applied as 1 + w) says so with `unit_weight`."""
     generator_device = next(model.parameters()).device
     generator = torch.Generator(device=generator_device).manual_seed(seed)
+    unit_weights = {
+        f"{name}.weight": float(module.unit_weight)
+        for name, module in model.named_modules()
+        if hasattr(module, "unit_weight")
+    }
     for name, param in model.named_parameters():
         if name.endswith("bias"):
             param.data.zero_()
         elif param.dim() == 1:
-            param.data.fill_(1.0)
+            param.data.fill_(unit_weights.get(name, 1.0))
         else:
             param.data.normal_(0.0, std, generator=generator)
 

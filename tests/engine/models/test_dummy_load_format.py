@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from family_configs import family_config
 
 from protoserve.cli.serve import build_parser, engine_config_from_args
 from engine.config import ModelConfig
@@ -78,3 +79,20 @@ def test_auto_device_is_cuda_only_when_one_is_visible() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ModelLoadError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+def test_dummy_gemma_norms_are_identity_scales(tmp_path: Path) -> None:
+    """Gemma stores its norm scale as an offset (applied as 1 + w): random weights fill it with
+    0, not 1, so the dummy model keeps a real model's activation scale."""
+    config = family_config(
+        "gemma2", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    config.architectures = ["Gemma2ForCausalLM"]
+    config.save_pretrained(tmp_path)
+    loaded = load_model(ModelConfig(str(tmp_path), dtype="float32", device="cpu",
+                                    load_format="dummy"))
+    norms = [(n, p) for n, p in loaded.model.named_parameters() if "norm" in n]
+    assert len(norms) == 2 * 4 + 1
+    for name, param in norms:
+        assert torch.equal(param, torch.zeros_like(param)), name
