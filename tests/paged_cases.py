@@ -229,3 +229,29 @@ def poison_before(
     for row, first in enumerate(first_positions):
         tables[row, : first // kv_cache.shape[2]] = kv_cache.shape[1]
     return poisoned, tables
+
+
+def dense_step(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+) -> torch.Tensor:
+    """A whole step (decode rows, then each prefill run) by `dense_attention`, reading every
+    sequence's K/V from `kv_cache`, where the step's new tokens are already written."""
+    parts = []
+    if metadata.num_decode_tokens:
+        assert metadata.decode_block_tables is not None
+        assert metadata.decode_context_lens is not None
+        for row, length in enumerate(metadata.decode_context_lens.tolist()):
+            keys, values = sequence_kv(kv_cache, metadata.decode_block_tables[row], length)
+            parts.append(dense_attention(query[row : row + 1], keys, values,
+                                         torch.tensor([length - 1]), scale, sliding_window,
+                                         soft_cap))
+    for prefill in metadata.prefills:
+        rows = query[prefill.query_start : prefill.query_start + prefill.num_query_tokens]
+        parts.append(dense_prefill(kv_cache, prefill.block_table, rows, prefill.context_start,
+                                   scale, sliding_window, soft_cap))
+    return torch.cat(parts)

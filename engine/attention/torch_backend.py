@@ -124,12 +124,13 @@ def window_block_tables(
 
     The window of a row is positions [len - W, len - 1]; W consecutive positions touch at most
     n = (W - 2) // block_size + 2 blocks. Each row takes n columns from the window's first
-    block, moved left where that would run past the table (the extra keys are masked)."""
+    block; columns past the table repeat its last one, at positions >= len (masked), so no
+    block before the window is read."""
     num_blocks = min(tables.shape[1], (sliding_window + block_size - 2) // block_size + 1)
     first = torch.div((context_lens - sliding_window).clamp(min=0), block_size,
-                      rounding_mode="floor").clamp(max=tables.shape[1] - num_blocks)
+                      rounding_mode="floor")
     columns = first[:, None] + torch.arange(num_blocks, device=tables.device)
-    return tables.gather(1, columns), first * block_size
+    return tables.gather(1, columns.clamp(max=tables.shape[1] - 1)), first * block_size
 
 
 def decode_mask(

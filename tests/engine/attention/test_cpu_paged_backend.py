@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from model_factory import build_tiny_model
-from paged_cases import TOLERANCES, fresh_generator
+from paged_cases import TOLERANCES, dense_step, fresh_generator
 from torch.utils import cpp_extension
 
 from engine import native_build, ops
@@ -50,11 +50,20 @@ def mixed_batch(block_size: int, rng: random.Random) -> ScheduledBatch:
     return ScheduledBatch(requests, sum(r.num_tokens for r in requests))
 
 
+# (sliding_window, soft_cap) with block size 16: a window inside a block, one across blocks
+# (the chunk's context spans 3 blocks), a cap alone.
+STEP_OPTIONS = [(None, None), (5, None), (21, 2.5), (None, 30.0)]
+
+
+@pytest.mark.parametrize("sliding_window,soft_cap", STEP_OPTIONS)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_backend_matches_torch_on_a_mixed_step(
-    native_cpu_ops: None, dtype: torch.dtype, head_dim: int
+    native_cpu_ops: None, dtype: torch.dtype, head_dim: int, sliding_window: int | None,
+    soft_cap: float | None,
 ) -> None:
+    """cpu_paged against the torch backend; with a window or cap, both against the dense
+    reference."""
     gen = fresh_generator()
     block_size, num_kv_heads, num_heads = 16, 2, 8
     inputs = prepare_inputs(mixed_batch(block_size, random.Random(int(gen.initial_seed()))),
@@ -67,19 +76,31 @@ def test_backend_matches_torch_on_a_mixed_step(
     reference_cache, paged_cache = cache.clone(), cache.clone()
     scale = head_dim**-0.5
 
+    options: dict[str, int | float] = {}
+    if sliding_window is not None:
+        options["sliding_window"] = sliding_window
+    if soft_cap is not None:
+        options["soft_cap"] = soft_cap
+    float_cache = reference_cache.float()
     expected = get_attention_backend("torch").forward(
-        query.float(), key.float(), value.float(), reference_cache.float(), inputs.attn_metadata,
-        scale,
+        query.float(), key.float(), value.float(), float_cache, inputs.attn_metadata, scale,
+        **options,
     )
-    get_attention_backend("torch").forward(
-        query, key, value, reference_cache, inputs.attn_metadata, scale
+    got_torch = get_attention_backend("torch").forward(
+        query, key, value, reference_cache, inputs.attn_metadata, scale, **options
     )
     got = get_attention_backend("cpu_paged").forward(
-        query, key, value, paged_cache, inputs.attn_metadata, scale
+        query, key, value, paged_cache, inputs.attn_metadata, scale, **options
     )
     assert got.dtype == dtype and got.shape == query.shape
     torch.testing.assert_close(got.float(), expected, **TOLERANCES[dtype])
     assert torch.equal(paged_cache, reference_cache), "cache writes differ"
+    if options:
+        dense = dense_step(query, float_cache, inputs.attn_metadata, scale, sliding_window,
+                           soft_cap)
+        torch.testing.assert_close(expected, dense, **TOLERANCES[torch.float32])
+        torch.testing.assert_close(got_torch.float(), dense, **TOLERANCES[dtype])
+        torch.testing.assert_close(got.float(), dense, **TOLERANCES[dtype])
 
 
 def greedy_run(runner: ModelRunner, prompts: list[list[int]], num_new_tokens: int,
