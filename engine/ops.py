@@ -127,7 +127,9 @@ def paged_prefill_attention(
         module.paged_prefill_attention(out, query, kv_cache, block_table, context_start, scale,
                                        sliding_window or 0, soft_cap or 0.0)
         return
-    if windowed:
+    if sliding_window is not None and sliding_window >= context_start + query.shape[0]:
+        sliding_window = None  # the window holds the whole context
+    if sliding_window is not None or soft_cap is not None:
         out.copy_(cached_prefill_attention(query, kv_cache, block_table.long(), context_start,
                                            scale, sliding_window, soft_cap))
         return

@@ -169,6 +169,8 @@ def prefill_attention(
     soft_cap: float | None = None,
 ) -> torch.Tensor:
     """query [Tq, num_heads, D] of one sequence -> [Tq, num_heads, D]."""
+    if sliding_window is not None and sliding_window >= prefill.context_len:
+        sliding_window = None  # the window holds the whole context: plain causal
     if sliding_window is not None or soft_cap is not None:
         return _windowed_prefill(
             query, key, value, kv_cache, prefill, scale, sliding_window, soft_cap
