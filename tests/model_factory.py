@@ -13,17 +13,13 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer as RustTokenizer
+from family_configs import FAMILIES, family_config
 from transformers import (
+    AutoModelForCausalLM,
     GenerationConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
 )
 
 from engine.demo.tokenizer_training import (
@@ -35,7 +31,7 @@ from engine.demo.tokenizer_training import (
 
 CHATML_TEMPLATE = chatml_template()
 FACTORY_VOCAB_SIZE = 500
-ARCHITECTURES = ("llama", "mistral", "qwen2")
+ARCHITECTURES = (*FAMILIES, "mistral_window")
 # Qwen2's q/k/v biases get this spread so that a forward pass that ignores them is visibly off.
 QKV_BIAS_STD = 0.5
 
@@ -100,7 +96,7 @@ def build_tiny_model(
     if vocab_size < len(tokenizer):
         raise ValueError(f"vocab_size {vocab_size} < tokenizer vocabulary {len(tokenizer)}")
     config_overrides.setdefault("intermediate_size", 2 * hidden_size)
-    config = _make_config(
+    config = family_config(
         arch,
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -113,7 +109,7 @@ def build_tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         **config_overrides,
     )
-    model = _random_model(arch, config, seed)
+    model = _random_model(config, seed)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
     )
@@ -123,21 +119,11 @@ def build_tiny_model(
     return path
 
 
-def _make_config(arch: str, **fields: Any) -> PretrainedConfig:
-    config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
-    return config_class(**fields)
-
-
-def _random_model(arch: str, config: PretrainedConfig, seed: int) -> PreTrainedModel:
-    model_class = {
-        "llama": LlamaForCausalLM,
-        "mistral": MistralForCausalLM,
-        "qwen2": Qwen2ForCausalLM,
-    }[arch]
+def _random_model(config: PretrainedConfig, seed: int) -> PreTrainedModel:
     # A private RNG stream: building a model must not disturb the caller's torch RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = model_class(config).to(torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         with torch.no_grad():
             for name, parameter in model.named_parameters():
                 # transformers zero-initialises biases; random ones make the bias path count.
