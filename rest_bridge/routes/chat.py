@@ -1,5 +1,13 @@
-"""`POST /v1/chat/completions`: the engine renders the chat template; one Generate call."""
+"""`POST /v1/chat/completions`: the engine renders the chat template; one Generate call.
+
+`run_chat` is the one chat pipeline (tool plan, sampling translation, Generate call, OpenAI
+body or chunks); other surfaces (/v1/responses) translate their requests onto it.
+"""
 from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -17,13 +25,23 @@ from rest_bridge.routes.route_context import (
 )
 from rest_bridge.sse import SSEResponse
 from rest_bridge.streams import ChatChunkWriter, sse_stream
-from rest_bridge.translate.proto_to_openai import chat_body
+from rest_bridge.translate.proto_to_openai import ResponseMeta, chat_body
 from rest_bridge.translate.request_to_proto import chat_to_plan
 from rest_bridge.translate.tool_choice import tool_plan_from
 
 router = APIRouter()
 
 ASSISTANT_ROLE = "assistant"
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRun:
+    """One chat request started on the engine: `frames` (SSE bytes of chat.completion.chunk
+    events, ending with [DONE]) when it streams, else the finished chat.completion `body`."""
+
+    meta: ResponseMeta
+    body: dict[str, Any] | None = None
+    frames: AsyncGenerator[bytes, None] | None = None
 
 
 @router.post(
@@ -33,8 +51,17 @@ ASSISTANT_ROLE = "assistant"
 )
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     use_body_request_id(request, body.request_id)
+    log_unknown_fields(body, "/v1/chat/completions", RouteContext.of(request).request_id)
+    run = await run_chat(body, request)
+    if run.frames is not None:
+        return SSEResponse(run.frames)
+    return JSONResponse(run.body)
+
+
+async def run_chat(body: ChatCompletionRequest, request: Request) -> ChatRun:
+    """Run `body` as /v1/chat/completions does. Errors before the first byte (bad fields,
+    engine refusals) raise BridgeError; later ones arrive as in-stream error events."""
     ctx = RouteContext.of(request)
-    log_unknown_fields(body, "/v1/chat/completions", ctx.request_id)
     options = ctx.settings.chat
     tools = tool_plan_from(body, options)
     plan = chat_to_plan(body, ctx.request_id, options, tools)
@@ -58,13 +85,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
             tools=tools,
             prompt_tokens_details=options.enable_prompt_tokens_details,
         )
-        return SSEResponse(sse_stream(streams, writer, plan.field_aliases))
+        return ChatRun(meta, frames=sse_stream(streams, writer, plan.field_aliases))
     results = await collect_results_watched(request.receive, streams, plan)
     content = chat_body(
         meta, results[0], role=role, echo_text=echo_text, want_logprobs=want_logprobs,
         tools=tools, prompt_tokens_details=options.enable_prompt_tokens_details,
     )
-    return JSONResponse(content)
+    return ChatRun(meta, body=content)
 
 
 def response_role(body: ChatCompletionRequest) -> str:
