@@ -68,14 +68,18 @@ def within_unstated_rules(body: dict[str, Any]) -> None:
     if isinstance(body.get("messages"), list):
         _messages_the_template_takes(body)
         body.pop("documents", None)  # the template renders them into the prompt too
+    if isinstance(body.get("tools"), list):
+        # The template renders each tool into the prompt (within --max-prompt-bytes); their
+        # parameters are JSON schemas.
+        body["tools"] = [
+            {"type": "function", "function": {"name": tool["function"]["name"][:MAX_TEXT_CHARS]}}
+            for tool in body["tools"][:MAX_MESSAGES]
+            if isinstance(tool, dict) and isinstance(tool.get("function"), dict)
+            and isinstance(tool["function"].get("name"), str)]
     if body.get("tool_choice") not in (None, "none", "required") or not body.get("tools"):
         # "auto" needs the server's tool parser; a named function must be one of the tools.
         body.pop("tool_choice", None)
-    for tool in body.get("tools") or ():
-        if isinstance(tool, dict) and isinstance(tool.get("function"), dict):
-            tool["function"].pop("parameters", None)  # a JSON schema
-    if body.get("dimensions") is not None:
-        body["dimensions"] = min(body["dimensions"], MAX_DIMENSIONS)
+    _cap(body, "dimensions", MAX_DIMENSIONS)
     _prompts_within_context(body)
 
 
@@ -91,29 +95,29 @@ def _small_work(body: dict[str, Any]) -> None:
     if body.get("use_beam_search"):
         # Beam search takes temperature 0 and none of the sampling filters.
         body["use_beam_search"] = False
-    for name in ("max_tokens", "max_completion_tokens"):
-        if body.get(name) is not None:
-            body[name] = min(body[name], MAX_NEW_TOKENS)
-    if body.get("min_tokens") is not None:
-        body["min_tokens"] = min(body["min_tokens"], MAX_NEW_TOKENS)
+    for name in ("max_tokens", "max_completion_tokens", "min_tokens"):
+        _cap(body, name, MAX_NEW_TOKENS)
     for name in ("logprobs", "top_logprobs", "prompt_logprobs"):
-        if _is_number(body.get(name)):
-            body[name] = min(body[name], MAX_LOGPROBS)
-    if body.get("n") is not None:
-        body["n"] = min(body["n"], MAX_CHOICES)
-    n = body.get("n") or 1
-    if body.get("best_of") is not None:
+        _cap(body, name, MAX_LOGPROBS)
+    _cap(body, "n", MAX_CHOICES)
+    n = body["n"] if _is_number(body.get("n")) else 1
+    if _is_number(body.get("best_of")):
         # best_of >= n; streaming asks for best_of == n.
         body["best_of"] = n if body.get("stream") else min(max(body["best_of"], n), MAX_CHOICES)
-    if body.get("truncate_prompt_tokens") is not None and MAX_MODEL_LEN:
-        body["truncate_prompt_tokens"] = min(body["truncate_prompt_tokens"], MAX_MODEL_LEN - 1)
+    if MAX_MODEL_LEN:
+        _cap(body, "truncate_prompt_tokens", MAX_MODEL_LEN - 1)
+
+
+def _cap(body: dict[str, Any], name: str, cap: int) -> None:
+    if _is_number(body.get(name)):
+        body[name] = min(body[name], cap)
 
 
 def _no_greedy_copies(body: dict[str, Any]) -> None:
     greedy = body.get("temperature") == 0 or body.get("top_k") == 1
     if greedy:
         for name in ("n", "best_of"):
-            if body.get(name) is not None:
+            if _is_number(body.get(name)):
                 body[name] = 1
 
 
@@ -130,21 +134,24 @@ def _token_ids_in_vocabulary(body: dict[str, Any]) -> None:
         elif isinstance(value, list) and value and isinstance(value[0], list):
             body[name] = [_in_vocabulary(ids) for ids in value]
     if isinstance(body.get("logit_bias"), dict):
-        body["logit_bias"] = {str(int(key) % VOCAB_SIZE): bias
+        body["logit_bias"] = {str(int(key) % VOCAB_SIZE) if key.isdigit() else key: bias
                               for key, bias in body["logit_bias"].items()}
 
 
 def _in_vocabulary(token_ids: list[Any]) -> list[int]:
     # Integral floats are integers to the schema and the server alike.
-    return [int(token) % VOCAB_SIZE for token in token_ids]
+    return [int(token) % VOCAB_SIZE if _is_number(token) else token for token in token_ids]
 
 
 def _messages_the_template_takes(body: dict[str, Any]) -> None:
     """The demo model's ChatML template reads each message's text content."""
     for message in body["messages"]:
+        if not isinstance(message, dict):
+            continue
         content = message.get("content")
         if isinstance(content, list):
-            text = [part["text"] for part in content if isinstance(part.get("text"), str)]
+            text = [part["text"] for part in content
+                    if isinstance(part, dict) and isinstance(part.get("text"), str)]
             message["content"] = "\n".join(text)
         elif not isinstance(content, str):
             message["content"] = ""
@@ -164,6 +171,8 @@ def _prompts_within_context(body: dict[str, Any]) -> None:
         body["messages"] = body["messages"][:MAX_MESSAGES]
         for message in body["messages"]:
             for key in ("content", "role"):
+                if not isinstance(message, dict):
+                    break
                 if isinstance(message.get(key), str):
                     message[key] = message[key][:MAX_TEXT_CHARS]
 
