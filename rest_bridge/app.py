@@ -13,6 +13,7 @@ from rest_bridge.engine_client import EngineClient
 from rest_bridge.error_handlers import install_error_handlers
 from rest_bridge.http_options import install_cors
 from rest_bridge.middleware import RequestContextMiddleware
+from rest_bridge.responses import route as responses_routes
 from rest_bridge.metrics import BridgeMetrics
 from rest_bridge.routes import chat, completions, embeddings, health, metrics, models
 from rest_bridge.routes import tokenize as tokenize_routes
@@ -63,4 +64,5 @@ def create_app(settings: BridgeSettings) -> FastAPI:
                    health.router, metrics.router):
         app.include_router(router)
     app.include_router(tokenize_routes.router)
+    app.include_router(responses_routes.router)
     return app

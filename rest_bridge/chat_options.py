@@ -30,6 +30,9 @@ class ChatOptions:
     # Logprob tokens as "token_id:N" for requests that do not set return_tokens_as_token_ids
     # themselves (the reference server's --return-tokens-as-token-ids).
     return_tokens_as_token_ids: bool = False
+    # Finished /v1/responses kept for GET and previous_response_id (least recently used go
+    # first; 0 keeps none).
+    responses_store_size: int = 1000
 
     def __post_init__(self) -> None:
         if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
@@ -39,6 +42,8 @@ class ChatOptions:
             raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
         if self.max_media_bytes < 1 or self.max_image_pixels < 1:
             raise ValueError("media limits must be >= 1")
+        if self.responses_store_size < 0:
+            raise ValueError("--responses-store-size must be >= 0")
 
     @property
     def auto_tool_parser(self) -> str | None:
@@ -66,6 +71,9 @@ def add_chat_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--return-tokens-as-token-ids", action="store_true",
                         help="logprob tokens as 'token_id:N' (for tokens that are not valid "
                         "UTF-8 alone) unless a request sets return_tokens_as_token_ids")
+    parser.add_argument("--responses-store-size", type=int, default=1000,
+                        help="finished /v1/responses kept in memory for GET and "
+                        "previous_response_id, least recently used dropped first (0: none)")
 
 
 def chat_options_from_args(args: argparse.Namespace) -> ChatOptions:
@@ -77,6 +85,7 @@ def chat_options_from_args(args: argparse.Namespace) -> ChatOptions:
         max_image_pixels=args.max_image_pixels,
         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+        responses_store_size=args.responses_store_size,
     )
 
 
@@ -95,4 +104,5 @@ def chat_args(options: ChatOptions) -> list[str]:
         extra.append("--enable-prompt-tokens-details")
     if options.return_tokens_as_token_ids:
         extra.append("--return-tokens-as-token-ids")
+    extra += ["--responses-store-size", str(options.responses_store_size)]
     return extra

@@ -1,0 +1,160 @@
+"""`POST /v1/responses` request body (OpenAI's Responses API) and its input items.
+
+Input items are kept as raw objects in the body and validated one by one in translation
+(`input_items.py`), so an error can name the exact item (`input[2].call_id`) the way the
+other fields are named. Strict types and unknown fields accepted, as every request model here.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from rest_bridge.openai_schemas.engine_rules import engine_rule
+from rest_bridge.openai_schemas.request_fields import (
+    Float32,
+    Int32,
+    Int64,
+    OpenAIModel,
+    PositiveCount,
+)
+
+MessageRole = Literal["user", "assistant", "system", "developer"]
+
+
+class InputTextPart(OpenAIModel):
+    """`input_text` (user turns) or `output_text` (assistant turns sent back as input)."""
+
+    type: Literal["input_text", "output_text"]
+    text: str
+
+
+class InputImagePart(OpenAIModel):
+    type: Literal["input_image"]
+    image_url: Annotated[str, engine_rule(pattern="^(data:|https?://)")]
+    detail: str | None = None
+
+
+class RefusalPart(OpenAIModel):
+    type: Literal["refusal"]
+    refusal: str
+
+
+ContentPart = Annotated[InputTextPart | InputImagePart | RefusalPart, Field(discriminator="type")]
+
+
+class MessageItem(OpenAIModel):
+    """A message: `{"role", "content"}`, with or without `"type": "message"`."""
+
+    type: Literal["message"] = "message"
+    role: MessageRole
+    content: str | list[ContentPart]
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionCallItem(OpenAIModel):
+    """A call the model made earlier (an output item sent back as input)."""
+
+    type: Literal["function_call"]
+    call_id: Annotated[str, Field(min_length=1)]
+    name: Annotated[str, Field(min_length=1)]
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionCallOutputItem(OpenAIModel):
+    """The result of running a function call, for the call with the same `call_id`."""
+
+    type: Literal["function_call_output"]
+    call_id: Annotated[str, Field(min_length=1)]
+    output: str | list[InputTextPart]
+    id: str | None = None
+    status: str | None = None
+
+
+class ReasoningItem(OpenAIModel):
+    """Reasoning the model did earlier, sent back as input; chat templates drop earlier
+    turns' reasoning, so it does not reach the prompt."""
+
+    type: Literal["reasoning"]
+    id: str | None = None
+    summary: list[dict[str, Any]] = []
+    content: list[dict[str, Any]] | None = None
+
+
+InputItem = MessageItem | FunctionCallItem | FunctionCallOutputItem | ReasoningItem
+
+
+class FunctionTool(OpenAIModel):
+    """Responses' flat function tool (chat nests the same fields under `function`)."""
+
+    type: Literal["function"]
+    name: Annotated[str, Field(min_length=1)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class FunctionToolChoice(OpenAIModel):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(OpenAIModel):
+    """`text.format`: plain text, any JSON object, or JSON held to `schema`."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    description: str | None = None
+    # `schema` clashes with a BaseModel attribute, hence the alias.
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class TextConfig(OpenAIModel):
+    format: TextFormat | None = None
+    verbosity: str | None = None
+
+
+class ReasoningConfig(OpenAIModel):
+    effort: str | None = None
+    summary: str | None = None
+    generate_summary: str | None = None
+
+
+class ResponsesRequest(OpenAIModel):
+    """OpenAI's Responses fields, plus a few of vLLM's sampling and template extras."""
+
+    model: str | None = None
+    input: str | Annotated[list[dict[str, Any]], Field(min_length=1)]
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: TextConfig | None = None
+    max_output_tokens: PositiveCount | None = None
+    temperature: Annotated[float, engine_rule(format="float", minimum=0.0)] | None = None
+    top_p: Annotated[float, engine_rule(
+        format="float", exclusiveMinimum=0.0, maximum=1.0)] | None = None
+    stream: bool | None = False
+    store: bool | None = True
+    # Only foreground responses run here; `background: true` is refused by name.
+    background: bool | None = False
+    reasoning: ReasoningConfig | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    include: list[str] | None = None
+    # vLLM extras on its Responses route.
+    top_k: Annotated[Int32, engine_rule(minimum=-1)] | None = None
+    min_p: Float32 | None = None
+    repetition_penalty: Float32 | None = None
+    seed: Int64 | None = None
+    priority: Int32 | None = None
+    cache_salt: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    guided_whitespace_pattern: str | None = None
+    request_id: Annotated[str, engine_rule(pattern="^[ -~]{0,256}$")] | None = None
