@@ -7,12 +7,15 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import grpc
 import jsonschema
 import openai
 import pytest
 from openai.types.responses import Response
 from engine_process import EngineProcess
 from served_engine import RunningServer
+
+from protoserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 WEATHER_PARAMS = {
     "type": "object",
@@ -91,6 +94,29 @@ def test_greedy_response_equals_the_chat_completion(client: openai.OpenAI,
     finished = chat.choices[0].finish_reason
     assert response.status == ("incomplete" if finished == "length" else "completed")
     assert response.instructions == "Be brief."
+
+
+def test_grpc_generate_of_the_same_conversation_gives_the_same_text(
+    client: openai.OpenAI, model_id: str, served_model: RunningServer,
+) -> None:
+    response = client.responses.create(model=model_id, input="Hello there",
+                                       instructions="Be brief.", max_output_tokens=12,
+                                       temperature=0)
+    request = inference_pb2.GenerateRequest(
+        model=model_id,
+        chat=common_pb2.ChatInput(messages=[common_pb2.ChatMessage(role="system",
+                                                                   text="Be brief."),
+                                            common_pb2.ChatMessage(role="user",
+                                                                   text="Hello there")]),
+        sampling=common_pb2.SamplingParams(max_tokens=12, temperature=0.0))
+    with grpc.insecure_channel(f"127.0.0.1:{served_model.grpc_port}") as channel:
+        events = list(inference_pb2_grpc.InferenceStub(channel).Generate(request, timeout=60))
+    text = "".join(event.delta.text for event in events if event.WhichOneof("event") == "delta")
+    (usage,) = [event.usage for event in events if event.WhichOneof("event") == "usage"]
+    assert response.output_text == text
+    assert response.usage is not None
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (
+        usage.prompt_tokens, usage.completion_tokens)
 
 
 def test_stream_events_in_order_and_equal_to_the_non_streamed_text(client: openai.OpenAI,
