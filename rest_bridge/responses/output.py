@@ -101,10 +101,10 @@ class OutputBuilder:
         return events
 
     def finish(self) -> list[Event]:
-        """Close the open item; an output with neither text nor calls is one empty message,
-        as OpenAI answers it."""
+        """Close the open item; an empty output is one empty message, as OpenAI answers it
+        (reasoning alone, cut short by max_output_tokens, stays alone)."""
         events = self._close_open()
-        if not any(item["type"] in ("message", "function_call") for item in self.items):
+        if not self.items:
             events += self._open_item("message")
             events += self._close_open()
         return events
