@@ -24,6 +24,8 @@ ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8
 
 class Runner(Protocol):
     num_blocks: int
+    # The window the KV cache may free blocks behind: set only when every layer is windowed.
+    kv_sliding_window: int | None
 
     def execute(self, batch: ScheduledBatch) -> ModelRunnerOutput: ...
 
@@ -36,6 +38,7 @@ class EngineCore:
             runner.num_blocks,
             config.cache.block_size,
             enable_prefix_caching=config.cache.enable_prefix_caching,
+            sliding_window=runner.kv_sliding_window,
         )
         self.scheduler = Scheduler(config.scheduler, self.kv_cache, max_model_len)
         # Cumulative counters (metrics, and tests that check work skipped by the prefix cache).

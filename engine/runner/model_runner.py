@@ -54,6 +54,9 @@ class ModelRunner:
         )
         self.device = self.loaded.device
         self.block_size = cache_config.block_size
+        self.kv_sliding_window: int | None = kv_sliding_window(
+            getattr(self.loaded.model.dims, "layer_windows", ())
+        )
         spec = KVCacheSpec(
             num_layers=self.loaded.num_layers,
             num_kv_heads=self.loaded.num_kv_heads,
@@ -128,3 +131,13 @@ class ModelRunner:
             logprobs=sampled.logprobs,
             prompt_logprobs=prompt_logprobs,
         )
+
+
+def kv_sliding_window(layer_windows: tuple[int | None, ...]) -> int | None:
+    """The window behind which the KV cache may give blocks back: the largest one when every
+    layer is windowed (a block is dead only once it left every layer's window), else None.
+    With full-attention layers among them (Gemma 2/3) every block stays needed, since all
+    layers share one block table."""
+    if not layer_windows or any(window is None for window in layer_windows):
+        return None
+    return max(window for window in layer_windows if window is not None)

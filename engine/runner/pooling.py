@@ -159,6 +159,10 @@ class GenerateAndEmbedRunner:
     def num_blocks(self) -> int:
         return self.runner.num_blocks
 
+    @property
+    def kv_sliding_window(self) -> int | None:
+        return self.runner.kv_sliding_window
+
     def execute(self, batch: ScheduledBatch) -> ModelRunnerOutput:
         if not batch.pooling:
             return self.runner.execute(batch)

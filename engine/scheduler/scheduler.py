@@ -12,6 +12,11 @@ tokens; the step's token budget (`max_num_batched_tokens`) is handed out
 When the KV pool runs dry for a running request, the least important request not yet scheduled
 this step is preempted (by recompute: its blocks are freed, its progress reset, and it goes
 back to the waiting queue with its generated tokens kept, so greedy output is unchanged).
+
+KV room is counted in blocks a request really holds: with a sliding window on every layer
+the KV cache manager gives back blocks that fell behind the window, so a long request needs
+only its window's blocks, and a chunk that would need more than the whole cache is shortened
+(`KVCacheManager.fit_new_tokens`) instead of ending the request.
 """
 from __future__ import annotations
 
@@ -107,9 +112,11 @@ class Scheduler:
         idx = 0
         while idx < len(self.running) and budget > 0:
             request = self.running[idx]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            needed = self.kv_cache.blocks_needed(request.num_computed_tokens + num_new)
-            if needed > self.kv_cache.num_blocks:
+            num_new = self.kv_cache.fit_new_tokens(
+                request.num_computed_tokens,
+                min(request.num_tokens - request.num_computed_tokens, budget),
+            )
+            if num_new == 0:
                 # Even an empty cache cannot hold it: end it rather than preempt forever.
                 self._finish_for_capacity(request)
                 continue
@@ -140,7 +147,7 @@ class Scheduler:
                     break  # head of line waits for the next step's budget
                 budget -= request.num_tokens
                 continue
-            if self.kv_cache.blocks_needed(request.num_tokens) > self.kv_cache.num_blocks:
+            if self.kv_cache.fit_new_tokens(0, request.num_tokens) == 0:
                 self._finish_for_capacity(request)  # removes it from the waiting queue
                 continue
             # prompt_logprobs needs every prompt position computed, so no cached prefix.
@@ -150,7 +157,12 @@ class Scheduler:
             )
             hit = NO_HIT if scores_prompt else self.kv_cache.find_prefix_hit(request)
             num_computed = hit.num_blocks * self.kv_cache.block_size
-            num_new = min(request.num_tokens - num_computed, budget)
+            num_new = self.kv_cache.fit_new_tokens(
+                num_computed, min(request.num_tokens - num_computed, budget)
+            )
+            if num_new == 0:
+                self._finish_for_capacity(request)  # a window wider than the whole cache
+                continue
             if not self.kv_cache.allocate_slots(request, num_new, hit):
                 break  # head of line waits for blocks; later requests do not overtake it
             self.waiting.pop()
@@ -360,7 +372,8 @@ class Scheduler:
         assert running_ids | waiting_ids == set(self.requests)
         refs: dict[int, int] = {}
         for request in self.requests.values():
-            for block_id in request.block_ids:
+            self.kv_cache.check_request(request)
+            for block_id in self.kv_cache.held_block_ids(request):
                 refs[block_id] = refs.get(block_id, 0) + 1
             if request.status == RequestStatus.RUNNING:
                 needed = self.kv_cache.blocks_needed(request.num_computed_tokens)

@@ -6,7 +6,9 @@ prefix hits or preemption. It also keeps a model of the paged KV cache: every co
 records the token prefix it was computed from, and every step checks that the context a
 request attends to (positions before `start`) is present in its blocks with exactly that
 prefix. A wrong block table, a shared block overwritten or a prefix hit on the wrong block
-therefore fails the step that reads it.
+therefore fails the step that reads it. With a sliding window W it checks only the context
+a windowed model reads (positions from start - W + 1 on), and that no step reads or writes
+the null block that given-back table entries point at.
 
 The driver runs `check_state()` (the scheduler's `check_invariants()` and a few more checks)
 after every add, schedule, update and abort, and checks each batch against the scheduler's
@@ -77,14 +79,31 @@ def expected_tokens(request_id: str, prompt_len: int, num_tokens: int,
 
 
 class FakeRunner:
-    def __init__(self, block_size: int, script: TokenScript = default_token) -> None:
+    def __init__(
+        self,
+        block_size: int,
+        script: TokenScript = default_token,
+        *,
+        sliding_window: int | None = None,
+        null_block_id: int | None = None,
+    ) -> None:
         self.block_size = block_size
         self.script = script
+        self.sliding_window = sliding_window
+        self.null_block_id = null_block_id
         # (block id, offset) -> the token prefix whose last token's KV the slot holds.
         self.kv: dict[tuple[int, int], tuple[int, ...]] = {}
 
     def _slot(self, scheduled: ScheduledRequest, position: int) -> tuple[int, int]:
-        return scheduled.block_ids[position // self.block_size], position % self.block_size
+        block_id = scheduled.block_ids[position // self.block_size]
+        assert block_id != self.null_block_id, (scheduled.request_id, position)
+        return block_id, position % self.block_size
+
+    def _first_read(self, start: int) -> int:
+        """The first position the step's first query (at `start`) attends to."""
+        if self.sliding_window is None:
+            return 0
+        return max(0, start - self.sliding_window + 1)
 
     def execute(self, batch: ScheduledBatch) -> ModelRunnerOutput:
         # Reads first, then writes: a step attends only to KV computed by earlier steps.
@@ -93,7 +112,7 @@ class FakeRunner:
             assert 1 <= s.num_tokens and 0 <= s.start and end <= len(s.token_ids), s
             assert s.sample == (end == len(s.token_ids)), s
             assert len(s.block_ids) * self.block_size >= end, s
-            for position in range(s.start):
+            for position in range(self._first_read(s.start), s.start):
                 slot = self._slot(s, position)
                 expected = tuple(s.token_ids[: position + 1])
                 assert self.kv.get(slot) == expected, (s.request_id, position)
@@ -133,6 +152,7 @@ class Harness:
         max_model_len: int = 100_000,
         script: TokenScript = default_token,
         enable_prefix_caching: bool = True,
+        sliding_window: int | None = None,
     ) -> None:
         self.config = SchedulerConfig(
             max_num_seqs=max_num_seqs,
@@ -140,10 +160,14 @@ class Harness:
             policy=policy,
         )
         self.kv_cache = KVCacheManager(
-            num_blocks, block_size, enable_prefix_caching=enable_prefix_caching
+            num_blocks, block_size, enable_prefix_caching=enable_prefix_caching,
+            sliding_window=sliding_window,
         )
         self.scheduler = Scheduler(self.config, self.kv_cache, max_model_len)
-        self.runner = FakeRunner(block_size, script)
+        self.runner = FakeRunner(
+            block_size, script, sliding_window=sliding_window,
+            null_block_id=self.kv_cache.null_block_id,
+        )
         self.results: dict[str, Result] = {}
         # Request id -> position in the order of add() calls (FCFS order).
         self._add_order: dict[str, int] = {}
