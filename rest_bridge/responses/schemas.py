@@ -1,14 +1,15 @@
 """`POST /v1/responses` request body (OpenAI's Responses API) and its input items.
 
-Input items are kept as raw objects in the body and validated one by one in translation
-(`input_items.py`), so an error can name the exact item (`input[2].call_id`) the way the
-other fields are named. Strict types and unknown fields accepted, as every request model here.
+Input items, tools and a named tool choice are kept as raw objects in the body and validated
+one by one in translation (`translate.py`), so an error can name the exact item
+(`input[2].call_id`); /openapi.json still states their shapes (`_stated`). Strict types and
+unknown fields accepted, as every request model here.
 """
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field, WithJsonSchema
 
 from rest_bridge.openai_schemas.engine_rules import engine_rule
 from rest_bridge.openai_schemas.request_fields import (
@@ -124,15 +125,48 @@ class ReasoningConfig(OpenAIModel):
     generate_summary: str | None = None
 
 
+def _inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """`model`'s JSON Schema with its $defs written in place (an OpenAPI document keeps its
+    own components, so local references would dangle)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            # A discriminator's mapping names $defs too; oneOf states the same without it.
+            return {key: resolve(value) for key, value in node.items()
+                    if key != "discriminator"}
+        if isinstance(node, list):
+            return [resolve(value) for value in node]
+        return node
+
+    return resolve(schema)
+
+
+def _stated(*models: type[BaseModel]) -> WithJsonSchema:
+    """The document's schema of a raw object that translation validates as one of `models`."""
+    schemas = [_inline_schema(model) for model in models]
+    return WithJsonSchema(schemas[0] if len(schemas) == 1 else {"anyOf": schemas})
+
+
+_InputItemObject = Annotated[dict[str, Any], _stated(
+    MessageItem, FunctionCallItem, FunctionCallOutputItem, ReasoningItem)]
+_ToolObject = Annotated[dict[str, Any], _stated(FunctionTool)]
+_ToolChoiceObject = Annotated[dict[str, Any], _stated(FunctionToolChoice)]
+
+
 class ResponsesRequest(OpenAIModel):
     """OpenAI's Responses fields, plus a few of vLLM's sampling and template extras."""
 
     model: str | None = None
-    input: str | Annotated[list[dict[str, Any]], Field(min_length=1)]
+    input: str | Annotated[list[_InputItemObject], Field(min_length=1)]
     instructions: str | None = None
     previous_response_id: str | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    tools: list[_ToolObject] | None = None
+    tool_choice: Literal["none", "auto", "required"] | _ToolChoiceObject | None = None
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
     max_output_tokens: PositiveCount | None = None
