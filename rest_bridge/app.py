@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from protoserve.tracing import init_tracer
+from rest_bridge.anthropic import route as anthropic_messages
 from rest_bridge.body_limit import BodyLimitMiddleware
 from rest_bridge.engine_client import EngineClient
 from rest_bridge.error_handlers import install_error_handlers
@@ -65,4 +66,5 @@ def create_app(settings: BridgeSettings) -> FastAPI:
         app.include_router(router)
     app.include_router(tokenize_routes.router)
     app.include_router(responses_routes.router)
+    app.include_router(anthropic_messages.router)
     return app

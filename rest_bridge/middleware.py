@@ -9,6 +9,7 @@ import uuid
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from rest_bridge.anthropic.errors import anthropic_error_bytes, is_anthropic_path
 from rest_bridge.errors import error_envelope
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -17,6 +18,8 @@ _MAX_REQUEST_ID_LENGTH = 256
 _PROTECTED_PREFIX = "/v1"
 # Outside /v1 but they run the model's tokenizer for the caller, so the key covers them too.
 _PROTECTED_PATHS = frozenset({"/tokenize", "/detokenize"})
+_KEY_REQUIRED_MESSAGE = ("a valid API key is required (Authorization: Bearer <key>, or "
+                         "x-api-key: <key>)")
 
 
 def fresh_request_id() -> str:
@@ -62,32 +65,49 @@ class RequestContextMiddleware:
                 return
             state["request_id"] = header_id
         if self._api_key is not None and not self._authorized(scope, headers):
-            await _send_error(send_with_request_id, 401, "a valid API key is required "
-                              "(Authorization: Bearer <key>)", "authentication_error")
+            if is_anthropic_path(_route_path(scope)):
+                await _send_json(send_with_request_id, 401, anthropic_error_bytes(
+                    _KEY_REQUIRED_MESSAGE, 401))
+                return
+            await _send_error(send_with_request_id, 401, _KEY_REQUIRED_MESSAGE,
+                              "authentication_error")
             return
         await self.app(scope, receive, send_with_request_id)
 
     def _authorized(self, scope: Scope, headers: Headers) -> bool:
-        path: str = scope.get("path", "")
-        root_path: str = scope.get("root_path", "")
-        if root_path and path.startswith(root_path):
-            path = path[len(root_path):]
+        path = _route_path(scope)
         # Health and liveness stay open for probes; CORS preflights carry no credentials.
         protected = path.startswith(_PROTECTED_PREFIX) or path in _PROTECTED_PATHS
         if not protected or scope.get("method") == "OPTIONS":
             return True
-        scheme, _, token = headers.get("authorization", "").partition(" ")
         assert self._api_key is not None
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            token.strip().encode(), self._api_key.encode()
-        )
+        key = self._api_key.encode()
+        # Anthropic's clients send the key as x-api-key; OpenAI's as a bearer token.
+        api_key_header = headers.get("x-api-key")
+        if api_key_header is not None and hmac.compare_digest(api_key_header.strip().encode(),
+                                                              key):
+            return True
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key)
+
+
+def _route_path(scope: Scope) -> str:
+    """The request path below the app's root path."""
+    path: str = scope.get("path", "")
+    root_path: str = scope.get("root_path", "")
+    if root_path and path.startswith(root_path):
+        path = path[len(root_path):]
+    return path
 
 
 async def _send_error(
     send: Send, status: int, message: str, error_type: str, *, param: str | None = None
 ) -> None:
     envelope = error_envelope(message, error_type, param=param)
-    body = json.dumps(envelope, separators=(",", ":")).encode("utf-8")
+    await _send_json(send, status, json.dumps(envelope, separators=(",", ":")).encode("utf-8"))
+
+
+async def _send_json(send: Send, status: int, body: bytes) -> None:
     await send(
         {
             "type": "http.response.start",
