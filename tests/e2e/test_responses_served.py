@@ -246,3 +246,33 @@ def test_bad_input_is_a_400_naming_the_field(client: openai.OpenAI, model_id: st
         client.responses.create(**args)
     assert refused.value.body["param"] == param  # type: ignore[index]
     assert refused.value.body["type"] == "invalid_request_error"  # type: ignore[index]
+
+
+@pytest.fixture(scope="module")
+def reasoning_client(shared_server: Callable[..., EngineProcess]) -> openai.OpenAI:
+    # deepseek_r1's template opens the think block itself: output before </think> is
+    # reasoning, so a random model that never closes it answers with reasoning only.
+    server = shared_server("--reasoning-parser", "deepseek_r1", role="all")
+    return openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="x", max_retries=0,
+                         timeout=60)
+
+
+def test_reasoning_content_becomes_a_reasoning_item(reasoning_client: openai.OpenAI,
+                                                     model_id: str) -> None:
+    client = reasoning_client
+    args: dict[str, Any] = {"model": model_id, "input": "Think about it",
+                            "max_output_tokens": 8, "temperature": 0}
+    response = client.responses.create(**args)
+    chat = _chat(client, model_id, [{"role": "user", "content": "Think about it"}], 8)
+    reasoning = chat.choices[0].message.model_extra["reasoning_content"]
+    assert reasoning and not chat.choices[0].message.content
+    (item,) = response.output
+    assert item.type == "reasoning" and item.content is not None
+    assert item.content[0].text == reasoning and response.output_text == ""
+    events = list(client.responses.create(**args, stream=True))
+    kinds = [event.type for event in events]
+    assert kinds[2:4] == ["response.output_item.added", "response.content_part.added"]
+    assert "response.reasoning_text.done" in kinds
+    streamed = "".join(event.delta for event in events
+                       if event.type == "response.reasoning_text.delta")
+    assert streamed == reasoning
