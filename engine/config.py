@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 
 ATTENTION_BACKENDS = ("auto", "torch", "cpu_paged", "cuda_paged", "flash_attn")
 LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
+# Weight quantization (engine/layers/quant/resolve.py): "auto" serves the checkpoint as stored
+# (compressed-tensors when its config.json says so); int8 / int4 quantize a bf16 or float32
+# checkpoint at load time.
+QUANTIZATIONS = ("auto", "int8", "int4", "compressed-tensors")
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,8 @@ class ModelConfig:
     # "auto" (cpu_paged on CPU when our kernels build; flash_attn, else cuda_paged on CUDA;
     # torch otherwise) | "torch" | "cpu_paged" | "cuda_paged" | "flash_attn".
     attention_backend: str = "auto"
+    # One of QUANTIZATIONS (`--quantization`).
+    quantization: str = "auto"
 
     def __post_init__(self) -> None:
         if self.task not in ("auto", "generate", "embed"):
@@ -67,6 +73,9 @@ class ModelConfig:
             raise ValueError("chat_template_content_format must be auto, string or openai")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError("max_model_len must be >= 1")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization (--quantization) must be one of "
+                             f"{', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "

@@ -7,6 +7,7 @@ check for the extension themselves; they may ask `native_available(device)` to p
     paged_prefill_attention   native                torch fallback        gather + SDPA
     (a sliding window or soft-cap: native on CPU, the torch code on CUDA and elsewhere)
     linear_bf16               native (AVX512_BF16)  -                     (callers keep F.linear)
+    linear_int (W8A16, W4A16) native (AVX512_BF16)  -                     (torch dequantize + F.linear)
     moe_bf16                  native (AVX512_BF16)  -                     (engine.layers.moe's torch path)
     rms_norm / silu_and_mul   native (bf16)         -                     (callers keep torch)
     / rotary_bf16
@@ -190,6 +191,19 @@ def linear_bf16(
     module.linear_bf16(out, rows, packed, bias)
     return out.view(*x.shape[:-1], out_features)
 
+
+def linear_int(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+               bias: torch.Tensor | None, out_features: int, bits: int, group_size: int
+               ) -> torch.Tensor:
+    """x [..., K] bfloat16 . dequant(Q)^T (+ bias), Q and scales packed by
+    layers/quant/panels.py; only call where `linear_bf16_available()`."""
+    module = _cpu_module()
+    assert module is not None
+    rows = x.reshape(-1, x.shape[-1])
+    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+    out = torch.empty(rows.shape[0], out_features, dtype=x.dtype, device=x.device)
+    module.linear_int(out, rows, packed, scales, bias, bits, group_size)
+    return out.view(*x.shape[:-1], out_features)
 
 
 def pack_moe_gate_up(gate_up: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cpu_ops.h"
+#include "linear_int.h"
 #include "moe_bindings.h"
 
 namespace {
@@ -220,6 +221,49 @@ void linear_bf16(torch::Tensor& out, const torch::Tensor& input, const torch::Te
   protoserve::linear_bf16(args);
 }
 
+// Weight-only int8/int4 linear over panels packed by engine/layers/quant/panels.py.
+void linear_int(torch::Tensor& out, const torch::Tensor& input, const torch::Tensor& packed,
+                const torch::Tensor& scales, const std::optional<torch::Tensor>& bias,
+                int64_t bits, int64_t group_size) {
+  TORCH_CHECK(protoserve::has_avx512_bf16(), "linear_int needs AVX512_BF16");
+  TORCH_CHECK(bits == 8 || bits == 4, "linear_int: bits must be 8 or 4, got ", bits);
+  for (const torch::Tensor* t : {static_cast<const torch::Tensor*>(&out), &input})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kBFloat16,
+                "linear_int takes bfloat16 CPU activations");
+  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == torch::kUInt8 &&
+                  packed.dim() == 3 && packed.size(2) == bits * 4 && packed.is_contiguous(),
+              "packed weight must be contiguous uint8 [ceil(N / 16), K / 2, ", bits * 4, "]");
+  const int64_t num_panels = packed.size(0), in_features = packed.size(1) * 2;
+  TORCH_CHECK(group_size > 0 && group_size % 2 == 0, "group_size must be even, got ", group_size);
+  const int64_t num_groups = (in_features + group_size - 1) / group_size;
+  TORCH_CHECK(scales.device().is_cpu() && scales.scalar_type() == torch::kFloat32 &&
+                  scales.is_contiguous() && scales.dim() == 3 && scales.size(0) == num_panels &&
+                  scales.size(1) == num_groups && scales.size(2) == 16,
+              "scales must be contiguous float32 [", num_panels, ", ", num_groups, ", 16]");
+  TORCH_CHECK(input.dim() == 2 && input.size(1) == in_features && input.stride(1) == 1,
+              "input must be [tokens, ", in_features, "] with a contiguous last dim");
+  const int64_t num_tokens = input.size(0), out_features = out.size(1);
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == num_tokens && out.stride(1) == 1,
+              "out must be [tokens, out_features] with a contiguous last dim");
+  TORCH_CHECK(out_features <= num_panels * 16 && out_features > (num_panels - 1) * 16,
+              "out_features ", out_features, " does not match ", num_panels, " panels");
+  const void* bias_ptr = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == torch::kBFloat16 && bias->is_contiguous() &&
+                    bias->numel() == out_features,
+                "bias must be a contiguous bfloat16 [out_features]");
+    bias_ptr = bias->data_ptr();
+  }
+  protoserve::LinearIntArgs args{out.data_ptr(),   out.stride(0),
+                                 input.data_ptr(), input.stride(0),
+                                 packed.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+                                 bias_ptr,         num_tokens,
+                                 in_features,      out_features,
+                                 static_cast<int>(bits), group_size};
+  pybind11::gil_scoped_release no_gil;
+  protoserve::linear_int(args);
+}
+
 // Rows of a bf16 CPU tensor: [rows, width] with a contiguous last dim.
 void check_rows(const torch::Tensor& t, const char* name, int64_t rows, int64_t width) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kBFloat16, name,
@@ -380,6 +424,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Causal attention of one sequence's query chunk over its paged context");
   m.def("linear_bf16", &linear_bf16,
         "bfloat16 x . W^T (+ bias) over a weight packed in 16-row pair-column panels");
+  m.def("linear_int", &linear_int,
+        "bfloat16 x . dequant(Q)^T (+ bias), Q int8/int4 panels with fp32 group scales");
   m.def("rms_norm_bf16", &rms_norm_bf16, "RMSNorm, optionally after residual += delta");
   m.def("silu_and_mul_bf16", &silu_and_mul_bf16, "silu(gate) * up over a fused [gate | up]");
   m.def("rotary_bf16", &rotary_bf16, "Rotary embedding in place: x * cos + roll(x) * sin");

@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from engine.attention.backend import AttentionBackend, AttentionMetadata
 from engine.errors import ModelLoadError
 from engine.layers.linear import Embedding, Linear
+from engine.layers.quantized_linear import WeightQuant
 from engine.layers.rotary import RotaryEmbedding, build_rotary
 from engine.models.decoder_layers import DecoderLayer, Placement, SparseMoE, make_norm
 from engine.models.decoder_spec import DecoderSpec, read_decoder_spec
@@ -47,11 +48,13 @@ class DecoderForCausalLM(nn.Module):
         max_positions: int,
         dtype: torch.dtype,
         device: torch.device,
+        quantization: WeightQuant | None = None,
     ) -> None:
-        """Parameters are created uninitialised; `load_weights` fills every one of them."""
+        """Parameters are created uninitialised; `load_weights` fills every one of them.
+        `quantization`: how the checkpoint stores its projections (compressed-tensors)."""
         super().__init__()
         self.dims = spec = read_decoder_spec(hf_config)
-        placement = Placement(dtype, device)
+        placement = Placement(dtype, device, quantization)
         self.model = DecoderModel(spec, attn_backend, placement)
         # Tied checkpoints have no lm_head tensor: the LM head reads the embedding matrix.
         self.lm_head = (
@@ -136,7 +139,8 @@ class DecoderForCausalLM(nn.Module):
                 "mlp.gate_proj": ("mlp.gate_up_proj", 0, spec.intermediate_size),
                 "mlp.up_proj": ("mlp.gate_up_proj", spec.intermediate_size, spec.intermediate_size),
             },
-            ignored_suffixes=("rotary_emb.inv_freq",),
+            # weight_shape: a quantized checkpoint's [out, in] record, implied by our layers.
+            ignored_suffixes=("rotary_emb.inv_freq", ".weight_shape"),
             ignored_names=("lm_head.weight",) if spec.tie_word_embeddings else (),
         )
         for name, tensor in weights:

@@ -18,6 +18,7 @@ from torch import nn
 from engine.attention.backend import AttentionBackend, AttentionMetadata
 from engine.layers.activation import GATED_ACTIVATIONS
 from engine.layers.linear import Linear
+from engine.layers.quantized_linear import WeightQuant, make_linear
 from engine.layers.norm import GemmaRMSNorm, RMSNorm
 from engine.layers.rotary import rotate_in_place
 from engine.models.decoder_spec import DecoderSpec, MoESpec
@@ -29,6 +30,8 @@ class Placement:
 
     dtype: torch.dtype
     device: torch.device
+    # The checkpoint's stored weight quantization (projections built quantized), or None.
+    quant: WeightQuant | None = None
 
 
 def make_norm(spec: DecoderSpec, size: int, placement: Placement) -> RMSNorm:
@@ -58,13 +61,13 @@ class DecoderAttention(nn.Module):
             self.attn_options["sliding_window"] = spec.layer_windows[layer_index]
         if spec.attn_soft_cap is not None:
             self.attn_options["soft_cap"] = spec.attn_soft_cap
-        self.qkv_proj = Linear(
+        self.qkv_proj = make_linear(
             spec.hidden_size, self.q_size + 2 * self.kv_size, bias=spec.qkv_bias,
-            dtype=placement.dtype, device=placement.device,
+            dtype=placement.dtype, device=placement.device, quant=placement.quant,
         )
-        self.o_proj = Linear(
+        self.o_proj = make_linear(
             self.q_size, spec.hidden_size, bias=spec.o_bias,
-            dtype=placement.dtype, device=placement.device,
+            dtype=placement.dtype, device=placement.device, quant=placement.quant,
         )
         self.q_norm = make_norm(spec, spec.head_dim, placement) if spec.qk_norm else None
         self.k_norm = make_norm(spec, spec.head_dim, placement) if spec.qk_norm else None
@@ -100,13 +103,13 @@ class DecoderMLP(nn.Module):
     def __init__(self, spec: DecoderSpec, placement: Placement) -> None:
         super().__init__()
         self.act_and_mul = GATED_ACTIVATIONS[spec.activation]
-        self.gate_up_proj = Linear(
+        self.gate_up_proj = make_linear(
             spec.hidden_size, 2 * spec.intermediate_size, bias=spec.mlp_bias,
-            dtype=placement.dtype, device=placement.device,
+            dtype=placement.dtype, device=placement.device, quant=placement.quant,
         )
-        self.down_proj = Linear(
+        self.down_proj = make_linear(
             spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias,
-            dtype=placement.dtype, device=placement.device,
+            dtype=placement.dtype, device=placement.device, quant=placement.quant,
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,14 @@ from transformers import AutoConfig
 from engine.attention import get_attention_backend
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
+from engine import ops
 from engine.layers.linear import prepack_cpu_linears
+from engine.layers.quant.resolve import resolve_quantization
+from engine.layers.quantized_linear import (
+    ONLINE_SCHEMES,
+    finalize_quantized_linears,
+    quantize_decoder_linears,
+)
 from engine.layers.rotary import SUPPORTED_ROPE_TYPES, RopeSpec, build_rotary, read_rope_spec
 from engine.models.bert import BertModel
 from engine.models.decoder import DecoderForCausalLM
@@ -89,6 +96,9 @@ def load_model(model_config: ModelConfig, *, attention_backend: str = "torch") -
     if model_config.max_model_len is None and st_config.max_seq_length is not None:
         # The length the embedding model was trained and evaluated at.
         max_model_len = min(max_model_len, st_config.max_seq_length)
+    quant = resolve_quantization(model_config.quantization, model_path, generative=generative,
+                                 load_format=model_config.load_format)
+    stored_quant = quant if quant is not None and quant.method not in ONLINE_SCHEMES else None
     try:
         model = model_class(
             hf_config,
@@ -96,6 +106,7 @@ def load_model(model_config: ModelConfig, *, attention_backend: str = "torch") -
             max_positions=max_model_len,
             dtype=dtype,
             device=device,
+            **({"quantization": stored_quant} if stored_quant is not None else {}),
         )
     except ValueError as exc:  # a config variant our implementation does not cover
         raise ModelLoadError(f"cannot serve {model_path}: {exc}") from None
@@ -107,6 +118,16 @@ def load_model(model_config: ModelConfig, *, attention_backend: str = "torch") -
         else:
             model.load_weights(iter_checkpoint(weight_format, weight_files))
     model.eval().requires_grad_(False)
+    if quant is not None:
+        with torch.no_grad():
+            if stored_quant is None:
+                quantize_decoder_linears(model, quant)
+            use_kernel = (device.type == "cpu" and dtype == torch.bfloat16
+                          and ops.linear_bf16_available())
+            count = finalize_quantized_linears(model, use_kernel=use_kernel)
+        logger.info("weights: %s, %d projections int%d (%s), %s", quant.method, count, quant.bits,
+                    "per channel" if quant.group_size is None else f"groups of {quant.group_size}",
+                    "linear_int kernels" if use_kernel else "dequantized per call in torch")
     if device.type == "cpu" and dtype == torch.bfloat16:
         prepack_cpu_linears(model)
     dims = model.dims

@@ -71,8 +71,9 @@ def template_messages(
 ) -> list[dict[str, Any]]:
     """Plain-data copies of the messages in the shape templates expect.
 
-    Keys whose value is None are dropped (OpenAI sends `content: null` next to tool calls, and
-    templates test for a missing key). Content becomes a string ("string" format: text parts
+    Other keys whose value is None are dropped (templates test for a missing key); missing
+    or null content (OpenAI sends `content: null` next to tool calls) becomes "" (or no
+    parts), as the reference server renders it. Content becomes a string ("string" format: text parts
     joined by newlines) or a list of typed parts ("openai" format: a plain string becomes one
     text part). Tool-call arguments are decoded from JSON text to objects, as Hugging Face
     templates expect (they re-encode them with `tojson`).
@@ -86,7 +87,9 @@ def template_messages(
                 f"messages[{index}] must be an object with a string 'role'", field="messages"
             )
         plain = {key: _plain(value) for key, value in message.items() if value is not None}
-        content = plain.get("content")
+        # A message without content (an assistant turn of tool calls) renders as empty
+        # content, as the reference server does: ChatML-style templates read the key.
+        content = plain.setdefault("content", "" if content_format == "string" else [])
         if content_format == "openai" and isinstance(content, str):
             plain["content"] = [{"type": "text", "text": content}]
         elif content_format == "openai" and isinstance(content, list):

@@ -29,6 +29,7 @@ from engine.config import (
     ATTENTION_BACKENDS,
     ENGINE_CORE_MODES,
     LOAD_FORMATS,
+    QUANTIZATIONS,
     CacheConfig,
     EngineConfig,
     ModelConfig,
@@ -89,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="auto = bfloat16 on CPU (float16 is never used on CPU)")
     p.add_argument("--device", default="auto",
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default="auto",
+                   help="weights: auto = as the checkpoint stores them (compressed-tensors "
+                   "W8A16/W4A16 read as such); int8 (per channel) / int4 (groups of 128): "
+                   "round-to-nearest at load time from bf16/float32 weights")
                    help="auto (cuda when a CUDA device is visible, else cpu) | cpu | cuda | cuda:N")
     p.add_argument("--load-format", choices=LOAD_FORMATS, default="auto",
                    help="auto: safetensors when the checkpoint has them, else PyTorch "
@@ -184,6 +189,7 @@ def engine_config_from_args(args: argparse.Namespace, model: str) -> EngineConfi
         load_format=args.load_format,
         max_logprobs=args.max_logprobs,
         task=args.task,
+        quantization=args.quantization,
         pooling_type=args.pooling_type,
         attention_backend=args.attention_backend,
     ))

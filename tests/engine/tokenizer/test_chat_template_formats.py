@@ -119,6 +119,25 @@ def test_tools_and_tool_call_turns_match_transformers(template: str, tmp_path: P
     assert '"city": "Paris"' in expected
 
 
+def test_null_content_renders_empty_as_the_reference_server_does(tmp_path: Path) -> None:
+    """ChatML reads `message['content']` unconditionally: an assistant turn of tool calls
+    (content null) renders with empty content instead of failing the template."""
+    tokenizer, reference = _pair("chatml", tmp_path)
+    call = {"id": "call0abc1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{}"}}
+    turns: list[dict[str, Any]] = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "user", "content": "Thanks"},
+    ]
+    expected = reference.apply_chat_template(
+        [turns[0], {"role": "assistant", "content": ""}, turns[2]], tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert tokenizer.render_chat(turns) == expected
+    assert "<|im_start|>assistant\n<|im_end|>" in expected
+
+
 def test_documents_custom_roles_and_names_match_transformers(tmp_path: Path) -> None:
     tokenizer, reference = _pair("openai_content", tmp_path)
     messages = [

@@ -1,0 +1,27 @@
+// Weight-only int8 / int4 linear (W8A16, W4A16): bfloat16 activations, integer weights with
+// fp32 scales per output row and group of input columns (one group spanning every column for
+// per-channel scales). Kernel in linear_int.cpp; layouts described there.
+#pragma once
+
+#include <cstdint>
+
+namespace protoserve {
+
+struct LinearIntArgs {
+  void* output;  // bf16 [num_tokens, out_features]
+  int64_t output_stride;
+  const void* input;  // bf16 [num_tokens, in_features]
+  int64_t input_stride;
+  const uint8_t* packed_weight;  // [ceil(N / 16), K / 2, bits * 4] bytes
+  const float* scales;           // [ceil(N / 16), num_groups, 16]
+  const void* bias;              // bf16 [out_features] or nullptr
+  int64_t num_tokens;
+  int64_t in_features;
+  int64_t out_features;
+  int bits;            // 8 or 4
+  int64_t group_size;  // even; in_features for per-channel scales
+};
+
+void linear_int(const LinearIntArgs& args);  // only with has_avx512_bf16()
+
+}  // namespace protoserve

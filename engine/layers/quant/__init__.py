@@ -1,0 +1,2 @@
+"""Which weight quantization a model is served with: the checkpoint's own (compressed-tensors)
+or online int8/int4 (`--quantization`); the layers are in layers/quantized_linear.py."""

@@ -1,0 +1,156 @@
+"""`--quantization` and the checkpoint's `quantization_config` -> one WeightQuant (or None).
+
+    --quantization       checkpoint unquantized          checkpoint compressed-tensors
+    auto (default)       served as stored                 its scheme
+    int8 / int4          round-to-nearest at load time    error: already quantized
+    compressed-tensors   error: nothing to read           its scheme
+
+compressed-tensors (llm-compressor's format, vLLM's main one) is read where this increment's
+kernels apply: one config group of Linear targets, "pack-quantized", int weights of 4 or 8
+bits, symmetric, "channel" or "group" strategy (even group size), no activation quantization
+and no act-order index; anything else is refused naming the field.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from engine.errors import ModelLoadError
+from engine.layers.quantized_linear import ONLINE_SCHEMES, WeightQuant
+
+QUANTIZATION_METHODS = ("auto", "int8", "int4", "compressed-tensors")
+COMPRESSED_TENSORS = "compressed-tensors"
+# Checkpoint module names whose weights become our quantized projections
+# (QUANTIZED_PROJECTIONS once fused).
+_CHECKPOINT_PROJECTIONS = tuple(
+    [f"model.layers.0.self_attn.{name}" for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    + [f"model.layers.0.mlp.{name}" for name in ("gate_proj", "up_proj", "down_proj")]
+)
+
+
+def resolve_quantization(
+    requested: str, model_path: Path, *, generative: bool, load_format: str = "auto"
+) -> WeightQuant | None:
+    """The WeightQuant to build the model with; raises ModelLoadError naming --quantization or
+    the config.json field it cannot serve."""
+    if requested not in QUANTIZATION_METHODS:
+        raise ModelLoadError(f"--quantization must be one of {', '.join(QUANTIZATION_METHODS)}, "
+                             f"got {requested!r}")
+    config_path = model_path / "config.json"
+    raw = _read_config(config_path)
+    stored = raw.get("quantization_config")
+    if stored is not None and load_format != "dummy":
+        if requested in ONLINE_SCHEMES:
+            raise ModelLoadError(
+                f"--quantization {requested}: {config_path} is already quantized "
+                f"(quantization_config.quant_method "
+                f"{_field(stored, 'quant_method')!r}); use --quantization auto")
+        if not generative:
+            raise ModelLoadError(f"quantized encoder checkpoints are not supported ({config_path})")
+        return read_compressed_tensors(stored, raw, config_path)
+    if requested == COMPRESSED_TENSORS:
+        raise ModelLoadError(f"--quantization compressed-tensors: {config_path} has no "
+                             "quantization_config")
+    if requested in ONLINE_SCHEMES:
+        if not generative:
+            raise ModelLoadError(f"--quantization {requested} applies to decoder models only; "
+                                 f"{model_path} is an encoder")
+        return ONLINE_SCHEMES[requested]
+    return None
+
+
+def read_compressed_tensors(
+    stored: Any, raw: Mapping[str, Any], config_path: Path
+) -> WeightQuant:
+    where = f"{config_path} quantization_config"
+    if not isinstance(stored, Mapping):
+        raise ModelLoadError(f"{where} is not an object")
+    method = stored.get("quant_method")
+    if method != COMPRESSED_TENSORS:
+        raise ModelLoadError(f"{where}.quant_method {method!r} is not supported "
+                             f"(supported: {COMPRESSED_TENSORS})")
+    if any(key in raw for key in ("num_local_experts", "num_experts")):
+        raise ModelLoadError(f"{where}: quantized mixture-of-experts checkpoints are not "
+                             "supported yet")
+    groups = stored.get("config_groups")
+    if not isinstance(groups, Mapping) or len(groups) != 1:
+        raise ModelLoadError(f"{where}.config_groups: exactly one group is supported, got "
+                             f"{len(groups) if isinstance(groups, Mapping) else groups!r}")
+    (group_name, group), = groups.items()
+    at = f"{where}.config_groups.{group_name}"
+    if not isinstance(group, Mapping):
+        raise ModelLoadError(f"{at} is not an object")
+    targets = group.get("targets")
+    if targets != ["Linear"]:
+        raise ModelLoadError(f"{at}.targets must be [\"Linear\"], got {targets!r}")
+    weight_format = group.get("format") or stored.get("format")
+    if weight_format != "pack-quantized":
+        raise ModelLoadError(f"{at}.format {weight_format!r} is not supported "
+                             "(supported: pack-quantized)")
+    if group.get("input_activations") is not None:
+        raise ModelLoadError(f"{at}.input_activations: activation quantization (W8A8) is not "
+                             "supported yet; weight-only schemes (W8A16, W4A16) are")
+    _check_ignore(stored.get("ignore") or [], f"{where}.ignore")
+    weights = group.get("weights")
+    if not isinstance(weights, Mapping):
+        raise ModelLoadError(f"{at}.weights is missing")
+    return _weight_scheme(weights, f"{at}.weights")
+
+
+def _weight_scheme(weights: Mapping[str, Any], at: str) -> WeightQuant:
+    bits = weights.get("num_bits")
+    if bits not in (4, 8):
+        raise ModelLoadError(f"{at}.num_bits must be 4 or 8, got {bits!r}")
+    if weights.get("type", "int") != "int":
+        raise ModelLoadError(f"{at}.type {weights.get('type')!r} is not supported (int only)")
+    if weights.get("symmetric") is not True:
+        raise ModelLoadError(f"{at}.symmetric: asymmetric weights (zero points) are not "
+                             "supported yet")
+    if weights.get("dynamic"):
+        raise ModelLoadError(f"{at}.dynamic: weights must have static scales")
+    if weights.get("actorder") not in (None, "static", "weight"):
+        raise ModelLoadError(f"{at}.actorder {weights.get('actorder')!r}: act-order group "
+                             "indices are not supported yet")
+    strategy = weights.get("strategy")
+    if strategy == "channel":
+        return WeightQuant(bits=bits, group_size=None, method=COMPRESSED_TENSORS)
+    if strategy == "group":
+        size = weights.get("group_size")
+        if not isinstance(size, int) or size < 2 or size % 2:
+            raise ModelLoadError(f"{at}.group_size must be an even integer >= 2, got {size!r}")
+        return WeightQuant(bits=bits, group_size=size, method=COMPRESSED_TENSORS)
+    raise ModelLoadError(f"{at}.strategy {strategy!r} is not supported (channel or group)")
+
+
+def _check_ignore(ignore: Any, at: str) -> None:
+    """Every decoder projection must be quantized (q/k/v and gate/up share one layer), so an
+    ignore entry may only name other modules (lm_head, routers)."""
+    if not isinstance(ignore, list):
+        raise ModelLoadError(f"{at} must be a list, got {ignore!r}")
+    for entry in ignore:
+        if not isinstance(entry, str):
+            raise ModelLoadError(f"{at} entries must be strings, got {entry!r}")
+        pattern = entry[3:] if entry.startswith("re:") else None
+        hit = [name for name in _CHECKPOINT_PROJECTIONS
+               if (re.match(pattern, name) if pattern is not None
+                   else name == entry or name.endswith("." + entry))]
+        if hit:
+            raise ModelLoadError(f"{at} entry {entry!r} leaves decoder projections unquantized "
+                                 f"(e.g. {hit[0]}); mixed precision is not supported yet")
+
+
+def _read_config(config_path: Path) -> Mapping[str, Any]:
+    try:
+        raw = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {config_path}: {exc}") from None
+    if not isinstance(raw, Mapping):
+        raise ModelLoadError(f"{config_path} is not a JSON object")
+    return raw
+
+
+def _field(stored: Any, key: str) -> Any:
+    return stored.get(key) if isinstance(stored, Mapping) else None

@@ -1,0 +1,251 @@
+"""Weight-only quantized Linear layers (W8A16, W4A16): integer weights, bfloat16/float32
+activations.
+
+On CPU, decode streams every weight once per step, so bytes per weight set its speed; int8
+halves them and int4 (with one scale per 128 columns) quarters them.
+
+Storage while loading is compressed-tensors' "pack-quantized" layout, so a checkpoint that
+llm-compressor wrote loads tensor for tensor and online quantization fills the same fields:
+
+    weight_packed  int32 [out, ceil(in * bits / 32)]: 32 / bits values per word, lowest bits
+                   first, each stored as q + 2^(bits - 1) (unsigned)
+    weight_scale   float32 [out, ceil(in / group_size)] (one column: per output channel)
+
+Both have one row per output feature, so q/k/v and gate/up shards fuse along dim 0 into one
+layer exactly as unquantized weights do (models/weights.py FusedWeightLoader). The weight is
+w[n, k] = q[n, k] * weight_scale[n, k // group_size] (symmetric, round-to-nearest).
+
+After loading, `finalize_quantized_linears` lays each layer out once for where it runs:
+- bfloat16 on a CPU with our AVX512_BF16 kernels: engine.ops.linear_int's panels (dequantized
+  in registers, so memory holds only the packed bytes and scales);
+- anywhere else (float32, other CPUs, CUDA): int8 values and scales, dequantized to the
+  activations' dtype on every call and multiplied by F.linear (the pure-torch reference).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from engine import ops
+from engine.layers.linear import Linear
+from engine.layers.quant.panels import pack_int_panels
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """How Linear weights are stored: `bits`-bit symmetric integers with one float scale per
+    output row and group of `group_size` input columns (None: per output channel)."""
+
+    bits: int  # 8 | 4
+    group_size: int | None
+    # "int8" / "int4": quantized here at load time; "compressed-tensors": read from the file.
+    method: str
+
+    def groups(self, in_features: int) -> int:
+        return 1 if self.group_size is None else -(-in_features // self.group_size)
+
+    def group_for(self, in_features: int) -> int:
+        """Columns per scale for a layer of `in_features` inputs."""
+        return in_features if self.group_size is None else self.group_size
+
+
+# --quantization int8 / int4: the layouts llm-compressor's W8A16 / W4A16 presets write
+# (per channel; groups of 128).
+ONLINE_SCHEMES = {
+    "int8": WeightQuant(bits=8, group_size=None, method="int8"),
+    "int4": WeightQuant(bits=4, group_size=128, method="int4"),
+}
+
+# The decoder projections that are quantized; lm_head, embeddings and MoE routers stay as
+# they are (the output layer and the router are the most sensitive to rounding).
+QUANTIZED_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+class QuantizedLinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool,
+        quant: WeightQuant,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.quant = quant
+        self.group_size = quant.group_for(in_features)
+        words = -(-in_features * quant.bits // 32)
+        self.weight_packed: nn.Parameter | None = nn.Parameter(
+            torch.empty(out_features, words, dtype=torch.int32, device=device),
+            requires_grad=False,
+        )
+        self.weight_scale: nn.Parameter | None = nn.Parameter(
+            torch.empty(out_features, quant.groups(in_features), dtype=torch.float32,
+                        device=device),
+            requires_grad=False,
+        )
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+            if bias
+            else None
+        )
+        # Set by `finalize`: "int_panels" (engine.ops.linear_int) | "dequantize" (torch).
+        # Never "panels", so the bf16-only fused decode path (models/fused_decode.py) declines.
+        self.packing: str | None = None
+        self.panels: torch.Tensor | None = None
+        self.panel_scales: torch.Tensor | None = None
+        self.qweight: torch.Tensor | None = None  # int8 [out, in], the torch path
+
+    @classmethod
+    def from_weight(cls, linear: Linear, quant: WeightQuant) -> QuantizedLinear:
+        """Round-to-nearest quantization of a loaded Linear (online --quantization)."""
+        assert linear.weight is not None, "quantize before prepacking"
+        weight = linear.weight.detach()
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    quant=quant, dtype=weight.dtype, device=weight.device)
+        qweight, scale = quantize_weight(weight, quant.bits, layer.group_size)
+        assert layer.weight_packed is not None and layer.weight_scale is not None
+        layer.weight_packed.data.copy_(pack_int32(qweight, quant.bits))
+        layer.weight_scale.data.copy_(scale)
+        if linear.bias is not None and layer.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach())
+        return layer
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight this layer multiplies by, [out, in] in `dtype` (before finalize too)."""
+        qweight = self._int_values()
+        assert self.weight_scale is not None or self.packing is not None
+        scale = self._scale()
+        return dequantize(qweight, scale, self.group_size).to(dtype)
+
+    def finalize(self, use_kernel: bool) -> None:
+        """Lay the loaded weight out for forward(); the packed int32 copy is dropped."""
+        qweight, scale = self._int_values(), self._scale()
+        if use_kernel:
+            self.panels, self.panel_scales = pack_int_panels(
+                qweight, scale, self.quant.bits, self.group_size)
+            self.packing = "int_panels"
+        else:
+            self.qweight = qweight
+            self.packing = "dequantize"
+        self._scale_values = scale
+        self.weight_packed = None
+        self.weight_scale = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packing == "int_panels":
+            assert self.panels is not None and self.panel_scales is not None
+            return ops.linear_int(x, self.panels, self.panel_scales, self.bias, self.out_features,
+                                  self.quant.bits, self.group_size)
+        weight = dequantize(self._int_values(), self._scale(), self.group_size).to(x.dtype)
+        return F.linear(x, weight, self.bias)
+
+    def _int_values(self) -> torch.Tensor:
+        if self.qweight is not None:
+            return self.qweight
+        if self.weight_packed is not None:
+            return unpack_int32(self.weight_packed.detach(), self.quant.bits, self.in_features)
+        raise RuntimeError("int_panels layers keep no int8 copy of their weight")
+
+    def _scale(self) -> torch.Tensor:
+        if self.weight_scale is not None:
+            return self.weight_scale.detach()
+        return self._scale_values
+
+    def extra_repr(self) -> str:
+        group = "channel" if self.quant.group_size is None else f"group={self.group_size}"
+        packed = f", packed={self.packing}" if self.packing is not None else ""
+        return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
+                f"int{self.quant.bits} {group}{packed}")
+
+
+def make_linear(
+    in_features: int,
+    out_features: int,
+    *,
+    bias: bool,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    quant: WeightQuant | None,
+) -> Linear | QuantizedLinear:
+    """A decoder projection: quantized from construction when the checkpoint stores it so
+    (`quant` from compressed-tensors), else a plain Linear (online quantization replaces it
+    after loading: `quantize_decoder_linears`)."""
+    if quant is None or quant.method in ONLINE_SCHEMES:
+        return Linear(in_features, out_features, bias=bias, dtype=dtype, device=device)
+    return QuantizedLinear(in_features, out_features, bias=bias, quant=quant, dtype=dtype,
+                           device=device)
+
+
+def quantize_decoder_linears(model: nn.Module, quant: WeightQuant) -> int:
+    """Replace every decoder projection Linear (QUANTIZED_PROJECTIONS) of a loaded model by its
+    round-to-nearest QuantizedLinear; returns how many were replaced."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for name in QUANTIZED_PROJECTIONS:
+            child = getattr(parent, name, None)
+            if isinstance(child, Linear):
+                setattr(parent, name, QuantizedLinear.from_weight(child, quant))
+                replaced += 1
+    return replaced
+
+
+def finalize_quantized_linears(model: nn.Module, *, use_kernel: bool) -> int:
+    layers = [module for module in model.modules() if isinstance(module, QuantizedLinear)]
+    use_kernel = use_kernel and all(
+        layer.in_features % 2 == 0 and layer.group_size % 2 == 0 for layer in layers)
+    for layer in layers:
+        layer.finalize(use_kernel)
+    return len(layers)
+
+
+def quantize_weight(
+    weight: torch.Tensor, bits: int, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric round-to-nearest, as compressed-tensors computes it: scale = absmax of the
+    group / (2^bits - 1) * 2 (so -2^(bits-1) is reachable), q = clamp(round(w / scale)).
+    Returns q int8 [out, in] and float32 scales [out, groups]."""
+    out_features, in_features = weight.shape
+    groups = -(-in_features // group_size)
+    padded = weight.new_zeros(out_features, groups * group_size, dtype=torch.float32)
+    padded[:, :in_features] = weight.float()
+    grouped = padded.view(out_features, groups, group_size)
+    scale = grouped.abs().amax(dim=-1) / ((2**bits - 1) / 2)
+    scale = torch.where(scale == 0, torch.finfo(torch.float32).eps, scale)
+    limit = 2 ** (bits - 1)
+    qweight = torch.round(grouped / scale.unsqueeze(-1)).clamp(-limit, limit - 1)
+    return qweight.view(out_features, -1)[:, :in_features].to(torch.int8), scale
+
+
+def dequantize(qweight: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
+    """q [out, in] int8 * scale [out, groups] -> float32 [out, in]."""
+    expanded = scale.float().repeat_interleave(group_size, dim=1)[:, : qweight.shape[1]]
+    return qweight.float() * expanded
+
+
+def pack_int32(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """q [out, in] (signed `bits`-bit values) -> compressed-tensors' int32 words."""
+    per_word = 32 // bits
+    out_features, in_features = qweight.shape
+    words = -(-in_features // per_word)
+    unsigned = torch.zeros(out_features, words * per_word, dtype=torch.int64,
+                           device=qweight.device)
+    unsigned[:, :in_features] = qweight.to(torch.int64) + 2 ** (bits - 1)
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=qweight.device)
+    packed = (unsigned.view(out_features, words, per_word) << shifts).sum(dim=-1)
+    # Values >= 2^31 wrap to int32's negative range, as the format stores them.
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """compressed-tensors' int32 words [out, words] -> q int8 [out, in_features]."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
+    unsigned = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)
+    values = unsigned.view(packed.shape[0], -1)[:, :in_features] - 2 ** (bits - 1)
+    return values.to(torch.int8)

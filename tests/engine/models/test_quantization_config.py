@@ -1,0 +1,139 @@
+"""--quantization and compressed-tensors configs: our packing and rounding equal the
+compressed-tensors library's, and every unsupported setting is refused by name."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+from compressed_tensors.quantization import QuantizationArgs
+from compressed_tensors.quantization.lifecycle.forward import quantize
+from compressed_tensors.quantization.utils import calculate_qparams
+
+from engine.config import ModelConfig
+from engine.errors import ModelLoadError
+from engine.layers.quant.resolve import resolve_quantization
+from engine.layers.quantized_linear import (
+    ONLINE_SCHEMES,
+    WeightQuant,
+    pack_int32,
+    quantize_weight,
+    unpack_int32,
+)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("in_features", [64, 72, 100])
+def test_int32_packing_is_the_library_layout(bits: int, in_features: int) -> None:
+    limit = 2 ** (bits - 1)
+    qweight = torch.randint(-limit, limit, (12, in_features), dtype=torch.int8)
+    ours = pack_int32(qweight, bits)
+    assert torch.equal(ours, pack_to_int32(qweight, bits))
+    assert torch.equal(unpack_int32(ours, bits, in_features), qweight)
+    assert torch.equal(
+        unpack_from_int32(ours, bits, torch.Size((12, in_features))), qweight)
+
+
+@pytest.mark.parametrize(("bits", "group"), [(8, None), (4, 128), (4, 32)])
+def test_round_to_nearest_equals_the_library(bits: int, group: int | None) -> None:
+    weight = torch.randn(24, 256) * 0.05
+    strategy = "channel" if group is None else "group"
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy=strategy,
+                            group_size=group)
+    columns = group or 256
+    rows = weight.unflatten(-1, (-1, columns))
+    scale, zero_point = calculate_qparams(rows.amin(-1), rows.amax(-1), args)
+    expected = quantize(weight, scale, zero_point, args, dtype=torch.int8)
+    qweight, our_scale = quantize_weight(weight, bits, columns)
+    assert torch.equal(our_scale, scale.reshape(our_scale.shape))
+    assert torch.equal(qweight, expected)
+
+
+def write_config(tmp_path: Path, quantization_config: dict | None, **extra) -> Path:
+    raw = {"architectures": ["LlamaForCausalLM"], **extra}
+    if quantization_config is not None:
+        raw["quantization_config"] = quantization_config
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    return tmp_path
+
+
+def ct_config(**weights_override) -> dict:
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
+               "group_size": 128, "dynamic": False, **weights_override}
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized",
+            "ignore": ["lm_head"],
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                          "input_activations": None,
+                                          "format": "pack-quantized"}}}
+
+
+def test_resolution_table(tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    write_config(plain, None)
+    assert resolve_quantization("auto", plain, generative=True) is None
+    assert resolve_quantization("int8", plain, generative=True) == ONLINE_SCHEMES["int8"]
+    assert resolve_quantization("int4", plain, generative=True) == WeightQuant(4, 128, "int4")
+    stored = tmp_path / "ct"
+    stored.mkdir()
+    write_config(stored, ct_config())
+    expected = WeightQuant(4, 128, "compressed-tensors")
+    assert resolve_quantization("auto", stored, generative=True) == expected
+    assert resolve_quantization("compressed-tensors", stored, generative=True) == expected
+    write_config(stored, ct_config(num_bits=8, strategy="channel", group_size=None))
+    assert resolve_quantization("auto", stored, generative=True) == WeightQuant(
+        8, None, "compressed-tensors")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: c["config_groups"]["group_0"]["weights"].update(symmetric=False),
+         r"weights.symmetric: asymmetric"),
+        (lambda c: c["config_groups"]["group_0"]["weights"].update(num_bits=2),
+         r"weights.num_bits must be 4 or 8"),
+        (lambda c: c["config_groups"]["group_0"]["weights"].update(strategy="tensor"),
+         r"weights.strategy 'tensor'"),
+        (lambda c: c["config_groups"]["group_0"]["weights"].update(group_size=7),
+         r"weights.group_size must be an even"),
+        (lambda c: c["config_groups"]["group_0"]["weights"].update(actorder="group"),
+         r"weights.actorder 'group'"),
+        (lambda c: c["config_groups"]["group_0"].update(
+            input_activations={"num_bits": 8}), r"input_activations: activation quantization"),
+        (lambda c: c["config_groups"]["group_0"].update(format="float-quantized"),
+         r"format 'float-quantized'"),
+        (lambda c: c.update(quant_method="gptq"), r"quant_method 'gptq'"),
+        (lambda c: c.update(ignore=["re:.*down_proj"]), r"ignore entry 're:.\*down_proj'"),
+        (lambda c: c["config_groups"].update(group_1=c["config_groups"]["group_0"]),
+         r"config_groups: exactly one group"),
+    ],
+)
+def test_unsupported_checkpoint_settings_are_named(tmp_path: Path, change, message) -> None:
+    config = ct_config()
+    change(config)
+    write_config(tmp_path, config)
+    with pytest.raises(ModelLoadError, match=message):
+        resolve_quantization("auto", tmp_path, generative=True)
+
+
+def test_bad_flag_values_name_the_flag(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"--quantization\) must be one of"):
+        ModelConfig(model="m", quantization="int3")
+    with pytest.raises(ModelLoadError, match="--quantization must be one of"):
+        resolve_quantization("fp8", write_config(tmp_path, None), generative=True)
+    with pytest.raises(ModelLoadError, match="--quantization int8 applies to decoder models"):
+        resolve_quantization("int8", tmp_path, generative=False)
+    write_config(tmp_path, ct_config(), num_local_experts=4)
+    with pytest.raises(ModelLoadError, match="mixture-of-experts"):
+        resolve_quantization("auto", tmp_path, generative=True)
+
+
+def test_cli_flag_reaches_the_model_config() -> None:
+    from protoserve.cli.serve import build_parser  # noqa: PLC0415 - the CLI's own parser
+
+    args = build_parser().parse_args(["--model", "m", "--quantization", "int4"])
+    assert args.quantization == "int4"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--model", "m", "--quantization", "int3"])

@@ -1,0 +1,129 @@
+"""Weight-only quantization of whole models (--quantization int8 / int4 and compressed-tensors
+checkpoints) against transformers running the same dequantized weights.
+
+float32: our forward (dequantize-then-matmul in torch) equals transformers' to 1e-4 and greedy
+decoding picks the same tokens. bfloat16 on our CPU kernels: no further from the float32
+reference than transformers' own bf16 model of the same weights is.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from model_factory import build_tiny_model
+from quant_checkpoints import (
+    greedy_against_reference,
+    hf_with_weights,
+    library_dequantized_model,
+    reference_logits,
+    write_compressed_tensors,
+)
+from transformers import AutoModelForCausalLM
+
+from engine.attention import resolve_attention_backend
+from engine.config import ModelConfig
+from engine.errors import ModelLoadError
+from engine.layers.quantized_linear import ONLINE_SCHEMES, QuantizedLinear, dequantize, quantize_weight
+from engine.models.loader import load_model
+
+# in_features 160 and 320: int4's groups of 128 end in a partial group.
+SHAPE = dict(hidden_size=160, num_heads=4, num_kv_heads=2, intermediate_size=320,
+             initializer_range=0.15)
+HF_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("quant") / "base", **SHAPE)
+
+
+def prompt() -> list[int]:
+    return torch.randint(3, 400, (11,), generator=torch.Generator().manual_seed(1)).tolist()
+
+
+def online_reference_weights(base_dir: Path, method: str, dtype: torch.dtype) -> dict:
+    """Each HF projection quantized row by row as --quantization does (rows and column groups
+    are independent, so per-shard quantization equals quantizing the fused layer)."""
+    quant = ONLINE_SCHEMES[method]
+    hf = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    weights = {}
+    for name, param in hf.named_parameters():
+        if name.endswith(".weight") and name.rsplit(".", 2)[-3:-1] and any(
+                name.endswith(f"{linear}.weight") for linear in HF_LINEARS):
+            source = param.detach().to(dtype)
+            group = quant.group_for(source.shape[1])
+            qweight, scale = quantize_weight(source, quant.bits, group)
+            weights[name] = dequantize(qweight, scale, group)
+    return weights
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_online_float32_equals_transformers_on_dequantized_weights(base_dir, method) -> None:
+    loaded = load_model(ModelConfig(model=str(base_dir), dtype="float32", quantization=method))
+    layers = [m for m in loaded.model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(layers) == 4 * 2 and all(layer.packing == "dequantize" for layer in layers)
+    assert loaded.model.lm_head is not None and not isinstance(loaded.model.lm_head, QuantizedLinear)
+    hf = hf_with_weights(base_dir, online_reference_weights(base_dir, method, torch.float32))
+    ours, theirs = greedy_against_reference(loaded, hf, prompt(), steps=6)
+    for actual, expected in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+        assert int(actual[-1].argmax()) == int(expected[-1].argmax())
+    # Quantization really happened: the unquantized model gives other logits.
+    plain = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    assert (reference_logits(plain, prompt()) - theirs[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_online_bfloat16_kernels_track_float32(base_dir, method) -> None:
+    loaded = load_model(
+        ModelConfig(model=str(base_dir), dtype="bfloat16", quantization=method),
+        attention_backend=resolve_attention_backend("auto", torch.device("cpu"), 4),
+    )
+    reference_weights = online_reference_weights(base_dir, method, torch.bfloat16)
+    hf = hf_with_weights(base_dir, reference_weights)
+    hf_bf16 = hf_with_weights(base_dir, reference_weights).to(torch.bfloat16)
+    ours, _ = greedy_against_reference(loaded, hf, prompt(), steps=4)
+    ids = prompt() + [int(step[-1].argmax()) for step in ours[:-1]]
+    ours_all = torch.cat(ours)
+    expected = reference_logits(hf, ids)
+    theirs = reference_logits(hf_bf16, ids)
+    our_error = float((ours_all - expected).norm() / expected.norm())
+    their_error = float((theirs - expected).norm() / expected.norm())
+    assert our_error <= 1.25 * their_error + 1e-3, (our_error, their_error)
+
+
+@pytest.mark.parametrize(
+    ("preset", "strategy", "group_size"),
+    [("W8A16", "channel", None), ("W4A16", "group", 32), ("W4A16", "channel", None),
+     ("W8A16", "group", 160)],
+)
+def test_compressed_tensors_checkpoint_matches_library_decompression(
+    base_dir, tmp_path, preset, strategy, group_size
+) -> None:
+    ct_dir = write_compressed_tensors(base_dir, tmp_path / "ct", preset=preset,
+                                      strategy=strategy, group_size=group_size)
+    loaded = load_model(ModelConfig(model=str(ct_dir), dtype="float32"))
+    layers = [m for m in loaded.model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(layers) == 8 and all(layer.quant.bits == int(preset[1]) for layer in layers)
+    hf = library_dequantized_model(base_dir, ct_dir)
+    ours, theirs = greedy_against_reference(loaded, hf, prompt(), steps=5)
+    for actual, expected in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+        assert int(actual[-1].argmax()) == int(expected[-1].argmax())
+    # The same file on the bf16 kernels stays close to that reference.
+    kernels = load_model(ModelConfig(model=str(ct_dir), dtype="bfloat16"))
+    bf16_ours, bf16_theirs = greedy_against_reference(kernels, hf, prompt(), steps=0)
+    error = (bf16_ours[0] - bf16_theirs[0]).norm() / bf16_theirs[0].norm()
+    assert float(error) < 0.05
+
+
+def test_online_quantization_of_a_quantized_checkpoint_names_the_flag(base_dir, tmp_path) -> None:
+    ct_dir = write_compressed_tensors(base_dir, tmp_path / "ct", preset="W8A16",
+                                      strategy="channel", group_size=None)
+    with pytest.raises(ModelLoadError, match="--quantization int4: .* already quantized"):
+        load_model(ModelConfig(model=str(ct_dir), quantization="int4"))
+    with pytest.raises(ModelLoadError, match="--quantization compressed-tensors: .* no "
+                                             "quantization_config"):
+        load_model(ModelConfig(model=str(base_dir), quantization="compressed-tensors"))

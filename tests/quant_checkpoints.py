@@ -1,0 +1,145 @@
+"""Quantized test checkpoints and their references, for the weight-quantization tests.
+
+compressed-tensors checkpoints are written by the compressed-tensors library itself (scheme
+applied with apply_quantization_config, scales from its calculate_qparams, quantized and
+packed by its ModelCompressor), from a tiny random transformers model; the reference for such
+a file is the library's own decompression of it, loaded into transformers.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from engine.core.batch import ScheduledBatch, ScheduledRequest
+from engine.models.loader import LoadedModel
+from engine.runner.input_prep import prepare_inputs
+from engine.runner.kv_memory import KVCacheSpec, allocate_kv_caches
+from engine.sampling_params import SamplingParams
+
+BLOCK_SIZE = 4
+NUM_BLOCKS = 64
+
+
+def write_compressed_tensors(
+    base_dir: Path, out_dir: Path, *, preset: str, strategy: str, group_size: int | None
+) -> Path:
+    """The float32 model in `base_dir` quantized by compressed-tensors (`preset` W8A16 or
+    W4A16, `strategy` channel or group) into `out_dir`, lm_head left unquantized."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        apply_quantization_config,
+        preset_name_to_scheme,
+    )
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    scheme.weights.strategy = strategy
+    scheme.weights.group_size = group_size
+    config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"])
+    apply_quantization_config(model, config)
+    with torch.no_grad():
+        for module in model.modules():
+            if not hasattr(module, "weight_scale"):
+                continue
+            weight, args = module.weight, module.quantization_scheme.weights
+            rows = weight.unflatten(-1, (-1, args.group_size)) if strategy == "group" else (
+                weight.unsqueeze(1))
+            scale, _ = calculate_qparams(rows.amin(-1), rows.amax(-1), args)
+            module.weight_scale.copy_(scale.reshape(module.weight_scale.shape))
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    model.save_pretrained(out_dir)
+    compressor.update_config(str(out_dir))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (base_dir / name).is_file():
+            (out_dir / name).write_bytes((base_dir / name).read_bytes())
+    return out_dir
+
+
+def library_dequantized_model(base_dir: Path, ct_dir: Path) -> Any:
+    """transformers' float32 model of `base_dir` with every quantized weight replaced by the
+    compressed-tensors library's decompression of the tensors stored in `ct_dir`."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    raw = json.loads((ct_dir / "config.json").read_text())["quantization_config"]
+    scheme = QuantizationConfig.model_validate(raw).config_groups["group_0"]
+    state = load_file(ct_dir / "model.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if f"{name}.weight_packed" not in state:
+                continue
+            local = {key[len(name) + 1:]: value for key, value in state.items()
+                     if key.startswith(name + ".") and key.count(".") == name.count(".") + 1}
+            decompressed = PackedQuantizationCompressor.decompress(local, scheme)
+            module.weight.copy_(decompressed["weight"])
+    return model
+
+
+def hf_with_weights(base_dir: Path, weights: dict[str, torch.Tensor]) -> Any:
+    """transformers' float32 model of `base_dir` with the named Linear weights replaced."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, weight in weights.items():
+            params[name].copy_(weight)
+    return model
+
+
+def reference_logits(hf_model: Any, token_ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf_model(torch.tensor([token_ids])).logits[0].float()
+
+
+class PagedSequence:
+    """One sequence through our model over the paged cache (random block order)."""
+
+    def __init__(self, loaded: LoadedModel, token_ids: list[int], seed: int) -> None:
+        self.loaded = loaded
+        self.token_ids = token_ids
+        spec = KVCacheSpec(loaded.num_layers, loaded.num_kv_heads, loaded.head_dim, BLOCK_SIZE,
+                           loaded.dtype)
+        self.kv_caches = allocate_kv_caches(spec, NUM_BLOCKS, loaded.device)
+        self.block_ids = random.Random(seed).sample(range(NUM_BLOCKS), NUM_BLOCKS)
+        self.num_computed = 0
+
+    def step(self, num_tokens: int) -> torch.Tensor:
+        """float32 logits of the next num_tokens rows."""
+        request = ScheduledRequest(
+            request_id="r", token_ids=self.token_ids, start=self.num_computed,
+            num_tokens=num_tokens, block_ids=self.block_ids, sample=False,
+            sampling_params=SamplingParams(temperature=0.0),
+            num_prompt_tokens=len(self.token_ids),
+        )
+        inputs = prepare_inputs(ScheduledBatch([request], num_tokens), BLOCK_SIZE,
+                                torch.device("cpu"))
+        with torch.inference_mode():
+            hidden = self.loaded.model(inputs.input_ids, inputs.positions, self.kv_caches,
+                                       inputs.attn_metadata)
+            logits = self.loaded.model.compute_logits(hidden)
+        self.num_computed += num_tokens
+        return logits
+
+
+def greedy_against_reference(
+    loaded: LoadedModel, hf_model: Any, prompt: list[int], steps: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Prefill then `steps` greedy decode steps through ours, feeding our own argmax; returns
+    (our logits per step, the reference's logits for the same rows)."""
+    sequence = PagedSequence(loaded, list(prompt), seed=2)
+    ours = [sequence.step(len(prompt))]
+    theirs = [reference_logits(hf_model, prompt)]
+    for _ in range(steps):
+        sequence.token_ids.append(int(ours[-1][-1].argmax()))
+        ours.append(sequence.step(1))
+        theirs.append(reference_logits(hf_model, sequence.token_ids)[-1:])
+    return ours, theirs
