@@ -1,12 +1,12 @@
-"""Start-up options of response features the bridge owns: tool-call parsing, media limits and
-the usage details (chat and completions)."""
+"""Start-up options of chat response features: which parsers read reasoning and tool calls
+(the engine runs them; the bridge names them in each request), media limits and the usage
+details (chat and completions)."""
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
 
 from protoserve.arg_types import parse_bytes
-from rest_bridge.tool_parsers import TOOL_PARSERS
 
 DEFAULT_MAX_MEDIA_BYTES = 20 * 2**20
 # 4096 x 4096: larger images are refused from their header, before any pixel is decoded.
@@ -17,7 +17,11 @@ DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 class ChatOptions:
     # Parse tool calls out of output text when tool_choice is "auto" (explicit or implied).
     enable_auto_tool_choice: bool = False
+    # A parser name the engine knows (built in, or registered by engine-serve's
+    # --tool-parser-plugin); engine-serve checks it at start-up, the engine per request.
     tool_call_parser: str | None = None
+    # Reads reasoning_content out of chat output (deepseek_r1, qwen3, mistral).
+    reasoning_parser: str | None = None
     # Hosts whose http(s) media URLs a request may name; none by default (no fetching for
     # strangers). A leading "." admits subdomains: ".example.com".
     allowed_media_domains: tuple[str, ...] = ()
@@ -35,9 +39,10 @@ class ChatOptions:
     responses_store_size: int = 1000
 
     def __post_init__(self) -> None:
-        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
-            names = ", ".join(sorted(TOOL_PARSERS))
-            raise ValueError(f"--tool-call-parser must be one of {names}")
+        if self.tool_call_parser is not None and not self.tool_call_parser:
+            raise ValueError("--tool-call-parser must not be empty")
+        if self.reasoning_parser is not None and not self.reasoning_parser:
+            raise ValueError("--reasoning-parser must not be empty")
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
         if self.max_media_bytes < 1 or self.max_image_pixels < 1:
@@ -56,8 +61,13 @@ def add_chat_args(parser: argparse.ArgumentParser) -> None:
     function) and hands them on to its bridge child (`chat_args`)."""
     parser.add_argument("--enable-auto-tool-choice", action="store_true",
                         help="parse tool calls out of model output (needs --tool-call-parser)")
-    parser.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS), default=None,
-                        help="the model family's tool-call format")
+    parser.add_argument("--tool-call-parser", default=None,
+                        help="the model family's tool-call format: hermes, llama3_json, "
+                        "mistral, pythonic, qwen3_coder, deepseek_v3, granite, internlm, jamba "
+                        "or a --tool-parser-plugin's name")
+    parser.add_argument("--reasoning-parser", default=None,
+                        help="read the model's reasoning into reasoning_content: deepseek_r1, "
+                        "qwen3 or mistral")
     parser.add_argument("--allowed-media-domains", nargs="*", default=[],
                         help="hosts whose http(s) media URLs requests may name (default: none)")
     parser.add_argument("--max-media-bytes", type=parse_bytes, default=DEFAULT_MAX_MEDIA_BYTES,
@@ -80,6 +90,7 @@ def chat_options_from_args(args: argparse.Namespace) -> ChatOptions:
     return ChatOptions(
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
         allowed_media_domains=tuple(args.allowed_media_domains or ()),
         max_media_bytes=args.max_media_bytes,
         max_image_pixels=args.max_image_pixels,
@@ -96,6 +107,8 @@ def chat_args(options: ChatOptions) -> list[str]:
         extra.append("--enable-auto-tool-choice")
     if options.tool_call_parser:
         extra += ["--tool-call-parser", options.tool_call_parser]
+    if options.reasoning_parser:
+        extra += ["--reasoning-parser", options.reasoning_parser]
     if options.allowed_media_domains:
         extra += ["--allowed-media-domains", *options.allowed_media_domains]
     extra += ["--max-media-bytes", str(options.max_media_bytes),

@@ -27,10 +27,9 @@ from rest_bridge.translate.proto_to_openai import (
     completion_chunk,
     finish_reason_name,
     stop_reason_of,
-    tool_calls_finish_reason,
     usage_chunk,
 )
-from rest_bridge.tool_parsers import StreamPiece, ToolCallStream
+from rest_bridge.translate.parsed_output import delta_message
 from rest_bridge.translate.tool_choice import ToolPlan
 
 logger = logging.getLogger(__name__)
@@ -235,9 +234,9 @@ class ChatChunkWriter:
     ) -> None:
         self._meta = meta
         self._choices = choices
+        # Accepted for callers' sake: the engine's parsed deltas already carry reasoning and
+        # tool calls (translate/parsed_output.py).
         self._tools = tools
-        # Per choice index: reads tool calls out of the text as it streams.
-        self._tool_streams: dict[int, ToolCallStream] = {}
         self._role = role
         self._echo_text = echo_text
         self._want_logprobs = want_logprobs
@@ -264,15 +263,10 @@ class ChatChunkWriter:
             if delta.last:
                 self._last_deltas[delta.index] = delta
                 return None
-            if not delta.text and not delta.logprobs:
+            message = _message_of(delta)
+            if not delta.logprobs and not (message if delta.HasField("parsed") else delta.text):
                 return None
             logprobs = self._logprobs(delta)
-            message: dict[str, object] = {"content": delta.text}
-            tool_stream = self._tool_stream(delta.index)
-            if tool_stream is not None:
-                message = _delta_of(tool_stream.feed(delta.text))
-                if not message and logprobs is None:
-                    return None
             chunk = chat_chunk(
                 self._meta, delta.index, message, logprobs=logprobs, usage=self._running()
             )
@@ -287,9 +281,7 @@ class ChatChunkWriter:
         # A last delta whose Finished never came (an engine that ended the stream early):
         # its text still reaches the client.
         for index, delta in sorted(self._last_deltas.items()):
-            tool_stream = self._tool_stream(index)
-            message = (_delta_of(tool_stream.feed(delta.text)) if tool_stream is not None
-                       else {"content": delta.text})
+            message = _message_of(delta)
             yield sse_event(chat_chunk(self._meta, index, message,
                                        logprobs=self._logprobs(delta), usage=self._running()))
         self._last_deltas.clear()
@@ -297,23 +289,15 @@ class ChatChunkWriter:
             yield sse_event(usage_chunk(self._meta, "chat.completion.chunk", self._usage.final()))
 
     def _finish_chunk(self, finished: inference_pb2.GenerateFinished) -> dict[str, object]:
-        """The choice's last chunk: its last delta's content (when tokens ended it), what the
-        tool-call parser still held, and the finish reason."""
+        """The choice's last chunk: its last delta's content (when tokens ended it, with what
+        the engine's parsers still held) and the finish reason."""
         reason = finish_reason_name(finished.reason)
         last = self._last_deltas.pop(finished.index, None)
         message: dict[str, object] = {}
         logprobs = None
         if last is not None:
-            message = {"content": last.text}
+            message = _message_of(last)
             logprobs = self._logprobs(last)
-        tool_stream = self._tool_stream(finished.index)
-        if tool_stream is not None and self._tools is not None:
-            fed = tool_stream.feed(last.text) if last is not None else StreamPiece()
-            rest = tool_stream.finish()
-            # Calls found by feed and by finish have distinct indexes: one delta holds both.
-            message = _delta_of(StreamPiece(fed.content + rest.content,
-                                            fed.tool_calls + rest.tool_calls))
-            reason = tool_calls_finish_reason(reason, self._tools, tool_stream.found_calls)
         return chat_chunk(
             self._meta,
             finished.index,
@@ -329,23 +313,13 @@ class ChatChunkWriter:
             return None
         return {"content": chat_logprob_entries(delta.logprobs)}
 
-    def _tool_stream(self, index: int) -> ToolCallStream | None:
-        if self._tools is None or self._tools.new_stream is None:
-            return None
-        stream = self._tool_streams.get(index)
-        if stream is None:
-            stream = self._tool_streams[index] = self._tools.new_stream()
-        return stream
-
     def _running(self) -> dict[str, object] | None:
         return self._usage.current() if self._continuous_usage else None
 
 
-def _delta_of(piece: StreamPiece) -> dict[str, object]:
-    """A chat delta with only what the piece carries (content and/or tool_calls)."""
-    delta: dict[str, object] = {}
-    if piece.content:
-        delta["content"] = piece.content
-    if piece.tool_calls:
-        delta["tool_calls"] = piece.tool_calls
-    return delta
+def _message_of(delta: inference_pb2.GenerateDelta) -> dict[str, object]:
+    """The chat delta for an engine delta: its parsed fields when the engine parsed the
+    output, else its text."""
+    if delta.HasField("parsed"):
+        return delta_message(delta.parsed)
+    return {"content": delta.text}

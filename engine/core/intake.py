@@ -112,6 +112,12 @@ def compile_grammars(
             "guided decoding is not available for this model", field="constraint"
         )
     for constraint, indices in by_constraint.items():
+        if constraint.reasoning is not None:
+            # Gated matchers start where each request's prompt leaves the reasoning.
+            for index in indices:
+                grammars[index] = compiler.new_grammars(  # type: ignore[union-attr]
+                    constraint, 1, requests[index].prompt_token_ids)[0]
+            continue
         for index, grammar in zip(indices, compiler.new_grammars(constraint, len(indices)),  # type: ignore[union-attr]
                                   strict=True):
             grammars[index] = grammar

@@ -13,6 +13,7 @@ from engine.frontend.beam_search_driver import beam_search
 from engine.generation import GenerationEvent, GenerationFinished, GenerationStarted
 from engine.server.context import REQUEST_ID_KEY, EngineHandle, abort_for, request_id_from
 from engine.server.embed_convert import embed, embedding_request_from_pb
+from engine.server.parsed_output import ParsedOutputWriter, parsing_plan_of, with_parsing
 from engine.server.proto_convert import event_to_pb, generate_request_from_pb
 from engine.server.request_defaults import with_server_defaults
 from engine.server.request_tracker import PROMPT_BYTES_PER_TOKEN, RequestTracker, outcome_of
@@ -78,6 +79,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             self._admit(engine)
             generation = with_server_defaults(
                 generate_request_from_pb(request, request_id), request.sampling, engine)
+            writer = None
+            if (plan := parsing_plan_of(request, options)) is not None:
+                generation = with_parsing(generation, request, plan, engine.tokenizer)
+                writer = ParsedOutputWriter(plan)
             # Usage counts every token generated: all best_of candidates, also the ones not
             # returned (as OpenAI bills them), and for beam search the beams returned.
             if generation.sampling_params.use_beam_search:
@@ -95,7 +100,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     if isinstance(event, GenerationStarted):
                         usage.prompt_tokens = len(event.prompt_token_ids)
                         usage.cached_tokens = event.num_cached_tokens
-                    await self._write(context, event_to_pb(event, request.return_prompt_token_ids))
+                    response = event_to_pb(event, request.return_prompt_token_ids)
+                    for message in (writer.responses(event, response) if writer else (response,)):
+                        await self._write(context, message)
             await self._write(context, inference_pb2.GenerateResponse(usage=usage))
         except asyncio.CancelledError as cancel:
             tracker.finish(outcome_of(cancel, deadline is not None and loop.time() >= deadline))

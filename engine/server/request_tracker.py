@@ -45,6 +45,10 @@ class ServingOptions:
     # Largest prompt (text, token ids or chat input, in bytes of the request) accepted before
     # tokenizing; None: PROMPT_BYTES_PER_TOKEN x the model's context length.
     max_prompt_bytes: int | None = None
+    # Parsers chat requests get when they name none (engine.server.parsed_output): the
+    # --reasoning-parser, and the --tool-call-parser when --enable-auto-tool-choice is on.
+    reasoning_parser: str = ""
+    auto_tool_parser: str = ""
 
 
 # No real tokenizer gets near this many bytes per token, so a prompt over the derived bound

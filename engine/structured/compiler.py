@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
 from engine.errors import EngineError, UnsupportedError
 from engine.structured.constraint import OutputConstraint
 
 from engine.structured.grammar import CompiledGrammar, Grammar, GrammarBackend, TokenizerInfo
+from engine.structured.reasoning_gate import GateBackend, GatedGrammar
 from engine.structured.registry import DEFAULT_BACKEND, check_backend, create_backend
 from engine.structured.worker import BigStackWorker
 
@@ -41,6 +42,8 @@ class GrammarCompiler:
         self.default_backend = default_backend
         self.cache_size = cache_size
         self._backends: dict[str, GrammarBackend] = {}
+        self._gate_backends: dict[str, GateBackend] = {}
+        self._blank_ids: dict[int, bool] = {}
         self._cache: OrderedDict[_CacheKey, CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()
         self._executor: BigStackWorker | None = None
@@ -54,9 +57,30 @@ class GrammarCompiler:
 
     # ----- any thread but the step thread ---------------------------------------------------
 
-    def new_grammars(self, constraint: OutputConstraint, n: int) -> list[Grammar]:
+    def new_grammars(
+        self, constraint: OutputConstraint, n: int, prompt_token_ids: Sequence[int] = ()
+    ) -> list[Grammar]:
+        """`n` fresh matchers; gated behind the reasoning (reasoning_gate) when the constraint
+        carries a ReasoningGate, starting in the state the prompt's end puts them in."""
         compiled = self.compile(constraint)
-        return [compiled.new_grammar() for _ in range(n)]
+        grammars = [compiled.new_grammar() for _ in range(n)]
+        gate = constraint.reasoning
+        if gate is None:
+            return grammars
+        state = gate.initial_state(prompt_token_ids, self._is_blank)
+        backend_name = constraint.backend or self.default_backend
+        with self._lock:
+            gate_backend = self._gate_backends.get(backend_name)
+            if gate_backend is None:
+                gate_backend = self._gate_backends[backend_name] = GateBackend(
+                    grammars[0].backend if grammars else self.backend(backend_name))
+        return [GatedGrammar(grammar, gate, state, gate_backend) for grammar in grammars]
+
+    def _is_blank(self, token_id: int) -> bool:
+        blank = self._blank_ids.get(token_id)
+        if blank is None:
+            blank = self._blank_ids[token_id] = not self.info.hf_tokenizer.decode([token_id]).strip()
+        return blank
 
     def compile(self, constraint: OutputConstraint) -> CompiledGrammar:
         """Raises InvalidRequestError (naming the constraint's field) for a constraint the

@@ -6,6 +6,7 @@ servers share one type. No torch and no backend imports: anyone may import it.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from engine.errors import InvalidRequestError
@@ -16,6 +17,36 @@ from engine.errors import InvalidRequestError
 BOUNDED_JSON_WHITESPACE = r"(\n[ ]{0,16}|[ ]?)"
 # What JSON itself allows (the `any-whitespace` backend option).
 ANY_JSON_WHITESPACE = r"[ \t\n\r]*"
+
+
+# How far back from the prompt's end blank tokens are skipped to find a reasoning marker.
+_MAX_BLANK_TAIL = 16
+
+
+class GateState(enum.Enum):
+    REASONING = "reasoning"
+    UNDECIDED = "undecided"
+    ENDED = "ended"
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningGate:
+    end_token_id: int
+    start_token_id: int | None = None
+    # The chat template opens the reasoning block itself (deepseek_r1).
+    implicit_start: bool = False
+
+    def initial_state(
+        self, prompt_token_ids: Sequence[int], is_blank: Callable[[int], bool]
+    ) -> GateState:
+        for token_id in reversed(prompt_token_ids[-_MAX_BLANK_TAIL:]):
+            if token_id == self.start_token_id:
+                return GateState.REASONING
+            if token_id == self.end_token_id:
+                return GateState.ENDED
+            if not is_blank(token_id):
+                break
+        return GateState.REASONING if self.implicit_start else GateState.UNDECIDED
 
 
 class ConstraintKind(enum.Enum):
@@ -42,6 +73,9 @@ class OutputConstraint:
     json_object: bool = False
     whitespace_pattern: str | None = None
     backend: str | None = None
+    # Set for a request read by a reasoning parser: the constraint starts only once the
+    # reasoning has ended (engine.structured.reasoning_gate).
+    reasoning: ReasoningGate | None = None
 
     @property
     def kind(self) -> ConstraintKind:

@@ -41,6 +41,7 @@ from engine.models.hub import local_model_config
 from engine.sampling_params import SamplingParams
 from engine.structured.backend_names import BackendChoice, accepted_names, resolve_backend
 from protoserve.cli.config_file import parse_args_with_config
+from protoserve.cli.parser_args import add_output_parser_args, check_output_parser_args
 from protoserve.cli.serving_args import add_serving_arguments, grpc_lifecycle_kwargs
 from protoserve.cli.surface_args import (
     add_surface_args,
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Tool calling, media and response details are the bridge's work: its own flags,
     # handed on to it (protoserve/cli/bridge_child.py).
     add_chat_args(p)
+    add_output_parser_args(p)
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random generator that requests without a seed sample "
                    "from, and of --load-format dummy weights")
@@ -291,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         check_surface_args(args)
         check_tracing_available(args.otlp_traces_endpoint)
         chat_options_from_args(args)  # the bridge's own checks, before anything starts
+        check_output_parser_args(args)  # loads --tool-parser-plugin into this process
     except ValueError as exc:  # ConfigFileError included: one line, the key named
         print(f"engine-serve: error: {exc}", file=sys.stderr)
         return 2

@@ -59,6 +59,7 @@ async def serve(server: EngineServer, args: argparse.Namespace,
         start_metrics_server,
     )
     from engine.server.request_tracker import ServingOptions
+    from protoserve.cli.parser_args import parsing_defaults
     from protoserve.tracing import init_tracer
 
     handle = server.handle
@@ -66,6 +67,7 @@ async def serve(server: EngineServer, args: argparse.Namespace,
         max_queue_len=args.max_queue_len, stall_timeout_s=args.stall_timeout,
         log_requests=not args.disable_log_requests, max_log_len=args.max_log_len,
         max_n=args.max_n, max_prompt_bytes=args.max_prompt_bytes,
+        **parsing_defaults(args),
     )
     handle.metrics = make_engine_metrics(handle, args.metrics_compat)
     handle.tracer = init_tracer("protoserve-engine", args.otlp_traces_endpoint)

@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protoserve.v1 import common_pb2, inference_pb2
-from rest_bridge.tool_parsers import extract
 from rest_bridge.translate.logprobs import (
     CompletionLogprobsBuilder,
     chat_logprob_entries,
     prompt_logprobs_list,
 )
+from rest_bridge.translate.parsed_output import ParsedChoice
 from rest_bridge.translate.tool_choice import ToolPlan
 
 _FinishReason = inference_pb2.FinishReason
@@ -25,6 +25,7 @@ _FINISH_REASON_NAMES: dict[int, str] = {
     _FinishReason.FINISH_REASON_LENGTH: "length",
     _FinishReason.FINISH_REASON_ABORT: "abort",
     _FinishReason.FINISH_REASON_CANCELLED: "abort",
+    _FinishReason.FINISH_REASON_TOOL_CALLS: "tool_calls",
 }
 _FINISH_REASON_PREFIX = "FINISH_REASON_"
 
@@ -102,6 +103,8 @@ class ChoiceResult:
     token_count: int = 0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # Set once a delta carries the engine's parsed fields (reasoning / tool-call parsers).
+    parsed: ParsedChoice | None = None
 
     @property
     def text(self) -> str:
@@ -129,6 +132,10 @@ class PromptResult:
             choice.text_parts.append(event.delta.text)
             choice.logprobs.extend(event.delta.logprobs)
             choice.token_count += len(event.delta.token_ids)
+            if event.delta.HasField("parsed"):
+                if choice.parsed is None:
+                    choice.parsed = ParsedChoice()
+                choice.parsed.add(event.delta.parsed)
         elif kind == "finished":
             choice = self.choice(event.finished.index)
             choice.finish_reason = finish_reason_name(event.finished.reason)
@@ -221,23 +228,22 @@ def chat_body(
     tools: ToolPlan | None = None,
     prompt_tokens_details: bool = False,
 ) -> dict[str, Any]:
+    """`tools` is accepted for callers' sake: the engine already read reasoning and tool calls
+    into each choice's parsed deltas (see translate/parsed_output.py)."""
     choices = []
     for index, choice in sorted(result.choices.items()):
         logprobs = {"content": chat_logprob_entries(choice.logprobs)} if want_logprobs else None
-        content: str | None = (echo_text or "") + choice.text
-        tool_calls: list[dict[str, Any]] = []
-        finish_reason = choice.finish_reason
-        if tools is not None and tools.new_stream is not None:
-            text, tool_calls = extract(tools.new_stream(), choice.text)
+        message: dict[str, Any] = {
+            "role": role, "content": (echo_text or "") + choice.text, "tool_calls": []}
+        if choice.parsed is not None:
             # OpenAI sends null content next to tool calls when the model said nothing else.
-            content = (echo_text or "") + text if text or echo_text or not tool_calls else None
-            finish_reason = tool_calls_finish_reason(finish_reason, tools, bool(tool_calls))
+            message.update(choice.parsed.message_fields(echo_text))
         choices.append(
             {
                 "index": index,
-                "message": {"role": role, "content": content, "tool_calls": tool_calls},
+                "message": message,
                 "logprobs": logprobs,
-                "finish_reason": finish_reason,
+                "finish_reason": choice.finish_reason,
                 "stop_reason": choice.stop_reason,
             }
         )
@@ -252,12 +258,6 @@ def chat_body(
         "prompt_logprobs": prompt_logprobs_list(prompt_logprobs) if prompt_logprobs else None,
     }
 
-
-def tool_calls_finish_reason(reason: str | None, tools: ToolPlan, found_calls: bool) -> str | None:
-    """"tool_calls" when parsed calls ended the choice; a length cut stays "length"."""
-    if found_calls and tools.calls_finish_reason and reason in ("stop", None):
-        return "tool_calls"
-    return reason
 
 
 def completion_chunk(

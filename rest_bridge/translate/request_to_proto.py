@@ -128,14 +128,11 @@ def chat_to_plan(
             constraint.whitespace_pattern = body.guided_whitespace_pattern or ""
         if body.is_set("guided_decoding_backend"):
             constraint.backend = body.guided_decoding_backend or ""
-    if tools.keep_special_tokens and not sampling.HasField("skip_special_tokens"):
-        # The parser's marker (e.g. [TOOL_CALLS]) is a special token: keep it in the text,
-        # as the model wrote it (no spaces set around it, unless the client asks for them).
-        sampling.skip_special_tokens = False
-        if not sampling.HasField("spaces_between_special_tokens"):
-            sampling.spaces_between_special_tokens = False
     request = _base_request(body, request_id, sampling, constraint)
     request.chat.CopyFrom(chat_input_from(body, options, send_tools=tools.send_tools))
+    if tools.parsing is not None:
+        # The engine reads reasoning and tool calls (and keeps special-token markers).
+        request.parsing.CopyFrom(tools.parsing)
     return GenerationPlan(
         requests=(request,),
         choices_per_prompt=_choices(body),

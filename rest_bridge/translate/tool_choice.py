@@ -1,4 +1,9 @@
-"""tools + tool_choice -> what the engine is asked for and how its output is read back.
+"""tools + tool_choice -> what the engine is asked for: the constraint and the parsers.
+
+The engine reads reasoning and tool calls out of the output (engine.output_parsing) and
+streams them as typed `parsed` fields; the bridge only names the parsers (its
+--reasoning-parser and --tool-call-parser) in the request's `parsing` and turns the parsed
+fields into OpenAI JSON (translate/parsed_output.py).
 
 - "none": the template never sees the tools; output is plain content.
 - "auto" (also implied by tools without tool_choice): the tools go to the template and the
@@ -8,27 +13,22 @@
   constraint) and returned as that function's call, finish_reason staying "stop".
 - "required": the output is held to a JSON list of `{"name", "parameters"}` of the given tools
   and returned as calls.
-The last two need the engine's guided decoding; an engine without it answers 400.
+The last two need the engine's guided decoding; an engine without it answers 400. The
+engine learns the choice from the chat input's tool_choice; with a reasoning parser the
+constraint starts only once the reasoning has ended.
+`parallel_tool_calls: false` keeps at most one call.
 """
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from protoserve.v1 import common_pb2
+from protoserve.v1 import common_pb2, inference_pb2
 from rest_bridge.chat_options import ChatOptions
 from rest_bridge.errors import invalid_request
 from rest_bridge.openai_schemas.chat import ChatCompletionRequest, NamedToolChoice, ToolParam
-from rest_bridge.tool_parsers import (
-    TOOL_PARSERS,
-    MarkerToolStream,
-    NamedFunctionStream,
-    RequiredParser,
-    ToolCallStream,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -40,19 +40,25 @@ class ToolPlan:
     send_tools: bool = False
     # The constraint enforcing a named or required tool choice.
     constraint: common_pb2.OutputConstraint | None = None
-    # One stream per choice reads tool calls out of its text; None: plain content.
-    new_stream: Callable[[], ToolCallStream] | None = None
-    # finish_reason "tool_calls" when calls were found (not for a named function).
-    calls_finish_reason: bool = False
-    # The parser's marker is a special token that detokenization must keep.
-    keep_special_tokens: bool = False
+    # The parsers the engine runs over the output; None: plain text.
+    parsing: inference_pb2.OutputParsing | None = None
 
 
 def tool_plan_from(body: ChatCompletionRequest, options: ChatOptions) -> ToolPlan:
-    if body.parallel_tool_calls is not None or body.user is not None:
-        # Accepted for compatibility; calls are parsed from one sequence whatever is asked.
-        logger.debug("ignoring parallel_tool_calls=%r user=%r",
-                     body.parallel_tool_calls, body.user)
+    """Always names the parsers (none included), so the engine's own defaults for gRPC chat
+    clients never apply to the bridge's requests: the bridge's flags decide."""
+    plan = _tool_plan(body, options)
+    tool_parser = (options.auto_tool_parser or "") if plan.send_tools else ""
+    parsing = inference_pb2.OutputParsing(
+        reasoning_parser=options.reasoning_parser or "", tool_parser=tool_parser)
+    if body.parallel_tool_calls is not None:
+        parsing.parallel_tool_calls = body.parallel_tool_calls
+    return ToolPlan(send_tools=plan.send_tools, constraint=plan.constraint, parsing=parsing)
+
+
+def _tool_plan(body: ChatCompletionRequest, options: ChatOptions) -> ToolPlan:
+    if body.user is not None:
+        logger.debug("ignoring user=%r", body.user)
     tools = body.tools or []
     choice = body.tool_choice
     if not tools:
@@ -64,18 +70,14 @@ def tool_plan_from(body: ChatCompletionRequest, options: ChatOptions) -> ToolPla
     if isinstance(choice, NamedToolChoice):
         tool = _find_tool(tools, choice.function.name)
         schema = tool.function.parameters or _ANY_OBJECT
-        name = tool.function.name
         return ToolPlan(
             send_tools=True,
             constraint=common_pb2.OutputConstraint(json_schema=json.dumps(schema)),
-            new_stream=lambda: NamedFunctionStream(name),
         )
     if choice == "required":
         return ToolPlan(
             send_tools=True,
             constraint=common_pb2.OutputConstraint(json_schema=json.dumps(required_schema(tools))),
-            new_stream=lambda: MarkerToolStream(RequiredParser()),
-            calls_finish_reason=True,
         )
     parser_name = options.auto_tool_parser
     if parser_name is None:
@@ -83,14 +85,7 @@ def tool_plan_from(body: ChatCompletionRequest, options: ChatOptions) -> ToolPla
             raise invalid_request(
                 '"auto" tool choice needs the server started with --enable-auto-tool-choice '
                 "and --tool-call-parser", param="tool_choice")
-        return ToolPlan(send_tools=True)
-    make_parser = TOOL_PARSERS[parser_name]
-    return ToolPlan(
-        send_tools=True,
-        new_stream=lambda: MarkerToolStream(make_parser()),
-        calls_finish_reason=True,
-        keep_special_tokens=parser_name == "mistral",
-    )
+    return ToolPlan(send_tools=True)
 
 
 def required_schema(tools: list[ToolParam]) -> dict[str, Any]:

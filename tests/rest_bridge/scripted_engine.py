@@ -6,7 +6,9 @@ Scripts (the text prompt, or the last chat message's text):
   "error:<CODE>[:<field>[:<reason>]]"  abort before `started` with that status and details
   "fail-after:<k>"                     send `started` and k deltas, then abort with INTERNAL
   "hang"                               send `started` and one delta, then wait to be cancelled
-  "say:<text>"                         stream <text> in 3-character deltas, then finish (stop)
+  "say:<text>"                         stream <text> in 3-character deltas, then finish (stop);
+                                       a request with `parsing` gets the engine's own parsed
+                                       fields (engine.server.parsed_output), as a real engine
   anything else                        `max_tokens` (default 4) deltas " w0", " w1", ... per
                                        choice; a stop string equal to a word ends the choice
                                        (a finish with no delta, as an abort's); the choices'
@@ -27,6 +29,10 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
+from engine.core.request import FinishReason
+from engine.generation import GenerationDelta, GenerationFinished, GenerationStarted
+from engine.server.parsed_output import ParsedOutputWriter, parsing_plan_of
+from engine.server.request_tracker import ServingOptions
 from protoserve.v1 import (
     common_pb2,
     discovery_pb2,
@@ -162,14 +168,25 @@ class ScriptedInference(inference_pb2_grpc.InferenceServicer):
             # Exact output text on demand (tool-call markup a random model never writes).
             text = script.removeprefix("say:")
             pieces = [text[i:i + 3] for i in range(0, len(text), 3)]
+            plan = parsing_plan_of(request, ServingOptions())
+            writer = ParsedOutputWriter(plan) if plan is not None else None
+            if writer is not None:
+                writer.responses(GenerationStarted(request.request_id, [], f"<rendered>{script}",
+                                                   0), Response())
             for index in range(choices):
                 for number, piece in enumerate(pieces):
-                    yield Response(delta=inference_pb2.GenerateDelta(
-                        index=index, token_ids=[FIRST_TOKEN_ID + number], text=piece,
-                        last=number == len(pieces) - 1))
-                yield Response(finished=inference_pb2.GenerateFinished(
+                    last = number == len(pieces) - 1
+                    response = Response(delta=inference_pb2.GenerateDelta(
+                        index=index, token_ids=[FIRST_TOKEN_ID + number], text=piece, last=last))
+                    event = GenerationDelta(index, [FIRST_TOKEN_ID + number], piece, last=last)
+                    for message in writer.responses(event, response) if writer else [response]:
+                        yield message
+                response = Response(finished=inference_pb2.GenerateFinished(
                     index=index, reason=inference_pb2.FINISH_REASON_STOP,
                     completion_tokens=len(pieces)))
+                event = GenerationFinished(index, FinishReason.STOP, len(pieces))
+                for message in writer.responses(event, response) if writer else [response]:
+                    yield message
             yield Response(usage=common_pb2.Usage(
                 prompt_tokens=prompt_tokens, completion_tokens=len(pieces) * choices))
             return

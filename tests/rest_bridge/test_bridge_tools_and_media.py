@@ -17,7 +17,7 @@ from engine_process import starts_servers
 from scripted_engine import ScriptedEngine
 
 from rest_bridge.sse import parse_sse_events
-from rest_bridge.tool_parsers import StreamPiece, merge_pieces
+from engine.output_parsing.tool_parsers import StreamPiece, merge_pieces
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "parameters": {"type": "object", "properties": {

@@ -308,18 +308,26 @@ def test_unknown_fields_are_kept_not_rejected() -> None:
     assert set(body.model_extra or {}) == {"modalities"}
 
 
-def test_a_parser_reading_special_tokens_gets_them_unspaced() -> None:
-    from rest_bridge.translate.tool_choice import ToolPlan
+def test_chat_requests_name_the_bridges_parsers() -> None:
+    """The engine reads reasoning and tool calls; the bridge only names its parsers, always
+    (none included), and passes parallel_tool_calls on."""
+    from rest_bridge.translate.tool_choice import tool_plan_from
 
-    keep = ToolPlan(send_tools=True, keep_special_tokens=True)
-    body = ChatCompletionRequest.model_validate({"messages": USER_HI})
-    (request,) = chat_to_plan(body, "rid", ChatOptions(), keep).requests
-    assert request.sampling.HasField("skip_special_tokens")
-    assert not request.sampling.skip_special_tokens
-    assert request.sampling.HasField("spaces_between_special_tokens")
-    assert not request.sampling.spaces_between_special_tokens
-    # The client's own choice wins.
+    options = ChatOptions(enable_auto_tool_choice=True, tool_call_parser="pythonic",
+                          reasoning_parser="qwen3")
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
     body = ChatCompletionRequest.model_validate(
-        {"messages": USER_HI, "spaces_between_special_tokens": True})
-    (request,) = chat_to_plan(body, "rid", ChatOptions(), keep).requests
-    assert request.sampling.spaces_between_special_tokens
+        {"messages": USER_HI, "tools": tools, "parallel_tool_calls": False})
+    (request,) = chat_to_plan(body, "rid", options, tool_plan_from(body, options)).requests
+    assert request.parsing.reasoning_parser == "qwen3"
+    assert request.parsing.tool_parser == "pythonic"
+    assert request.parsing.HasField("parallel_tool_calls")
+    assert not request.parsing.parallel_tool_calls
+    # tool_choice "none" reads no calls; the reasoning parser still applies.
+    body = ChatCompletionRequest.model_validate(
+        {"messages": USER_HI, "tools": tools, "tool_choice": "none"})
+    (request,) = chat_to_plan(body, "rid", options, tool_plan_from(body, options)).requests
+    assert (request.parsing.reasoning_parser, request.parsing.tool_parser) == ("qwen3", "")
+    body = ChatCompletionRequest.model_validate({"messages": USER_HI})
+    (request,) = chat_to_plan(body, "rid", ChatOptions(), tool_plan_from(body, ChatOptions())).requests
+    assert request.HasField("parsing") and request.parsing.reasoning_parser == ""

@@ -15,7 +15,8 @@ import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Sequence
+from typing import Any, ClassVar, Protocol
 
 
 def new_tool_call_id() -> str:
@@ -61,6 +62,29 @@ class RegionParser(Protocol):
         ...
 
 
+class ToolParser:
+    """Base of every tool-call syntax (built-in or a plugin's): a RegionParser built with the
+    request's tool definitions ({"type": "function", "function": {...}}), which formats that
+    write every argument as text (qwen3_coder) need to give the arguments their JSON types."""
+
+    markers: ClassVar[tuple[str, ...]] = ()
+    only_at_start: ClassVar[bool] = False
+
+    def __init__(self, tools: Sequence[dict[str, Any]] = ()) -> None:
+        self.tools = list(tools)
+
+    def parse(self, region: str, final: bool) -> tuple[list[ParsedCall], int]:
+        raise NotImplementedError
+
+    def parameter_schema(self, function_name: str) -> dict[str, Any]:
+        """The JSON schema `properties` of a tool's parameters ({} when unknown)."""
+        for tool in self.tools:
+            function = tool.get("function") or {}
+            if function.get("name") == function_name:
+                return (function.get("parameters") or {}).get("properties") or {}
+        return {}
+
+
 def call_from_object(value: Any, arguments_keys: tuple[str, ...]) -> ParsedCall:
     """{"name": ..., "arguments"|"parameters": {...}} -> ParsedCall; ValueError otherwise."""
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
@@ -94,8 +118,15 @@ def decode_json_values(text: str, separators: str = "") -> list[Any]:
 class MarkerToolStream:
     """Content until a parser's marker, then tool calls out of the region that follows."""
 
-    def __init__(self, parser: RegionParser, new_id: Callable[[], str] = new_tool_call_id):
+    def __init__(
+        self,
+        parser: RegionParser,
+        new_id: Callable[[], str] = new_tool_call_id,
+        max_calls: int | None = None,
+    ) -> None:
+        """`max_calls`: calls past this many are dropped (1 for parallel_tool_calls false)."""
         self._parser = parser
+        self._max_calls = max_calls
         self._new_id = new_id
         self._held = ""  # content not yet sent: it might be the start of a marker
         self._region: str | None = None  # text from the marker on, once found
@@ -138,6 +169,8 @@ class MarkerToolStream:
         self._region = self._region[used:]
         piece = StreamPiece()
         for call in calls:
+            if self._max_calls is not None and self._num_calls >= self._max_calls:
+                break
             piece.tool_calls.append(
                 {
                     "index": self._num_calls,

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import re
 
-from rest_bridge.tool_parsers.base import ParsedCall, call_from_object
+from engine.output_parsing.tool_parsers.base import ParsedCall, ToolParser, call_from_object
 
 _OPEN = "<tool_call>"
 _CALL = re.compile(r"\s*<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 _ARGUMENT_KEYS = ("arguments", "parameters")
 
 
-class HermesParser:
+class HermesParser(ToolParser):
     markers = (_OPEN,)
     only_at_start = False
 

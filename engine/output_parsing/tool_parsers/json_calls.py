@@ -8,9 +8,14 @@
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
-from rest_bridge.tool_parsers.base import ParsedCall, call_from_object, decode_json_values
+from engine.output_parsing.tool_parsers.base import (
+    ParsedCall,
+    ToolParser,
+    call_from_object,
+    decode_json_values,
+)
 
 
 def _calls(values: list[Any], keys: tuple[str, ...]) -> list[ParsedCall]:
@@ -22,11 +27,11 @@ def _calls(values: list[Any], keys: tuple[str, ...]) -> list[ParsedCall]:
     return [call_from_object(value, keys) for value in flat]
 
 
-class _WholeRegionParser:
-    markers: tuple[str, ...] = ()
+class WholeRegionParser(ToolParser):
+    markers: ClassVar[tuple[str, ...]] = ()
     only_at_start = True
     separators = ""
-    argument_keys: tuple[str, ...] = ("parameters", "arguments")
+    argument_keys: ClassVar[tuple[str, ...]] = ("parameters", "arguments")
 
     def parse(self, region: str, final: bool) -> tuple[list[ParsedCall], int]:
         if not final:
@@ -44,16 +49,16 @@ class _WholeRegionParser:
             return [], 0
 
 
-class Llama3JsonParser(_WholeRegionParser):
+class Llama3JsonParser(WholeRegionParser):
     markers = ("<|python_tag|>", "{")
     separators = ";"
 
 
-class MistralParser(_WholeRegionParser):
+class MistralParser(WholeRegionParser):
     markers = ("[TOOL_CALLS]",)
     only_at_start = False
     argument_keys = ("arguments", "parameters")
 
 
-class RequiredParser(_WholeRegionParser):
+class RequiredParser(WholeRegionParser):
     markers = ("[",)

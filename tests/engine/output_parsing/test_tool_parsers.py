@@ -1,14 +1,16 @@
-"""Tool-call parsers on scripted model output: the non-streamed result, and streams cut at
-every possible place adding up to exactly that result."""
+"""Tool-call parsers on scripted model output in each format's documented shape: the
+non-streamed result, and streams cut at every possible place (and in random chunkings)
+adding up to exactly that result."""
 from __future__ import annotations
 
 import itertools
 import json
+import random
 from typing import Any
 
 import pytest
 
-from rest_bridge.tool_parsers import (
+from engine.output_parsing.tool_parsers import (
     TOOL_PARSERS,
     MarkerToolStream,
     NamedFunctionStream,
@@ -24,12 +26,18 @@ def _ids() -> Any:
     return lambda: f"call-{next(counter)}"
 
 
-def _stream(kind: str) -> ToolCallStream:
+# qwen3_coder writes every argument as text; the tool's schema gives them their JSON types.
+TOOLS = [{"type": "function", "function": {"name": "forecast", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
+                                     "metric": {"type": "boolean"}}}}}]
+
+
+def _stream(kind: str, max_calls: int | None = None) -> ToolCallStream:
     if kind == "required":
-        return MarkerToolStream(RequiredParser(), _ids())
+        return MarkerToolStream(RequiredParser(), _ids(), max_calls)
     if kind.startswith("named:"):
         return NamedFunctionStream(kind.removeprefix("named:"), _ids())
-    return MarkerToolStream(TOOL_PARSERS[kind](), _ids())
+    return MarkerToolStream(TOOL_PARSERS[kind](TOOLS), _ids(), max_calls)
 
 
 def _call(index: int, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
@@ -66,6 +74,43 @@ CASES: list[tuple[str, str, str, list[dict[str, Any]]]] = [
     ("named:weather", '{"city": "Paris"}', "",
      [{"id": "call-0", "type": "function",
        "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]),
+    # Llama 3.2 / 4: a Python list of calls, read with ast (never run).
+    ("pythonic", '[weather(city="Paris"), forecast(city="東京", days=2)]', "",
+     [_call(0, "weather", PARIS), _call(1, "forecast", TOKYO)]),
+    ("pythonic", "<|python_start|>[weather(city='Paris')]<|python_end|>", "",
+     [_call(0, "weather", PARIS)]),
+    ("pythonic", "[weather(city=__import__('os').getcwd())]",
+     "[weather(city=__import__('os').getcwd())]", []),
+    ("pythonic", "Answer: [1, 2]", "Answer: [1, 2]", []),
+    ("qwen3_coder", "I'll look.\n<tool_call>\n<function=forecast>\n<parameter=city>\n東京\n"
+     "</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>",
+     "I'll look.\n", [_call(0, "forecast", TOKYO)]),
+    ("qwen3_coder", "<tool_call>\n<function=weather>\n<parameter=city>\nParis\n</parameter>\n"
+     "</function>\n</tool_call>\n<tool_call>\n<function=forecast>\n<parameter=city>\n東京\n"
+     "</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>", "",
+     [_call(0, "weather", PARIS), _call(1, "forecast", TOKYO)]),
+    ("qwen3_coder", "<tool_call>\n<function=weather>\n<parameter=city>\nParis\n</parameter>\n"
+     "</function>", "", [_call(0, "weather", PARIS)]),
+    ("deepseek_v3", "Sure.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>weather\n"
+     '```json\n{"city": "Paris"}\n```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function'
+     '<｜tool▁sep｜>forecast\n```json\n{"city": "東京", "days": 2}\n```<｜tool▁call▁end｜>'
+     "<｜tool▁calls▁end｜>", "Sure.",
+     [_call(0, "weather", PARIS), _call(1, "forecast", TOKYO)]),
+    ("deepseek_v3", "<｜tool▁calls▁begin｜>broken", "<｜tool▁calls▁begin｜>broken", []),
+    ("granite", '<|tool_call|>[{"name": "weather", "arguments": {"city": "Paris"}}, '
+     '{"name": "forecast", "arguments": {"city": "東京", "days": 2}}]', "",
+     [_call(0, "weather", PARIS), _call(1, "forecast", TOKYO)]),
+    ("granite", '<tool_call>[{"name": "weather", "arguments": {"city": "Paris"}}]', "",
+     [_call(0, "weather", PARIS)]),
+    ("granite", "No tools needed.", "No tools needed.", []),
+    ("internlm", 'Let me check.<|action_start|><|plugin|>\n{"name": "weather", '
+     '"parameters": {"city": "Paris"}}<|action_end|>', "Let me check.",
+     [_call(0, "weather", PARIS)]),
+    ("internlm", "<|action_start|><|plugin|>\n{oops}", "<|action_start|><|plugin|>\n{oops}", []),
+    ("jamba", ' <tool_calls>[{"name": "weather", "arguments": {"city": "Paris"}}, '
+     '{"name": "forecast", "arguments": {"city": "東京", "days": 2}}]</tool_calls>', " ",
+     [_call(0, "weather", PARIS), _call(1, "forecast", TOKYO)]),
+    ("jamba", "<tool_calls>[]</tool_calls>", "<tool_calls>[]</tool_calls>", []),
 ]
 
 
@@ -91,6 +136,29 @@ def test_streamed_deltas_add_up_to_the_non_streamed_result(
         stream = _stream(kind)
         pieces = [stream.feed(text[:cut]), stream.feed(text[cut:]), stream.finish()]
         assert merge_pieces(pieces) == expected, cut
+    chunking = random.Random(kind + text)
+    for _ in range(20):
+        stream, pieces, start = _stream(kind), [], 0
+        while start < len(text):
+            end = start + chunking.randint(0, 9)
+            pieces.append(stream.feed(text[start:end]))
+            start = end
+        pieces.append(stream.finish())
+        assert merge_pieces(pieces) == expected
+
+
+def test_every_registered_parser_has_a_case() -> None:
+    assert set(TOOL_PARSERS) <= {kind for kind, *_ in CASES}
+
+
+@pytest.mark.parametrize("kind", ["hermes", "pythonic", "qwen3_coder", "deepseek_v3", "granite",
+                                  "jamba", "mistral", "llama3_json", "required"])
+def test_parallel_tool_calls_false_returns_only_the_first_call(kind: str) -> None:
+    text = next(text for k, text, _, calls in CASES if k == kind and len(calls) > 1) \
+        if kind != "required" else ('[{"name": "weather", "parameters": {"city": "Paris"}}, '
+                                    '{"name": "forecast", "parameters": {"city": "東京", "days": 2}}]')
+    _, calls = extract(_stream(kind, max_calls=1), text)
+    assert [call["function"]["name"] for call in calls] == ["weather"]
 
 
 def test_hermes_sends_each_call_when_it_closes_and_content_as_it_comes() -> None:
