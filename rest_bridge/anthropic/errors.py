@@ -15,6 +15,7 @@ from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rest_bridge.error_handlers import describe_validation_errors
 from rest_bridge.errors import BridgeError
@@ -92,6 +93,14 @@ class AnthropicErrorRoute(APIRoute):
                     logger.warning("%s %s -> %d: %s", request.method, request.url.path,
                                    error.http_status, error.message)
                 return anthropic_error_response(error)
+            except StarletteHTTPException as error:
+                # FastAPI's own 400: a body it could not decode (e.g. invalid UTF-8).
+                message = str(error.detail)
+                if error.status_code == 400:
+                    message += ": the body must be UTF-8 encoded JSON"
+                return JSONResponse(anthropic_error_body(message, error.status_code),
+                                    status_code=error.status_code,
+                                    headers=getattr(error, "headers", None))
             except Exception:
                 # The traceback goes to the log only; the client learns that the server failed.
                 logger.exception("unhandled error on %s %s", request.method, request.url.path)

@@ -295,6 +295,9 @@ def test_bad_bodies_are_400s_in_anthropic_shape(client: TestClient) -> None:
     error = anthropic_error(client.post("/v1/messages/count_tokens", json={"model": "tiny"},
                                         headers=headers), 400)
     assert "messages" in error["message"]
+    not_utf8 = client.post("/v1/messages", content=b"\x8f\xff{", headers={
+        **headers, "content-type": "application/json"})
+    assert "UTF-8" in anthropic_error(not_utf8, 400)["message"]
 
 
 def test_x_api_key_and_bearer_both_authorize(client: TestClient) -> None:
