@@ -90,6 +90,15 @@ async def delete_response(response_id: str, request: Request) -> JSONResponse:
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
 
+@router.api_route("/v1/responses/{response_id}", methods=["POST", "PUT", "PATCH", "OPTIONS"],
+                  include_in_schema=False)
+async def other_method(response_id: str, request: Request) -> JSONResponse:
+    """GET and DELETE are two routes of one path, and Starlette's 405 would name only the
+    first one's method in `Allow`: this route names both."""
+    raise BridgeError(f"method {request.method} is not allowed on {request.url.path}",
+                      http_status=405, headers={"Allow": "DELETE, GET"})
+
+
 def store_of(request: Request) -> ResponseStore:
     """The app's one store, sized by --responses-store-size, made on first use."""
     state = request.app.state

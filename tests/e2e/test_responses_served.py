@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -231,6 +232,15 @@ def test_retrieve_cancel_delete_and_store_false(client: openai.OpenAI, model_id:
     with pytest.raises(openai.NotFoundError) as no_previous:
         client.responses.create(model=model_id, input="Hi", previous_response_id=unstored.id)
     assert no_previous.value.body["param"] == "previous_response_id"  # type: ignore[index]
+
+
+def test_an_unserved_method_on_a_response_names_both_served_ones(
+    served_model: RunningServer,
+) -> None:
+    answer = httpx.put(f"{served_model.base_url}/v1/responses/resp_x", timeout=30)
+    assert answer.status_code == 405
+    assert answer.headers["allow"] == "DELETE, GET"
+    assert answer.json()["error"]["type"] == "invalid_request_error"
 
 
 @pytest.mark.parametrize(("extra", "param"), [
