@@ -81,7 +81,7 @@ class ReasoningItem(OpenAIModel):
 
     type: Literal["reasoning"]
     id: str | None = None
-    summary: list[dict[str, Any]] = []
+    summary: list[dict[str, Any]] = Field(default_factory=list)
     content: list[dict[str, Any]] | None = None
 
 

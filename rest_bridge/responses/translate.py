@@ -212,8 +212,7 @@ def responses_param(param: str | None) -> str | None:
     `max_output_tokens`, `messages[..]` -> `input`, `tools[i].function.x` -> `tools[i].x`)."""
     if not param:
         return param
-    head, dot, rest = param.partition(".")
-    base = head.split("[", 1)[0]
+    base = param.partition(".")[0].split("[", 1)[0]
     if base in _RESPONSES_PARAMS:
         return _RESPONSES_PARAMS[base]
     if base == "tools":

@@ -12,8 +12,8 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from openai.types.responses import Response
 from engine_process import EngineProcess
+from openai.types.responses import Response
 from served_engine import RunningServer
 
 from protoserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc

@@ -280,7 +280,6 @@ def test_store_drops_the_least_recently_used_and_zero_keeps_none() -> None:
 def test_store_size_flag_reaches_the_bridge_from_engine_serve() -> None:
     from protoserve.cli.bridge_child import bridge_args
     from protoserve.cli.serve import build_parser
-
     from rest_bridge.cli import build_parser as bridge_parser
     from rest_bridge.cli import settings_from_args
 
