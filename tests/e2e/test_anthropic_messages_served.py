@@ -2,10 +2,11 @@
 what /v1/chat/completions answers for the same conversation (greedy), streamed through the
 SDK's helper and not, with system prompts, stop sequences, a forced tool call and its result
 sent back; count_tokens counts the prompt the chat template renders; bad input is the SDK's
-BadRequestError."""
+BadRequestError; a reasoning parser's reasoning_content is a thinking block."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import anthropic
@@ -13,6 +14,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from engine_process import EngineProcess
 from served_engine import RunningServer
 
 SYSTEM = "You are a terse assistant."
@@ -207,3 +209,36 @@ def test_bad_input_is_a_bad_request_in_anthropic_shape(
     body = response.json()
     assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
     assert "max_tokens" in body["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def reasoning_server(shared_server: Callable[..., EngineProcess]) -> str:
+    # deepseek_r1's template opens the think block itself: output before </think> is
+    # reasoning, so a random model that never closes it answers with reasoning only.
+    server = shared_server("--reasoning-parser", "deepseek_r1", role="all")
+    assert server.http_url is not None
+    return server.http_url
+
+
+def test_reasoning_content_is_a_thinking_block(reasoning_server: str, model_id: str) -> None:
+    claude = anthropic.Anthropic(base_url=reasoning_server, api_key="unused", max_retries=0,
+                                 timeout=60)
+    chat = openai.OpenAI(base_url=f"{reasoning_server}/v1", api_key="unused", max_retries=0,
+                         timeout=60)
+    messages = [{"role": "user", "content": "Think about it"}]
+    message = claude.messages.create(model=model_id, max_tokens=8, messages=messages, **GREEDY)
+    reference = chat.chat.completions.create(model=model_id, max_tokens=8, temperature=0,
+                                             messages=messages)
+    reasoning = (reference.choices[0].message.model_extra or {})["reasoning_content"]
+    assert reasoning and not reference.choices[0].message.content
+    (block,) = message.content
+    assert block.type == "thinking" and block.thinking == reasoning
+    assert message.stop_reason == "max_tokens"
+    with claude.messages.stream(model=model_id, max_tokens=8, messages=messages,
+                                **GREEDY) as stream:
+        thinking_deltas = [event.delta.thinking for event in stream
+                           if event.type == "content_block_delta"
+                           and event.delta.type == "thinking_delta"]
+        final = stream.get_final_message()
+    assert "".join(thinking_deltas) == reasoning
+    assert blocks(final) == blocks(message)
