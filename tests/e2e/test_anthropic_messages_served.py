@@ -1,8 +1,9 @@
 """The official anthropic SDK against the real engine-serve (tiny model): /v1/messages answers
 what /v1/chat/completions answers for the same conversation (greedy), streamed through the
 SDK's helper and not, with system prompts, stop sequences, a forced tool call and its result
-sent back; count_tokens counts the prompt the chat template renders; bad input is the SDK's
-BadRequestError; a reasoning parser's reasoning_content is a thinking block."""
+sent back; gRPC Generate of the same conversation agrees; count_tokens counts the prompt the
+chat template renders; bad input is the SDK's BadRequestError; a reasoning parser's
+reasoning_content is a thinking block."""
 from __future__ import annotations
 
 import json
@@ -10,12 +11,15 @@ from collections.abc import Callable
 from typing import Any
 
 import anthropic
+import grpc
 import httpx
 import jsonschema
 import openai
 import pytest
 from engine_process import EngineProcess
 from served_engine import RunningServer
+
+from protoserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 SYSTEM = "You are a terse assistant."
 QUESTION = "Tell me a story about a lighthouse."
@@ -91,6 +95,31 @@ def test_create_and_stream_answer_what_chat_completions_answers(
     assert streamed_text == text_of(message)
     assert blocks(final) == blocks(message) and final.usage == message.usage
     assert (final.stop_reason, final.stop_sequence) == (message.stop_reason, None)
+
+
+def test_grpc_generate_of_the_same_conversation_gives_the_same_message(
+    claude: anthropic.Anthropic, served_model: RunningServer, model_id: str
+) -> None:
+    message = claude.messages.create(
+        model=model_id, max_tokens=12, system=SYSTEM,
+        messages=[{"role": "user", "content": QUESTION}], **GREEDY)
+    request = inference_pb2.GenerateRequest(
+        model=model_id,
+        chat=common_pb2.ChatInput(messages=[
+            common_pb2.ChatMessage(role="system", text=SYSTEM),
+            common_pb2.ChatMessage(role="user", text=QUESTION)]),
+        sampling=common_pb2.SamplingParams(max_tokens=12, temperature=0.0))
+    with grpc.insecure_channel(f"127.0.0.1:{served_model.grpc_port}") as channel:
+        events = list(inference_pb2_grpc.InferenceStub(channel).Generate(request, timeout=60))
+    text = "".join(event.delta.text for event in events if event.WhichOneof("event") == "delta")
+    (usage,) = [event.usage for event in events if event.WhichOneof("event") == "usage"]
+    (finished,) = [event.finished for event in events if event.WhichOneof("event") == "finished"]
+    assert text_of(message) == text
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (
+        usage.prompt_tokens, usage.completion_tokens)
+    assert message.stop_reason == {
+        inference_pb2.FINISH_REASON_LENGTH: "max_tokens",
+        inference_pb2.FINISH_REASON_STOP: "end_turn"}[finished.reason]
 
 
 def test_stop_sequences_end_the_message_where_chat_stops(
