@@ -85,10 +85,18 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("version",)
+    __slots__ = ("version", "reasoning_parsers", "tool_parsers", "default_reasoning_parser", "default_tool_parser")
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASONING_PARSERS_FIELD_NUMBER: _ClassVar[int]
+    TOOL_PARSERS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_REASONING_PARSER_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_TOOL_PARSER_FIELD_NUMBER: _ClassVar[int]
     version: str
-    def __init__(self, version: _Optional[str] = ...) -> None: ...
+    reasoning_parsers: _containers.RepeatedScalarFieldContainer[str]
+    tool_parsers: _containers.RepeatedScalarFieldContainer[str]
+    default_reasoning_parser: str
+    default_tool_parser: str
+    def __init__(self, version: _Optional[str] = ..., reasoning_parsers: _Optional[_Iterable[str]] = ..., tool_parsers: _Optional[_Iterable[str]] = ..., default_reasoning_parser: _Optional[str] = ..., default_tool_parser: _Optional[str] = ...) -> None: ...
 
 class GetLoadRequest(_message.Message):
     __slots__ = ()

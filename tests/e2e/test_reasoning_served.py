@@ -19,7 +19,13 @@ from engine_process import EngineProcess
 from openai import OpenAI
 from thinking_model import build_thinking_model, think_token_ids
 
-from protoserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from protoserve.v1 import (
+    common_pb2,
+    discovery_pb2,
+    discovery_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+)
 
 CHOICES = ["Paris", "Rome"]
 MESSAGES = [{"role": "user", "content": "Capital of France?"}]
@@ -145,3 +151,12 @@ def test_unknown_parser_is_invalid_argument_naming_the_field(server: EngineProce
         _generate(server, request)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "unknown reasoning parser 'nope'" in (raised.value.details() or "")
+
+
+def test_discovery_lists_the_parser_names_and_the_servers_defaults(server: EngineProcess) -> None:
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        info = discovery_pb2_grpc.DiscoveryStub(channel).GetServerInfo(
+            discovery_pb2.GetServerInfoRequest(), timeout=30)
+    assert {"deepseek_r1", "qwen3", "mistral"} <= set(info.reasoning_parsers)
+    assert {"hermes", "pythonic", "qwen3_coder", "jamba"} <= set(info.tool_parsers)
+    assert (info.default_reasoning_parser, info.default_tool_parser) == ("qwen3", "hermes")
