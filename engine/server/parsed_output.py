@@ -42,6 +42,12 @@ def parsing_plan_of(
     """The request's own `parsing`, else for chat input the server's --reasoning-parser and
     (with --enable-auto-tool-choice) --tool-call-parser; None when nothing is parsed."""
     is_chat = request.WhichOneof("input") == "chat"
+    if request.HasField("return_text") and not request.return_text:
+        # No text, nothing to read: only a request that asked for parsing is told so.
+        if request.HasField("parsing"):
+            raise InvalidRequestError("parsing reads the output text: it needs return_text "
+                                      "true", field="return_text")
+        return None
     if request.HasField("parsing"):
         parsing = request.parsing
         reasoning, tools_parser = parsing.reasoning_parser, parsing.tool_parser

@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 
 from engine.core.request import FinishReason
+from engine.errors import InvalidRequestError
 from engine.generation import GenerationDelta, GenerationFinished, GenerationStarted
 from engine.output_parsing import TOOL_PARSERS, resolve_plan
 from engine.output_parsing.plugins import load_tool_parser_plugin
 from engine.output_parsing.tool_parsers import MarkerToolStream, extract
-from engine.server.parsed_output import ParsedOutputWriter
+from engine.server.parsed_output import ParsedOutputWriter, parsing_plan_of
+from engine.server.request_tracker import ServingOptions
 from protoserve.cli.parser_args import check_output_parser_args, parsing_defaults
 from protoserve.v1 import inference_pb2
 
@@ -121,3 +123,17 @@ def test_a_choice_ended_without_a_last_delta_gets_its_held_text_first() -> None:
     assert [r.WhichOneof("event") for r in out] == [None, "delta", "delta", "finished"]
     assert out[1].delta.parsed.content == "" and out[2].delta.parsed.content == "<thi"
     assert not out[2].delta.token_ids
+
+
+def test_which_requests_are_parsed() -> None:
+    options = ServingOptions(reasoning_parser="qwen3")
+    chat = inference_pb2.GenerateRequest()
+    chat.chat.messages.add(role="user", text="hi")
+    assert parsing_plan_of(chat, options).reasoning.name == "qwen3"
+    assert parsing_plan_of(inference_pb2.GenerateRequest(text="hi"), options) is None
+    chat.return_text = False
+    assert parsing_plan_of(chat, options) is None
+    chat.parsing.reasoning_parser = "qwen3"
+    with pytest.raises(InvalidRequestError) as raised:
+        parsing_plan_of(chat, options)
+    assert raised.value.field == "return_text"
