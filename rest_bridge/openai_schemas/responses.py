@@ -77,6 +77,10 @@ class ChatMessage(ResponseModel):
     role: str
     content: str | None = None
     tool_calls: list[dict[str, Any]] = []
+    # With --reasoning-parser (or tool parsing): the model's reasoning, under both names the
+    # reference server has used; null when it wrote none.
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class ChatChoice(ResponseModel):
@@ -100,6 +104,9 @@ class ChatCompletionResponse(ResponseModel):
 class DeltaMessage(ResponseModel):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChunkChoice(ResponseModel):
