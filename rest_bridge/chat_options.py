@@ -67,7 +67,7 @@ def add_chat_args(parser: argparse.ArgumentParser) -> None:
                         "or a --tool-parser-plugin's name")
     parser.add_argument("--reasoning-parser", default=None,
                         help="read the model's reasoning into reasoning_content: deepseek_r1, "
-                        "qwen3 or mistral")
+                        "qwen3, mistral or gpt_oss (harmony channels, tool calls included)")
     parser.add_argument("--allowed-media-domains", nargs="*", default=[],
                         help="hosts whose http(s) media URLs requests may name (default: none)")
     parser.add_argument("--max-media-bytes", type=parse_bytes, default=DEFAULT_MAX_MEDIA_BYTES,

@@ -10,7 +10,7 @@ of the thought, not a call.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from engine.output_parsing.reasoning import ReasoningPiece, ReasoningStream
 from engine.output_parsing.tool_parsers import StreamPiece, ToolCallStream
@@ -32,6 +32,17 @@ class OutputPiece:
         self.reasoning += other.reasoning
         self.content += other.content
         self.tool_calls.extend(other.tool_calls)
+
+
+class ChoiceParser(Protocol):
+    """What the serving side drives per choice (ChoiceOutputParser, HarmonyChoiceParser)."""
+
+    @property
+    def found_calls(self) -> bool: ...
+
+    def feed(self, text: str) -> OutputPiece: ...
+
+    def finish(self) -> OutputPiece: ...
 
 
 class ChoiceOutputParser:

@@ -1,6 +1,7 @@
 """What a request asks to be read out of its output, resolved once per request.
 
-    reasoning_parser  a REASONING_FORMATS name, or "" for none
+    reasoning_parser  a REASONING_FORMATS name, "gpt_oss" (harmony channels: reasoning,
+                      content and function calls all come from the channel structure), or ""
     tool_parser       a TOOL_PARSERS name, used when tool_choice is "auto" (or unset) and the
                       request has tools; "" for none
     tool_choice       "none" | "auto" | "required" | a function name (the chat input's)
@@ -16,7 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.errors import InvalidRequestError
-from engine.output_parsing.choice_parser import ChoiceOutputParser
+from engine.output_parsing.choice_parser import ChoiceOutputParser, ChoiceParser
+from engine.output_parsing.harmony import MARKERS as HARMONY_MARKERS
+from engine.output_parsing.harmony import HarmonyChoiceParser
 from engine.output_parsing.reasoning import REASONING_FORMATS, ReasoningFormat, ReasoningStream
 from engine.output_parsing.tool_parsers import (
     TOOL_PARSERS,
@@ -28,6 +31,7 @@ from engine.output_parsing.tool_parsers import (
 )
 
 _CHOICE_KEYWORDS = ("none", "auto", "required")
+HARMONY = "gpt_oss"
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +42,10 @@ class OutputParsingPlan:
     function_name: str | None = None
     tools: tuple[dict[str, Any], ...] = ()
     max_calls: int | None = None
+    # gpt-oss harmony channels (engine.output_parsing.harmony) instead of the two above.
+    harmony: bool = False
+    # harmony: read `to=functions.*` messages as calls (the request has tools, choice auto).
+    harmony_calls: bool = False
 
     @property
     def parses_tools(self) -> bool:
@@ -47,19 +55,21 @@ class OutputParsingPlan:
     def calls_finish_reason(self) -> bool:
         """Found calls end the choice with finish reason TOOL_CALLS (not a named function's,
         whose call was asked for by name and ends as STOP, as on the reference server)."""
-        return self.tool_parser is not None
+        return self.tool_parser is not None or self.harmony_calls
 
     @property
     def markers(self) -> tuple[str, ...]:
         """Every marker text the parsers look for (reasoning and tool-call region starts)."""
-        found: tuple[str, ...] = ()
+        found: tuple[str, ...] = HARMONY_MARKERS if self.harmony else ()
         if self.reasoning is not None:
             found += (self.reasoning.start, self.reasoning.end)
         if self.tool_parser is not None:
             found += tuple(self.tool_parser.markers)
         return found
 
-    def new_choice(self, prompt_text: str | None) -> ChoiceOutputParser:
+    def new_choice(self, prompt_text: str | None) -> ChoiceParser:
+        if self.harmony:
+            return HarmonyChoiceParser(self.harmony_calls, self.max_calls)
         reasoning = ReasoningStream(self.reasoning, prompt_text) if self.reasoning else None
         tools: ToolCallStream | None = None
         if self.function_name is not None:
@@ -81,10 +91,11 @@ def resolve_plan(
     """The plan, or None when nothing is to be parsed. Raises InvalidRequestError naming the
     field for an unknown parser name."""
     reasoning = None
-    if reasoning_parser:
+    harmony = reasoning_parser == HARMONY
+    if reasoning_parser and not harmony:
         reasoning = REASONING_FORMATS.get(reasoning_parser)
         if reasoning is None:
-            names = ", ".join(sorted(REASONING_FORMATS))
+            names = ", ".join(sorted([*REASONING_FORMATS, HARMONY]))
             raise InvalidRequestError(
                 f"unknown reasoning parser {reasoning_parser!r} (one of {names})",
                 field=f"{field_prefix}.reasoning_parser")
@@ -97,6 +108,10 @@ def resolve_plan(
                 f"unknown tool parser {tool_parser!r} (one of {names})",
                 field=f"{field_prefix}.tool_parser")
     choice = tool_choice or "auto"
+    if harmony:
+        # The channel structure is the tool syntax: no separate tool parser.
+        return OutputParsingPlan(harmony=True, harmony_calls=bool(tools) and choice == "auto",
+                                 max_calls=None if parallel_tool_calls else 1)
     function_name = None
     if not tools or choice == "none":
         parser_class = None

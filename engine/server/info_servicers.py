@@ -7,7 +7,7 @@ from engine.errors import EngineUnavailableError, InvalidRequestError
 
 import protoserve
 from engine.frontend.served_model import Engine
-from engine.output_parsing import REASONING_FORMATS, TOOL_PARSERS
+from engine.output_parsing import REASONING_PARSERS, TOOL_PARSERS
 from engine.server.context import EngineHandle, abort_for
 from engine.server.proto_convert import chat_from_pb
 from engine.server.request_tracker import load_snapshot
@@ -125,7 +125,7 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
         options = self.handle.options
         return discovery_pb2.GetServerInfoResponse(
             version=protoserve.__version__,
-            reasoning_parsers=sorted(REASONING_FORMATS), tool_parsers=sorted(TOOL_PARSERS),
+            reasoning_parsers=REASONING_PARSERS, tool_parsers=sorted(TOOL_PARSERS),
             default_reasoning_parser=options.reasoning_parser,
             default_tool_parser=options.auto_tool_parser)
 

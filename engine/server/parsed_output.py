@@ -27,7 +27,8 @@ from engine.generation import (
     GenerationRequest,
     GenerationStarted,
 )
-from engine.output_parsing import ChoiceOutputParser, OutputParsingPlan, OutputPiece, resolve_plan
+from engine.output_parsing import OutputParsingPlan, OutputPiece, resolve_plan
+from engine.output_parsing.choice_parser import ChoiceParser
 from engine.structured.constraint import ReasoningGate
 from protoserve.v1 import inference_pb2
 
@@ -88,6 +89,11 @@ def with_parsing(
         if not request.sampling.HasField("spaces_between_special_tokens"):
             params = replace(params, spaces_between_special_tokens=False)
         generation = replace(generation, sampling_params=params)
+    if plan.harmony and generation.constraint is not None:
+        raise InvalidRequestError(
+            "reasoning parser 'gpt_oss': harmony's reasoning ends in several tokens, so a "
+            "constraint (guided decoding, response_format, a named or required tool_choice) "
+            "cannot wait for it", field="parsing.reasoning_parser")
     if plan.reasoning is not None and generation.constraint is not None:
         end_id = single_token_id(tokenizer, plan.reasoning.end)
         if end_id is None:
@@ -107,7 +113,7 @@ class ParsedOutputWriter:
     def __init__(self, plan: OutputParsingPlan) -> None:
         self._plan = plan
         self._prompt_text: str | None = None
-        self._choices: dict[int, ChoiceOutputParser] = {}
+        self._choices: dict[int, ChoiceParser] = {}
         self._flushed: set[int] = set()
 
     def responses(
@@ -141,7 +147,7 @@ class ParsedOutputWriter:
         out.append(response)
         return out
 
-    def _choice(self, index: int) -> ChoiceOutputParser:
+    def _choice(self, index: int) -> ChoiceParser:
         choice = self._choices.get(index)
         if choice is None:
             choice = self._choices[index] = self._plan.new_choice(self._prompt_text)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from engine.output_parsing import REASONING_FORMATS, TOOL_PARSERS
+from engine.output_parsing import REASONING_PARSERS, TOOL_PARSERS
 from engine.output_parsing.plugins import load_tool_parser_plugin
 
 
@@ -26,8 +26,8 @@ def check_output_parser_args(args: argparse.Namespace) -> None:
         names = ", ".join(sorted(TOOL_PARSERS))
         raise ValueError(f"--tool-call-parser {args.tool_call_parser!r} is not a registered "
                          f"tool parser (one of {names})")
-    if args.reasoning_parser is not None and args.reasoning_parser not in REASONING_FORMATS:
-        names = ", ".join(sorted(REASONING_FORMATS))
+    if args.reasoning_parser is not None and args.reasoning_parser not in REASONING_PARSERS:
+        names = ", ".join(REASONING_PARSERS)
         raise ValueError(f"--reasoning-parser must be one of {names}")
 
 
