@@ -106,7 +106,9 @@ class EngineLoop:
         )
 
     def stop(self, timeout: float = 5.0) -> None:
-        self.core.stop(timeout)
+        # A core the watchdog declared hung (mark_dead) will never answer StopCore: waiting
+        # out the grace only delays the stop, so it is stopped at once (killed, as a process).
+        self.core.stop(0.0 if self._error is not None else timeout)
         self._prepare_pool.shutdown(wait=False, cancel_futures=True)
 
     async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:

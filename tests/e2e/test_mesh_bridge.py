@@ -187,7 +187,8 @@ def test_bodies_built_to_break_a_json_server(served) -> None:
 
 def test_timeout_queue_full_and_engine_death_under_the_bridge(model_dir: Path) -> None:
     engine = start_engine(model_dir, "--max-num-seqs", "1", "--max-queue-len", "1")
-    bridge, url = start_bridge(engine.grpc_address, "--request-timeout", "2")
+    # 1 s: the 6000-token request below takes far longer on any machine, so it ends 504.
+    bridge, url = start_bridge(engine.grpc_address, "--request-timeout", "1")
     try:
         post = f"{url}/v1/completions"
         long_body = {"prompt": "x", "max_tokens": 6000, "ignore_eos": True, "temperature": 0}

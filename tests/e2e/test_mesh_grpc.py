@@ -280,6 +280,9 @@ def test_hung_step_thread_turns_not_serving_and_keep_alive_keeps_process(model_d
                 list(inference_pb2_grpc.InferenceStub(ch).Generate(short_request(), timeout=10))
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
             assert handle.process.poll() is None
+        # SIGTERM still stops it cleanly: the hung core is killed at once, not waited for.
+        handle.process.send_signal(signal.SIGTERM)
+        assert handle.process.wait(timeout=FAULT_BOUND_S + 10) == 0
     finally:
         handle.stop()
 

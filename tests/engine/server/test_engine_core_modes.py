@@ -133,15 +133,13 @@ def _is_gone(pid: int) -> bool:
     return state in ("Z", "X")  # exited; reaped by whoever adopted it, or not
 
 
-@pytest.mark.e2e
-def test_the_core_process_exits_with_its_server(model_dir: Path) -> None:
-    handle = start_engine(model_dir, "--engine-core", "process")
-    try:
-        cores = core_process_pids(handle.process.pid)
-        assert len(cores) == 1
-        # SIGKILL: the server gets no chance to stop its core; the core notices by itself.
-        os.kill(handle.process.pid, signal.SIGKILL)
-        handle.process.wait(10)
-        wait_until(lambda: _is_gone(cores[0]), 20, "the core process exited after its server")
-    finally:
-        handle.stop()
+# The process-mode server of the tests above, killed last: pytest runs every test of one
+# `served` parameter together, in file order, so this one (defined last) ends that group.
+@pytest.mark.parametrize("served", ["process"], indirect=True)
+def test_the_core_process_exits_with_its_server(served: EngineProcess) -> None:
+    cores = core_process_pids(served.process.pid)
+    assert len(cores) == 1
+    # SIGKILL: the server gets no chance to stop its core; the core notices by itself.
+    os.kill(served.process.pid, signal.SIGKILL)
+    served.process.wait(10)
+    wait_until(lambda: _is_gone(cores[0]), 20, "the core process exited after its server")
