@@ -141,7 +141,7 @@ def make_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
                     break
             except httpx.TransportError:
                 pass
-            time.sleep(0.5)
+            time.sleep(0.1)
         yield log_path
     finally:
         if process.poll() is None:
@@ -196,7 +196,7 @@ def test_make_serve_names_both_addresses_once(make_serve: Path) -> None:
     """Start-up ends with one line naming both APIs; no phase message is repeated."""
     deadline = time.monotonic() + 60
     while "OpenAI API: " not in make_serve.read_text() and time.monotonic() < deadline:
-        time.sleep(0.5)
+        time.sleep(0.1)
     log = make_serve.read_text()
     ready = [line for line in log.splitlines() if "OpenAI API: " in line]
     assert len(ready) == 1, log[-3000:]
