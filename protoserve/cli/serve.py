@@ -90,11 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine gRPC address, host:port or unix:/path (role bridge; default: none)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="auto = bfloat16 on CPU (float16 is never used on CPU)")
-    p.add_argument("--device", default="auto",
     p.add_argument("--quantization", choices=QUANTIZATIONS, default="auto",
                    help="weights: auto = as the checkpoint stores them (compressed-tensors "
                    "W8A16/W4A16 read as such); int8 (per channel) / int4 (groups of 128): "
                    "round-to-nearest at load time from bf16/float32 weights")
+    p.add_argument("--device", default="auto",
                    help="auto (cuda when a CUDA device is visible, else cpu) | cpu | cuda | cuda:N")
     p.add_argument("--load-format", choices=LOAD_FORMATS, default="auto",
                    help="auto: safetensors when the checkpoint has them, else PyTorch "
@@ -189,9 +189,9 @@ def engine_config_from_args(args: argparse.Namespace, model: str) -> EngineConfi
         seed=args.seed,
         device=args.device,
         load_format=args.load_format,
+        quantization=args.quantization,
         max_logprobs=args.max_logprobs,
         task=args.task,
-        quantization=args.quantization,
         pooling_type=args.pooling_type,
         attention_backend=args.attention_backend,
     ))
