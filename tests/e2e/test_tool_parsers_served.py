@@ -1,11 +1,12 @@
 """Tool calls read by the engine's parsers on the real engine, through the OpenAI SDK: a
 guided regex makes the tiny random model write a pythonic call list (Llama 3.2/4 format),
 which the engine reads into tool_calls, streamed and not; `parallel_tool_calls: false`
-returns only the first call."""
+returns only the first call; a `--tool-parser-plugin` file's parser serves the same way."""
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -70,3 +71,47 @@ def test_parallel_tool_calls_false_returns_one_call(client: OpenAI) -> None:
     _, streamed, _ = _streamed_calls(client, args)
     assert [json.loads(c["arguments"]) for c in streamed] == [
         json.loads(call.function.arguments)]
+
+
+PLUGIN = """
+import json
+from engine.output_parsing import register_tool_parser
+from engine.output_parsing.tool_parsers import ParsedCall, ToolParser
+
+@register_tool_parser("call_line")
+class CallLine(ToolParser):
+    # CALL <name> <json arguments>, at the start of the output.
+    markers = ("CALL ",)
+    only_at_start = True
+
+    def parse(self, region, final):
+        if not final:
+            return [], 0
+        name, _, arguments = region.strip().removeprefix("CALL ").partition(" ")
+        try:
+            return [ParsedCall(name, json.dumps(json.loads(arguments)))], len(region)
+        except ValueError:
+            return [], 0
+"""
+
+
+@pytest.fixture(scope="module")
+def plugin_client(shared_server: Callable[..., EngineProcess],
+                  tmp_path_factory: pytest.TempPathFactory) -> OpenAI:
+    plugin = Path(tmp_path_factory.mktemp("plugin")) / "call_line.py"
+    plugin.write_text(PLUGIN)
+    server = shared_server("--tool-parser-plugin", str(plugin), "--enable-auto-tool-choice",
+                           "--tool-call-parser", "call_line", role="all")
+    return OpenAI(base_url=f"{server.http_url}/v1", api_key="x", max_retries=0, timeout=120)
+
+
+def test_a_plugin_parser_reads_calls(plugin_client: OpenAI) -> None:
+    args = _args(plugin_client)
+    args["extra_body"] = {"guided_regex": r'CALL get_weather \{"city": "(Paris|Rome)"\}'}
+    choice = plugin_client.chat.completions.create(**args).choices[0]
+    (call,) = choice.message.tool_calls
+    assert choice.finish_reason == "tool_calls" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments)["city"] in ("Paris", "Rome")
+    _, streamed, finish = _streamed_calls(plugin_client, args)
+    assert finish == "tool_calls"
+    assert [json.loads(c["arguments"]) for c in streamed] == [json.loads(call.function.arguments)]
