@@ -230,11 +230,15 @@ void linear_int(torch::Tensor& out, const torch::Tensor& input, const torch::Ten
   for (const torch::Tensor* t : {static_cast<const torch::Tensor*>(&out), &input})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kBFloat16,
                 "linear_int takes bfloat16 CPU activations");
+  // int8: one pair of columns per 32 bytes; int4: two.
+  const int64_t columns_per_vector = bits == 8 ? 2 : 4;
   TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == torch::kUInt8 &&
-                  packed.dim() == 3 && packed.size(2) == bits * 4 && packed.is_contiguous(),
-              "packed weight must be contiguous uint8 [ceil(N / 16), K / 2, ", bits * 4, "]");
-  const int64_t num_panels = packed.size(0), in_features = packed.size(1) * 2;
-  TORCH_CHECK(group_size > 0 && group_size % 2 == 0, "group_size must be even, got ", group_size);
+                  packed.dim() == 3 && packed.size(2) == 32 && packed.is_contiguous(),
+              "packed weight must be contiguous uint8 [ceil(N / 16), K / ", columns_per_vector,
+              ", 32]");
+  const int64_t num_panels = packed.size(0), in_features = packed.size(1) * columns_per_vector;
+  TORCH_CHECK(group_size > 0 && group_size % columns_per_vector == 0, "group_size must be a "
+              "multiple of ", columns_per_vector, " for int", bits, ", got ", group_size);
   const int64_t num_groups = (in_features + group_size - 1) / group_size;
   TORCH_CHECK(scales.device().is_cpu() && scales.scalar_type() == torch::kFloat32 &&
                   scales.is_contiguous() && scales.dim() == 3 && scales.size(0) == num_panels &&

@@ -1,21 +1,29 @@
 // linear_int: out[M, N] = x[M, K] . dequant(Q)[N, K]^T (+ bias), x and out bfloat16, Q int8 or
 // int4 with fp32 scales per (row, group of group_size columns).
 //
-// Decode streams every weight once per step, so fewer bytes per weight is the speed-up; the
-// multiply stays the AVX512_BF16 pair-column dot product of linear_bf16 (panel_gemm_avx512.h)
-// over the same panel order, with each weight vector dequantized in registers first:
+// Decode streams every weight once per step, so fewer bytes per weight is the speed-up, as
+// long as turning bytes into bf16 operands costs less than streaming them did. Integers
+// become bf16 with one zero-extension and a logic op or two: an unsigned nibble u placed in
+// the mantissa of 128.0 (bits 0x4300 | u) IS the bf16 value 128 + u, exactly. The multiply stays
+// the AVX512_BF16 pair dot product of linear_bf16 (panel_gemm_avx512.h), over the same
+// 16-row panels, so within a group
 //
-//   int8: packed[p, k2, 2 r + j]             = Q[16 p + r, 2 k2 + j]      (signed bytes)
-//   int4: packed[p, k2, b] low nibble         = Q[16 p + b / 2,     2 k2 + b % 2] + 8
-//                          high nibble        = Q[16 p + 8 + b / 2, 2 k2 + b % 2] + 8
-//   scales[p, g, r]                           = scale[16 p + r, g]
+//   sum_k x_k (128 + u_k) = sum_k x_k q_k + C sum_k x_k
 //
-// A pair's 32 weights become two vectors of 16 fp32 lanes (rows 0-7 and rows 8-15 of the
-// panel, two columns each), are multiplied by their rows' scales and rounded to bfloat16 as
-// one __m512bh: exactly torch's `(Q.float() * scale).to(bfloat16)`, so the only difference
-// from a dequantize-then-matmul in bfloat16 is the fp32 summation order. Scales change at
-// group boundaries only and are broadcast to pairs once per group.
+// and the per-group epilogue subtracts C * sum(x) (a per-token sum computed once per call)
+// and multiplies by the rows' scales. Layouts (element e = 2 r + j of a pair is row r of the
+// panel, column j of the pair, as in linear_bf16's panels):
+//
+//   int8: packed[p, k2, e]       = Q[16 p + r, 2 k2 + j] + 128   (one byte, two nibbles: the
+//         high nibble's dot product takes 16 x, exact in bf16)   C = 128 + 16 * 128 + 128
+//   int4: packed[p, k4, e] low   = Q[16 p + r, 4 k4 + j] + 8     (pair 2 k4)
+//                          high  = Q[16 p + r, 4 k4 + 2 + j] + 8 (pair 2 k4 + 1)   C = 136
+//   scales[p, g, r]              = scale[16 p + r, g]
+//
+// Products are exact and sums fp32, so the result is the exact x . (Q * scale) up to fp32
+// summation error, rounded once to bf16.
 #include <algorithm>
+#include <vector>
 
 #include "cpu_types.h"
 #include "linear_int.h"
@@ -28,28 +36,8 @@ namespace {
 
 using panel_gemm::kPanelRows;
 
-// Bytes of one panel's pair of columns (32 weights).
-template <int BITS>
-constexpr int64_t kPairBytes = 32 * BITS / 8;
-
-template <int BITS>
-inline __m512bh dequantize_pair(const uint8_t* pair, __m512 scale_lo, __m512 scale_hi) {
-  __m512i lo, hi;
-  if constexpr (BITS == 8) {
-    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pair));
-    lo = _mm512_cvtepi8_epi32(_mm256_castsi256_si128(bytes));
-    hi = _mm512_cvtepi8_epi32(_mm256_extracti128_si256(bytes, 1));
-  } else {
-    const __m512i bytes =
-        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair)));
-    const __m512i offset = _mm512_set1_epi32(8);
-    lo = _mm512_sub_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(0xF)), offset);
-    hi = _mm512_sub_epi32(_mm512_srli_epi32(bytes, 4), offset);
-  }
-  const __m512 w_lo = _mm512_mul_ps(_mm512_cvtepi32_ps(lo), scale_lo);
-  const __m512 w_hi = _mm512_mul_ps(_mm512_cvtepi32_ps(hi), scale_hi);
-  return _mm512_cvtne2ps_pbh(w_hi, w_lo);  // w_lo in the low 16 lanes
-}
+constexpr int64_t kVectorBytes = 32;  // one load per step: 32 (int8) or 64 (int4) weights
+constexpr int64_t kPrefetchBytes = 4096;
 
 struct IntRun {
   const uint8_t* weight;
@@ -57,26 +45,39 @@ struct IntRun {
   int64_t in_features;
   int64_t group_size;
   int64_t num_groups;
-  const bf16_t* input;
+  const bf16_t* input;  // x rows
   int64_t input_stride;
+  const bf16_t* input16;  // int8 only: 16 x, contiguous rows of in_features
+  const float* x_sums;    // [num_tokens, num_groups]
   int64_t num_tokens;
 };
 
-// NP panels x MT tokens from token m0, as panel_gemm::tile, group by group.
+// Two bf16 operands of 32 lanes from 32 bytes: the low nibbles' 128 + u, then the high's.
+// Zero-extended to 16-bit lanes first, so the high nibble needs no mask after its shift and
+// the low one takes a single ternary-logic op ((w & 0xF) | 0x4300).
+inline void nibble_operands(const uint8_t* bytes, __m512bh& low, __m512bh& high) {
+  const __m512i words =
+      _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes)));
+  const __m512i exponent = _mm512_set1_epi16(0x4300);
+  // 0xEA: a & b | c.
+  low = (__m512bh)_mm512_ternarylogic_epi32(words, _mm512_set1_epi16(0x000F), exponent, 0xEA);
+  high = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(words, 4), exponent);
+}
+
+// NP panels x MT tokens from token m0, group by group; see panel_gemm::tile.
 template <int BITS, int NP, int MT, typename Epilogue>
 inline void tile(const IntRun& run, int64_t panel0, int64_t num_panels, int64_t m0,
                  Epilogue& epilogue) {
-  constexpr int64_t pair_bytes = kPairBytes<BITS>;
-  // Prefetch one cache line per 64 bytes streamed, ~4 KiB ahead as linear_bf16 does.
-  constexpr int64_t pairs_per_line = 64 / pair_bytes;
-  constexpr int64_t prefetch_bytes = 4096;
+  // Steps of one 32-byte load: int8 one pair of columns, int4 two.
+  constexpr int64_t pairs_per_step = BITS == 8 ? 1 : 2;
+  constexpr float correction = BITS == 8 ? 2304.0f : 136.0f;
   const int64_t pairs = run.in_features / 2;
-  const int64_t panel_stride = pairs * pair_bytes;
-  const __m512i rows_lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-  const __m512i rows_hi = _mm512_add_epi32(rows_lo, _mm512_set1_epi32(8));
+  const int64_t steps = pairs / pairs_per_step;
+  const int64_t panel_stride = steps * kVectorBytes;
+  __m512 total[NP][MT];
   __m512 acc[NP][MT];
   for (int p = 0; p < NP; ++p)
-    for (int t = 0; t < MT; ++t) acc[p][t] = _mm512_setzero_ps();
+    for (int t = 0; t < MT; ++t) total[p][t] = acc[p][t] = _mm512_setzero_ps();
   int64_t panel_index[NP];
   const uint8_t* panels[NP];
   for (int p = 0; p < NP; ++p) {
@@ -84,36 +85,55 @@ inline void tile(const IntRun& run, int64_t panel0, int64_t num_panels, int64_t 
     panels[p] = run.weight + panel_index[p] * panel_stride;
   }
   const int32_t* x_rows[MT];
-  for (int t = 0; t < MT; ++t)
+  const int32_t* x16_rows[MT];
+  for (int t = 0; t < MT; ++t) {
     x_rows[t] = reinterpret_cast<const int32_t*>(run.input + (m0 + t) * run.input_stride);
+    x16_rows[t] = BITS == 8 ? reinterpret_cast<const int32_t*>(
+                                  run.input16 + (m0 + t) * run.in_features)
+                            : nullptr;
+  }
   const bool prefetch = m0 == 0;
+  const int64_t group_steps = run.group_size / 2 / pairs_per_step;
 
-  const int64_t group_pairs = run.group_size / 2;
   for (int64_t g = 0; g < run.num_groups; ++g) {
-    __m512 scale_lo[NP], scale_hi[NP];
-    for (int p = 0; p < NP; ++p) {
-      const __m512 s = _mm512_loadu_ps(run.scales + (panel_index[p] * run.num_groups + g) * 16);
-      scale_lo[p] = _mm512_permutexvar_ps(rows_lo, s);
-      scale_hi[p] = _mm512_permutexvar_ps(rows_hi, s);
-    }
-    const int64_t k2_end = std::min(pairs, (g + 1) * group_pairs);
-    for (int64_t k2 = g * group_pairs; k2 < k2_end; ++k2) {
-      __m512bh wv[NP];
+    const int64_t end = std::min(steps, (g + 1) * group_steps);
+    for (int64_t s = g * group_steps; s < end; ++s) {
       for (int p = 0; p < NP; ++p) {
-        const uint8_t* vec = panels[p] + k2 * pair_bytes;
-        if (prefetch && k2 % pairs_per_line == 0)
-          __builtin_prefetch(vec + prefetch_bytes, 0, panel_gemm::kPrefetchLocality);
-        wv[p] = dequantize_pair<BITS>(vec, scale_lo[p], scale_hi[p]);
+        const uint8_t* vec = panels[p] + s * kVectorBytes;
+        if (prefetch && (s & 1) == 0)
+          __builtin_prefetch(vec + kPrefetchBytes, 0, panel_gemm::kPrefetchLocality);
+        __m512bh low, high;
+        nibble_operands(vec, low, high);
+        for (int t = 0; t < MT; ++t) {
+          if constexpr (BITS == 8) {
+            acc[p][t] = _mm512_dpbf16_ps(acc[p][t], low,
+                                         (__m512bh)_mm512_set1_epi32(x_rows[t][s]));
+            acc[p][t] = _mm512_dpbf16_ps(acc[p][t], high,
+                                         (__m512bh)_mm512_set1_epi32(x16_rows[t][s]));
+          } else {
+            acc[p][t] = _mm512_dpbf16_ps(acc[p][t], low,
+                                         (__m512bh)_mm512_set1_epi32(x_rows[t][2 * s]));
+            acc[p][t] = _mm512_dpbf16_ps(acc[p][t], high,
+                                         (__m512bh)_mm512_set1_epi32(x_rows[t][2 * s + 1]));
+          }
+        }
       }
+    }
+    // Group epilogue: remove the offsets' share, apply the rows' scales.
+    for (int p = 0; p < NP; ++p) {
+      const __m512 scale = _mm512_loadu_ps(run.scales + (panel_index[p] * run.num_groups + g) *
+                                                            kPanelRows);
       for (int t = 0; t < MT; ++t) {
-        const __m512bh x_pair = (__m512bh)_mm512_set1_epi32(x_rows[t][k2]);
-        for (int p = 0; p < NP; ++p) acc[p][t] = _mm512_dpbf16_ps(acc[p][t], wv[p], x_pair);
+        const __m512 offset =
+            _mm512_set1_ps(correction * run.x_sums[(m0 + t) * run.num_groups + g]);
+        total[p][t] = _mm512_fmadd_ps(_mm512_sub_ps(acc[p][t], offset), scale, total[p][t]);
+        acc[p][t] = _mm512_setzero_ps();
       }
     }
   }
   for (int t = 0; t < MT; ++t) {
     __m512 sums[NP];
-    for (int p = 0; p < NP; ++p) sums[p] = acc[p][t];
+    for (int p = 0; p < NP; ++p) sums[p] = total[p][t];
     epilogue(m0 + t, sums);
   }
 }
@@ -135,18 +155,27 @@ inline void token_tiles(const IntRun& run, int64_t panel0, int64_t num_panels,
 template <int BITS, int NP, int MT>
 void run(const LinearIntArgs& args) {
   const int64_t num_panels = ceil_div(args.out_features, kPanelRows);
-  const int64_t num_groups_of_panels = ceil_div(num_panels, NP);
-  const IntRun gemm{args.packed_weight,
-                    args.scales,
-                    args.in_features,
-                    args.group_size,
-                    ceil_div(args.in_features, args.group_size),
-                    static_cast<const bf16_t*>(args.input),
-                    args.input_stride,
+  const int64_t num_panel_groups = ceil_div(num_panels, NP);
+  const int64_t num_groups = ceil_div(args.in_features, args.group_size);
+  const bf16_t* input = static_cast<const bf16_t*>(args.input);
+  // Per token: sum(x) of each group (the offsets' share) and, for int8, 16 x.
+  std::vector<float> x_sums(args.num_tokens * num_groups, 0.0f);
+  std::vector<bf16_t> input16(BITS == 8 ? args.num_tokens * args.in_features : 0);
+  for (int64_t m = 0; m < args.num_tokens; ++m) {
+    const bf16_t* row = input + m * args.input_stride;
+    for (int64_t k = 0; k < args.in_features; ++k) {
+      const float value = bf16_to_float(row[k]);
+      x_sums[m * num_groups + k / args.group_size] += value;
+      if constexpr (BITS == 8) input16[m * args.in_features + k] = float_to_bf16(value * 16.0f);
+    }
+  }
+  const IntRun gemm{args.packed_weight, args.scales,     args.in_features,
+                    args.group_size,    num_groups,      input,
+                    args.input_stride,  input16.data(),  x_sums.data(),
                     args.num_tokens};
   const bf16_t* bias = static_cast<const bf16_t*>(args.bias);
   bf16_t* output = static_cast<bf16_t*>(args.output);
-  at::parallel_for(0, num_groups_of_panels, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, num_panel_groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const int64_t panel0 = g * NP;
       const int64_t group_panels = std::min<int64_t>(NP, num_panels - panel0);
@@ -167,7 +196,7 @@ void run(const LinearIntArgs& args) {
   });
 }
 
-// Tiles as linear_bf16's, narrower: each panel also holds two scale vectors per group.
+// Accumulators and running totals both stay in registers: half linear_bf16's tiles.
 template <int BITS>
 void dispatch(const LinearIntArgs& args) {
   if (args.num_tokens == 1) {
@@ -175,7 +204,7 @@ void dispatch(const LinearIntArgs& args) {
   } else if (args.num_tokens <= 4) {
     run<BITS, 3, 4>(args);
   } else {
-    run<BITS, 2, 8>(args);
+    run<BITS, 2, 6>(args);
   }
 }
 

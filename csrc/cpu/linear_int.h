@@ -12,14 +12,14 @@ struct LinearIntArgs {
   int64_t output_stride;
   const void* input;  // bf16 [num_tokens, in_features]
   int64_t input_stride;
-  const uint8_t* packed_weight;  // [ceil(N / 16), K / 2, bits * 4] bytes
+  const uint8_t* packed_weight;  // [ceil(N / 16), K / 2 (int8) or K / 4 (int4), 32] bytes
   const float* scales;           // [ceil(N / 16), num_groups, 16]
   const void* bias;              // bf16 [out_features] or nullptr
   int64_t num_tokens;
   int64_t in_features;
   int64_t out_features;
   int bits;            // 8 or 4
-  int64_t group_size;  // even; in_features for per-channel scales
+  int64_t group_size;  // a multiple of 2 (int8) or 4 (int4); in_features per channel
 };
 
 void linear_int(const LinearIntArgs& args);  // only with has_avx512_bf16()

@@ -31,7 +31,7 @@ from torch.nn import functional as F
 
 from engine import ops
 from engine.layers.linear import Linear
-from engine.layers.quant.panels import pack_int_panels
+from engine.layers.quant.panels import kernel_supports, pack_int_panels
 
 
 @dataclass(frozen=True)
@@ -198,10 +198,9 @@ def quantize_decoder_linears(model: nn.Module, quant: WeightQuant) -> int:
 
 def finalize_quantized_linears(model: nn.Module, *, use_kernel: bool) -> int:
     layers = [module for module in model.modules() if isinstance(module, QuantizedLinear)]
-    use_kernel = use_kernel and all(
-        layer.in_features % 2 == 0 and layer.group_size % 2 == 0 for layer in layers)
     for layer in layers:
-        layer.finalize(use_kernel)
+        layer.finalize(use_kernel and kernel_supports(layer.quant.bits, layer.in_features,
+                                                      layer.group_size))
     return len(layers)
 
 

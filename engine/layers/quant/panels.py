@@ -6,32 +6,40 @@ import torch
 from engine.ops import LINEAR_PANEL_ROWS
 
 
+def kernel_supports(bits: int, in_features: int, group_size: int) -> bool:
+    """Whether linear_int takes this shape: one 32-byte load holds 2 (int8) or 4 (int4)
+    columns of a panel, so in_features and the group size must be multiples of that."""
+    step = 2 if bits == 8 else 4
+    return bits in (4, 8) and in_features % step == 0 and group_size % step == 0
+
+
 def pack_int_panels(
     qweight: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Q [N, K] int8 (values of a `bits`-bit signed integer) and scale [N, ceil(K /
-    group_size)] -> linear_int's panels (csrc/cpu/linear_int.cpp): uint8 [ceil(N / 16), K / 2,
-    4 * bits] in linear_bf16's pair-column order (int4: rows 8-15 of a panel in the high
-    nibbles, offset by 8), and float32 scales [ceil(N / 16), groups, 16]; rows past N zero."""
+    group_size)] -> linear_int's panels (csrc/cpu/linear_int.cpp) and float32 scales
+    [ceil(N / 16), groups, 16], rows past N zero. Panels are uint8 [ceil(N / 16), K / 2, 32]
+    for int8 (Q + 128, element 2 r + j of each 32 being row r, column j of a column pair) and
+    [ceil(N / 16), K / 4, 32] for int4 (Q + 8; two column pairs per 32 bytes, the second in
+    the high nibbles)."""
     out_features, in_features = qweight.shape
-    if in_features % 2 or group_size % 2:
-        raise ValueError(f"linear_int needs an even in_features and group size, got "
-                         f"{in_features} and {group_size}")
-    if bits not in (4, 8):
-        raise ValueError(f"linear_int packs 4- or 8-bit weights, got {bits}")
+    if not kernel_supports(bits, in_features, group_size):
+        raise ValueError(f"linear_int cannot take int{bits} weights of in_features "
+                         f"{in_features} in groups of {group_size}")
     num_panels = -(-out_features // LINEAR_PANEL_ROWS)
     rows = num_panels * LINEAR_PANEL_ROWS
-    padded = qweight.new_zeros(rows, in_features)
-    padded[:out_features] = qweight
+    offset = 2 ** (bits - 1)
+    unsigned = torch.full((rows, in_features), offset, dtype=torch.int16)
+    unsigned[:out_features] = qweight.to(torch.int16) + offset
     # [P, K / 2, 32]: element 2 r + j of a pair is row r, column j.
-    pairs = padded.view(num_panels, LINEAR_PANEL_ROWS, in_features // 2, 2).permute(0, 2, 1, 3)
-    pairs = pairs.reshape(num_panels, in_features // 2, 2 * LINEAR_PANEL_ROWS)
+    pairs = unsigned.view(num_panels, LINEAR_PANEL_ROWS, in_features // 2, 2).permute(0, 2, 1, 3)
+    pairs = pairs.reshape(num_panels, in_features // 2, 2 * LINEAR_PANEL_ROWS).to(torch.uint8)
     if bits == 8:
-        packed = pairs.contiguous().view(torch.uint8)
+        packed = pairs.contiguous()
     else:
-        unsigned = (pairs.to(torch.int16) + 8).to(torch.uint8)
-        packed = (unsigned[..., :16] | (unsigned[..., 16:] << 4)).contiguous()
-    scales = scale.new_zeros(rows, scale.shape[1], dtype=torch.float32)
+        two = pairs.view(num_panels, in_features // 4, 2, 2 * LINEAR_PANEL_ROWS)
+        packed = (two[:, :, 0] | (two[:, :, 1] << 4)).contiguous()
+    scales = torch.zeros(rows, scale.shape[1], dtype=torch.float32)
     scales[:out_features] = scale
     scales = scales.view(num_panels, LINEAR_PANEL_ROWS, -1).permute(0, 2, 1).contiguous()
     return packed, scales
