@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from family_configs import TEST_WINDOW
-from greedy_reference import make_peaked_model, prompts_from
+from greedy_reference import assert_transformers_greedy, make_peaked_model, prompts_from
 from transformers import AutoModelForCausalLM
 
 from engine.frontend.llm import LLM
@@ -37,20 +37,6 @@ def reference_model(window_dir: Path) -> torch.nn.Module:
     return model
 
 
-def assert_transformers_greedy(model: torch.nn.Module, prompt: list[int], tokens: list[int]) -> None:
-    """`tokens` are transformers' greedy continuation of `prompt`: one forward over the whole
-    sequence (its sliding-window mask on every layer) must pick each of them at the position
-    before it. By induction that is exactly what `generate` would produce, at a fraction of
-    its cost for 64-token generations."""
-    assert len(tokens) == NUM_NEW
-    ids = torch.tensor([prompt + tokens])
-    with torch.no_grad():
-        logits = model(ids, attention_mask=torch.ones_like(ids)).logits[0]
-    greedy = logits[len(prompt) - 1 : -1].argmax(dim=-1).tolist()
-    first_diff = next((i for i, (a, b) in enumerate(zip(greedy, tokens)) if a != b), None)
-    assert first_diff is None, f"prompt of {len(prompt)}: token {first_diff} is not greedy"
-
-
 def window_llm(model_dir: Path, backend: str, num_kv_blocks: int) -> LLM:
     # A small token budget mixes chunked prefills with the others' decodes.
     return LLM(
@@ -71,6 +57,7 @@ def test_long_concurrent_generations_reuse_given_back_blocks(
     assert llm.runner.attention_backend == backend
     outputs = llm.generate(prompts, GREEDY_LONG)
     for prompt, out in zip(prompts, outputs, strict=True):
+        assert len(out.token_ids) == NUM_NEW
         assert_transformers_greedy(reference_model, prompt, out.token_ids)
     # All ten ran side by side: no preemption, and about as many steps as one request's
     # decode (serially it would take ten times as many).
