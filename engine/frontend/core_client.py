@@ -92,9 +92,14 @@ def describe_exit(code: int | None) -> str:
 
 
 class ProcessCore:
-    def __init__(self, config: EngineConfig, bos_token_id: int | None) -> None:
+    def __init__(self, config: EngineConfig, bos_token_id: Callable[[], int | None]) -> None:
         """Start the core process and wait until it has loaded the model and warmed up.
-        Raises ModelLoadError when it cannot (the child's reason), or when it exits."""
+        Raises ModelLoadError when it cannot (the child's reason), or when it exits.
+
+        `bos_token_id` is called once the child is spawned: the serving process loads its
+        tokenizer while the child imports torch (seconds each), and the child needs the id
+        only for its warm-up request. If it raises, the child is killed and the error
+        propagates."""
         parent_socket, child_socket = socket.socketpair()
         self._process = subprocess.Popen(
             [sys.executable, "-m", "engine.core.process_main", str(child_socket.fileno())],
@@ -110,7 +115,14 @@ class ProcessCore:
         self.last_heartbeat = time.monotonic()
         try:
             try:
-                self._conn.send(CoreStart(config, bos_token_id,
+                warm_up_token_id = bos_token_id()
+            except BaseException:
+                self._process.kill()
+                self._process.wait()
+                self._conn.close()
+                raise
+            try:
+                self._conn.send(CoreStart(config, warm_up_token_id,
                                           logging.getLogger().getEffectiveLevel()))
             except OSError:
                 pass  # it is gone already: _wait_until_ready says how

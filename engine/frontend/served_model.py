@@ -100,12 +100,19 @@ class Engine:
         """Load the tokenizer here and the model where its core runs (warmed up by one
         request). Raises ModelLoadError for a model directory that cannot be served."""
         resolve_task(config)  # an unservable directory fails before anything loads
-        tokenizer = load_tokenizer(config)
         core: CoreClient
         if config.engine_core == "process":
-            core = ProcessCore(config, tokenizer.bos_token_id)
-            facts = core.facts
+            loaded: list[Tokenizer] = []
+
+            def tokenizer_bos_id() -> int | None:
+                # Runs while the core process starts up: both take seconds.
+                loaded.append(load_tokenizer(config))
+                return loaded[0].bos_token_id
+
+            core = ProcessCore(config, tokenizer_bos_id)
+            tokenizer, facts = loaded[0], core.facts
         else:
+            tokenizer = load_tokenizer(config)
             engine_core, facts = build_core(config, tokenizer.bos_token_id)
             # The core's own compiler, as the core process builds one for itself.
             core = ThreadedCore(engine_core, make_grammar_compiler(config, facts, tokenizer))
