@@ -36,8 +36,6 @@ from engine.config import (
     SchedulerConfig,
 )
 from engine.errors import InvalidRequestError, ModelLoadError
-from engine.models.generation_config import generation_defaults
-from engine.models.hub import local_model_config
 from engine.sampling_params import SamplingParams
 from engine.structured.backend_names import BackendChoice, accepted_names, resolve_backend
 from protoserve.cli.config_file import parse_args_with_config
@@ -102,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "weights from config.json alone (benchmarks without a checkpoint)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="longest sequence (prompt + output) in tokens (default: the model's "
-                   "config, capped by a sliding window)")
+                   "config)")
     p.add_argument("--block-size", type=int, default=16,
                    help="tokens per KV cache block (the unit of allocation and prefix sharing)")
     p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
@@ -175,6 +173,10 @@ def engine_config_from_args(args: argparse.Namespace, model: str) -> EngineConfi
     """Hub ids (--model, --tokenizer, --embedding-model) are downloaded here, once, before
     anything starts: the config carries their snapshot directories to every process.
     Raises ModelLoadError when one cannot be had."""
+    # Imported here, as every torch-importing module: a start-up that fails its argument
+    # or port checks, and `--role bridge`, never pay seconds of torch and transformers.
+    from engine.models.hub import local_model_config
+
     model_config = local_model_config(ModelConfig(
         model=model,
         tokenizer=args.tokenizer,
@@ -228,6 +230,8 @@ def _json_object(text: str) -> dict:
 
 
 def _generation_defaults(args: argparse.Namespace, model: str) -> tuple:
+    from engine.models.generation_config import generation_defaults
+
     defaults = generation_defaults(args.generation_config, model, args.override_generation_config)
     try:  # a default the engine would refuse fails start-up, not every request
         SamplingParams(**{k: v for k, v in defaults if k != "max_tokens"}).validate()
@@ -247,6 +251,8 @@ def _guided_decoding_backend(args: argparse.Namespace) -> BackendChoice:
 
 
 def _embedding_model_config(args: argparse.Namespace) -> ModelConfig | None:
+    from engine.models.hub import local_model_config
+
     if not args.embedding_model:
         return None
     return local_model_config(ModelConfig(
