@@ -7,7 +7,8 @@ fit this machine, built once (seeded) and cached as Hugging Face directories (bf
                 sliding-window / global layers, head_dim 256) at about 160M parameters
 
 Both transformers and the engine load them (and vLLM's CPU build, when installed), so each
-peer runs the same weights. Only token ids are used: no tokenizer is saved.
+peer runs the same weights. The tokenizer is the benchmarks' word-level one (every id one
+word; benchmarks/frontend_tax.py), copied in so every server loads the directory as is.
 
     .venv/bin/python -m benchmarks.family_models --shape qwen3-moe     # prints the directory
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ FAMILY_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
         "vocab_size": 32000,
         "max_position_embeddings": 4096,
         "tie_word_embeddings": False,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
     }),
     "gemma2": ("bench-gemma2-v1", {
         "model_type": "gemma2",
@@ -53,8 +56,11 @@ FAMILY_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
         "sliding_window": 512,
         "vocab_size": 32000,
         "max_position_embeddings": 4096,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
     }),
 }
+
+FAMILY_SHAPES_BY_DIR = {directory: fields for directory, fields in FAMILY_SHAPES.values()}
 
 
 def family_model_dir(shape: str) -> Path:
@@ -65,6 +71,7 @@ def ensure_family_model(shape: str) -> Path:
     """The directory of `shape`'s checkpoint, building it first if it is missing."""
     target = family_model_dir(shape)
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        _add_tokenizer(target)
         return target
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -79,7 +86,17 @@ def ensure_family_model(shape: str) -> Path:
     for path in staging.iterdir():  # rename last: an interrupted build never looks complete
         path.replace(target / path.name)
     staging.rmdir()
+    _add_tokenizer(target)
     return target
+
+
+def _add_tokenizer(target: Path) -> None:
+    from benchmarks.frontend_tax import ensure_word_tokenizer
+
+    vocab_size = int(FAMILY_SHAPES_BY_DIR[target.name]["vocab_size"])
+    for path in ensure_word_tokenizer(vocab_size).iterdir():
+        if not (target / path.name).exists():
+            shutil.copy(path, target / path.name)
 
 
 def active_weight_bytes(shape: str) -> tuple[int, int]:
