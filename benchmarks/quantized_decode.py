@@ -11,6 +11,10 @@ weights; int8/int4 quantize those at load time, as for a bf16 checkpoint). Each 
 logits and argmax: no scheduler or server around it), and prints tokens/s and the bytes of
 weights a step streams. The LM head (and embeddings) stay bf16 in every format, so the
 speed-up over bf16 is bounded by the bytes ratio printed, not by 2x / 4x.
+
+bf16 decode runs all layers in one native call (models/fused_decode.py); quantized models take
+the per-op path (one kernel call per projection), so `bfloat16-per-op` (the fused path turned
+off) is printed too: the same path as the quantized rows, differing only in the linear kernels.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import torch
 from engine.config import ModelConfig
 from engine.core.batch import ScheduledBatch, ScheduledRequest
 from engine.layers.quantized_linear import QuantizedLinear
+from engine.models.fused_decode import FusedDecodeLayers
 from engine.models.loader import LoadedModel, load_model
 from engine.runner.input_prep import prepare_inputs
 from engine.runner.kv_memory import KVCacheSpec, allocate_kv_caches
@@ -92,16 +97,23 @@ def decode_tokens_per_second(loaded: LoadedModel, steps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--formats", nargs="+", default=["bfloat16", "int8", "int4"],
-                        choices=("bfloat16", "int8", "int4"))
+    parser.add_argument("--formats", nargs="+",
+                        default=["bfloat16", "bfloat16-per-op", "int8", "int4"],
+                        choices=("bfloat16", "bfloat16-per-op", "int8", "int4"))
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    fused_applies = FusedDecodeLayers.applies
     with tempfile.TemporaryDirectory() as directory:
         model_dir = write_config(Path(directory))
         print(f"{'format':>9} {'tok/s':>8} {'weights/step':>13}  vs bf16")
         base = None
         for name in args.formats:
-            quantization = "auto" if name == "bfloat16" else name
+            quantization = name if name.startswith("int") else "auto"
+            FusedDecodeLayers.applies = (  # type: ignore[method-assign]
+                fused_applies if name == "bfloat16" else (lambda self, h, m: False))
             loaded = load_model(
                 ModelConfig(model=str(model_dir), dtype="bfloat16", load_format="dummy",
                             quantization=quantization, attention_backend="cpu_paged"),

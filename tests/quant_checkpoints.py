@@ -85,6 +85,28 @@ def library_dequantized_model(base_dir: Path, ct_dir: Path) -> Any:
     return model
 
 
+HF_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def online_reference_weights(base_dir: Path, method: str, dtype: torch.dtype) -> dict:
+    """Each projection of the transformers model (in `dtype`) quantized row by row as
+    --quantization `method` does, dequantized to float32. Rows and column groups are
+    independent, so per-shard quantization equals quantizing our fused layer."""
+    from engine.layers.quantized_linear import ONLINE_SCHEMES, dequantize, quantize_weight
+
+    quant = ONLINE_SCHEMES[method]
+    hf = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    weights = {}
+    for name, param in hf.named_parameters():
+        if any(name.endswith(f"{linear}.weight") for linear in HF_LINEARS):
+            source = param.detach().to(dtype)
+            group = quant.group_for(source.shape[1])
+            qweight, scale = quantize_weight(source, quant.bits, group)
+            weights[name] = dequantize(qweight, scale, group)
+    return weights
+
+
 def hf_with_weights(base_dir: Path, weights: dict[str, torch.Tensor]) -> Any:
     """transformers' float32 model of `base_dir` with the named Linear weights replaced."""
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()

@@ -16,8 +16,8 @@ layer exactly as unquantized weights do (models/weights.py FusedWeightLoader). T
 w[n, k] = q[n, k] * weight_scale[n, k // group_size] (symmetric, round-to-nearest).
 
 After loading, `finalize_quantized_linears` lays each layer out once for where it runs:
-- bfloat16 on a CPU with our AVX512_BF16 kernels: engine.ops.linear_int's panels (dequantized
-  in registers, so memory holds only the packed bytes and scales);
+- bfloat16 on a CPU with our AVX512_BF16 kernels: engine.ops.linear_int's panels (integers
+  turned into bf16 operands in registers, so memory holds only the packed bytes and scales);
 - anywhere else (float32, other CPUs, CUDA): int8 values and scales, dequantized to the
   activations' dtype on every call and multiplied by F.linear (the pure-torch reference).
 """

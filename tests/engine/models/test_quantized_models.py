@@ -16,6 +16,7 @@ from quant_checkpoints import (
     greedy_against_reference,
     hf_with_weights,
     library_dequantized_model,
+    online_reference_weights,
     reference_logits,
     write_compressed_tensors,
 )
@@ -24,19 +25,12 @@ from transformers import AutoModelForCausalLM
 from engine.attention import resolve_attention_backend
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
-from engine.layers.quantized_linear import (
-    ONLINE_SCHEMES,
-    QuantizedLinear,
-    dequantize,
-    quantize_weight,
-)
+from engine.layers.quantized_linear import QuantizedLinear
 from engine.models.loader import load_model
 
 # in_features 160 and 320: int4's groups of 128 end in a partial group.
 SHAPE = dict(hidden_size=160, num_heads=4, num_kv_heads=2, intermediate_size=320,
              initializer_range=0.15)
-HF_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 @pytest.fixture(scope="module")
@@ -46,21 +40,6 @@ def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def prompt() -> list[int]:
     return torch.randint(3, 400, (11,), generator=torch.Generator().manual_seed(1)).tolist()
-
-
-def online_reference_weights(base_dir: Path, method: str, dtype: torch.dtype) -> dict:
-    """Each HF projection quantized row by row as --quantization does (rows and column groups
-    are independent, so per-shard quantization equals quantizing the fused layer)."""
-    quant = ONLINE_SCHEMES[method]
-    hf = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    weights = {}
-    for name, param in hf.named_parameters():
-        if any(name.endswith(f"{linear}.weight") for linear in HF_LINEARS):
-            source = param.detach().to(dtype)
-            group = quant.group_for(source.shape[1])
-            qweight, scale = quantize_weight(source, quant.bits, group)
-            weights[name] = dequantize(qweight, scale, group)
-    return weights
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])

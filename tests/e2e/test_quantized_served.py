@@ -1,0 +1,107 @@
+"""Quantized models served through both surfaces: engine-serve with --quantization int8 on a
+float32 checkpoint, and on a compressed-tensors W4A16 checkpoint written by that library,
+answers gRPC Generate and the OpenAI SDK with the greedy continuation of transformers running
+the same dequantized weights (served in float32, where our forward equals it to 1e-4)."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import openai
+import pytest
+import torch
+from engine_process import EngineProcess, start_engine
+from model_factory import build_tiny_model
+from quant_checkpoints import (
+    hf_with_weights,
+    library_dequantized_model,
+    online_reference_weights,
+    write_compressed_tensors,
+)
+from transformers import AutoTokenizer
+
+from protoserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
+pytestmark = pytest.mark.e2e
+
+NEW_TOKENS = 12
+PROMPT = "The engine serves quantized weights"
+CASES = ("int8-online", "w4a16-compressed-tensors")
+
+
+class Served:
+    def __init__(self, model_dir: Path, reference: Any, server: EngineProcess) -> None:
+        self.server = server
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.prompt_ids = tokenizer(PROMPT)["input_ids"]
+        ids = torch.tensor([self.prompt_ids])
+        with torch.no_grad():
+            out = reference.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                     pad_token_id=0)
+        self.expected_ids = out[0, len(self.prompt_ids):].tolist()
+        self.expected_text = tokenizer.decode(self.expected_ids, skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Served]]:
+    root = tmp_path_factory.mktemp("quantized")
+    base = build_tiny_model(root / "base", hidden_size=128, initializer_range=0.15)
+    ct_dir = write_compressed_tensors(base, root / "w4a16", preset="W4A16", strategy="group",
+                                      group_size=32)
+    started: list[EngineProcess] = []
+    try:
+        online = start_engine(base, "--dtype", "float32", "--quantization", "int8",
+                              "--engine-core", "thread", role="all")
+        started.append(online)
+        stored = start_engine(ct_dir, "--dtype", "float32", "--engine-core", "thread",
+                              role="all")
+        started.append(stored)
+        yield {
+            "int8-online": Served(
+                base, hf_with_weights(base, online_reference_weights(base, "int8",
+                                                                     torch.float32)), online),
+            "w4a16-compressed-tensors": Served(
+                ct_dir, library_dequantized_model(base, ct_dir), stored),
+        }
+    finally:
+        for server in started:
+            server.stop()
+
+
+@pytest.fixture(params=CASES)
+def served(request: pytest.FixtureRequest, servers: dict[str, Served]) -> Served:
+    return servers[request.param]
+
+
+def test_grpc_generate_gives_the_dequantized_reference_tokens(served: Served) -> None:
+    request = inference_pb2.GenerateRequest(
+        token_ids=common_pb2.TokenIds(ids=served.prompt_ids), return_text=False,
+        sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS,
+                                           ignore_eos=True))
+    tokens: list[int] = []
+    with grpc.insecure_channel(served.server.grpc_address) as channel:
+        for event in inference_pb2_grpc.InferenceStub(channel).Generate(request, timeout=120):
+            if event.HasField("delta"):
+                tokens.extend(event.delta.token_ids)
+    assert tokens == served.expected_ids
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_completion_gives_the_dequantized_reference_text(served: Served,
+                                                                stream: bool) -> None:
+    assert served.server.http_url is not None
+    client = openai.OpenAI(base_url=f"{served.server.http_url}/v1", api_key="unused",
+                           max_retries=0)
+    model = client.models.list().data[0].id
+    kwargs = dict(model=model, prompt=PROMPT, max_tokens=NEW_TOKENS, temperature=0.0,
+                  extra_body={"ignore_eos": True})
+    if stream:
+        text = "".join(chunk.choices[0].text
+                       for chunk in client.completions.create(**kwargs, stream=True)
+                       if chunk.choices)
+    else:
+        text = client.completions.create(**kwargs).choices[0].text
+    assert text == served.expected_text
