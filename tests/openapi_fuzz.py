@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,15 +41,20 @@ def run_schemathesis(url: str, model: ServedModel, *, max_examples: int, seed: i
     """One `schemathesis run` over every operation; exit status 0 means every check passed.
 
     filter_too_much is a generation health check, not a response check: a path parameter
-    that is any string (a model name) has no negative values to generate."""
+    that is any string (a model name) has no negative values to generate. The failure cache
+    is off: it would replay an earlier run's cases (kept in the working directory) first."""
     env = {**os.environ, "SCHEMATHESIS_HOOKS": str(HOOKS),
            "PROTOSERVE_FUZZ_VOCAB_SIZE": str(model.vocab_size),
            "PROTOSERVE_FUZZ_MAX_MODEL_LEN": str(model.max_model_len)}
     if status_log is not None:
         env["PROTOSERVE_FUZZ_STATUS_LOG"] = str(status_log)
-    command = [sys.executable, "-c", _CLI, "run", f"{url}/openapi.json",
-               "--max-examples", str(max_examples), "--seed", str(seed), "--workers", "1",
-               "--request-timeout", "60", "--suppress-health-check", "filter_too_much",
-               "--continue-on-failure", "--no-color", "--output-sanitize", "false"]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    with tempfile.TemporaryDirectory(prefix="schemathesis-") as folder:
+        config = Path(folder, "schemathesis.toml")
+        config.write_text("[cache]\nenabled = false\n", encoding="utf-8")
+        command = [sys.executable, "-c", _CLI, "--config-file", str(config), "run",
+                   f"{url}/openapi.json",
+                   "--max-examples", str(max_examples), "--seed", str(seed), "--workers", "1",
+                   "--request-timeout", "60", "--suppress-health-check", "filter_too_much",
+                   "--continue-on-failure", "--no-color", "--output-sanitize", "false"]
+        return subprocess.run(command, env=env, capture_output=True, text=True,
+                              timeout=timeout, check=False, cwd=folder)

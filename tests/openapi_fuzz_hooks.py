@@ -14,10 +14,16 @@ PROTOSERVE_FUZZ_STATUS_LOG (optional: one "METHOD PATH STATUS" line per response
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 from typing import Any
 
 import schemathesis
 from schemathesis import GenerationMode
+
+# Schemathesis loads this file by path: its sibling modules are importable from here on.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from openapi_fuzz_surfaces import within_messages_rules, within_responses_rules  # noqa: E402
 
 VOCAB_SIZE = int(os.environ.get("PROTOSERVE_FUZZ_VOCAB_SIZE", "0"))
 MAX_MODEL_LEN = int(os.environ.get("PROTOSERVE_FUZZ_MAX_MODEL_LEN", "0"))
@@ -41,7 +47,14 @@ _TOKEN_ID_LISTS = ("stop_token_ids", "allowed_token_ids", "tokens")
 def before_call(ctx: Any, case: Any, **kwargs: Any) -> None:
     if case.meta is None or case.meta.generation.mode != GenerationMode.POSITIVE:
         return
-    if isinstance(case.body, dict):
+    if not isinstance(case.body, dict):
+        return
+    path = case.operation.path
+    if path == "/v1/responses":
+        within_responses_rules(case.body)
+    elif path.startswith("/v1/messages"):
+        within_messages_rules(case.body)
+    else:
         within_unstated_rules(case.body)
 
 

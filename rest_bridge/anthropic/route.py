@@ -30,7 +30,7 @@ from rest_bridge.anthropic.schemas import (
 from rest_bridge.anthropic.stream import message_events
 from rest_bridge.anthropic.to_chat import ChatTranslation, chat_request_from
 from rest_bridge.errors import BridgeError, bridge_error_from_rpc
-from rest_bridge.openai_schemas.engine_rules import UNSTATED_RULES
+from rest_bridge.openai_schemas.engine_rules import MESSAGES_UNSTATED_RULES
 from rest_bridge.routes.chat import run_chat
 from rest_bridge.routes.route_context import RouteContext
 from rest_bridge.sse import SSEResponse
@@ -46,7 +46,7 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 499, 500, 501, 503, 504)
 }
 _ERROR_RESPONSES[400]["description"] = (
-    f"Invalid request (the message names the field). {UNSTATED_RULES}")
+    f"Invalid request (the message names the field). {MESSAGES_UNSTATED_RULES}")
 MESSAGES_ROUTE = "/v1/messages"
 COUNT_TOKENS_ROUTE = "/v1/messages/count_tokens"
 

@@ -11,7 +11,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rest_bridge.openai_schemas.engine_rules import engine_rule
+from rest_bridge.openai_schemas.engine_rules import (
+    TEMPERATURE_RANGE,
+    TOP_K_RANGE,
+    TOP_P_RANGE,
+    all_rules,
+    left_to_model_defaults,
+    must_be,
+    when,
+)
 from rest_bridge.openai_schemas.request_fields import Int32, PositiveCount, StopString
 
 
@@ -29,7 +37,19 @@ class TextBlock(AnthropicModel):
     citations: list[dict[str, Any]] | None = None
 
 
+def _non_empty(*fields: str, **keywords: Any) -> dict[str, Any]:
+    """JSON Schema for "each of `fields` is a non-empty string" (plus `keywords` on each)."""
+    return {"required": list(fields), "properties": {
+        name: {"type": "string", "minLength": 1, **keywords} for name in fields}}
+
+
 class ImageSource(AnthropicModel):
+    # Translation refuses a source without what its type needs (naming `.source`); a URL is
+    # a data: or http(s) URL, as the chat route's image_url.
+    model_config = ConfigDict(json_schema_extra=all_rules(
+        when(must_be("type", "base64"), _non_empty("media_type", "data")),
+        when(must_be("type", "url"), _non_empty("url", pattern="^(data:|https?://)"))))
+
     type: Literal["base64", "url"]
     media_type: str | None = None
     data: str | None = None
@@ -79,7 +99,18 @@ ContentBlock = Annotated[
 ]
 
 
+def _no_blocks(*block_types: str) -> dict[str, Any]:
+    """JSON Schema for "a content list holds none of `block_types`" (a string passes)."""
+    return {"properties": {"content": {"items": {"properties": {
+        "type": {"not": {"enum": list(block_types)}}}}}}}
+
+
 class MessageParam(AnthropicModel):
+    # Only the assistant calls tools and thinks; only the user answers tool calls.
+    model_config = ConfigDict(json_schema_extra=all_rules(
+        when(must_be("role", "user"), _no_blocks("tool_use", "thinking", "redacted_thinking")),
+        when(must_be("role", "assistant"), _no_blocks("tool_result"))))
+
     role: Literal["user", "assistant"]
     content: str | list[ContentBlock]
 
@@ -161,10 +192,9 @@ class MessagesRequest(PromptFields):
     max_tokens: PositiveCount
     stop_sequences: list[StopString] | None = None
     stream: bool | None = False
-    temperature: Annotated[float, engine_rule(format="float", minimum=0.0)] | None = None
-    top_p: Annotated[float, engine_rule(
-        format="float", exclusiveMinimum=0.0, maximum=1.0)] | None = None
-    top_k: Annotated[Int32, engine_rule(minimum=-1)] | None = None
+    temperature: Annotated[float, TEMPERATURE_RANGE] | None = left_to_model_defaults(1.0)
+    top_p: Annotated[float, TOP_P_RANGE] | None = left_to_model_defaults(1.0)
+    top_k: Annotated[Int32, TOP_K_RANGE] | None = None
     metadata: Metadata | None = None
     service_tier: str | None = None
 

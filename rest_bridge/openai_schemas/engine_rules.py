@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import GetJsonSchemaHandler
+from pydantic import Field, GetJsonSchemaHandler
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
@@ -74,3 +74,31 @@ def all_rules(*rules: dict[str, Any]) -> dict[str, Any]:
 # generation prompt is on unless turned off.
 CONTINUE_FINAL_MESSAGE_RULE = when(must_be("continue_final_message", True),
                                    must_be("add_generation_prompt", False))
+
+
+# The engine's sampling ranges, for every route that forwards these fields under any name
+# (the OpenAI bodies, /v1/responses, /v1/messages). The values travel as float32 (`format:
+# float`): a positive double below float32's smallest arrives as 0, which the engine judges.
+TEMPERATURE_RANGE = engine_rule(format="float", minimum=0.0)
+TOP_P_RANGE = engine_rule(format="float", exclusiveMinimum=0.0, maximum=1.0)
+MIN_P_RANGE = engine_rule(format="float", minimum=0.0, maximum=1.0)
+REPETITION_PENALTY_RANGE = engine_rule(format="float", exclusiveMinimum=0.0)
+TOP_K_RANGE = engine_rule(minimum=-1)  # -1 (or 0) turns top-k off
+
+
+def left_to_model_defaults(example: float) -> Any:
+    """The `Field` of a sampling field left to the model's generation defaults when absent:
+    it has no server default to show, so the document gives a value inside its range as an
+    example instead (generators that build a whole body at once start from it)."""
+    return Field(default=None, examples=[example])
+
+
+# /v1/messages runs the chat pipeline: its rules beyond the schema, under Anthropic's names.
+MESSAGES_UNSTATED_RULES = (
+    "Beyond this schema the server also refuses (400, naming the field): a tool_choice naming "
+    "a tool missing from tools; tool_choice auto unless the server runs a tool parser "
+    "(--enable-auto-tool-choice, --tool-call-parser); tool_choice any with output_config.format; "
+    "a tool's input_schema or output_config.format.schema that does not compile; images from "
+    "hosts outside --allowed-media-domains or for a model without image input; prompts plus "
+    "max_tokens beyond the context; messages the model's chat template refuses."
+)

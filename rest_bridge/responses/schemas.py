@@ -9,11 +9,21 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from rest_bridge.openai_schemas.engine_rules import engine_rule
+from rest_bridge.openai_schemas.engine_rules import (
+    MIN_P_RANGE,
+    REPETITION_PENALTY_RANGE,
+    TEMPERATURE_RANGE,
+    TOP_K_RANGE,
+    TOP_P_RANGE,
+    engine_rule,
+    left_to_model_defaults,
+    must_be,
+    present,
+    when,
+)
 from rest_bridge.openai_schemas.request_fields import (
-    Float32,
     Int32,
     Int64,
     OpenAIModel,
@@ -106,6 +116,11 @@ class FunctionToolChoice(OpenAIModel):
 class TextFormat(OpenAIModel):
     """`text.format`: plain text, any JSON object, or JSON held to `schema`."""
 
+    # A json_schema format without its schema has nothing to constrain output with.
+    model_config = ConfigDict(json_schema_extra=when(
+        must_be("type", "json_schema"), {"required": ["schema"], "properties": {
+            "schema": {"type": "object"}}}))
+
     type: Literal["text", "json_object", "json_schema"]
     name: str | None = None
     description: str | None = None
@@ -158,8 +173,19 @@ _ToolObject = Annotated[dict[str, Any], _stated(FunctionTool)]
 _ToolChoiceObject = Annotated[dict[str, Any], _stated(FunctionToolChoice)]
 
 
+# Reasoning items never reach the prompt: without instructions or an earlier response, the
+# input needs another item for there to be a conversation at all.
+_CONVERSATION_RULE = when(
+    {"not": {"anyOf": [present("previous_response_id"), {
+        "required": ["instructions"],
+        "properties": {"instructions": {"type": "string", "minLength": 1}}}]}},
+    {"properties": {"input": {"contains": {"not": must_be("type", "reasoning")}}}})
+
+
 class ResponsesRequest(OpenAIModel):
     """OpenAI's Responses fields, plus a few of vLLM's sampling and template extras."""
+
+    model_config = ConfigDict(json_schema_extra=_CONVERSATION_RULE)
 
     model: str | None = None
     input: str | Annotated[list[_InputItemObject], Field(min_length=1)]
@@ -170,22 +196,22 @@ class ResponsesRequest(OpenAIModel):
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
     max_output_tokens: PositiveCount | None = None
-    temperature: Annotated[float, engine_rule(format="float", minimum=0.0)] | None = None
-    top_p: Annotated[float, engine_rule(
-        format="float", exclusiveMinimum=0.0, maximum=1.0)] | None = None
+    temperature: Annotated[float, TEMPERATURE_RANGE] | None = left_to_model_defaults(1.0)
+    top_p: Annotated[float, TOP_P_RANGE] | None = left_to_model_defaults(1.0)
     stream: bool | None = False
     store: bool | None = True
     # Only foreground responses run here; `background: true` is refused by name.
-    background: bool | None = False
+    background: Annotated[bool, engine_rule(const=False)] | None = False
     reasoning: ReasoningConfig | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
     truncation: Literal["auto", "disabled"] | None = None
     include: list[str] | None = None
     # vLLM extras on its Responses route.
-    top_k: Annotated[Int32, engine_rule(minimum=-1)] | None = None
-    min_p: Float32 | None = None
-    repetition_penalty: Float32 | None = None
+    top_k: Annotated[Int32, TOP_K_RANGE] | None = None
+    min_p: Annotated[float, MIN_P_RANGE] | None = left_to_model_defaults(0.0)
+    repetition_penalty: Annotated[float, REPETITION_PENALTY_RANGE] | None = (
+        left_to_model_defaults(1.0))
     seed: Int64 | None = None
     priority: Int32 | None = None
     cache_salt: str | None = None
