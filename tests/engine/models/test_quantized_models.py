@@ -110,3 +110,19 @@ def test_online_quantization_of_a_quantized_checkpoint_names_the_flag(base_dir, 
     with pytest.raises(ModelLoadError, match="--quantization compressed-tensors: .* no "
                                              "quantization_config"):
         load_model(ModelConfig(model=str(base_dir), quantization="compressed-tensors"))
+
+
+def test_int8_keeps_the_trained_fixture_perplexity() -> None:
+    """On a real trained model (../shared/fixtures/stories260k, skipped without it), int8's
+    perplexity on the model's own samples stays within 10% of float32's."""
+    from benchmarks.quantized_perplexity import FIXTURE, mean_nll, sample_sequences
+
+    if not (FIXTURE / "config.json").is_file():
+        pytest.skip("the stories260k fixture is not here")
+    sequences = sample_sequences(FIXTURE, count=4, length=64, seed=0)
+    nll = {}
+    for quantization in ("auto", "int8"):
+        loaded = load_model(ModelConfig(model=str(FIXTURE), dtype="float32",
+                                        quantization=quantization))
+        nll[quantization] = sum(mean_nll(loaded, ids) for ids in sequences) / len(sequences)
+    assert nll["int8"] - nll["auto"] < 0.095  # ln(1.1)
