@@ -6,7 +6,7 @@ check for the extension themselves; they may ask `native_available(device)` to p
     paged_decode_attention    native                native                gather + grouped matmul
     paged_prefill_attention   native                torch fallback        gather + SDPA
     (a sliding window or soft-cap: native on CPU, the torch code on CUDA and elsewhere)
-    linear_bf16               native (AVX512_BF16)  -                     (callers keep F.linear)
+    linear_bf16               native (AVX512, AMX)  -                     (callers keep F.linear)
     linear_int (W8A16, W4A16) native (AVX512_BF16)  -                     (dequantize, F.linear)
     moe_bf16                  native (AVX512_BF16)  -                     (engine.layers.moe's torch path)
     rms_norm / silu_and_mul   native (bf16)         -                     (callers keep torch)

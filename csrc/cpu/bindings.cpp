@@ -437,6 +437,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "A pure-decode step through every decoder layer (the per-op kernels, one call)");
   m.def("moe_bf16", &protoserve::moe_bf16_op,
         "A mixture-of-experts layer: grouped expert GEMMs over packed panels, one call");
+  m.def("set_linear_kernel", &protoserve::set_linear_kernel,
+        "Pin linear_bf16's kernel: auto, avx512 or amx; returns the previous choice");
+  m.def("has_amx_bf16", &protoserve::has_amx_bf16,
+        "Whether linear_bf16 can use AMX-BF16 tiles here (CPU and OS permission)");
   m.def("has_avx512_bf16", &protoserve::has_avx512_bf16,
         "Whether bfloat16 runs on the AVX512_BF16 kernels");
 }

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "cpu_types.h"
 
@@ -165,6 +166,11 @@ void write_kv_cache(const WriteKvArgs& args);
 void paged_decode_attention(const DecodeArgs& args);
 void paged_prefill_attention(const PrefillArgs& args);
 void linear_bf16(const LinearArgs& args);  // only with has_avx512_bf16()
+// Which kernel linear_bf16 runs: "auto" (AMX from 16 tokens where has_amx_bf16()), "avx512"
+// or "amx"; returns the previous choice, throws std::invalid_argument on an unknown name.
+std::string set_linear_kernel(const std::string& name);
+// True where the CPU has AMX-BF16 and the OS grants this process the tile state.
+bool has_amx_bf16();
 void rms_norm_bf16(const NormArgs& args);
 void silu_and_mul_bf16(const SiluMulArgs& args);
 void rotary_bf16(const RotaryArgs& args);
