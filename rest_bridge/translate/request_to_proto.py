@@ -102,6 +102,11 @@ def chat_to_plan(
     max_tokens = body.max_completion_tokens
     if max_tokens is not None:
         aliases["max_tokens"] = "max_completion_tokens"
+        # The deprecated field loses to the new one, but a value the document refuses is
+        # refused either way: nothing accepted is silently ignored.
+        if body.max_tokens is not None and body.max_tokens < 1:
+            raise invalid_request(
+                f"max_tokens must be at least 1, got {body.max_tokens}", param="max_tokens")
     else:
         max_tokens = body.max_tokens
     logprobs: int | None = None

@@ -265,6 +265,10 @@ def test_chat_max_tokens_and_logprobs_spelling() -> None:
     with pytest.raises(BridgeError) as caught:
         chat({"messages": USER_HI, "top_logprobs": 2})
     assert caught.value.param == "top_logprobs"
+    # max_completion_tokens wins, but a max_tokens the document refuses is still refused.
+    with pytest.raises(BridgeError) as caught:
+        chat({"messages": USER_HI, "max_tokens": 0, "max_completion_tokens": 1})
+    assert caught.value.param == "max_tokens"
 
 
 def test_unsupported_content_part_names_its_path() -> None:
