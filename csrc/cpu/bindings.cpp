@@ -221,10 +221,12 @@ void linear_bf16(torch::Tensor& out, const torch::Tensor& input, const torch::Te
   protoserve::linear_bf16(args);
 }
 
-// Weight-only int8/int4 linear over panels packed by engine/layers/quant/panels.py.
+// Weight-only int8/int4 linear over panels packed by engine/layers/quant/panels.py; with
+// `dequantize_into`, only the weight's bf16 panels are written there (for linear_bf16).
 void linear_int(torch::Tensor& out, const torch::Tensor& input, const torch::Tensor& packed,
                 const torch::Tensor& scales, const std::optional<torch::Tensor>& bias,
-                int64_t bits, int64_t group_size) {
+                int64_t bits, int64_t group_size,
+                const std::optional<torch::Tensor>& dequantize_into) {
   TORCH_CHECK(protoserve::has_avx512_bf16(), "linear_int needs AVX512_BF16");
   TORCH_CHECK(bits == 8 || bits == 4, "linear_int: bits must be 8 or 4, got ", bits);
   for (const torch::Tensor* t : {static_cast<const torch::Tensor*>(&out), &input})
@@ -265,6 +267,15 @@ void linear_int(torch::Tensor& out, const torch::Tensor& input, const torch::Ten
                                  in_features,      out_features,
                                  static_cast<int>(bits), group_size};
   pybind11::gil_scoped_release no_gil;
+  if (dequantize_into.has_value()) {
+    TORCH_CHECK(dequantize_into->scalar_type() == torch::kBFloat16 &&
+                    dequantize_into->is_contiguous() &&
+                    dequantize_into->numel() == num_panels * 16 * in_features,
+                "dequantize_into must be contiguous bfloat16 [", num_panels, ", ",
+                in_features / 2, ", 16, 2]");
+    protoserve::dequantize_int_panels(args, dequantize_into->data_ptr());
+    return;
+  }
   protoserve::linear_int(args);
 }
 
@@ -429,7 +440,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16,
         "bfloat16 x . W^T (+ bias) over a weight packed in 16-row pair-column panels");
   m.def("linear_int", &linear_int,
-        "bfloat16 x . dequant(Q)^T (+ bias), Q int8/int4 panels with fp32 group scales");
+        "bfloat16 x . dequant(Q)^T (+ bias), Q int8/int4 panels with fp32 group scales",
+        pybind11::arg("out"), pybind11::arg("input"), pybind11::arg("packed"),
+        pybind11::arg("scales"), pybind11::arg("bias"), pybind11::arg("bits"),
+        pybind11::arg("group_size"), pybind11::arg("dequantize_into") = pybind11::none());
   m.def("rms_norm_bf16", &rms_norm_bf16, "RMSNorm, optionally after residual += delta");
   m.def("silu_and_mul_bf16", &silu_and_mul_bf16, "silu(gate) * up over a fused [gate | up]");
   m.def("rotary_bf16", &rotary_bf16, "Rotary embedding in place: x * cos + roll(x) * sin");

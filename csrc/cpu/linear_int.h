@@ -23,5 +23,8 @@ struct LinearIntArgs {
 };
 
 void linear_int(const LinearIntArgs& args);  // only with has_avx512_bf16()
+// The weight of `args` (input, output and bias unused) into linear_bf16's bf16 panels
+// [ceil(N / 16), K / 2, 16, 2] at `out`, rounded as torch's (Q.float() * scale).to(bf16).
+void dequantize_int_panels(const LinearIntArgs& args, void* out);
 
 }  // namespace protoserve

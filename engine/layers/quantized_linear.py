@@ -31,7 +31,12 @@ from torch.nn import functional as F
 
 from engine import ops
 from engine.layers.linear import Linear
-from engine.layers.quant.panels import kernel_supports, pack_int_panels
+from engine.layers.quant.panels import (
+    DEQUANTIZE_ROWS,
+    dequantize_panels,
+    kernel_supports,
+    pack_int_panels,
+)
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,10 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packing == "int_panels":
             assert self.panels is not None and self.panel_scales is not None
+            if x.numel() >= DEQUANTIZE_ROWS * self.in_features:  # prefill: compute bound
+                weight = dequantize_panels(self.panels, self.panel_scales, self.quant.bits,
+                                           self.group_size, self.out_features, self.in_features)
+                return ops.linear_bf16(x, weight, self.bias, self.out_features)
             return ops.linear_int(x, self.panels, self.panel_scales, self.bias, self.out_features,
                                   self.quant.bits, self.group_size)
         weight = dequantize(self._int_values(), self._scale(), self.group_size).to(x.dtype)

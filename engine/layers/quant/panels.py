@@ -3,7 +3,14 @@ from __future__ import annotations
 
 import torch
 
+from engine import ops
 from engine.ops import LINEAR_PANEL_ROWS
+
+# From this many rows on, a call multiplies a transient bf16 copy of the weight with
+# ops.linear_bf16 (AMX tiles where the CPU has them) instead of linear_int's integer tiles,
+# which convert the weights once per few tokens (benchmarks: at 64 rows the bf16 copy is
+# several times faster; at 1-4 rows linear_int streams fewer bytes).
+DEQUANTIZE_ROWS = 16
 
 
 def kernel_supports(bits: int, in_features: int, group_size: int) -> bool:
@@ -43,3 +50,18 @@ def pack_int_panels(
     scales[:out_features] = scale
     scales = scales.view(num_panels, LINEAR_PANEL_ROWS, -1).permute(0, 2, 1).contiguous()
     return packed, scales
+
+
+def dequantize_panels(packed: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
+                      out_features: int, in_features: int) -> torch.Tensor:
+    """linear_int's panels -> linear_bf16's bf16 panels [ceil(N / 16), K / 2, 16, 2], each
+    weight rounded as torch's `(Q.float() * scale).to(bfloat16)`; only call where
+    `ops.linear_bf16_available()`."""
+    module = ops._cpu_module()
+    assert module is not None
+    panels = torch.empty(packed.shape[0], in_features // 2, LINEAR_PANEL_ROWS, 2,
+                         dtype=torch.bfloat16)
+    rows = torch.empty(0, in_features, dtype=torch.bfloat16)
+    module.linear_int(torch.empty(0, out_features, dtype=torch.bfloat16), rows, packed, scales,
+                      None, bits, group_size, panels)
+    return panels

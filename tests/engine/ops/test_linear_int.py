@@ -17,7 +17,7 @@ from torch.utils import cpp_extension
 
 from engine import native_build, ops
 from engine.layers.linear import Linear
-from engine.layers.quant.panels import pack_int_panels
+from engine.layers.quant.panels import DEQUANTIZE_ROWS, dequantize_panels, pack_int_panels
 from engine.layers.quantized_linear import (
     QuantizedLinear,
     WeightQuant,
@@ -93,6 +93,20 @@ def test_kernel_matches_dequantize_then_matmul(tokens, bits, out_features, in_fe
 
 
 @needs_kernel
+@pytest.mark.parametrize(("bits", "out_features", "in_features", "group"),
+                         [(8, 37, 200, 200), (8, 48, 96, 32), (4, 33, 200, 128), (4, 24, 88, 8)])
+def test_prefill_copy_is_torchs_bfloat16_dequantization(bits, out_features, in_features,
+                                                         group) -> None:
+    """Prefill multiplies a bf16 copy with linear_bf16: exactly the panels of torch's
+    `(Q.float() * scale).to(bfloat16)`."""
+    qweight, scale = random_int_weight(out_features, in_features, bits, group, seed=5)
+    packed, panel_scales = pack_int_panels(qweight, scale, bits, group)
+    copy = dequantize_panels(packed, panel_scales, bits, group, out_features, in_features)
+    expected = ops.pack_linear_weight(dequantize(qweight, scale, group).to(torch.bfloat16))
+    assert torch.equal(copy, expected)
+
+
+@needs_kernel
 def test_kernel_reads_strided_rows() -> None:
     qweight, scale = random_int_weight(40, 128, 4, 128, seed=3)
     wide = torch.randn(6, 256).bfloat16()
@@ -145,5 +159,7 @@ def test_layer_kernel_agrees_with_its_torch_path() -> None:
     kernel.finalize(use_kernel=True)
     torch_path.finalize(use_kernel=False)
     assert kernel.packing == "int_panels" and kernel.weight_packed is None
-    x = torch.randn(3, 256).bfloat16()
-    torch.testing.assert_close(kernel(x).float(), torch_path(x).float(), atol=2e-2, rtol=2e-2)
+    for rows in (3, DEQUANTIZE_ROWS + 5):  # linear_int's tiles, then the prefill copy
+        x = torch.randn(rows, 256).bfloat16()
+        torch.testing.assert_close(kernel(x).float(), torch_path(x).float(), atol=2e-2,
+                                   rtol=2e-2)
