@@ -106,6 +106,7 @@ class QuantizedLinear(nn.Module):
         self.panels: torch.Tensor | None = None
         self.panel_scales: torch.Tensor | None = None
         self.qweight: torch.Tensor | None = None  # int8 [out, in], the torch path
+        self.scale: torch.Tensor | None = None  # float32 [out, groups], the torch path
 
     @classmethod
     def from_weight(cls, linear: Linear, quant: WeightQuant) -> QuantizedLinear:
@@ -124,10 +125,7 @@ class QuantizedLinear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight this layer multiplies by, [out, in] in `dtype` (before finalize too)."""
-        qweight = self._int_values()
-        assert self.weight_scale is not None or self.packing is not None
-        scale = self._scale()
-        return dequantize(qweight, scale, self.group_size).to(dtype)
+        return dequantize(self._int_values(), self._scale(), self.group_size).to(dtype)
 
     def finalize(self, use_kernel: bool) -> None:
         """Lay the loaded weight out for forward(); the packed int32 copy is dropped."""
@@ -137,9 +135,8 @@ class QuantizedLinear(nn.Module):
                 qweight, scale, self.quant.bits, self.group_size)
             self.packing = "int_panels"
         else:
-            self.qweight = qweight
+            self.qweight, self.scale = qweight, scale
             self.packing = "dequantize"
-        self._scale_values = scale
         self.weight_packed = None
         self.weight_scale = None
 
@@ -165,7 +162,9 @@ class QuantizedLinear(nn.Module):
     def _scale(self) -> torch.Tensor:
         if self.weight_scale is not None:
             return self.weight_scale.detach()
-        return self._scale_values
+        if self.scale is not None:
+            return self.scale
+        raise RuntimeError("int_panels layers keep their scales in panel order only")
 
     def extra_repr(self) -> str:
         group = "channel" if self.quant.group_size is None else f"group={self.group_size}"

@@ -132,7 +132,7 @@ def test_torch_path_is_dequantize_then_linear(quant, dtype) -> None:
     assert torch.equal(layer(x), F.linear(x, weight, linear.bias))
     # Round-to-nearest keeps every weight within half a step of the original (plus the
     # dequantized weight's own rounding to bf16).
-    step = dequantize(torch.ones(36, 200, dtype=torch.int8), layer._scale(), layer.group_size)
+    step = dequantize(torch.ones(36, 200, dtype=torch.int8), layer.scale, layer.group_size)
     original = linear.weight.float()
     slack = step * 1e-3 + (original.abs() * 2.0**-8 if dtype == torch.bfloat16 else 0.0)
     assert bool(((weight.float() - original).abs() <= step / 2 + slack).all())
@@ -163,3 +163,18 @@ def test_layer_kernel_agrees_with_its_torch_path() -> None:
         x = torch.randn(rows, 256).bfloat16()
         torch.testing.assert_close(kernel(x).float(), torch_path(x).float(), atol=2e-2,
                                    rtol=2e-2)
+
+
+@pytest.mark.parametrize("quant", [WeightQuant(8, None, "int8"), WeightQuant(4, 128, "int4")])
+def test_resident_bytes_are_the_formats_nominal_size(quant) -> None:
+    """After finalize a kernel layer holds its packed integers and fp32 scales only: within 5%
+    of the format's nominal bytes (bits per weight plus a bf16 scale per group)."""
+    linear = Linear(1024, 512, bias=False, dtype=torch.bfloat16, device="cpu")
+    linear.weight.data.normal_(0, 0.05)
+    layer = QuantizedLinear.from_weight(linear, quant)
+    layer.finalize(use_kernel=True)
+    held = [t for t in (layer.panels, layer.panel_scales, layer.qweight, layer.scale,
+                        layer.weight_packed, layer.weight_scale) if t is not None]
+    resident = sum(t.numel() * t.element_size() for t in held)
+    nominal = 512 * 1024 * quant.bits / 8 + 512 * quant.groups(1024) * 2
+    assert resident <= 1.05 * nominal, (resident, nominal)
