@@ -1,10 +1,11 @@
 """Which native kernel `engine.ops.linear_bf16` runs on a CPU with AMX.
 
 The packed panels feed two kernels (csrc/cpu/linear_bf16.cpp): the AVX512_BF16 one, which
-streams the weights at memory speed and wins for a few rows (decode), and an AMX tile one,
-which wins once a call has enough rows to be compute bound (batched decode, prefill). "auto"
-picks by row count; "avx512" and "amx" pin one, for tests and measurements. The environment
-variable PROTOSERVE_LINEAR_KERNEL sets the initial choice of a process.
+streams the weights at memory speed, and an AMX tile one, which does as well when memory
+bound and far better once a call has enough rows to be compute bound (batched decode,
+prefill). "auto" takes AMX from 4 rows where `amx_available()`, so batch 1 is unchanged;
+"avx512" and "amx" pin one, for tests and measurements. The environment variable
+PROTOSERVE_LINEAR_KERNEL sets the initial choice of a process.
 """
 from __future__ import annotations
 

@@ -166,7 +166,7 @@ void write_kv_cache(const WriteKvArgs& args);
 void paged_decode_attention(const DecodeArgs& args);
 void paged_prefill_attention(const PrefillArgs& args);
 void linear_bf16(const LinearArgs& args);  // only with has_avx512_bf16()
-// Which kernel linear_bf16 runs: "auto" (AMX from 16 tokens where has_amx_bf16()), "avx512"
+// Which kernel linear_bf16 runs: "auto" (AMX from 4 tokens where has_amx_bf16()), "avx512"
 // or "amx"; returns the previous choice, throws std::invalid_argument on an unknown name.
 std::string set_linear_kernel(const std::string& name);
 // True where the CPU has AMX-BF16 and the OS grants this process the tile state.

@@ -136,7 +136,7 @@ def test_model_shapes_and_tails(
     assert_agrees_with_torch(out, F.linear(x, weight, bias), exact(x, weight, bias), in_features)
 
 
-def test_auto_takes_amx_from_16_rows() -> None:
+def test_auto_takes_amx_from_4_rows() -> None:
     if not linear_kernel.amx_available():
         pytest.skip("this CPU or OS does not allow AMX-BF16")
     gen = torch.Generator().manual_seed(3)
@@ -144,7 +144,7 @@ def test_auto_takes_amx_from_16_rows() -> None:
     packed = ops.pack_linear_weight(weight)
     previous = linear_kernel.set_linear_kernel("auto")
     try:
-        for num_tokens, expected_kernel in [(15, "avx512"), (16, "amx"), (40, "amx")]:
+        for num_tokens, expected_kernel in [(3, "avx512"), (4, "amx"), (40, "amx")]:
             x = torch.randn(num_tokens, 2048, generator=gen).bfloat16()
             auto = ops.linear_bf16(x, packed, None, 96)
             linear_kernel.set_linear_kernel(expected_kernel)
