@@ -16,7 +16,7 @@ from rest_bridge.http_options import install_cors
 from rest_bridge.middleware import RequestContextMiddleware
 from rest_bridge.responses import route as responses_routes
 from rest_bridge.metrics import BridgeMetrics
-from rest_bridge.routes import chat, completions, embeddings, health, metrics, models
+from rest_bridge.routes import chat, completions, embeddings, health, metrics, models, render
 from rest_bridge.routes import tokenize as tokenize_routes
 from rest_bridge.settings import BridgeSettings
 from rest_bridge.tracing import TraceContextMiddleware
@@ -61,8 +61,8 @@ def create_app(settings: BridgeSettings) -> FastAPI:
     # Last added = outermost: preflights are answered before the API-key check.
     install_cors(app, settings.allowed_origins, allow_credentials=settings.allow_credentials,
                  methods=settings.allowed_methods, headers=settings.allowed_headers)
-    for router in (completions.router, chat.router, embeddings.router, models.router,
-                   health.router, metrics.router):
+    for router in (completions.router, chat.router, render.router, embeddings.router,
+                   models.router, health.router, metrics.router):
         app.include_router(router)
     app.include_router(tokenize_routes.router)
     app.include_router(responses_routes.router)

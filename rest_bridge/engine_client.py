@@ -106,6 +106,16 @@ class EngineClient:
             timeout=timeout,
         )
 
+    async def render(
+        self, request: inference_pb2.GenerateRequest, *, timeout: float | None
+    ) -> inference_pb2.RenderResponse:
+        """What Generate would run for `request` (prompt token ids, resolved sampling),
+        with the errors Generate would give; nothing is scheduled."""
+        return await self._inference.Render(
+            inference_pb2.RenderRequest(request=request), timeout=timeout,
+            metadata=(*self._auth, *engine_trace_metadata()),
+        )
+
     async def get_load(self, *, timeout: float) -> discovery_pb2.GetLoadResponse:
         return await self._discovery.GetLoad(
             discovery_pb2.GetLoadRequest(), timeout=timeout, metadata=self._auth

@@ -15,6 +15,7 @@ from engine.server.context import REQUEST_ID_KEY, EngineHandle, abort_for, reque
 from engine.server.embed_convert import embed, embedding_request_from_pb
 from engine.server.parsed_output import ParsedOutputWriter, parsing_plan_of, with_parsing
 from engine.server.proto_convert import event_to_pb, generate_request_from_pb
+from engine.server.render_convert import render
 from engine.server.request_defaults import with_server_defaults
 from engine.server.request_tracker import PROMPT_BYTES_PER_TOKEN, RequestTracker, outcome_of
 from protoserve.tracing import TRACEPARENT, span_trace_id, start_span, trace_headers, trace_id_of
@@ -112,6 +113,20 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             await abort_for(context, error, request_id)
             return
         tracker.finish()
+
+    async def Render(
+        self, request: inference_pb2.RenderRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.RenderResponse | None:
+        """Generate's reading of the request (same checks, same errors), nothing scheduled."""
+        generate = request.request
+        try:
+            request_id = request_id_from(context, generate.request_id)
+            engine = self.handle.get(generate.model, task="generate")
+            self._check_size(engine, generate)
+            return await render(generate, request_id, engine, self.handle.options)
+        except Exception as error:  # noqa: BLE001 - EngineErrors mapped, the rest INTERNAL
+            await abort_for(context, error)
+            return None
 
     def _check_size(self, engine, request: inference_pb2.GenerateRequest) -> None:
         """Costs that scale with a request field are bounded before anything is spent on it:

@@ -26,7 +26,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from protoserve.v1 import common_pb2 as protoserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotoserve/v1/inference.proto\x12\rprotoserve.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1aprotoserve/v1/common.proto\"\xf4\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x17.protoserve.v1.TokenIdsH\x00\x12(\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x18.protoserve.v1.ChatInputH\x00\x12/\n\x08sampling\x18\x06 \x01(\x0b\x32\x1d.protoserve.v1.SamplingParams\x12\x33\n\nconstraint\x18\x07 \x01(\x0b\x32\x1f.protoserve.v1.OutputConstraint\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x08 \x01(\x08H\x01\x88\x01\x01\x12\x10\n\x08priority\x18\t \x01(\x05\x12\x12\n\ncache_salt\x18\n \x01(\t\x12\x18\n\x0breturn_text\x18\x0b \x01(\x08H\x02\x88\x01\x01\x12\x1f\n\x17return_prompt_token_ids\x18\x0c \x01(\x08\x12\x32\n\x07parsing\x18\r \x01(\x0b\x32\x1c.protoserve.v1.OutputParsingH\x03\x88\x01\x01\x42\x07\n\x05inputB\x15\n\x13_add_special_tokensB\x0e\n\x0c_return_textB\n\n\x08_parsing\"x\n\rOutputParsing\x12\x18\n\x10reasoning_parser\x18\x01 \x01(\t\x12\x13\n\x0btool_parser\x18\x02 \x01(\t\x12 \n\x13parallel_tool_calls\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_parallel_tool_calls\"\xd9\x01\n\x10GenerateResponse\x12\x31\n\x07started\x18\x01 \x01(\x0b\x32\x1e.protoserve.v1.GenerateStartedH\x00\x12-\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x1c.protoserve.v1.GenerateDeltaH\x00\x12\x33\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1f.protoserve.v1.GenerateFinishedH\x00\x12%\n\x05usage\x18\x04 \x01(\x0b\x32\x14.protoserve.v1.UsageH\x00\x42\x07\n\x05\x65vent\"\xb9\x01\n\x0fGenerateStarted\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12\x13\n\x0bprompt_text\x18\x05 \x01(\t\x12\x35\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x1c.protoserve.v1.TokenLogprobs\"\xaa\x01\n\rGenerateDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1c.protoserve.v1.TokenLogprobs\x12\x0c\n\x04last\x18\x05 \x01(\x08\x12+\n\x06parsed\x18\x06 \x01(\x0b\x32\x1b.protoserve.v1.ParsedOutput\"d\n\x0cParsedOutput\x12\x11\n\treasoning\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x30\n\ntool_calls\x18\x03 \x03(\x0b\x32\x1c.protoserve.v1.ToolCallDelta\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\xb2\x01\n\x10GenerateFinished\x12\r\n\x05index\x18\x01 \x01(\x05\x12+\n\x06reason\x18\x02 \x01(\x0e\x32\x1b.protoserve.v1.FinishReason\x12\x17\n\rstop_token_id\x18\x03 \x01(\x05H\x00\x12\x15\n\x0bstop_string\x18\x04 \x01(\tH\x00\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12\x0f\n\x07message\x18\x06 \x01(\tB\x06\n\x04stop\"N\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\x05\"f\n\rTokenLogprobs\x12+\n\x06\x63hosen\x18\x01 \x01(\x0b\x32\x1b.protoserve.v1.TokenLogprob\x12(\n\x03top\x18\x02 \x03(\x0b\x32\x1b.protoserve.v1.TokenLogprob\"}\n\nEmbedInput\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x17.protoserve.v1.TokenIdsH\x00\x12(\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x18.protoserve.v1.ChatInputH\x00\x42\x07\n\x05input\"\xb4\x02\n\x0c\x45mbedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12)\n\x06inputs\x18\x03 \x03(\x0b\x32\x19.protoserve.v1.EmbedInput\x12\x17\n\ndimensions\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\tnormalize\x18\x05 \x01(\x08H\x01\x88\x01\x01\x12#\n\x16truncate_prompt_tokens\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x07 \x01(\x08H\x03\x88\x01\x01\x12\x10\n\x08priority\x18\x08 \x01(\x05\x42\r\n\x0b_dimensionsB\x0c\n\n_normalizeB\x19\n\x17_truncate_prompt_tokensB\x15\n\x13_add_special_tokens\"*\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0e\n\x06values\x18\x02 \x03(\x02\"v\n\rEmbedResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\nembeddings\x18\x02 \x03(\x0b\x32\x18.protoserve.v1.Embedding\x12#\n\x05usage\x18\x03 \x01(\x0b\x32\x14.protoserve.v1.Usage*\xed\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x1c\n\x18\x46INISH_REASON_CONSTRAINT\x10\x05\x12\x1a\n\x16\x46INISH_REASON_DEADLINE\x10\x06\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x07\x32\xeb\x01\n\tInference\x12u\n\x08Generate\x12\x1e.protoserve.v1.GenerateRequest\x1a\x1f.protoserve.v1.GenerateResponse\"&\x82\xd3\xe4\x93\x02 \"\x1b/v1/models/{model}:generate:\x01*0\x01\x12g\n\x05\x45mbed\x12\x1b.protoserve.v1.EmbedRequest\x1a\x1c.protoserve.v1.EmbedResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/models/{model}:embed:\x01*BDZBgithub.com/protoserve/protoserve/gen/go/protoserve/v1;protoservev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotoserve/v1/inference.proto\x12\rprotoserve.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1aprotoserve/v1/common.proto\"\xf4\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x17.protoserve.v1.TokenIdsH\x00\x12(\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x18.protoserve.v1.ChatInputH\x00\x12/\n\x08sampling\x18\x06 \x01(\x0b\x32\x1d.protoserve.v1.SamplingParams\x12\x33\n\nconstraint\x18\x07 \x01(\x0b\x32\x1f.protoserve.v1.OutputConstraint\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x08 \x01(\x08H\x01\x88\x01\x01\x12\x10\n\x08priority\x18\t \x01(\x05\x12\x12\n\ncache_salt\x18\n \x01(\t\x12\x18\n\x0breturn_text\x18\x0b \x01(\x08H\x02\x88\x01\x01\x12\x1f\n\x17return_prompt_token_ids\x18\x0c \x01(\x08\x12\x32\n\x07parsing\x18\r \x01(\x0b\x32\x1c.protoserve.v1.OutputParsingH\x03\x88\x01\x01\x42\x07\n\x05inputB\x15\n\x13_add_special_tokensB\x0e\n\x0c_return_textB\n\n\x08_parsing\"@\n\rRenderRequest\x12/\n\x07request\x18\x01 \x01(\x0b\x32\x1e.protoserve.v1.GenerateRequest\"\xb9\x01\n\x0eRenderResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x13\n\x0bprompt_text\x18\x03 \x01(\t\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.protoserve.v1.SamplingParams\x12\x33\n\nconstraint\x18\x05 \x01(\x0b\x32\x1f.protoserve.v1.OutputConstraint\"x\n\rOutputParsing\x12\x18\n\x10reasoning_parser\x18\x01 \x01(\t\x12\x13\n\x0btool_parser\x18\x02 \x01(\t\x12 \n\x13parallel_tool_calls\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_parallel_tool_calls\"\xd9\x01\n\x10GenerateResponse\x12\x31\n\x07started\x18\x01 \x01(\x0b\x32\x1e.protoserve.v1.GenerateStartedH\x00\x12-\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x1c.protoserve.v1.GenerateDeltaH\x00\x12\x33\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1f.protoserve.v1.GenerateFinishedH\x00\x12%\n\x05usage\x18\x04 \x01(\x0b\x32\x14.protoserve.v1.UsageH\x00\x42\x07\n\x05\x65vent\"\xb9\x01\n\x0fGenerateStarted\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12\x13\n\x0bprompt_text\x18\x05 \x01(\t\x12\x35\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x1c.protoserve.v1.TokenLogprobs\"\xaa\x01\n\rGenerateDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1c.protoserve.v1.TokenLogprobs\x12\x0c\n\x04last\x18\x05 \x01(\x08\x12+\n\x06parsed\x18\x06 \x01(\x0b\x32\x1b.protoserve.v1.ParsedOutput\"d\n\x0cParsedOutput\x12\x11\n\treasoning\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x30\n\ntool_calls\x18\x03 \x03(\x0b\x32\x1c.protoserve.v1.ToolCallDelta\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\xb2\x01\n\x10GenerateFinished\x12\r\n\x05index\x18\x01 \x01(\x05\x12+\n\x06reason\x18\x02 \x01(\x0e\x32\x1b.protoserve.v1.FinishReason\x12\x17\n\rstop_token_id\x18\x03 \x01(\x05H\x00\x12\x15\n\x0bstop_string\x18\x04 \x01(\tH\x00\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12\x0f\n\x07message\x18\x06 \x01(\tB\x06\n\x04stop\"N\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\x05\"f\n\rTokenLogprobs\x12+\n\x06\x63hosen\x18\x01 \x01(\x0b\x32\x1b.protoserve.v1.TokenLogprob\x12(\n\x03top\x18\x02 \x03(\x0b\x32\x1b.protoserve.v1.TokenLogprob\"}\n\nEmbedInput\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x17.protoserve.v1.TokenIdsH\x00\x12(\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x18.protoserve.v1.ChatInputH\x00\x42\x07\n\x05input\"\xb4\x02\n\x0c\x45mbedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12)\n\x06inputs\x18\x03 \x03(\x0b\x32\x19.protoserve.v1.EmbedInput\x12\x17\n\ndimensions\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\tnormalize\x18\x05 \x01(\x08H\x01\x88\x01\x01\x12#\n\x16truncate_prompt_tokens\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x07 \x01(\x08H\x03\x88\x01\x01\x12\x10\n\x08priority\x18\x08 \x01(\x05\x42\r\n\x0b_dimensionsB\x0c\n\n_normalizeB\x19\n\x17_truncate_prompt_tokensB\x15\n\x13_add_special_tokens\"*\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0e\n\x06values\x18\x02 \x03(\x02\"v\n\rEmbedResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\nembeddings\x18\x02 \x03(\x0b\x32\x18.protoserve.v1.Embedding\x12#\n\x05usage\x18\x03 \x01(\x0b\x32\x14.protoserve.v1.Usage*\xed\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x1c\n\x18\x46INISH_REASON_CONSTRAINT\x10\x05\x12\x1a\n\x16\x46INISH_REASON_DEADLINE\x10\x06\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x07\x32\xe0\x02\n\tInference\x12u\n\x08Generate\x12\x1e.protoserve.v1.GenerateRequest\x1a\x1f.protoserve.v1.GenerateResponse\"&\x82\xd3\xe4\x93\x02 \"\x1b/v1/models/{model}:generate:\x01*0\x01\x12s\n\x06Render\x12\x1c.protoserve.v1.RenderRequest\x1a\x1d.protoserve.v1.RenderResponse\",\x82\xd3\xe4\x93\x02&\"!/v1/models/{request.model}:render:\x01*\x12g\n\x05\x45mbed\x12\x1b.protoserve.v1.EmbedRequest\x1a\x1c.protoserve.v1.EmbedResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/models/{model}:embed:\x01*BDZBgithub.com/protoserve/protoserve/gen/go/protoserve/v1;protoservev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,38 +36,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'ZBgithub.com/protoserve/protoserve/gen/go/protoserve/v1;protoservev1'
   _globals['_INFERENCE'].methods_by_name['Generate']._loaded_options = None
   _globals['_INFERENCE'].methods_by_name['Generate']._serialized_options = b'\202\323\344\223\002 \"\033/v1/models/{model}:generate:\001*'
+  _globals['_INFERENCE'].methods_by_name['Render']._loaded_options = None
+  _globals['_INFERENCE'].methods_by_name['Render']._serialized_options = b'\202\323\344\223\002&\"!/v1/models/{request.model}:render:\001*'
   _globals['_INFERENCE'].methods_by_name['Embed']._loaded_options = None
   _globals['_INFERENCE'].methods_by_name['Embed']._serialized_options = b'\202\323\344\223\002\035\"\030/v1/models/{model}:embed:\001*'
-  _globals['_FINISHREASON']._serialized_start=2459
-  _globals['_FINISHREASON']._serialized_end=2696
+  _globals['_FINISHREASON']._serialized_start=2713
+  _globals['_FINISHREASON']._serialized_end=2950
   _globals['_GENERATEREQUEST']._serialized_start=107
   _globals['_GENERATEREQUEST']._serialized_end=607
-  _globals['_OUTPUTPARSING']._serialized_start=609
-  _globals['_OUTPUTPARSING']._serialized_end=729
-  _globals['_GENERATERESPONSE']._serialized_start=732
-  _globals['_GENERATERESPONSE']._serialized_end=949
-  _globals['_GENERATESTARTED']._serialized_start=952
-  _globals['_GENERATESTARTED']._serialized_end=1137
-  _globals['_GENERATEDELTA']._serialized_start=1140
-  _globals['_GENERATEDELTA']._serialized_end=1310
-  _globals['_PARSEDOUTPUT']._serialized_start=1312
-  _globals['_PARSEDOUTPUT']._serialized_end=1412
-  _globals['_TOOLCALLDELTA']._serialized_start=1414
-  _globals['_TOOLCALLDELTA']._serialized_end=1489
-  _globals['_GENERATEFINISHED']._serialized_start=1492
-  _globals['_GENERATEFINISHED']._serialized_end=1670
-  _globals['_TOKENLOGPROB']._serialized_start=1672
-  _globals['_TOKENLOGPROB']._serialized_end=1750
-  _globals['_TOKENLOGPROBS']._serialized_start=1752
-  _globals['_TOKENLOGPROBS']._serialized_end=1854
-  _globals['_EMBEDINPUT']._serialized_start=1856
-  _globals['_EMBEDINPUT']._serialized_end=1981
-  _globals['_EMBEDREQUEST']._serialized_start=1984
-  _globals['_EMBEDREQUEST']._serialized_end=2292
-  _globals['_EMBEDDING']._serialized_start=2294
-  _globals['_EMBEDDING']._serialized_end=2336
-  _globals['_EMBEDRESPONSE']._serialized_start=2338
-  _globals['_EMBEDRESPONSE']._serialized_end=2456
-  _globals['_INFERENCE']._serialized_start=2699
-  _globals['_INFERENCE']._serialized_end=2934
+  _globals['_RENDERREQUEST']._serialized_start=609
+  _globals['_RENDERREQUEST']._serialized_end=673
+  _globals['_RENDERRESPONSE']._serialized_start=676
+  _globals['_RENDERRESPONSE']._serialized_end=861
+  _globals['_OUTPUTPARSING']._serialized_start=863
+  _globals['_OUTPUTPARSING']._serialized_end=983
+  _globals['_GENERATERESPONSE']._serialized_start=986
+  _globals['_GENERATERESPONSE']._serialized_end=1203
+  _globals['_GENERATESTARTED']._serialized_start=1206
+  _globals['_GENERATESTARTED']._serialized_end=1391
+  _globals['_GENERATEDELTA']._serialized_start=1394
+  _globals['_GENERATEDELTA']._serialized_end=1564
+  _globals['_PARSEDOUTPUT']._serialized_start=1566
+  _globals['_PARSEDOUTPUT']._serialized_end=1666
+  _globals['_TOOLCALLDELTA']._serialized_start=1668
+  _globals['_TOOLCALLDELTA']._serialized_end=1743
+  _globals['_GENERATEFINISHED']._serialized_start=1746
+  _globals['_GENERATEFINISHED']._serialized_end=1924
+  _globals['_TOKENLOGPROB']._serialized_start=1926
+  _globals['_TOKENLOGPROB']._serialized_end=2004
+  _globals['_TOKENLOGPROBS']._serialized_start=2006
+  _globals['_TOKENLOGPROBS']._serialized_end=2108
+  _globals['_EMBEDINPUT']._serialized_start=2110
+  _globals['_EMBEDINPUT']._serialized_end=2235
+  _globals['_EMBEDREQUEST']._serialized_start=2238
+  _globals['_EMBEDREQUEST']._serialized_end=2546
+  _globals['_EMBEDDING']._serialized_start=2548
+  _globals['_EMBEDDING']._serialized_end=2590
+  _globals['_EMBEDRESPONSE']._serialized_start=2592
+  _globals['_EMBEDRESPONSE']._serialized_end=2710
+  _globals['_INFERENCE']._serialized_start=2953
+  _globals['_INFERENCE']._serialized_end=3305
 # @@protoc_insertion_point(module_scope)

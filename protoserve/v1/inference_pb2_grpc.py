@@ -39,6 +39,11 @@ class InferenceStub:
                 request_serializer=protoserve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=protoserve_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Render = channel.unary_unary(
+                '/protoserve.v1.Inference/Render',
+                request_serializer=protoserve_dot_v1_dot_inference__pb2.RenderRequest.SerializeToString,
+                response_deserializer=protoserve_dot_v1_dot_inference__pb2.RenderResponse.FromString,
+                _registered_method=True)
         self.Embed = channel.unary_unary(
                 '/protoserve.v1.Inference/Embed',
                 request_serializer=protoserve_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
@@ -57,6 +62,15 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Render(self, request, context):
+        """The request Generate would run, without running it: the prompt's token ids (templated,
+        tokenized and truncated as Generate does) and every sampling parameter resolved. Fails
+        with the status Generate would give the same request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Embed(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -70,6 +84,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=protoserve_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
                     response_serializer=protoserve_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Render': grpc.unary_unary_rpc_method_handler(
+                    servicer.Render,
+                    request_deserializer=protoserve_dot_v1_dot_inference__pb2.RenderRequest.FromString,
+                    response_serializer=protoserve_dot_v1_dot_inference__pb2.RenderResponse.SerializeToString,
             ),
             'Embed': grpc.unary_unary_rpc_method_handler(
                     servicer.Embed,
@@ -104,6 +123,33 @@ class Inference:
             '/protoserve.v1.Inference/Generate',
             protoserve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
             protoserve_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Render(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/protoserve.v1.Inference/Render',
+            protoserve_dot_v1_dot_inference__pb2.RenderRequest.SerializeToString,
+            protoserve_dot_v1_dot_inference__pb2.RenderResponse.FromString,
             options,
             channel_credentials,
             insecure,
