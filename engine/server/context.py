@@ -18,6 +18,7 @@ from engine.errors import (
     InvalidRequestError,
     ModelNotFoundError,
 )
+from engine.server.admission import RequestMemoryLedger
 from engine.server.request_tracker import ServingOptions
 from engine.server.status import engine_error_status, shorten, to_rpc_status
 from protoserve.serving_metrics import ServingMetrics
@@ -41,6 +42,8 @@ class EngineHandle:
     draining: bool = False
     options: ServingOptions = field(default_factory=ServingOptions)
     metrics: ServingMetrics | None = None
+    # Host memory reserved by the requests in flight, against options.max_request_memory.
+    request_memory: RequestMemoryLedger = field(default_factory=RequestMemoryLedger)
     # An OpenTelemetry tracer when --otlp-traces-endpoint is set (Generate spans), else None.
     tracer: Any = None
     # Set by SIGTERM/SIGINT or Admin/Drain; engine-serve then drains and exits.

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import aclosing
+from contextlib import ExitStack, aclosing
 
 import grpc
 
@@ -11,6 +11,7 @@ from engine.errors import InvalidRequestError, QueueFullError, SlowConsumerError
 from engine.frontend.best_of import select_best_of
 from engine.frontend.beam_search_driver import beam_search
 from engine.generation import GenerationEvent, GenerationFinished, GenerationStarted
+from engine.server.admission import embed_cost, generate_cost
 from engine.server.context import REQUEST_ID_KEY, EngineHandle, abort_for, request_id_from
 from engine.server.embed_convert import embed, embedding_request_from_pb
 from engine.server.parsed_output import ParsedOutputWriter, parsing_plan_of, with_parsing
@@ -74,10 +75,27 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         # A little before gRPC's own expiry, so the engine's DEADLINE path (abort with reason
         # DEADLINE, DEADLINE_EXCEEDED with details) wins the race against the transport cancel.
         deadline = loop.time() + max(remaining - 0.05, 0.0) if remaining is not None else None
+        # Outermost, so the request's memory reservation is returned on every way out:
+        # success, client cancel, deadline, engine abort, error (abort_for raises too).
+        with ExitStack() as reservation:
+            await self._generate(request, context, request_id, tracker, usage, deadline,
+                                 reservation)
+
+    async def _generate(self, request: inference_pb2.GenerateRequest,
+                        context: grpc.aio.ServicerContext, request_id: str,
+                        tracker: RequestTracker, usage: common_pb2.Usage,
+                        deadline: float | None, reservation: ExitStack) -> None:
+        loop = asyncio.get_running_loop()
+        options = self.handle.options
         try:
             engine = self.handle.get(request.model, task="generate")
             self._check_size(engine, request)
             self._admit(engine)
+            config = engine.config
+            reservation.enter_context(self.handle.request_memory.admitted(
+                generate_cost(request, engine.model.max_model_len, config.model.max_logprobs,
+                              _default_max_tokens(config)),
+                options.max_request_memory))
             generation = with_server_defaults(
                 generate_request_from_pb(request, request_id), request.sampling, engine)
             writer = None
@@ -141,7 +159,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         _check_prompt_bytes(request, options.max_prompt_bytes, engine.model.max_model_len)
 
     def _admit(self, engine) -> None:
-        """Back-pressure: refuse at once, with a retry hint, when the admission queue is full."""
+        """Back-pressure: refuse at once, with a retry hint, when the admission queue is full
+        (the request-memory budget, engine.server.admission, refuses the same way)."""
         limit = self.handle.options.max_queue_len
         waiting = engine.loop.num_waiting
         if limit is not None and waiting >= limit:
@@ -176,7 +195,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 _check_prompt_bytes(item, self.handle.options.max_prompt_bytes,
                                     engine.model.max_model_len, "inputs")
             self._admit(engine)
-            return await embed(engine, embedding_request_from_pb(request, request_id), deadline)
+            with self.handle.request_memory.admitted(
+                    embed_cost(request, engine.model.max_model_len),
+                    self.handle.options.max_request_memory):
+                return await embed(engine, embedding_request_from_pb(request, request_id),
+                                   deadline)
         except Exception as error:  # noqa: BLE001 - EngineErrors mapped, the rest INTERNAL
             await abort_for(context, error, request_id)
             raise  # unreachable: abort raises
@@ -206,3 +229,9 @@ def _check_prompt_bytes(message, limit: int | None, max_model_len: int,
 
 
 _TEXT_PARTS = ("text", "refusal")
+
+
+def _default_max_tokens(config) -> int | None:
+    """The model's max_tokens default (generation_config), which an unset max_tokens gets."""
+    value = dict(config.generation_defaults).get("max_tokens")
+    return int(value) if value else None

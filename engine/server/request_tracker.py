@@ -17,6 +17,7 @@ from typing import Any
 from engine.errors import DeadlineExceededError, EngineError, QueueFullError, SlowConsumerError
 from engine.generation import GenerationDelta, GenerationEvent, GenerationFinished, GenerationStarted
 from engine.core.request import FinishReason
+from engine.server.admission import DEFAULT_MAX_REQUEST_MEMORY
 from protoserve.serving_metrics import (
     InterTokenTimer,
     LoadSnapshot,
@@ -45,6 +46,9 @@ class ServingOptions:
     # Largest prompt (text, token ids or chat input, in bytes of the request) accepted before
     # tokenizing; None: PROMPT_BYTES_PER_TOKEN x the model's context length.
     max_prompt_bytes: int | None = None
+    # Host-memory budget of all requests in flight together (engine.server.admission): a
+    # request over it alone is INVALID_ARGUMENT, one that does not fit now RESOURCE_EXHAUSTED.
+    max_request_memory: int = DEFAULT_MAX_REQUEST_MEMORY
     # Parsers chat requests get when they name none (engine.server.parsed_output): the
     # --reasoning-parser, and the --tool-call-parser when --enable-auto-tool-choice is on.
     reasoning_parser: str = ""

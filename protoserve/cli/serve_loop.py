@@ -58,6 +58,7 @@ async def serve(server: EngineServer, args: argparse.Namespace,
         make_engine_metrics,
         start_metrics_server,
     )
+    from engine.server.admission import default_max_request_memory
     from engine.server.request_tracker import ServingOptions
     from protoserve.cli.parser_args import parsing_defaults
     from protoserve.tracing import init_tracer
@@ -67,6 +68,7 @@ async def serve(server: EngineServer, args: argparse.Namespace,
         max_queue_len=args.max_queue_len, stall_timeout_s=args.stall_timeout,
         log_requests=not args.disable_log_requests, max_log_len=args.max_log_len,
         max_n=args.max_n, max_prompt_bytes=args.max_prompt_bytes,
+        max_request_memory=args.max_request_memory or default_max_request_memory(),
         **parsing_defaults(args),
     )
     handle.metrics = make_engine_metrics(handle, args.metrics_compat)

@@ -6,6 +6,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from protoserve.arg_types import parse_bytes
+
+
+def positive_bytes(text: str) -> int:
+    size = parse_bytes(text)
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive size, got {text!r}")
+    return size
+
 
 def add_serving_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("serving (service mesh)")
@@ -20,6 +29,14 @@ def add_serving_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-prompt-bytes", type=int, default=None, metavar="BYTES",
                    help="largest prompt accepted before tokenizing (text, token ids or chat "
                    "input); default: 32 bytes per token of the context length")
+    g.add_argument("--max-request-memory", type=positive_bytes, default=None, metavar="SIZE",
+                   help="host memory the requests in flight may hold together, each estimated "
+                   "from its n/best_of, prompt size, max_tokens and logprobs before it is "
+                   "accepted: one over it alone gets 400 naming the field, one that does not "
+                   "fit now 429 + Retry-After (as --max-queue-len). Default: 2 GiB, or half "
+                   "the memory available at start-up if less (the model and KV cache are sized "
+                   "at start-up; this bounds what requests add; 2 GiB holds about a thousand "
+                   "n=128 requests of 256 tokens)")
     g.add_argument("--stall-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="cancel a streaming client that reads nothing for this long")
     g.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
