@@ -42,6 +42,9 @@ namespace protoserve::panel_gemm::amx {
 constexpr int kTileRows = 16;  // tokens per A tile, pairs per B tile
 constexpr int kTileK = 32;     // k per A row (64 bytes of bf16)
 constexpr int kBlockTokens = 2 * kTileRows;
+// B tiles (1 KiB each, per panel) ahead of the current one that are prefetched: the same 4 KiB
+// per panel as panel_gemm_avx512.h's kPrefetchPairs. Prefetches past a panel's end do not fault.
+constexpr int64_t kPrefetchBlocks = 4;
 
 inline bool detect() {
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
@@ -147,9 +150,23 @@ PROTOSERVE_AMX_TARGET inline void tile(const AmxInput& input, int64_t in_feature
 
   const bf16_t* b0 = panels[0].panel;
   const bf16_t* b1 = panels[NB - 1].panel;
-  for (int64_t kb = 0; kb < full_blocks; ++kb)
+  // Only the first token block reads the panels from memory; later ones find them in L2. Its
+  // B tiles are prefetched a few blocks ahead (into L2, as panel_gemm_avx512.h's) so that
+  // tileloadd does not wait on memory latency.
+  const bool prefetch = m0 == 0;
+  for (int64_t kb = 0; kb < full_blocks; ++kb) {
+    if (prefetch) {
+      constexpr int64_t kLineElements = 32;  // 64-byte lines
+      const bf16_t* ahead0 = b0 + (kb + kPrefetchBlocks) * kBTileElements;
+      const bf16_t* ahead1 = b1 + (kb + kPrefetchBlocks) * kBTileElements;
+      for (int64_t line = 0; line < kBTileElements; line += kLineElements) {
+        __builtin_prefetch(ahead0 + line, 0, 2);
+        if constexpr (NB == 2) __builtin_prefetch(ahead1 + line, 0, 2);
+      }
+    }
     step<MB, NB>(a0 + kb * kTileK, a1 + kb * kTileK, a_stride, b0 + kb * kBTileElements,
                  b1 + kb * kBTileElements);
+  }
   if (has_tail)
     step<MB, NB>(a0 + full_blocks * kTileK, a1 + full_blocks * kTileK, a_stride,
                  panels[0].tail, panels[NB - 1].tail);
