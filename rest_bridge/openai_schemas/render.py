@@ -3,15 +3,26 @@ token-in GenerateRequest (its --enable-scale-out render routes), the request the
 run for the body, field names and nesting as the reference writes them."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator
 
 from rest_bridge.openai_schemas.chat import ChatCompletionRequest
 from rest_bridge.openai_schemas.completion import CompletionRequest
 from rest_bridge.openai_schemas.request_fields import OpenAIModel, StreamOptions
 
+
+
+def _strict_bool(value: Any) -> Any:
+    # Literal[False] alone takes 0 (0 == False); the generating routes' bool is strict.
+    if value is not None and not isinstance(value, bool):
+        raise ValueError("Input should be a valid boolean")
+    return value
+
+
 # Beam search runs as one-token expansions made on the fly: there is no single token-in
 # request to show, so the render bodies refuse it (as the reference's render does).
-NoBeamSearch = Literal[False] | None
+NoBeamSearch = Annotated[Literal[False] | None, BeforeValidator(_strict_bool)]
 
 
 class ChatRenderRequest(ChatCompletionRequest):

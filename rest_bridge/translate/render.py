@@ -3,6 +3,7 @@ body of its /render routes), sampling parameters under the reference's SamplingP
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import Any
 
@@ -10,6 +11,7 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from protoserve.sampling_fields import SAMPLING_FIELDS
 from protoserve.v1 import common_pb2, inference_pb2
+from rest_bridge.errors import invalid_request
 from rest_bridge.openai_schemas.request_fields import SamplingFields
 
 # Beam search is refused by Render (the reference's SamplingParams cannot express it), so its
@@ -19,6 +21,7 @@ _BEAM_ONLY = frozenset({"use_beam_search", "length_penalty"})
 _SPECIAL = frozenset({"logit_bias", "allowed_token_ids"})
 _SHOWN = SAMPLING_FIELDS.without(_BEAM_ONLY | _SPECIAL)
 _FIELDS = common_pb2.SamplingParams.DESCRIPTOR.fields_by_name
+FLOAT32_MAX = 3.4028234663852886e38
 _CONSTRAINT_KEYS = {"json_schema": "json", "regex": "regex", "choice": "choice",
                     "grammar": "grammar", "json_object": "json_object"}
 
@@ -53,12 +56,13 @@ def sampling_params_json(
     for name in _SHOWN.scalar:
         value = getattr(sampling, name) if sampling.HasField(name) else None
         if isinstance(value, float) and _FIELDS[name].type == FieldDescriptor.TYPE_FLOAT:
-            value = shortest_float32(value)
+            value = json_float32(value, name)
         params[name] = value
     for name in _SHOWN.repeated:
         params[name] = list(getattr(sampling, name))
     params["logit_bias"] = {
-        str(token_id): shortest_float32(bias) for token_id, bias in sampling.logit_bias.items()}
+        str(token_id): json_float32(bias, "logit_bias")
+        for token_id, bias in sampling.logit_bias.items()}
     params["allowed_token_ids"] = list(sampling.allowed_token_ids) or None
     params["structured_outputs"] = (
         structured_outputs_json(constraint) if constraint is not None else None)
@@ -79,6 +83,17 @@ def structured_outputs_json(constraint: common_pb2.OutputConstraint) -> dict[str
     if constraint.HasField("backend"):
         result["backend"] = constraint.backend
     return result
+
+
+def json_float32(value: float, field: str) -> float:
+    """A float32 the engine holds, as JSON can carry it. A value beyond float32's range
+    arrives infinite (a logit_bias of -1e300 bans its token) and JSON has no infinity: it is
+    shown as float32's largest finite value of that sign, which acts the same."""
+    if math.isnan(value):
+        raise invalid_request(f"{field} must be a number, got NaN", param=field)
+    if math.isinf(value):
+        return math.copysign(FLOAT32_MAX, value)
+    return shortest_float32(value)
 
 
 def shortest_float32(value: float) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from pydantic import ValidationError
 
 from engine.sampling_params import SamplingParams
 from engine.server.proto_convert import sampling_from_pb
@@ -13,8 +14,15 @@ from engine.server.render_convert import constraint_to_pb, sampling_to_pb
 from engine.structured.constraint import OutputConstraint
 from protoserve.v1 import common_pb2, inference_pb2
 from rest_bridge.openai_schemas.completion import CompletionRequest
-from rest_bridge.openai_schemas.render import RenderedGenerateRequest, RenderedSamplingParams
+from rest_bridge.errors import BridgeError
+from rest_bridge.openai_schemas.render import (
+    ChatRenderRequest,
+    CompletionRenderRequest,
+    RenderedGenerateRequest,
+    RenderedSamplingParams,
+)
 from rest_bridge.translate.render import (
+    FLOAT32_MAX,
     generate_request_json,
     sampling_params_json,
     shortest_float32,
@@ -100,3 +108,27 @@ def test_generate_request_object_has_the_reference_shape() -> None:
     body = CompletionRequest.model_validate({"prompt": "hi"})
     shown = generate_request_json(body, rendered, "cmpl")
     assert (shown["stream"], shown["stream_options"], shown["model"]) == (False, None, None)
+
+
+def test_out_of_range_floats_show_as_float32_extremes_and_nan_is_refused() -> None:
+    # -1e300 arrives infinite on the wire (a ban of the token); JSON has no infinity.
+    wire = common_pb2.SamplingParams(temperature=1e300)
+    wire.logit_bias[7] = -1e300
+    shown = sampling_params_json(wire, None)
+    assert shown["temperature"] == FLOAT32_MAX
+    assert shown["logit_bias"] == {"7": -FLOAT32_MAX}
+    json.dumps(shown, allow_nan=False)
+    wire.logit_bias[7] = float("nan")
+    with pytest.raises(BridgeError) as refused:
+        sampling_params_json(wire, None)
+    assert refused.value.param == "logit_bias"
+
+
+@pytest.mark.parametrize("value", [True, 0, 1])
+def test_render_bodies_refuse_beam_search(value: object) -> None:
+    with pytest.raises(ValidationError) as refused:
+        ChatRenderRequest.model_validate(
+            {"messages": [{"role": "user", "content": "hi"}], "use_beam_search": value})
+    assert refused.value.errors()[0]["loc"] == ("use_beam_search",)
+    assert CompletionRenderRequest.model_validate(
+        {"prompt": "hi", "use_beam_search": False}).use_beam_search is False
