@@ -131,9 +131,13 @@ def test_cost_grows_with_each_field_that_drives_it() -> None:
     for bigger, field in ((_request(n=8), "n"), (_request(max_tokens=400), "max_tokens"),
                           (_request(logprobs=5), "logprobs"),
                           (_request(prompt_logprobs=5), "prompt_logprobs"),
-                          (_request(n=1, best_of=8), "best_of")):
+                          (_request(n=1, best_of=8), "best_of"),
+                          (_request(n=4, use_beam_search=True), "use_beam_search")):
         cost = generate_cost(bigger, MAX_MODEL_LEN, 20)
         assert cost.total > base, field
+    # Each beam holds the prompt again: a beam search costs more than n sampled choices.
+    assert generate_cost(_request(n=4, use_beam_search=True), MAX_MODEL_LEN, 20).total > \
+        generate_cost(_request(n=4), MAX_MODEL_LEN, 20).total
     # Clamped to what the later checks accept, so those checks name the field themselves.
     huge = _request(max_tokens=10**9, logprobs=10**6)
     assert generate_cost(huge, MAX_MODEL_LEN, 20).total == \
@@ -221,6 +225,15 @@ def test_embeddings_over_the_whole_budget_are_refused_naming_inputs(
         served.inference.Embed(request, timeout=60)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert _details(caught.value)[0] == ["inputs"]
+    assert served.handle.request_memory.in_use == 0
+
+
+def test_an_admitted_embed_call_returns_its_share(served: Served) -> None:
+    """Admitted under the default budget (a decoder embeds with last-token pooling)."""
+    request = inference_pb2.EmbedRequest(inputs=[inference_pb2.EmbedInput(text="a b c")] * 4)
+    reply = served.inference.Embed(request, timeout=60)
+    assert len(reply.embeddings) == 4
+    served.wait_released()
 
 
 def test_concurrent_requests_over_the_budget_the_excess_is_refused(
