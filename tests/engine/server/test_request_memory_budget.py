@@ -22,7 +22,12 @@ from grpc_status import rpc_status
 from mesh_helpers import wait_until
 
 from engine.config import EngineConfig, ModelConfig
-from engine.server.admission import RequestCost, embed_cost, generate_cost
+from engine.server.admission import (
+    RequestCost,
+    default_max_request_memory,
+    embed_cost,
+    generate_cost,
+)
 from engine.server.context import EngineHandle
 from engine.server.grpc_server import EngineServer, GrpcServerConfig
 from protoserve.v1 import admin_pb2, admin_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc
@@ -267,3 +272,18 @@ def test_concurrent_requests_over_the_budget_the_excess_is_refused(
     served.wait_released()
     assert _choices_finished(served.inference.Generate(request, timeout=120)) == 2
     served.wait_released()
+
+
+def test_the_flag_takes_a_size_and_refuses_a_non_positive_one_by_name(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from protoserve.cli.serve import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["--max-request-memory", "512MiB"]).max_request_memory == 512 << 20
+    assert parser.parse_args([]).max_request_memory is None  # default_max_request_memory()
+    assert 0 < default_max_request_memory() <= 2 << 30
+    for bad in ("0", "lots"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--max-request-memory", bad])
+        assert "--max-request-memory" in capsys.readouterr().err
