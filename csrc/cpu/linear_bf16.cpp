@@ -171,13 +171,17 @@ std::atomic<LinearKernel>& selected_kernel() {
 
 }  // namespace
 
+#if PROTOSERVE_AMX
+bool amx_for_rows(int64_t rows) {
+  const LinearKernel kernel = selected_kernel().load(std::memory_order_relaxed);
+  return kernel == LinearKernel::kAmx ||
+         (kernel == LinearKernel::kAuto && rows >= kAmxMinTokens && has_amx_bf16());
+}
+#endif
+
 void linear_bf16(const LinearArgs& args) {
 #if PROTOSERVE_AMX
-  const LinearKernel kernel = selected_kernel().load(std::memory_order_relaxed);
-  const bool use_amx = kernel == LinearKernel::kAmx ||
-                       (kernel == LinearKernel::kAuto && args.num_tokens >= kAmxMinTokens &&
-                        has_amx_bf16());
-  if (use_amx) return run_amx(args);
+  if (amx_for_rows(args.num_tokens)) return run_amx(args);
 #endif
   run_avx512(args);
 }

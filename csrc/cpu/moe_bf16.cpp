@@ -12,6 +12,11 @@
 // weights are read. Work items of all experts go to the threads from one shared counter
 // (expert loads are uneven); each is a run of whole panels streamed contiguously.
 //
+// Experts with 4 or more rows run on AMX tiles where linear_bf16 would (panel_gemm_amx.h, same
+// panels and epilogues) when the matrix's in_features is a multiple of 32: the rows are read
+// in place, and a tile's rows past an expert's last one read the next expert's (or the
+// buffers' 16 spare rows), computed and never stored.
+//
 // Roundings follow transformers' grouped experts forward (integrations/moe.py) in bf16: the
 // gate/up projection, silu and the product are each rounded to bf16 (bf16 tensors), so is the
 // down projection; the weighted output is rounded when the weights are bf16 (Qwen3-MoE) and
@@ -20,6 +25,7 @@
 #include <vector>
 
 #include "moe_bf16.h"
+#include "panel_gemm_amx.h"
 #include "panel_gemm_avx512.h"
 #include "vec_avx512.h"
 
@@ -83,9 +89,34 @@ std::vector<WorkItem> work_items(const Grouping& g, int64_t num_experts, int64_t
   return items;
 }
 
+// Rows past an expert's last that an AMX tile may read (one 16-row tile minus one).
+constexpr int64_t kSpareRows = 16;
+
 // Runs `epilogue` over every row of the item's expert with the tile its row count calls for.
+// The epilogue reads its panels from `part`: the item, or on AMX each pair of its panels.
 template <bool kGateUp, typename Epilogue>
-void run_item(const PanelRun& gemm, const WorkItem& item, Epilogue& epilogue) {
+void run_item(const PanelRun& gemm, const WorkItem& item, WorkItem& part, Epilogue& epilogue) {
+  part = item;
+#if PROTOSERVE_AMX
+  if (gemm.in_features % panel_gemm::amx::kTileK == 0 && amx_for_rows(gemm.num_tokens)) {
+    namespace amx = panel_gemm::amx;
+    const amx::AmxInput input{gemm.input, gemm.input_stride};
+    const int64_t panel_stride = panel_gemm::panel_elements(gemm.in_features);
+    amx::load_tile_config();
+    for (int64_t p = 0; p < item.num_panels; p += 2) {
+      part = {item.expert, item.panel0 + p, std::min<int64_t>(2, item.num_panels - p)};
+      const amx::PanelTiles panels[2] = {
+          {gemm.weight + part.panel0 * panel_stride, nullptr},
+          {gemm.weight + (part.panel0 + part.num_panels - 1) * panel_stride, nullptr}};
+      if (part.num_panels == 2)
+        amx::token_blocks<2>(input, gemm.in_features, gemm.num_tokens, panels, epilogue);
+      else
+        amx::token_blocks<1>(input, gemm.in_features, gemm.num_tokens, panels, epilogue);
+    }
+    amx::release_tiles();
+    return;
+  }
+#endif
   switch (shape_for(gemm.num_tokens)) {
     case TileShape::kOneRow:
       panel_gemm::token_tiles<8, 1>(gemm, item.panel0, item.num_panels, epilogue);
@@ -129,7 +160,7 @@ void moe_bf16(const MoeArgs& a) {
   const bf16_t* rows = a.input;
   int64_t row_stride = 0;
   if (a.num_tokens > 1) {
-    gathered.reset(new bf16_t[num_assignments * H]);
+    gathered.reset(new bf16_t[(num_assignments + kSpareRows) * H]);
     at::parallel_for(0, num_assignments, 64, [&](int64_t begin, int64_t end) {
       for (int64_t s = begin; s < end; ++s)
         std::copy_n(a.input + (g.assignment[s] / a.top_k) * a.input_stride, H,
@@ -139,7 +170,7 @@ void moe_bf16(const MoeArgs& a) {
     row_stride = H;
   }
 
-  std::unique_ptr<bf16_t[]> act(new bf16_t[num_assignments * I]);
+  std::unique_ptr<bf16_t[]> act(new bf16_t[(num_assignments + kSpareRows) * I]);
   const std::vector<WorkItem> gate_up_items = work_items(g, a.num_experts, 2 * inter_panels, true);
   for_each_unit(static_cast<int64_t>(gate_up_items.size()), [] { return 0; },
                 [&](int64_t unit, int) {
@@ -148,14 +179,15 @@ void moe_bf16(const MoeArgs& a) {
     const PanelRun gemm{a.gate_up + item.expert * gate_up_stride, H, rows + first * row_stride,
                         row_stride, g.offsets[item.expert + 1] - first};
     bf16_t* act_rows = act.get() + first * I;
+    WorkItem part = item;
     auto fused_silu = [&](int64_t m, const __m512* sums) {
-      for (int64_t j = 0; 2 * j < item.num_panels; ++j) {
-        const int64_t n0 = (item.panel0 / 2 + j) * kPanelRows;
+      for (int64_t j = 0; 2 * j < part.num_panels; ++j) {
+        const int64_t n0 = (part.panel0 / 2 + j) * kPanelRows;
         _mm256_mask_storeu_epi16(act_rows + m * I + n0, panel_gemm::row_mask(I - n0),
                                  panel_gemm::to_bf16(silu_and_mul(sums[2 * j], sums[2 * j + 1])));
       }
     };
-    run_item<true>(gemm, item, fused_silu);
+    run_item<true>(gemm, item, part, fused_silu);
   });
 
   std::unique_ptr<float[]> contrib(new float[num_assignments * H]);
@@ -166,18 +198,19 @@ void moe_bf16(const MoeArgs& a) {
     const int64_t first = g.offsets[item.expert];
     const PanelRun gemm{a.down + item.expert * down_stride, I, act.get() + first * I, I,
                         g.offsets[item.expert + 1] - first};
+    WorkItem part = item;
     auto weighted = [&](int64_t m, const __m512* sums) {
       const int64_t assignment = g.assignment[first + m];
       const __m512 weight = _mm512_set1_ps(a.weights[assignment]);
       float* dst = contrib.get() + assignment * H;
-      for (int64_t p = 0; p < item.num_panels; ++p) {
-        const int64_t n0 = (item.panel0 + p) * kPanelRows;
+      for (int64_t p = 0; p < part.num_panels; ++p) {
+        const int64_t n0 = (part.panel0 + p) * kPanelRows;
         __m512 value = _mm512_mul_ps(panel_gemm::round_bf16(sums[p]), weight);
         if (a.round_weighted) value = panel_gemm::round_bf16(value);
         _mm512_mask_storeu_ps(dst + n0, panel_gemm::row_mask(H - n0), value);
       }
     };
-    run_item<false>(gemm, item, weighted);
+    run_item<false>(gemm, item, part, weighted);
   });
 
   // Decode-sized sums run inline on the calling thread.

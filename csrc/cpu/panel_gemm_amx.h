@@ -37,6 +37,12 @@
 
 #define PROTOSERVE_AMX_TARGET __attribute__((target("amx-tile,amx-bf16")))
 
+namespace protoserve {
+// Whether a GEMM of `rows` token rows runs on AMX tiles: set_linear_kernel's choice, for
+// linear_bf16 and moe_bf16 alike (defined in linear_bf16.cpp).
+bool amx_for_rows(int64_t rows);
+}  // namespace protoserve
+
 namespace protoserve::panel_gemm::amx {
 
 constexpr int kTileRows = 16;  // tokens per A tile, pairs per B tile
