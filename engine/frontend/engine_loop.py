@@ -50,9 +50,12 @@ T = TypeVar("T")
 # both cores of a small machine busy; more only queue behind the GIL.
 PREPARE_THREADS = 2
 
-# Events one request may buffer for a consumer that does not read (a stalled streaming
-# client): beyond it the request is cancelled, so its memory stays bounded.
-_MAX_BUFFERED_EVENTS = 2048
+# Events one choice may buffer for a consumer that does not read (a stalled streaming
+# client): beyond it the request is cancelled, so its memory stays bounded. The n choices of
+# a request share one queue, so its bound is n times this (n is capped by --max-n and its
+# memory admitted against --max-request-memory): a client reading a non-streamed n=128
+# answer is not a slow consumer for being handed 128 choices at once.
+_MAX_BUFFERED_EVENTS_PER_CHOICE = 2048
 
 
 class CoreClient(Protocol):
@@ -87,6 +90,8 @@ class EngineLoop:
         # The scheduler's slots (--max-num-seqs): sequences beyond them must wait.
         self.max_num_seqs = max_num_seqs
         self._streams: dict[str, RequestStream] = {}
+        # Client request id -> how many events its choices' shared queue may hold.
+        self._buffer_limits: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._error: BaseException | None = None
         # Open generate() streams (drain waits on it).
@@ -110,6 +115,11 @@ class EngineLoop:
         # out the grace only delays the stop, so it is stopped at once (killed, as a process).
         self.core.stop(0.0 if self._error is not None else timeout)
         self._prepare_pool.shutdown(wait=False, cancel_futures=True)
+
+    def num_running_choices(self, client_request_id: str) -> int:
+        """Choices of a request whose last output has not reached its event queue yet."""
+        return sum(1 for stream in self._streams.values()
+                   if stream.client_request_id == client_request_id)
 
     async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` on the preparation threads (tokenizing, rendering, its checks)."""
@@ -171,6 +181,7 @@ class EngineLoop:
         ]
         for request, stream in zip(requests, streams):
             self._streams[request.request_id] = stream
+        self._buffer_limits[req.request_id] = _MAX_BUFFERED_EVENTS_PER_CHOICE * len(streams)
         self.core.send(AddRequests(requests))
         pending = {r.request_id for r in requests}
         self.num_streams += 1
@@ -194,6 +205,7 @@ class EngineLoop:
                 event = _unless_evicted(await self._next(events, deadline))
         finally:
             self.num_streams -= 1
+            self._buffer_limits.pop(req.request_id, None)
             if pending:
                 # The gRPC layer may cancel us at the deadline before our own timer fires:
                 # the time decides which reason metrics and logs see.
@@ -275,7 +287,9 @@ class EngineLoop:
             stream = self._streams.get(output.request_id)
             if stream is None:
                 continue  # aborted or stopped by a stop string meanwhile
-            if stream.events.qsize() > _MAX_BUFFERED_EVENTS:
+            limit = self._buffer_limits.get(stream.client_request_id,
+                                            _MAX_BUFFERED_EVENTS_PER_CHOICE)
+            if stream.events.qsize() > limit:
                 del self._streams[output.request_id]
                 stream.fail(SlowConsumerError("the client stopped reading its stream"))
                 self.core.send(AbortRequests([output.request_id], FinishReason.CANCELLED))

@@ -99,7 +99,7 @@ def _request(n: int = 1, max_tokens: int = 4, **fields) -> inference_pb2.Generat
 def _long(request_id: str = "", n: int = 1) -> inference_pb2.GenerateRequest:
     """Runs long enough to be ended from outside (the rest of the context), in few enough
     events that a reader in this process never falls behind the engine's per-request buffer
-    (2048 events: beyond it the request fails as a slow consumer)."""
+    (2048 events per choice: beyond it the request fails as a slow consumer)."""
     request = _request(n=n, max_tokens=MAX_MODEL_LEN - 8)
     request.request_id = request_id
     return request
