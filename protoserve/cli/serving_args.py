@@ -33,7 +33,7 @@ def add_serving_arguments(p: argparse.ArgumentParser) -> None:
                    help="host memory the requests in flight may hold together, each estimated "
                    "from its n/best_of, prompt size, max_tokens and logprobs before it is "
                    "accepted: one over it alone gets 400 naming the field, one that does not "
-                   "fit now 429 + Retry-After (as --max-queue-len). Default: 2 GiB, or half "
+                   "fit now 429 + Retry-After (as --max-queue-len). default: 2 GiB, or half "
                    "the memory available at start-up if less (the model and KV cache are sized "
                    "at start-up; this bounds what requests add; 2 GiB holds about a thousand "
                    "n=128 requests of 256 tokens)")

@@ -17,7 +17,10 @@ def test_engine_serve_downloads_a_hub_model_once_and_serves_it(
     with HubEndpoint() as hub:
         sha = hub.add_commit("acme/tiny-llama", tiny_llama_dir)
         server = start_engine(Path("acme/tiny-llama"), "--download-dir", str(tmp_path / "cache"),
-                              role="all", env={"HF_ENDPOINT": hub.url})
+                              role="all",
+                              # Other modules set HF_HUB_OFFLINE for the session: this
+                              # server must reach the local hub.
+                              env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"})
         try:
             client = openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="none",
                                    max_retries=0, timeout=60)

@@ -13,10 +13,13 @@ from engine.frontend.core_client import ProcessCore
 
 def test_a_failing_tokenizer_load_kills_the_spawned_core(tiny_llama_dir: Path) -> None:
     spawned: list[int] = []
+    # Servers other tests started are children of this process too.
+    before = {child.pid for child in psutil.Process().children()}
 
     def failing_bos_id() -> int | None:
         # The child exists by now: the tokenizer loads while it imports.
-        spawned.extend(child.pid for child in psutil.Process().children())
+        spawned.extend(child.pid for child in psutil.Process().children()
+                       if child.pid not in before)
         raise OSError("tokenizer.json is unreadable")
 
     config = EngineConfig(model=ModelConfig(str(tiny_llama_dir), dtype="float32"))
