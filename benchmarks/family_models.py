@@ -108,10 +108,12 @@ def active_weight_bytes(shape: str) -> tuple[int, int]:
     kv = config["num_key_value_heads"] * config["head_dim"]
     attention = hidden * (q + 2 * kv) + q * hidden
     head = config["vocab_size"] * hidden
-    if "num_experts" in config:
+    # transformers 5 writes Qwen3-MoE's num_experts as num_local_experts (Mixtral's name).
+    num_experts = config.get("num_local_experts", config.get("num_experts"))
+    if num_experts:
         expert = 3 * hidden * config["moe_intermediate_size"]
-        router = hidden * config["num_experts"]
-        total = layers * (attention + router + config["num_experts"] * expert) + head
+        router = hidden * num_experts
+        total = layers * (attention + router + num_experts * expert) + head
         active = layers * (attention + router + config["num_experts_per_tok"] * expert) + head
     else:
         total = active = layers * (attention + 3 * hidden * config["intermediate_size"]) + head
