@@ -1,7 +1,7 @@
 """`engine-serve`: the engine (gRPC) and the OpenAI bridge (REST) as two processes.
 
     engine-serve                          # built-in demo model, gRPC :50051, REST :8000
-    engine-serve --model /path/to/hf-dir  # any local Llama/Mistral/Qwen2 directory or hub id
+    engine-serve --model /path/to/hf-dir  # a model directory or hub id (README lists the families)
     engine-serve --role engine            # gRPC only (run the bridge elsewhere)
     engine-serve --role bridge --engine-address host:50051
 
