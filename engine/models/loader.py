@@ -1,4 +1,4 @@
-"""Load a checkpoint (a local directory, or the snapshot models/hub.py downloaded) into our model classes."""
+"""Load a checkpoint (a local directory or a downloaded hub snapshot) into our model classes."""
 from __future__ import annotations
 
 import copy
