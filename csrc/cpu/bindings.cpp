@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "cpu_ops.h"
-#include "linear_int.h"
+#include "linear_bindings.h"
 #include "moe_bindings.h"
 
 namespace {
@@ -189,96 +189,6 @@ void paged_prefill_attention(torch::Tensor& out, const torch::Tensor& query,
   protoserve::paged_prefill_attention(args);
 }
 
-void linear_bf16(torch::Tensor& out, const torch::Tensor& input, const torch::Tensor& packed,
-                 const std::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(protoserve::has_avx512_bf16(), "linear_bf16 needs AVX512_BF16");
-  for (const torch::Tensor* t : {static_cast<const torch::Tensor*>(&out), &input, &packed})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kBFloat16,
-                "linear_bf16 takes bfloat16 CPU tensors");
-  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == 16 && packed.size(3) == 2 &&
-                  packed.is_contiguous(),
-              "packed weight must be contiguous [ceil(N / 16), K / 2, 16, 2]");
-  const int64_t in_features = packed.size(1) * 2;
-  TORCH_CHECK(input.dim() == 2 && input.size(1) == in_features && input.stride(1) == 1,
-              "input must be [tokens, ", in_features, "] with a contiguous last dim");
-  const int64_t num_tokens = input.size(0);
-  const int64_t out_features = out.size(1);
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == num_tokens && out.stride(1) == 1,
-              "out must be [tokens, out_features] with a contiguous last dim");
-  TORCH_CHECK(out_features <= packed.size(0) * 16 && out_features > (packed.size(0) - 1) * 16,
-              "out_features ", out_features, " does not match ", packed.size(0), " panels");
-  const void* bias_ptr = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == torch::kBFloat16 && bias->is_contiguous() &&
-                    bias->numel() == out_features,
-                "bias must be a contiguous bfloat16 [out_features]");
-    bias_ptr = bias->data_ptr();
-  }
-  protoserve::LinearArgs args{out.data_ptr(), out.stride(0),   input.data_ptr(),
-                              input.stride(0), packed.data_ptr(), bias_ptr,
-                              num_tokens,      in_features,       out_features};
-  pybind11::gil_scoped_release no_gil;
-  protoserve::linear_bf16(args);
-}
-
-// Weight-only int8/int4 linear over panels packed by engine/layers/quant/panels.py; with
-// `dequantize_into`, only the weight's bf16 panels are written there (for linear_bf16).
-void linear_int(torch::Tensor& out, const torch::Tensor& input, const torch::Tensor& packed,
-                const torch::Tensor& scales, const std::optional<torch::Tensor>& bias,
-                int64_t bits, int64_t group_size,
-                const std::optional<torch::Tensor>& dequantize_into) {
-  TORCH_CHECK(protoserve::has_avx512_bf16(), "linear_int needs AVX512_BF16");
-  TORCH_CHECK(bits == 8 || bits == 4, "linear_int: bits must be 8 or 4, got ", bits);
-  for (const torch::Tensor* t : {static_cast<const torch::Tensor*>(&out), &input})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kBFloat16,
-                "linear_int takes bfloat16 CPU activations");
-  // int8: one pair of columns per 32 bytes; int4: two.
-  const int64_t columns_per_vector = bits == 8 ? 2 : 4;
-  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == torch::kUInt8 &&
-                  packed.dim() == 3 && packed.size(2) == 32 && packed.is_contiguous(),
-              "packed weight must be contiguous uint8 [ceil(N / 16), K / ", columns_per_vector,
-              ", 32]");
-  const int64_t num_panels = packed.size(0), in_features = packed.size(1) * columns_per_vector;
-  TORCH_CHECK(group_size > 0 && group_size % columns_per_vector == 0, "group_size must be a "
-              "multiple of ", columns_per_vector, " for int", bits, ", got ", group_size);
-  const int64_t num_groups = (in_features + group_size - 1) / group_size;
-  TORCH_CHECK(scales.device().is_cpu() && scales.scalar_type() == torch::kFloat32 &&
-                  scales.is_contiguous() && scales.dim() == 3 && scales.size(0) == num_panels &&
-                  scales.size(1) == num_groups && scales.size(2) == 16,
-              "scales must be contiguous float32 [", num_panels, ", ", num_groups, ", 16]");
-  TORCH_CHECK(input.dim() == 2 && input.size(1) == in_features && input.stride(1) == 1,
-              "input must be [tokens, ", in_features, "] with a contiguous last dim");
-  const int64_t num_tokens = input.size(0), out_features = out.size(1);
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == num_tokens && out.stride(1) == 1,
-              "out must be [tokens, out_features] with a contiguous last dim");
-  TORCH_CHECK(out_features <= num_panels * 16 && out_features > (num_panels - 1) * 16,
-              "out_features ", out_features, " does not match ", num_panels, " panels");
-  const void* bias_ptr = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == torch::kBFloat16 && bias->is_contiguous() &&
-                    bias->numel() == out_features,
-                "bias must be a contiguous bfloat16 [out_features]");
-    bias_ptr = bias->data_ptr();
-  }
-  protoserve::LinearIntArgs args{out.data_ptr(),   out.stride(0),
-                                 input.data_ptr(), input.stride(0),
-                                 packed.data_ptr<uint8_t>(), scales.data_ptr<float>(),
-                                 bias_ptr,         num_tokens,
-                                 in_features,      out_features,
-                                 static_cast<int>(bits), group_size};
-  pybind11::gil_scoped_release no_gil;
-  if (dequantize_into.has_value()) {
-    TORCH_CHECK(dequantize_into->scalar_type() == torch::kBFloat16 &&
-                    dequantize_into->is_contiguous() &&
-                    dequantize_into->numel() == num_panels * 16 * in_features,
-                "dequantize_into must be contiguous bfloat16 [", num_panels, ", ",
-                in_features / 2, ", 16, 2]");
-    protoserve::dequantize_int_panels(args, dequantize_into->data_ptr());
-    return;
-  }
-  protoserve::linear_int(args);
-}
-
 // Rows of a bf16 CPU tensor: [rows, width] with a contiguous last dim.
 void check_rows(const torch::Tensor& t, const char* name, int64_t rows, int64_t width) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kBFloat16, name,
@@ -437,9 +347,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "0 for none)");
   m.def("paged_prefill_attention", &paged_prefill_attention,
         "Causal attention of one sequence's query chunk over its paged context");
-  m.def("linear_bf16", &linear_bf16,
+  m.def("linear_bf16", &protoserve::linear_bf16_op,
         "bfloat16 x . W^T (+ bias) over a weight packed in 16-row pair-column panels");
-  m.def("linear_int", &linear_int,
+  m.def("linear_int", &protoserve::linear_int_op,
         "bfloat16 x . dequant(Q)^T (+ bias), Q int8/int4 panels with fp32 group scales",
         pybind11::arg("out"), pybind11::arg("input"), pybind11::arg("packed"),
         pybind11::arg("scales"), pybind11::arg("bias"), pybind11::arg("bits"),
