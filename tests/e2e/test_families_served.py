@@ -8,16 +8,14 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
-import openai
 import pytest
 import torch
 from engine_process import EngineProcess, start_engine
 from family_configs import FAMILIES
 from model_factory import build_tiny_model
+from served_greedy import grpc_greedy_tokens, openai_greedy_text
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from protoserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 pytestmark = pytest.mark.e2e
 
@@ -75,15 +73,7 @@ def served(request: pytest.FixtureRequest, servers: dict[str, ServedFamily]) -> 
 
 
 def test_grpc_generate_gives_transformers_greedy_tokens(served: ServedFamily) -> None:
-    request = inference_pb2.GenerateRequest(
-        token_ids=common_pb2.TokenIds(ids=served.prompt_ids), return_text=False,
-        sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS,
-                                           ignore_eos=True))
-    tokens: list[int] = []
-    with grpc.insecure_channel(served.server.grpc_address) as channel:
-        for event in inference_pb2_grpc.InferenceStub(channel).Generate(request, timeout=120):
-            if event.HasField("delta"):
-                tokens.extend(event.delta.token_ids)
+    tokens = grpc_greedy_tokens(served.server.grpc_address, served.prompt_ids, NEW_TOKENS)
     assert tokens == served.expected_ids
 
 
@@ -91,16 +81,5 @@ def test_grpc_generate_gives_transformers_greedy_tokens(served: ServedFamily) ->
 def test_openai_completion_gives_transformers_greedy_text(
     served: ServedFamily, stream: bool
 ) -> None:
-    assert served.server.http_url is not None
-    client = openai.OpenAI(base_url=f"{served.server.http_url}/v1", api_key="unused",
-                           max_retries=0)
-    model = client.models.list().data[0].id
-    kwargs = dict(model=model, prompt=PROMPT, max_tokens=NEW_TOKENS, temperature=0.0,
-                  extra_body={"ignore_eos": True})
-    if stream:
-        text = "".join(chunk.choices[0].text
-                       for chunk in client.completions.create(**kwargs, stream=True)
-                       if chunk.choices)
-    else:
-        text = client.completions.create(**kwargs).choices[0].text
+    text = openai_greedy_text(served.server.http_url, PROMPT, NEW_TOKENS, stream=stream)
     assert text == served.expected_text
