@@ -67,6 +67,12 @@ class DecoderForCausalLM(nn.Module):
             key: build_rotary(spec.rope_config(hf_config, key), spec.head_dim, max_positions, device)
             for key in dict.fromkeys(spec.layer_rope)
         }
+        # Gemma multiplies by the scale rounded to the activations' dtype, Granite by the
+        # Python float, as their reference models do; rounded once here, not every step.
+        self._embed_scale = (
+            float(torch.tensor(spec.embed_scale, dtype=dtype)) if spec.embed_scale_in_dtype
+            else spec.embed_scale
+        )
         # All decoder layers of a pure-decode bf16 CPU step in one native call, where it applies.
         self._fused_decode: FusedDecodeLayers | None = None
 
@@ -80,12 +86,8 @@ class DecoderForCausalLM(nn.Module):
         """input_ids, positions [T] -> final-norm hidden states [T, hidden]."""
         hidden = self.model.embed_tokens(input_ids)
         spec = self.dims
-        if spec.embed_scale != 1.0:
-            # Gemma multiplies by the scale rounded to the activations' dtype, Granite by
-            # the Python float; both as their reference models do.
-            scale = spec.embed_scale
-            hidden = hidden * (torch.tensor(scale, dtype=hidden.dtype) if spec.embed_scale_in_dtype
-                               else scale)
+        if self._embed_scale != 1.0:
+            hidden = hidden * self._embed_scale
         tables = {
             key: rotary.lookup(positions, hidden.dtype) for key, rotary in self.rotary.items()
         }
