@@ -7,7 +7,7 @@ from contextlib import ExitStack, aclosing
 
 import grpc
 
-from engine.errors import InvalidRequestError, QueueFullError, SlowConsumerError
+from engine.errors import InvalidRequestError, QueueFullError
 from engine.frontend.best_of import select_best_of
 from engine.frontend.beam_search_driver import beam_search
 from engine.generation import GenerationEvent, GenerationFinished, GenerationStarted
@@ -19,6 +19,7 @@ from engine.server.proto_convert import event_to_pb, generate_request_from_pb
 from engine.server.render_convert import render
 from engine.server.request_defaults import with_server_defaults
 from engine.server.request_tracker import PROMPT_BYTES_PER_TOKEN, RequestTracker, outcome_of
+from engine.server.stall_guard import StallGuard
 from protoserve.tracing import TRACEPARENT, span_trace_id, start_span, trace_headers, trace_id_of
 from protoserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
@@ -113,16 +114,21 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 best = select_best_of(
                     counting_completion_tokens(candidates, usage), generation.sampling_params
                 )
-            async with aclosing(best) as events:
-                async for event in events:
-                    tracker.on_event(event)
-                    if isinstance(event, GenerationStarted):
-                        usage.prompt_tokens = len(event.prompt_token_ids)
-                        usage.cached_tokens = event.num_cached_tokens
-                    response = event_to_pb(event, request.return_prompt_token_ids)
-                    for message in (writer.responses(event, response) if writer else (response,)):
-                        await self._write(context, message)
-            await self._write(context, inference_pb2.GenerateResponse(usage=usage))
+            stream = StallGuard(context, options.stall_timeout_s)
+            try:
+                async with aclosing(best) as events:
+                    async for event in events:
+                        tracker.on_event(event)
+                        if isinstance(event, GenerationStarted):
+                            usage.prompt_tokens = len(event.prompt_token_ids)
+                            usage.cached_tokens = event.num_cached_tokens
+                        response = event_to_pb(event, request.return_prompt_token_ids)
+                        for message in (writer.responses(event, response) if writer
+                                        else (response,)):
+                            await stream.write(message)
+                await stream.write(inference_pb2.GenerateResponse(usage=usage))
+            finally:
+                stream.close()
         except asyncio.CancelledError as cancel:
             tracker.finish(outcome_of(cancel, deadline is not None and loop.time() >= deadline))
             raise
@@ -168,15 +174,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 f"{waiting} requests are waiting for a slot (max queue length {limit}); "
                 "retry later"
             )
-
-    async def _write(self, context: grpc.aio.ServicerContext, message) -> None:
-        try:
-            async with asyncio.timeout(self.handle.options.stall_timeout_s):
-                await context.write(message)
-        except TimeoutError:
-            raise SlowConsumerError(
-                f"the client read nothing for {self.handle.options.stall_timeout_s:g} s"
-            ) from None
 
     async def Embed(
         self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext
