@@ -17,6 +17,7 @@ from rest_bridge.middleware import RequestContextMiddleware
 from rest_bridge.responses import route as responses_routes
 from rest_bridge.metrics import BridgeMetrics
 from rest_bridge.routes import chat, completions, embeddings, health, metrics, models, render
+from rest_bridge.routes import kv_events as kv_events_routes
 from rest_bridge.routes import tokenize as tokenize_routes
 from rest_bridge.settings import BridgeSettings
 from rest_bridge.tracing import TraceContextMiddleware
@@ -65,6 +66,7 @@ def create_app(settings: BridgeSettings) -> FastAPI:
                    models.router, health.router, metrics.router):
         app.include_router(router)
     app.include_router(tokenize_routes.router)
+    app.include_router(kv_events_routes.router)
     app.include_router(responses_routes.router)
     app.include_router(anthropic_messages.router)
     return app

@@ -121,6 +121,12 @@ class EngineClient:
             discovery_pb2.GetLoadRequest(), timeout=timeout, metadata=self._auth
         )
 
+    def watch_kv_events(self, model: str = "") -> grpc.aio.UnaryStreamCall:
+        """Discovery/WatchKvEvents: open until the caller cancels it (no deadline)."""
+        return self._discovery.WatchKvEvents(
+            discovery_pb2.WatchKvEventsRequest(model=model), metadata=self._auth
+        )
+
     async def list_models(self, *, timeout: float | None) -> list[discovery_pb2.ModelInfo]:
         response = await self._discovery.ListModels(
             discovery_pb2.ListModelsRequest(), timeout=timeout, metadata=self._auth

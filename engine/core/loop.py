@@ -21,6 +21,7 @@ from engine.core.core_request import CoreRequest
 from engine.core.engine_core import EngineCore
 from engine.core.outputs import RequestOutput
 from engine.core.request import FinishReason
+from engine.kv_cache.kv_events import KvEventBatch
 from protoserve.histogram import Histogram
 
 if TYPE_CHECKING:
@@ -54,6 +55,19 @@ class AbortRequests:
 
 
 @dataclass(frozen=True, slots=True)
+class SetKvEvents:
+    """Start or stop recording KV-cache events (engine.kv_cache.kv_events): the serving
+    side turns them on while at least one Discovery/WatchKvEvents stream is open."""
+
+    enabled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ResetPrefixCache:
+    """Forget every prefix-cache hash (blocks in use keep their KV but are found no more)."""
+
+
+@dataclass(frozen=True, slots=True)
 class StopCore:
     pass
 
@@ -66,7 +80,9 @@ class InjectFault:
 
 
 # What the serving side sends; the inbox also takes AddCompiled from inside the core.
-CoreCommand = AddRequests | AbortRequests | StopCore | InjectFault
+CoreCommand = (
+    AddRequests | AbortRequests | SetKvEvents | ResetPrefixCache | StopCore | InjectFault
+)
 InboxEntry = CoreCommand | AddCompiled
 
 
@@ -123,10 +139,13 @@ def run_core_loop(
     inbox: Inbox,
     emit: Callable[[list[RequestOutput]], None],
     beat: Callable[[], None],
+    emit_kv_events: Callable[[KvEventBatch], None] = lambda batch: None,
 ) -> None:
-    """Apply commands, step while there is work, hand every non-empty output list to `emit`.
-    `beat` is called at least every IDLE_WAIT_S while idle and before each step. Returns on
+    """Apply commands, step while there is work, hand every non-empty output list to `emit`
+    and, while KV events are on, each step's event batch to `emit_kv_events`. `beat` is
+    called at least every IDLE_WAIT_S while idle and before each step. Returns on
     StopCore; raises whatever the core raises (the caller reports it)."""
+    kv_events = core.kv_cache.pool.events
     while True:
         beat()
         if not _apply_commands(core, inbox, block=not core.has_unfinished_requests):
@@ -137,6 +156,10 @@ def run_core_loop(
             outputs = core.step()
         if outputs:
             emit(outputs)
+        if kv_events.enabled:
+            batch = kv_events.take_batch()
+            if batch is not None:
+                emit_kv_events(batch)
 
 
 def _apply_commands(core: EngineCore, inbox: Inbox, block: bool) -> bool:
@@ -152,6 +175,10 @@ def _apply_commands(core: EngineCore, inbox: Inbox, block: bool) -> bool:
         if isinstance(command, AddRequests):
             for request in command.requests:
                 core.add_request(request)
+        elif isinstance(command, SetKvEvents):
+            core.kv_cache.pool.events.set_enabled(command.enabled)
+        elif isinstance(command, ResetPrefixCache):
+            core.kv_cache.pool.reset_prefix_cache()
         elif isinstance(command, AddCompiled):
             for request, grammar in zip(command.requests, command.grammars, strict=True):
                 core.add_request(request, grammar)

@@ -31,6 +31,7 @@ from engine.core.messages import (
     CoreBeat,
     CoreDied,
     CoreFailed,
+    CoreKvEvents,
     CoreOutputs,
     CoreReady,
     CoreStart,
@@ -42,7 +43,7 @@ from engine.structured.compiler import GrammarCompiler
 logger = logging.getLogger(__name__)
 
 
-CoreMessage = CoreReady | CoreFailed | CoreOutputs | CoreBeat | CoreDied
+CoreMessage = CoreReady | CoreFailed | CoreOutputs | CoreKvEvents | CoreBeat | CoreDied
 
 
 class _Channel:
@@ -103,7 +104,8 @@ def _serve(core: EngineCore, channel: _Channel, compiler: GrammarCompiler | None
 
     def step_loop() -> None:
         try:
-            run_core_loop(core, inbox, emit, beat)
+            run_core_loop(core, inbox, emit, beat,
+                          lambda batch: channel.send(CoreKvEvents(batch)))
         except BaseException as exc:  # reported to the serving process, which ends streams
             logger.exception("engine step loop died")
             failure.append(exc)

@@ -22,6 +22,7 @@ from engine.core.loop import (
     start_step_thread,
 )
 from engine.core.outputs import RequestOutput
+from engine.kv_cache.kv_events import KvEventBatch
 
 if TYPE_CHECKING:
     from engine.structured.compiler import GrammarCompiler
@@ -47,15 +48,16 @@ class ThreadedCore:
         self,
         on_outputs: Callable[[list[RequestOutput]], None],
         on_error: Callable[[BaseException], None],
+        on_kv_events: Callable[[KvEventBatch], None] = lambda batch: None,
     ) -> None:
-        """`on_outputs` / `on_error` are called on the step thread, or the grammar compile
-        thread for compile failures (the caller hops threads)."""
+        """`on_outputs` / `on_error` / `on_kv_events` are called on the step thread, or the
+        grammar compile thread for compile failures (the caller hops threads)."""
         self.last_heartbeat = time.monotonic()  # the watchdog must not see a stale start
         self._on_outputs = on_outputs
 
         def run() -> None:
             try:
-                run_core_loop(self.core, self._inbox, on_outputs, self._beat)
+                run_core_loop(self.core, self._inbox, on_outputs, self._beat, on_kv_events)
             except BaseException as exc:  # the step thread must never die silently
                 logger.exception("engine step thread died")
                 self.error = exc

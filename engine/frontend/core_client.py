@@ -7,6 +7,7 @@
                                                     compiler, on its compile thread, first)
                                                     step thread: run_core_loop
     reader thread -> on_outputs  <--pickle, socket-- CoreOutputs(outputs, stats) per step,
+                 -> on_kv_events                    CoreKvEvents(batch) per step (if on),
                                                     CoreBeat(stats) while idle
 
 Why a process: the step loop needs the GIL between its kernels (scheduling, input
@@ -39,12 +40,14 @@ from engine.core.messages import (
     CoreBeat,
     CoreDied,
     CoreFailed,
+    CoreKvEvents,
     CoreOutputs,
     CoreReady,
     CoreStart,
 )
 from engine.errors import EngineUnavailableError, ModelLoadError
 from engine.core.outputs import RequestOutput
+from engine.kv_cache.kv_events import KvEventBatch
 
 logger = logging.getLogger(__name__)
 
@@ -151,11 +154,14 @@ class ProcessCore:
         self,
         on_outputs: Callable[[list[RequestOutput]], None],
         on_error: Callable[[BaseException], None],
+        on_kv_events: Callable[[KvEventBatch], None] = lambda batch: None,
     ) -> None:
-        """`on_outputs` / `on_error` are called on this object's reader thread."""
+        """`on_outputs` / `on_error` / `on_kv_events` are called on this object's reader
+        thread."""
         self.last_heartbeat = time.monotonic()
         self._reader = threading.Thread(
-            target=self._read, args=(on_outputs, on_error), name="engine-core-reader", daemon=True
+            target=self._read, args=(on_outputs, on_error, on_kv_events),
+            name="engine-core-reader", daemon=True,
         )
         self._reader.start()
 
@@ -197,6 +203,7 @@ class ProcessCore:
         self,
         on_outputs: Callable[[list[RequestOutput]], None],
         on_error: Callable[[BaseException], None],
+        on_kv_events: Callable[[KvEventBatch], None],
     ) -> None:
         try:
             while True:
@@ -206,6 +213,8 @@ class ProcessCore:
                     if message.stats is not None:
                         self._stats = message.stats
                     on_outputs(message.outputs)
+                elif isinstance(message, CoreKvEvents):
+                    on_kv_events(message.batch)
                 elif isinstance(message, CoreBeat):
                     self._stats = message.stats
                 elif isinstance(message, CoreDied):

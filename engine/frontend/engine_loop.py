@@ -39,6 +39,8 @@ from engine.generation import (
     GenerationStarted,
 )
 from engine.frontend.input_processor import InputProcessor, PreparedPrompt
+from engine.frontend.kv_event_hub import KvEventHub
+from engine.kv_cache.kv_events import KvEventBatch
 from engine.core.outputs import RequestOutput
 from engine.core.request import FinishReason
 from engine.frontend.pooling_stream import PooledOutput, PoolingStream
@@ -69,6 +71,7 @@ class CoreClient(Protocol):
         self,
         on_outputs: Callable[[list[RequestOutput]], None],
         on_error: Callable[[BaseException], None],
+        on_kv_events: Callable[[KvEventBatch], None] = ...,
     ) -> None: ...
 
     def send(self, command: CoreCommand) -> None: ...
@@ -100,14 +103,18 @@ class EngineLoop:
         # (a long prompt, a heavy template): never on the event loop, where they would stall
         # every stream and health check. Bounded, so a burst of huge prompts queues here.
         self._prepare_pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="prepare")
+        # Discovery/WatchKvEvents streams; the core records events only while one is open.
+        self.kv_events = KvEventHub(self.core.send)
 
     # ----- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
+        self.kv_events.bind(loop)
         self.core.start(
             lambda outputs: loop.call_soon_threadsafe(self._dispatch, outputs),
             lambda error: loop.call_soon_threadsafe(self._fail_all, error),
+            self.kv_events.publish,
         )
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -316,6 +323,7 @@ class EngineLoop:
         for stream in self._streams.values():
             stream.fail(failure)
         self._streams.clear()
+        self.kv_events.fail(failure)
 
 
 _EVICTED = "the request's deadline expired while it waited in the queue"

@@ -18,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 
 from engine.kv_cache.block_hash import BlockHash
+from engine.kv_cache.kv_events import KvEventRecorder
 
 
 class KVBlock:
@@ -42,6 +43,8 @@ class BlockPool:
         # Insertion order = eviction order; values unused.
         self._free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[BlockHash, KVBlock] = {}
+        # Removals and clears for cache-aware routers (engine.kv_cache.kv_events).
+        self.events = KvEventRecorder()
 
     @property
     def num_free_blocks(self) -> int:
@@ -84,23 +87,30 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self._free_queue[block.block_id] = None
 
-    def cache_block(self, block: KVBlock, block_hash: BlockHash) -> None:
+    def cache_block(self, block: KVBlock, block_hash: BlockHash) -> bool:
         """Register a full, computed block under its hash. If another block already holds
-        this hash (two requests computed the same prefix concurrently), keep the first."""
+        this hash (two requests computed the same prefix concurrently), keep the first.
+        Returns whether the hash is newly findable."""
         if not self.enable_caching or block.block_hash is not None:
-            return
+            return False
         if block_hash in self._cached:
-            return
+            return False
         block.block_hash = block_hash
         self._cached[block_hash] = block
+        return True
 
     def reset_prefix_cache(self) -> None:
-        for block in list(self._cached.values()):
-            self._evict(block)
+        for block in self._cached.values():
+            block.block_hash = None
+        self._cached.clear()
+        if self.events.enabled:
+            self.events.cleared()
 
     def _evict(self, block: KVBlock) -> None:
         if block.block_hash is not None:
             del self._cached[block.block_hash]
+            if self.events.enabled:
+                self.events.removed(block.block_hash)
             block.block_hash = None
 
     def check_invariants(self) -> None:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from engine.kv_cache.block_hash import extend_block_hashes
 from engine.kv_cache.block_pool import BlockPool, KVBlock
+from engine.kv_cache.kv_events import BlockStored
 from engine.core.request import Request
 
 
@@ -198,9 +199,13 @@ class KVCacheManager:
             return
         self._update_hashes(request)
         blocks = self.pool.blocks
+        stored: list[int] = []  # indexes of the blocks newly findable, for the KV events
         for i in range(start, num_full):
-            self.pool.cache_block(blocks[request.block_ids[i]], request.block_hashes[i])
+            if self.pool.cache_block(blocks[request.block_ids[i]], request.block_hashes[i]):
+                stored.append(i)
         self._num_published_blocks[request.request_id] = num_full
+        if stored and self.pool.events.enabled:
+            self._record_stored(request, stored)
 
     def free(self, request: Request) -> None:
         """Release the request's blocks (cached ones stay findable until evicted)."""
@@ -223,6 +228,25 @@ class KVCacheManager:
         assert self.null_block_id is not None  # only a window drops blocks
         block_ids[num_dropped:end] = [self.null_block_id] * (end - num_dropped)
         self._num_dropped_blocks[request.request_id] = end
+
+    def _record_stored(self, request: Request, stored: list[int]) -> None:
+        """One BlockStored per run of consecutive block indexes (a block another request
+        already cached breaks a run: its hash was announced then)."""
+        hashes, size = request.block_hashes, self.block_size
+        runs: list[list[int]] = []
+        for i in stored:
+            if runs and runs[-1][-1] == i - 1:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        for run in runs:
+            first, end = run[0], run[-1] + 1
+            self.pool.events.stored(BlockStored(
+                block_hashes=tuple(hashes[first:end]),
+                parent_block_hash=hashes[first - 1] if first else None,
+                token_ids=tuple(request.all_token_ids[first * size : end * size]),
+                block_size=size,
+            ))
 
     def _update_hashes(self, request: Request) -> None:
         extend_block_hashes(

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import grpc
 
-from engine.errors import EngineUnavailableError, InvalidRequestError
+from engine.core.loop import ResetPrefixCache
+from engine.errors import EngineError, EngineUnavailableError, InvalidRequestError
 
 import protoserve
 from engine.frontend.served_model import Engine
+from engine.kv_cache.kv_events import BlockRemoved, BlockStored, KvEventBatch
 from engine.output_parsing import REASONING_PARSERS, TOOL_PARSERS
 from engine.server.context import EngineHandle, abort_for
 from engine.server.proto_convert import chat_from_pb
@@ -151,6 +153,45 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
         )
 
 
+    async def WatchKvEvents(self, request, context: grpc.aio.ServicerContext):
+        try:
+            engine = self.handle.get(request.model, task="generate")
+        except Exception as error:  # noqa: BLE001
+            await abort_for(context, error)
+        hub = engine.loop.kv_events
+        watcher = hub.subscribe()
+        try:
+            # Headers go out once recording is requested: commands reach the core in order,
+            # so a client that waits for them sees the blocks of every later request.
+            await context.send_initial_metadata(())
+            while True:
+                yield kv_event_batch_to_pb(await watcher.next_batch())
+        except EngineError as error:
+            await abort_for(context, error)
+        finally:
+            hub.unsubscribe(watcher)
+
+
+def kv_event_batch_to_pb(batch: KvEventBatch) -> discovery_pb2.WatchKvEventsResponse:
+    events = []
+    for event in batch.events:
+        if isinstance(event, BlockStored):
+            stored = discovery_pb2.BlockStored(
+                block_hashes=event.block_hashes, token_ids=event.token_ids,
+                block_size=event.block_size, lora_name=event.lora_name)
+            if event.parent_block_hash is not None:
+                stored.parent_block_hash = event.parent_block_hash
+            events.append(discovery_pb2.KvEvent(block_stored=stored))
+        elif isinstance(event, BlockRemoved):
+            events.append(discovery_pb2.KvEvent(
+                block_removed=discovery_pb2.BlockRemoved(block_hashes=event.block_hashes)))
+        else:
+            events.append(discovery_pb2.KvEvent(
+                all_blocks_cleared=discovery_pb2.AllBlocksCleared()))
+    return discovery_pb2.WatchKvEventsResponse(
+        sequence_number=batch.sequence_number, timestamp=batch.timestamp, events=events)
+
+
 class AdminServicer(admin_pb2_grpc.AdminServicer):
     def __init__(self, handle: EngineHandle) -> None:
         self.handle = handle
@@ -170,3 +211,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         engine = self.handle.engine
         self.handle.shutdown_requested.set()
         return admin_pb2.DrainResponse(num_in_flight=engine.loop.num_streams if engine else 0)
+
+    async def ResetPrefixCache(self, request, context: grpc.aio.ServicerContext):
+        try:
+            self.handle.get(task="generate").loop.core.send(ResetPrefixCache())
+            return admin_pb2.ResetPrefixCacheResponse()
+        except Exception as error:  # noqa: BLE001
+            await abort_for(context, error)

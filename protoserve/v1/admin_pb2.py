@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19protoserve/v1/admin.proto\x12\rprotoserve.v1\x1a\x1cgoogle/api/annotations.proto\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\",\n\rAbortResponse\x12\x1b\n\x13\x61\x62orted_request_ids\x18\x01 \x03(\t\"\x0e\n\x0c\x44rainRequest\"&\n\rDrainResponse\x12\x15\n\rnum_in_flight\x18\x01 \x01(\x05\x32\xc7\x01\n\x05\x41\x64min\x12^\n\x05\x41\x62ort\x12\x1b.protoserve.v1.AbortRequest\x1a\x1c.protoserve.v1.AbortResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/admin:abort:\x01*\x12^\n\x05\x44rain\x12\x1b.protoserve.v1.DrainRequest\x1a\x1c.protoserve.v1.DrainResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/admin:drain:\x01*BDZBgithub.com/protoserve/protoserve/gen/go/protoserve/v1;protoservev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19protoserve/v1/admin.proto\x12\rprotoserve.v1\x1a\x1cgoogle/api/annotations.proto\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\",\n\rAbortResponse\x12\x1b\n\x13\x61\x62orted_request_ids\x18\x01 \x03(\t\"\x0e\n\x0c\x44rainRequest\"&\n\rDrainResponse\x12\x15\n\rnum_in_flight\x18\x01 \x01(\x05\"\x19\n\x17ResetPrefixCacheRequest\"\x1a\n\x18ResetPrefixCacheResponse2\xd6\x02\n\x05\x41\x64min\x12^\n\x05\x41\x62ort\x12\x1b.protoserve.v1.AbortRequest\x1a\x1c.protoserve.v1.AbortResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/admin:abort:\x01*\x12^\n\x05\x44rain\x12\x1b.protoserve.v1.DrainRequest\x1a\x1c.protoserve.v1.DrainResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/admin:drain:\x01*\x12\x8c\x01\n\x10ResetPrefixCache\x12&.protoserve.v1.ResetPrefixCacheRequest\x1a\'.protoserve.v1.ResetPrefixCacheResponse\"\'\x82\xd3\xe4\x93\x02!\"\x1c/v1/admin:reset_prefix_cache:\x01*BDZBgithub.com/protoserve/protoserve/gen/go/protoserve/v1;protoservev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,6 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADMIN'].methods_by_name['Abort']._serialized_options = b'\202\323\344\223\002\024\"\017/v1/admin:abort:\001*'
   _globals['_ADMIN'].methods_by_name['Drain']._loaded_options = None
   _globals['_ADMIN'].methods_by_name['Drain']._serialized_options = b'\202\323\344\223\002\024\"\017/v1/admin:drain:\001*'
+  _globals['_ADMIN'].methods_by_name['ResetPrefixCache']._loaded_options = None
+  _globals['_ADMIN'].methods_by_name['ResetPrefixCache']._serialized_options = b'\202\323\344\223\002!\"\034/v1/admin:reset_prefix_cache:\001*'
   _globals['_ABORTREQUEST']._serialized_start=74
   _globals['_ABORTREQUEST']._serialized_end=109
   _globals['_ABORTRESPONSE']._serialized_start=111
@@ -45,6 +47,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DRAINREQUEST']._serialized_end=171
   _globals['_DRAINRESPONSE']._serialized_start=173
   _globals['_DRAINRESPONSE']._serialized_end=211
-  _globals['_ADMIN']._serialized_start=214
-  _globals['_ADMIN']._serialized_end=413
+  _globals['_RESETPREFIXCACHEREQUEST']._serialized_start=213
+  _globals['_RESETPREFIXCACHEREQUEST']._serialized_end=238
+  _globals['_RESETPREFIXCACHERESPONSE']._serialized_start=240
+  _globals['_RESETPREFIXCACHERESPONSE']._serialized_end=266
+  _globals['_ADMIN']._serialized_start=269
+  _globals['_ADMIN']._serialized_end=611
 # @@protoc_insertion_point(module_scope)

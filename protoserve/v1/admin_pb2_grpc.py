@@ -44,6 +44,11 @@ class AdminStub:
                 request_serializer=protoserve_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
                 response_deserializer=protoserve_dot_v1_dot_admin__pb2.DrainResponse.FromString,
                 _registered_method=True)
+        self.ResetPrefixCache = channel.unary_unary(
+                '/protoserve.v1.Admin/ResetPrefixCache',
+                request_serializer=protoserve_dot_v1_dot_admin__pb2.ResetPrefixCacheRequest.SerializeToString,
+                response_deserializer=protoserve_dot_v1_dot_admin__pb2.ResetPrefixCacheResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -64,6 +69,15 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResetPrefixCache(self, request, context):
+        """Forgets every prefix-cache entry (after a weight or adapter change, or for benchmarks that
+        need a cold cache). Running requests keep their KV; watchers of Discovery/WatchKvEvents
+        get AllBlocksCleared.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +90,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=protoserve_dot_v1_dot_admin__pb2.DrainRequest.FromString,
                     response_serializer=protoserve_dot_v1_dot_admin__pb2.DrainResponse.SerializeToString,
+            ),
+            'ResetPrefixCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetPrefixCache,
+                    request_deserializer=protoserve_dot_v1_dot_admin__pb2.ResetPrefixCacheRequest.FromString,
+                    response_serializer=protoserve_dot_v1_dot_admin__pb2.ResetPrefixCacheResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +151,33 @@ class Admin:
             '/protoserve.v1.Admin/Drain',
             protoserve_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
             protoserve_dot_v1_dot_admin__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetPrefixCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/protoserve.v1.Admin/ResetPrefixCache',
+            protoserve_dot_v1_dot_admin__pb2.ResetPrefixCacheRequest.SerializeToString,
+            protoserve_dot_v1_dot_admin__pb2.ResetPrefixCacheResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -54,6 +54,11 @@ class DiscoveryStub:
                 request_serializer=protoserve_dot_v1_dot_discovery__pb2.GetLoadRequest.SerializeToString,
                 response_deserializer=protoserve_dot_v1_dot_discovery__pb2.GetLoadResponse.FromString,
                 _registered_method=True)
+        self.WatchKvEvents = channel.unary_stream(
+                '/protoserve.v1.Discovery/WatchKvEvents',
+                request_serializer=protoserve_dot_v1_dot_discovery__pb2.WatchKvEventsRequest.SerializeToString,
+                response_deserializer=protoserve_dot_v1_dot_discovery__pb2.WatchKvEventsResponse.FromString,
+                _registered_method=True)
 
 
 class DiscoveryServicer:
@@ -84,6 +89,19 @@ class DiscoveryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchKvEvents(self, request, context):
+        """KV-cache events for cache-aware routers: one message per engine step that changed the
+        prefix cache (blocks stored, blocks removed, everything cleared), in order, numbered.
+        Recording starts when the first stream opens (the response headers are sent once it is
+        on: every request sent after them has its blocks announced) and stops when the last one
+        closes, so a server nobody watches pays nothing. A new stream learns changes from then
+        on, not what was cached before. A stream that falls more than a bound of messages behind
+        (a router not reading) is ended with RESOURCE_EXHAUSTED instead of slowing the engine.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DiscoveryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -106,6 +124,11 @@ def add_DiscoveryServicer_to_server(servicer, server):
                     servicer.GetLoad,
                     request_deserializer=protoserve_dot_v1_dot_discovery__pb2.GetLoadRequest.FromString,
                     response_serializer=protoserve_dot_v1_dot_discovery__pb2.GetLoadResponse.SerializeToString,
+            ),
+            'WatchKvEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchKvEvents,
+                    request_deserializer=protoserve_dot_v1_dot_discovery__pb2.WatchKvEventsRequest.FromString,
+                    response_serializer=protoserve_dot_v1_dot_discovery__pb2.WatchKvEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -216,6 +239,33 @@ class Discovery:
             '/protoserve.v1.Discovery/GetLoad',
             protoserve_dot_v1_dot_discovery__pb2.GetLoadRequest.SerializeToString,
             protoserve_dot_v1_dot_discovery__pb2.GetLoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchKvEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/protoserve.v1.Discovery/WatchKvEvents',
+            protoserve_dot_v1_dot_discovery__pb2.WatchKvEventsRequest.SerializeToString,
+            protoserve_dot_v1_dot_discovery__pb2.WatchKvEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,
