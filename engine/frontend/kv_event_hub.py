@@ -87,9 +87,10 @@ class KvEventHub:
         """The event loop the watchers live on (EngineLoop.start)."""
         self._loop = loop
 
-    def subscribe(self) -> KvEventWatcher:
-        """Called on the event loop."""
-        watcher = KvEventWatcher(self.max_pending)
+    def subscribe(self, max_pending: int | None = None) -> KvEventWatcher:
+        """Called on the event loop. `max_pending`: this watcher's bound (default: the
+        hub's)."""
+        watcher = KvEventWatcher(max_pending or self.max_pending)
         self._watchers.add(watcher)
         if len(self._watchers) == 1:
             self._send(SetKvEvents(True))

@@ -159,7 +159,7 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
         except Exception as error:  # noqa: BLE001
             await abort_for(context, error)
         hub = engine.loop.kv_events
-        watcher = hub.subscribe()
+        watcher = hub.subscribe(self.handle.options.kv_events_max_pending)
         try:
             # Headers go out once recording is requested: commands reach the core in order,
             # so a client that waits for them sees the blocks of every later request.

@@ -24,6 +24,7 @@ from protoserve.serving_metrics import (
     RequestRecord,
     ServingMetrics,
 )
+from engine.frontend.kv_event_hub import DEFAULT_MAX_PENDING_BATCHES
 from protoserve.tracing import end_span
 
 logger = logging.getLogger("engine.requests")
@@ -53,6 +54,8 @@ class ServingOptions:
     # --reasoning-parser, and the --tool-call-parser when --enable-auto-tool-choice is on.
     reasoning_parser: str = ""
     auto_tool_parser: str = ""
+    # KV-event batches a WatchKvEvents stream may fall behind before it is ended.
+    kv_events_max_pending: int = DEFAULT_MAX_PENDING_BATCHES
 
 
 # No real tokenizer gets near this many bytes per token, so a prompt over the derived bound

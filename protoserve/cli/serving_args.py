@@ -16,6 +16,13 @@ def positive_bytes(text: str) -> int:
     return size
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
+
+
 def add_serving_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("serving (service mesh)")
     g.add_argument("--grpc-uds", default=None, metavar="PATH",
@@ -56,6 +63,11 @@ def add_serving_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--metrics-compat", action="store_true",
                    help="also export vLLM's full metric set under the vllm: prefix (names, types, "
                    "labels), for dashboards, autoscalers and the Inference Extension")
+    g.add_argument("--kv-events-max-pending", type=positive_int, default=1024, metavar="BATCHES",
+                   help="KV-event batches (engine steps) a Discovery/WatchKvEvents or "
+                   "/v1/kv_events watcher may fall behind before its stream is ended with "
+                   "RESOURCE_EXHAUSTED (HTTP 429), so a stalled router never slows the engine "
+                   "(default: 1024)")
     g.add_argument("--disable-log-requests", action="store_true",
                    help="no per-request log line")
     g.add_argument("--max-log-len", type=int, default=0,
