@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from engine_process import EngineProcess, start_engine
+from example_scripts import load_picker
 from protoserve.kv_block_hashes import block_hashes
 from protoserve.v1 import (
     admin_pb2,
@@ -214,3 +215,13 @@ def test_an_unknown_model_is_refused_naming_the_field(server: EngineProcess) -> 
                        timeout=WAIT_S)
     assert answer.status_code == 404
     assert answer.json()["error"]["param"] == "model"
+
+
+def test_the_example_load_picker_reads_a_real_replica(server: EngineProcess) -> None:
+    # examples/router/load_picker.py, as the compose example runs it, polling this server.
+    picker = load_picker()
+    poller = picker.LoadPoller([server.grpc_address], interval_s=0.2, timeout_s=WAIT_S)
+    poller.poll_once()
+    assert picker.pick(poller.loads) == server.grpc_address
+    (replica,) = poller.loads
+    assert replica.load.num_kv_blocks == 12
