@@ -34,7 +34,9 @@ router = APIRouter()
 _WATCHING = b": watching\n\n"
 
 
-@router.get("/v1/kv_events", response_class=SSEResponse)
+# Not in /openapi.json: an endless stream is no operation a client generator or a schema
+# fuzzer can call and wait on (as /metrics, it is for infrastructure).
+@router.get("/v1/kv_events", response_class=SSEResponse, include_in_schema=False)
 async def kv_events(request: Request, model: str = "") -> SSEResponse:
     call = RouteContext.of(request).client.watch_kv_events(model)
     try:
