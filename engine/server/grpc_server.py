@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine.config import EngineConfig
+from engine.errors import EngineUnavailableError
 from engine.frontend.served_model import Engine
 from engine.server.context import EngineHandle
 from engine.server.health_servicer import HealthServicer
@@ -170,6 +171,11 @@ class EngineServer:
     async def stop(self, grace: float | None = 5.0) -> None:
         self.handle.draining = True
         await self.health.enter_graceful_shutdown()
+        # KV-event streams never end on their own: they end now (UNAVAILABLE, DRAINING; a
+        # router moves on) instead of being cancelled at the end of the grace period.
+        closing = EngineUnavailableError("the server is shutting down", reason="DRAINING")
+        for engine in self.handle.engines:
+            engine.loop.kv_events.fail(closing)
         await self.server.stop(grace)
         if self._watchdog is not None:
             self._watchdog.cancel()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import queue
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -225,3 +226,19 @@ def test_the_example_load_picker_reads_a_real_replica(server: EngineProcess) -> 
     assert picker.pick(poller.loads) == server.grpc_address
     (replica,) = poller.loads
     assert replica.load.num_kv_blocks == 12
+
+
+def test_a_stopping_server_ends_watch_streams_with_unavailable(tiny_llama_dir: Path) -> None:
+    handle = start_engine(tiny_llama_dir)
+    try:
+        with grpc.insecure_channel(handle.grpc_address) as channel:
+            call = discovery_pb2_grpc.DiscoveryStub(channel).WatchKvEvents(
+                discovery_pb2.WatchKvEventsRequest(), timeout=WAIT_S)
+            call.initial_metadata()
+            handle.process.send_signal(signal.SIGTERM)
+            with pytest.raises(grpc.RpcError) as ended:
+                next(call)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in ended.value.details()
+    finally:
+        handle.stop()
