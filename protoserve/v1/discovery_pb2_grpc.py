@@ -96,7 +96,8 @@ class DiscoveryServicer:
         on: every request sent after them has its blocks announced) and stops when the last one
         closes, so a server nobody watches pays nothing. A new stream learns changes from then
         on, not what was cached before. A stream that falls more than a bound of messages behind
-        (a router not reading) is ended with RESOURCE_EXHAUSTED instead of slowing the engine.
+        (a router not reading) is ended with RESOURCE_EXHAUSTED instead of slowing the engine;
+        every stream ends with UNAVAILABLE when the server stops.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
