@@ -199,12 +199,15 @@ class KVCacheManager:
             return
         self._update_hashes(request)
         blocks = self.pool.blocks
+        recording = self.pool.events.enabled
         stored: list[int] = []  # indexes of the blocks newly findable, for the KV events
         for i in range(start, num_full):
-            if self.pool.cache_block(blocks[request.block_ids[i]], request.block_hashes[i]):
+            newly_cached = self.pool.cache_block(blocks[request.block_ids[i]],
+                                                 request.block_hashes[i])
+            if newly_cached and recording:
                 stored.append(i)
         self._num_published_blocks[request.request_id] = num_full
-        if stored and self.pool.events.enabled:
+        if stored:
             self._record_stored(request, stored)
 
     def free(self, request: Request) -> None:
