@@ -25,7 +25,14 @@ from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
 from engine.core.core_request import CoreRequest
-from engine.core.loop import AbortRequests, AddRequests, CoreCommand, CoreStats, InjectFault
+from engine.core.loop import (
+    AbortRequests,
+    AddRequests,
+    CoreCommand,
+    CoreStats,
+    InjectFault,
+    ResetPrefixCache,
+)
 from engine.errors import (
     DeadlineExceededError,
     EngineUnavailableError,
@@ -306,6 +313,11 @@ class EngineLoop:
                 del self._streams[output.request_id]
                 if stopped_early:
                     self.core.send(AbortRequests([output.request_id], FinishReason.STOP))
+
+    def reset_prefix_cache(self) -> None:
+        """Admin/ResetPrefixCache: the core forgets every cached hash (watchers of KV events
+        get AllBlocksCleared)."""
+        self.core.send(ResetPrefixCache())
 
     def inject_fault(self, kind: str) -> None:
         """Test hook: the step loop raises ("die") or blocks forever ("hang")."""

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import grpc
 
-from engine.core.loop import ResetPrefixCache
 from engine.errors import EngineError, EngineUnavailableError, InvalidRequestError
 
 import protoserve
@@ -152,7 +151,6 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
             num_prefix_cache_hit_tokens=load.num_hit_tokens,
         )
 
-
     async def WatchKvEvents(self, request, context: grpc.aio.ServicerContext):
         try:
             engine = self.handle.get(request.model, task="generate")
@@ -214,7 +212,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     async def ResetPrefixCache(self, request, context: grpc.aio.ServicerContext):
         try:
-            self.handle.get(task="generate").loop.core.send(ResetPrefixCache())
+            self.handle.get(task="generate").loop.reset_prefix_cache()
             return admin_pb2.ResetPrefixCacheResponse()
         except Exception as error:  # noqa: BLE001
             await abort_for(context, error)

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 from engine.config import CacheConfig, EngineConfig, ModelConfig
-from engine.core.loop import ResetPrefixCache
 from engine.frontend.served_model import Engine
 from engine.generation import GenerationRequest, PromptInput
 from engine.kv_cache.kv_events import AllBlocksCleared, BlockStored
@@ -41,7 +40,7 @@ def test_threaded_core_events_reach_a_watcher(tiny_llama_dir: Path) -> None:
         (stored,) = [e for e in batch.events if isinstance(e, BlockStored)]
         assert list(stored.block_hashes) == block_hashes(prompt, BLOCK_SIZE)
         assert stored.token_ids == tuple(prompt[:8]) and stored.parent_block_hash is None
-        engine.loop.core.send(ResetPrefixCache())
+        engine.loop.reset_prefix_cache()
         cleared = await asyncio.wait_for(watcher.next_batch(), WAIT_S)
         assert cleared.events == (AllBlocksCleared(),)
         assert cleared.sequence_number == batch.sequence_number + 1
