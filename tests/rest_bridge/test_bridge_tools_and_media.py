@@ -65,9 +65,13 @@ def test_auto_tool_calls_plain_and_streamed_agree(tool_bridge_url: str) -> None:
     content, calls = merge_pieces(pieces)
     assert content == "Checking."
     assert [c["function"] for c in calls] == [call["function"]]
-    # The call completes with the last token: that chunk carries it and the finish reason.
+    # The call is announced by name, its arguments follow in fragments as they are written,
+    # and the last chunk ends the choice as tool_calls.
+    call_deltas = [d["tool_calls"][0] for d in deltas if d.get("tool_calls")]
+    assert call_deltas[0]["function"] == {"name": "get_weather", "arguments": ""}
+    assert call_deltas[0]["id"].startswith("chatcmpl-tool-")
+    assert len(call_deltas) > 2 and all("name" not in d["function"] for d in call_deltas[1:])
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
-    assert chunks[-1]["choices"][0]["delta"]["tool_calls"][0]["function"] == call["function"]
 
 
 def test_tool_choice_none_sends_no_tools_and_parses_nothing(

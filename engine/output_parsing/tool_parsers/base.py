@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from collections.abc import Sequence
 from typing import Any, ClassVar, Protocol
 
+from engine.output_parsing.tool_parsers.call_preview import ArgumentPreview, CallLeads
+
 
 def new_tool_call_id() -> str:
     return f"chatcmpl-tool-{uuid.uuid4().hex}"
@@ -55,6 +57,9 @@ class RegionParser(Protocol):
     markers: tuple[str, ...]
     # True: the region only counts when the output starts with a marker (after whitespace).
     only_at_start: bool
+    # Formats whose calls are JSON objects: what leads to each, so calls are announced and
+    # their arguments streamed while written (call_preview); None: sent whole once parsed.
+    call_leads: CallLeads | None
 
     def parse(self, region: str, final: bool) -> tuple[list[ParsedCall], int]:
         """The calls complete at the start of `region` and how many characters they used,
@@ -69,6 +74,7 @@ class ToolParser:
 
     markers: ClassVar[tuple[str, ...]] = ()
     only_at_start: ClassVar[bool] = False
+    call_leads: ClassVar[CallLeads | None] = None
 
     def __init__(self, tools: Sequence[dict[str, Any]] = ()) -> None:
         self.tools = list(tools)
@@ -132,10 +138,12 @@ class MarkerToolStream:
         self._region: str | None = None  # text from the marker on, once found
         self._num_calls = 0
         self._seen_text = False
+        leads = getattr(parser, "call_leads", None)  # plugins written before it may lack it
+        self._preview = ArgumentPreview(leads) if leads is not None else None
 
     @property
     def found_calls(self) -> bool:
-        return self._num_calls > 0
+        return self._num_calls > 0 or bool(self._preview and self._preview.announced)
 
     def feed(self, text: str) -> StreamPiece:
         if self._region is not None:
@@ -168,18 +176,34 @@ class MarkerToolStream:
         calls, used = self._parser.parse(self._region, final)
         self._region = self._region[used:]
         piece = StreamPiece()
+        preview = self._preview
         for call in calls:
             if self._max_calls is not None and self._num_calls >= self._max_calls:
                 break
-            piece.tool_calls.append(
-                {
-                    "index": self._num_calls,
-                    "id": self._new_id(),
-                    "type": "function",
-                    "function": {"name": call.name, "arguments": call.arguments},
-                }
-            )
+            announced = preview.announced.pop(0) if preview and preview.announced else None
+            if announced is not None:
+                # The preview sent the name and the arguments so far: only the rest goes now.
+                # (Were they not a prefix, as with a repeated key, what was sent stands.)
+                sent = announced.arguments_sent
+                if call.arguments.startswith(sent) and len(call.arguments) > len(sent):
+                    piece.tool_calls.append({"index": announced.index,
+                                             "function": {"arguments": call.arguments[len(sent):]}})
+            else:
+                piece.tool_calls.append(
+                    {
+                        "index": self._num_calls,
+                        "id": self._new_id(),
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": call.arguments},
+                    }
+                )
             self._num_calls += 1
+        if preview is not None:
+            if used:
+                preview.restart()
+            if not final:
+                piece.tool_calls.extend(preview.advance(
+                    self._region, self._num_calls, self._max_calls, self._new_id))
         return piece
 
     def _marker_start(self, text: str) -> int | None:

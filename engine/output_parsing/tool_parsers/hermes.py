@@ -6,6 +6,7 @@ import json
 import re
 
 from engine.output_parsing.tool_parsers.base import ParsedCall, ToolParser, call_from_object
+from engine.output_parsing.tool_parsers.call_preview import CallLeads
 
 _OPEN = "<tool_call>"
 _CALL = re.compile(r"\s*<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
@@ -15,6 +16,7 @@ _ARGUMENT_KEYS = ("arguments", "parameters")
 class HermesParser(ToolParser):
     markers = (_OPEN,)
     only_at_start = False
+    call_leads = CallLeads(re.compile(r"\s*<tool_call>\s*"))
 
     def parse(self, region: str, final: bool) -> tuple[list[ParsedCall], int]:
         calls: list[ParsedCall] = []

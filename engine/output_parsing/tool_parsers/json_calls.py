@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 from engine.output_parsing.tool_parsers.base import (
@@ -16,6 +17,10 @@ from engine.output_parsing.tool_parsers.base import (
     call_from_object,
     decode_json_values,
 )
+from engine.output_parsing.tool_parsers.call_preview import CallLeads
+
+# Between the calls of a JSON list.
+LIST_ITEM = re.compile(r"\s*,\s*")
 
 
 def _calls(values: list[Any], keys: tuple[str, ...]) -> list[ParsedCall]:
@@ -52,13 +57,17 @@ class WholeRegionParser(ToolParser):
 class Llama3JsonParser(WholeRegionParser):
     markers = ("<|python_tag|>", "{")
     separators = ";"
+    call_leads = CallLeads(re.compile(r"\s*(?:<\|python_tag\|>)?\s*"), re.compile(r"\s*;\s*"),
+                           ("parameters", "arguments"))
 
 
 class MistralParser(WholeRegionParser):
     markers = ("[TOOL_CALLS]",)
     only_at_start = False
     argument_keys = ("arguments", "parameters")
+    call_leads = CallLeads(re.compile(r"\s*\[TOOL_CALLS\]\s*\[?\s*"), LIST_ITEM)
 
 
 class RequiredParser(WholeRegionParser):
     markers = ("[",)
+    call_leads = CallLeads(re.compile(r"\s*\[\s*"), LIST_ITEM, ("parameters", "arguments"))

@@ -21,7 +21,8 @@ from engine.output_parsing.tool_parsers.base import (
     call_from_object,
     decode_json_values,
 )
-from engine.output_parsing.tool_parsers.json_calls import WholeRegionParser
+from engine.output_parsing.tool_parsers.call_preview import CallLeads
+from engine.output_parsing.tool_parsers.json_calls import LIST_ITEM, WholeRegionParser
 
 _DS_BEGIN, _DS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 _DS_CALL = re.compile(
@@ -33,6 +34,9 @@ _DS_CALL = re.compile(
 
 class DeepSeekV3Parser(ToolParser):
     markers = (_DS_BEGIN,)
+    call_leads = CallLeads(re.compile(
+        r"\s*(?:<｜tool▁calls▁begin｜>)?\s*<｜tool▁call▁begin｜>\w+<｜tool▁sep｜>(?P<name>[^\n]+)\n"
+        r"```(?:json)?\n"))
 
     def parse(self, region: str, final: bool) -> tuple[list[ParsedCall], int]:
         calls: list[ParsedCall] = []
@@ -54,6 +58,7 @@ class DeepSeekV3Parser(ToolParser):
 class GraniteParser(WholeRegionParser):
     markers = ("<|tool_call|>", "<tool_call>")
     argument_keys = ("arguments", "parameters")
+    call_leads = CallLeads(re.compile(r"\s*(?:<\|tool_call\|>|<tool_call>)\s*\[?\s*"), LIST_ITEM)
 
 
 class _ClosedJsonRegion(ToolParser):
@@ -89,8 +94,11 @@ class InternLMParser(_ClosedJsonRegion):
     open_tag, close_tag = "<|action_start|>", "<|action_end|>"
     prefixes = ("<|plugin|>",)
     argument_keys = ("parameters", "arguments")
+    call_leads = CallLeads(re.compile(r"\s*<\|action_start\|>\s*(?:<\|plugin\|>)?\s*"),
+                           argument_keys=("parameters", "arguments"))
 
 
 class JambaParser(_ClosedJsonRegion):
     markers = ("<tool_calls>",)
     open_tag, close_tag = "<tool_calls>", "</tool_calls>"
+    call_leads = CallLeads(re.compile(r"\s*<tool_calls>\s*\[?\s*"), LIST_ITEM)

@@ -110,8 +110,10 @@ def test_calls_end_the_choice_as_tool_calls_and_the_last_delta_flushes() -> None
     deltas = [r.delta for r in out if r.WhichOneof("event") == "delta"]
     assert len(deltas) == len(events) - 2  # no extra flush delta: the last one carried it
     assert "".join(d.parsed.reasoning for d in deltas) == "ok"
-    (call,) = [c for d in deltas for c in d.parsed.tool_calls]
-    assert (call.name, call.arguments) == ("weather", "{}")
+    # One call, announced by name and then sent in argument fragments.
+    fragments = [c for d in deltas for c in d.parsed.tool_calls]
+    assert {c.index for c in fragments} == {0} and fragments[0].name == "weather"
+    assert "".join(c.arguments for c in fragments) == "{}"
     assert out[-1].finished.reason == inference_pb2.FINISH_REASON_TOOL_CALLS
 
 

@@ -9,6 +9,7 @@ import pytest
 from engine.errors import InvalidRequestError
 from engine.output_parsing import OutputPiece, resolve_plan
 from engine.output_parsing.reasoning import REASONING_FORMATS, ReasoningState, ReasoningStream
+from engine.output_parsing.tool_parsers import StreamPiece, merge_pieces
 
 QWEN3_THINKING_PROMPT = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 QWEN3_NO_THINKING_PROMPT = QWEN3_THINKING_PROMPT + "<think>\n\n</think>\n\n"
@@ -76,6 +77,8 @@ def _parse_all(plan, prompt: str, chunks: list[str]) -> OutputPiece:
     for chunk in chunks:
         total.extend(choice.feed(chunk))
     total.extend(choice.finish())
+    # Calls as a client assembles them from their deltas (name first, arguments in pieces).
+    _, total.tool_calls = merge_pieces([StreamPiece(tool_calls=total.tool_calls)])
     for call in total.tool_calls:
         call.pop("id", None)
     return total

@@ -111,7 +111,23 @@ CASES: list[tuple[str, str, str, list[dict[str, Any]]]] = [
      '{"name": "forecast", "arguments": {"city": "東京", "days": 2}}]</tool_calls>', " ",
      [_call(0, "weather", PARIS), _call(1, "forecast", TOKYO)]),
     ("jamba", "<tool_calls>[]</tool_calls>", "<tool_calls>[]</tool_calls>", []),
+    # Arguments as models really write them: no spaces, escapes, nested values, number forms;
+    # the call's arguments are json.dumps of them, streamed or not.
+    ("hermes", '<tool_call>{"name":"forecast","arguments":{"city":"T\\u00f6ky\\"o\\n",'
+     '"days":12,"opts":{"x":[1,2.50,1E2,true,null],"y":{}}}}</tool_call>', "",
+     [_call(0, "forecast", {"city": 'Töky"o\n', "days": 12,
+                            "opts": {"x": [1, 2.5, 100.0, True, None], "y": {}}})]),
+    # The name after the arguments: announced once the name is complete.
+    ("mistral", '[TOOL_CALLS] [{"arguments": {"city": "Paris"}, "name": "weather"}]', "",
+     [_call(0, "weather", PARIS)]),
+    # Arguments written as a JSON string: sent whole when the call is complete.
+    ("hermes", '<tool_call>{"name": "weather", "arguments": "{\\"city\\": \\"Paris\\"}"}'
+     "</tool_call>", "", [_call(0, "weather", PARIS)]),
 ]
+
+# Formats whose calls are JSON objects: announced by name, arguments streamed as written.
+STREAMING_KINDS = [kind for kind, parser in TOOL_PARSERS.items() if parser.call_leads] + [
+    "required"]
 
 
 @pytest.mark.parametrize(("kind", "text", "content", "calls"), CASES)
@@ -175,3 +191,32 @@ def test_named_function_streams_argument_fragments() -> None:
     first, second = stream.feed('{"city": '), stream.feed('"Paris"}')
     assert first.tool_calls[0]["function"] == {"name": "weather", "arguments": '{"city": '}
     assert second.tool_calls == [{"index": 0, "function": {"arguments": '"Paris"}'}}]
+
+
+@pytest.mark.parametrize("kind", STREAMING_KINDS)
+def test_json_calls_are_announced_by_name_and_their_arguments_sent_as_written(kind: str) -> None:
+    text, calls = next((text, calls) for k, text, _, calls in CASES if k == kind and calls)
+    stream, seen = _stream(kind), []
+    for position, char in enumerate(text):
+        seen += [(position, delta) for delta in stream.feed(char).tool_calls]
+    seen += [(len(text), delta) for delta in stream.finish().tool_calls]
+    first_call = [(position, delta) for position, delta in seen if delta["index"] == 0]
+    header_at, header = first_call[0]
+    assert header["function"]["name"] == calls[0]["function"]["name"]
+    assert header["id"] == "call-0"
+    # The name goes out before the arguments are written, the arguments in several pieces,
+    # the last before the text that follows the arguments has been generated.
+    assert header_at < text.index('"city"')
+    pieces = [(position, delta["function"]["arguments"]) for position, delta in first_call]
+    assert "".join(piece for _, piece in pieces) == calls[0]["function"]["arguments"]
+    assert len(pieces) > 3 and all("name" not in delta["function"] for _, delta in first_call[1:])
+    assert pieces[-1][0] < len(text) - 1
+
+
+def test_parallel_tool_calls_false_announces_only_the_first_call_while_streaming() -> None:
+    text = next(text for k, text, _, calls in CASES if k == "mistral" and len(calls) > 1)
+    stream = _stream("mistral", max_calls=1)
+    pieces = [stream.feed(char) for char in text] + [stream.finish()]
+    _, calls = merge_pieces(pieces)
+    assert [call["function"]["name"] for call in calls] == ["weather"]
+    assert calls[0]["function"]["arguments"] == json.dumps(PARIS)
