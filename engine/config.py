@@ -83,6 +83,10 @@ class ModelConfig:
             )
 
 
+# What --kv-cache-dtype accepts (fp8 would be CUDA's; it is not built yet).
+KV_CACHE_DTYPES = ("auto", "int8")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
@@ -94,8 +98,14 @@ class CacheConfig:
     # CUDA only, when kv_cache_memory is unset: the share of the device's total memory this
     # process may hold (weights + activations + KV cache), as in the reference server.
     gpu_memory_utilization: float = 0.9
+    # "auto": the model's dtype; "int8": per token-and-head quantized rows
+    # (engine/attention/kv_quant.py).
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got "
+                             f"{self.kv_cache_dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -26,13 +26,12 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from torch.nn import functional as F
 
 from engine.attention.backend import AttentionMetadata, check_attention_options
+from engine.attention.kv_quant import is_quantized
 from engine.attention.torch_backend import (
     cached_prefill_attention,
     decode_attention,
-    gather_blocks,
     write_kv,
 )
 from engine.native_build import ExtensionSpec, load_extension
@@ -53,7 +52,7 @@ def write_kv_cache(
 ) -> None:
     """key/value [T, num_kv_heads, head_dim] -> kv_cache[2, num_blocks, block_size, ...] at
     the flat slots in `slot_mapping` [T] int64; a negative slot is a padding row (skipped)."""
-    module = _module_for(kv_cache.device)
+    module = _cache_module(kv_cache, "write_kv_cache")
     if module is not None:
         module.write_kv_cache(key, value, kv_cache, slot_mapping)
         return
@@ -83,7 +82,7 @@ def paged_decode_attention(
     windowed = sliding_window is not None or soft_cap is not None
     if windowed:
         check_attention_options(sliding_window, soft_cap)
-    module = _module_for(kv_cache.device)
+    module = _cache_module(kv_cache, "paged_decode_attention")
     if module is not None and kv_cache.device.type == "cpu":
         # The kernel's "none" is 0 for both.
         module.paged_decode_attention(out, query, kv_cache, block_tables, context_lens, scale,
@@ -123,32 +122,15 @@ def paged_prefill_attention(
     windowed = sliding_window is not None or soft_cap is not None
     if windowed:
         check_attention_options(sliding_window, soft_cap)
-    module = _module_for(kv_cache.device)
+    module = _cache_module(kv_cache, "paged_prefill_attention")
     if module is not None and hasattr(module, "paged_prefill_attention"):
         module.paged_prefill_attention(out, query, kv_cache, block_table, context_start, scale,
                                        sliding_window or 0, soft_cap or 0.0)
         return
     if sliding_window is not None and sliding_window >= context_start + query.shape[0]:
         sliding_window = None  # the window holds the whole context
-    if sliding_window is not None or soft_cap is not None:
-        out.copy_(cached_prefill_attention(query, kv_cache, block_table.long(), context_start,
-                                           scale, sliding_window, soft_cap))
-        return
-    num_kv_heads, head_dim = kv_cache.shape[-2:]
-    context_len = context_start + query.shape[0]
-    keys = gather_blocks(kv_cache[0], block_table.long()).view(-1, num_kv_heads, head_dim)
-    values = gather_blocks(kv_cache[1], block_table.long()).view(-1, num_kv_heads, head_dim)
-    positions = torch.arange(context_len, device=kv_cache.device)
-    mask = positions[None, :] <= positions[context_start:, None]
-    output = F.scaled_dot_product_attention(
-        query.transpose(0, 1).unsqueeze(0),
-        keys[:context_len].transpose(0, 1).unsqueeze(0),
-        values[:context_len].transpose(0, 1).unsqueeze(0),
-        attn_mask=mask,
-        scale=scale,
-        enable_gqa=True,
-    )
-    out.copy_(output.squeeze(0).transpose(0, 1))
+    out.copy_(cached_prefill_attention(query, kv_cache, block_table.long(), context_start,
+                                       scale, sliding_window, soft_cap))
 
 
 # Output rows per panel of the packed linear weight (linear_bf16.cpp's kPanelRows).
@@ -302,6 +284,16 @@ def decode_layers_bf16(hidden: torch.Tensor, layers: list, *step_args) -> None:
     module = _cpu_module()
     assert module is not None
     module.decode_layers_bf16(hidden, layers, *step_args)
+
+
+def _cache_module(kv_cache: torch.Tensor, op: str) -> ModuleType | None:
+    """The native module for an op over `kv_cache`, or None for the torch code: an int8 cache
+    (attention/kv_quant.py) only where the build lists the op in `int8_kv_cache_ops`."""
+    module = _module_for(kv_cache.device)
+    if module is not None and is_quantized(kv_cache) and op not in getattr(
+            module, "int8_kv_cache_ops", ()):
+        return None
+    return module
 
 
 def _module_for(device: torch.device) -> ModuleType | None:

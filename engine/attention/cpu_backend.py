@@ -20,6 +20,7 @@ import torch
 
 from engine import ops
 from engine.attention.backend import AttentionMetadata, check_attention_options
+from engine.attention.kv_quant import is_quantized
 from engine.attention.torch_backend import prefill_attention
 
 
@@ -60,7 +61,7 @@ class PagedOpsAttentionBackend:
             )
         for prefill in metadata.prefills:
             rows = slice(prefill.query_start, prefill.query_start + prefill.num_query_tokens)
-            if prefill.context_start == 0 and not self._kernel_prefill(query):
+            if prefill.context_start == 0 and not self._kernel_prefill(query, kv_cache):
                 # Nothing cached: SDPA on the fresh K/V is the faster path for this dtype.
                 out[rows] = prefill_attention(
                     query[rows], key[rows], value[rows], kv_cache, prefill, scale,
@@ -74,7 +75,8 @@ class PagedOpsAttentionBackend:
         return out
 
     @staticmethod
-    def _kernel_prefill(query: torch.Tensor) -> bool:
+    def _kernel_prefill(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
         """Whether a prefill with no cached context runs on our kernel: yes for bf16 on CPU,
-        where it beats SDPA; float32 and CUDA keep SDPA for fresh prompts."""
-        return query.device.type == "cpu" and query.dtype == torch.bfloat16
+        where it beats SDPA; float32, CUDA and an int8 cache keep SDPA on the fresh K/V."""
+        return (query.device.type == "cpu" and query.dtype == torch.bfloat16
+                and not is_quantized(kv_cache))

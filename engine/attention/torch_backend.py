@@ -12,6 +12,7 @@ import torch
 from torch.nn import functional as F
 
 from engine.attention.backend import AttentionMetadata, PrefillSequence, check_attention_options
+from engine.attention.kv_quant import kv_heads_and_dim, read_blocks, write_rows
 
 
 class TorchAttentionBackend:
@@ -52,20 +53,18 @@ class TorchAttentionBackend:
 def write_kv(
     key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Store the step's K/V [T, num_kv_heads, head_dim] at their flat slots; this must happen
-    before attention reads, since every token attends to itself."""
-    num_kv_heads, head_dim = kv_cache.shape[-2:]
-    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
-    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+    """Store the step's K/V [T, num_kv_heads, head_dim] at their flat slots (quantized for an
+    int8 cache); this must happen before attention reads, since every token attends to
+    itself."""
+    write_rows(kv_cache[0], slot_mapping, key)
+    write_rows(kv_cache[1], slot_mapping, value)
 
 
-def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-    """cache [num_blocks, block_size, H, D], block_ids [...] -> [..., block_size, H, D].
-
-    Whole blocks are copied (contiguous runs of block_size * H * D elements), which is much
-    faster than gathering slot by slot."""
-    gathered = cache.index_select(0, block_ids.reshape(-1))
-    return gathered.view(*block_ids.shape, *cache.shape[1:])
+def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """cache [num_blocks, block_size, H, R], block_ids [...] -> [..., block_size, H, D]; an
+    int8 cache's rows come back dequantized to `dtype` (kv_quant.read_blocks)."""
+    return read_blocks(cache, block_ids, dtype)
 
 
 def decode_attention(
@@ -85,6 +84,7 @@ def decode_attention(
     assert metadata.decode_block_tables is not None and metadata.decode_context_lens is not None
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads = kv_cache.shape[-2]
+    dtype = query.dtype
     tables = metadata.decode_block_tables
     context_lens = metadata.decode_context_lens
     key_start = None
@@ -95,8 +95,9 @@ def decode_attention(
     max_len = tables.shape[1] * metadata.block_size
     # [Bd, L, kv_heads, D] -> [Bd, kv_heads, L, D]; contiguous so that the batched matmuls
     # read K and V row-major (strided operands make the CPU matmul several times slower).
-    keys = gather_blocks(kv_cache[0], tables).view(num_seqs, max_len, num_kv_heads, head_dim)
-    values = gather_blocks(kv_cache[1], tables).view(num_seqs, max_len, num_kv_heads, head_dim)
+    keys = gather_blocks(kv_cache[0], tables, dtype).view(num_seqs, max_len, num_kv_heads, head_dim)
+    values = gather_blocks(kv_cache[1], tables, dtype).view(
+        num_seqs, max_len, num_kv_heads, head_dim)
     keys = keys.transpose(1, 2).contiguous()
     values = values.transpose(1, 2).contiguous()
     grouped_query = query.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
@@ -180,10 +181,10 @@ def prefill_attention(
         context_keys, context_values = key, value
         attn_mask = None
     else:
-        num_kv_heads, head_dim = kv_cache.shape[-2:]
+        num_kv_heads, head_dim = kv_heads_and_dim(kv_cache)
         context_len = prefill.context_len
-        context_keys = gather_blocks(kv_cache[0], prefill.block_table)
-        context_values = gather_blocks(kv_cache[1], prefill.block_table)
+        context_keys = gather_blocks(kv_cache[0], prefill.block_table, query.dtype)
+        context_values = gather_blocks(kv_cache[1], prefill.block_table, query.dtype)
         context_keys = context_keys.view(-1, num_kv_heads, head_dim)[:context_len]
         context_values = context_values.view(-1, num_kv_heads, head_dim)[:context_len]
         attn_mask = prefill.context_mask
@@ -229,7 +230,7 @@ def cached_prefill_attention(
     """Query rows at positions [context_start, context_start + Tq) over keys read from the
     cache (their own included): only the blocks from the first row's window start on."""
     block_size = kv_cache.shape[2]
-    num_kv_heads, head_dim = kv_cache.shape[-2:]
+    num_kv_heads, head_dim = kv_heads_and_dim(kv_cache)
     context_len = context_start + query.shape[0]
     first_key = 0
     if sliding_window is not None:
@@ -237,8 +238,9 @@ def cached_prefill_attention(
     first_block = first_key // block_size
     blocks = block_table[first_block : -(-context_len // block_size)]
     num_keys = context_len - first_block * block_size
-    keys = gather_blocks(kv_cache[0], blocks).view(-1, num_kv_heads, head_dim)[:num_keys]
-    values = gather_blocks(kv_cache[1], blocks).view(-1, num_kv_heads, head_dim)[:num_keys]
+    keys = gather_blocks(kv_cache[0], blocks, query.dtype).view(-1, num_kv_heads, head_dim)
+    values = gather_blocks(kv_cache[1], blocks, query.dtype).view(-1, num_kv_heads, head_dim)
+    keys, values = keys[:num_keys], values[:num_keys]
     return masked_attention(
         query, keys, values, context_start, first_block * block_size, scale, sliding_window,
         soft_cap,

@@ -129,6 +129,7 @@ class LLM:
         block_size: int = 16,
         num_kv_blocks: int | None = None,
         kv_cache_memory: int | None = None,
+        kv_cache_dtype: str = "auto",
         gpu_memory_utilization: float = 0.9,
         enable_prefix_caching: bool = True,
         max_num_seqs: int = 256,
@@ -149,6 +150,7 @@ class LLM:
                 gpu_memory_utilization=gpu_memory_utilization,
                 num_blocks=num_kv_blocks,
                 enable_prefix_caching=enable_prefix_caching,
+                kv_cache_dtype=kv_cache_dtype,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs,

@@ -93,7 +93,8 @@ class DecoderForCausalLM(nn.Module):
         }
         if self._fused_decode is None:  # built at first use: after the weights are packed
             self._fused_decode = FusedDecodeLayers(self)
-        if self._fused_decode.applies(hidden, attn_metadata):
+        # The fused layers read bf16 caches only (an int8 cache takes the per-op path).
+        if self._fused_decode.applies(hidden, attn_metadata) and kv_caches[0].dtype == hidden.dtype:
             cos, signed_sin = tables["default"]
             self._fused_decode.run(hidden, cos, signed_sin, kv_caches, attn_metadata)
             return self.model.norm(hidden)

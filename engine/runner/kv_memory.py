@@ -1,6 +1,7 @@
 """KV cache sizing and allocation.
 
-One tensor per layer: [2, num_blocks, block_size, num_kv_heads, head_dim] (K at [0], V at [1]).
+One tensor per layer: [2, num_blocks, block_size, num_kv_heads, head_dim] (K at [0], V at [1]);
+an int8 cache has head_dim + 4 bytes per row (engine/attention/kv_quant.py).
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.attention.kv_quant import cache_row_size
 from engine.config import CacheConfig
 
 logger = logging.getLogger(__name__)
@@ -22,12 +24,21 @@ class KVCacheSpec:
     num_kv_heads: int
     head_dim: int
     block_size: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # the model's: what attention computes in
+    quantized: bool = False  # --kv-cache-dtype int8
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        return torch.int8 if self.quantized else self.dtype
+
+    @property
+    def row_size(self) -> int:
+        return cache_row_size(self.head_dim, self.quantized)
 
     @property
     def bytes_per_block(self) -> int:
-        element_size = torch.empty((), dtype=self.dtype).element_size()
-        per_layer = 2 * self.block_size * self.num_kv_heads * self.head_dim * element_size
+        element_size = torch.empty((), dtype=self.cache_dtype).element_size()
+        per_layer = 2 * self.block_size * self.num_kv_heads * self.row_size * element_size
         return self.num_layers * per_layer
 
     def blocks_per_sequence(self, num_tokens: int) -> int:
@@ -88,5 +99,6 @@ def allocate_kv_caches(
 ) -> list[torch.Tensor]:
     """Zero-filled: attention multiplies masked (never written) slots by probability 0, and
     0 * NaN from uninitialised memory would poison the output."""
-    shape = (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
-    return [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
+    shape = (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.row_size)
+    return [torch.zeros(shape, dtype=spec.cache_dtype, device=device)
+            for _ in range(spec.num_layers)]

@@ -63,7 +63,11 @@ class ModelRunner:
             head_dim=self.loaded.head_dim,
             block_size=cache_config.block_size,
             dtype=self.loaded.dtype,
+            quantized=cache_config.kv_cache_dtype == "int8",
         )
+        if spec.quantized and self.device.type != "cpu":
+            raise ValueError("--kv-cache-dtype int8 runs on the CPU backends only (the CUDA "
+                             "kernels read bf16/fp16 caches)")
         self.sampler = Sampler(self.device)
         profiled_budget = None
         if needs_memory_profile(cache_config, self.device):

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from engine.config import (
     ATTENTION_BACKENDS,
     ENGINE_CORE_MODES,
+    KV_CACHE_DTYPES,
     LOAD_FORMATS,
     QUANTIZATIONS,
     CacheConfig,
@@ -110,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache size, e.g. 4GiB (default: on CPU room for --max-num-seqs "
                    "full-length sequences, at most 4 GiB; on CUDA what "
                    "--gpu-memory-utilization leaves)")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                   help="auto = the model's dtype; int8 = values quantized per token and head "
+                   "(1.9x the tokens in the same memory, half the bytes decode reads; default: "
+                   "auto)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="CUDA: share of device memory for weights + activations + KV cache")
     p.add_argument("--num-kv-blocks", type=int, default=None, help=argparse.SUPPRESS)
@@ -210,6 +215,7 @@ def engine_config_from_args(args: argparse.Namespace, model: str) -> EngineConfi
             gpu_memory_utilization=args.gpu_memory_utilization,
             num_blocks=args.num_kv_blocks,
             enable_prefix_caching=args.enable_prefix_caching,
+            kv_cache_dtype=args.kv_cache_dtype,
         ),
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs,
