@@ -106,6 +106,21 @@ class EngineClient:
             timeout=timeout,
         )
 
+    async def score(
+        self, request: inference_pb2.ScoreRequest, *, request_id: str, timeout: float | None
+    ) -> inference_pb2.ScoreResponse:
+        return await self._inference.Score(request, metadata=self._unary_metadata(request_id),
+                                           timeout=timeout)
+
+    async def classify(
+        self, request: inference_pb2.ClassifyRequest, *, request_id: str, timeout: float | None
+    ) -> inference_pb2.ClassifyResponse:
+        return await self._inference.Classify(request, metadata=self._unary_metadata(request_id),
+                                              timeout=timeout)
+
+    def _unary_metadata(self, request_id: str) -> tuple[tuple[str, str], ...]:
+        return ((REQUEST_ID_METADATA_KEY, request_id), *self._auth, *engine_trace_metadata())
+
     async def render(
         self, request: inference_pb2.GenerateRequest, *, timeout: float | None
     ) -> inference_pb2.RenderResponse:

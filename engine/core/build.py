@@ -14,7 +14,8 @@ from engine.config import EngineConfig
 from engine.core.engine_core import EngineCore
 from engine.errors import ModelLoadError
 from engine.models.loader import read_architecture
-from engine.models.registry import is_generative
+from engine.models.registry import is_classifier, is_generative
+from engine.models.sequence_classifier import classifier_labels, cross_encoder_activation
 from engine.pooling_params import PoolingParams
 from engine.core.core_request import CoreRequest
 from engine.runner.embedding_runner import EmbeddingRunner
@@ -43,6 +44,10 @@ class ModelFacts:
     eos_token_ids: frozenset[int]
     num_blocks: int
     task: str  # "generate" | "embed"
+    # Sequence classifiers: the label of each logit (empty for every other model), and how a
+    # one-logit cross-encoder's output becomes a score ("sigmoid" | "identity").
+    labels: tuple[str, ...] = ()
+    score_activation: str = "sigmoid"
 
     @classmethod
     def of(cls, runner: EngineRunner) -> ModelFacts:
@@ -56,6 +61,9 @@ class ModelFacts:
             eos_token_ids=frozenset(loaded.eos_token_ids),
             num_blocks=runner.num_blocks,
             task=getattr(runner, "task", "generate"),
+            labels=(classifier_labels(loaded.hf_config)
+                    if is_classifier(loaded.architecture) else ()),
+            score_activation=cross_encoder_activation(loaded.hf_config),
         )
 
 

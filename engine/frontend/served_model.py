@@ -47,6 +47,9 @@ class ServedModel:
     has_chat_template: bool
     created: int
     task: str = "generate"  # "generate" | "embed"
+    # A sequence classifier's label per logit (Classify, Score); empty for other models.
+    labels: tuple[str, ...] = ()
+    score_activation: str = "sigmoid"  # one-logit cross-encoders: "sigmoid" | "identity"
 
 
 class Engine:
@@ -93,6 +96,8 @@ class Engine:
             has_chat_template=tokenizer.has_chat_template,
             created=int(time.time()),
             task=self.task,
+            labels=facts.labels,
+            score_activation=facts.score_activation,
         )
 
     @classmethod

@@ -2,7 +2,7 @@
 forward pass over a flattened batch of whole sequences, no KV cache.
 
     input_ids [T] = [ s0 s0 s0 | s1 s1 | s2 s2 s2 s2 ]   (seq_lens [3, 2, 4])
-    embeddings:  word[id] + position[pos] + token_type[0] -> LayerNorm
+    embeddings:  word[id] + position[pos + offset] + token_type[type] -> LayerNorm
     each layer:  x = LN(x + O(attn(QKV(x))));  x = LN(x + Down(gelu(Up(x))))   (post-norm)
 
 Attention is bidirectional within each sequence and never crosses sequences: the rows are
@@ -22,10 +22,8 @@ from torch.nn import functional as F
 from engine.layers.linear import Embedding, Linear
 from engine.models.weights import FusedWeightLoader
 
-# Checkpoint tensors we never use: the NSP/classification pooler (sentence embeddings pool the
-# hidden states themselves) and the precomputed position-id buffer.
-_IGNORED_SUFFIXES = ("embeddings.position_ids",)
-_IGNORED_PREFIXES = ("pooler.", "cls.")
+# Checkpoint tensors we never use: the precomputed position-id / token-type buffers.
+_IGNORED_SUFFIXES = ("embeddings.position_ids", "embeddings.token_type_ids")
 
 
 @dataclass(frozen=True)
@@ -149,6 +147,17 @@ class BertModel(nn.Module):
     """Encoder only; parameter names mirror the checkpoint's (`encoder.layer.N...`)."""
 
     is_encoder = True
+    # BertFor* checkpoints nest the encoder under "bert."; BertModel ones do not.
+    checkpoint_prefix = "bert."
+    # Checkpoint tensors an embedding model never uses: the NSP/classification pooler
+    # (sentence embeddings pool the hidden states themselves) and the MLM head.
+    ignored_prefixes: tuple[str, ...] = ("pooler.", "cls.")
+
+    @staticmethod
+    def position_offset(hf_config: Any) -> int:
+        """Row of the position table that token 0 reads (RoBERTa starts past padding_idx)."""
+        del hf_config
+        return 0
 
     def __init__(
         self,
@@ -163,6 +172,7 @@ class BertModel(nn.Module):
         super().__init__()
         del attn_backend, max_positions
         self.dims = dims = BertDims.from_hf_config(hf_config)
+        self.first_position = self.position_offset(hf_config)
         self.embeddings = nn.Module()
         self.embeddings.word_embeddings = Embedding(
             dims.vocab_size, dims.hidden_size, dtype=dtype, device=device
@@ -182,15 +192,24 @@ class BertModel(nn.Module):
         )
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, seq_lens: list[int]
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        seq_lens: list[int],
+        token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions [T] of whole sequences laid end to end -> hidden [T, H]."""
+        """input_ids, positions [T] of whole sequences laid end to end -> hidden [T, H].
+        token_type_ids [T] (segment of each token, for sentence pairs); None = all 0."""
         emb = self.embeddings
-        # Single-segment inputs: token type 0 everywhere.
+        token_types = (
+            emb.token_type_embeddings.weight[0]
+            if token_type_ids is None
+            else emb.token_type_embeddings(token_type_ids)
+        )
         hidden = (
             emb.word_embeddings(input_ids)
-            + emb.position_embeddings(positions)
-            + emb.token_type_embeddings.weight[0]
+            + emb.position_embeddings(positions + self.first_position)
+            + token_types
         )
         hidden = emb.LayerNorm(hidden)
         layout = VarlenLayout.build(seq_lens, hidden.device)
@@ -210,9 +229,8 @@ class BertModel(nn.Module):
             ignored_suffixes=_IGNORED_SUFFIXES,
         )
         for name, tensor in weights:
-            # BertFor* checkpoints nest the encoder under "bert."; BertModel ones do not.
-            name = name.removeprefix("bert.")
-            if name.startswith(_IGNORED_PREFIXES):
+            name = name.removeprefix(self.checkpoint_prefix)
+            if name.startswith(self.ignored_prefixes):
                 continue
             loader.load(name, tensor)
         loader.check_complete()

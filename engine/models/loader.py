@@ -91,7 +91,10 @@ def load_model(model_config: ModelConfig, *, attention_backend: str = "torch") -
         _check_rope(hf_config, model_path)
     device = resolve_device(model_config.device)
     dtype = resolve_dtype(model_config.dtype, hf_config, device)
-    max_model_len = resolve_max_model_len(model_config.max_model_len, hf_config, model_path)
+    # Encoders whose position table starts past a padding row (RoBERTa) fit fewer tokens.
+    offset = model_class.position_offset(hf_config) if hasattr(model_class, "position_offset") else 0
+    max_model_len = resolve_max_model_len(
+        model_config.max_model_len, hf_config, model_path, position_offset=offset)
     st_config = read_sentence_transformers_config(model_path)
     if model_config.max_model_len is None and st_config.max_seq_length is not None:
         # The length the embedding model was trained and evaluated at.
@@ -267,12 +270,14 @@ def resolve_dtype(requested: str, hf_config: Any, device: torch.device) -> torch
     return torch.bfloat16
 
 
-def resolve_max_model_len(requested: int | None, hf_config: Any, model_path: Path) -> int:
-    model_limit = int(hf_config.max_position_embeddings)
+def resolve_max_model_len(
+    requested: int | None, hf_config: Any, model_path: Path, *, position_offset: int = 0
+) -> int:
+    model_limit = int(hf_config.max_position_embeddings) - position_offset
     if requested is not None and requested > model_limit:
         raise ModelLoadError(
-            f"max_model_len {requested} exceeds the model's max_position_embeddings "
-            f"{model_limit} ({model_path / 'config.json'})"
+            f"max_model_len {requested} exceeds the model's {model_limit} positions "
+            f"(max_position_embeddings in {model_path / 'config.json'})"
         )
     return model_limit if requested is None else requested
 

@@ -85,7 +85,13 @@ class PoolingExecutor:
         seq_lens = [len(job.token_ids) for job in jobs]
         with torch.inference_mode():
             hidden = self._forward(jobs, seq_lens)
-            pooled = pool_hidden(hidden, seq_lens, self.pooling_type)
+            classify = getattr(self.loaded.model, "classify", None)
+            # Sequence classifiers answer their head's logits in place of a pooled vector.
+            pooled = (
+                classify(hidden, seq_lens)
+                if classify is not None
+                else pool_hidden(hidden, seq_lens, self.pooling_type)
+            )
             return {
                 job.request_id: finish_vector(pooled[i], job.params) for i, job in enumerate(jobs)
             }
@@ -96,7 +102,7 @@ class PoolingExecutor:
         if getattr(model, "is_encoder", False):
             input_ids = torch.tensor([t for job in jobs for t in job.token_ids], device=device)
             positions = torch.cat([torch.arange(n) for n in seq_lens]).to(device)
-            return model(input_ids, positions, seq_lens)
+            return model(input_ids, positions, seq_lens, _token_types(jobs, seq_lens, device))
         return self._decoder_forward(jobs, seq_lens)
 
     def _decoder_forward(self, jobs: list[ScheduledPooling], seq_lens: list[int]) -> torch.Tensor:
@@ -128,6 +134,20 @@ class PoolingExecutor:
         )
         # prepare_inputs puts one-token sequences (decode rows) first; restore batch order.
         return hidden.index_select(0, _batch_order_rows(seq_lens, hidden.device))
+
+
+def _token_types(
+    jobs: list[ScheduledPooling], seq_lens: list[int], device: torch.device
+) -> torch.Tensor | None:
+    """Segment of each token (1 from a pair's second text on); None when no job is a pair."""
+    if all(job.params.second_segment_start is None for job in jobs):
+        return None
+    types = [
+        torch.arange(n) >= (n if job.params.second_segment_start is None
+                            else job.params.second_segment_start)
+        for job, n in zip(jobs, seq_lens, strict=True)
+    ]
+    return torch.cat(types).long().to(device)
 
 
 def _batch_order_rows(seq_lens: list[int], device: torch.device) -> torch.Tensor:

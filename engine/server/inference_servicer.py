@@ -1,4 +1,4 @@
-"""protoserve.v1.Inference: Generate (server streaming) and Embed."""
+"""protoserve.v1.Inference: Generate (server streaming), Embed, Score and Classify."""
 from __future__ import annotations
 
 import asyncio
@@ -17,6 +17,13 @@ from engine.server.embed_convert import embed, embedding_request_from_pb
 from engine.server.parsed_output import ParsedOutputWriter, parsing_plan_of, with_parsing
 from engine.server.proto_convert import event_to_pb, generate_request_from_pb
 from engine.server.render_convert import render
+from engine.server.score_convert import (
+    classify,
+    classify_request_from_pb,
+    score,
+    score_cost,
+    score_request_from_pb,
+)
 from engine.server.request_defaults import with_server_defaults
 from engine.server.request_tracker import PROMPT_BYTES_PER_TOKEN, RequestTracker, outcome_of
 from engine.server.stall_guard import StallGuard
@@ -200,6 +207,55 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         except Exception as error:  # noqa: BLE001 - EngineErrors mapped, the rest INTERNAL
             await abort_for(context, error, request_id)
             raise  # unreachable: abort raises
+
+    async def Score(
+        self, request: inference_pb2.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.ScoreResponse:
+        request_id, deadline = await self._pooling_call(request, context)
+        try:
+            engine = self.handle.get(request.model, task="embed")
+            self._admit(engine)
+            with self.handle.request_memory.admitted(
+                    score_cost(request), self.handle.options.max_request_memory):
+                return await score(engine, score_request_from_pb(request, request_id), deadline)
+        except Exception as error:  # noqa: BLE001 - EngineErrors mapped, the rest INTERNAL
+            await abort_for(context, error, request_id)
+            raise  # unreachable: abort raises
+
+    async def Classify(
+        self, request: inference_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.ClassifyResponse:
+        request_id, deadline = await self._pooling_call(request, context)
+        try:
+            engine = self.handle.get(request.model, task="embed")
+            for item in request.inputs:
+                _check_prompt_bytes(item, self.handle.options.max_prompt_bytes,
+                                    engine.model.max_model_len, "inputs")
+            self._admit(engine)
+            cost = embed_cost(inference_pb2.EmbedRequest(inputs=request.inputs),
+                              engine.model.max_model_len)
+            with self.handle.request_memory.admitted(
+                    cost, self.handle.options.max_request_memory):
+                return await classify(engine, classify_request_from_pb(request, request_id),
+                                      deadline)
+        except Exception as error:  # noqa: BLE001 - EngineErrors mapped, the rest INTERNAL
+            await abort_for(context, error, request_id)
+            raise  # unreachable: abort raises
+
+    @staticmethod
+    async def _pooling_call(
+        request, context: grpc.aio.ServicerContext
+    ) -> tuple[str, float | None]:
+        """The request id and the loop-time deadline of a unary pooling call."""
+        try:
+            request_id = request_id_from(context, request.request_id)
+        except InvalidRequestError as error:
+            await abort_for(context, error)
+            raise  # unreachable: abort raises
+        remaining = context.time_remaining()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(remaining - 0.05, 0.0) if remaining is not None else None
+        return request_id, deadline
 
 
 def _check_prompt_bytes(message, limit: int | None, max_model_len: int,

@@ -49,6 +49,16 @@ class InferenceStub:
                 request_serializer=protoserve_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=protoserve_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/protoserve.v1.Inference/Score',
+                request_serializer=protoserve_dot_v1_dot_inference__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=protoserve_dot_v1_dot_inference__pb2.ScoreResponse.FromString,
+                _registered_method=True)
+        self.Classify = channel.unary_unary(
+                '/protoserve.v1.Inference/Classify',
+                request_serializer=protoserve_dot_v1_dot_inference__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=protoserve_dot_v1_dot_inference__pb2.ClassifyResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -72,7 +82,26 @@ class InferenceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Embed(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One vector per input. On a sequence classifier the vector is its logits row; with
+        normalize false it is the raw pooled output (the REST /pooling route).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Score(self, request, context):
+        """Relevance of text pairs. A cross-encoder (a one-logit sequence classifier) reads each pair
+        as one sequence; an embedding model answers the cosine similarity of the two embeddings.
+        A generative model is refused (INVALID_ARGUMENT, reason TASK_NOT_SUPPORTED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Classify(self, request, context):
+        """A sequence classifier's logits and label probabilities for each input (softmax over the
+        labels; sigmoid for a one-logit head). Other models are refused as for Score.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -94,6 +123,16 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=protoserve_dot_v1_dot_inference__pb2.EmbedRequest.FromString,
                     response_serializer=protoserve_dot_v1_dot_inference__pb2.EmbedResponse.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=protoserve_dot_v1_dot_inference__pb2.ScoreRequest.FromString,
+                    response_serializer=protoserve_dot_v1_dot_inference__pb2.ScoreResponse.SerializeToString,
+            ),
+            'Classify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Classify,
+                    request_deserializer=protoserve_dot_v1_dot_inference__pb2.ClassifyRequest.FromString,
+                    response_serializer=protoserve_dot_v1_dot_inference__pb2.ClassifyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +216,60 @@ class Inference:
             '/protoserve.v1.Inference/Embed',
             protoserve_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
             protoserve_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/protoserve.v1.Inference/Score',
+            protoserve_dot_v1_dot_inference__pb2.ScoreRequest.SerializeToString,
+            protoserve_dot_v1_dot_inference__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Classify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/protoserve.v1.Inference/Classify',
+            protoserve_dot_v1_dot_inference__pb2.ClassifyRequest.SerializeToString,
+            protoserve_dot_v1_dot_inference__pb2.ClassifyResponse.FromString,
             options,
             channel_credentials,
             insecure,
