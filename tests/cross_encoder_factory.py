@@ -83,10 +83,15 @@ def _seeded_normal(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def make_bert_classifier(path: Path, *, num_labels: int = 1, seed: int = 0) -> Path:
+def make_bert_classifier(path: Path, *, num_labels: int = 1, seed: int = 0,
+                         max_positions: int = 64, chat_template: str | None = None) -> Path:
+    """`chat_template`: saved with the tokenizer, for servers that also embed chat inputs."""
     tokenizer = _bert_tokenizer()
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     labels = {0: "LABEL_0"} if num_labels == 1 else {i: LABELS[i] for i in range(num_labels)}
-    config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=64, **_SIZES,
+    config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=max_positions,
+                        **_SIZES,
                         id2label=labels, label2id={v: k for k, v in labels.items()},
                         architectures=["BertForSequenceClassification"])
     model = AutoModelForSequenceClassification.from_config(config)

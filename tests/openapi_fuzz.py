@@ -27,12 +27,13 @@ class ServedModel:
 
 
 def served_model(grpc_address: str) -> ServedModel:
-    """The default model's facts the hooks need, from the engine's Discovery service."""
+    """The facts the hooks need, from the engine's Discovery service: the smallest of every
+    served model's (an unnamed pooling call goes to an `--embedding-model`)."""
     with grpc.insecure_channel(grpc_address) as channel:
         reply = discovery_pb2_grpc.DiscoveryStub(channel).ListModels(
             discovery_pb2.ListModelsRequest(), timeout=10)
-    info = reply.models[0]
-    return ServedModel(vocab_size=info.vocab_size, max_model_len=info.max_model_len)
+    return ServedModel(vocab_size=min(info.vocab_size for info in reply.models),
+                       max_model_len=min(info.max_model_len for info in reply.models))
 
 
 def run_schemathesis(url: str, model: ServedModel, *, max_examples: int, seed: int,

@@ -35,6 +35,8 @@ MAX_NEW_TOKENS, MAX_CHOICES, MAX_LOGPROBS, MAX_DIMENSIONS = 4, 2, 5, 8
 # each message adds the template's own tokens).
 MAX_TEXT_CHARS, MAX_MESSAGES, MAX_PROMPTS, MAX_PROMPT_IDS = 16, 4, 4, 32
 INT64_MAX = 2**63 - 1
+# A BERT pair's 3 special tokens plus one of text (the fuzz engine's cross-encoder).
+PAIR_MIN_TOKENS = 4
 # Fields written in another language (regex, grammar, JSON Schema, Jinja) or naming
 # server-installed backends: random text is not a program, so positive cases leave them out
 # (their own tests cover them).
@@ -56,6 +58,7 @@ def before_call(ctx: Any, case: Any, **kwargs: Any) -> None:
         within_messages_rules(case.body)
     else:
         within_unstated_rules(case.body)
+        _pairs_within_rules(case.body)
 
 
 @schemathesis.hook
@@ -188,6 +191,23 @@ def _prompts_within_context(body: dict[str, Any]) -> None:
                     break
                 if isinstance(message.get(key), str):
                     message[key] = message[key][:MAX_TEXT_CHARS]
+
+
+def _pairs_within_rules(body: dict[str, Any]) -> None:
+    """Scoring bodies: short texts, one text_1 or as many as text_2, and truncation that
+    leaves room beside a pair's special tokens ([CLS] a [SEP] b [SEP])."""
+    for name in ("text_1", "text_2", "query", "documents"):
+        value = body.get(name)
+        if isinstance(value, str):
+            body[name] = value[:MAX_TEXT_CHARS]
+        elif isinstance(value, list):
+            body[name] = [_shorter(item) for item in value[:MAX_PROMPTS]]
+    first, second = body.get("text_1"), body.get("text_2")
+    count_2 = len(second) if isinstance(second, list) else 1
+    if isinstance(first, list) and len(first) not in (1, count_2):
+        body["text_1"] = first[:1]
+    if ("text_1" in body or "query" in body) and _is_number(body.get("truncate_prompt_tokens")):
+        body["truncate_prompt_tokens"] = max(body["truncate_prompt_tokens"], PAIR_MIN_TOKENS)
 
 
 def _shorter(item: Any) -> Any:

@@ -64,9 +64,16 @@ class ScoreInputProcessor:
     def cross_encoder_requests(self, req: ScoreRequest) -> list[CoreRequest]:
         """One request per pair, the pair tokenized as one sequence; raw logits back."""
         self._check_truncation(req)
+        keep = req.truncate_prompt_tokens
+        specials = self.tokenizer.hf.num_special_tokens_to_add(pair=True)
+        if keep is not None and keep <= specials:
+            # The tokenizer would silently not truncate at all.
+            raise InvalidRequestError(
+                f"truncate_prompt_tokens must leave room for text beside a pair's {specials} "
+                f"special tokens: at least {specials + 1}, got {keep}",
+                field="truncate_prompt_tokens")
         requests = []
         for index, (first, second) in enumerate(score_pairs(req)):
-            keep = req.truncate_prompt_tokens
             encoded = self.tokenizer.hf(
                 first, second, truncation=keep is not None, max_length=keep)
             token_ids = list(encoded["input_ids"])

@@ -18,6 +18,7 @@ from engine.server.parsed_output import ParsedOutputWriter, parsing_plan_of, wit
 from engine.server.proto_convert import event_to_pb, generate_request_from_pb
 from engine.server.render_convert import render
 from engine.server.score_convert import (
+    check_text_bytes,
     classify,
     classify_request_from_pb,
     score,
@@ -214,6 +215,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         request_id, deadline = await self._pooling_call(request, context)
         try:
             engine = self.handle.get(request.model, task="embed")
+            check_text_bytes(request, self.handle.options.max_prompt_bytes,
+                             engine.model.max_model_len)
             self._admit(engine)
             with self.handle.request_memory.admitted(
                     score_cost(request), self.handle.options.max_request_memory):

@@ -17,6 +17,7 @@ from engine.frontend.served_model import Engine
 from engine.generation import EmbeddingRequest
 from engine.server.admission import EMBED_INPUT_BYTES, EMBED_TOKEN_BYTES, RequestCost
 from engine.server.embed_convert import embedding_request_from_pb
+from engine.server.request_tracker import PROMPT_BYTES_PER_TOKEN
 from protoserve.v1 import inference_pb2
 
 
@@ -50,6 +51,20 @@ def score_cost(pb: inference_pb2.ScoreRequest) -> RequestCost:
     texts = len(pb.text_1) + len(pb.text_2)
     size = sum(len(t.encode()) for t in pb.text_1) + sum(len(t.encode()) for t in pb.text_2)
     return RequestCost({"inputs": texts * EMBED_INPUT_BYTES + size * EMBED_TOKEN_BYTES})
+
+
+def check_text_bytes(pb: inference_pb2.ScoreRequest, limit: int | None,
+                     max_model_len: int) -> None:
+    """As Generate's prompts: a text over the byte limit is refused before it is tokenized."""
+    if limit is None:
+        limit = PROMPT_BYTES_PER_TOKEN * max_model_len
+    for field, texts in (("text_1", pb.text_1), ("text_2", pb.text_2)):
+        for index, text in enumerate(texts):
+            size = len(text.encode())
+            if size > limit:
+                raise InvalidRequestError(
+                    f"{field} {index} is {size} bytes; at most {limit} are accepted "
+                    "(--max-prompt-bytes)", field=field)
 
 
 def check_can_score(engine: Engine) -> None:

@@ -27,7 +27,10 @@ UNSTATED_RULES = (
     "or a chat_template that does not compile; a named tool_choice missing from tools; "
     "token ids outside the served vocabulary; prompts plus max_tokens beyond the context; "
     "n, best_of and logprob counts above the server's limits (--max-n, --max-logprobs); "
-    "messages the model's chat template refuses."
+    "messages the model's chat template refuses; scoring, reranking or classifying with a "
+    "model that cannot (a generative model; classify needs a sequence classifier); text_1 "
+    "with more than one text but not as many as text_2; truncate_prompt_tokens that leaves "
+    "no room beside a pair's special tokens."
 )
 
 

@@ -6,7 +6,13 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from rest_bridge.openai_schemas.request_fields import Int32, OpenAIModel, PositiveCount, TokenId
+from rest_bridge.openai_schemas.request_fields import (
+    Count,
+    Int32,
+    OpenAIModel,
+    PositiveCount,
+    TokenId,
+)
 
 _Text = Annotated[str, Field(min_length=1)]
 _Texts = Annotated[list[_Text], Field(min_length=1)]
@@ -26,8 +32,8 @@ class RerankRequest(OpenAIModel):
     model: str | None = None
     query: _Text
     documents: _Texts
-    # The best top_n documents; 0 or unset: all of them.
-    top_n: Annotated[Int32, Field(ge=0)] | None = None
+    # The best top_n documents; 0 or unset: all of them (a negative top_n is refused too).
+    top_n: Count | None = None
     # Default true (Jina/Cohere v1); the Cohere v2 route answers without documents unless true.
     return_documents: bool | None = None
     truncate_prompt_tokens: PositiveCount | None = None

@@ -11,6 +11,7 @@ from rest_bridge.openai_schemas.scoring import (
     RerankRequest,
     ScoreRequest,
 )
+from rest_bridge.errors import invalid_request
 from rest_bridge.translate.embedding import encode_base64
 
 # Engine field names -> the names each route's clients sent.
@@ -33,6 +34,8 @@ def score_request_from(body: ScoreRequest, request_id: str) -> inference_pb2.Sco
 
 
 def rerank_request_from(body: RerankRequest, request_id: str) -> inference_pb2.ScoreRequest:
+    if body.top_n is not None and body.top_n < 0:
+        raise invalid_request(f"top_n must be at least 0, got {body.top_n}", param="top_n")
     pb = inference_pb2.ScoreRequest(
         request_id=request_id, model=body.model or "", text_1=[body.query],
         text_2=list(body.documents), priority=body.priority or 0)

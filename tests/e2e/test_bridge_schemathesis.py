@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import httpx
@@ -21,9 +22,19 @@ pytestmark = pytest.mark.fuzz
 
 
 @pytest.fixture(scope="module")
-def engine(shared_server: Callable[..., EngineProcess]) -> EngineProcess:
-    # The engine of tests/engine/server's gRPC tests (same flags): the bridge is this test's.
-    return shared_server("--max-model-len", "256")
+def engine(shared_server: Callable[..., EngineProcess], tiny_llama_dir: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> EngineProcess:
+    """The tiny Llama as the gRPC tests serve it, plus a tiny BERT cross-encoder as
+    `--embedding-model`: unnamed scoring, classify and pooling calls go to it, so their
+    schema-valid requests are answered (a generative model refuses them). It renders chat
+    inputs with the Llama's template, as /v1/embeddings' chat form now reaches it."""
+    from cross_encoder_factory import make_bert_classifier
+    from transformers import AutoTokenizer
+
+    template = AutoTokenizer.from_pretrained(str(tiny_llama_dir)).chat_template
+    cross_encoder = make_bert_classifier(tmp_path_factory.mktemp("fuzz-ce"), max_positions=512,
+                                         chat_template=template)
+    return shared_server("--max-model-len", "256", "--embedding-model", str(cross_encoder))
 
 
 @pytest.fixture(scope="module")

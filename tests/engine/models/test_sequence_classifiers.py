@@ -64,18 +64,26 @@ def xlmr_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_xlmr_classifier(tmp_path_factory.mktemp("xlmr-cls"), num_labels=3)
 
 
-def test_bert_cross_encoder_scores_equal_sentence_transformers(bert_cross_encoder: Path) -> None:
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bert_cross_encoder_scores_equal_sentence_transformers(
+    bert_cross_encoder: Path, dtype: str
+) -> None:
     st = pytest.importorskip("sentence_transformers")
-    runner = EmbeddingRunner(ModelConfig(str(bert_cross_encoder), dtype="float32"))
+    runner = EmbeddingRunner(ModelConfig(str(bert_cross_encoder), dtype=dtype))
     jobs = pair_jobs(bert_cross_encoder, runner)
     # BERT pairs carry token types: the second segment starts after the first [SEP].
     assert all(job.params.second_segment_start for job in jobs)
     logits = torch.stack(run_pooling(runner, jobs)).squeeze(1)
     reference = st.CrossEncoder(str(bert_cross_encoder), device="cpu")
     expected = torch.tensor(reference.predict([(QUERY, d) for d in DOCUMENTS]))
+    assert expected.std() > 1e-3  # the inputs are told apart
+    if dtype == "bfloat16":
+        expected_logits = torch.logit(expected.double()).float()
+        bound = BF16_RELATIVE_BOUND * float(expected_logits.abs().max())
+        torch.testing.assert_close(logits, expected_logits, atol=bound, rtol=0)
+        return
     # CrossEncoder's default activation for one logit is the sigmoid (what Score applies).
     torch.testing.assert_close(torch.sigmoid(logits), expected.float(), atol=1e-5, rtol=1e-5)
-    assert expected.std() > 1e-3  # the inputs are told apart
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
