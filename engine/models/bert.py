@@ -201,9 +201,10 @@ class BertModel(nn.Module):
         """input_ids, positions [T] of whole sequences laid end to end -> hidden [T, H].
         token_type_ids [T] (segment of each token, for sentence pairs); None = all 0."""
         emb = self.embeddings
+        # One-type models (RoBERTa) read row 0 whatever segments a tokenizer reported.
         token_types = (
             emb.token_type_embeddings.weight[0]
-            if token_type_ids is None
+            if token_type_ids is None or self.dims.type_vocab_size == 1
             else emb.token_type_embeddings(token_type_ids)
         )
         hidden = (
