@@ -100,7 +100,7 @@ def _bounded(request: inference_pb2.GenerateRequest) -> inference_pb2.GenerateRe
 
 @pytest.fixture(scope="module")
 def engine(shared_server: Callable[..., EngineProcess]) -> EngineProcess:
-    # Shared with test_grpc_server.py and the schemathesis test (same flags): fuzzing must
+    # Shared with test_grpc_server.py (same flags): fuzzing must
     # leave it serving and idle, which the tests here check.
     return shared_server("--max-model-len", "256")
 

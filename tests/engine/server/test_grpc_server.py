@@ -29,7 +29,7 @@ from protoserve.v1 import (
 
 @pytest.fixture(scope="module")
 def engine(shared_server: Callable[..., EngineProcess]) -> EngineProcess:
-    # Shared with test_grpc_fuzz.py and the schemathesis test (same flags).
+    # Shared with test_grpc_fuzz.py (same flags).
     return shared_server("--max-model-len", "256")
 
 
