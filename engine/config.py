@@ -126,6 +126,41 @@ class SchedulerConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
 
 
+@dataclass(frozen=True)
+class LoRAModule:
+    """One adapter served from start-up (`--lora-modules`)."""
+
+    name: str
+    path: str
+    # The served model it adapts (its `parent` in /v1/models); None: the first served name.
+    base_model_name: str | None = None
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """`--enable-lora` and its limits (engine/lora/)."""
+
+    # Distinct adapters one step may run (resident in the model's stacked slots).
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    # Loaded adapters kept in host memory (LRU); None: max_loras.
+    max_cpu_loras: int | None = None
+    modules: tuple[LoRAModule, ...] = ()
+    # `--allow-runtime-lora-updating` (or VLLM_ALLOW_RUNTIME_LORA_UPDATING): adapters may be
+    # loaded and unloaded while serving.
+    allow_runtime_updating: bool = False
+
+    @property
+    def cpu_loras(self) -> int:
+        return self.max_loras if self.max_cpu_loras is None else self.max_cpu_loras
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError("max_loras and max_lora_rank must be >= 1")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError("max_cpu_loras must be >= max_loras")
+
+
 ENGINE_CORE_MODES = ("process", "thread")
 
 
@@ -146,6 +181,8 @@ class EngineConfig:
     # Where a served engine's step loop runs (`--engine-core`): "process", its own process
     # (the serving threads never take the GIL from it), or "thread", in the serving process.
     engine_core: str = "process"
+    # Multi-LoRA serving; None: off (`--enable-lora` not given).
+    lora: LoRAConfig | None = None
 
     def __post_init__(self) -> None:
         if self.engine_core not in ENGINE_CORE_MODES:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.lora.request import LoRARequest
 from engine.pooling_params import PoolingParams
 from engine.core.request import FinishReason
 from engine.sampling_params import SamplingParams
@@ -49,6 +50,8 @@ class GenerationRequest:
     # One step of a beam search (beam_search_driver.py): its top-K logprobs rank beams and are
     # not bounded by --max-logprobs. Servers never set it from a client's request.
     beam_expansion: bool = False
+    # The LoRA adapter the request's model name selected (None: the base model).
+    lora: LoRARequest | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 
+from engine.lora.request import LoRARequest
 from engine.pooling_params import PoolingParams
 from engine.sampling_params import SamplingParams
 
@@ -38,6 +39,8 @@ class ScheduledRequest:
     # Guided decoding state (the request's own object): the sampler reads its allowed-token
     # mask; only the scheduler advances it.
     grammar: Grammar | None = None
+    # The adapter its rows run with (None: the base model).
+    lora: LoRARequest | None = None
 
     @property
     def num_output_tokens(self) -> int:

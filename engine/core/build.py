@@ -161,6 +161,7 @@ def make_runner(config: EngineConfig) -> EngineRunner:
         config.cache,
         max_num_seqs=config.scheduler.max_num_seqs,
         max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+        lora_config=config.lora,
     )
     pooling_type = resolve_pooling_type(model_config.pooling_type, runner.loaded)
     return GenerateAndEmbedRunner(runner, PoolingExecutor(runner.loaded, pooling_type))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from engine.lora.request import LoRARequest
 from engine.pooling_params import PoolingParams
 from engine.sampling_params import SamplingParams
 from engine.structured.constraint import OutputConstraint
@@ -35,6 +36,8 @@ class CoreRequest:
     pooling_params: PoolingParams | None = None
     # What the output must match; the core compiles it into one matcher per request.
     constraint: OutputConstraint | None = None
+    # The LoRA adapter it runs with (--enable-lora); None: the base model.
+    lora: LoRARequest | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -40,7 +40,10 @@ class EngineCore:
             enable_prefix_caching=config.cache.enable_prefix_caching,
             sliding_window=runner.kv_sliding_window,
         )
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache, max_model_len)
+        self.scheduler = Scheduler(
+            config.scheduler, self.kv_cache, max_model_len,
+            max_loras=config.lora.max_loras if config.lora is not None else None,
+        )
         # Cumulative counters (metrics, and tests that check work skipped by the prefix cache).
         self.num_steps = 0
         self.num_computed_tokens_total = 0

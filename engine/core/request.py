@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from engine.lora.request import LoRARequest
 from engine.pooling_params import PoolingParams
 from engine.sampling_params import SamplingParams
 
@@ -69,6 +70,7 @@ class Request:
         "grammar",
         "first_scheduled_time",
         "deadline",
+        "lora",
     )
 
     def __init__(
@@ -85,6 +87,7 @@ class Request:
         pooling_params: PoolingParams | None = None,
         deadline: float | None = None,
         grammar: Grammar | None = None,
+        lora: LoRARequest | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -122,6 +125,9 @@ class Request:
         # time.monotonic() after which it must not start running: the scheduler evicts it
         # from the queue with FinishReason.DEADLINE instead of admitting it. None: no deadline.
         self.deadline = deadline
+        # Its LoRA adapter (None: the base model): applied by the runner to its rows, and a
+        # key of its prefix-cache blocks, so KV computed under one adapter serves no other.
+        self.lora = lora
 
     @classmethod
     def from_core(cls, request: CoreRequest, grammar: Grammar | None = None) -> Request:
@@ -138,7 +144,13 @@ class Request:
             pooling_params=request.pooling_params,
             deadline=request.deadline,
             grammar=grammar,
+            lora=request.lora,
         )
+
+    @property
+    def lora_id(self) -> int:
+        """0 for the base model."""
+        return 0 if self.lora is None else self.lora.lora_id
 
     @property
     def is_pooling(self) -> bool:

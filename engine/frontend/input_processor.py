@@ -149,6 +149,7 @@ class InputProcessor:
                 priority=req.priority,
                 cache_salt=req.cache_salt,
                 constraint=req.constraint,
+                lora=req.lora,
             )
             for i in range(num_children)
         ]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from engine.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
 from engine.core.build import ModelFacts, load_tokenizer, make_grammar_compiler, served_eos_ids
 from engine.core.core_request import CoreRequest
 from engine.core.engine_core import EngineCore
@@ -46,6 +46,7 @@ from engine.generation import (
     GenerationRequest,
     PromptInput,
 )
+from engine.lora.request import LoRARequest
 from engine.models.hub import local_model_config
 from engine.runner.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
@@ -136,7 +137,9 @@ class LLM:
         max_num_batched_tokens: int = 2048,
         scheduling_policy: str = "fcfs",
         guided_decoding_backend: str = "llguidance",
+        lora: LoRAConfig | None = None,
     ) -> None:
+        """`lora`: serve LoRA adapters, named per prompt by `generate(lora_requests=...)`."""
         self.config = EngineConfig(
             # A hub id is downloaded (or found in the cache) here, once: the runner and the
             # tokenizer then read the same snapshot directory.
@@ -158,12 +161,14 @@ class LLM:
                 policy=scheduling_policy,
             ),
             guided_decoding_backend=guided_decoding_backend,
+            lora=lora,
         )
         self.runner = ModelRunner(
             self.config.model,
             self.config.cache,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
+            lora_config=lora,
         )
         self.max_model_len = self.runner.loaded.max_model_len
         self.core = EngineCore(self.config, self.runner, self.max_model_len)
@@ -200,6 +205,7 @@ class LLM:
         *,
         priorities: list[int] | None = None,
         constraints: OutputConstraint | list[OutputConstraint | None] | None = None,
+        lora_requests: LoRARequest | list[LoRARequest | None] | None = None,
     ) -> list[CompletionOutput]:
         """Submit every prompt at once (continuous batching does the rest) and run the
         engine until all finish. One output per choice, in prompt order (a prompt's n
@@ -213,7 +219,11 @@ class LLM:
             self._check_params(p)
         for constraint in {c for c in constraints if c is not None}:
             constraint.validate()
-        return self._generate(prompts, per_prompt, priorities, constraints)
+        if not isinstance(lora_requests, list):
+            lora_requests = [lora_requests] * len(prompts)
+        if self.config.lora is None and any(lora_requests):
+            raise InvalidRequestError("LoRA adapters need LLM(lora=LoRAConfig(...))", field="lora")
+        return self._generate(prompts, per_prompt, priorities, constraints, lora_requests)
 
     def _check_params(self, params: SamplingParams) -> None:
         params.validate()
@@ -231,6 +241,7 @@ class LLM:
         params: list[SamplingParams],
         priorities: list[int] | None,
         constraints: list[OutputConstraint | None],
+        loras: list[LoRARequest | None],
     ) -> list[CompletionOutput]:
         requests: list[CoreRequest] = []
         streams: list[_OfflineStream] = []
@@ -238,7 +249,7 @@ class LLM:
             req = GenerationRequest(
                 f"offline-{self._next_id}", PromptInput(token_ids=prompt), p,
                 priority=priorities[i] if priorities else 0, return_text=False,
-                constraint=constraints[i],
+                constraint=constraints[i], lora=loras[i],
             )
             self._next_id += 1
             prepared = self.processor.prepare_prompt(req)
@@ -300,7 +311,7 @@ class LLM:
 
         def expand(sequences: list[list[int]]) -> list[tuple[list[BeamCandidate], object]]:
             outputs = self._generate(sequences, [step] * len(sequences), None,
-                                     [None] * len(sequences))
+                                     [None] * len(sequences), [None] * len(sequences))
             entries = [out.logprobs[0] for out in outputs]  # type: ignore[index]
             return [
                 ([BeamCandidate(t, lp) for t, lp in zip(e.top_token_ids, e.top_logprobs)], e)

@@ -253,7 +253,8 @@ class KVCacheManager:
 
     def _update_hashes(self, request: Request) -> None:
         extend_block_hashes(
-            request.block_hashes, request.all_token_ids, self.block_size, request.cache_salt
+            request.block_hashes, request.all_token_ids, self.block_size, request.cache_salt,
+            request.lora_id,
         )
 
     def check_invariants(self) -> None:

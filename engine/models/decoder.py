@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from engine.attention.backend import AttentionBackend, AttentionMetadata
 from engine.errors import ModelLoadError
 from engine.layers.linear import Embedding, Linear
+from engine.layers.lora import LoRAContext
 from engine.layers.quantized_linear import WeightQuant
 from engine.layers.rotary import RotaryEmbedding, build_rotary
 from engine.models.decoder_layers import DecoderLayer, Placement, SparseMoE, make_norm
@@ -75,6 +76,8 @@ class DecoderForCausalLM(nn.Module):
         )
         # All decoder layers of a pure-decode bf16 CPU step in one native call, where it applies.
         self._fused_decode: FusedDecodeLayers | None = None
+        # Set when LoRA is enabled (engine/lora/slots.py): the step's rows -> adapter slots.
+        self.lora_context: LoRAContext | None = None
 
     def forward(
         self,
@@ -93,8 +96,11 @@ class DecoderForCausalLM(nn.Module):
         }
         if self._fused_decode is None:  # built at first use: after the weights are packed
             self._fused_decode = FusedDecodeLayers(self)
-        # The fused layers read bf16 caches only (an int8 cache takes the per-op path).
-        if self._fused_decode.applies(hidden, attn_metadata) and kv_caches[0].dtype == hidden.dtype:
+        # The fused layers read bf16 caches only (an int8 cache takes the per-op path), and
+        # know no LoRA: a step with adapter rows takes the per-op path too.
+        lora_step = self.lora_context is not None and self.lora_context.step is not None
+        if (not lora_step and self._fused_decode.applies(hidden, attn_metadata)
+                and kv_caches[0].dtype == hidden.dtype):
             cos, signed_sin = tables["default"]
             self._fused_decode.run(hidden, cos, signed_sin, kv_caches, attn_metadata)
             return self.model.norm(hidden)

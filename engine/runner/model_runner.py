@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
 from engine.attention import resolve_attention_backend
 from engine.core.batch import ScheduledBatch
-from engine.config import CacheConfig, ModelConfig
+from engine.config import CacheConfig, LoRAConfig, ModelConfig
 from engine.models.loader import LoadedModel, load_model, resolve_device
 from engine.core.outputs import ModelRunnerOutput
 from engine.runner.input_prep import prepare_inputs
@@ -22,6 +23,7 @@ from engine.runner.memory_profile import (
     profile_memory,
     profile_num_blocks,
 )
+from engine.lora.slots import LoRASlots
 from engine.runner.prompt_logprobs import score_prompt_chunks
 from engine.sampling.sampler import Sampler
 
@@ -37,6 +39,7 @@ class ModelRunner:
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 2048,
         attention_backend: str | None = None,
+        lora_config: LoRAConfig | None = None,
     ) -> None:
         # None: the config's choice; "auto" becomes a concrete backend for the device here.
         self.attention_backend: str = resolve_attention_backend(
@@ -53,6 +56,10 @@ class ModelRunner:
             model_config, attention_backend=self.attention_backend
         )
         self.device = self.loaded.device
+        # --enable-lora: the fused projections get adapter slots (after the weights loaded).
+        self.lora: LoRASlots | None = (
+            LoRASlots(self.loaded.model, lora_config) if lora_config is not None else None
+        )
         self.block_size = cache_config.block_size
         self.kv_sliding_window: int | None = kv_sliding_window(
             getattr(self.loaded.model.dims, "layer_windows", ())
@@ -115,9 +122,10 @@ class ModelRunner:
             return ModelRunnerOutput(request_ids=[], sampled_token_ids=[])
         with torch.inference_mode():
             inputs = prepare_inputs(batch, self.block_size, self.device)
-            hidden = self.loaded.model(
-                inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_metadata
-            )
+            with self._lora_step(batch, inputs.row_starts):
+                hidden = self.loaded.model(
+                    inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_metadata
+                )
             # Prefill rows go through the vocab projection only for requests that ask for
             # prompt_logprobs; otherwise only sampling rows do.
             prompt_logprobs = score_prompt_chunks(
@@ -134,6 +142,17 @@ class ModelRunner:
             sampled_token_ids=sampled.token_ids,
             logprobs=sampled.logprobs,
             prompt_logprobs=prompt_logprobs,
+        )
+
+
+    def _lora_step(
+        self, batch: ScheduledBatch, row_starts: list[int]
+    ) -> AbstractContextManager[None]:
+        if self.lora is None:
+            return nullcontext()
+        requests = batch.requests
+        return self.lora.step(
+            [r.lora for r in requests], row_starts, [r.num_tokens for r in requests]
         )
 
 

@@ -36,8 +36,13 @@ logger = logging.getLogger(__name__)
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager, max_model_len: int):
+    def __init__(
+        self, config: SchedulerConfig, kv_cache: KVCacheManager, max_model_len: int,
+        max_loras: int | None = None,
+    ):
         self.config = config
+        # Distinct LoRA adapters the runner can apply in one step (None: LoRA off).
+        self.max_loras = max_loras
         self.kv_cache = kv_cache
         self.max_model_len = max_model_len
         self.waiting = make_waiting_queue(config.policy)
@@ -150,6 +155,8 @@ class Scheduler:
             if self.kv_cache.fit_new_tokens(0, request.num_tokens) == 0:
                 self._finish_for_capacity(request)  # removes it from the waiting queue
                 continue
+            if not self._adapter_fits(request):
+                break  # waits until a running request of another adapter finishes
             # prompt_logprobs needs every prompt position computed, so no cached prefix.
             scores_prompt = (
                 request.sampling_params.prompt_logprobs is not None
@@ -191,6 +198,14 @@ class Scheduler:
         self.running.append(request)
         scheduled.append((request, request.num_tokens))
         return True
+
+    def _adapter_fits(self, request: Request) -> bool:
+        """Every running request may be scheduled in one step, so the running set must stay
+        within the runner's max_loras adapter slots."""
+        if request.lora is None or self.max_loras is None:
+            return True
+        active = {r.lora_id for r in self.running if r.lora is not None}
+        return request.lora_id in active or len(active) < self.max_loras
 
     @staticmethod
     def _mark_scheduled(request: Request) -> None:
@@ -238,6 +253,7 @@ class Scheduler:
             num_prompt_tokens=request.num_prompt_tokens,
             eos_token_ids=request.eos_token_ids,
             grammar=request.grammar,
+            lora=request.lora,
         )
 
     def update_from_output(

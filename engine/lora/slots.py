@@ -1,0 +1,146 @@
+"""Adapters resident in the runner: `max_cpu_loras` loaded adapters kept in host memory (LRU),
+`max_loras` of them in the model's stacked slots (engine/layers/lora.py), and the per-step
+mapping of rows to slots.
+
+The scheduler never puts more distinct adapters in one step than there are slots, so every
+adapter of a step can be resident at once; a slot is reused least-recently-used first,
+never one the current step needs.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from contextlib import contextmanager
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from engine.config import LoRAConfig
+from engine.layers.lora import LoRAContext, LoRALinear, LoRAStep
+from engine.lora.adapter import LoRAAdapter, load_adapter, projection_shapes
+from engine.lora.request import LoRARequest
+from engine.models.decoder_spec import DecoderSpec
+
+
+class LoRASlots:
+    def __init__(self, model: nn.Module, config: LoRAConfig) -> None:
+        """Wraps every fused projection of `model` (a models/decoder.py DecoderForCausalLM,
+        its weights loaded) in a LoRALinear."""
+        self.config = config
+        self.spec: DecoderSpec = model.dims
+        self.context = LoRAContext()
+        model.lora_context = self.context
+        # The model's activation dtype: the norm weights are never quantized.
+        dtype = model.model.norm.weight.dtype
+        device = model.model.norm.weight.device
+        self.device = device
+        self.projections: list[dict[str, LoRALinear]] = []
+        shapes = projection_shapes(self.spec)
+        for layer in model.model.layers:
+            wrapped: dict[str, LoRALinear] = {}
+            for path, shape in shapes.items():
+                owner_name, attr = path.split(".")
+                owner = getattr(layer, owner_name)
+                if not hasattr(owner, attr):
+                    continue  # a mixture-of-experts MLP: no dense projection to adapt
+                lora_linear = LoRALinear(
+                    getattr(owner, attr), shape.slice_sizes, shape.in_features,
+                    max_loras=config.max_loras, max_rank=config.max_lora_rank,
+                    context=self.context, dtype=dtype, device=device,
+                )
+                setattr(owner, attr, lora_linear)
+                wrapped[path] = lora_linear
+            self.projections.append(wrapped)
+        self._loaded: OrderedDict[int, LoRAAdapter] = OrderedDict()  # lora_id -> adapter
+        self._slot_of: OrderedDict[int, int] = OrderedDict()  # lora_id -> slot, LRU first
+        self._free_slots = list(range(config.max_loras))
+
+    def _adapter(self, lora: LoRARequest) -> LoRAAdapter:
+        adapter = self._loaded.get(lora.lora_id)
+        if adapter is None:
+            adapter = load_adapter(lora.path, self.spec, self.config.max_lora_rank)
+            self._loaded[lora.lora_id] = adapter
+            while len(self._loaded) > self.config.cpu_loras:
+                self._loaded.popitem(last=False)
+        self._loaded.move_to_end(lora.lora_id)
+        return adapter
+
+    def _activate(self, lora: LoRARequest, pinned: set[int]) -> int:
+        """The slot holding `lora`, loading it there if needed; never evicts a pinned id."""
+        slot = self._slot_of.get(lora.lora_id)
+        if slot is not None:
+            self._slot_of.move_to_end(lora.lora_id)
+            return slot
+        adapter = self._adapter(lora)
+        if self._free_slots:
+            slot = self._free_slots.pop()
+        else:
+            victim = next(i for i in self._slot_of if i not in pinned)
+            slot = self._slot_of.pop(victim)
+        per_layer: list[dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]] = [
+            {} for _ in self.projections
+        ]
+        for (layer, path, index), factors in adapter.targets.items():
+            per_layer[layer].setdefault(path, {})[index] = (factors.a, factors.b)
+        for layer, wrapped in enumerate(self.projections):
+            for path, lora_linear in wrapped.items():
+                lora_linear.set_slot(slot, per_layer[layer].get(path, {}))
+        self._slot_of[lora.lora_id] = slot
+        return slot
+
+    def build_step(
+        self, loras: Sequence[LoRARequest | None], row_starts: Sequence[int],
+        row_counts: Sequence[int],
+    ) -> LoRAStep | None:
+        """The step's row -> slot mapping: request i (batch order) owns rows
+        [row_starts[i], row_starts[i] + row_counts[i]). None when no row has an adapter."""
+        groups: dict[int, list[int]] = {}
+        needed = {lora.lora_id for lora in loras if lora is not None}
+        if not needed:
+            return None
+        if len(needed) > self.config.max_loras:
+            raise RuntimeError(
+                f"{len(needed)} adapters in one step, over max_loras {self.config.max_loras}")
+        for lora, start, count in zip(loras, row_starts, row_counts):
+            if lora is None:
+                continue
+            slot = self._activate(lora, needed)
+            groups.setdefault(slot, []).extend(range(start, start + count))
+        total_rows = sum(row_counts)
+        if len(groups) == 1:
+            ((slot, rows),) = groups.items()
+            if len(rows) == total_rows:
+                empty = torch.empty(0, dtype=torch.int64, device=self.device)
+                return LoRAStep(slot, empty, empty.view(0, 0), empty, empty)
+        width = max(len(rows) for rows in groups.values())
+        gather: list[int] = []
+        valid: list[int] = []
+        target_rows: list[int] = []
+        for group, rows in enumerate(groups.values()):
+            valid.extend(range(group * width, group * width + len(rows)))
+            target_rows.extend(rows)
+            gather.extend(rows + [0] * (width - len(rows)))
+
+        def as_tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
+
+        return LoRAStep(
+            whole_batch_slot=None,
+            slots=as_tensor(list(groups)),
+            gather=as_tensor(gather).view(len(groups), width),
+            valid=as_tensor(valid),
+            rows=as_tensor(target_rows),
+        )
+
+    @contextmanager
+    def step(
+        self, loras: Sequence[LoRARequest | None], row_starts: Sequence[int],
+        row_counts: Sequence[int],
+    ) -> Iterator[None]:
+        """The model's forward pass inside this applies each row's adapter."""
+        self.context.step = self.build_step(loras, row_starts, row_counts)
+        try:
+            yield
+        finally:
+            self.context.step = None
