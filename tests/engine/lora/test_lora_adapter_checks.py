@@ -1,0 +1,80 @@
+"""Adapters that cannot be served fail at load with an error naming the file and the field or
+tensor; the bf16 fused decode path never drops an adapter."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from greedy_reference import GREEDY, make_peaked_model, prompts_from
+from lora_adapters import make_adapter
+
+from engine import ops
+from engine.config import LoRAConfig
+from engine.frontend.llm import LLM
+from engine.lora.adapter import LoRALoadError, load_adapter
+from engine.lora.request import LoRARequest
+from engine.models.decoder_spec import read_decoder_spec
+from transformers import AutoConfig
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_peaked_model(tmp_path_factory.mktemp("base"), "llama")
+
+
+def _spec(model_dir: Path):
+    return read_decoder_spec(AutoConfig.from_pretrained(model_dir))
+
+
+def test_rank_over_the_maximum_names_r(base_dir: Path, tmp_path: Path) -> None:
+    adapter = make_adapter(base_dir, tmp_path / "a", rank=8, targets=["q_proj"], seed=0)
+    with pytest.raises(LoRALoadError, match=r"adapter_config.json: r=8 is over --max-lora-rank 4"):
+        load_adapter(str(adapter), _spec(base_dir), max_rank=4)
+
+
+def test_unsupported_target_names_the_tensor(base_dir: Path, tmp_path: Path) -> None:
+    adapter = make_adapter(base_dir, tmp_path / "a", rank=4, targets=["q_proj", "lm_head"], seed=0)
+    with pytest.raises(LoRALoadError, match=r"adapter_model.safetensors: tensor '.*lm_head"):
+        load_adapter(str(adapter), _spec(base_dir), max_rank=16)
+
+
+def test_adapter_of_another_base_model_is_refused(base_dir: Path, tmp_path: Path) -> None:
+    other = make_peaked_model(tmp_path / "other", "llama")
+    config = json.loads((other / "config.json").read_text())
+    config["intermediate_size"] = 96
+    (other / "config.json").write_text(json.dumps(config))
+    adapter = make_adapter(base_dir, tmp_path / "a", rank=4, targets=["down_proj"], seed=0)
+    with pytest.raises(LoRALoadError, match=r"down_proj has lora_A \(4, 128\).*another base model"):
+        load_adapter(str(adapter), _spec(other), max_rank=16)
+
+
+def test_missing_files_and_dora_are_named(base_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(LoRALoadError, match=r"has no adapter_config.json"):
+        load_adapter(str(tmp_path / "nowhere"), _spec(base_dir), max_rank=16)
+    adapter = make_adapter(base_dir, tmp_path / "a", rank=4, targets=["q_proj"], seed=0)
+    config_path = adapter / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(LoRALoadError, match=r"adapter_config.json: use_dora=True is not supported"):
+        load_adapter(str(adapter), _spec(base_dir), max_rank=16)
+
+
+@pytest.mark.skipif(not ops.decode_layers_available(), reason="native fused decode not built")
+def test_bf16_fused_decode_steps_apply_the_adapter(base_dir: Path, tmp_path: Path) -> None:
+    """Base-only decode steps take the native fused layers; a step with an adapter row must
+    not: its tokens are those of the per-op path (checked against peft in float32 by
+    test_lora_vs_peft.py), here forced by switching the fused layers off."""
+    adapter = make_adapter(base_dir, tmp_path / "a", rank=8, targets=["v_proj", "up_proj"], seed=4)
+    lora = LoRARequest("a", 1, str(adapter))
+    llm = LLM(str(base_dir), dtype="bfloat16", lora=LoRAConfig(max_loras=1, max_lora_rank=8))
+    prompts = prompts_from(3, [7, 12])
+    base_tokens = llm.generate(prompts, GREEDY)[0].token_ids
+    fused = llm.runner.loaded.model._fused_decode
+    assert fused is not None and fused.layers is not None, "the fused path is not in use here"
+    mixed = llm.generate(prompts, GREEDY, lora_requests=[lora, None])
+    assert mixed[0].token_ids != base_tokens and mixed[1].token_ids == llm.generate(
+        [prompts[1]], GREEDY)[0].token_ids
+    fused.layers = None  # every step per op from here on
+    per_op = llm.generate(prompts, GREEDY, lora_requests=[lora, None])
+    assert [o.token_ids for o in mixed] == [o.token_ids for o in per_op]
