@@ -156,9 +156,9 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         if self.max_loras < 1 or self.max_lora_rank < 1:
-            raise ValueError("max_loras and max_lora_rank must be >= 1")
+            raise ValueError("max_loras (--max-loras) and max_lora_rank (--max-lora-rank) must be >= 1")
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
-            raise ValueError("max_cpu_loras must be >= max_loras")
+            raise ValueError("max_cpu_loras (--max-cpu-loras) must be >= max_loras (--max-loras)")
 
 
 ENGINE_CORE_MODES = ("process", "thread")

@@ -16,7 +16,9 @@ from rest_bridge.http_options import install_cors
 from rest_bridge.middleware import RequestContextMiddleware
 from rest_bridge.responses import route as responses_routes
 from rest_bridge.metrics import BridgeMetrics
-from rest_bridge.routes import chat, completions, embeddings, health, metrics, models, render
+from rest_bridge.routes import (
+    chat, completions, embeddings, health, lora_adapters, metrics, models, render,
+)
 from rest_bridge.routes import kv_events as kv_events_routes
 from rest_bridge.routes import scoring
 from rest_bridge.routes import tokenize as tokenize_routes
@@ -64,7 +66,8 @@ def create_app(settings: BridgeSettings) -> FastAPI:
     install_cors(app, settings.allowed_origins, allow_credentials=settings.allow_credentials,
                  methods=settings.allowed_methods, headers=settings.allowed_headers)
     for router in (completions.router, chat.router, render.router, embeddings.router,
-                   scoring.router, models.router, health.router, metrics.router):
+                   scoring.router, models.router, health.router, metrics.router,
+                   lora_adapters.router):
         app.include_router(router)
     app.include_router(tokenize_routes.router)
     app.include_router(kv_events_routes.router)

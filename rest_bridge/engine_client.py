@@ -7,6 +7,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protoserve.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
     discovery_pb2,
     discovery_pb2_grpc,
     inference_pb2,
@@ -49,6 +51,7 @@ class EngineClient:
         self._discovery = discovery_pb2_grpc.DiscoveryStub(self._channel)
         self._tokenizer = tokenizer_pb2_grpc.TokenizerStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._admin = admin_pb2_grpc.AdminStub(self._channel)
         # The served name reported for requests that name no model; learnt once.
         self._default_model_id: str | None = None
         # Served name (id or alias) -> the model's id, the name responses report.
@@ -186,6 +189,19 @@ class EngineClient:
                     ids.setdefault(served, info.id)
             self._model_ids = ids
         return self._model_ids.get(name, name)
+
+    async def load_lora_adapter(
+        self, request: admin_pb2.LoadLoraAdapterRequest, *, timeout: float | None
+    ) -> None:
+        """Admin/LoadLoraAdapter with the bridge's key (the engine's admin rules apply)."""
+        await self._admin.LoadLoraAdapter(request, timeout=timeout, metadata=self._auth)
+        self._model_ids = None  # served names changed: learn them again
+
+    async def unload_lora_adapter(
+        self, request: admin_pb2.UnloadLoraAdapterRequest, *, timeout: float | None
+    ) -> None:
+        await self._admin.UnloadLoraAdapter(request, timeout=timeout, metadata=self._auth)
+        self._model_ids = None
 
     async def check_ready(self, *, timeout: float) -> bool:
         """True when the engine's health service reports the Inference service SERVING."""

@@ -115,6 +115,7 @@ async def beam_search(
                     cache_salt=req.cache_salt,
                     return_text=False,
                     beam_expansion=True,
+                    lora=req.lora,
                 )
                 for i, beam in enumerate(search.live)
             ]

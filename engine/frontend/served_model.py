@@ -26,6 +26,8 @@ from engine.frontend.embedding_input import EmbeddingInputProcessor, EmbeddingLi
 from engine.frontend.engine_loop import CoreClient, EngineLoop
 from engine.frontend.input_processor import InputProcessor
 from engine.frontend.sampling_resolution import ModelLimits
+from engine.lora.registry import LoRARegistry, make_lora_registry
+from engine.lora.request import LoRARequest
 from engine.structured.validator import ConstraintValidator
 from engine.tokenizer import Tokenizer
 
@@ -99,6 +101,10 @@ class Engine:
             labels=facts.labels,
             score_activation=facts.score_activation,
         )
+        # --enable-lora: the adapters served under names of their own (None: LoRA off).
+        self.loras: LoRARegistry | None = (
+            make_lora_registry(config, self.model.names) if self.task == "generate" else None
+        )
 
     @classmethod
     def load(cls, config: EngineConfig) -> Engine:
@@ -130,4 +136,8 @@ class Engine:
         self.loop.stop(timeout)
 
     def resolve_model_name(self, name: str) -> bool:
-        return not name or name in self.model.names
+        return not name or name in self.model.names or self.lora_for(name) is not None
+
+    def lora_for(self, name: str) -> LoRARequest | None:
+        """The adapter served as `name`, or None (the base model, or no such adapter)."""
+        return self.loras.get(name) if self.loras is not None and name else None

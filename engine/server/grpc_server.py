@@ -139,7 +139,8 @@ class EngineServer:
         engine.loop.start()
         if self.config.embedding_model is not None:
             # `--embedding-model`: a second model, with its own step thread, served alongside.
-            side_config = replace(self.config, model=self.config.embedding_model, embedding_model=None)
+            side_config = replace(self.config, model=self.config.embedding_model, embedding_model=None,
+                                  lora=None)
             side = await asyncio.to_thread(Engine.load, side_config)
             side.loop.start()
             self.handle.embedding_engine = side

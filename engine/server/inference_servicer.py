@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import ExitStack, aclosing
+from dataclasses import replace
 
 import grpc
 
@@ -107,6 +108,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 options.max_request_memory))
             generation = with_server_defaults(
                 generate_request_from_pb(request, request_id), request.sampling, engine)
+            if (lora := engine.lora_for(request.model)) is not None:
+                generation = replace(generation, lora=lora)
             writer = None
             if (plan := parsing_plan_of(request, options)) is not None:
                 generation = with_parsing(generation, request, plan, engine.tokenizer)

@@ -3,11 +3,17 @@ from __future__ import annotations
 
 import grpc
 
-from engine.errors import EngineError, EngineUnavailableError, InvalidRequestError
+from engine.errors import (
+    EngineError,
+    EngineUnavailableError,
+    InvalidRequestError,
+    UnsupportedError,
+)
 
 import protoserve
 from engine.frontend.served_model import Engine
 from engine.kv_cache.kv_events import BlockRemoved, BlockStored, KvEventBatch
+from engine.lora.registry import LoRARegistry
 from engine.output_parsing import REASONING_PARSERS, TOOL_PARSERS
 from engine.server.context import EngineHandle, abort_for
 from engine.server.proto_convert import chat_from_pb
@@ -103,13 +109,34 @@ def model_info(engine: Engine) -> discovery_pb2.ModelInfo:
     return info
 
 
+def adapter_infos(engine: Engine, name: str | None = None) -> list[discovery_pb2.ModelInfo]:
+    """One ModelInfo per served LoRA adapter (only `name`'s when given): the base model's,
+    with the adapter's name, directory and parent."""
+    if engine.loras is None:
+        return []
+    base = model_info(engine)
+    infos = []
+    for adapter in engine.loras.adapters():
+        if name is not None and adapter.request.name != name:
+            continue
+        info = discovery_pb2.ModelInfo()
+        info.CopyFrom(base)
+        info.id, info.root, info.parent = adapter.request.name, adapter.request.path, adapter.parent
+        del info.aliases[:]
+        infos.append(info)
+    return infos
+
+
 class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
     def __init__(self, handle: EngineHandle) -> None:
         self.handle = handle
 
     async def GetModelInfo(self, request, context: grpc.aio.ServicerContext):
         try:
-            return discovery_pb2.GetModelInfoResponse(info=model_info(self.handle.get(request.model)))
+            engine = self.handle.get(request.model)
+            adapters = adapter_infos(engine, request.model) if request.model else []
+            info = adapters[0] if adapters else model_info(engine)
+            return discovery_pb2.GetModelInfoResponse(info=info)
         except Exception as error:  # noqa: BLE001
             await abort_for(context, error)
 
@@ -117,7 +144,8 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
         try:
             self.handle.get()  # UNAVAILABLE while loading or draining
             return discovery_pb2.ListModelsResponse(
-                models=[model_info(engine) for engine in self.handle.engines]
+                models=[info for engine in self.handle.engines
+                        for info in (model_info(engine), *adapter_infos(engine))]
             )
         except Exception as error:  # noqa: BLE001
             await abort_for(context, error)
@@ -216,3 +244,34 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             return admin_pb2.ResetPrefixCacheResponse()
         except Exception as error:  # noqa: BLE001
             await abort_for(context, error)
+
+    async def LoadLoraAdapter(self, request, context: grpc.aio.ServicerContext):
+        try:
+            engine = self.handle.get()
+            registry = _runtime_lora_registry(engine)
+            # Reads the adapter's weights to check them: off the event loop.
+            await engine.loop.off_loop(
+                registry.load, request.lora_name, request.lora_path, request.base_model_name or None
+            )
+            return admin_pb2.LoadLoraAdapterResponse()
+        except Exception as error:  # noqa: BLE001
+            await abort_for(context, error)
+
+    async def UnloadLoraAdapter(self, request, context: grpc.aio.ServicerContext):
+        try:
+            _runtime_lora_registry(self.handle.get()).unload(request.lora_name)
+            return admin_pb2.UnloadLoraAdapterResponse()
+        except Exception as error:  # noqa: BLE001
+            await abort_for(context, error)
+
+
+def _runtime_lora_registry(engine: Engine) -> LoRARegistry:
+    if engine.loras is None:
+        raise UnsupportedError("LoRA is not enabled on this server (start it with --enable-lora)",
+                               reason="LORA_DISABLED")
+    if not engine.loras.config.allow_runtime_updating:
+        raise UnsupportedError(
+            "loading and unloading LoRA adapters at runtime is off: start the server with "
+            "--allow-runtime-lora-updating (or VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)",
+            reason="LORA_RUNTIME_UPDATING_DISABLED")
+    return engine.loras

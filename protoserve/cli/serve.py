@@ -40,6 +40,7 @@ from engine.errors import InvalidRequestError, ModelLoadError
 from engine.sampling_params import SamplingParams
 from engine.structured.backend_names import BackendChoice, accepted_names, resolve_backend
 from protoserve.cli.config_file import parse_args_with_config
+from protoserve.cli.lora_args import add_lora_args, lora_config_from_args
 from protoserve.cli.parser_args import add_output_parser_args, check_output_parser_args
 from protoserve.cli.serving_args import add_serving_arguments, grpc_lifecycle_kwargs
 from protoserve.cli.surface_args import (
@@ -169,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the REST bridge's log level (access lines at debug/trace)")
     p.add_argument("--log-level", default="info",
                    help="log level of the engine processes: debug, info, warning, error")
+    add_lora_args(p)
     add_serving_arguments(p)
     add_surface_args(p)
     return p
@@ -209,6 +211,7 @@ def engine_config_from_args(args: argparse.Namespace, model: str) -> EngineConfi
         guided_decoding_options=guided.options,
         generation_defaults=_generation_defaults(args, model_config.model),
         engine_core=args.engine_core,
+        lora=lora_config_from_args(args),
         cache=CacheConfig(
             block_size=args.block_size,
             kv_cache_memory=args.kv_cache_memory,

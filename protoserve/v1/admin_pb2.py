@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19protoserve/v1/admin.proto\x12\rprotoserve.v1\x1a\x1cgoogle/api/annotations.proto\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\",\n\rAbortResponse\x12\x1b\n\x13\x61\x62orted_request_ids\x18\x01 \x03(\t\"\x0e\n\x0c\x44rainRequest\"&\n\rDrainResponse\x12\x15\n\rnum_in_flight\x18\x01 \x01(\x05\"\x19\n\x17ResetPrefixCacheRequest\"\x1a\n\x18ResetPrefixCacheResponse2\xd6\x02\n\x05\x41\x64min\x12^\n\x05\x41\x62ort\x12\x1b.protoserve.v1.AbortRequest\x1a\x1c.protoserve.v1.AbortResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/admin:abort:\x01*\x12^\n\x05\x44rain\x12\x1b.protoserve.v1.DrainRequest\x1a\x1c.protoserve.v1.DrainResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/admin:drain:\x01*\x12\x8c\x01\n\x10ResetPrefixCache\x12&.protoserve.v1.ResetPrefixCacheRequest\x1a\'.protoserve.v1.ResetPrefixCacheResponse\"\'\x82\xd3\xe4\x93\x02!\"\x1c/v1/admin:reset_prefix_cache:\x01*BDZBgithub.com/protoserve/protoserve/gen/go/protoserve/v1;protoservev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19protoserve/v1/admin.proto\x12\rprotoserve.v1\x1a\x1cgoogle/api/annotations.proto\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\",\n\rAbortResponse\x12\x1b\n\x13\x61\x62orted_request_ids\x18\x01 \x03(\t\"\x0e\n\x0c\x44rainRequest\"&\n\rDrainResponse\x12\x15\n\rnum_in_flight\x18\x01 \x01(\x05\"\x19\n\x17ResetPrefixCacheRequest\"\x1a\n\x18ResetPrefixCacheResponse\"W\n\x16LoadLoraAdapterRequest\x12\x11\n\tlora_name\x18\x01 \x01(\t\x12\x11\n\tlora_path\x18\x02 \x01(\t\x12\x17\n\x0f\x62\x61se_model_name\x18\x03 \x01(\t\"\x19\n\x17LoadLoraAdapterResponse\"@\n\x18UnloadLoraAdapterRequest\x12\x11\n\tlora_name\x18\x01 \x01(\t\x12\x11\n\tlora_path\x18\x02 \x01(\t\"\x1b\n\x19UnloadLoraAdapterResponse2\xf6\x04\n\x05\x41\x64min\x12^\n\x05\x41\x62ort\x12\x1b.protoserve.v1.AbortRequest\x1a\x1c.protoserve.v1.AbortResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/admin:abort:\x01*\x12^\n\x05\x44rain\x12\x1b.protoserve.v1.DrainRequest\x1a\x1c.protoserve.v1.DrainResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/admin:drain:\x01*\x12\x8c\x01\n\x10ResetPrefixCache\x12&.protoserve.v1.ResetPrefixCacheRequest\x1a\'.protoserve.v1.ResetPrefixCacheResponse\"\'\x82\xd3\xe4\x93\x02!\"\x1c/v1/admin:reset_prefix_cache:\x01*\x12\x89\x01\n\x0fLoadLoraAdapter\x12%.protoserve.v1.LoadLoraAdapterRequest\x1a&.protoserve.v1.LoadLoraAdapterResponse\"\'\x82\xd3\xe4\x93\x02!\"\x1c/v1/admin/lora_adapters:load:\x01*\x12\x91\x01\n\x11UnloadLoraAdapter\x12\'.protoserve.v1.UnloadLoraAdapterRequest\x1a(.protoserve.v1.UnloadLoraAdapterResponse\")\x82\xd3\xe4\x93\x02#\"\x1e/v1/admin/lora_adapters:unload:\x01*BDZBgithub.com/protoserve/protoserve/gen/go/protoserve/v1;protoservev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,6 +39,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADMIN'].methods_by_name['Drain']._serialized_options = b'\202\323\344\223\002\024\"\017/v1/admin:drain:\001*'
   _globals['_ADMIN'].methods_by_name['ResetPrefixCache']._loaded_options = None
   _globals['_ADMIN'].methods_by_name['ResetPrefixCache']._serialized_options = b'\202\323\344\223\002!\"\034/v1/admin:reset_prefix_cache:\001*'
+  _globals['_ADMIN'].methods_by_name['LoadLoraAdapter']._loaded_options = None
+  _globals['_ADMIN'].methods_by_name['LoadLoraAdapter']._serialized_options = b'\202\323\344\223\002!\"\034/v1/admin/lora_adapters:load:\001*'
+  _globals['_ADMIN'].methods_by_name['UnloadLoraAdapter']._loaded_options = None
+  _globals['_ADMIN'].methods_by_name['UnloadLoraAdapter']._serialized_options = b'\202\323\344\223\002#\"\036/v1/admin/lora_adapters:unload:\001*'
   _globals['_ABORTREQUEST']._serialized_start=74
   _globals['_ABORTREQUEST']._serialized_end=109
   _globals['_ABORTRESPONSE']._serialized_start=111
@@ -51,6 +55,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESETPREFIXCACHEREQUEST']._serialized_end=238
   _globals['_RESETPREFIXCACHERESPONSE']._serialized_start=240
   _globals['_RESETPREFIXCACHERESPONSE']._serialized_end=266
-  _globals['_ADMIN']._serialized_start=269
-  _globals['_ADMIN']._serialized_end=611
+  _globals['_LOADLORAADAPTERREQUEST']._serialized_start=268
+  _globals['_LOADLORAADAPTERREQUEST']._serialized_end=355
+  _globals['_LOADLORAADAPTERRESPONSE']._serialized_start=357
+  _globals['_LOADLORAADAPTERRESPONSE']._serialized_end=382
+  _globals['_UNLOADLORAADAPTERREQUEST']._serialized_start=384
+  _globals['_UNLOADLORAADAPTERREQUEST']._serialized_end=448
+  _globals['_UNLOADLORAADAPTERRESPONSE']._serialized_start=450
+  _globals['_UNLOADLORAADAPTERRESPONSE']._serialized_end=477
+  _globals['_ADMIN']._serialized_start=480
+  _globals['_ADMIN']._serialized_end=1110
 # @@protoc_insertion_point(module_scope)

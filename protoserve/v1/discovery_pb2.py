@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotoserve/v1/discovery.proto\x12\rprotoserve.v1\x1a\x1cgoogle/api/annotations.proto\"\xcc\x03\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12\x0c\n\x04root\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\x19\n\x0c\x62os_token_id\x18\x07 \x01(\x05H\x00\x88\x01\x01\x12\x14\n\x0c\x61rchitecture\x18\x08 \x01(\t\x12&\n\x04task\x18\t \x01(\x0e\x32\x18.protoserve.v1.ModelTask\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x12\n\nblock_size\x18\x0b \x01(\x05\x12\x15\n\rnum_kv_blocks\x18\x0c \x01(\x05\x12\x19\n\x11has_chat_template\x18\r \x01(\x08\x12\x0f\n\x07\x63reated\x18\x0e \x01(\x03\x12I\n\x11sampling_defaults\x18\x0f \x03(\x0b\x32..protoserve.v1.ModelInfo.SamplingDefaultsEntry\x1a\x37\n\x15SamplingDefaultsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0f\n\r_bos_token_id\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\">\n\x14GetModelInfoResponse\x12&\n\x04info\x18\x01 \x01(\x0b\x32\x18.protoserve.v1.ModelInfo\"\x13\n\x11ListModelsRequest\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.protoserve.v1.ModelInfo\"\x16\n\x14GetServerInfoRequest\"\x98\x01\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x19\n\x11reasoning_parsers\x18\x02 \x03(\t\x12\x14\n\x0ctool_parsers\x18\x03 \x03(\t\x12 \n\x18\x64\x65\x66\x61ult_reasoning_parser\x18\x04 \x01(\t\x12\x1b\n\x13\x64\x65\x66\x61ult_tool_parser\x18\x05 \x01(\t\"\x10\n\x0eGetLoadRequest\"\xc5\x02\n\x0fGetLoadResponse\x12\x1c\n\x14num_requests_running\x18\x01 \x01(\x05\x12\x1c\n\x14num_requests_waiting\x18\x02 \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x01\x12\x1a\n\x12num_free_kv_blocks\x18\x04 \x01(\x05\x12\x15\n\rnum_kv_blocks\x18\x05 \x01(\x05\x12\x1d\n\x15prefix_cache_hit_rate\x18\x06 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x07 \x01(\x03\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x12\x13\n\x0bnum_streams\x18\t \x01(\x05\x12\'\n\x1fnum_prefix_cache_queried_tokens\x18\n \x01(\x03\x12#\n\x1bnum_prefix_cache_hit_tokens\x18\x0b \x01(\x03\"%\n\x14WatchKvEventsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"k\n\x15WatchKvEventsResponse\x12\x17\n\x0fsequence_number\x18\x01 \x01(\x04\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12&\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x16.protoserve.v1.KvEvent\"\xbb\x01\n\x07KvEvent\x12\x32\n\x0c\x62lock_stored\x18\x01 \x01(\x0b\x32\x1a.protoserve.v1.BlockStoredH\x00\x12\x34\n\rblock_removed\x18\x02 \x01(\x0b\x32\x1b.protoserve.v1.BlockRemovedH\x00\x12=\n\x12\x61ll_blocks_cleared\x18\x03 \x01(\x0b\x32\x1f.protoserve.v1.AllBlocksClearedH\x00\x42\x07\n\x05\x65vent\"\x93\x01\n\x0b\x42lockStored\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\x12\x1e\n\x11parent_block_hash\x18\x02 \x01(\x0cH\x00\x88\x01\x01\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x12\n\nblock_size\x18\x04 \x01(\x05\x12\x11\n\tlora_name\x18\x05 \x01(\tB\x14\n\x12_parent_block_hash\"$\n\x0c\x42lockRemoved\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\"\x12\n\x10\x41llBlocksCleared*V\n\tModelTask\x12\x1a\n\x16MODEL_TASK_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_TASK_GENERATE\x10\x01\x12\x14\n\x10MODEL_TASK_EMBED\x10\x02\x32\xad\x04\n\tDiscovery\x12s\n\x0cGetModelInfo\x12\".protoserve.v1.GetModelInfoRequest\x1a#.protoserve.v1.GetModelInfoResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/models/{model}\x12\x65\n\nListModels\x12 .protoserve.v1.ListModelsRequest\x1a!.protoserve.v1.ListModelsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12s\n\rGetServerInfo\x12#.protoserve.v1.GetServerInfoRequest\x1a$.protoserve.v1.GetServerInfoResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/server_info\x12Z\n\x07GetLoad\x12\x1d.protoserve.v1.GetLoadRequest\x1a\x1e.protoserve.v1.GetLoadResponse\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/v1/load\x12s\n\rWatchKvEvents\x12#.protoserve.v1.WatchKvEventsRequest\x1a$.protoserve.v1.WatchKvEventsResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/kv_events0\x01\x42\x44ZBgithub.com/protoserve/protoserve/gen/go/protoserve/v1;protoservev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotoserve/v1/discovery.proto\x12\rprotoserve.v1\x1a\x1cgoogle/api/annotations.proto\"\xdc\x03\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12\x0c\n\x04root\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\x19\n\x0c\x62os_token_id\x18\x07 \x01(\x05H\x00\x88\x01\x01\x12\x14\n\x0c\x61rchitecture\x18\x08 \x01(\t\x12&\n\x04task\x18\t \x01(\x0e\x32\x18.protoserve.v1.ModelTask\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x12\n\nblock_size\x18\x0b \x01(\x05\x12\x15\n\rnum_kv_blocks\x18\x0c \x01(\x05\x12\x19\n\x11has_chat_template\x18\r \x01(\x08\x12\x0f\n\x07\x63reated\x18\x0e \x01(\x03\x12I\n\x11sampling_defaults\x18\x0f \x03(\x0b\x32..protoserve.v1.ModelInfo.SamplingDefaultsEntry\x12\x0e\n\x06parent\x18\x10 \x01(\t\x1a\x37\n\x15SamplingDefaultsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0f\n\r_bos_token_id\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\">\n\x14GetModelInfoResponse\x12&\n\x04info\x18\x01 \x01(\x0b\x32\x18.protoserve.v1.ModelInfo\"\x13\n\x11ListModelsRequest\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.protoserve.v1.ModelInfo\"\x16\n\x14GetServerInfoRequest\"\x98\x01\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x19\n\x11reasoning_parsers\x18\x02 \x03(\t\x12\x14\n\x0ctool_parsers\x18\x03 \x03(\t\x12 \n\x18\x64\x65\x66\x61ult_reasoning_parser\x18\x04 \x01(\t\x12\x1b\n\x13\x64\x65\x66\x61ult_tool_parser\x18\x05 \x01(\t\"\x10\n\x0eGetLoadRequest\"\xc5\x02\n\x0fGetLoadResponse\x12\x1c\n\x14num_requests_running\x18\x01 \x01(\x05\x12\x1c\n\x14num_requests_waiting\x18\x02 \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x01\x12\x1a\n\x12num_free_kv_blocks\x18\x04 \x01(\x05\x12\x15\n\rnum_kv_blocks\x18\x05 \x01(\x05\x12\x1d\n\x15prefix_cache_hit_rate\x18\x06 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x07 \x01(\x03\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x12\x13\n\x0bnum_streams\x18\t \x01(\x05\x12\'\n\x1fnum_prefix_cache_queried_tokens\x18\n \x01(\x03\x12#\n\x1bnum_prefix_cache_hit_tokens\x18\x0b \x01(\x03\"%\n\x14WatchKvEventsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"k\n\x15WatchKvEventsResponse\x12\x17\n\x0fsequence_number\x18\x01 \x01(\x04\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12&\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x16.protoserve.v1.KvEvent\"\xbb\x01\n\x07KvEvent\x12\x32\n\x0c\x62lock_stored\x18\x01 \x01(\x0b\x32\x1a.protoserve.v1.BlockStoredH\x00\x12\x34\n\rblock_removed\x18\x02 \x01(\x0b\x32\x1b.protoserve.v1.BlockRemovedH\x00\x12=\n\x12\x61ll_blocks_cleared\x18\x03 \x01(\x0b\x32\x1f.protoserve.v1.AllBlocksClearedH\x00\x42\x07\n\x05\x65vent\"\x93\x01\n\x0b\x42lockStored\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\x12\x1e\n\x11parent_block_hash\x18\x02 \x01(\x0cH\x00\x88\x01\x01\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x12\n\nblock_size\x18\x04 \x01(\x05\x12\x11\n\tlora_name\x18\x05 \x01(\tB\x14\n\x12_parent_block_hash\"$\n\x0c\x42lockRemoved\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\"\x12\n\x10\x41llBlocksCleared*V\n\tModelTask\x12\x1a\n\x16MODEL_TASK_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_TASK_GENERATE\x10\x01\x12\x14\n\x10MODEL_TASK_EMBED\x10\x02\x32\xad\x04\n\tDiscovery\x12s\n\x0cGetModelInfo\x12\".protoserve.v1.GetModelInfoRequest\x1a#.protoserve.v1.GetModelInfoResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/models/{model}\x12\x65\n\nListModels\x12 .protoserve.v1.ListModelsRequest\x1a!.protoserve.v1.ListModelsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12s\n\rGetServerInfo\x12#.protoserve.v1.GetServerInfoRequest\x1a$.protoserve.v1.GetServerInfoResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/server_info\x12Z\n\x07GetLoad\x12\x1d.protoserve.v1.GetLoadRequest\x1a\x1e.protoserve.v1.GetLoadResponse\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/v1/load\x12s\n\rWatchKvEvents\x12#.protoserve.v1.WatchKvEventsRequest\x1a$.protoserve.v1.WatchKvEventsResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/kv_events0\x01\x42\x44ZBgithub.com/protoserve/protoserve/gen/go/protoserve/v1;protoservev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,40 +45,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DISCOVERY'].methods_by_name['GetLoad']._serialized_options = b'\202\323\344\223\002\n\022\010/v1/load'
   _globals['_DISCOVERY'].methods_by_name['WatchKvEvents']._loaded_options = None
   _globals['_DISCOVERY'].methods_by_name['WatchKvEvents']._serialized_options = b'\202\323\344\223\002\017\022\r/v1/kv_events'
-  _globals['_MODELTASK']._serialized_start=1799
-  _globals['_MODELTASK']._serialized_end=1885
+  _globals['_MODELTASK']._serialized_start=1815
+  _globals['_MODELTASK']._serialized_end=1901
   _globals['_MODELINFO']._serialized_start=79
-  _globals['_MODELINFO']._serialized_end=539
-  _globals['_MODELINFO_SAMPLINGDEFAULTSENTRY']._serialized_start=467
-  _globals['_MODELINFO_SAMPLINGDEFAULTSENTRY']._serialized_end=522
-  _globals['_GETMODELINFOREQUEST']._serialized_start=541
-  _globals['_GETMODELINFOREQUEST']._serialized_end=577
-  _globals['_GETMODELINFORESPONSE']._serialized_start=579
-  _globals['_GETMODELINFORESPONSE']._serialized_end=641
-  _globals['_LISTMODELSREQUEST']._serialized_start=643
-  _globals['_LISTMODELSREQUEST']._serialized_end=662
-  _globals['_LISTMODELSRESPONSE']._serialized_start=664
-  _globals['_LISTMODELSRESPONSE']._serialized_end=726
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=728
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=750
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=753
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=905
-  _globals['_GETLOADREQUEST']._serialized_start=907
-  _globals['_GETLOADREQUEST']._serialized_end=923
-  _globals['_GETLOADRESPONSE']._serialized_start=926
-  _globals['_GETLOADRESPONSE']._serialized_end=1251
-  _globals['_WATCHKVEVENTSREQUEST']._serialized_start=1253
-  _globals['_WATCHKVEVENTSREQUEST']._serialized_end=1290
-  _globals['_WATCHKVEVENTSRESPONSE']._serialized_start=1292
-  _globals['_WATCHKVEVENTSRESPONSE']._serialized_end=1399
-  _globals['_KVEVENT']._serialized_start=1402
-  _globals['_KVEVENT']._serialized_end=1589
-  _globals['_BLOCKSTORED']._serialized_start=1592
-  _globals['_BLOCKSTORED']._serialized_end=1739
-  _globals['_BLOCKREMOVED']._serialized_start=1741
-  _globals['_BLOCKREMOVED']._serialized_end=1777
-  _globals['_ALLBLOCKSCLEARED']._serialized_start=1779
-  _globals['_ALLBLOCKSCLEARED']._serialized_end=1797
-  _globals['_DISCOVERY']._serialized_start=1888
-  _globals['_DISCOVERY']._serialized_end=2445
+  _globals['_MODELINFO']._serialized_end=555
+  _globals['_MODELINFO_SAMPLINGDEFAULTSENTRY']._serialized_start=483
+  _globals['_MODELINFO_SAMPLINGDEFAULTSENTRY']._serialized_end=538
+  _globals['_GETMODELINFOREQUEST']._serialized_start=557
+  _globals['_GETMODELINFOREQUEST']._serialized_end=593
+  _globals['_GETMODELINFORESPONSE']._serialized_start=595
+  _globals['_GETMODELINFORESPONSE']._serialized_end=657
+  _globals['_LISTMODELSREQUEST']._serialized_start=659
+  _globals['_LISTMODELSREQUEST']._serialized_end=678
+  _globals['_LISTMODELSRESPONSE']._serialized_start=680
+  _globals['_LISTMODELSRESPONSE']._serialized_end=742
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=744
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=766
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=769
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=921
+  _globals['_GETLOADREQUEST']._serialized_start=923
+  _globals['_GETLOADREQUEST']._serialized_end=939
+  _globals['_GETLOADRESPONSE']._serialized_start=942
+  _globals['_GETLOADRESPONSE']._serialized_end=1267
+  _globals['_WATCHKVEVENTSREQUEST']._serialized_start=1269
+  _globals['_WATCHKVEVENTSREQUEST']._serialized_end=1306
+  _globals['_WATCHKVEVENTSRESPONSE']._serialized_start=1308
+  _globals['_WATCHKVEVENTSRESPONSE']._serialized_end=1415
+  _globals['_KVEVENT']._serialized_start=1418
+  _globals['_KVEVENT']._serialized_end=1605
+  _globals['_BLOCKSTORED']._serialized_start=1608
+  _globals['_BLOCKSTORED']._serialized_end=1755
+  _globals['_BLOCKREMOVED']._serialized_start=1757
+  _globals['_BLOCKREMOVED']._serialized_end=1793
+  _globals['_ALLBLOCKSCLEARED']._serialized_start=1795
+  _globals['_ALLBLOCKSCLEARED']._serialized_end=1813
+  _globals['_DISCOVERY']._serialized_start=1904
+  _globals['_DISCOVERY']._serialized_end=2461
 # @@protoc_insertion_point(module_scope)

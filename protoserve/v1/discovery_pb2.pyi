@@ -18,7 +18,7 @@ MODEL_TASK_GENERATE: ModelTask
 MODEL_TASK_EMBED: ModelTask
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "aliases", "root", "max_model_len", "vocab_size", "eos_token_ids", "bos_token_id", "architecture", "task", "dtype", "block_size", "num_kv_blocks", "has_chat_template", "created", "sampling_defaults")
+    __slots__ = ("id", "aliases", "root", "max_model_len", "vocab_size", "eos_token_ids", "bos_token_id", "architecture", "task", "dtype", "block_size", "num_kv_blocks", "has_chat_template", "created", "sampling_defaults", "parent")
     class SamplingDefaultsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class ModelInfo(_message.Message):
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    PARENT_FIELD_NUMBER: _ClassVar[int]
     id: str
     aliases: _containers.RepeatedScalarFieldContainer[str]
     root: str
@@ -56,7 +57,8 @@ class ModelInfo(_message.Message):
     has_chat_template: bool
     created: int
     sampling_defaults: _containers.ScalarMap[str, float]
-    def __init__(self, id: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., root: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., architecture: _Optional[str] = ..., task: _Optional[_Union[ModelTask, str]] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., created: _Optional[int] = ..., sampling_defaults: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    parent: str
+    def __init__(self, id: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., root: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., architecture: _Optional[str] = ..., task: _Optional[_Union[ModelTask, str]] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., created: _Optional[int] = ..., sampling_defaults: _Optional[_Mapping[str, float]] = ..., parent: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ("model",)

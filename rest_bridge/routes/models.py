@@ -51,7 +51,8 @@ def model_cards(info: discovery_pb2.ModelInfo) -> list[dict[str, Any]]:
             "created": info.created,
             "owned_by": OWNED_BY,
             "root": info.root or None,
-            "parent": None,
+            # A LoRA adapter's base model; null for base models.
+            "parent": info.parent or None,
             "max_model_len": info.max_model_len or None,
             # The model's generation_config.json defaults, so a client can see why two
             # servers of the same model sample differently; null when none apply.
