@@ -1,19 +1,23 @@
 """A fused projection with LoRA slots: base(x) plus, for every row, its own adapter's
-low-rank update, all adapters of a step in one batched shrink and one batched expand.
+low-rank update, every adapter of a step in one shrink and one expand matmul.
 
 Weights of the `max_loras` resident adapters are stacked per projection; a projection of
 n fused slices (qkv: 3, gate_up: 2, others: 1) keeps slice j's factors at ranks
 [j*R, j*R + r) of R = max_lora_rank, B block-diagonal, so one matmul pair covers all slices:
 
-    A: [slots, n*R, in]    B: [slots, out, n*R]    (zeros where an adapter has no target)
+    A:   [slots * n*R, in]     (slot s at rows s*n*R ..)
+    B^T: [slots * n*R, out]    (zeros where an adapter has no target)
 
-A step groups its adapted rows by slot (LoRAStep, built once per step by the runner), pads
-each group to the longest and runs
+A step with rows of several adapters (or of the base model too) shrinks every row against
+all slots at once, zeroes the columns of the slots that are not the row's own (LoRAStep's
+[T, slots] 0/1 mask; a base-model row is all zeros) and expands into the base output:
 
-    x[gather] [G, Tmax, in] @ A[slots]^T -> [G, Tmax, n*R] @ B[slots]^T -> [G, Tmax, out]
+    out += ((x @ A^T) * mask) @ B^T        [T, slots*n*R] -> [T, out]
 
-then adds the valid rows into the base output. Rows without an adapter are not touched.
-This is plain torch (bmm over slot-stacked weights), not a native kernel.
+Three kernels per projection whatever the mix, rather than gathers and scatters per
+adapter; the price is shrink/expand work for every slot (slots*n*R columns, small next to
+the projection itself). A step of one adapter only uses its own slot's factors. Plain torch,
+not a native kernel.
 """
 from __future__ import annotations
 
@@ -27,12 +31,10 @@ from torch import nn
 class LoRAStep:
     """How this step's rows map onto slots. Built by engine/lora/slots.py."""
 
-    # Every row of the step uses this one slot: one plain matmul pair, no gather.
+    # Every row of the step uses this one slot: its own factors only, no mask.
     whole_batch_slot: int | None
-    slots: torch.Tensor  # [G] int64: the slots in use
-    gather: torch.Tensor  # [G, Tmax] int64: each group's rows, padded with row 0
-    valid: torch.Tensor  # [n_valid] int64: positions in the flattened [G*Tmax] that are real
-    rows: torch.Tensor  # [n_valid] int64: the output row of each valid position
+    # [T, slots], the activations' dtype: 1 where the row's adapter sits in the slot.
+    slot_mask: torch.Tensor | None
 
 
 class LoRAContext:
@@ -61,10 +63,13 @@ class LoRALinear(nn.Module):
         self.slice_offsets = tuple(sum(slice_sizes[:j]) for j in range(len(slice_sizes)))
         self.max_rank = max_rank
         self.context = context
-        stacked_rank = len(slice_sizes) * max_rank
+        self.max_loras = max_loras
+        self.stacked_rank = len(slice_sizes) * max_rank
         out_features = sum(slice_sizes)
-        self.lora_a = torch.zeros(max_loras, stacked_rank, in_features, dtype=dtype, device=device)
-        self.lora_b = torch.zeros(max_loras, out_features, stacked_rank, dtype=dtype, device=device)
+        self.lora_a = torch.zeros(
+            max_loras * self.stacked_rank, in_features, dtype=dtype, device=device)
+        self.lora_b_t = torch.zeros(
+            max_loras * self.stacked_rank, out_features, dtype=dtype, device=device)
 
     # The fused decode path (models/fused_decode.py) reads the base projection's packed
     # weights; it only runs steps without adapter rows.
@@ -85,13 +90,15 @@ class LoRALinear(nn.Module):
     ) -> None:
         """Write one adapter into `slot`: slice index -> (A [r, in], B [out_j, r]); slices
         it does not target are zeroed."""
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
-        for index, (a, b) in factors.items():
-            rank, first = a.shape[0], index * self.max_rank
+        rows = slice(slot * self.stacked_rank, (slot + 1) * self.stacked_rank)
+        a, b_t = self.lora_a[rows], self.lora_b_t[rows]
+        a.zero_()
+        b_t.zero_()
+        for index, (a_j, b_j) in factors.items():
+            rank, first = a_j.shape[0], index * self.max_rank
             offset, size = self.slice_offsets[index], self.slice_sizes[index]
-            self.lora_a[slot, first : first + rank].copy_(a)
-            self.lora_b[slot, offset : offset + size, first : first + rank].copy_(b)
+            a[first : first + rank].copy_(a_j)
+            b_t[first : first + rank, offset : offset + size].copy_(b_j.t())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -99,10 +106,10 @@ class LoRALinear(nn.Module):
         if step is None:
             return out
         if step.whole_batch_slot is not None:
-            slot = step.whole_batch_slot
-            return out.add_((x @ self.lora_a[slot].t()) @ self.lora_b[slot].t())
-        grouped = x[step.gather]  # [G, Tmax, in]
-        shrunk = torch.bmm(grouped, self.lora_a[step.slots].transpose(1, 2))
-        expanded = torch.bmm(shrunk, self.lora_b[step.slots].transpose(1, 2))
-        delta = expanded.reshape(-1, out.shape[-1]).index_select(0, step.valid)
-        return out.index_add_(0, step.rows, delta)
+            rows = slice(step.whole_batch_slot * self.stacked_rank,
+                         (step.whole_batch_slot + 1) * self.stacked_rank)
+            return out.addmm_(x @ self.lora_a[rows].t(), self.lora_b_t[rows])
+        assert step.slot_mask is not None
+        shrunk = x @ self.lora_a.t()  # [T, slots * n*R]
+        shrunk.view(x.shape[0], self.max_loras, self.stacked_rank).mul_(step.slot_mask[:, :, None])
+        return out.addmm_(shrunk, self.lora_b_t)

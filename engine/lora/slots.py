@@ -34,7 +34,7 @@ class LoRASlots:
         # The model's activation dtype: the norm weights are never quantized.
         dtype = model.model.norm.weight.dtype
         device = model.model.norm.weight.device
-        self.device = device
+        self.device, self.dtype = device, dtype
         self.projections: list[dict[str, LoRALinear]] = []
         shapes = projection_shapes(self.spec)
         for layer in model.model.layers:
@@ -95,43 +95,27 @@ class LoRASlots:
     ) -> LoRAStep | None:
         """The step's row -> slot mapping: request i (batch order) owns rows
         [row_starts[i], row_starts[i] + row_counts[i]). None when no row has an adapter."""
-        groups: dict[int, list[int]] = {}
         needed = {lora.lora_id for lora in loras if lora is not None}
         if not needed:
             return None
         if len(needed) > self.config.max_loras:
             raise RuntimeError(
                 f"{len(needed)} adapters in one step, over max_loras {self.config.max_loras}")
+        row_slots: list[tuple[int, int, int]] = []  # (first row, row count, slot)
         for lora, start, count in zip(loras, row_starts, row_counts):
-            if lora is None:
-                continue
-            slot = self._activate(lora, needed)
-            groups.setdefault(slot, []).extend(range(start, start + count))
+            if lora is not None:
+                row_slots.append((start, count, self._activate(lora, needed)))
         total_rows = sum(row_counts)
-        if len(groups) == 1:
-            ((slot, rows),) = groups.items()
-            if len(rows) == total_rows:
-                empty = torch.empty(0, dtype=torch.int64, device=self.device)
-                return LoRAStep(slot, empty, empty.view(0, 0), empty, empty)
-        width = max(len(rows) for rows in groups.values())
-        gather: list[int] = []
-        valid: list[int] = []
-        target_rows: list[int] = []
-        for group, rows in enumerate(groups.values()):
-            valid.extend(range(group * width, group * width + len(rows)))
-            target_rows.extend(rows)
-            gather.extend(rows + [0] * (width - len(rows)))
-
-        def as_tensor(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
-
-        return LoRAStep(
-            whole_batch_slot=None,
-            slots=as_tensor(list(groups)),
-            gather=as_tensor(gather).view(len(groups), width),
-            valid=as_tensor(valid),
-            rows=as_tensor(target_rows),
-        )
+        if len(needed) == 1 and sum(count for _, count, _ in row_slots) == total_rows:
+            return LoRAStep(whole_batch_slot=row_slots[0][2], slot_mask=None)
+        # One-hot over [no adapter, slot 0, slot 1, ...], the first column dropped.
+        slot_of_row = [0] * total_rows
+        for start, count, slot in row_slots:
+            slot_of_row[start : start + count] = [slot + 1] * count
+        one_hot = torch.nn.functional.one_hot(
+            torch.tensor(slot_of_row), self.config.max_loras + 1)
+        mask = one_hot[:, 1:].to(self.dtype)
+        return LoRAStep(whole_batch_slot=None, slot_mask=mask.to(self.device, non_blocking=True))
 
     @contextmanager
     def step(
