@@ -199,6 +199,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         deadline = loop.time() + max(remaining - 0.05, 0.0) if remaining is not None else None
         try:
             engine = self.handle.get(request.model, task="embed")
+            if engine.lora_for(request.model) is not None:
+                # Pooling runs the base model only: an adapter's name must not silently embed
+                # without its adapter.
+                raise InvalidRequestError(
+                    f"model {request.model!r} is a LoRA adapter; adapters serve generation "
+                    "only, embed with the base model", field="model")
             for item in request.inputs:
                 _check_prompt_bytes(item, self.handle.options.max_prompt_bytes,
                                     engine.model.max_model_len, "inputs")

@@ -169,3 +169,11 @@ def test_a_bad_lora_module_stops_start_up_naming_it(tiny_llama_dir: Path, tmp_pa
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert f"--lora-modules broken: LoRA adapter '{missing}' has no adapter_config.json" in done.stderr
+
+
+def test_embedding_with_an_adapter_name_is_refused(server: EngineProcess) -> None:
+    response = httpx.post(f"{server.http_url}/v1/embeddings",
+                          json={"model": "alpha", "input": "pooled by the base model only"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "model" and "LoRA adapter" in error["message"]
