@@ -12,6 +12,7 @@ from engine.config import EngineConfig
 from engine.kv_cache import KVCacheManager
 from engine.core.outputs import ModelRunnerOutput, RequestOutput
 from engine.core.request import FinishReason, Request
+from engine.errors import EngineError, InvalidRequestError
 from engine.scheduler import Scheduler
 from protoserve.histogram import Histogram
 
@@ -54,7 +55,24 @@ class EngineCore:
     def add_request(self, request: CoreRequest, grammar: Grammar | None = None) -> None:
         """The core's own Request for `request`, queued. `grammar`: its matcher, built by
         the core's grammar compiler (off the step thread) when it has a constraint."""
+        if request.lora is not None and (error := self._load_adapter(request)) is not None:
+            self.scheduler.refuse(RequestOutput(
+                request.request_id, [], FinishReason.ABORT,
+                num_prompt_tokens=request.num_prompt_tokens, finish_message=error.message,
+                error=error))
+            return
         self.scheduler.add_request(Request.from_core(request, grammar))
+
+    def _load_adapter(self, request: CoreRequest) -> EngineError | None:
+        """Its LoRA adapter read (or found cached) on arrival; the error that refuses it."""
+        slots = getattr(self.runner, "lora", None)
+        if slots is None:
+            return InvalidRequestError("this engine serves no LoRA adapters", field="model")
+        try:
+            slots.preload(request.lora)
+        except EngineError as error:  # LoRALoadError: the directory changed since it was checked
+            return error
+        return None
 
     def abort_requests(self, request_ids: list[str], reason: FinishReason) -> list[str]:
         return self.scheduler.abort_requests(request_ids, reason)

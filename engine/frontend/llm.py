@@ -274,8 +274,11 @@ class LLM:
         """Step until every request is done, each output through its stream, as the engine
         loop dispatches them."""
         core = self.core
-        while core.has_unfinished_requests:
-            for out in core.step():
+        # First the outputs of requests refused on arrival (an adapter that cannot be read).
+        outputs = core.scheduler.take_pending_outputs()
+        while outputs or core.has_unfinished_requests:
+            outputs, to_deliver = [], outputs or core.step()
+            for out in to_deliver:
                 stream = live.get(out.request_id)
                 if stream is None:
                     continue  # stopped by a stop string: this is its abort's output

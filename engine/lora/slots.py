@@ -56,6 +56,12 @@ class LoRASlots:
         self._slot_of: OrderedDict[int, int] = OrderedDict()  # lora_id -> slot, LRU first
         self._free_slots = list(range(config.max_loras))
 
+    def preload(self, lora: LoRARequest) -> None:
+        """Read `lora` into the host cache now (LoRALoadError if it cannot be), so that a
+        directory gone bad since the serving side checked it fails its request on arrival
+        rather than a step."""
+        self._adapter(lora)
+
     def _adapter(self, lora: LoRARequest) -> LoRAAdapter:
         adapter = self._loaded.get(lora.lora_id)
         if adapter is None:

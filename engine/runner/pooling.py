@@ -183,6 +183,11 @@ class GenerateAndEmbedRunner:
     def kv_sliding_window(self) -> int | None:
         return self.runner.kv_sliding_window
 
+    @property
+    def lora(self) -> Any:
+        """The generation runner's LoRA slots (engine/lora/slots.py), or None."""
+        return self.runner.lora
+
     def execute(self, batch: ScheduledBatch) -> ModelRunnerOutput:
         if not batch.pooling:
             return self.runner.execute(batch)

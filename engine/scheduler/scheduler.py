@@ -36,10 +36,8 @@ logger = logging.getLogger(__name__)
 
 
 class Scheduler:
-    def __init__(
-        self, config: SchedulerConfig, kv_cache: KVCacheManager, max_model_len: int,
-        max_loras: int | None = None,
-    ):
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager, max_model_len: int,
+                 max_loras: int | None = None):
         self.config = config
         # Distinct LoRA adapters the runner can apply in one step (None: LoRA off).
         self.max_loras = max_loras
@@ -331,6 +329,10 @@ class Scheduler:
             # A one-token prompt has nothing to score: its single entry is None.
             out.prompt_logprobs = request.prompt_logprobs or [None] * request.num_prompt_tokens
             request.prompt_logprobs = None
+
+    def refuse(self, output: RequestOutput) -> None:
+        """The one output of a request the core turned away before queueing it."""
+        self._pending_outputs.append(output)
 
     def take_pending_outputs(self) -> list[RequestOutput]:
         outputs, self._pending_outputs = self._pending_outputs, []

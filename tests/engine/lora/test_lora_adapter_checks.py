@@ -78,3 +78,19 @@ def test_bf16_fused_decode_steps_apply_the_adapter(base_dir: Path, tmp_path: Pat
     fused.layers = None  # every step per op from here on
     per_op = llm.generate(prompts, GREEDY, lora_requests=[lora, None])
     assert [o.token_ids for o in mixed] == [o.token_ids for o in per_op]
+
+
+def test_an_adapter_gone_bad_fails_its_request_not_the_engine(
+    base_dir: Path, tmp_path: Path
+) -> None:
+    """The serving side checked the directory; it changed before the core read it: that
+    request is refused on arrival with the file named, and the engine serves the next one."""
+    llm = LLM(str(base_dir), dtype="float32", lora=LoRAConfig(max_loras=1, max_lora_rank=8))
+    gone = LoRARequest("gone", 1, str(tmp_path / "deleted-adapter"))
+    prompt = prompts_from(4, [5])[0]
+    with pytest.raises(LoRALoadError, match=r"deleted-adapter' has no adapter_config.json"):
+        llm.generate([prompt], GREEDY, lora_requests=gone)
+    adapter = make_adapter(base_dir, tmp_path / "a", rank=4, targets=["q_proj"], seed=5)
+    assert len(llm.generate([prompt], GREEDY, lora_requests=LoRARequest(
+        "a", 2, str(adapter)))[0].token_ids) == GREEDY.max_tokens
+    llm.core.scheduler.check_invariants()
