@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -177,3 +177,15 @@ def test_embedding_with_an_adapter_name_is_refused(server: EngineProcess) -> Non
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["param"] == "model" and "LoRA adapter" in error["message"]
+
+
+def test_adapter_rpcs_on_a_server_without_lora_say_how_to_enable_it(
+    shared_server: Callable[..., EngineProcess]
+) -> None:
+    server = shared_server("--max-model-len", "256")  # the one test_grpc_server.py shares
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        with pytest.raises(grpc.RpcError) as raised:
+            admin_pb2_grpc.AdminStub(channel).LoadLoraAdapter(admin_pb2.LoadLoraAdapterRequest(
+                lora_name="x", lora_path="/tmp/x"))
+    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "--enable-lora" in raised.value.details()
