@@ -10,6 +10,7 @@ class ErrorKind(enum.Enum):
     RESOURCE_EXHAUSTED = "resource_exhausted"
     UNAVAILABLE = "unavailable"
     UNIMPLEMENTED = "unimplemented"
+    FAILED_PRECONDITION = "failed_precondition"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     INTERNAL = "internal"
 
@@ -75,6 +76,13 @@ class SlowConsumerError(EngineError):
 class UnsupportedError(EngineError):
     kind = ErrorKind.UNIMPLEMENTED
     reason = "UNSUPPORTED"
+
+
+class FailedPreconditionError(EngineError):
+    """Valid, but the server is not set up for it (e.g. a feature left off at start-up)."""
+
+    kind = ErrorKind.FAILED_PRECONDITION
+    reason = "FAILED_PRECONDITION"
 
 
 class ModelLoadError(Exception):

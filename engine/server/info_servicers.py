@@ -7,7 +7,7 @@ from engine.errors import (
     EngineError,
     EngineUnavailableError,
     InvalidRequestError,
-    UnsupportedError,
+    FailedPreconditionError,
 )
 
 import protoserve
@@ -267,10 +267,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
 def _runtime_lora_registry(engine: Engine) -> LoRARegistry:
     if engine.loras is None:
-        raise UnsupportedError("LoRA is not enabled on this server (start it with --enable-lora)",
+        raise FailedPreconditionError("LoRA is not enabled on this server (start it with --enable-lora)",
                                reason="LORA_DISABLED")
     if not engine.loras.config.allow_runtime_updating:
-        raise UnsupportedError(
+        raise FailedPreconditionError(
             "loading and unloading LoRA adapters at runtime is off: start the server with "
             "--allow-runtime-lora-updating (or VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)",
             reason="LORA_RUNTIME_UPDATING_DISABLED")

@@ -92,7 +92,8 @@ class AdminServicer:
         """Serves a PEFT LoRA adapter directory under a model name of its own (--enable-lora, and
         runtime updating allowed: --allow-runtime-lora-updating or
         VLLM_ALLOW_RUNTIME_LORA_UPDATING=True). The adapter is read and checked before the name is
-        served: INVALID_ARGUMENT names the file and field at fault.
+        served: INVALID_ARGUMENT names the file and field at fault; FAILED_PRECONDITION when the
+        server does not allow it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,7 +1,7 @@
 """`POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter`, the reference server's runtime
 LoRA routes, over the engine's Admin/LoadLoraAdapter and Admin/UnloadLoraAdapter. The engine
 decides whether runtime updating is allowed (--allow-runtime-lora-updating or
-VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; otherwise 501) and checks the adapter (400 naming the
+VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; otherwise 400 saying so) and checks the adapter (400 naming the
 file and field; 404 unloading a name not loaded). Success answers plain text, as there."""
 from __future__ import annotations
 

@@ -187,5 +187,5 @@ def test_adapter_rpcs_on_a_server_without_lora_say_how_to_enable_it(
         with pytest.raises(grpc.RpcError) as raised:
             admin_pb2_grpc.AdminStub(channel).LoadLoraAdapter(admin_pb2.LoadLoraAdapterRequest(
                 lora_name="x", lora_path="/tmp/x"))
-    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "--enable-lora" in raised.value.details()
