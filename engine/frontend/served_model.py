@@ -56,7 +56,8 @@ class ServedModel:
 
 class Engine:
     def __init__(
-        self, config: EngineConfig, facts: ModelFacts, tokenizer: Tokenizer, core: CoreClient
+        self, config: EngineConfig, facts: ModelFacts, tokenizer: Tokenizer, core: CoreClient,
+        loras: LoRARegistry | None = None,
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer
@@ -102,15 +103,16 @@ class Engine:
             score_activation=facts.score_activation,
         )
         # --enable-lora: the adapters served under names of their own (None: LoRA off).
-        self.loras: LoRARegistry | None = (
-            make_lora_registry(config, self.model.names) if self.task == "generate" else None
-        )
+        self.loras = loras
 
     @classmethod
     def load(cls, config: EngineConfig) -> Engine:
         """Load the tokenizer here and the model where its core runs (warmed up by one
         request). Raises ModelLoadError for a model directory that cannot be served."""
-        resolve_task(config)  # an unservable directory fails before anything loads
+        task = resolve_task(config)  # an unservable directory fails before anything loads
+        # --lora-modules are checked before the model loads: a bad one fails start-up at once.
+        names = config.model.served_model_names or (config.model.model,)
+        loras = make_lora_registry(config, names) if task == "generate" else None
         core: CoreClient
         if config.engine_core == "process":
             loaded: list[Tokenizer] = []
@@ -127,7 +129,7 @@ class Engine:
             engine_core, facts = build_core(config, tokenizer.bos_token_id)
             # The core's own compiler, as the core process builds one for itself.
             core = ThreadedCore(engine_core, make_grammar_compiler(config, facts, tokenizer))
-        return cls(config, facts, tokenizer, core)
+        return cls(config, facts, tokenizer, core, loras)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the core (its step loop and grammar compiler, or its process)."""
