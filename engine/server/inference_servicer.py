@@ -198,13 +198,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(remaining - 0.05, 0.0) if remaining is not None else None
         try:
-            engine = self.handle.get(request.model, task="embed")
-            if engine.lora_for(request.model) is not None:
-                # Pooling runs the base model only: an adapter's name must not silently embed
-                # without its adapter.
-                raise InvalidRequestError(
-                    f"model {request.model!r} is a LoRA adapter; adapters serve generation "
-                    "only, embed with the base model", field="model")
+            engine = self._pooling_engine(request.model)
             for item in request.inputs:
                 _check_prompt_bytes(item, self.handle.options.max_prompt_bytes,
                                     engine.model.max_model_len, "inputs")
@@ -223,7 +217,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     ) -> inference_pb2.ScoreResponse:
         request_id, deadline = await self._pooling_call(request, context)
         try:
-            engine = self.handle.get(request.model, task="embed")
+            engine = self._pooling_engine(request.model)
             check_text_bytes(request, self.handle.options.max_prompt_bytes,
                              engine.model.max_model_len)
             self._admit(engine)
@@ -239,7 +233,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     ) -> inference_pb2.ClassifyResponse:
         request_id, deadline = await self._pooling_call(request, context)
         try:
-            engine = self.handle.get(request.model, task="embed")
+            engine = self._pooling_engine(request.model)
             for item in request.inputs:
                 _check_prompt_bytes(item, self.handle.options.max_prompt_bytes,
                                     engine.model.max_model_len, "inputs")
@@ -253,6 +247,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         except Exception as error:  # noqa: BLE001 - EngineErrors mapped, the rest INTERNAL
             await abort_for(context, error, request_id)
             raise  # unreachable: abort raises
+
+    def _pooling_engine(self, model: str):
+        """The engine for a pooling call (Embed, Score, Classify) naming `model`. Pooling runs
+        the base model only, so an adapter's name is refused rather than silently served
+        without its adapter."""
+        engine = self.handle.get(model, task="embed")
+        if engine.lora_for(model) is not None:
+            raise InvalidRequestError(
+                f"model {model!r} is a LoRA adapter; adapters serve generation only, use the "
+                "base model", field="model")
+        return engine
 
     @staticmethod
     async def _pooling_call(
