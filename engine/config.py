@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.spec_decode.config import SpeculativeConfig
+
 ATTENTION_BACKENDS = ("auto", "torch", "cpu_paged", "cuda_paged", "flash_attn")
 LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
 # Weight quantization (engine/layers/quant/resolve.py): "auto" serves the checkpoint as stored
@@ -146,6 +148,8 @@ class EngineConfig:
     # Where a served engine's step loop runs (`--engine-core`): "process", its own process
     # (the serving threads never take the GIL from it), or "thread", in the serving process.
     engine_core: str = "process"
+    # Speculative decoding (`--speculative-config`); None: off.
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         if self.engine_core not in ENGINE_CORE_MODES:

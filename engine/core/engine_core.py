@@ -13,6 +13,7 @@ from engine.kv_cache import KVCacheManager
 from engine.core.outputs import ModelRunnerOutput, RequestOutput
 from engine.core.request import FinishReason, Request
 from engine.scheduler import Scheduler
+from engine.spec_decode.proposals import SpecDecoder
 from protoserve.histogram import Histogram
 
 if TYPE_CHECKING:
@@ -40,7 +41,11 @@ class EngineCore:
             enable_prefix_caching=config.cache.enable_prefix_caching,
             sliding_window=runner.kv_sliding_window,
         )
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache, max_model_len)
+        spec = (
+            SpecDecoder(config.speculative, max_model_len)
+            if config.speculative is not None else None
+        )
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache, max_model_len, spec)
         # Cumulative counters (metrics, and tests that check work skipped by the prefix cache).
         self.num_steps = 0
         self.num_computed_tokens_total = 0

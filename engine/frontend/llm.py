@@ -49,6 +49,7 @@ from engine.generation import (
 from engine.models.hub import local_model_config
 from engine.runner.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
+from engine.spec_decode.config import parse_speculative_config
 from engine.structured.compiler import GrammarCompiler
 from engine.structured.constraint import OutputConstraint
 from engine.tokenizer import Tokenizer
@@ -136,6 +137,7 @@ class LLM:
         max_num_batched_tokens: int = 2048,
         scheduling_policy: str = "fcfs",
         guided_decoding_backend: str = "llguidance",
+        speculative_config: dict | None = None,
     ) -> None:
         self.config = EngineConfig(
             # A hub id is downloaded (or found in the cache) here, once: the runner and the
@@ -158,6 +160,9 @@ class LLM:
                 policy=scheduling_policy,
             ),
             guided_decoding_backend=guided_decoding_backend,
+            speculative=(
+                parse_speculative_config(speculative_config) if speculative_config else None
+            ),
         )
         self.runner = ModelRunner(
             self.config.model,
