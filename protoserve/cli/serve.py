@@ -38,6 +38,7 @@ from engine.config import (
 )
 from engine.errors import InvalidRequestError, ModelLoadError
 from engine.sampling_params import SamplingParams
+from engine.spec_decode.config import speculative_config_arg
 from engine.structured.backend_names import BackendChoice, accepted_names, resolve_backend
 from protoserve.cli.config_file import parse_args_with_config
 from protoserve.cli.parser_args import add_output_parser_args, check_output_parser_args
@@ -161,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--override-generation-config", type=_json_object, default=None,
                    metavar="JSON", help="defaults over --generation-config's, e.g. "
                    "'{\"temperature\": 0.5}' (generation_config.json or SamplingParams names)")
+    p.add_argument("--speculative-config", type=speculative_config_arg, default=None,
+                   metavar="JSON", help="speculative decoding, the reference server's shape: "
+                   "'{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
+                   "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 1}' (default: off)")
     p.add_argument("--engine-core", choices=ENGINE_CORE_MODES, default="process",
                    help="process: the step loop runs in a process of its own, in parallel with "
                         "the gRPC threads; thread: on a thread of the serving process")
@@ -209,6 +214,7 @@ def engine_config_from_args(args: argparse.Namespace, model: str) -> EngineConfi
         guided_decoding_options=guided.options,
         generation_defaults=_generation_defaults(args, model_config.model),
         engine_core=args.engine_core,
+        speculative=args.speculative_config,
         cache=CacheConfig(
             block_size=args.block_size,
             kv_cache_memory=args.kv_cache_memory,
