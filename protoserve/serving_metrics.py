@@ -258,8 +258,9 @@ class ServingMetrics(Collector):
             yield from self._families(prefix, compat, labels, load, extra, cache, success,
                                       prompt, generation, hists)
             if compat:
-                yield from compat_families(prefix, labels, load_known=load is not None,
-                                           throughput=throughput)
+                yield from compat_families(
+                    prefix, labels, load_known=load is not None, throughput=throughput,
+                    spec_decode_known=load is not None and load.spec_decode is not None)
 
     def _families(self, p, compat, labels, load, extra, cache, success, prompt, generation,
                   hists) -> Iterator:
@@ -338,6 +339,9 @@ def _spec_decode_families(p: str, labels: dict[str, str], spec: SpecDecodeCounts
          spec.num_drafts),
         ("spec_decode_num_draft_tokens", "Draft tokens proposed.", spec.num_draft_tokens),
         ("spec_decode_num_accepted_tokens", "Draft tokens accepted.", spec.num_accepted_tokens),
+        # The reference's V0 counter: accepted drafts plus the target's own token.
+        ("spec_decode_num_emitted_tokens", "Tokens emitted by verifications.",
+         spec.num_accepted_tokens + spec.num_drafts),
     ):
         family = CounterMetricFamily(f"{p}:{name}", doc, labels=names)
         family.add_metric(values, value)
@@ -350,10 +354,15 @@ def _spec_decode_families(p: str, labels: dict[str, str], spec: SpecDecodeCounts
     yield per_pos
     rate = spec.num_accepted_tokens / spec.num_draft_tokens if spec.num_draft_tokens else 0.0
     mean = 1 + spec.num_accepted_tokens / spec.num_drafts if spec.num_drafts else 0.0
+    # Emitted / the most the proposals could have emitted (every draft accepted, plus one).
+    most = spec.num_draft_tokens + spec.num_drafts
+    efficiency = (spec.num_accepted_tokens + spec.num_drafts) / most if most else 0.0
     for name, doc, value in (
         ("spec_decode_draft_acceptance_rate", "Accepted / proposed draft tokens, 0..1.", rate),
         ("spec_decode_mean_accepted_length", "Tokens emitted per verification (accepted "
          "drafts + 1).", mean),
+        ("spec_decode_efficiency", "Emitted tokens / the most the drafts could emit, 0..1.",
+         efficiency),
     ):
         family = GaugeMetricFamily(f"{p}:{name}", doc, labels=names)
         family.add_metric(values, value)
