@@ -30,7 +30,8 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 4
     # Longest and shortest suffix n-gram looked up in the request's earlier tokens.
     prompt_lookup_max: int = 4
-    prompt_lookup_min: int = 1
+    # Single-token matches are mostly chance on text that does not repeat itself.
+    prompt_lookup_min: int = 2
     # Back-off: a request whose recent acceptance rate (accepted / proposed draft tokens)
     # falls below this stops proposing for a while (engine.spec_decode.proposals).
     acceptance_floor: float = 0.25
@@ -81,6 +82,11 @@ def parse_speculative_config(text: str | dict) -> SpeculativeConfig:
         raise ValueError("speculative config field 'method' is required")
     if "num_speculative_tokens" not in value:
         raise ValueError("speculative config field 'num_speculative_tokens' is required")
+    lookup_max = value.get("prompt_lookup_max")
+    if "prompt_lookup_min" not in value and isinstance(lookup_max, int) and lookup_max >= 1:
+        # A short lookup_max alone: the default minimum must not exceed it.
+        default_min = SpeculativeConfig.prompt_lookup_min
+        value = {**value, "prompt_lookup_min": min(default_min, lookup_max)}
     return SpeculativeConfig(**value)
 
 

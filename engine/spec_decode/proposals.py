@@ -9,7 +9,8 @@ and guided decoding (the verifier masks each draft position with the grammar's s
 
 Back-off: an exponential average of each request's acceptance rate (accepted / proposed);
 below `acceptance_floor` the request proposes nothing for a cool-down of steps that doubles
-each time it trips (8, 16, ... 256), so text the n-grams do not predict pays only the lookup.
+each time it trips (16, 32, ... 512), so text the n-grams do not predict pays only the lookup
+and a few verifications (about 5% of its steps over 128 tokens).
 This module stays torch-free, as the scheduler does.
 """
 from __future__ import annotations
@@ -21,8 +22,11 @@ from engine.spec_decode.config import SpeculativeConfig
 from engine.spec_decode.ngram import NgramProposer
 
 _EMA_WEIGHT = 0.5
-_FIRST_COOLDOWN = 8
-_MAX_COOLDOWN = 256
+# A new request starts at this average: two verifications with nothing accepted trip the
+# back-off (0.5 -> 0.25 -> 0.125), while one good verification keeps it going.
+_FIRST_EMA = 0.5
+_FIRST_COOLDOWN = 16
+_MAX_COOLDOWN = 512
 
 
 @dataclass(slots=True)
@@ -56,7 +60,7 @@ class SpecDecodeStats:
 
 @dataclass(slots=True)
 class _BackOff:
-    ema: float = 1.0
+    ema: float = _FIRST_EMA
     skip: int = 0  # proposals still to skip
     cooldown: int = _FIRST_COOLDOWN
 
@@ -119,7 +123,7 @@ class SpecDecoder:
             state.skip = state.cooldown
             state.cooldown = min(2 * state.cooldown, _MAX_COOLDOWN)
             # After the pause the request gets a fresh chance, not the old average.
-            state.ema = 1.0
+            state.ema = _FIRST_EMA
 
     def forget(self, request_id: str) -> None:
         self.proposer.forget(request_id)

@@ -54,6 +54,8 @@ def test_config_defaults_and_the_reference_shape() -> None:
         '"prompt_lookup_min": 2}'
     )
     assert config == SpeculativeConfig("ngram", 3, 5, 2)
+    assert parse_speculative_config('{"method": "ngram", "num_speculative_tokens": 2}') == (
+        SpeculativeConfig("ngram", 2, 4, 2))
 
 
 @pytest.mark.parametrize(
