@@ -30,7 +30,9 @@ def _one_torch_thread():
     torch.set_num_threads(previous)
 
 
-def _request(params: SamplingParams, drafts: list[int] = DRAFTS, rid: str = "r") -> ScheduledRequest:
+def _request(
+    params: SamplingParams, drafts: list[int] = DRAFTS, rid: str = "r"
+) -> ScheduledRequest:
     return ScheduledRequest(
         request_id=rid, token_ids=list(PROMPT), start=len(PROMPT) - 1,
         num_tokens=1 + len(drafts), block_ids=[0], sample=True, sampling_params=params,
@@ -52,7 +54,9 @@ def _target_probs(logits: torch.Tensor, prefix: list[int], params: SamplingParam
     return torch.softmax(row, dim=-1)
 
 
-def _expected_outcomes(logits: torch.Tensor, params: SamplingParams) -> dict[tuple[int, ...], float]:
+def _expected_outcomes(
+    logits: torch.Tensor, params: SamplingParams
+) -> dict[tuple[int, ...], float]:
     """Probability of every emitted sequence under one-token-at-a-time sampling: it stops
     at the first token that differs from the draft, or after the bonus token."""
     outcomes: dict[tuple[int, ...], float] = {}
