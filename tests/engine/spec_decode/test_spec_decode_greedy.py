@@ -136,3 +136,14 @@ def test_random_text_backs_off(llama_dir: Path) -> None:
         spec.generate(prompts, params)
         num_drafts[floor] = _stats(spec).num_drafts
     assert num_drafts[0.9] < num_drafts[0.0] / 2, num_drafts
+
+
+def test_sliding_window_model_gives_blocks_back_and_equals_transformers(tmp_path: Path) -> None:
+    """Every layer windowed: blocks behind the window go back while drafts come and go, in a
+    cache too small for all requests at once."""
+    model_dir = make_peaked_model(tmp_path / "mistral_window", "mistral_window")
+    llm = LLM(str(model_dir), dtype="float32", max_num_batched_tokens=40, num_kv_blocks=10,
+              block_size=8, speculative_config=NGRAM)
+    prompts = [_repetitive(30, 9, 4), _repetitive(31, 13, 3)] + prompts_from(32, [7, 33])
+    assert_concurrent_greedy_matches(llm, model_dir, prompts)
+    assert _stats(llm).num_accepted_tokens > 0
