@@ -2,6 +2,7 @@
 
     {"method": "ngram", "num_speculative_tokens": 4,
      "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+    {"method": "draft_model", "model": "/path/to/small-model", "num_speculative_tokens": 4}
 
 Every error names the offending field, so a bad flag fails start-up with a clear message.
 """
@@ -11,7 +12,7 @@ import argparse
 import json
 from dataclasses import dataclass
 
-SPEC_METHODS = ("ngram",)
+SPEC_METHODS = ("ngram", "draft_model")
 # Fields of the reference's config this engine reads; others are refused rather than ignored,
 # so a typo never silently turns speculation into something else.
 _KNOWN_FIELDS = (
@@ -20,6 +21,7 @@ _KNOWN_FIELDS = (
     "prompt_lookup_max",
     "prompt_lookup_min",
     "acceptance_floor",
+    "model",
 )
 
 
@@ -35,6 +37,8 @@ class SpeculativeConfig:
     # Back-off: a request whose recent acceptance rate (accepted / proposed draft tokens)
     # falls below this stops proposing for a while (engine.spec_decode.proposals).
     acceptance_floor: float = 0.25
+    # draft_model: the draft's local checkpoint directory (same tokenizer as the target).
+    model: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in SPEC_METHODS:
@@ -53,6 +57,13 @@ class SpeculativeConfig:
                 "speculative config field 'prompt_lookup_min' must be <= prompt_lookup_max, "
                 f"got {self.prompt_lookup_min} > {self.prompt_lookup_max}"
             )
+        if self.method == "draft_model" and not (isinstance(self.model, str) and self.model):
+            raise ValueError(
+                "speculative config field 'model' is required for method draft_model "
+                "(the draft's checkpoint directory)"
+            )
+        if self.method != "draft_model" and self.model is not None:
+            raise ValueError("speculative config field 'model' is only for method draft_model")
         floor = self.acceptance_floor
         if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor <= 1:
             raise ValueError(

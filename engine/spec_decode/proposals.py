@@ -15,7 +15,9 @@ This module stays torch-free, as the scheduler does.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from engine.core.request import Request
 from engine.spec_decode.config import SpeculativeConfig
@@ -65,6 +67,24 @@ class _BackOff:
     cooldown: int = _FIRST_COOLDOWN
 
 
+class Proposer(Protocol):
+    def propose(self, request_id: str, token_ids: Sequence[int], num_tokens: int) -> list[int]:
+        """Up to `num_tokens` tokens likely to follow `token_ids` (deterministic)."""
+        ...
+
+    def forget(self, request_id: str) -> None: ...
+
+
+def make_proposer(config: SpeculativeConfig) -> Proposer:
+    if config.method == "draft_model":
+        assert config.model is not None  # the config refuses draft_model without one
+        # Imported only here: torch and transformers stay out of the scheduler's imports.
+        from engine.spec_decode.draft_model import DraftModelProposer
+
+        return DraftModelProposer(config.model)
+    return NgramProposer(config.prompt_lookup_max, config.prompt_lookup_min)
+
+
 def is_speculation_eligible(request: Request) -> bool:
     params = request.sampling_params
     return (
@@ -80,7 +100,7 @@ class SpecDecoder:
     def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
         self.config = config
         self.max_model_len = max_model_len
-        self.proposer = NgramProposer(config.prompt_lookup_max, config.prompt_lookup_min)
+        self.proposer = make_proposer(config)
         self.stats = SpecDecodeStats(accepted_per_pos=[0] * config.num_speculative_tokens)
         self._back_off: dict[str, _BackOff] = {}
 

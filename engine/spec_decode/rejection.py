@@ -73,9 +73,14 @@ def verify_drafts(
 def _verify_one(
     logits: torch.Tensor, request: ScheduledRequest, generator_for: GeneratorFor
 ) -> Verdict:
-    drafts = list(request.draft_token_ids)
     params = request.sampling_params
     logits = logits.float()
+    vocab_size = logits.shape[-1]
+    # A draft model with a larger vocabulary may propose ids the target cannot emit.
+    drafts = list(request.draft_token_ids)
+    outside = next((i for i, d in enumerate(drafts) if not 0 <= d < vocab_size), None)
+    if outside is not None:
+        drafts, logits = drafts[:outside], logits[: outside + 1]
     if request.grammar is not None:
         logits, num_allowed = _mask_with_grammar(logits, request)
         # Positions after a draft the grammar refuses are never reached.

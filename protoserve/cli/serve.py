@@ -165,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative-config", type=speculative_config_arg, default=None,
                    metavar="JSON", help="speculative decoding, the reference server's shape: "
                    "'{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
-                   "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' (default: off)")
+                   "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}', or method "
+                   "draft_model with \"model\": a small model's directory (same tokenizer) "
+                   "(default: off)")
     p.add_argument("--engine-core", choices=ENGINE_CORE_MODES, default="process",
                    help="process: the step loop runs in a process of its own, in parallel with "
                         "the gRPC threads; thread: on a thread of the serving process")
