@@ -9,9 +9,10 @@ and guided decoding (the verifier masks each draft position with the grammar's s
 
 Back-off: an exponential average of each request's acceptance rate (accepted / proposed);
 below `acceptance_floor` the request proposes nothing for a cool-down of steps that doubles
-each time it trips (16, 32, ... 512), so text the n-grams do not predict pays only the lookup
-and a few verifications (about 5% of its steps over 128 tokens).
-This module stays torch-free, as the scheduler does.
+each time it trips (16, 32, ... 512), so text the proposer does not predict pays only the
+lookup and a few verifications (about 5% of its steps over 128 tokens).
+The proposer is the method's (`make_proposer`): n-gram lookup, or a draft model imported only
+when configured, so this module stays torch-free, as the scheduler does.
 """
 from __future__ import annotations
 
