@@ -4,13 +4,17 @@ position over many seeded requests), seeds replay exactly, and constrained outpu
 non-speculative engine's greedy ones and match their constraint."""
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 
 import pytest
 from scipy.stats import chi2_contingency
 
+from engine.core.outputs import RequestOutput
+from engine.core.request import FinishReason
 from engine.frontend.llm import LLM
+from engine.frontend.request_stream import RequestStream
 from engine.sampling_params import SamplingParams
 from engine.structured import OutputConstraint
 
@@ -123,3 +127,73 @@ def test_guided_sampling_stays_in_the_language_and_replays(engines: tuple[LLM, L
     assert [o.token_ids for o in first] == [o.token_ids for o in again]
     for out in first:
         assert_full_match(tokenizer.decode(out.token_ids, skip_special_tokens=True), pattern)
+
+
+def test_stop_strings_cut_where_they_would_without_speculation(
+    engines: tuple[LLM, LLM]
+) -> None:
+    """Stop strings end a speculating request's output where they end the plain one's."""
+    plain, spec = engines
+    prompt = _repeating_prompt(plain)
+    greedy = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    tokenizer = spec.grammar_compiler.info.hf_tokenizer
+    text = tokenizer.decode(plain.generate([prompt], greedy)[0].token_ids)
+    checked = 0
+    for start in range(4, min(len(text), 60), 7):
+        stop = text[start : start + 3]
+        if not stop.strip():
+            continue
+        params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, stop=[stop])
+        want = plain.generate([prompt], params)[0]
+        got = spec.generate([prompt], params)[0]
+        assert got.token_ids == want.token_ids, stop
+        assert got.finish_reason == want.finish_reason
+        checked += 1
+    assert checked >= 3
+
+
+def _stream_events(llm: LLM, prompt: list[int], tokens: list[int], chunks: list[int],
+                   stop: str) -> list:
+    """The events of a served stream fed `tokens` in steps of `chunks` tokens (the last
+    step finishing with LENGTH)."""
+    events: asyncio.Queue = asyncio.Queue()
+    stream = RequestStream(0, "r", prompt, SamplingParams(stop=[stop]), events,
+                           llm.tokenizer, return_text=True)
+    position = 0
+    for size in chunks:
+        step = tokens[position : position + size]
+        position += size
+        finished = FinishReason.LENGTH if position >= len(tokens) else None
+        done, _ = stream.on_output(RequestOutput("r", step, finish_reason=finished))
+        if done:
+            break
+    out = []
+    while not events.empty():
+        event = events.get_nowait()
+        out.append((list(event.token_ids), event.text) if hasattr(event, "token_ids")
+                   else (event.reason, event.num_output_tokens, event.stop_string))
+    return out
+
+
+def test_a_stop_string_inside_a_multi_token_step_ends_the_stream_at_its_token(
+    engines: tuple[LLM, LLM]
+) -> None:
+    """The served stream's events for tokens arriving several per step (as accepted drafts
+    do) equal those for the same tokens one per step: same text and tokens up to the stop
+    string, same completion token count."""
+    plain, _ = engines
+    prompt = _repeating_prompt(plain)
+    greedy = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    tokens = plain.generate([prompt], greedy)[0].token_ids
+    text = plain.grammar_compiler.info.hf_tokenizer.decode(tokens)
+    for start in (3, 11, 20):
+        stop = text[start : start + 4]
+        one_by_one = _stream_events(plain, prompt, tokens, [1] * len(tokens), stop)
+        several = _stream_events(plain, prompt, tokens, [1, 4, 3, 5, 2, 7, 8], stop)
+        joined = lambda events: (  # noqa: E731 - the deltas' tokens and text, and the rest
+            [t for e in events if isinstance(e[0], list) for t in e[0]],
+            "".join(e[1] for e in events if isinstance(e[0], list)),
+            [e for e in events if not isinstance(e[0], list)],
+        )
+        assert joined(several) == joined(one_by_one), stop
+        assert joined(several)[2][0][0] is FinishReason.STOP
