@@ -35,9 +35,12 @@ import torch
 from engine.core.batch import ScheduledRequest
 from engine.sampling.draw import argmax_rows, exponential_race
 from engine.sampling.grammar_mask import unpack_bitmask
+from engine.sampling.logit_bias import needs_logit_bias
 from engine.sampling.logprobs import candidates_to_full_rows
+from engine.sampling.penalties import needs_penalties
 from engine.sampling.sampler import adjust_logits
 from engine.sampling.temperature import apply_temperature
+from engine.sampling.token_masks import needs_token_masks
 from engine.sampling.top_k_top_p import (
     apply_min_p,
     apply_top_k_top_p,
@@ -86,8 +89,10 @@ def _verify_one(
         # Positions after a draft the grammar refuses are never reached.
         logits = logits[: num_allowed + 1]
         drafts = drafts[: num_allowed + 1]
-    positions = [_at_position(request, drafts[:i]) for i in range(logits.shape[0])]
-    logits = adjust_logits(logits, positions, [params] * len(positions))
+    if needs_logit_bias(params) or needs_penalties(params) or needs_token_masks(request):
+        # min_tokens only ever stops applying as outputs grow: position 0 decides for all.
+        positions = [_at_position(request, drafts[:i]) for i in range(logits.shape[0])]
+        logits = adjust_logits(logits, positions, [params] * len(positions))
     num_rows = logits.shape[0]
     if params.is_greedy:
         targets = argmax_rows(logits).tolist()
@@ -117,9 +122,10 @@ def _after_all_accepted(
     drafts: list[int], num_rows: int, target_token: Callable[[int], int]
 ) -> Verdict:
     """Every draft was accepted: the bonus token from the row after them. When a grammar cut
-    the rows, the last draft sits on the last row and was accepted only because that row was
-    a dead end (left unmasked): it is emitted as the target's token, and the scheduler's
-    grammar check then ends the request, as it would without speculation."""
+    the rows, the last draft sits on the last row: it was accepted because the grammar's mask
+    there allows it after all (EOS once the grammar is complete) or because that row was a
+    dead end, left unmasked (the scheduler's grammar check then ends the request, as without
+    speculation); either way it is the target's token and nothing follows it this step."""
     if len(drafts) < num_rows:
         return Verdict(len(drafts), target_token(len(drafts)))
     return Verdict(len(drafts) - 1, drafts[-1])
