@@ -376,10 +376,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &protoserve::linear_bf16_op,
         "bfloat16 x . W^T (+ bias) over a weight packed in 16-row pair-column panels");
   m.def("linear_int", &protoserve::linear_int_op,
-        "bfloat16 x . dequant(Q)^T (+ bias), Q int8/int4 panels with fp32 group scales",
+        "bfloat16 x . dequant(Q)^T (+ bias), Q int8/int4 panels with fp32 group scales "
+        "(and offsets)",
         pybind11::arg("out"), pybind11::arg("input"), pybind11::arg("packed"),
         pybind11::arg("scales"), pybind11::arg("bias"), pybind11::arg("bits"),
-        pybind11::arg("group_size"), pybind11::arg("dequantize_into") = pybind11::none());
+        pybind11::arg("group_size"), pybind11::arg("dequantize_into") = pybind11::none(),
+        pybind11::arg("offsets") = pybind11::none());
   m.def("rms_norm_bf16", &rms_norm_bf16, "RMSNorm, optionally after residual += delta");
   m.def("silu_and_mul_bf16", &silu_and_mul_bf16, "silu(gate) * up over a fused [gate | up]");
   m.def("rotary_bf16", &rotary_bf16, "Rotary embedding in place: x * cos + roll(x) * sin");

@@ -56,7 +56,8 @@ void linear_bf16_op(torch::Tensor& out, const torch::Tensor& input, const torch:
 void linear_int_op(torch::Tensor& out, const torch::Tensor& input, const torch::Tensor& packed,
                    const torch::Tensor& scales, const std::optional<torch::Tensor>& bias,
                    int64_t bits, int64_t group_size,
-                   const std::optional<torch::Tensor>& dequantize_into) {
+                   const std::optional<torch::Tensor>& dequantize_into,
+                   const std::optional<torch::Tensor>& offsets) {
   TORCH_CHECK(has_avx512_bf16(), "linear_int needs AVX512_BF16");
   TORCH_CHECK(bits == 8 || bits == 4, "linear_int: bits must be 8 or 4, got ", bits);
   for (const torch::Tensor* t : {static_cast<const torch::Tensor*>(&out), &input})
@@ -76,13 +77,21 @@ void linear_int_op(torch::Tensor& out, const torch::Tensor& input, const torch::
                   scales.is_contiguous() && scales.dim() == 3 && scales.size(0) == num_panels &&
                   scales.size(1) == num_groups && scales.size(2) == 16,
               "scales must be contiguous float32 [", num_panels, ", ", num_groups, ", 16]");
+  const float* offsets_ptr = nullptr;
+  if (offsets.has_value()) {
+    TORCH_CHECK(offsets->device().is_cpu() && offsets->scalar_type() == torch::kFloat32 &&
+                    offsets->is_contiguous() && offsets->sizes() == scales.sizes(),
+                "offsets must be contiguous float32 shaped like scales");
+    offsets_ptr = offsets->data_ptr<float>();
+  }
   const auto [num_tokens, out_features] =
       check_rows_and_panels(out, input, in_features, num_panels);
   const void* bias_ptr = checked_bias(bias, out_features);
   LinearIntArgs args{out.data_ptr(),   out.stride(0),
                      input.data_ptr(), input.stride(0),
                      packed.data_ptr<uint8_t>(), scales.data_ptr<float>(),
-                     bias_ptr,         num_tokens,
+                     offsets_ptr,      bias_ptr,
+                     num_tokens,
                      in_features,      out_features,
                      static_cast<int>(bits), group_size};
   if (dequantize_into.has_value()) {

@@ -14,6 +14,9 @@ struct LinearIntArgs {
   int64_t input_stride;
   const uint8_t* packed_weight;  // [ceil(N / 16), K / 2 (int8) or K / 4 (int4), 32] bytes
   const float* scales;           // [ceil(N / 16), num_groups, 16]
+  // Asymmetric formats (zero points, GGUF mins): w = Q * scale + offset per (row, group),
+  // same layout as scales; nullptr for symmetric weights (offset 0).
+  const float* offsets;
   const void* bias;              // bf16 [out_features] or nullptr
   int64_t num_tokens;
   int64_t in_features;
@@ -24,7 +27,8 @@ struct LinearIntArgs {
 
 void linear_int(const LinearIntArgs& args);  // only with has_avx512_bf16()
 // The weight of `args` (input, output and bias unused) into linear_bf16's bf16 panels
-// [ceil(N / 16), K / 2, 16, 2] at `out`, rounded as torch's (Q.float() * scale).to(bf16).
+// [ceil(N / 16), K / 2, 16, 2] at `out`, rounded as torch's (Q.float() * scale).to(bf16)
+// (with offsets: (Q.float() * scale + offset).to(bf16), the product and sum fused).
 void dequantize_int_panels(const LinearIntArgs& args, void* out);
 
 }  // namespace protoserve

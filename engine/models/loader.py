@@ -18,6 +18,11 @@ from engine.config import ModelConfig
 from engine.errors import ModelLoadError
 from engine import ops
 from engine.layers.linear import prepack_cpu_linears
+from engine.layers.quant.checkpoint_formats import (
+    CheckpointTranslator,
+    attach_input_perms,
+    needs_translation,
+)
 from engine.layers.quant.resolve import resolve_quantization
 from engine.layers.quantized_linear import (
     ONLINE_SCHEMES,
@@ -118,6 +123,10 @@ def load_model(model_config: ModelConfig, *, attention_backend: str = "torch") -
             std = float(getattr(hf_config, "initializer_range", 0.02))
             fill_dummy_weights(model, seed=model_config.seed, std=std)
             logger.info("load format dummy: random weights (std %g), no checkpoint read", std)
+        elif stored_quant is not None and needs_translation(stored_quant):
+            translator = CheckpointTranslator(stored_quant)
+            model.load_weights(translator.translate(iter_checkpoint(weight_format, weight_files)))
+            attach_input_perms(model, translator.input_perms, model.dims.renames)
         else:
             model.load_weights(iter_checkpoint(weight_format, weight_files))
     model.eval().requires_grad_(False)

@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto = bfloat16 on CPU (float16 is never used on CPU)")
     p.add_argument("--quantization", choices=QUANTIZATIONS, default="auto",
                    help="weights: auto = as the checkpoint stores them (compressed-tensors "
-                   "W8A16/W4A16 read as such); int8 (per channel) / int4 (groups of 128): "
-                   "round-to-nearest at load time from bf16/float32 weights")
+                   "W8A16/W4A16, GPTQ and AWQ read as such); int8 (per channel) / int4 "
+                   "(groups of 128): round-to-nearest at load time from bf16/float32 weights")
     p.add_argument("--device", default="auto",
                    help="auto (cuda when a CUDA device is visible, else cpu) | cpu | cuda | cuda:N")
     p.add_argument("--load-format", choices=LOAD_FORMATS, default="auto",
