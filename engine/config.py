@@ -12,9 +12,9 @@ from engine.spec_decode.config import SpeculativeConfig
 ATTENTION_BACKENDS = ("auto", "torch", "cpu_paged", "cuda_paged", "flash_attn")
 LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
 # Weight quantization (engine/layers/quant/resolve.py): "auto" serves the checkpoint as stored
-# (compressed-tensors, GPTQ or AWQ when its config.json says so); int8 / int4 quantize a bf16
-# or float32 checkpoint at load time.
-QUANTIZATIONS = ("auto", "int8", "int4", "compressed-tensors", "gptq", "awq")
+# (compressed-tensors, GPTQ or AWQ when its config.json says so, GGUF for a .gguf file);
+# int8 / int4 quantize a bf16 or float32 checkpoint at load time.
+QUANTIZATIONS = ("auto", "int8", "int4", "compressed-tensors", "gptq", "awq", "gguf")
 
 
 @dataclass(frozen=True)

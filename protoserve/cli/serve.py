@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto = bfloat16 on CPU (float16 is never used on CPU)")
     p.add_argument("--quantization", choices=QUANTIZATIONS, default="auto",
                    help="weights: auto = as the checkpoint stores them (compressed-tensors "
-                   "W8A16/W4A16, GPTQ and AWQ read as such); int8 (per channel) / int4 "
+                   "W8A16/W4A16, GPTQ, AWQ, and a .gguf file as --model: Q8_0/Q4_0 native, "
+                   "other GGUF types dequantized at load); int8 (per channel) / int4 "
                    "(groups of 128): round-to-nearest at load time from bf16/float32 weights")
     p.add_argument("--device", default="auto",
                    help="auto (cuda when a CUDA device is visible, else cpu) | cpu | cuda | cuda:N")

@@ -26,7 +26,8 @@ from engine.layers.quantized_linear import ONLINE_SCHEMES, WeightQuant
 
 COMPRESSED_TENSORS = "compressed-tensors"
 CHECKPOINT_METHODS = (COMPRESSED_TENSORS, "gptq", "awq")
-QUANTIZATION_METHODS = ("auto", "int8", "int4", *CHECKPOINT_METHODS)
+# gguf: the model is a GGUF file (models/gguf_checkpoint.py decides its layers).
+QUANTIZATION_METHODS = ("auto", "int8", "int4", *CHECKPOINT_METHODS, "gguf")
 # Checkpoint module names whose weights become our quantized projections
 # (QUANTIZED_PROJECTIONS once fused).
 _CHECKPOINT_PROJECTIONS = tuple(
@@ -67,6 +68,8 @@ def resolve_quantization(
     if requested in CHECKPOINT_METHODS:
         raise ModelLoadError(f"--quantization {requested}: {config_path} has no "
                              "quantization_config")
+    if requested == "gguf":
+        raise ModelLoadError(f"--quantization gguf: {model_path} holds no .gguf file")
     if requested in ONLINE_SCHEMES:
         if not generative:
             raise ModelLoadError(f"--quantization {requested} applies to decoder models only; "
