@@ -29,6 +29,7 @@ CASES = {
     "gptq-asym-act-order": dict(sym=False, desc_act=True),
     "gptq-v2-asym": dict(sym=False, desc_act=False, checkpoint_format="gptq_v2"),
     "gptq-sym-act-order": dict(sym=True, desc_act=True),
+    "gptq-8bit-asym": dict(sym=False, desc_act=False, bits=8),
 }
 
 
