@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,14 +69,26 @@ def gguf_model_directory(gguf_path: Path) -> Path:
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(target.parent)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
-    _write_directory(gguf_path, staging)
     try:
+        _write_directory(gguf_path, staging)
         os.rename(staging, target)
     except OSError:  # another process made it first
         if not (target / "config.json").is_file():
             raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already when the rename succeeded
     return target
+
+
+def _remove_orphans(root: Path) -> None:
+    """Directories whose GGUF file is gone (moved, deleted, a test's temporary file) stand for
+    nothing any more: removed whenever a new one is made."""
+    for entry in root.iterdir():
+        link = entry / LINKED_FILE
+        if link.is_symlink() and not link.exists():
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _write_directory(gguf_path: Path, out: Path) -> None:
@@ -147,7 +160,11 @@ def iter_gguf(gguf_path: Path, hf_config: Any, quant: WeightQuant | None
             yield f"{module}.weight_scale", scale
             continue
         shape = [int(size) for size in reversed(tensor.shape.tolist())]
-        values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
+        try:
+            values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
+        except NotImplementedError:
+            raise ModelLoadError(f"{gguf_path}: tensor {tensor.name} has type {kind}, which "
+                                 "the gguf package cannot dequantize") from None
         weight = torch.from_numpy(np.array(values, dtype=np.float32)).reshape(shape)  # a copy
         yield name, weight if rows is None else weight[rows]
 

@@ -102,3 +102,10 @@ def test_gguf_flag_errors_name_the_flag(bases, tmp_path) -> None:
         load_model(ModelConfig(model=str(gguf_path), quantization="int8"))
     with pytest.raises(ModelLoadError, match="--quantization gguf: .* holds no .gguf file"):
         load_model(ModelConfig(model=str(bases["llama"]), quantization="gguf"))
+
+
+def test_a_file_that_is_not_gguf_is_named(tmp_path) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + bytes(40))
+    with pytest.raises(ModelLoadError, match="broken.gguf"):
+        load_model(ModelConfig(model=str(broken)))
