@@ -87,7 +87,9 @@ def gptq_pack(q: torch.Tensor, zeros: torch.Tensor, bits: int, v1: bool):
 
 def write_gptq(base_dir: Path, out_dir: Path, *, bits: int = 4, group_size: int = 128,
                sym: bool = True, desc_act: bool = False, checkpoint_format: str = "gptq",
-               seed: int = 0) -> Path:
+               seed: int = 0, share_act_order: bool = True) -> Path:
+    """`share_act_order` False: every module its own act order (not what GPTQ writes, for the
+    refusal test)."""
     state = _base_state(base_dir)
     generator = torch.Generator().manual_seed(seed)
     orders: dict[str, torch.Tensor] = {}
@@ -97,7 +99,7 @@ def write_gptq(base_dir: Path, out_dir: Path, *, bits: int = 4, group_size: int 
         # desc_act: columns quantized in a (here random) activation order, one per input
         # (GPTQ orders by the input's Hessian: q/k/v share theirs, as do gate/up).
         shared_input = name.replace("k_proj", "q_proj").replace("v_proj", "q_proj")
-        shared_input = shared_input.replace("up_proj", "gate_proj")
+        shared_input = shared_input.replace("up_proj", "gate_proj") if share_act_order else name
         if shared_input not in orders:
             orders[shared_input] = (torch.randperm(in_features, generator=generator)
                                     if desc_act else torch.arange(in_features))

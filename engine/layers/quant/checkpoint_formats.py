@@ -51,14 +51,15 @@ def needs_translation(quant: WeightQuant | None) -> bool:
 
 class CheckpointTranslator:
     """Rewrites a checkpoint stream's quantized modules into QuantizedLinear's fields; other
-    tensors pass through. `input_perms` (checkpoint module name -> column order) holds what
-    act-order modules need after loading (`attach_input_perms`)."""
+    tensors pass through. `input_perms` (checkpoint module name -> column order, None for a
+    g_idx in plain order) holds what act-order modules need after loading
+    (`attach_input_perms`)."""
 
     def __init__(self, quant: WeightQuant) -> None:
         self.quant = quant
         self.required, optional = _MODULE_TENSORS[quant.method]
         self.parts = self.required + optional
-        self.input_perms: dict[str, torch.Tensor] = {}
+        self.input_perms: dict[str, torch.Tensor | None] = {}
         self._pending: dict[str, dict[str, torch.Tensor]] = {}
 
     def translate(self, tensors: Iterable[tuple[str, torch.Tensor]]
@@ -101,7 +102,7 @@ class CheckpointTranslator:
             perm = act_order_permutation(g_idx, group, f"{module}.g_idx")
             if perm is not None:
                 qweight = qweight[:, perm]
-                self.input_perms[module] = perm
+            self.input_perms[module] = perm
         expected_groups = self.quant.groups(in_features)
         if scale.shape[1] != expected_groups:
             raise ModelLoadError(f"{module}.scales has {scale.shape[1]} groups; group size "
@@ -172,23 +173,33 @@ def act_order_permutation(g_idx: torch.Tensor, group: int, where: str) -> torch.
     return perm
 
 
-def attach_input_perms(model: nn.Module, perms: dict[str, torch.Tensor],
+def attach_input_perms(model: nn.Module, perms: dict[str, torch.Tensor | None],
                        renames: Iterable[tuple[str, str]]) -> None:
     """Give each act-order layer its column order; shards fused into one layer (q/k/v, which
-    read the same input) must agree on it."""
+    read the same input) must agree on it, a plain-order shard included."""
+    by_layer: dict[str, tuple[str, torch.Tensor | None]] = {}
     for module, perm in perms.items():
         for old, new in renames:
             module = module.replace(old, new)
         parent, _, leaf = module.rpartition(".")
         target = f"{parent}.{_FUSED.get(leaf, leaf)}"
+        if target in by_layer:
+            other, seen = by_layer[target]
+            same = seen is None and perm is None or (
+                seen is not None and perm is not None and torch.equal(seen, perm))
+            if not same:
+                raise ModelLoadError(f"{module}.g_idx differs from {other}.g_idx, both of "
+                                     f"{target}: fused projections must share their act order")
+            continue
+        by_layer[target] = (module, perm)
+    for target, (module, perm) in by_layer.items():
+        if perm is None:
+            continue
         try:
             layer = model.get_submodule(target)
         except AttributeError:
             raise ModelLoadError(f"checkpoint g_idx of {module} has no matching layer") from None
         if not isinstance(layer, QuantizedLinear):
             raise ModelLoadError(f"checkpoint g_idx of {module}: {target} is not quantized")
-        if layer.input_perm is not None and not torch.equal(layer.input_perm, perm):
-            raise ModelLoadError(f"{module}.g_idx differs from the other shards of {target}; "
-                                 "fused projections must share their act order")
         device = layer.weight_packed.device if layer.weight_packed is not None else "cpu"
         layer.input_perm = perm.to(device)

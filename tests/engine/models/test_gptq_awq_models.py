@@ -71,6 +71,12 @@ def test_gptq_act_order_really_permutes(base_dir, tmp_path) -> None:
     assert all(perm is not None for perm in perms)
 
 
+def test_fused_shards_with_different_act_orders_are_refused(base_dir, tmp_path) -> None:
+    quant_dir = write_gptq(base_dir, tmp_path / "act", desc_act=True, share_act_order=False)
+    with pytest.raises(ModelLoadError, match=r"g_idx differs from .*g_idx, both of .*(qkv|gate_up)_proj"):
+        load_model(ModelConfig(model=str(quant_dir), dtype="float32"))
+
+
 def test_awq_checkpoint_matches_the_file_reference(base_dir, tmp_path) -> None:
     quant_dir = write_awq(base_dir, tmp_path / "awq")
     check_against_file_reference(base_dir, quant_dir, asymmetric=True)
