@@ -159,8 +159,10 @@ def read_gptq_awq(stored: Mapping[str, Any], config_path: Path) -> WeightQuant:
             raise ModelLoadError(f"{at}.version {version!r} is not supported (gemm)")
         _check_ignore(stored.get("modules_to_not_convert") or [],
                       f"{at}.modules_to_not_convert")
-        return WeightQuant(bits=bits, group_size=group_size, method="awq",
-                           asymmetric=stored.get("zero_point", True) is not False)
+        if stored.get("zero_point", True) is not True:
+            raise ModelLoadError(f"{at}.zero_point: only AWQ's zero-point scheme (true) is "
+                                 "supported")
+        return WeightQuant(bits=bits, group_size=group_size, method="awq", asymmetric=True)
     checkpoint_format = stored.get("checkpoint_format", "gptq")
     if checkpoint_format not in GPTQ_FORMATS:
         raise ModelLoadError(f"{at}.checkpoint_format {checkpoint_format!r} is not supported "

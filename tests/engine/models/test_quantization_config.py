@@ -169,6 +169,8 @@ def test_gptq_and_awq_resolution(tmp_path: Path) -> None:
         (gptq_config(checkpoint_format="marlin"), r"checkpoint_format 'marlin'"),
         (gptq_config(dynamic={"-:.*down": {}}), r"dynamic: per-module overrides"),
         ({"quant_method": "awq", "bits": 8, "group_size": 128}, r"bits must be 4 for awq"),
+        ({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": False},
+         r"zero_point: only AWQ's zero-point scheme"),
         ({"quant_method": "awq", "bits": 4, "group_size": 128,
           "modules_to_not_convert": ["down_proj"]}, r"modules_to_not_convert entry 'down_proj'"),
     ],
