@@ -73,24 +73,28 @@ void linear_int_op(torch::Tensor& out, const torch::Tensor& input, const torch::
   TORCH_CHECK(group_size > 0 && group_size % columns_per_vector == 0, "group_size must be a "
               "multiple of ", columns_per_vector, " for int", bits, ", got ", group_size);
   const int64_t num_groups = (in_features + group_size - 1) / group_size;
-  TORCH_CHECK(scales.device().is_cpu() && scales.scalar_type() == torch::kFloat32 &&
-                  scales.is_contiguous() && scales.dim() == 3 && scales.size(0) == num_panels &&
+  const auto is_group_float = [](const torch::Tensor& t) {
+    return t.device().is_cpu() && t.is_contiguous() &&
+           (t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kFloat16);
+  };
+  TORCH_CHECK(is_group_float(scales) && scales.dim() == 3 && scales.size(0) == num_panels &&
                   scales.size(1) == num_groups && scales.size(2) == 16,
-              "scales must be contiguous float32 [", num_panels, ", ", num_groups, ", 16]");
-  const float* offsets_ptr = nullptr;
+              "scales must be contiguous float32 or float16 [", num_panels, ", ", num_groups,
+              ", 16]");
+  GroupValues offset_values{nullptr, false};
   if (offsets.has_value()) {
-    TORCH_CHECK(offsets->device().is_cpu() && offsets->scalar_type() == torch::kFloat32 &&
-                    offsets->is_contiguous() && offsets->sizes() == scales.sizes(),
-                "offsets must be contiguous float32 shaped like scales");
-    offsets_ptr = offsets->data_ptr<float>();
+    TORCH_CHECK(is_group_float(*offsets) && offsets->sizes() == scales.sizes(),
+                "offsets must be contiguous float32 or float16 shaped like scales");
+    offset_values = {offsets->data_ptr(), offsets->scalar_type() == torch::kFloat16};
   }
+  const GroupValues scale_values{scales.data_ptr(), scales.scalar_type() == torch::kFloat16};
   const auto [num_tokens, out_features] =
       check_rows_and_panels(out, input, in_features, num_panels);
   const void* bias_ptr = checked_bias(bias, out_features);
   LinearIntArgs args{out.data_ptr(),   out.stride(0),
                      input.data_ptr(), input.stride(0),
-                     packed.data_ptr<uint8_t>(), scales.data_ptr<float>(),
-                     offsets_ptr,      bias_ptr,
+                     packed.data_ptr<uint8_t>(), scale_values,
+                     offset_values,    bias_ptr,
                      num_tokens,
                      in_features,      out_features,
                      static_cast<int>(bits), group_size};

@@ -1,5 +1,5 @@
 // linear_int: out[M, N] = x[M, K] . dequant(Q)[N, K]^T (+ bias), x and out bfloat16, Q int8 or
-// int4 with fp32 scales per (row, group of group_size columns).
+// int4 with fp32 (or exactly representable fp16) scales per (row, group of group_size columns).
 //
 // Decode streams every weight once per step, so fewer bytes per weight is the speed-up, as
 // long as turning bytes into bf16 operands costs less than streaming them did. Integers
@@ -44,10 +44,18 @@ using panel_gemm::kPanelRows;
 constexpr int64_t kVectorBytes = 32;  // one load per step: 32 (int8) or 64 (int4) weights
 constexpr int64_t kPrefetchBytes = 4096;
 
+// 16 rows' values of one group: fp16 widened exactly to fp32, or fp32 as stored.
+inline __m512 load_group(const GroupValues& values, int64_t index) {
+  if (values.half)
+    return _mm512_cvtph_ps(_mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(values.data) + index)));
+  return _mm512_loadu_ps(static_cast<const float*>(values.data) + index);
+}
+
 struct IntRun {
   const uint8_t* weight;
-  const float* scales;
-  const float* offsets;  // nullptr: symmetric
+  GroupValues scales;
+  GroupValues offsets;  // data nullptr: symmetric
   int64_t in_features;
   int64_t group_size;
   int64_t num_groups;
@@ -127,8 +135,8 @@ inline void tile(const IntRun& run, int64_t panel0, int64_t num_panels, int64_t 
     }
     // Group epilogue: remove the constant C's share, apply the rows' scales (and offsets).
     for (int p = 0; p < NP; ++p) {
-      const __m512 scale = _mm512_loadu_ps(run.scales + (panel_index[p] * run.num_groups + g) *
-                                                            kPanelRows);
+      const __m512 scale =
+          load_group(run.scales, (panel_index[p] * run.num_groups + g) * kPanelRows);
       for (int t = 0; t < MT; ++t) {
         const __m512 offset =
             _mm512_set1_ps(correction * run.x_sums[(m0 + t) * run.num_groups + g]);
@@ -136,8 +144,8 @@ inline void tile(const IntRun& run, int64_t panel0, int64_t num_panels, int64_t 
         acc[p][t] = _mm512_setzero_ps();
       }
       if constexpr (OFFSETS) {
-        const __m512 group_offset = _mm512_loadu_ps(
-            run.offsets + (panel_index[p] * run.num_groups + g) * kPanelRows);
+        const __m512 group_offset =
+            load_group(run.offsets, (panel_index[p] * run.num_groups + g) * kPanelRows);
         for (int t = 0; t < MT; ++t)
           total[p][t] = _mm512_fmadd_ps(
               _mm512_set1_ps(run.x_sums[(m0 + t) * run.num_groups + g]), group_offset,
@@ -231,11 +239,11 @@ void dequantize_panel(const LinearIntArgs& args, int64_t panel, bf16_t* out) {
     const int64_t g = 2 * k2 / args.group_size;
     if (g != group) {
       group = g;
-      const __m512 s = _mm512_loadu_ps(args.scales + (panel * num_groups + g) * kPanelRows);
+      const __m512 s = load_group(args.scales, (panel * num_groups + g) * kPanelRows);
       scale_lo = _mm512_permutexvar_ps(rows_lo, s);
       scale_hi = _mm512_permutexvar_ps(rows_hi, s);
-      if (args.offsets != nullptr) {
-        const __m512 o = _mm512_loadu_ps(args.offsets + (panel * num_groups + g) * kPanelRows);
+      if (args.offsets.data != nullptr) {
+        const __m512 o = load_group(args.offsets, (panel * num_groups + g) * kPanelRows);
         offset_lo = _mm512_permutexvar_ps(rows_lo, o);
         offset_hi = _mm512_permutexvar_ps(rows_hi, o);
       }
@@ -280,7 +288,7 @@ void dispatch(const LinearIntArgs& args) {
 }  // namespace
 
 void linear_int(const LinearIntArgs& args) {
-  const bool offsets = args.offsets != nullptr;
+  const bool offsets = args.offsets.data != nullptr;
   if (args.bits == 8) {
     offsets ? dispatch<8, true>(args) : dispatch<8, false>(args);
   } else {

@@ -1,5 +1,5 @@
 // Weight-only int8 / int4 linear (W8A16, W4A16): bfloat16 activations, integer weights with
-// fp32 scales per output row and group of input columns (one group spanning every column for
+// fp32 or fp16 scales per output row and group of input columns (one group spanning every column for
 // per-channel scales). Kernel in linear_int.cpp; layouts described there.
 #pragma once
 
@@ -7,16 +7,24 @@
 
 namespace protoserve {
 
+// Per (row, group) floats in the panels' order [ceil(N / 16), num_groups, 16], stored as fp32
+// or, where every value is exactly an fp16 (GGUF's and GPTQ/AWQ's scales are), as fp16: two
+// bytes less per group of streamed weights.
+struct GroupValues {
+  const void* data;  // nullptr: none (offsets of symmetric weights)
+  bool half;
+};
+
 struct LinearIntArgs {
   void* output;  // bf16 [num_tokens, out_features]
   int64_t output_stride;
   const void* input;  // bf16 [num_tokens, in_features]
   int64_t input_stride;
   const uint8_t* packed_weight;  // [ceil(N / 16), K / 2 (int8) or K / 4 (int4), 32] bytes
-  const float* scales;           // [ceil(N / 16), num_groups, 16]
-  // Asymmetric formats (zero points, GGUF mins): w = Q * scale + offset per (row, group),
-  // same layout as scales; nullptr for symmetric weights (offset 0).
-  const float* offsets;
+  GroupValues scales;
+  // Asymmetric formats (zero points): w = Q * scale + offset per (row, group), same layout as
+  // scales; data nullptr for symmetric weights (offset 0).
+  GroupValues offsets;
   const void* bias;              // bf16 [out_features] or nullptr
   int64_t num_tokens;
   int64_t in_features;

@@ -24,8 +24,8 @@ def pack_int_panels(
     qweight: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Q [N, K] int8 (values of a `bits`-bit signed integer) and scale [N, ceil(K /
-    group_size)] -> linear_int's panels (csrc/cpu/linear_int.cpp) and float32 scales
-    [ceil(N / 16), groups, 16], rows past N zero. Panels are uint8 [ceil(N / 16), K / 2, 32]
+    group_size)] -> linear_int's panels (csrc/cpu/linear_int.cpp) and scales
+    [ceil(N / 16), groups, 16] (`pack_group_values`), rows past N zero. Panels are uint8 [ceil(N / 16), K / 2, 32]
     for int8 (Q + 128, element 2 r + j of each 32 being row r, column j of a column pair) and
     [ceil(N / 16), K / 4, 32] for int4 (Q + 8; two column pairs per 32 bytes, the second in
     the high nibbles)."""
@@ -51,10 +51,14 @@ def pack_int_panels(
 
 def pack_group_values(values: torch.Tensor) -> torch.Tensor:
     """Per (row, group) floats [N, groups] (scales, offsets) -> the panels' order
-    [ceil(N / 16), groups, 16] float32, rows past N zero."""
+    [ceil(N / 16), groups, 16], rows past N zero: float16 where every value is exactly one
+    (GGUF's, GPTQ's and AWQ's scales are stored so; two bytes less streamed per group),
+    else float32."""
     out_features = values.shape[0]
     num_panels = -(-out_features // LINEAR_PANEL_ROWS)
-    padded = torch.zeros(num_panels * LINEAR_PANEL_ROWS, values.shape[1], dtype=torch.float32)
+    exact_half = bool(torch.equal(values.float().half().float(), values.float()))
+    padded = torch.zeros(num_panels * LINEAR_PANEL_ROWS, values.shape[1],
+                         dtype=torch.float16 if exact_half else torch.float32)
     padded[:out_features] = values
     return padded.view(num_panels, LINEAR_PANEL_ROWS, -1).permute(0, 2, 1).contiguous()
 

@@ -72,8 +72,15 @@ def test_gguf_file_matches_transformers_dequantization(bases, tmp_path, case) ->
         assert int(actual[-1].argmax()) == int(expected[-1].argmax())
     kernels = load_model(ModelConfig(model=str(gguf_path), dtype="bfloat16"))
     if bits is not None:
-        assert all(m.packing == "int_panels" for m in kernels.model.modules()
-                   if isinstance(m, QuantizedLinear))
+        layers = [m for m in kernels.model.modules() if isinstance(m, QuantizedLinear)]
+        assert all(m.packing == "int_panels" for m in layers)
+        # Resident: the file's own bytes per block (bits / 8 per weight, an fp16 per 32).
+        for layer in layers:
+            assert layer.panels is not None and layer.panel_scales is not None
+            held = (layer.panels.numel() * layer.panels.element_size()
+                    + layer.panel_scales.numel() * layer.panel_scales.element_size())
+            weights = layer.out_features * layer.in_features
+            assert held == weights * bits // 8 + weights // 32 * 2
     # bf16: within twice the float32 reference's distance to transformers' bf16 model of the
     # file (both are bf16 rounding noise of different implementations; float32 is the exact
     # comparison above).

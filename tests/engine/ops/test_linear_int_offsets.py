@@ -1,6 +1,7 @@
 """Asymmetric weights on the W8A16 / W4A16 kernel: w = Q * scale + offset per (row, group)
 (GPTQ / AWQ / compressed-tensors zero points, offset = -zero * scale) against a float64
-dequantize-then-matmul, and the prefill copy against torch's dequantization."""
+dequantize-then-matmul, and the prefill copy against torch's dequantization; scales that are
+exactly fp16 (GGUF, GPTQ, AWQ) held as fp16 give the same results."""
 from __future__ import annotations
 
 import pytest
@@ -56,6 +57,28 @@ def test_kernel_with_offsets_matches_dequantize_then_matmul(tokens, bits, out_fe
     # The offsets matter: without them the result is far off.
     plain = ops.linear_int(x, packed, panel_scales, None, out_features, bits, group)
     assert float((plain.double() - expected).norm() / expected.norm()) > 0.05
+
+
+@needs_kernel
+@pytest.mark.parametrize("tokens", [1, 7, DEQUANTIZE_ROWS + 1])
+@pytest.mark.parametrize(("bits", "group", "with_offsets"),
+                         [(4, 32, False), (8, 32, False), (4, 128, True)])
+def test_fp16_scales_give_the_fp32_results(tokens, bits, group, with_offsets) -> None:
+    """Scales (and offsets) that are exactly fp16 are packed as fp16: the kernel, its prefill
+    copy and the layer give bit for bit what fp32 copies of the same values give."""
+    qweight, scale = random_int_weight(48, 256, bits, group, seed=9)
+    scale = scale.half().float()
+    offset = (random_offsets(qweight, scale, bits).half().float() if with_offsets else None)
+    packed, half_scales = pack_int_panels(qweight, scale, bits, group)
+    assert half_scales.dtype == torch.float16
+    full_scales = half_scales.float()
+    x = torch.randn(tokens, 256, generator=torch.Generator().manual_seed(1)).bfloat16()
+    half_offsets = None if offset is None else pack_group_values(offset)
+    full_offsets = None if half_offsets is None else half_offsets.float()
+    assert half_offsets is None or half_offsets.dtype == torch.float16
+    for fn in (lambda s, o: ops.linear_int(x, packed, s, None, 48, bits, group, o),
+               lambda s, o: dequantize_panels(packed, s, bits, group, 48, 256, o)):
+        assert torch.equal(fn(half_scales, half_offsets), fn(full_scales, full_offsets))
 
 
 @needs_kernel
