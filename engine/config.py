@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.spec_decode.config import SpeculativeConfig
+
 ATTENTION_BACKENDS = ("auto", "torch", "cpu_paged", "cuda_paged", "flash_attn")
 LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
 # Weight quantization (engine/layers/quant/resolve.py): "auto" serves the checkpoint as stored
-# (compressed-tensors when its config.json says so); int8 / int4 quantize a bf16 or float32
-# checkpoint at load time.
-QUANTIZATIONS = ("auto", "int8", "int4", "compressed-tensors")
+# (compressed-tensors, GPTQ or AWQ when its config.json says so, GGUF for a .gguf file);
+# int8 / int4 quantize a bf16 or float32 checkpoint at load time.
+QUANTIZATIONS = ("auto", "int8", "int4", "compressed-tensors", "gptq", "awq", "gguf")
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,8 @@ class EngineConfig:
     engine_core: str = "process"
     # Multi-LoRA serving; None: off (`--enable-lora` not given).
     lora: LoRAConfig | None = None
+    # Speculative decoding (`--speculative-config`); None: off.
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         if self.engine_core not in ENGINE_CORE_MODES:

@@ -175,16 +175,17 @@ def linear_bf16(
 
 
 def linear_int(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
-               bias: torch.Tensor | None, out_features: int, bits: int, group_size: int
-               ) -> torch.Tensor:
-    """x [..., K] bfloat16 . dequant(Q)^T (+ bias), Q and scales packed by
-    layers/quant/panels.py; only call where `linear_bf16_available()`."""
+               bias: torch.Tensor | None, out_features: int, bits: int, group_size: int,
+               offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] bfloat16 . dequant(Q)^T (+ bias), Q, scales (and the asymmetric formats'
+    offsets, w = Q * scale + offset) packed by layers/quant/panels.py; only call where
+    `linear_bf16_available()`."""
     module = _cpu_module()
     assert module is not None
     rows = x.reshape(-1, x.shape[-1])
     rows = rows if rows.stride(-1) == 1 else rows.contiguous()
     out = torch.empty(rows.shape[0], out_features, dtype=x.dtype, device=x.device)
-    module.linear_int(out, rows, packed, scales, bias, bits, group_size)
+    module.linear_int(out, rows, packed, scales, bias, bits, group_size, None, offsets)
     return out.view(*x.shape[:-1], out_features)
 
 

@@ -93,6 +93,20 @@ class LoadSnapshot:
     num_hit_tokens: int = 0
     # Tokens computed per engine step (a snapshot); None where unknown (the bridge).
     iteration_tokens: Histogram | None = None
+    # Speculative decoding counters; None where it is off or unknown (the bridge).
+    spec_decode: SpecDecodeCounts | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SpecDecodeCounts:
+    """Cumulative speculative decoding counters, as the reference (vLLM V1) names them: a
+    draft is one verification of one request's draft tokens."""
+
+    num_drafts: int
+    num_draft_tokens: int
+    num_accepted_tokens: int
+    # Index i: drafts whose token at position i was accepted.
+    accepted_per_pos: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,8 +258,9 @@ class ServingMetrics(Collector):
             yield from self._families(prefix, compat, labels, load, extra, cache, success,
                                       prompt, generation, hists)
             if compat:
-                yield from compat_families(prefix, labels, load_known=load is not None,
-                                           throughput=throughput)
+                yield from compat_families(
+                    prefix, labels, load_known=load is not None, throughput=throughput,
+                    spec_decode_known=load is not None and load.spec_decode is not None)
 
     def _families(self, p, compat, labels, load, extra, cache, success, prompt, generation,
                   hists) -> Iterator:
@@ -282,6 +297,8 @@ class ServingMetrics(Collector):
                           load.num_queried_tokens)
             yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                           load.num_hit_tokens)
+            if load.spec_decode is not None:
+                yield from _spec_decode_families(p, labels, load.spec_decode)
         for name, value in extra.items():
             yield gauge(name, name.replace("_", " "), value)
         if cache is not None:
@@ -310,3 +327,43 @@ class ServingMetrics(Collector):
             alias = _ALIASES.get(name) or (_COMPAT_ALIASES.get(name) if compat else None)
             if alias is not None:
                 yield _histogram(f"{p}:{alias}", doc, labels, hist)
+
+
+def _spec_decode_families(p: str, labels: dict[str, str], spec: SpecDecodeCounts) -> Iterator:
+    """vLLM V1's spec_decode counters, plus the acceptance rate (the reference's V0 gauge
+    name) and the mean accepted length: tokens emitted per verification, the target's own
+    token included."""
+    names, values = list(labels), list(labels.values())
+    for name, doc, value in (
+        ("spec_decode_num_drafts", "Verifications of draft tokens (one per request).",
+         spec.num_drafts),
+        ("spec_decode_num_draft_tokens", "Draft tokens proposed.", spec.num_draft_tokens),
+        ("spec_decode_num_accepted_tokens", "Draft tokens accepted.", spec.num_accepted_tokens),
+        # The reference's V0 counter: accepted drafts plus the target's own token.
+        ("spec_decode_num_emitted_tokens", "Tokens emitted by verifications.",
+         spec.num_accepted_tokens + spec.num_drafts),
+    ):
+        family = CounterMetricFamily(f"{p}:{name}", doc, labels=names)
+        family.add_metric(values, value)
+        yield family
+    per_pos = CounterMetricFamily(
+        f"{p}:spec_decode_num_accepted_tokens_per_pos", "Draft tokens accepted, by position.",
+        labels=[*names, "position"])
+    for position, value in enumerate(spec.accepted_per_pos):
+        per_pos.add_metric([*values, str(position)], value)
+    yield per_pos
+    rate = spec.num_accepted_tokens / spec.num_draft_tokens if spec.num_draft_tokens else 0.0
+    mean = 1 + spec.num_accepted_tokens / spec.num_drafts if spec.num_drafts else 0.0
+    # Emitted / the most the proposals could have emitted (every draft accepted, plus one).
+    most = spec.num_draft_tokens + spec.num_drafts
+    efficiency = (spec.num_accepted_tokens + spec.num_drafts) / most if most else 0.0
+    for name, doc, value in (
+        ("spec_decode_draft_acceptance_rate", "Accepted / proposed draft tokens, 0..1.", rate),
+        ("spec_decode_mean_accepted_length", "Tokens emitted per verification (accepted "
+         "drafts + 1).", mean),
+        ("spec_decode_efficiency", "Emitted tokens / the most the drafts could emit, 0..1.",
+         efficiency),
+    ):
+        family = GaugeMetricFamily(f"{p}:{name}", doc, labels=names)
+        family.add_metric(values, value)
+        yield family

@@ -85,8 +85,9 @@ class ThroughputWindow:
 
 
 def compat_families(prefix: str, labels: dict[str, str], *, load_known: bool,
-                    throughput: tuple[float, float]) -> Iterator:
-    """The reference's families this engine has no counterpart for, at their idle values."""
+                    throughput: tuple[float, float], spec_decode_known: bool = False) -> Iterator:
+    """The reference's families this engine has no counterpart for, at their idle values
+    (the speculative decoding ones only while it is off: serving_metrics renders them)."""
     names, values = list(labels), list(labels.values())
 
     def gauge(name: str, doc: str, value: float):
@@ -114,11 +115,13 @@ def compat_families(prefix: str, labels: dict[str, str], *, load_known: bool,
     yield lora
     # Speculative decoding and per-step model timings: vLLM registers these families but
     # fills them only when that feature runs, so they show their # TYPE line and no sample.
-    for name in ("spec_decode_draft_acceptance_rate", "spec_decode_efficiency"):
+    for name in () if spec_decode_known else (
+            "spec_decode_draft_acceptance_rate", "spec_decode_efficiency"):
         yield GaugeMetricFamily(f"{prefix}:{name}", "Speculative decoding (not used).",
                                 labels=names)
-    for name in ("spec_decode_num_accepted_tokens", "spec_decode_num_draft_tokens",
-                 "spec_decode_num_emitted_tokens"):
+    for name in () if spec_decode_known else (
+            "spec_decode_num_accepted_tokens", "spec_decode_num_draft_tokens",
+            "spec_decode_num_emitted_tokens"):
         yield CounterMetricFamily(f"{prefix}:{name}", "Speculative decoding (not used).",
                                   labels=names)
     for name in ("model_forward_time_milliseconds", "model_execute_time_milliseconds"):

@@ -27,10 +27,12 @@ NUM_BLOCKS = 64
 
 
 def write_compressed_tensors(
-    base_dir: Path, out_dir: Path, *, preset: str, strategy: str, group_size: int | None
+    base_dir: Path, out_dir: Path, *, preset: str, strategy: str, group_size: int | None,
+    symmetric: bool = True,
 ) -> Path:
     """The float32 model in `base_dir` quantized by compressed-tensors (`preset` W8A16 or
-    W4A16, `strategy` channel or group) into `out_dir`, lm_head left unquantized."""
+    W4A16, `strategy` channel or group, symmetric or with zero points) into `out_dir`,
+    lm_head left unquantized."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
         QuantizationConfig,
@@ -43,6 +45,7 @@ def write_compressed_tensors(
     scheme = preset_name_to_scheme(preset, ["Linear"])
     scheme.weights.strategy = strategy
     scheme.weights.group_size = group_size
+    scheme.weights.symmetric = symmetric
     config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"])
     apply_quantization_config(model, config)
     with torch.no_grad():
@@ -52,8 +55,11 @@ def write_compressed_tensors(
             weight, args = module.weight, module.quantization_scheme.weights
             rows = weight.unflatten(-1, (-1, args.group_size)) if strategy == "group" else (
                 weight.unsqueeze(1))
-            scale, _ = calculate_qparams(rows.amin(-1), rows.amax(-1), args)
+            scale, zero_point = calculate_qparams(rows.amin(-1), rows.amax(-1), args)
             module.weight_scale.copy_(scale.reshape(module.weight_scale.shape))
+            if not symmetric:
+                module.weight_zero_point.copy_(zero_point.reshape(
+                    module.weight_zero_point.shape))
     compressor = ModelCompressor.from_pretrained_model(model)
     compressor.compress_model(model)
     model.save_pretrained(out_dir)

@@ -19,10 +19,11 @@ using protoserve::RowsView;
 using protoserve::ScalarKind;
 using bf16_ptr_t = protoserve::bf16_t*;
 
-ScalarKind kind_of(const torch::Tensor& kv_cache) {
-  if (kv_cache.scalar_type() == torch::kFloat32) return ScalarKind::kFloat32;
-  TORCH_CHECK(kv_cache.scalar_type() == torch::kBFloat16,
-              "kv_cache must be float32 or bfloat16, got ", kv_cache.scalar_type());
+ScalarKind kind_of(const torch::Tensor& t) {
+  if (t.scalar_type() == torch::kFloat32) return ScalarKind::kFloat32;
+  TORCH_CHECK(t.scalar_type() == torch::kBFloat16,
+              "kv_cache (or, over an int8 cache, q/k/v) must be float32 or bfloat16, got ",
+              t.scalar_type());
   return ScalarKind::kBFloat16;
 }
 
@@ -34,14 +35,30 @@ CacheShape cache_shape(const torch::Tensor& kv_cache) {
   return {kv_cache.size(1), kv_cache.size(2), kv_cache.size(3), kv_cache.size(4)};
 }
 
-// [tokens, heads, head_dim] with a contiguous last dim, same dtype as the cache.
-RowsView rows_view(const torch::Tensor& t, const char* name, const torch::Tensor& kv_cache,
+// What the q/k/v/out rows over a cache are: the cache's dtype and row width, or for an int8
+// cache (kv_int8.h: rows of head_dim values + a 4-byte scale) those of `rows`, head_dim wide.
+struct RowSpec {
+  torch::ScalarType dtype;
+  int64_t width;
+  ScalarKind kind;
+  bool int8_cache;
+};
+
+RowSpec row_spec(const torch::Tensor& kv_cache, const torch::Tensor& rows) {
+  if (kv_cache.scalar_type() != torch::kInt8)
+    return {kv_cache.scalar_type(), kv_cache.size(4), kind_of(kv_cache), false};
+  TORCH_CHECK(kv_cache.size(4) > 4, "an int8 kv_cache row is head_dim values + a 4-byte scale");
+  return {rows.scalar_type(), kv_cache.size(4) - 4, kind_of(rows), true};
+}
+
+// [tokens, heads, width] with a contiguous last dim, of the spec's dtype.
+RowsView rows_view(const torch::Tensor& t, const char* name, const RowSpec& spec,
                    int64_t heads) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == kv_cache.scalar_type(), name, " dtype ", t.scalar_type(),
-              " differs from the cache's ", kv_cache.scalar_type());
-  TORCH_CHECK(t.dim() == 3 && t.size(1) == heads && t.size(2) == kv_cache.size(4), name,
-              " must be [tokens, ", heads, ", ", kv_cache.size(4), "], got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == spec.dtype, name, " dtype ", t.scalar_type(),
+              " differs from the cache's ", spec.dtype);
+  TORCH_CHECK(t.dim() == 3 && t.size(1) == heads && t.size(2) == spec.width, name,
+              " must be [tokens, ", heads, ", ", spec.width, "], got ", t.sizes());
   TORCH_CHECK(t.stride(2) == 1 || t.size(2) == 1, name, " needs a contiguous last dim");
   return {t.data_ptr(), t.stride(0), t.stride(1)};
 }
@@ -108,13 +125,15 @@ void write_kv_cache(const torch::Tensor& key, const torch::Tensor& value, torch:
   const int64_t num_tokens = slot_mapping.size(0);
   TORCH_CHECK(key.size(0) == num_tokens && value.size(0) == num_tokens,
               "key/value rows must match slot_mapping");
-  protoserve::WriteKvArgs args{kind_of(kv_cache),
-                               rows_view(key, "key", kv_cache, shape.num_kv_heads),
-                               rows_view(value, "value", kv_cache, shape.num_kv_heads),
+  const RowSpec spec = row_spec(kv_cache, key);
+  protoserve::WriteKvArgs args{spec.kind,
+                               rows_view(key, "key", spec, shape.num_kv_heads),
+                               rows_view(value, "value", spec, shape.num_kv_heads),
                                num_tokens,
                                kv_cache.data_ptr(),
                                shape,
-                               slots};
+                               slots,
+                               spec.int8_cache};
   pybind11::gil_scoped_release no_gil;
   protoserve::write_kv_cache(args);
 }
@@ -137,9 +156,10 @@ void paged_decode_attention(torch::Tensor& out, const torch::Tensor& query,
   for (int64_t s = 0; sliding_window > 0 && s < num_seqs; ++s)
     first_needed[s] =
         std::max<int64_t>(0, lens.data_ptr<int64_t>()[s] - sliding_window) / shape.block_size;
-  protoserve::DecodeArgs args{kind_of(kv_cache),
-                              rows_view(out, "out", kv_cache, num_heads),
-                              rows_view(query, "query", kv_cache, num_heads),
+  const RowSpec spec = row_spec(kv_cache, query);
+  protoserve::DecodeArgs args{spec.kind,
+                              rows_view(out, "out", spec, num_heads),
+                              rows_view(query, "query", spec, num_heads),
                               kv_cache.data_ptr(),
                               shape,
                               num_seqs,
@@ -149,7 +169,8 @@ void paged_decode_attention(torch::Tensor& out, const torch::Tensor& query,
                               lens.data_ptr<int64_t>(),
                               static_cast<float>(scale),
                               sliding_window,
-                              static_cast<float>(soft_cap)};
+                              static_cast<float>(soft_cap),
+                              spec.int8_cache};
   pybind11::gil_scoped_release no_gil;
   protoserve::paged_decode_attention(args);
 }
@@ -172,9 +193,11 @@ void paged_prefill_attention(torch::Tensor& out, const torch::Tensor& query,
   const int64_t first_key =
       sliding_window > 0 ? std::max<int64_t>(0, context_start - sliding_window + 1) : 0;
   const std::vector<int64_t> first_needed{first_key / shape.block_size};
-  protoserve::PrefillArgs args{kind_of(kv_cache),
-                               rows_view(out, "out", kv_cache, num_heads),
-                               rows_view(query, "query", kv_cache, num_heads),
+  const RowSpec spec = row_spec(kv_cache, query);
+  TORCH_CHECK(!spec.int8_cache, "paged_prefill_attention reads float32/bfloat16 caches");
+  protoserve::PrefillArgs args{spec.kind,
+                               rows_view(out, "out", spec, num_heads),
+                               rows_view(query, "query", spec, num_heads),
                                kv_cache.data_ptr(),
                                shape,
                                num_heads,
@@ -342,6 +365,9 @@ void decode_layers_bf16(torch::Tensor& hidden,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "protoserve paged KV-cache kernels (CPU)";
   m.def("write_kv_cache", &write_kv_cache, "Scatter K/V rows into the paged cache");
+  // The ops that take an int8 cache (engine/attention/kv_quant.py); engine.ops sends the
+  // others to the torch code.
+  m.attr("int8_kv_cache_ops") = pybind11::make_tuple("write_kv_cache", "paged_decode_attention");
   m.def("paged_decode_attention", &paged_decode_attention,
         "One-query attention per sequence over its paged context (sliding_window, soft_cap: "
         "0 for none)");
@@ -350,10 +376,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &protoserve::linear_bf16_op,
         "bfloat16 x . W^T (+ bias) over a weight packed in 16-row pair-column panels");
   m.def("linear_int", &protoserve::linear_int_op,
-        "bfloat16 x . dequant(Q)^T (+ bias), Q int8/int4 panels with fp32 group scales",
+        "bfloat16 x . dequant(Q)^T (+ bias), Q int8/int4 panels with fp32 group scales "
+        "(and offsets)",
         pybind11::arg("out"), pybind11::arg("input"), pybind11::arg("packed"),
         pybind11::arg("scales"), pybind11::arg("bias"), pybind11::arg("bits"),
-        pybind11::arg("group_size"), pybind11::arg("dequantize_into") = pybind11::none());
+        pybind11::arg("group_size"), pybind11::arg("dequantize_into") = pybind11::none(),
+        pybind11::arg("offsets") = pybind11::none());
   m.def("rms_norm_bf16", &rms_norm_bf16, "RMSNorm, optionally after residual += delta");
   m.def("silu_and_mul_bf16", &silu_and_mul_bf16, "silu(gate) * up over a fused [gate | up]");
   m.def("rotary_bf16", &rotary_bf16, "Rotary embedding in place: x * cos + roll(x) * sin");

@@ -35,6 +35,9 @@ struct WriteKvArgs {
   void* kv_cache;
   CacheShape cache;
   const int64_t* slot_mapping;  // [num_tokens]; a negative slot marks a padding row
+  // An int8 cache (kv_int8.h): rows quantized on write; cache.head_dim is the row size
+  // (head_dim + 4) and `kind` the key/value rows' type.
+  bool int8_cache = false;
 };
 
 struct DecodeArgs {
@@ -53,6 +56,8 @@ struct DecodeArgs {
   // are never read; a soft-cap C turns each scaled score s into C * tanh(s / C).
   int64_t sliding_window = 0;
   float soft_cap = 0.0f;
+  // As in WriteKvArgs: `kind` is the query's and out's type, cache.head_dim the row size.
+  bool int8_cache = false;
 };
 
 struct PrefillArgs {

@@ -54,6 +54,7 @@
 
 #include "cpu_ops.h"
 #include "decode_avx512.h"
+#include "kv_int8.h"
 #include "soft_cap.h"
 
 namespace protoserve {
@@ -165,8 +166,8 @@ void shape_scores(DecodeState& st, const UnitSpan& u, float soft_cap) {
 // out rows of sequence s from its partitions' (acc, m, l) at `base`.
 template <typename T>
 void merge_partitions(const DecodeArgs& args, const float* base, int64_t num_parts,
-                      int64_t partial_stride, int64_t dim_pad, int64_t s, float* merged) {
-  const int64_t dim = args.cache.head_dim;
+                      int64_t partial_stride, int64_t dim, int64_t dim_pad, int64_t s,
+                      float* merged) {
   for (int64_t h = 0; h < args.num_heads; ++h) {
     const int64_t m_at = args.num_heads * dim_pad + h;
     const int64_t l_at = m_at + args.num_heads;
@@ -186,14 +187,17 @@ void merge_partitions(const DecodeArgs& args, const float* base, int64_t num_par
   }
 }
 
-template <typename T, typename Kernel>
+// T: the cache's element type; Q: the query's and output's (they differ for an int8 cache,
+// whose rows are head_dim values + a scale: `row` elements apart per kv head).
+template <typename T, typename Kernel, typename Q = T>
 void run_decode(const DecodeArgs& args) {
   const Partitioning<T> plan(args);
   const int64_t num_units = plan.num_units();
   if (num_units == 0) return;
   const int64_t num_kv = args.cache.num_kv_heads;
   const int64_t group = args.num_heads / num_kv;
-  const int64_t dim = args.cache.head_dim;
+  const int64_t row = args.cache.head_dim;
+  const int64_t dim = args.int8_cache ? row - kInt8ScaleBytes : row;
   const int64_t dim_pad = round_up(dim, 32);
   const int64_t block_size = plan.block_size;
   const int64_t stride = plan.cache.token_stride();
@@ -210,8 +214,8 @@ void run_decode(const DecodeArgs& args) {
       any_split ? new std::atomic<int64_t>[args.num_seqs] : nullptr);
   for (int64_t s = 0; any_split && s < args.num_seqs; ++s) parts_done[s].store(0);
 
-  T* out = static_cast<T*>(args.out.data);
-  const T* query = static_cast<const T*>(args.query.data);
+  Q* out = static_cast<Q*>(args.out.data);
+  const Q* query = static_cast<const Q*>(args.query.data);
   // Units go out one at a time from a shared counter (ragged contexts stay balanced); a
   // worker claims its next unit early only to know what to prefetch.
   std::atomic<int64_t> next_unit{0};
@@ -235,7 +239,7 @@ void run_decode(const DecodeArgs& args) {
         const int64_t index = cur.first_block + i;
         const T* keys = plan.rows(cur, index, 0);
         for (int64_t kv = 0; kv < num_kv; ++kv)
-          Kernel::scores(st, kv * group, group, keys + kv * dim, stride, plan.tokens_in(cur, index),
+          Kernel::scores(st, kv * group, group, keys + kv * row, stride, plan.tokens_in(cur, index),
                          index * block_size - cur.begin, args.scale,
                          plan.slice_at(cur, next, i * num_kv + kv + ahead));
       }
@@ -248,7 +252,7 @@ void run_decode(const DecodeArgs& args) {
         const int64_t index = cur.first_block + i;
         const T* values = plan.rows(cur, index, 1);
         for (int64_t kv = 0; kv < num_kv; ++kv)
-          Kernel::accumulate(st, kv * group, group, values + kv * dim, stride,
+          Kernel::accumulate(st, kv * group, group, values + kv * row, stride,
                              plan.tokens_in(cur, index), index * block_size - cur.begin,
                              plan.slice_at(cur, next, (nb + i) * num_kv + kv + ahead));
       }
@@ -257,9 +261,10 @@ void run_decode(const DecodeArgs& args) {
       if (plan.num_parts(s) == 1) {
         Kernel::finish(st, natural.data());
         for (int64_t h = 0; h < args.num_heads; ++h) {
-          T* row = out + s * args.out.token_stride + h * args.out.head_stride;
+          Q* out_row = out + s * args.out.token_stride + h * args.out.head_stride;
           const float inv = 1.0f / st.l[h];
-          for (int64_t d = 0; d < dim; ++d) row[d] = from_float<T>(natural[h * dim_pad + d] * inv);
+          for (int64_t d = 0; d < dim; ++d)
+            out_row[d] = from_float<Q>(natural[h * dim_pad + d] * inv);
         }
       } else {
         float* partial = partials.get() + unit * partial_stride;
@@ -268,8 +273,9 @@ void run_decode(const DecodeArgs& args) {
         std::copy(st.l.begin(), st.l.end(), partial + args.num_heads * dim_pad + args.num_heads);
         // acq_rel: the last finisher sees every other partition's stores.
         if (parts_done[s].fetch_add(1, std::memory_order_acq_rel) + 1 == plan.num_parts(s))
-          merge_partitions<T>(args, partials.get() + plan.unit_begin[s] * partial_stride,
-                              plan.num_parts(s), partial_stride, dim_pad, s, natural.data());
+          merge_partitions<Q>(args, partials.get() + plan.unit_begin[s] * partial_stride,
+                              plan.num_parts(s), partial_stride, dim, dim_pad, s,
+                              natural.data());
       }
       unit = following;
     }
@@ -279,6 +285,13 @@ void run_decode(const DecodeArgs& args) {
 }  // namespace
 
 void paged_decode_attention(const DecodeArgs& args) {
+  if (args.int8_cache) {
+    if (args.kind == ScalarKind::kFloat32)
+      run_decode<int8_t, Int8Decode<float>, float>(args);
+    else
+      run_decode<int8_t, Int8Decode<bf16_t>, bf16_t>(args);
+    return;
+  }
   if (args.kind == ScalarKind::kFloat32) {
     run_decode<float, PortableDecode<float>>(args);
     return;

@@ -56,7 +56,8 @@ void linear_bf16_op(torch::Tensor& out, const torch::Tensor& input, const torch:
 void linear_int_op(torch::Tensor& out, const torch::Tensor& input, const torch::Tensor& packed,
                    const torch::Tensor& scales, const std::optional<torch::Tensor>& bias,
                    int64_t bits, int64_t group_size,
-                   const std::optional<torch::Tensor>& dequantize_into) {
+                   const std::optional<torch::Tensor>& dequantize_into,
+                   const std::optional<torch::Tensor>& offsets) {
   TORCH_CHECK(has_avx512_bf16(), "linear_int needs AVX512_BF16");
   TORCH_CHECK(bits == 8 || bits == 4, "linear_int: bits must be 8 or 4, got ", bits);
   for (const torch::Tensor* t : {static_cast<const torch::Tensor*>(&out), &input})
@@ -72,17 +73,29 @@ void linear_int_op(torch::Tensor& out, const torch::Tensor& input, const torch::
   TORCH_CHECK(group_size > 0 && group_size % columns_per_vector == 0, "group_size must be a "
               "multiple of ", columns_per_vector, " for int", bits, ", got ", group_size);
   const int64_t num_groups = (in_features + group_size - 1) / group_size;
-  TORCH_CHECK(scales.device().is_cpu() && scales.scalar_type() == torch::kFloat32 &&
-                  scales.is_contiguous() && scales.dim() == 3 && scales.size(0) == num_panels &&
+  const auto is_group_float = [](const torch::Tensor& t) {
+    return t.device().is_cpu() && t.is_contiguous() &&
+           (t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kFloat16);
+  };
+  TORCH_CHECK(is_group_float(scales) && scales.dim() == 3 && scales.size(0) == num_panels &&
                   scales.size(1) == num_groups && scales.size(2) == 16,
-              "scales must be contiguous float32 [", num_panels, ", ", num_groups, ", 16]");
+              "scales must be contiguous float32 or float16 [", num_panels, ", ", num_groups,
+              ", 16]");
+  GroupValues offset_values{nullptr, false};
+  if (offsets.has_value()) {
+    TORCH_CHECK(is_group_float(*offsets) && offsets->sizes() == scales.sizes(),
+                "offsets must be contiguous float32 or float16 shaped like scales");
+    offset_values = {offsets->data_ptr(), offsets->scalar_type() == torch::kFloat16};
+  }
+  const GroupValues scale_values{scales.data_ptr(), scales.scalar_type() == torch::kFloat16};
   const auto [num_tokens, out_features] =
       check_rows_and_panels(out, input, in_features, num_panels);
   const void* bias_ptr = checked_bias(bias, out_features);
   LinearIntArgs args{out.data_ptr(),   out.stride(0),
                      input.data_ptr(), input.stride(0),
-                     packed.data_ptr<uint8_t>(), scales.data_ptr<float>(),
-                     bias_ptr,         num_tokens,
+                     packed.data_ptr<uint8_t>(), scale_values,
+                     offset_values,    bias_ptr,
+                     num_tokens,
                      in_features,      out_features,
                      static_cast<int>(bits), group_size};
   if (dequantize_into.has_value()) {

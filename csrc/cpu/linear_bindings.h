@@ -12,10 +12,12 @@ void linear_bf16_op(torch::Tensor& out, const torch::Tensor& input, const torch:
                     const std::optional<torch::Tensor>& bias);
 
 // Weight-only int8/int4 linear over panels packed by engine/layers/quant/panels.py; with
-// `dequantize_into`, only the weight's bf16 panels are written there (for linear_bf16).
+// `dequantize_into`, only the weight's bf16 panels are written there (for linear_bf16);
+// `offsets` (shaped like scales): asymmetric weights w = Q * scale + offset.
 void linear_int_op(torch::Tensor& out, const torch::Tensor& input, const torch::Tensor& packed,
                    const torch::Tensor& scales, const std::optional<torch::Tensor>& bias,
                    int64_t bits, int64_t group_size,
-                   const std::optional<torch::Tensor>& dequantize_into);
+                   const std::optional<torch::Tensor>& dequantize_into,
+                   const std::optional<torch::Tensor>& offsets);
 
 }  // namespace protoserve

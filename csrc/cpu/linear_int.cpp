@@ -1,5 +1,5 @@
 // linear_int: out[M, N] = x[M, K] . dequant(Q)[N, K]^T (+ bias), x and out bfloat16, Q int8 or
-// int4 with fp32 scales per (row, group of group_size columns).
+// int4 with fp32 (or exactly representable fp16) scales per (row, group of group_size columns).
 //
 // Decode streams every weight once per step, so fewer bytes per weight is the speed-up, as
 // long as turning bytes into bf16 operands costs less than streaming them did. Integers
@@ -22,6 +22,11 @@
 //
 // Products are exact and sums fp32, so the result is the exact x . (Q * scale) up to fp32
 // summation error, rounded once to bf16.
+//
+// Asymmetric weights (GPTQ / AWQ zero points, compressed-tensors asymmetric) are
+// w = Q * scale + offset per (row, group) with offset = -zero * scale; the offset's share of a
+// group is offset * sum(x), the same per-token group sum, so the epilogue adds one more fma:
+//   offsets[p, g, r]             = offset[16 p + r, g]
 #include <algorithm>
 #include <vector>
 
@@ -39,9 +44,18 @@ using panel_gemm::kPanelRows;
 constexpr int64_t kVectorBytes = 32;  // one load per step: 32 (int8) or 64 (int4) weights
 constexpr int64_t kPrefetchBytes = 4096;
 
+// 16 rows' values of one group: fp16 widened exactly to fp32, or fp32 as stored.
+inline __m512 load_group(const GroupValues& values, int64_t index) {
+  if (values.half)
+    return _mm512_cvtph_ps(_mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(values.data) + index)));
+  return _mm512_loadu_ps(static_cast<const float*>(values.data) + index);
+}
+
 struct IntRun {
   const uint8_t* weight;
-  const float* scales;
+  GroupValues scales;
+  GroupValues offsets;  // data nullptr: symmetric
   int64_t in_features;
   int64_t group_size;
   int64_t num_groups;
@@ -65,7 +79,7 @@ inline void nibble_operands(const uint8_t* bytes, __m512bh& low, __m512bh& high)
 }
 
 // NP panels x MT tokens from token m0, group by group; see panel_gemm::tile.
-template <int BITS, int NP, int MT, typename Epilogue>
+template <int BITS, bool OFFSETS, int NP, int MT, typename Epilogue>
 inline void tile(const IntRun& run, int64_t panel0, int64_t num_panels, int64_t m0,
                  Epilogue& epilogue) {
   // Steps of one 32-byte load: int8 one pair of columns, int4 two.
@@ -119,15 +133,23 @@ inline void tile(const IntRun& run, int64_t panel0, int64_t num_panels, int64_t 
         }
       }
     }
-    // Group epilogue: remove the offsets' share, apply the rows' scales.
+    // Group epilogue: remove the constant C's share, apply the rows' scales (and offsets).
     for (int p = 0; p < NP; ++p) {
-      const __m512 scale = _mm512_loadu_ps(run.scales + (panel_index[p] * run.num_groups + g) *
-                                                            kPanelRows);
+      const __m512 scale =
+          load_group(run.scales, (panel_index[p] * run.num_groups + g) * kPanelRows);
       for (int t = 0; t < MT; ++t) {
         const __m512 offset =
             _mm512_set1_ps(correction * run.x_sums[(m0 + t) * run.num_groups + g]);
         total[p][t] = _mm512_fmadd_ps(_mm512_sub_ps(acc[p][t], offset), scale, total[p][t]);
         acc[p][t] = _mm512_setzero_ps();
+      }
+      if constexpr (OFFSETS) {
+        const __m512 group_offset =
+            load_group(run.offsets, (panel_index[p] * run.num_groups + g) * kPanelRows);
+        for (int t = 0; t < MT; ++t)
+          total[p][t] = _mm512_fmadd_ps(
+              _mm512_set1_ps(run.x_sums[(m0 + t) * run.num_groups + g]), group_offset,
+              total[p][t]);
       }
     }
   }
@@ -138,27 +160,28 @@ inline void tile(const IntRun& run, int64_t panel0, int64_t num_panels, int64_t 
   }
 }
 
-template <int BITS, int NP, int MT, typename Epilogue>
+template <int BITS, bool OFFSETS, int NP, int MT, typename Epilogue>
 inline void token_tiles(const IntRun& run, int64_t panel0, int64_t num_panels,
                         Epilogue& epilogue) {
   int64_t m0 = 0;
   for (; m0 + MT <= run.num_tokens; m0 += MT)
-    tile<BITS, NP, MT>(run, panel0, num_panels, m0, epilogue);
+    tile<BITS, OFFSETS, NP, MT>(run, panel0, num_panels, m0, epilogue);
   const int64_t rest = run.num_tokens - m0;
   if (rest == 0) return;
   [&]<int... R>(std::integer_sequence<int, R...>) {
-    ((rest == R + 1 ? tile<BITS, NP, R + 1>(run, panel0, num_panels, m0, epilogue) : void()),
+    ((rest == R + 1 ? tile<BITS, OFFSETS, NP, R + 1>(run, panel0, num_panels, m0, epilogue)
+                    : void()),
      ...);
   }(std::make_integer_sequence<int, MT - 1>{});
 }
 
-template <int BITS, int NP, int MT>
+template <int BITS, bool OFFSETS, int NP, int MT>
 void run(const LinearIntArgs& args) {
   const int64_t num_panels = ceil_div(args.out_features, kPanelRows);
   const int64_t num_panel_groups = ceil_div(num_panels, NP);
   const int64_t num_groups = ceil_div(args.in_features, args.group_size);
   const bf16_t* input = static_cast<const bf16_t*>(args.input);
-  // Per token: sum(x) of each group (the offsets' share) and, for int8, 16 x.
+  // Per token: sum(x) of each group (C's and the offsets' share) and, for int8, 16 x.
   std::vector<float> x_sums(args.num_tokens * num_groups, 0.0f);
   std::vector<bf16_t> input16(BITS == 8 ? args.num_tokens * args.in_features : 0);
   for (int64_t m = 0; m < args.num_tokens; ++m) {
@@ -169,10 +192,10 @@ void run(const LinearIntArgs& args) {
       if constexpr (BITS == 8) input16[m * args.in_features + k] = float_to_bf16(value * 16.0f);
     }
   }
-  const IntRun gemm{args.packed_weight, args.scales,     args.in_features,
-                    args.group_size,    num_groups,      input,
-                    args.input_stride,  input16.data(),  x_sums.data(),
-                    args.num_tokens};
+  const IntRun gemm{args.packed_weight, args.scales,     args.offsets,
+                    args.in_features,   args.group_size, num_groups,
+                    input,              args.input_stride, input16.data(),
+                    x_sums.data(),      args.num_tokens};
   const bf16_t* bias = static_cast<const bf16_t*>(args.bias);
   bf16_t* output = static_cast<bf16_t*>(args.output);
   at::parallel_for(0, num_panel_groups, 1, [&](int64_t begin, int64_t end) {
@@ -191,7 +214,7 @@ void run(const LinearIntArgs& args) {
                                    panel_gemm::to_bf16(value));
         }
       };
-      token_tiles<BITS, NP, MT>(gemm, panel0, group_panels, store);
+      token_tiles<BITS, OFFSETS, NP, MT>(gemm, panel0, group_panels, store);
     }
   });
 }
@@ -209,20 +232,27 @@ void dequantize_panel(const LinearIntArgs& args, int64_t panel, bf16_t* out) {
   const __m512i offset = _mm512_set1_epi32(1 << (BITS - 1));
   const uint8_t* bytes = args.packed_weight + panel * steps * kVectorBytes;
   __m512 scale_lo = _mm512_setzero_ps(), scale_hi = _mm512_setzero_ps();
+  __m512 offset_lo = _mm512_setzero_ps(), offset_hi = _mm512_setzero_ps();
   int64_t group = -1;
   // One pair of columns: unsigned values of elements 0-15 and 16-31 -> 32 bf16 weights.
   auto pair_out = [&](int64_t k2, __m512i first, __m512i second) {
     const int64_t g = 2 * k2 / args.group_size;
     if (g != group) {
       group = g;
-      const __m512 s = _mm512_loadu_ps(args.scales + (panel * num_groups + g) * kPanelRows);
+      const __m512 s = load_group(args.scales, (panel * num_groups + g) * kPanelRows);
       scale_lo = _mm512_permutexvar_ps(rows_lo, s);
       scale_hi = _mm512_permutexvar_ps(rows_hi, s);
+      if (args.offsets.data != nullptr) {
+        const __m512 o = load_group(args.offsets, (panel * num_groups + g) * kPanelRows);
+        offset_lo = _mm512_permutexvar_ps(rows_lo, o);
+        offset_hi = _mm512_permutexvar_ps(rows_hi, o);
+      }
     }
-    const __m512 w_lo =
-        _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(first, offset)), scale_lo);
-    const __m512 w_hi =
-        _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(second, offset)), scale_hi);
+    // Symmetric weights keep offset 0: Q * scale + 0 is the product's own rounding.
+    const __m512 w_lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(first, offset)),
+                                        scale_lo, offset_lo);
+    const __m512 w_hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(second, offset)),
+                                        scale_hi, offset_hi);
     _mm512_storeu_si512(out + k2 * 2 * kPanelRows, (__m512i)_mm512_cvtne2ps_pbh(w_hi, w_lo));
   };
   for (int64_t s = 0; s < steps; ++s) {
@@ -244,24 +274,25 @@ void dequantize_panel(const LinearIntArgs& args, int64_t panel, bf16_t* out) {
 }
 
 // Accumulators and running totals both stay in registers: half linear_bf16's tiles.
-template <int BITS>
+template <int BITS, bool OFFSETS>
 void dispatch(const LinearIntArgs& args) {
   if (args.num_tokens == 1) {
-    run<BITS, 8, 1>(args);
+    run<BITS, OFFSETS, 8, 1>(args);
   } else if (args.num_tokens <= 4) {
-    run<BITS, 3, 4>(args);
+    run<BITS, OFFSETS, 3, 4>(args);
   } else {
-    run<BITS, 2, 6>(args);
+    run<BITS, OFFSETS, 2, 6>(args);
   }
 }
 
 }  // namespace
 
 void linear_int(const LinearIntArgs& args) {
+  const bool offsets = args.offsets.data != nullptr;
   if (args.bits == 8) {
-    dispatch<8>(args);
+    offsets ? dispatch<8, true>(args) : dispatch<8, false>(args);
   } else {
-    dispatch<4>(args);
+    offsets ? dispatch<4, true>(args) : dispatch<4, false>(args);
   }
 }
 

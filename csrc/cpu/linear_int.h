@@ -1,5 +1,5 @@
 // Weight-only int8 / int4 linear (W8A16, W4A16): bfloat16 activations, integer weights with
-// fp32 scales per output row and group of input columns (one group spanning every column for
+// fp32 or fp16 scales per output row and group of input columns (one group spanning every column for
 // per-channel scales). Kernel in linear_int.cpp; layouts described there.
 #pragma once
 
@@ -7,13 +7,24 @@
 
 namespace protoserve {
 
+// Per (row, group) floats in the panels' order [ceil(N / 16), num_groups, 16], stored as fp32
+// or, where every value is exactly an fp16 (GGUF's and GPTQ/AWQ's scales are), as fp16: two
+// bytes less per group of streamed weights.
+struct GroupValues {
+  const void* data;  // nullptr: none (offsets of symmetric weights)
+  bool half;
+};
+
 struct LinearIntArgs {
   void* output;  // bf16 [num_tokens, out_features]
   int64_t output_stride;
   const void* input;  // bf16 [num_tokens, in_features]
   int64_t input_stride;
   const uint8_t* packed_weight;  // [ceil(N / 16), K / 2 (int8) or K / 4 (int4), 32] bytes
-  const float* scales;           // [ceil(N / 16), num_groups, 16]
+  GroupValues scales;
+  // Asymmetric formats (zero points): w = Q * scale + offset per (row, group), same layout as
+  // scales; data nullptr for symmetric weights (offset 0).
+  GroupValues offsets;
   const void* bias;              // bf16 [out_features] or nullptr
   int64_t num_tokens;
   int64_t in_features;
@@ -24,7 +35,8 @@ struct LinearIntArgs {
 
 void linear_int(const LinearIntArgs& args);  // only with has_avx512_bf16()
 // The weight of `args` (input, output and bias unused) into linear_bf16's bf16 panels
-// [ceil(N / 16), K / 2, 16, 2] at `out`, rounded as torch's (Q.float() * scale).to(bf16).
+// [ceil(N / 16), K / 2, 16, 2] at `out`, rounded as torch's (Q.float() * scale).to(bf16)
+// (with offsets: (Q.float() * scale + offset).to(bf16), the product and sum fused).
 void dequantize_int_panels(const LinearIntArgs& args, void* out);
 
 }  // namespace protoserve

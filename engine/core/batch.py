@@ -8,6 +8,10 @@ The runner lives in the same process, so sequences are passed by reference (no c
 
 When `start + num_tokens == len(token_ids)` the step reaches the newest token, so the runner
 samples the next one (`sample=True`); a chunk of a longer prompt does not sample.
+
+Speculative decoding: a request at its decode point may carry `draft_token_ids`, proposed
+tokens computed after its newest one in the same step (positions len(token_ids) ..):
+`num_tokens` counts them too, and the runner verifies them (engine.spec_decode.rejection).
 """
 from __future__ import annotations
 
@@ -41,6 +45,8 @@ class ScheduledRequest:
     grammar: Grammar | None = None
     # The adapter its rows run with (None: the base model).
     lora: LoRARequest | None = None
+    # Draft tokens to verify after the newest token (speculative decoding); not in token_ids.
+    draft_token_ids: Sequence[int] = ()
 
     @property
     def num_output_tokens(self) -> int:

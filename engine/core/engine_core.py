@@ -14,6 +14,7 @@ from engine.core.outputs import ModelRunnerOutput, RequestOutput
 from engine.core.request import FinishReason, Request
 from engine.errors import EngineError, InvalidRequestError
 from engine.scheduler import Scheduler
+from engine.spec_decode.proposals import SpecDecoder
 from protoserve.histogram import Histogram
 
 if TYPE_CHECKING:
@@ -41,8 +42,12 @@ class EngineCore:
             enable_prefix_caching=config.cache.enable_prefix_caching,
             sliding_window=runner.kv_sliding_window,
         )
+        spec = (
+            SpecDecoder(config.speculative, max_model_len)
+            if config.speculative is not None else None
+        )
         self.scheduler = Scheduler(
-            config.scheduler, self.kv_cache, max_model_len,
+            config.scheduler, self.kv_cache, max_model_len, spec,
             max_loras=config.lora.max_loras if config.lora is not None else None,
         )
         # Cumulative counters (metrics, and tests that check work skipped by the prefix cache).

@@ -22,6 +22,7 @@ from engine.core.engine_core import EngineCore
 from engine.core.outputs import RequestOutput
 from engine.core.request import FinishReason
 from engine.kv_cache.kv_events import KvEventBatch
+from engine.spec_decode.proposals import SpecDecodeStats
 from protoserve.histogram import Histogram
 
 if TYPE_CHECKING:
@@ -100,6 +101,8 @@ class CoreStats:
     num_queried_tokens: int = 0
     # A copy of the tokens-computed-per-step histogram.
     iteration_tokens: Histogram | None = None
+    # A copy of the speculative decoding counters (None: speculation off).
+    spec_decode: SpecDecodeStats | None = None
 
     @classmethod
     def of(cls, core: EngineCore) -> CoreStats:
@@ -115,6 +118,7 @@ class CoreStats:
             num_hit_tokens=kv.num_hit_tokens,
             num_queried_tokens=kv.num_queried_tokens,
             iteration_tokens=core.iteration_tokens.snapshot(),
+            spec_decode=scheduler.spec.stats.copy() if scheduler.spec is not None else None,
         )
 
 

@@ -32,6 +32,9 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
     # request_id -> pooled vector of each embedding request of the batch.
     embeddings: dict[str, list[float]] = field(default_factory=dict)
+    # request_id -> how many of its draft tokens were accepted, for requests that had drafts:
+    # those drafts come before its entry in `sampled_token_ids` (the target's own token).
+    num_accepted_drafts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

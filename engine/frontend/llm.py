@@ -50,6 +50,7 @@ from engine.lora.request import LoRARequest
 from engine.models.hub import local_model_config
 from engine.runner.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
+from engine.spec_decode.config import parse_speculative_config
 from engine.structured.compiler import GrammarCompiler
 from engine.structured.constraint import OutputConstraint
 from engine.tokenizer import Tokenizer
@@ -138,6 +139,7 @@ class LLM:
         scheduling_policy: str = "fcfs",
         guided_decoding_backend: str = "llguidance",
         lora: LoRAConfig | None = None,
+        speculative_config: dict | None = None,
     ) -> None:
         """`lora`: serve LoRA adapters, named per prompt by `generate(lora_requests=...)`."""
         self.config = EngineConfig(
@@ -162,6 +164,9 @@ class LLM:
             ),
             guided_decoding_backend=guided_decoding_backend,
             lora=lora,
+            speculative=(
+                parse_speculative_config(speculative_config) if speculative_config else None
+            ),
         )
         self.runner = ModelRunner(
             self.config.model,

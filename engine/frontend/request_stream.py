@@ -5,6 +5,7 @@ the request (first admission, prefix-cache hit), learned from the outputs: the c
 Request never leaves the core."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -70,6 +71,8 @@ class RequestStream:
         if output.error is not None:  # refused by the core before it ran: no stream starts
             self.fail(output.error)
             return True, False
+        if self.stop_matcher is not None and len(output.new_token_ids) > 1:
+            return self._on_tokens_one_by_one(output)
         if self.first_scheduled_time is None and output.first_scheduled_time is not None:
             self.first_scheduled_time = output.first_scheduled_time
             self.num_cached_tokens = output.num_cached_tokens
@@ -98,6 +101,23 @@ class RequestStream:
                 message=output.finish_message,
             )
             return True, False
+        return False, False
+
+    def _on_tokens_one_by_one(self, output: RequestOutput) -> tuple[bool, bool]:
+        """Several tokens in one step (speculative decoding; such requests carry no
+        logprobs): a stop string may end inside them, so each token goes through the stop
+        check alone and the tokens after the stop are neither delivered nor counted, as
+        without speculation."""
+        last = len(output.new_token_ids) - 1
+        for i, token_id in enumerate(output.new_token_ids):
+            part = dataclasses.replace(output, new_token_ids=[token_id])
+            if i < last:
+                part.finish_reason = part.stop_token_id = part.finish_message = None
+            if i > 0:
+                part.prompt_logprobs = None
+            done, stopped = self.on_output(part)
+            if done:
+                return done, stopped
         return False, False
 
     def _deliver(self, output: RequestOutput, text: str, last: bool) -> None:

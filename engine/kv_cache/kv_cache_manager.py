@@ -210,6 +210,17 @@ class KVCacheManager:
         if stored:
             self._record_stored(request, stored)
 
+    def free_blocks_beyond(self, request: Request, num_tokens: int) -> None:
+        """Give back the request's blocks past those positions [0, num_tokens) need: blocks
+        that only rejected draft tokens reached (never published: they hold no accepted KV)."""
+        num_dropped = self._num_dropped_blocks.get(request.request_id, 0)
+        keep = max(self.blocks_needed(num_tokens), num_dropped)
+        if len(request.block_ids) <= keep:
+            return
+        blocks = self.pool.blocks
+        self.pool.free(blocks[i] for i in reversed(request.block_ids[keep:]))
+        del request.block_ids[keep:]
+
     def free(self, request: Request) -> None:
         """Release the request's blocks (cached ones stay findable until evicted)."""
         blocks = self.pool.blocks

@@ -11,9 +11,15 @@ llm-compressor wrote loads tensor for tensor and online quantization fills the s
                    first, each stored as q + 2^(bits - 1) (unsigned)
     weight_scale   float32 [out, ceil(in / group_size)] (one column: per output channel)
 
-Both have one row per output feature, so q/k/v and gate/up shards fuse along dim 0 into one
+    weight_offset  float32 [out, ceil(in / group_size)], asymmetric schemes only
+
+All have one row per output feature, so q/k/v and gate/up shards fuse along dim 0 into one
 layer exactly as unquantized weights do (models/weights.py FusedWeightLoader). The weight is
-w[n, k] = q[n, k] * weight_scale[n, k // group_size] (symmetric, round-to-nearest).
+w[n, k] = q[n, k] * weight_scale[n, g] + weight_offset[n, g], g = k // group_size: offset 0
+for symmetric schemes, -zero_point * scale for zero-point formats (GPTQ, AWQ and
+compressed-tensors asymmetric, translated into these fields by quant/checkpoint_formats.py).
+GPTQ's act-order checkpoints (desc_act) store columns in any group order: their columns are
+sorted by group once at load, and `input_perm` gathers the activations' columns to match.
 
 After loading, `finalize_quantized_linears` lays each layer out once for where it runs:
 - bfloat16 on a CPU with our AVX512_BF16 kernels: engine.ops.linear_int's panels (integers
@@ -35,6 +41,7 @@ from engine.layers.quant.panels import (
     DEQUANTIZE_ROWS,
     dequantize_panels,
     kernel_supports,
+    pack_group_values,
     pack_int_panels,
 )
 
@@ -46,8 +53,13 @@ class WeightQuant:
 
     bits: int  # 8 | 4
     group_size: int | None
-    # "int8" / "int4": quantized here at load time; "compressed-tensors": read from the file.
+    # "int8" / "int4": quantized here at load time; "compressed-tensors", "gptq", "awq": read
+    # from the checkpoint.
     method: str
+    # Zero points: the layers carry a per-group offset (w = q * scale + offset).
+    asymmetric: bool = False
+    # GPTQ checkpoint_format "gptq" (v1) stores each zero point minus one.
+    zero_plus_one: bool = False
 
     def groups(self, in_features: int) -> int:
         return 1 if self.group_size is None else -(-in_features // self.group_size)
@@ -95,18 +107,28 @@ class QuantizedLinear(nn.Module):
                         device=device),
             requires_grad=False,
         )
+        self.weight_offset: nn.Parameter | None = (
+            nn.Parameter(torch.empty(out_features, quant.groups(in_features),
+                                     dtype=torch.float32, device=device), requires_grad=False)
+            if quant.asymmetric else None
+        )
         self.bias = (
             nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
             if bias
             else None
         )
+        # Act-order checkpoints: input column j of the stored (group-sorted) weight is column
+        # input_perm[j] of x. Set after loading (quant/checkpoint_formats.py), else None.
+        self.input_perm: torch.Tensor | None = None
         # Set by `finalize`: "int_panels" (engine.ops.linear_int) | "dequantize" (torch).
         # Never "panels", so the bf16-only fused decode path (models/fused_decode.py) declines.
         self.packing: str | None = None
         self.panels: torch.Tensor | None = None
         self.panel_scales: torch.Tensor | None = None
+        self.panel_offsets: torch.Tensor | None = None
         self.qweight: torch.Tensor | None = None  # int8 [out, in], the torch path
         self.scale: torch.Tensor | None = None  # float32 [out, groups], the torch path
+        self.offset: torch.Tensor | None = None  # float32 [out, groups] or None, the torch path
 
     @classmethod
     def from_weight(cls, linear: Linear, quant: WeightQuant) -> QuantizedLinear:
@@ -124,32 +146,40 @@ class QuantizedLinear(nn.Module):
         return layer
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight this layer multiplies by, [out, in] in `dtype` (before finalize too)."""
-        return dequantize(self._int_values(), self._scale(), self.group_size).to(dtype)
+        """The weight this layer multiplies by, [out, in] in `dtype` (before finalize too), its
+        columns in `input_perm` order where that is set."""
+        return dequantize(self._int_values(), self._scale(), self.group_size,
+                          self._offset()).to(dtype)
 
     def finalize(self, use_kernel: bool) -> None:
         """Lay the loaded weight out for forward(); the packed int32 copy is dropped."""
-        qweight, scale = self._int_values(), self._scale()
+        qweight, scale, offset = self._int_values(), self._scale(), self._offset()
         if use_kernel:
             self.panels, self.panel_scales = pack_int_panels(
                 qweight, scale, self.quant.bits, self.group_size)
+            self.panel_offsets = None if offset is None else pack_group_values(offset)
             self.packing = "int_panels"
         else:
-            self.qweight, self.scale = qweight, scale
+            self.qweight, self.scale, self.offset = qweight, scale, offset
             self.packing = "dequantize"
         self.weight_packed = None
         self.weight_scale = None
+        self.weight_offset = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_perm is not None:
+            x = x.index_select(-1, self.input_perm)
         if self.packing == "int_panels":
             assert self.panels is not None and self.panel_scales is not None
             if x.numel() >= DEQUANTIZE_ROWS * self.in_features:  # prefill: compute bound
                 weight = dequantize_panels(self.panels, self.panel_scales, self.quant.bits,
-                                           self.group_size, self.out_features, self.in_features)
+                                           self.group_size, self.out_features, self.in_features,
+                                           self.panel_offsets)
                 return ops.linear_bf16(x, weight, self.bias, self.out_features)
             return ops.linear_int(x, self.panels, self.panel_scales, self.bias, self.out_features,
-                                  self.quant.bits, self.group_size)
-        weight = dequantize(self._int_values(), self._scale(), self.group_size).to(x.dtype)
+                                  self.quant.bits, self.group_size, self.panel_offsets)
+        weight = dequantize(self._int_values(), self._scale(), self.group_size,
+                            self._offset()).to(x.dtype)
         return F.linear(x, weight, self.bias)
 
     def _int_values(self) -> torch.Tensor:
@@ -166,8 +196,15 @@ class QuantizedLinear(nn.Module):
             return self.scale
         raise RuntimeError("int_panels layers keep their scales in panel order only")
 
+    def _offset(self) -> torch.Tensor | None:
+        if self.weight_offset is not None:
+            return self.weight_offset.detach()
+        return self.offset
+
     def extra_repr(self) -> str:
         group = "channel" if self.quant.group_size is None else f"group={self.group_size}"
+        if self.quant.asymmetric:
+            group += " asymmetric"
         packed = f", packed={self.packing}" if self.packing is not None else ""
         return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
                 f"int{self.quant.bits} {group}{packed}")
@@ -230,10 +267,15 @@ def quantize_weight(
     return qweight.view(out_features, -1)[:, :in_features].to(torch.int8), scale
 
 
-def dequantize(qweight: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
-    """q [out, in] int8 * scale [out, groups] -> float32 [out, in]."""
-    expanded = scale.float().repeat_interleave(group_size, dim=1)[:, : qweight.shape[1]]
-    return qweight.float() * expanded
+def dequantize(qweight: torch.Tensor, scale: torch.Tensor, group_size: int,
+               offset: torch.Tensor | None = None) -> torch.Tensor:
+    """q [out, in] int8 * scale [out, groups] (+ offset [out, groups]) -> float32 [out, in]."""
+    columns = qweight.shape[1]
+    expanded = scale.float().repeat_interleave(group_size, dim=1)[:, :columns]
+    if offset is None:
+        return qweight.float() * expanded
+    shift = offset.float().repeat_interleave(group_size, dim=1)[:, :columns]
+    return torch.addcmul(shift, qweight.float(), expanded)
 
 
 def pack_int32(qweight: torch.Tensor, bits: int) -> torch.Tensor:

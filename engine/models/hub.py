@@ -23,6 +23,7 @@ from pathlib import Path
 
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
+from engine.models.gguf_checkpoint import gguf_model_directory, is_gguf_file
 from engine.models.weights import find_checkpoint_files, read_weight_map, weight_layout
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def is_hub_id(model: str) -> bool:
     """`org/name` or `name` that is not a local directory (a path-like value never is)."""
     path = Path(model).expanduser()
     return not (path.is_dir() or path.is_absolute() or model.startswith((".", "~"))
-                or model.count("/") > 1 or not model.strip())
+                or model.count("/") > 1 or not model.strip() or is_gguf_file(path))
 
 
 def model_directory(
@@ -58,6 +59,8 @@ def model_directory(
     path = Path(model).expanduser()
     if path.is_dir():
         return path.resolve()
+    if is_gguf_file(path):
+        return gguf_model_directory(path)
     if not is_hub_id(model):
         raise ModelLoadError(f"model directory {model} does not exist")
     return download_snapshot(model, revision=revision, cache_dir=download_dir,
@@ -72,6 +75,9 @@ def local_model_config(config: ModelConfig) -> ModelConfig:
     separate_tokenizer_revision = (
         tokenizer is None and config.tokenizer_revision not in (None, config.revision)
     )
+    if is_gguf_file(config.model):  # its directory holds the config and tokenizer it implies
+        return replace(config, model=str(gguf_model_directory(Path(config.model))),
+                       served_model_names=config.served_model_names or (config.model,))
     if not is_hub_id(config.model) and not (tokenizer is not None and is_hub_id(tokenizer)):
         return config
     model_dir = model_directory(config.model, revision=config.revision,

@@ -18,6 +18,11 @@ from engine.config import ModelConfig
 from engine.errors import ModelLoadError
 from engine import ops
 from engine.layers.linear import prepack_cpu_linears
+from engine.layers.quant.checkpoint_formats import (
+    CheckpointTranslator,
+    attach_input_perms,
+    needs_translation,
+)
 from engine.layers.quant.resolve import resolve_quantization
 from engine.layers.quantized_linear import (
     ONLINE_SCHEMES,
@@ -27,6 +32,7 @@ from engine.layers.quantized_linear import (
 from engine.layers.rotary import SUPPORTED_ROPE_TYPES, RopeSpec, build_rotary, read_rope_spec
 from engine.models.bert import BertModel
 from engine.models.decoder import DecoderForCausalLM
+from engine.models.gguf_checkpoint import GGUF, gguf_quantization, iter_gguf
 from engine.models.registry import get_model_class, is_generative, supported_architectures
 from engine.models.st_config import (
     SentenceTransformersConfig,
@@ -99,8 +105,11 @@ def load_model(model_config: ModelConfig, *, attention_backend: str = "torch") -
     if model_config.max_model_len is None and st_config.max_seq_length is not None:
         # The length the embedding model was trained and evaluated at.
         max_model_len = min(max_model_len, st_config.max_seq_length)
-    quant = resolve_quantization(model_config.quantization, model_path, generative=generative,
-                                 load_format=model_config.load_format)
+    if weight_format == GGUF:
+        quant = gguf_quantization(model_config.quantization, weight_files[0])
+    else:
+        quant = resolve_quantization(model_config.quantization, model_path,
+                                     generative=generative, load_format=model_config.load_format)
     stored_quant = quant if quant is not None and quant.method not in ONLINE_SCHEMES else None
     try:
         model = model_class(
@@ -118,6 +127,12 @@ def load_model(model_config: ModelConfig, *, attention_backend: str = "torch") -
             std = float(getattr(hf_config, "initializer_range", 0.02))
             fill_dummy_weights(model, seed=model_config.seed, std=std)
             logger.info("load format dummy: random weights (std %g), no checkpoint read", std)
+        elif weight_format == GGUF:
+            model.load_weights(iter_gguf(weight_files[0], hf_config, stored_quant))
+        elif stored_quant is not None and needs_translation(stored_quant):
+            translator = CheckpointTranslator(stored_quant)
+            model.load_weights(translator.translate(iter_checkpoint(weight_format, weight_files)))
+            attach_input_perms(model, translator.input_perms, model.dims.renames)
         else:
             model.load_weights(iter_checkpoint(weight_format, weight_files))
     model.eval().requires_grad_(False)

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 class WeightLayout:
     """Which checkpoint files a model directory (or a hub repo's file list) holds."""
 
-    load_format: str  # "safetensors" | "pt"
+    load_format: str  # "safetensors" | "pt" | "gguf"
     index_file: str | None  # the shard index, which then decides the shards
     shard_files: tuple[str, ...]  # the format's weight files, when there is no index
 
@@ -56,6 +56,12 @@ def weight_layout(names: Iterable[str], load_format: str, where: str) -> WeightL
     pt_files = tuple(n for n in pt_files if n.startswith("pytorch_model")) or pt_files
     if load_format in ("auto", "safetensors") and (safetensors or _INDEX_FILE in top):
         return WeightLayout("safetensors", _INDEX_FILE if _INDEX_FILE in top else None, safetensors)
+    gguf_files = tuple(sorted(n for n in top if n.endswith(".gguf")))
+    if load_format == "auto" and gguf_files:  # a GGUF file's directory (gguf_checkpoint.py)
+        if len(gguf_files) > 1:
+            raise ModelLoadError(f"{where} holds {len(gguf_files)} GGUF files "
+                                 f"({', '.join(gguf_files[:3])}): pass one as the model")
+        return WeightLayout("gguf", None, gguf_files)
     if load_format == "safetensors":
         found = f" (it has {', '.join(pt_files[:3])}: use --load-format pt)" if pt_files else ""
         raise ModelLoadError(f"--load-format safetensors: no *.safetensors weights in {where}{found}")

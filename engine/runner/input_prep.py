@@ -62,6 +62,8 @@ def prepare_inputs(batch: ScheduledBatch, block_size: int, device: torch.device)
     for request in prefills:
         end = request.start + request.num_tokens
         input_ids.extend(request.token_ids[request.start : end])
+        if request.draft_token_ids:  # after the newest token, which the slice above ends at
+            input_ids.extend(request.draft_token_ids)
         positions.extend(range(request.start, end))
         slot_mapping.extend(_prefill_slots(request, block_size))
         prefill_block_tables.append(request.block_ids[: _num_blocks(end, block_size)])

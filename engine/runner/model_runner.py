@@ -26,6 +26,7 @@ from engine.runner.memory_profile import (
 from engine.lora.slots import LoRASlots
 from engine.runner.prompt_logprobs import score_prompt_chunks
 from engine.sampling.sampler import Sampler
+from engine.spec_decode.runner_step import has_drafts, sample_with_drafts
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +134,13 @@ class ModelRunner:
             )
             if not inputs.sample_requests:
                 return ModelRunnerOutput([], [], prompt_logprobs=prompt_logprobs)
+            if has_drafts(inputs.sample_requests):
+                output = sample_with_drafts(
+                    self.sampler, hidden, inputs.sample_requests, inputs.sample_rows.tolist(),
+                    self.loaded.model.compute_logits,
+                )
+                output.prompt_logprobs = prompt_logprobs
+                return output
             if not inputs.samples_every_row_in_order:
                 hidden = hidden.index_select(0, inputs.sample_rows)
             logits = self.loaded.model.compute_logits(hidden)

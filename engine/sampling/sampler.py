@@ -104,7 +104,7 @@ class Sampler:
             grammars = [requests[row].grammar for row in grammar_rows]
             logits = apply_grammar_mask(logits, grammar_rows, grammars)  # type: ignore[arg-type]
         if needs_adjusting:
-            logits = _adjust(logits, requests, params)
+            logits = adjust_logits(logits, requests, params)
         step = _StepResult(len(requests), logits.shape[-1], self._device, wants_logprobs)
         greedy_rows = [row for row, p in enumerate(params) if p.is_greedy]
         if greedy_rows:
@@ -136,7 +136,7 @@ class Sampler:
         if any(p.temperature != 1.0 for p in params):
             temperatures = torch.tensor([p.temperature for p in params], device=self._device)
             logits = apply_temperature(logits, temperatures)
-        generators = [self._generator_for(requests[row]) for row in rows]
+        generators = [self.generator_for(requests[row]) for row in rows]
         is_truncated = [needs_top_k(p) or needs_top_p(p) for p in params]
         all_params = [r.sampling_params for r in requests]
         for draw, truncated in ((_draw_candidates, True), (_draw_full_rows, False)):
@@ -150,7 +150,9 @@ class Sampler:
             )
             step.record([rows[i] for i in group], token_ids, final_logits, all_params)
 
-    def _generator_for(self, request: ScheduledRequest) -> torch.Generator | None:
+    def generator_for(self, request: ScheduledRequest) -> torch.Generator | None:
+        """The seeded request's own generator (None when unseeded); draft verification
+        (engine.spec_decode.rejection) draws from the same one."""
         seed = request.sampling_params.seed
         if seed is None:
             return None
@@ -174,7 +176,7 @@ def _is_plain_greedy(request: ScheduledRequest) -> bool:
     )
 
 
-def _adjust(
+def adjust_logits(
     logits: torch.Tensor, requests: Sequence[ScheduledRequest], params: Sequence[SamplingParams]
 ) -> torch.Tensor:
     """Steps 1-2: logit bias, token bans and penalties, on every row that asks for them."""

@@ -17,6 +17,10 @@ KV room is counted in blocks a request really holds: with a sliding window on ev
 the KV cache manager gives back blocks that fell behind the window, so a long request needs
 only its window's blocks, and a chunk that would need more than the whole cache is shortened
 (`KVCacheManager.fit_new_tokens`) instead of ending the request.
+
+Speculative decoding (`spec`): a running request at its decode point may also compute draft
+tokens; they become its tokens only as far as the runner accepted them (`_append_tokens`),
+and the blocks only rejected drafts reached are given back.
 """
 from __future__ import annotations
 
@@ -29,14 +33,19 @@ from engine.kv_cache import KVCacheManager
 from engine.kv_cache.kv_cache_manager import NO_HIT
 from engine.core.outputs import ModelRunnerOutput, RequestOutput
 from engine.core.request import FinishReason, Request, RequestStatus
+from engine.scheduler.admission import adapter_fits, output_of, pick_victim
+from engine.scheduler.invariants import check_scheduler_invariants
+from engine.scheduler.logprob_outputs import attach_logprobs, record_prompt_logprobs
 from engine.scheduler.stop_conditions import check_stop
 from engine.scheduler.waiting_queue import make_waiting_queue
+from engine.spec_decode.proposals import SpecDecoder
 
 logger = logging.getLogger(__name__)
 
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager, max_model_len: int,
+                 spec: SpecDecoder | None = None,
                  max_loras: int | None = None):
         self.config = config
         # Distinct LoRA adapters the runner can apply in one step (None: LoRA off).
@@ -52,6 +61,9 @@ class Scheduler:
         # Outputs of requests finished outside update_from_output (aborts, capacity).
         self._pending_outputs: list[RequestOutput] = []
         self.num_preemptions = 0
+        # Speculative decoding (None: off), and the drafts of this step's requests.
+        self.spec = spec
+        self._drafts: dict[str, list[int]] = {}
 
     # ----- requests in and out -------------------------------------------------------------
 
@@ -91,6 +103,7 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[Request, int]] = []
+        self._drafts = {}
         budget, preempted = self._schedule_running(budget, scheduled)
         if not preempted:
             self._schedule_waiting(budget, scheduled)
@@ -115,18 +128,29 @@ class Scheduler:
         idx = 0
         while idx < len(self.running) and budget > 0:
             request = self.running[idx]
+            num_wanted = request.num_tokens - request.num_computed_tokens
+            drafts = []
+            if self.spec is not None and num_wanted == 1:
+                drafts = self.spec.propose(request, budget)
             num_new = self.kv_cache.fit_new_tokens(
-                request.num_computed_tokens,
-                min(request.num_tokens - request.num_computed_tokens, budget),
+                request.num_computed_tokens, min(num_wanted + len(drafts), budget)
             )
             if num_new == 0:
                 # Even an empty cache cannot hold it: end it rather than preempt forever.
                 self._finish_for_capacity(request)
                 continue
+            if drafts and (
+                num_new <= num_wanted or not self.kv_cache.allocate_slots(request, num_new)
+            ):
+                # No room for drafts (a window-shortened step, or a dry pool): drafts are
+                # never worth a preemption.
+                drafts, num_new = [], min(num_new, num_wanted)
+            if drafts:
+                self._drafts[request.request_id] = drafts[: num_new - num_wanted]
             while not self.kv_cache.allocate_slots(request, num_new):
                 # Only requests not yet scheduled this step are candidates: their blocks are
                 # not referenced by the batch being built.
-                victim = self._pick_victim(self.running[idx:])
+                victim = pick_victim(self.config.policy, self.running[idx:])
                 self._preempt(victim)
                 preempted = True
                 if victim is request:
@@ -153,7 +177,7 @@ class Scheduler:
             if self.kv_cache.fit_new_tokens(0, request.num_tokens) == 0:
                 self._finish_for_capacity(request)  # removes it from the waiting queue
                 continue
-            if not self._adapter_fits(request):
+            if not adapter_fits(request, self.running, self.max_loras):
                 break  # waits until a running request of another adapter finishes
             # prompt_logprobs needs every prompt position computed, so no cached prefix.
             scores_prompt = (
@@ -197,14 +221,6 @@ class Scheduler:
         scheduled.append((request, request.num_tokens))
         return True
 
-    def _adapter_fits(self, request: Request) -> bool:
-        """Every running request may be scheduled in one step, so the running set must stay
-        within the runner's max_loras adapter slots."""
-        if request.lora is None or self.max_loras is None:
-            return True
-        active = {r.lora_id for r in self.running if r.lora is not None}
-        return request.lora_id in active or len(active) < self.max_loras
-
     @staticmethod
     def _mark_scheduled(request: Request) -> None:
         """The end of its queue wait (metrics); a resumption after preemption keeps the first."""
@@ -222,11 +238,6 @@ class Scheduler:
             self._pending_outputs[-1].embedding = output.embeddings.get(request.request_id)
         self.running = [r for r in self.running if not r.status.is_finished]
 
-    def _pick_victim(self, candidates: list[Request]) -> Request:
-        if self.config.policy == "priority":
-            return max(candidates, key=lambda r: (r.priority, r.arrival_time))
-        return candidates[-1]  # FCFS: the newest
-
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self.kv_cache.free(request)
@@ -237,21 +248,22 @@ class Scheduler:
         self._preempted_ids.append(request.request_id)
         self.waiting.add_preempted(request)
 
-    @staticmethod
-    def _to_scheduled(request: Request, num_new: int) -> ScheduledRequest:
+    def _to_scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         start = request.num_computed_tokens
+        drafts = self._drafts.get(request.request_id, ())
         return ScheduledRequest(
             request_id=request.request_id,
             token_ids=request.all_token_ids,
             start=start,
             num_tokens=num_new,
             block_ids=request.block_ids,
-            sample=start + num_new == request.num_tokens,
+            sample=start + num_new - len(drafts) == request.num_tokens,
             sampling_params=request.sampling_params,
             num_prompt_tokens=request.num_prompt_tokens,
             eos_token_ids=request.eos_token_ids,
             grammar=request.grammar,
             lora=request.lora,
+            draft_token_ids=drafts,
         )
 
     def update_from_output(
@@ -262,12 +274,14 @@ class Scheduler:
             request = self.requests.get(scheduled.request_id)
             if request is None:
                 continue
-            request.num_computed_tokens += scheduled.num_tokens
+            # Drafts count as computed only once accepted (below, with their tokens).
+            request.num_computed_tokens += scheduled.num_tokens - len(scheduled.draft_token_ids)
             self.kv_cache.cache_computed_blocks(request)
-        self._record_prompt_logprobs(output)
+        record_prompt_logprobs(self.requests, output)
         if batch.pooling:
             self._finish_pooling(batch, output)
         outputs = self.take_pending_outputs()
+        drafts = {s.request_id: s.draft_token_ids for s in batch.requests if s.draft_token_ids}
         any_finished = False
         for row, (request_id, token_id) in enumerate(
             zip(output.request_ids, output.sampled_token_ids)
@@ -275,60 +289,64 @@ class Scheduler:
             request = self.requests.get(request_id)
             if request is None:
                 continue
-            if request.grammar is not None and not request.grammar.accept_token(token_id):
-                outputs.append(self._finish_for_constraint(request))
+            new_token_ids = [token_id]
+            if request_id in drafts:
+                num_accepted = output.num_accepted_drafts[request_id]
+                new_token_ids = [*drafts[request_id][:num_accepted], token_id]
+                if self.spec is not None:
+                    self.spec.record(request_id, len(drafts[request_id]), num_accepted)
+            out = self._append_tokens(request, new_token_ids)
+            if out.finish_reason is not FinishReason.CONSTRAINT:
+                attach_logprobs(out, request, output, row)
+            if request.status.is_finished:
                 any_finished = True
-                continue
-            request.append_output_token(token_id)
-            stop = check_stop(request, self.max_model_len)
-            if request.grammar is not None and request.grammar.is_terminated:
-                # A complete output is a STOP even when it also used the last allowed token.
-                if stop is None or stop[0] is FinishReason.LENGTH:
-                    stop = (FinishReason.STOP, None)
-            out = self._output(request, [token_id])
-            self._attach_logprobs(out, request, output, row)
-            if stop is not None:
-                self._finish(request, stop[0], stop[1], emit=False)
-                out.finish_reason, out.stop_token_id = stop
-                any_finished = True
+            elif request_id in drafts:
+                # The accepted drafts' KV is now valid context: publish its full blocks and
+                # give back the blocks only rejected drafts reached.
+                self.kv_cache.cache_computed_blocks(request)
+                self.kv_cache.free_blocks_beyond(request, request.num_tokens)
             outputs.append(out)
         if any_finished:
             self.running = [r for r in self.running if not r.status.is_finished]
         return outputs
 
-    def _finish_for_constraint(self, request: Request) -> RequestOutput:
-        """The grammar rejected the sampled token: it admitted no token at all this step (a
-        dead end; the sampler leaves such rows unmasked). The token is dropped so the output
-        stays a valid prefix of the constrained language."""
+    def _append_tokens(self, request: Request, token_ids: list[int]) -> RequestOutput:
+        """Append the step's tokens (one, or accepted drafts then the target's token) one by
+        one through the grammar and the stop checks; a stop drops the tokens after it. Every
+        token but the last was computed this step (an accepted draft), so it counts as such."""
+        emitted: list[int] = []
+        stop = None
+        for i, token_id in enumerate(token_ids):
+            if request.grammar is not None and not request.grammar.accept_token(token_id):
+                return self._finish_for_constraint(request, emitted)
+            request.append_output_token(token_id)
+            emitted.append(token_id)
+            if i < len(token_ids) - 1:
+                request.num_computed_tokens += 1
+            stop = check_stop(request, self.max_model_len)
+            if request.grammar is not None and request.grammar.is_terminated:
+                # A complete output is a STOP even when it also used the last allowed token.
+                if stop is None or stop[0] is FinishReason.LENGTH:
+                    stop = (FinishReason.STOP, None)
+            if stop is not None:
+                break
+        out = output_of(request, emitted)
+        if stop is not None:
+            self._finish(request, stop[0], stop[1], emit=False)
+            out.finish_reason, out.stop_token_id = stop
+        return out
+
+    def _finish_for_constraint(self, request: Request, emitted: list[int]) -> RequestOutput:
+        """The grammar rejected a sampled token: it admitted no token at all there (a dead end,
+        left unmasked). That token is dropped: the output stays a valid constrained prefix."""
         assert request.grammar is not None
         self._finish(request, FinishReason.CONSTRAINT, emit=False)
-        out = self._output(request, [])
+        out = output_of(request, emitted)
         out.finish_reason = FinishReason.CONSTRAINT
         out.finish_message = (
             f"the output constraint admits no further token: {request.grammar.error}"
         )
         return out
-
-    def _record_prompt_logprobs(self, output: ModelRunnerOutput) -> None:
-
-        for request_id, (first_position, entries) in output.prompt_logprobs.items():
-            request = self.requests.get(request_id)
-            if request is None:
-                continue
-            if request.prompt_logprobs is None:
-                request.prompt_logprobs = [None] * request.num_prompt_tokens
-            request.prompt_logprobs[first_position : first_position + len(entries)] = entries
-
-    @staticmethod
-    def _attach_logprobs(
-        out: RequestOutput, request: Request, output: ModelRunnerOutput, row: int
-    ) -> None:
-        if output.logprobs is not None and output.logprobs[row] is not None:
-            out.logprobs = [output.logprobs[row]]
-        if request.sampling_params.prompt_logprobs is not None and request.num_output_tokens == 1:
-            # A one-token prompt has nothing to score: its single entry is None.
-            out.prompt_logprobs = request.prompt_logprobs or [None] * request.num_prompt_tokens
-            request.prompt_logprobs = None
 
     def refuse(self, output: RequestOutput) -> None:
         """The one output of a request the core turned away before queueing it."""
@@ -361,40 +379,18 @@ class Scheduler:
         if request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             self.waiting.remove(request)
         self.kv_cache.free(request)
+        if self.spec is not None:
+            self.spec.forget(request.request_id)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         request.stop_token_id = stop_token_id
         del self.requests[request.request_id]
         self._finished_ids.append(request.request_id)
         if emit:
-            out = self._output(request, [])
+            out = output_of(request, [])
             out.finish_reason, out.stop_token_id = reason, stop_token_id
             self._pending_outputs.append(out)
 
-    @staticmethod
-    def _output(request: Request, new_token_ids: list[int]) -> RequestOutput:
-        return RequestOutput(
-            request_id=request.request_id,
-            new_token_ids=new_token_ids,
-            num_prompt_tokens=request.num_prompt_tokens,
-            num_cached_tokens=request.num_cached_tokens,
-            first_scheduled_time=request.first_scheduled_time,
-        )
-
     def check_invariants(self) -> None:
         """Block accounting matches the requests' block tables; no request is in two places."""
-        self.kv_cache.check_invariants()
-        running_ids = {r.request_id for r in self.running}
-        waiting_ids = {r.request_id for r in self.waiting}
-        assert not running_ids & waiting_ids
-        assert running_ids | waiting_ids == set(self.requests)
-        refs: dict[int, int] = {}
-        for request in self.requests.values():
-            self.kv_cache.check_request(request)
-            for block_id in self.kv_cache.held_block_ids(request):
-                refs[block_id] = refs.get(block_id, 0) + 1
-            if request.status == RequestStatus.RUNNING:
-                needed = self.kv_cache.blocks_needed(request.num_computed_tokens)
-                assert len(request.block_ids) >= needed, request
-        for block in self.kv_cache.pool.blocks:
-            assert block.ref_cnt == refs.get(block.block_id, 0), block
+        check_scheduler_invariants(self.kv_cache, self.running, self.waiting, self.requests)

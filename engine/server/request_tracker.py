@@ -22,6 +22,7 @@ from protoserve.serving_metrics import (
     InterTokenTimer,
     LoadSnapshot,
     RequestRecord,
+    SpecDecodeCounts,
     ServingMetrics,
 )
 from engine.frontend.kv_event_hub import DEFAULT_MAX_PENDING_BATCHES
@@ -77,6 +78,10 @@ def load_snapshot(engine) -> LoadSnapshot:
         num_queried_tokens=queried,
         num_hit_tokens=stats.num_hit_tokens,
         iteration_tokens=stats.iteration_tokens,
+        spec_decode=None if (spec := stats.spec_decode) is None else SpecDecodeCounts(
+            spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens,
+            tuple(spec.accepted_per_pos),
+        ),
     )
 
 

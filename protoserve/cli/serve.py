@@ -26,9 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.config import (
-    ATTENTION_BACKENDS,
     ENGINE_CORE_MODES,
-    KV_CACHE_DTYPES,
     LOAD_FORMATS,
     QUANTIZATIONS,
     CacheConfig,
@@ -38,7 +36,9 @@ from engine.config import (
 )
 from engine.errors import InvalidRequestError, ModelLoadError
 from engine.sampling_params import SamplingParams
+from engine.spec_decode.config import speculative_config_arg
 from engine.structured.backend_names import BackendChoice, accepted_names, resolve_backend
+from protoserve.cli.cache_args import add_cache_args
 from protoserve.cli.config_file import parse_args_with_config
 from protoserve.cli.lora_args import add_lora_args, lora_config_from_args
 from protoserve.cli.parser_args import add_output_parser_args, check_output_parser_args
@@ -49,7 +49,6 @@ from protoserve.cli.surface_args import (
     grpc_security,
     resolve_api_key,
 )
-from protoserve.arg_types import parse_bytes
 from protoserve.help_format import DefaultsHelpFormatter
 from protoserve.listeners import ListenError, bind_tcp, check_tcp, check_unix
 from protoserve.tracing import check_tracing_available
@@ -92,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto = bfloat16 on CPU (float16 is never used on CPU)")
     p.add_argument("--quantization", choices=QUANTIZATIONS, default="auto",
                    help="weights: auto = as the checkpoint stores them (compressed-tensors "
-                   "W8A16/W4A16 read as such); int8 (per channel) / int4 (groups of 128): "
-                   "round-to-nearest at load time from bf16/float32 weights")
+                   "W8A16/W4A16, GPTQ, AWQ, and a .gguf file as --model: Q8_0/Q4_0 native, "
+                   "other GGUF types dequantized at load); int8 (per channel) / int4 "
+                   "(groups of 128): round-to-nearest at load time from bf16/float32 weights")
     p.add_argument("--device", default="auto",
                    help="auto (cuda when a CUDA device is visible, else cpu) | cpu | cuda | cuda:N")
     p.add_argument("--load-format", choices=LOAD_FORMATS, default="auto",
@@ -103,24 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None,
                    help="longest sequence (prompt + output) in tokens (default: the model's "
                    "config)")
-    p.add_argument("--block-size", type=int, default=16,
-                   help="tokens per KV cache block (the unit of allocation and prefix sharing)")
-    p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
-                   help="auto = cpu_paged (our kernels) on CPU when they build, flash_attn or "
-                        "cuda_paged on CUDA, else torch")
-    p.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
-                   help="KV cache size, e.g. 4GiB (default: on CPU room for --max-num-seqs "
-                   "full-length sequences, at most 4 GiB; on CUDA what "
-                   "--gpu-memory-utilization leaves)")
-    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
-                   help="auto = the model's dtype; int8 = values quantized per token and head "
-                   "(1.9x the tokens in the same memory, half the bytes decode reads; default: "
-                   "auto)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="CUDA: share of device memory for weights + activations + KV cache")
-    p.add_argument("--num-kv-blocks", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                   help="reuse the KV blocks of a prompt prefix already computed")
+    add_cache_args(p)
     p.add_argument("--max-num-seqs", type=int, default=256,
                    help="most sequences running in one step (batch size)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
@@ -162,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--override-generation-config", type=_json_object, default=None,
                    metavar="JSON", help="defaults over --generation-config's, e.g. "
                    "'{\"temperature\": 0.5}' (generation_config.json or SamplingParams names)")
+    p.add_argument("--speculative-config", type=speculative_config_arg, default=None,
+                   metavar="JSON", help="speculative decoding, the reference server's shape: "
+                   "'{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
+                   "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}', or method "
+                   "draft_model with \"model\": a small model's directory (same tokenizer) "
+                   "(default: off)")
     p.add_argument("--engine-core", choices=ENGINE_CORE_MODES, default="process",
                    help="process: the step loop runs in a process of its own, in parallel with "
                         "the gRPC threads; thread: on a thread of the serving process")
@@ -212,6 +201,7 @@ def engine_config_from_args(args: argparse.Namespace, model: str) -> EngineConfi
         generation_defaults=_generation_defaults(args, model_config.model),
         engine_core=args.engine_core,
         lora=lora_config_from_args(args),
+        speculative=args.speculative_config,
         cache=CacheConfig(
             block_size=args.block_size,
             kv_cache_memory=args.kv_cache_memory,

@@ -1,7 +1,9 @@
 """Quantized models served through both surfaces: engine-serve with --quantization int8 on a
-float32 checkpoint, and on a compressed-tensors W4A16 checkpoint written by that library,
-answers gRPC Generate and the OpenAI SDK with the greedy continuation of transformers running
-the same dequantized weights (served in float32, where our forward equals it to 1e-4)."""
+float32 checkpoint, on a compressed-tensors W4A16 checkpoint written by that library, on GPTQ
+(asymmetric, act order) and AWQ checkpoints packed as those tools pack, and on a Q4_0 GGUF file
+written by the gguf package (config and tokenizer from its metadata) answers gRPC Generate and
+the OpenAI SDK with the greedy continuation of transformers running the same dequantized
+weights (served in float32, where our forward equals it to 1e-4)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -12,6 +14,8 @@ import pytest
 import torch
 from engine_process import EngineProcess, start_engine
 from model_factory import build_tiny_model
+from gguf_checkpoints import transformers_gguf_model, write_gguf
+from gptq_awq_checkpoints import reference_weights, write_awq, write_gptq
 from served_greedy import grpc_greedy_tokens, openai_greedy_text
 from quant_checkpoints import (
     hf_with_weights,
@@ -26,13 +30,14 @@ pytestmark = pytest.mark.e2e
 
 NEW_TOKENS = 12
 PROMPT = "The engine serves quantized weights"
-CASES = ("int8-online", "w4a16-compressed-tensors")
+CASES = ("int8-online", "w4a16-compressed-tensors", "gptq-asym-act-order", "awq", "gguf-q4_0")
 
 
 class Served:
-    def __init__(self, model_dir: Path, reference: Any, server: EngineProcess) -> None:
+    def __init__(self, model_dir: Path, reference: Any, server: EngineProcess,
+                 gguf_file: str | None = None) -> None:
         self.server = server
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, gguf_file=gguf_file)
         self.prompt_ids = tokenizer(PROMPT)["input_ids"]
         ids = torch.tensor([self.prompt_ids])
         with torch.no_grad():
@@ -49,20 +54,31 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serv
     base = build_tiny_model(root / "base", hidden_size=128, initializer_range=0.15)
     ct_dir = write_compressed_tensors(base, root / "w4a16", preset="W4A16", strategy="group",
                                       group_size=32)
+    gptq_dir = write_gptq(base, root / "gptq", sym=False, desc_act=True)
+    awq_dir = write_awq(base, root / "awq")
+    (root / "gguf").mkdir()
+    gguf_path = write_gguf(base, root / "gguf" / "tiny-q4_0.gguf", projections="Q4_0")
     started: list[EngineProcess] = []
+
+    def serve(model: Path, *args: str) -> EngineProcess:
+        started.append(start_engine(model, "--dtype", "float32", *args, "--engine-core",
+                                    "thread", role="all"))
+        return started[-1]
+
     try:
-        online = start_engine(base, "--dtype", "float32", "--quantization", "int8",
-                              "--engine-core", "thread", role="all")
-        started.append(online)
-        stored = start_engine(ct_dir, "--dtype", "float32", "--engine-core", "thread",
-                              role="all")
-        started.append(stored)
         yield {
             "int8-online": Served(
                 base, hf_with_weights(base, online_reference_weights(base, "int8",
-                                                                     torch.float32)), online),
+                                                                     torch.float32)),
+                serve(base, "--quantization", "int8")),
             "w4a16-compressed-tensors": Served(
-                ct_dir, library_dequantized_model(base, ct_dir), stored),
+                ct_dir, library_dequantized_model(base, ct_dir), serve(ct_dir)),
+            "gptq-asym-act-order": Served(
+                gptq_dir, hf_with_weights(base, reference_weights(gptq_dir)), serve(gptq_dir)),
+            "awq": Served(awq_dir, hf_with_weights(base, reference_weights(awq_dir)),
+                          serve(awq_dir)),
+            "gguf-q4_0": Served(gguf_path.parent, transformers_gguf_model(gguf_path),
+                                serve(gguf_path), gguf_file=gguf_path.name),
         }
     finally:
         for server in started:

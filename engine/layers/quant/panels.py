@@ -24,8 +24,8 @@ def pack_int_panels(
     qweight: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Q [N, K] int8 (values of a `bits`-bit signed integer) and scale [N, ceil(K /
-    group_size)] -> linear_int's panels (csrc/cpu/linear_int.cpp) and float32 scales
-    [ceil(N / 16), groups, 16], rows past N zero. Panels are uint8 [ceil(N / 16), K / 2, 32]
+    group_size)] -> linear_int's panels (csrc/cpu/linear_int.cpp) and scales
+    [ceil(N / 16), groups, 16] (`pack_group_values`), rows past N zero. Panels are uint8 [ceil(N / 16), K / 2, 32]
     for int8 (Q + 128, element 2 r + j of each 32 being row r, column j of a column pair) and
     [ceil(N / 16), K / 4, 32] for int4 (Q + 8; two column pairs per 32 bytes, the second in
     the high nibbles)."""
@@ -46,22 +46,34 @@ def pack_int_panels(
     else:
         two = pairs.view(num_panels, in_features // 4, 2, 2 * LINEAR_PANEL_ROWS)
         packed = (two[:, :, 0] | (two[:, :, 1] << 4)).contiguous()
-    scales = torch.zeros(rows, scale.shape[1], dtype=torch.float32)
-    scales[:out_features] = scale
-    scales = scales.view(num_panels, LINEAR_PANEL_ROWS, -1).permute(0, 2, 1).contiguous()
-    return packed, scales
+    return packed, pack_group_values(scale)
+
+
+def pack_group_values(values: torch.Tensor) -> torch.Tensor:
+    """Per (row, group) floats [N, groups] (scales, offsets) -> the panels' order
+    [ceil(N / 16), groups, 16], rows past N zero: float16 where every value is exactly one
+    (GGUF's, GPTQ's and AWQ's scales are stored so; two bytes less streamed per group),
+    else float32."""
+    out_features = values.shape[0]
+    num_panels = -(-out_features // LINEAR_PANEL_ROWS)
+    exact_half = bool(torch.equal(values.float().half().float(), values.float()))
+    padded = torch.zeros(num_panels * LINEAR_PANEL_ROWS, values.shape[1],
+                         dtype=torch.float16 if exact_half else torch.float32)
+    padded[:out_features] = values
+    return padded.view(num_panels, LINEAR_PANEL_ROWS, -1).permute(0, 2, 1).contiguous()
 
 
 def dequantize_panels(packed: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
-                      out_features: int, in_features: int) -> torch.Tensor:
+                      out_features: int, in_features: int,
+                      offsets: torch.Tensor | None = None) -> torch.Tensor:
     """linear_int's panels -> linear_bf16's bf16 panels [ceil(N / 16), K / 2, 16, 2], each
-    weight rounded as torch's `(Q.float() * scale).to(bfloat16)`; only call where
-    `ops.linear_bf16_available()`."""
+    weight rounded as torch's `(Q.float() * scale).to(bfloat16)` (with offsets: the fused
+    Q * scale + offset); only call where `ops.linear_bf16_available()`."""
     module = ops._cpu_module()
     assert module is not None
     panels = torch.empty(packed.shape[0], in_features // 2, LINEAR_PANEL_ROWS, 2,
                          dtype=torch.bfloat16)
     rows = torch.empty(0, in_features, dtype=torch.bfloat16)
     module.linear_int(torch.empty(0, out_features, dtype=torch.bfloat16), rows, packed, scales,
-                      None, bits, group_size, panels)
+                      None, bits, group_size, panels, offsets)
     return panels

@@ -1,14 +1,17 @@
 """`--quantization` and the checkpoint's `quantization_config` -> one WeightQuant (or None).
 
-    --quantization       checkpoint unquantized          checkpoint compressed-tensors
+    --quantization       checkpoint unquantized          checkpoint quantized (method M)
     auto (default)       served as stored                 its scheme
     int8 / int4          round-to-nearest at load time    error: already quantized
-    compressed-tensors   error: nothing to read           its scheme
+    M (compressed-tensors, gptq, awq)
+                         error: nothing to read           its scheme; another M: error
 
 compressed-tensors (llm-compressor's format, vLLM's main one) is read where this increment's
 kernels apply: one config group of Linear targets, "pack-quantized", int weights of 4 or 8
-bits, symmetric, "channel" or "group" strategy (even group size), no activation quantization
-and no act-order index; anything else is refused naming the field.
+bits, symmetric or not, "channel" or "group" strategy (even group size), no activation
+quantization and no act-order index. GPTQ (4 or 8 bits, any group size the kernels take,
+desc_act, sym or not, checkpoint_format gptq or gptq_v2) and AWQ (4 bits, version gemm) are
+read by quant/checkpoint_formats.py. Anything else is refused naming the field.
 """
 from __future__ import annotations
 
@@ -21,8 +24,10 @@ from typing import Any
 from engine.errors import ModelLoadError
 from engine.layers.quantized_linear import ONLINE_SCHEMES, WeightQuant
 
-QUANTIZATION_METHODS = ("auto", "int8", "int4", "compressed-tensors")
 COMPRESSED_TENSORS = "compressed-tensors"
+CHECKPOINT_METHODS = (COMPRESSED_TENSORS, "gptq", "awq")
+# gguf: the model is a GGUF file (models/gguf_checkpoint.py decides its layers).
+QUANTIZATION_METHODS = ("auto", "int8", "int4", *CHECKPOINT_METHODS, "gguf")
 # Checkpoint module names whose weights become our quantized projections
 # (QUANTIZED_PROJECTIONS once fused).
 _CHECKPOINT_PROJECTIONS = tuple(
@@ -50,10 +55,21 @@ def resolve_quantization(
                 f"{_field(stored, 'quant_method')!r}); use --quantization auto")
         if not generative:
             raise ModelLoadError(f"quantized encoder checkpoints are not supported ({config_path})")
+        method = _field(stored, "quant_method")
+        if requested in CHECKPOINT_METHODS and method != requested:
+            raise ModelLoadError(f"--quantization {requested}: {config_path} "
+                                 f"quantization_config.quant_method is {method!r}")
+        if any(key in raw for key in ("num_local_experts", "num_experts")):
+            raise ModelLoadError(f"{config_path} quantization_config: quantized "
+                                 "mixture-of-experts checkpoints are not supported yet")
+        if method in ("gptq", "awq"):
+            return read_gptq_awq(stored, config_path)
         return read_compressed_tensors(stored, raw, config_path)
-    if requested == COMPRESSED_TENSORS:
-        raise ModelLoadError(f"--quantization compressed-tensors: {config_path} has no "
+    if requested in CHECKPOINT_METHODS:
+        raise ModelLoadError(f"--quantization {requested}: {config_path} has no "
                              "quantization_config")
+    if requested == "gguf":
+        raise ModelLoadError(f"--quantization gguf: {model_path} holds no .gguf file")
     if requested in ONLINE_SCHEMES:
         if not generative:
             raise ModelLoadError(f"--quantization {requested} applies to decoder models only; "
@@ -71,10 +87,7 @@ def read_compressed_tensors(
     method = stored.get("quant_method")
     if method != COMPRESSED_TENSORS:
         raise ModelLoadError(f"{where}.quant_method {method!r} is not supported "
-                             f"(supported: {COMPRESSED_TENSORS})")
-    if any(key in raw for key in ("num_local_experts", "num_experts")):
-        raise ModelLoadError(f"{where}: quantized mixture-of-experts checkpoints are not "
-                             "supported yet")
+                             f"(supported: {', '.join(CHECKPOINT_METHODS)})")
     groups = stored.get("config_groups")
     if not isinstance(groups, Mapping) or len(groups) != 1:
         raise ModelLoadError(f"{where}.config_groups: exactly one group is supported, got "
@@ -106,9 +119,9 @@ def _weight_scheme(weights: Mapping[str, Any], at: str) -> WeightQuant:
         raise ModelLoadError(f"{at}.num_bits must be 4 or 8, got {bits!r}")
     if weights.get("type", "int") != "int":
         raise ModelLoadError(f"{at}.type {weights.get('type')!r} is not supported (int only)")
-    if weights.get("symmetric") is not True:
-        raise ModelLoadError(f"{at}.symmetric: asymmetric weights (zero points) are not "
-                             "supported yet")
+    symmetric = weights.get("symmetric")
+    if not isinstance(symmetric, bool):
+        raise ModelLoadError(f"{at}.symmetric must be true or false, got {symmetric!r}")
     if weights.get("dynamic"):
         raise ModelLoadError(f"{at}.dynamic: weights must have static scales")
     if weights.get("actorder") not in (None, "static", "weight"):
@@ -116,13 +129,55 @@ def _weight_scheme(weights: Mapping[str, Any], at: str) -> WeightQuant:
                              "indices are not supported yet")
     strategy = weights.get("strategy")
     if strategy == "channel":
-        return WeightQuant(bits=bits, group_size=None, method=COMPRESSED_TENSORS)
+        return WeightQuant(bits=bits, group_size=None, method=COMPRESSED_TENSORS,
+                           asymmetric=not symmetric)
     if strategy == "group":
         size = weights.get("group_size")
         if not isinstance(size, int) or size < 2 or size % 2:
             raise ModelLoadError(f"{at}.group_size must be an even integer >= 2, got {size!r}")
-        return WeightQuant(bits=bits, group_size=size, method=COMPRESSED_TENSORS)
+        return WeightQuant(bits=bits, group_size=size, method=COMPRESSED_TENSORS,
+                           asymmetric=not symmetric)
     raise ModelLoadError(f"{at}.strategy {strategy!r} is not supported (channel or group)")
+
+
+def read_gptq_awq(stored: Mapping[str, Any], config_path: Path) -> WeightQuant:
+    """GPTQ (gptqmodel / auto-gptq) and AWQ (autoawq's GEMM) configs: bits, group_size
+    (-1: per channel), GPTQ's sym (AWQ's zero_point) and the packing version."""
+    method = stored["quant_method"]
+    at = f"{config_path} quantization_config"
+    bits = stored.get("bits", stored.get("w_bit"))
+    if bits not in ((4, 8) if method == "gptq" else (4,)):
+        raise ModelLoadError(f"{at}.bits must be {'4 or 8' if method == 'gptq' else 4} for "
+                             f"{method}, got {bits!r}")
+    size = stored.get("group_size", stored.get("q_group_size"))
+    if not isinstance(size, int) or not (size == -1 or (size >= 4 and size % 4 == 0)):
+        raise ModelLoadError(f"{at}.group_size must be -1 or a multiple of 4, got {size!r}")
+    group_size = None if size == -1 else size
+    if method == "awq":
+        version = str(stored.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise ModelLoadError(f"{at}.version {version!r} is not supported (gemm)")
+        _check_ignore(stored.get("modules_to_not_convert") or [],
+                      f"{at}.modules_to_not_convert")
+        if stored.get("zero_point", True) is not True:
+            raise ModelLoadError(f"{at}.zero_point: only AWQ's zero-point scheme (true) is "
+                                 "supported")
+        return WeightQuant(bits=bits, group_size=group_size, method="awq", asymmetric=True)
+    checkpoint_format = stored.get("checkpoint_format", "gptq")
+    if checkpoint_format not in GPTQ_FORMATS:
+        raise ModelLoadError(f"{at}.checkpoint_format {checkpoint_format!r} is not supported "
+                             f"({', '.join(GPTQ_FORMATS)})")
+    if stored.get("lm_head"):
+        raise ModelLoadError(f"{at}.lm_head: a quantized lm_head is not supported")
+    if stored.get("dynamic"):
+        raise ModelLoadError(f"{at}.dynamic: per-module overrides are not supported")
+    return WeightQuant(bits=bits, group_size=group_size, method="gptq",
+                       asymmetric=stored.get("sym", True) is False,
+                       zero_plus_one=checkpoint_format == "gptq")
+
+
+# GPTQ's zero-point conventions: "gptq" (v1) stores each zero point minus one, gptq_v2 as is.
+GPTQ_FORMATS = ("gptq", "gptq_v2")
 
 
 def _check_ignore(ignore: Any, at: str) -> None:

@@ -43,6 +43,22 @@ def test_rows_hold_each_value_within_half_a_step_of_its_scale(dtype: torch.dtype
     assert torch.all(stored[:, untouched] == 0)  # never NaN: the scale of an empty row is 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_native_write_stores_the_rows_the_torch_code_stores(dtype: torch.dtype) -> None:
+    if not ops.native_available():
+        pytest.skip("native CPU ops not built")
+    gen = fresh_generator()
+    keys = (torch.randn(33, KV_HEADS, HEAD_DIM, generator=gen) * 5).to(dtype)
+    values = torch.randn(33, KV_HEADS, HEAD_DIM, generator=gen).to(dtype)
+    slots = torch.randperm(4 * BLOCK, generator=gen)[:33]
+    slots[3] = -1  # a padding row: skipped
+    native, reference = _int8_cache(4), _int8_cache(4)
+    ops.write_kv_cache(keys, values, native, slots)
+    keep = slots >= 0
+    write_kv(keys[keep], values[keep], reference, slots[keep])
+    assert torch.equal(native, reference)
+
+
 def _filled_case(gen: torch.Generator, lengths: list[int]):
     """An int8 cache with `lengths` tokens per sequence in shuffled blocks, and its tables."""
     needed = [-(-n // BLOCK) for n in lengths]

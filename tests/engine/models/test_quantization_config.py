@@ -85,13 +85,16 @@ def test_resolution_table(tmp_path: Path) -> None:
     write_config(stored, ct_config(num_bits=8, strategy="channel", group_size=None))
     assert resolve_quantization("auto", stored, generative=True) == WeightQuant(
         8, None, "compressed-tensors")
+    write_config(stored, ct_config(symmetric=False))
+    assert resolve_quantization("auto", stored, generative=True) == WeightQuant(
+        4, 128, "compressed-tensors", asymmetric=True)
 
 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda c: c["config_groups"]["group_0"]["weights"].update(symmetric=False),
-         r"weights.symmetric: asymmetric"),
+        (lambda c: c["config_groups"]["group_0"]["weights"].update(symmetric="no"),
+         r"weights.symmetric must be true or false"),
         (lambda c: c["config_groups"]["group_0"]["weights"].update(num_bits=2),
          r"weights.num_bits must be 4 or 8"),
         (lambda c: c["config_groups"]["group_0"]["weights"].update(strategy="tensor"),
@@ -104,7 +107,7 @@ def test_resolution_table(tmp_path: Path) -> None:
             input_activations={"num_bits": 8}), r"input_activations: activation quantization"),
         (lambda c: c["config_groups"]["group_0"].update(format="float-quantized"),
          r"format 'float-quantized'"),
-        (lambda c: c.update(quant_method="gptq"), r"quant_method 'gptq'"),
+        (lambda c: c.update(quant_method="bitsandbytes"), r"quant_method 'bitsandbytes'"),
         (lambda c: c.update(ignore=["re:.*down_proj"]), r"ignore entry 're:.\*down_proj'"),
         (lambda c: c["config_groups"].update(group_1=c["config_groups"]["group_0"]),
          r"config_groups: exactly one group"),
@@ -137,3 +140,42 @@ def test_cli_flag_reaches_the_model_config() -> None:
     assert args.quantization == "int4"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--model", "m", "--quantization", "int3"])
+
+
+def gptq_config(**override) -> dict:
+    return {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True,
+            "sym": False, "checkpoint_format": "gptq", "lm_head": False, **override}
+
+
+def test_gptq_and_awq_resolution(tmp_path: Path) -> None:
+    write_config(tmp_path, gptq_config())
+    assert resolve_quantization("auto", tmp_path, generative=True) == WeightQuant(
+        4, 128, "gptq", asymmetric=True, zero_plus_one=True)
+    write_config(tmp_path, gptq_config(sym=True, group_size=-1, checkpoint_format="gptq_v2"))
+    assert resolve_quantization("gptq", tmp_path, generative=True) == WeightQuant(
+        4, None, "gptq")
+    write_config(tmp_path, {"quant_method": "awq", "bits": 4, "group_size": 128,
+                            "zero_point": True, "version": "gemm"})
+    assert resolve_quantization("awq", tmp_path, generative=True) == WeightQuant(
+        4, 128, "awq", asymmetric=True)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (gptq_config(bits=3), r"bits must be 4 or 8 for gptq, got 3"),
+        (gptq_config(group_size=7), r"group_size must be -1 or a multiple of 4"),
+        (gptq_config(lm_head=True), r"lm_head: a quantized lm_head"),
+        (gptq_config(checkpoint_format="marlin"), r"checkpoint_format 'marlin'"),
+        (gptq_config(dynamic={"-:.*down": {}}), r"dynamic: per-module overrides"),
+        ({"quant_method": "awq", "bits": 8, "group_size": 128}, r"bits must be 4 for awq"),
+        ({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": False},
+         r"zero_point: only AWQ's zero-point scheme"),
+        ({"quant_method": "awq", "bits": 4, "group_size": 128,
+          "modules_to_not_convert": ["down_proj"]}, r"modules_to_not_convert entry 'down_proj'"),
+    ],
+)
+def test_unsupported_gptq_awq_settings_are_named(tmp_path: Path, config, message) -> None:
+    write_config(tmp_path, config)
+    with pytest.raises(ModelLoadError, match=message):
+        resolve_quantization("auto", tmp_path, generative=True)

@@ -78,18 +78,21 @@ def test_online_bfloat16_kernels_track_float32(base_dir, method) -> None:
 
 
 @pytest.mark.parametrize(
-    ("preset", "strategy", "group_size"),
-    [("W8A16", "channel", None), ("W4A16", "group", 32), ("W4A16", "channel", None),
-     ("W8A16", "group", 160)],
+    ("preset", "strategy", "group_size", "symmetric"),
+    [("W8A16", "channel", None, True), ("W4A16", "group", 32, True),
+     ("W4A16", "channel", None, True), ("W8A16", "group", 160, True),
+     ("W4A16", "group", 32, False), ("W8A16", "channel", None, False)],
 )
 def test_compressed_tensors_checkpoint_matches_library_decompression(
-    base_dir, tmp_path, preset, strategy, group_size
+    base_dir, tmp_path, preset, strategy, group_size, symmetric
 ) -> None:
     ct_dir = write_compressed_tensors(base_dir, tmp_path / "ct", preset=preset,
-                                      strategy=strategy, group_size=group_size)
+                                      strategy=strategy, group_size=group_size,
+                                      symmetric=symmetric)
     loaded = load_model(ModelConfig(model=str(ct_dir), dtype="float32"))
     layers = [m for m in loaded.model.modules() if isinstance(m, QuantizedLinear)]
     assert len(layers) == 8 and all(layer.quant.bits == int(preset[1]) for layer in layers)
+    assert all(layer.quant.asymmetric == (not symmetric) for layer in layers)
     hf = library_dequantized_model(base_dir, ct_dir)
     ours, theirs = greedy_against_reference(loaded, hf, prompt(), steps=5)
     for actual, expected in zip(ours, theirs, strict=True):
