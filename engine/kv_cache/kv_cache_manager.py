@@ -260,6 +260,7 @@ class KVCacheManager:
                 parent_block_hash=hashes[first - 1] if first else None,
                 token_ids=tuple(request.all_token_ids[first * size : end * size]),
                 block_size=size,
+                lora_name=request.lora.name if request.lora is not None else "",
             ))
 
     def _update_hashes(self, request: Request) -> None:

@@ -17,6 +17,7 @@ from engine.kv_cache.kv_events import (
     BlockStored,
     KvEventBatch,
 )
+from engine.lora.request import LoRARequest
 from engine.sampling_params import SamplingParams
 from protoserve.kv_block_hashes import block_hashes
 
@@ -67,6 +68,17 @@ def test_stored_blocks_carry_the_router_side_hashes_parent_and_tokens() -> None:
     assert stored.block_hashes == tuple(expected[2:4])
     assert stored.parent_block_hash == expected[1]
     assert stored.token_ids == tuple(longer[8:16])
+
+
+def test_an_adapters_blocks_are_announced_with_its_name() -> None:
+    kv = events_manager()
+    request = Request("a", list(range(100, 109)), SamplingParams(temperature=0.0), max_tokens=8,
+                      lora=LoRARequest("sql-adapter", 3, "/adapters/sql"))
+    compute(kv, request)
+    (stored,) = kv.pool.events.take_batch().events
+    assert stored.lora_name == "sql-adapter"
+    # Its hashes differ from the base model's for the same tokens: never shared.
+    assert stored.block_hashes[0] != block_hashes(list(range(100, 109)), BS)[0]
 
 
 def test_a_block_cached_by_another_request_is_announced_once() -> None:
