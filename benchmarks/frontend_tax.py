@@ -239,7 +239,7 @@ def report(modes: list[Mode]) -> dict[str, object]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from protoserve.cli.serve import parse_bytes
+    from protoserve.arg_types import parse_bytes
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
