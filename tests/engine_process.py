@@ -8,8 +8,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -173,3 +175,35 @@ def start_engine(
         handle.stop()
         raise
     return handle
+
+
+def start_side_by_side(starts: Sequence[Callable[[], EngineProcess]]) -> list[EngineProcess]:
+    """Run several server starts at once; their servers, in the same order. A start is mostly
+    its processes' imports, a core each, so on two cores a pair costs about one start. If one
+    fails, the others are stopped and its error raised."""
+    with ThreadPoolExecutor(max(len(starts), 1)) as pool:
+        futures = [pool.submit(start) for start in starts]
+    failed = [future.exception() for future in futures if future.exception() is not None]
+    if failed:
+        stop_side_by_side([future.result() for future in futures if future.exception() is None])
+        raise failed[0]
+    return [future.result() for future in futures]
+
+
+def start_for_selected_tests(request, model_dir: Path, flags: dict[str, tuple[str, ...]],
+                             ) -> dict[str, EngineProcess]:
+    """The servers of `flags` that the selected tests of the requesting module need, started
+    side by side. A key names a test id (that test's own server) or a fixture (the server of
+    every test that uses it, directly or not)."""
+    selected = [item for item in request.session.items if item.module is request.module]
+    needed = [name for name in flags
+              if any(name in (item.name, *item.fixturenames) for item in selected)]
+    started = start_side_by_side([partial(start_engine, model_dir, *flags[name])
+                                  for name in needed])
+    return dict(zip(needed, started, strict=True))
+
+
+def stop_side_by_side(servers: Sequence[EngineProcess]) -> None:
+    """Stop several servers at once: each stop waits on its server's drain."""
+    with ThreadPoolExecutor(max(len(servers), 1)) as pool:
+        list(pool.map(EngineProcess.stop, servers))

@@ -8,11 +8,19 @@ import pickle
 import signal
 import threading
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import grpc
 import pytest
-from engine_process import EngineProcess, core_process_pids, start_engine, starts_servers
+from engine_process import (
+    EngineProcess,
+    core_process_pids,
+    start_engine,
+    start_side_by_side,
+    starts_servers,
+    stop_side_by_side,
+)
 from greedy_reference import NUM_NEW_TOKENS, make_peaked_model, prompts_from, transformers_greedy
 from mesh_helpers import get_load, wait_idle, wait_until
 from model_factory import make_tiny_tokenizer
@@ -58,12 +66,23 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", params=["process", "thread"])
+CORE_MODES = ("process", "thread")
+
+
+@pytest.fixture(scope="module")
 @starts_servers
-def served(request: pytest.FixtureRequest, model_dir: Path) -> Iterator[EngineProcess]:
-    handle = start_engine(model_dir, "--engine-core", request.param, "--max-num-seqs", "8")
-    yield handle
-    handle.stop()
+def servers(model_dir: Path) -> Iterator[dict[str, EngineProcess]]:
+    """One server per core mode, started side by side."""
+    started = start_side_by_side([
+        partial(start_engine, model_dir, "--engine-core", mode, "--max-num-seqs", "8")
+        for mode in CORE_MODES])
+    yield dict(zip(CORE_MODES, started, strict=True))
+    stop_side_by_side(started)
+
+
+@pytest.fixture(scope="module", params=CORE_MODES)
+def served(request: pytest.FixtureRequest, servers: dict[str, EngineProcess]) -> EngineProcess:
+    return servers[request.param]
 
 
 def _stream_tokens(stub: inference_pb2_grpc.InferenceStub, prompt: list[int]) -> list[int]:
