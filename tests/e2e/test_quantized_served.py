@@ -7,12 +7,14 @@ weights (served in float32, where our forward equals it to 1e-4)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from engine_process import EngineProcess, start_engine
+from engine_process import EngineProcess, start_engine, start_side_by_side, stop_side_by_side
 from model_factory import build_tiny_model
 from gguf_checkpoints import transformers_gguf_model, write_gguf
 from gptq_awq_checkpoints import reference_weights, write_awq, write_gptq
@@ -58,31 +60,41 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serv
     awq_dir = write_awq(base, root / "awq")
     (root / "gguf").mkdir()
     gguf_path = write_gguf(base, root / "gguf" / "tiny-q4_0.gguf", projections="Q4_0")
-    started: list[EngineProcess] = []
-
-    def serve(model: Path, *args: str) -> EngineProcess:
-        started.append(start_engine(model, "--dtype", "float32", *args, "--engine-core",
-                                    "thread", role="all"))
-        return started[-1]
-
+    # Per case: what the server loads, its flags, and the tokenizer (a GGUF file carries its own).
+    served_from: dict[str, tuple[Path, tuple[str, ...], Path, str | None]] = {
+        "int8-online": (base, ("--quantization", "int8"), base, None),
+        "w4a16-compressed-tensors": (ct_dir, (), ct_dir, None),
+        "gptq-asym-act-order": (gptq_dir, (), gptq_dir, None),
+        "awq": (awq_dir, (), awq_dir, None),
+        "gguf-q4_0": (gguf_path, (), gguf_path.parent, gguf_path.name),
+    }
+    # The servers start side by side while this process builds the references.
+    with ThreadPoolExecutor(1) as pool:
+        starting = pool.submit(start_side_by_side, [
+            partial(start_engine, model, "--dtype", "float32", *args, "--engine-core", "thread",
+                    role="all")
+            for model, args, _, _ in (served_from[case] for case in CASES)])
+        try:
+            references = {
+                "int8-online": hf_with_weights(
+                    base, online_reference_weights(base, "int8", torch.float32)),
+                "w4a16-compressed-tensors": library_dequantized_model(base, ct_dir),
+                "gptq-asym-act-order": hf_with_weights(base, reference_weights(gptq_dir)),
+                "awq": hf_with_weights(base, reference_weights(awq_dir)),
+                "gguf-q4_0": transformers_gguf_model(gguf_path),
+            }
+        except BaseException:
+            stop_side_by_side(starting.result())
+            raise
+        started = starting.result()  # a failed start raises here, with no server left running
     try:
         yield {
-            "int8-online": Served(
-                base, hf_with_weights(base, online_reference_weights(base, "int8",
-                                                                     torch.float32)),
-                serve(base, "--quantization", "int8")),
-            "w4a16-compressed-tensors": Served(
-                ct_dir, library_dequantized_model(base, ct_dir), serve(ct_dir)),
-            "gptq-asym-act-order": Served(
-                gptq_dir, hf_with_weights(base, reference_weights(gptq_dir)), serve(gptq_dir)),
-            "awq": Served(awq_dir, hf_with_weights(base, reference_weights(awq_dir)),
-                          serve(awq_dir)),
-            "gguf-q4_0": Served(gguf_path.parent, transformers_gguf_model(gguf_path),
-                                serve(gguf_path), gguf_file=gguf_path.name),
+            case: Served(served_from[case][2], references[case], server,
+                         gguf_file=served_from[case][3])
+            for case, server in zip(CASES, started, strict=True)
         }
     finally:
-        for server in started:
-            server.stop()
+        stop_side_by_side(started)
 
 
 @pytest.fixture(params=CASES)
