@@ -72,6 +72,23 @@ def open_stream(channel: grpc.Channel, request: inference_pb2.GenerateRequest, *
     return call
 
 
+def finished_reasons(call) -> list[int]:
+    """The `finished` reasons of a Generate stream, read to its end."""
+    return [r.finished.reason for r in call if r.WhichOneof("event") == "finished"]
+
+
+def seconds_until_unavailable(call) -> float:
+    """Reads a Generate stream until it fails, which must be with UNAVAILABLE."""
+    start = time.monotonic()
+    try:
+        for _ in call:
+            pass
+    except grpc.RpcError as failed:
+        assert failed.code() == grpc.StatusCode.UNAVAILABLE, failed
+        return time.monotonic() - start
+    raise AssertionError("the stream ended normally; expected UNAVAILABLE")
+
+
 def readiness(channel: grpc.Channel) -> int:
     return health_pb2_grpc.HealthStub(channel).Check(
         health_pb2.HealthCheckRequest(service=READINESS), timeout=5).status

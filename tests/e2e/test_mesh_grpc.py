@@ -7,24 +7,32 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from engine_process import EngineProcess, free_port, start_engine
+from engine_process import (
+    EngineProcess,
+    free_port,
+    start_engine,
+    start_for_selected_tests,
+    starts_servers,
+    stop_side_by_side,
+)
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 from mesh_helpers import (
+    finished_reasons,
     get_load,
     long_request,
     open_stream,
     readiness,
     sample,
     scrape,
+    seconds_until_unavailable,
     short_request,
     wait_idle,
     wait_until,
@@ -37,17 +45,40 @@ FAULT_BOUND_S = 10.0
 
 
 @pytest.fixture(scope="module")
-def model_dir(long_context_model_dir: Path) -> Path:
-    return long_context_model_dir
+def metrics_port() -> int:
+    return free_port()
 
 
 @pytest.fixture(scope="module")
-def engine(model_dir: Path) -> Iterator[tuple[EngineProcess, str]]:
-    metrics_port = free_port()
-    handle = start_engine(model_dir, "--max-num-seqs", "1", "--max-queue-len", "1",
-                          "--metrics-port", str(metrics_port), "--metrics-compat")
-    yield handle, f"http://127.0.0.1:{metrics_port}/metrics"
-    handle.stop()
+@starts_servers
+def servers(request: pytest.FixtureRequest, long_context_model_dir: Path,
+            metrics_port: int) -> Iterator[dict[str, EngineProcess]]:
+    """Side by side, what the selected tests need: `engine`, and each killing test's own."""
+    drain = ("--drain-timeout", "60", "--stall-timeout", "120")  # its test reads late
+    started = start_for_selected_tests(request, long_context_model_dir, {
+        "engine": ("--max-num-seqs", "1", "--max-queue-len", "1",
+                   "--metrics-port", str(metrics_port), "--metrics-compat"),
+        "test_step_thread_death_fails_streams_and_exits_nonzero": ("--enable-test-hooks",),
+        "test_drain_finishes_in_flight_rejects_new_and_exits_zero[sigterm]": drain,
+        "test_drain_finishes_in_flight_rejects_new_and_exits_zero[admin_drain]": drain,
+        "test_a_client_that_stops_reading_is_cancelled_without_slowing_others": (
+            "--stall-timeout", "1"),
+    })
+    yield started
+    stop_side_by_side(list(started.values()))
+
+
+@pytest.fixture(scope="module")
+def engine(servers: dict[str, EngineProcess], metrics_port: int) -> tuple[EngineProcess, str]:
+    return servers["engine"], f"http://127.0.0.1:{metrics_port}/metrics"
+
+
+@pytest.fixture()
+def own_server(request: pytest.FixtureRequest, servers) -> Iterator[EngineProcess]:
+    """This test's own server (see `servers`), stopped after it whatever it did to it."""
+    server = servers[request.node.name]
+    yield server
+    server.stop()
 
 
 @pytest.fixture()
@@ -55,10 +86,6 @@ def channel(engine: tuple[EngineProcess, str]) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(engine[0].grpc_address) as ch:
         wait_idle(ch)
         yield ch
-
-
-def _finished_reasons(call) -> list[int]:
-    return [r.finished.reason for r in call if r.WhichOneof("event") == "finished"]
 
 
 def test_cancel_frees_kv_blocks_and_counts_as_cancelled(channel, engine) -> None:
@@ -84,7 +111,7 @@ def test_admin_abort_is_idempotent_and_counted_as_abort(channel, engine) -> None
     reply = admin.Abort(admin_pb2.AbortRequest(request_ids=["abort-me"]), timeout=10)
     assert list(reply.aborted_request_ids) == ["abort-me"]
     # The stream ends normally, with the server-side reason (not the client's CANCELLED).
-    assert _finished_reasons(call) == [inference_pb2.FINISH_REASON_ABORT]
+    assert finished_reasons(call) == [inference_pb2.FINISH_REASON_ABORT]
     again = admin.Abort(admin_pb2.AbortRequest(request_ids=["abort-me", "never-seen"]), timeout=10)
     assert list(again.aborted_request_ids) == []
     wait_idle(channel, FAULT_BOUND_S)
@@ -101,7 +128,7 @@ def test_abort_racing_a_finishing_request_ends_each_stream_once(channel) -> None
         call = stub.Generate(request, timeout=30)
         # Abort while the request may be finishing this very step.
         admin.Abort(admin_pb2.AbortRequest(request_ids=[request.request_id]), timeout=10)
-        reasons = _finished_reasons(call)
+        reasons = finished_reasons(call)
         assert len(reasons) == 1 and reasons[0] in (
             inference_pb2.FINISH_REASON_LENGTH, inference_pb2.FINISH_REASON_ABORT)
     wait_idle(channel, FAULT_BOUND_S)
@@ -243,105 +270,94 @@ def test_health_list_and_watch(channel) -> None:
 
 # ----- destructive: one engine each ---------------------------------------------------------
 
-def _expect_unavailable_soon(call) -> float:
-    start = time.monotonic()
-    with pytest.raises(grpc.RpcError) as failed:
-        for _ in call:
-            pass
-    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
-    return time.monotonic() - start
+def test_step_thread_death_fails_streams_and_exits_nonzero(own_server: EngineProcess) -> None:
+    with grpc.insecure_channel(own_server.grpc_address) as ch:
+        call = open_stream(ch, long_request(), timeout=120)
+        next(call)
+        os.kill(own_server.process.pid, signal.SIGUSR1)
+        assert seconds_until_unavailable(call) < FAULT_BOUND_S
+    assert own_server.process.wait(timeout=FAULT_BOUND_S + 10) != 0
 
 
-def test_step_thread_death_fails_streams_and_exits_nonzero(model_dir: Path) -> None:
-    handle = start_engine(model_dir, "--enable-test-hooks")
+def test_hung_step_thread_turns_not_serving_and_keep_alive_keeps_process(
+    long_context_model_dir: Path,
+) -> None:
+    # Started now, not with the others: idle on a busy machine, its 1 s hang timeout could fire.
+    own_server = start_engine(long_context_model_dir, "--enable-test-hooks",
+                              "--engine-hang-timeout", "1", "--keep-alive-on-engine-death")
     try:
-        with grpc.insecure_channel(handle.grpc_address) as ch:
+        with grpc.insecure_channel(own_server.grpc_address) as ch:
             call = open_stream(ch, long_request(), timeout=120)
             next(call)
-            os.kill(handle.process.pid, signal.SIGUSR1)
-            assert _expect_unavailable_soon(call) < FAULT_BOUND_S
-        assert handle.process.wait(timeout=FAULT_BOUND_S + 10) != 0
-    finally:
-        handle.stop()
-
-
-def test_hung_step_thread_turns_not_serving_and_keep_alive_keeps_process(model_dir: Path) -> None:
-    handle = start_engine(model_dir, "--enable-test-hooks", "--engine-hang-timeout", "1",
-                          "--keep-alive-on-engine-death")
-    try:
-        with grpc.insecure_channel(handle.grpc_address) as ch:
-            call = open_stream(ch, long_request(), timeout=120)
-            next(call)
-            os.kill(handle.process.pid, signal.SIGUSR2)
-            assert _expect_unavailable_soon(call) < FAULT_BOUND_S
+            os.kill(own_server.process.pid, signal.SIGUSR2)
+            assert seconds_until_unavailable(call) < FAULT_BOUND_S
             wait_until(lambda: readiness(ch) == health_pb2.HealthCheckResponse.NOT_SERVING,
                        FAULT_BOUND_S, "readiness NOT_SERVING")
             with pytest.raises(grpc.RpcError) as refused:
                 list(inference_pb2_grpc.InferenceStub(ch).Generate(short_request(), timeout=10))
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert handle.process.poll() is None
+            assert own_server.process.poll() is None
         # SIGTERM still stops it cleanly: the hung core is killed at once, not waited for.
-        handle.process.send_signal(signal.SIGTERM)
-        assert handle.process.wait(timeout=FAULT_BOUND_S + 10) == 0
+        own_server.process.send_signal(signal.SIGTERM)
+        assert own_server.process.wait(timeout=FAULT_BOUND_S + 10) == 0
     finally:
-        handle.stop()
+        own_server.stop()
 
 
 @pytest.mark.parametrize("trigger", ["sigterm", "admin_drain"])
-def test_drain_finishes_in_flight_rejects_new_and_exits_zero(model_dir: Path, trigger) -> None:
-    handle = start_engine(model_dir, "--drain-timeout", "60")
-    try:
-        with grpc.insecure_channel(handle.grpc_address) as ch:
-            call = open_stream(ch, long_request(max_tokens=1500), timeout=120)
-            events: list = []
-            reader = threading.Thread(target=lambda: events.extend(call), daemon=True)
-            reader.start()
-            if trigger == "sigterm":
-                os.kill(handle.process.pid, signal.SIGTERM)
-            else:
-                admin_pb2_grpc.AdminStub(ch).Drain(admin_pb2.DrainRequest(), timeout=10)
-            wait_until(lambda: readiness(ch) == health_pb2.HealthCheckResponse.NOT_SERVING,
-                       FAULT_BOUND_S, "readiness NOT_SERVING while draining")
-            with pytest.raises(grpc.RpcError) as refused:
-                list(inference_pb2_grpc.InferenceStub(ch).Generate(short_request(), timeout=10))
-            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-            hints = [d for d in rpc_status.from_call(refused.value).details
-                     if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
-            assert hints, "draining answers carry RetryInfo"
-            reader.join(timeout=120)
-        finished = [e.finished for e in events if e.WhichOneof("event") == "finished"]
-        assert [f.reason for f in finished] == [inference_pb2.FINISH_REASON_LENGTH]
-        assert finished[0].completion_tokens == 1500
-        assert handle.process.wait(timeout=60) == 0
-    finally:
-        handle.stop()
+def test_drain_finishes_in_flight_rejects_new_and_exits_zero(own_server: EngineProcess,
+                                                              trigger: str) -> None:
+    # In flight however fast the machine: unread, with no BDP probing, its HTTP/2 window
+    # (64 KiB) is full after ~200 events of twenty logprobs; 600 tokens leave a wide margin.
+    held = long_request(max_tokens=600)
+    held.sampling.logprobs = 20
+    with grpc.insecure_channel(own_server.grpc_address,
+                               options=[("grpc.http2.bdp_probe", 0)]) as held_ch, \
+            grpc.insecure_channel(own_server.grpc_address) as ch:
+        call = open_stream(held_ch, held, timeout=120)
+        if trigger == "sigterm":
+            os.kill(own_server.process.pid, signal.SIGTERM)
+        else:
+            admin_pb2_grpc.AdminStub(ch).Drain(admin_pb2.DrainRequest(), timeout=10)
+        wait_until(lambda: readiness(ch) == health_pb2.HealthCheckResponse.NOT_SERVING,
+                   FAULT_BOUND_S, "readiness NOT_SERVING while draining")
+        with pytest.raises(grpc.RpcError) as refused:
+            list(inference_pb2_grpc.InferenceStub(ch).Generate(short_request(), timeout=10))
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        hints = [d for d in rpc_status.from_call(refused.value).details
+                 if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
+        assert hints, "draining answers carry RetryInfo"
+        assert get_load(ch).num_streams == 1, "the drain waits for the request in flight"
+        events = list(call)
+    finished = [e.finished for e in events if e.WhichOneof("event") == "finished"]
+    assert [f.reason for f in finished] == [inference_pb2.FINISH_REASON_LENGTH]
+    assert finished[0].completion_tokens == held.sampling.max_tokens
+    assert own_server.process.wait(timeout=60) == 0
 
 
-def test_a_client_that_stops_reading_is_cancelled_without_slowing_others(model_dir) -> None:
-    handle = start_engine(model_dir, "--stall-timeout", "1")
-    try:
-        # No BDP probing: the HTTP/2 window stays small, so the stall reaches the server soon.
-        with grpc.insecure_channel(handle.grpc_address,
-                                   options=[("grpc.http2.bdp_probe", 0)]) as stalled_ch, \
-                grpc.insecure_channel(handle.grpc_address) as ch:
-            # Twenty logprobs make each event many times larger, so the transport's buffers fill
-            # after hundreds of tokens rather than thousands: the same stall, seconds sooner.
-            unread = long_request(max_tokens=8000)
-            unread.sampling.logprobs = 20
-            stalled = open_stream(stalled_ch, unread, timeout=300)
-            stub = inference_pb2_grpc.InferenceStub(ch)
-            for _ in range(5):  # others keep being served while it stalls
-                start = time.monotonic()
-                events = list(stub.Generate(short_request(8), timeout=60))
-                assert events[-2].finished.reason == inference_pb2.FINISH_REASON_LENGTH
-                assert time.monotonic() - start < FAULT_BOUND_S
-            wait_idle(ch, 60)  # the stalled request was cancelled: every block is free
-            with pytest.raises(grpc.RpcError) as ended:
-                for _ in stalled:
-                    pass
-            assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    finally:
-        handle.stop()
+def test_a_client_that_stops_reading_is_cancelled_without_slowing_others(
+    own_server: EngineProcess,
+) -> None:
+    # No BDP probing: the HTTP/2 window stays small, so the stall reaches the server soon.
+    with grpc.insecure_channel(own_server.grpc_address,
+                               options=[("grpc.http2.bdp_probe", 0)]) as stalled_ch, \
+            grpc.insecure_channel(own_server.grpc_address) as ch:
+        # Twenty logprobs make each event many times larger, so the transport's buffers fill
+        # after hundreds of tokens rather than thousands: the same stall, seconds sooner.
+        unread = long_request(max_tokens=8000)
+        unread.sampling.logprobs = 20
+        stalled = open_stream(stalled_ch, unread, timeout=300)
+        stub = inference_pb2_grpc.InferenceStub(ch)
+        for _ in range(5):  # others keep being served while it stalls
+            start = time.monotonic()
+            events = list(stub.Generate(short_request(8), timeout=60))
+            assert events[-2].finished.reason == inference_pb2.FINISH_REASON_LENGTH
+            assert time.monotonic() - start < FAULT_BOUND_S
+        wait_idle(ch, 60)  # the stalled request was cancelled: every block is free
+        with pytest.raises(grpc.RpcError) as ended:
+            for _ in stalled:
+                pass
+        assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def test_python_client_cancels_times_out_and_reports_overload(engine) -> None:
