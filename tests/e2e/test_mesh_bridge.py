@@ -16,7 +16,15 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from engine_process import REPO_ROOT, EngineProcess, free_port, start_engine, wait_ready
+from engine_process import (
+    REPO_ROOT,
+    EngineProcess,
+    free_port,
+    start_for_selected_tests,
+    starts_servers,
+    stop_side_by_side,
+    wait_ready,
+)
 from mesh_helpers import (
     get_load,
     long_request,
@@ -65,12 +73,25 @@ def model_dir(long_context_model_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def served(model_dir: Path) -> Iterator[tuple[EngineProcess, str]]:
-    engine = start_engine(model_dir, "--max-num-seqs", "256")
+@starts_servers
+def engines(request: pytest.FixtureRequest, model_dir: Path) -> Iterator[dict[str, EngineProcess]]:
+    """Side by side, the engines the selected tests need: `served`'s, and the one the timeout
+    test kills."""
+    started = start_for_selected_tests(request, model_dir, {
+        "served": ("--max-num-seqs", "256"),
+        "test_timeout_queue_full_and_engine_death_under_the_bridge": (
+            "--max-num-seqs", "1", "--max-queue-len", "1"),
+    })
+    yield started
+    stop_side_by_side(list(started.values()))
+
+
+@pytest.fixture(scope="module")
+def served(engines: dict[str, EngineProcess]) -> Iterator[tuple[EngineProcess, str]]:
+    engine = engines["served"]
     bridge, url = start_bridge(engine.grpc_address, "--metrics-compat")
     yield engine, url
     stop(bridge)
-    engine.stop()
 
 
 def _threads(pid: int) -> int:
@@ -185,8 +206,10 @@ def test_bodies_built_to_break_a_json_server(served) -> None:
     assert ok.status_code == 200
 
 
-def test_timeout_queue_full_and_engine_death_under_the_bridge(model_dir: Path) -> None:
-    engine = start_engine(model_dir, "--max-num-seqs", "1", "--max-queue-len", "1")
+def test_timeout_queue_full_and_engine_death_under_the_bridge(
+    model_dir: Path, engines: dict[str, EngineProcess]
+) -> None:
+    engine = engines["test_timeout_queue_full_and_engine_death_under_the_bridge"]
     # 1 s: the 6000-token request below takes far longer on any machine, so it ends 504.
     bridge, url = start_bridge(engine.grpc_address, "--request-timeout", "1")
     try:
