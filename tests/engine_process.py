@@ -13,10 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+if TYPE_CHECKING:  # only for annotations: benchmarks import this module without pytest
+    import pytest
 
 F = TypeVar("F", bound=Callable[..., object])
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -190,8 +193,8 @@ def start_side_by_side(starts: Sequence[Callable[[], EngineProcess]]) -> list[En
     return [future.result() for future in futures]
 
 
-def start_for_selected_tests(request, model_dir: Path, flags: dict[str, tuple[str, ...]],
-                             ) -> dict[str, EngineProcess]:
+def start_for_selected_tests(request: pytest.FixtureRequest, model_dir: Path,
+                             flags: dict[str, tuple[str, ...]]) -> dict[str, EngineProcess]:
     """The servers of `flags` that the selected tests of the requesting module need, started
     side by side. A key names a test id (that test's own server) or a fixture (the server of
     every test that uses it, directly or not)."""

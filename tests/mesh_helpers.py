@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import grpc
@@ -72,12 +72,12 @@ def open_stream(channel: grpc.Channel, request: inference_pb2.GenerateRequest, *
     return call
 
 
-def finished_reasons(call) -> list[int]:
+def finished_reasons(call: Iterable[inference_pb2.GenerateResponse]) -> list[int]:
     """The `finished` reasons of a Generate stream, read to its end."""
     return [r.finished.reason for r in call if r.WhichOneof("event") == "finished"]
 
 
-def seconds_until_unavailable(call) -> float:
+def seconds_until_unavailable(call: Iterable[inference_pb2.GenerateResponse]) -> float:
     """Reads a Generate stream until it fails, which must be with UNAVAILABLE."""
     start = time.monotonic()
     try:
