@@ -3,10 +3,12 @@ waiting until it is ready."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -48,10 +50,37 @@ def require_e2e_marker(what: str) -> None:
             "(-m 'not e2e') leaves it out")
 
 
+_handed_out: set[int] = set()
+_handed_out_lock = threading.Lock()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on, never handed out before in this test process, and below
+    the kernel's ephemeral range. Servers start side by side: a port from bind(0) could be
+    handed to two of them, or taken by an outgoing connection's ephemeral port before the
+    server binds it ("address already in use")."""
+    low = min(_ephemeral_low(), 32768)
+    rng = random.Random()
+    with _handed_out_lock:
+        for _ in range(200):
+            port = rng.randrange(20000, low) if low > 21000 else 0
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                port = sock.getsockname()[1]
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
+    raise RuntimeError("no free port found")
 
 
 @dataclass

@@ -8,6 +8,7 @@ vocabulary; training is deterministic, so its serialized form is cached per proc
 from __future__ import annotations
 
 import functools
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -119,9 +120,15 @@ def build_tiny_model(
     return path
 
 
+# torch's default generator is one per process: models built on several threads at once
+# (servers started side by side) would draw from it interleaved, giving weights that change
+# from run to run. One build at a time keeps each model's weights a function of its seed.
+_DEFAULT_RNG_LOCK = threading.Lock()
+
+
 def _random_model(config: PretrainedConfig, seed: int) -> PreTrainedModel:
     # A private RNG stream: building a model must not disturb the caller's torch RNG.
-    with torch.random.fork_rng(devices=[]):
+    with _DEFAULT_RNG_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         with torch.no_grad():

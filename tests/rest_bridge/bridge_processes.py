@@ -3,24 +3,21 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
-from engine_process import require_e2e_marker
+from engine_process import free_port, require_e2e_marker
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BRIDGE_START_TIMEOUT_S = 60.0
 
 
 def reserve_port() -> int:
-    """A port that was free a moment ago (bind to 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port no other server of this test process was given (engine_process.free_port)."""
+    return free_port()
 
 
 def stop_process_group(process: subprocess.Popen[bytes]) -> None:
