@@ -9,10 +9,12 @@ import argparse
 import json
 import ssl
 
-from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
+from typing import TYPE_CHECKING
 
 from rest_bridge.http_limits import HttpLimits
+
+if TYPE_CHECKING:  # engine-serve reads these flags too and never serves REST itself
+    from fastapi import FastAPI
 
 ENGINE_API_KEY_ENV = "PROTOSERVE_ENGINE_API_KEY"
 CERT_REQS_CHOICES = (ssl.CERT_NONE, ssl.CERT_OPTIONAL, ssl.CERT_REQUIRED)
@@ -105,6 +107,8 @@ def install_cors(
     preflight is answered before authentication and error responses carry CORS headers."""
     if not origins:
         return
+    from fastapi.middleware.cors import CORSMiddleware
+
     app.add_middleware(
         CORSMiddleware,
         allow_origins=list(origins),
