@@ -1,13 +1,15 @@
 """Tiny random-weight sequence classifiers and RoBERTa encoders saved like hub checkpoints
-(save_pretrained + a WordPiece or Unigram tokenizer trained in milliseconds), so transformers,
+(save_pretrained + a WordPiece or Unigram tokenizer built from a small corpus), so transformers,
 sentence-transformers and our engine all load the same directory."""
 from __future__ import annotations
 
+import math
+from collections import Counter
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer as RustTokenizer
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
     AutoModel,
     AutoModelForSequenceClassification,
@@ -28,18 +30,26 @@ CORPUS = [
     "how do rerankers work in retrieval augmented generation",
 ] * 4
 
+# The vocabularies are built from the corpus, not trained: the tokenizers library's trainers
+# break frequency ties in hash order, so a trained vocabulary (and with it every logit of the
+# checkpoint) changed from run to run.
+_COUNTS = Counter(word for line in CORPUS for word in line.split())
+_WORDS = sorted(_COUNTS, key=lambda word: (-_COUNTS[word], word))
+_CHARS = sorted({char for line in CORPUS for char in line if char != " "})
+
 _SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}
 
 
 def _bert_tokenizer() -> BertTokenizerFast:
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    rust = RustTokenizer(models.WordPiece(unk_token="[UNK]"))
+    pieces = specials + _CHARS + ["##" + c for c in _CHARS]
+    pieces += [word for word in _WORDS if word not in pieces]  # "a" is a character already
+    rust = RustTokenizer(models.WordPiece({piece: i for i, piece in enumerate(pieces)},
+                                          unk_token="[UNK]"))
     rust.normalizer = normalizers.BertNormalizer(lowercase=True)
     rust.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     rust.decoder = decoders.WordPiece()
-    rust.train_from_iterator(CORPUS, trainers.WordPieceTrainer(vocab_size=120,
-                                                               special_tokens=specials))
     cls, sep = rust.token_to_id("[CLS]"), rust.token_to_id("[SEP]")
     rust.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -51,11 +61,16 @@ def _bert_tokenizer() -> BertTokenizerFast:
 def _roberta_tokenizer() -> XLMRobertaTokenizerFast:
     # XLM-R's special ids: <s>=0, <pad>=1 (the config's pad_token_id), </s>=2, <unk>=3.
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-    rust = RustTokenizer(models.Unigram())
+    # Whole words (with the word-start mark) by their corpus log-frequency, then the mark and
+    # single characters as the fallback pieces.
+    total = sum(_COUNTS.values())
+    pieces = ([(piece, 0.0) for piece in specials] + [("▁", -6.0)]
+              + [(c, -8.0) for c in _CHARS]
+              + [("▁" + w, math.log(_COUNTS[w] / total)) for w in _WORDS])
+    rust = RustTokenizer(models.Unigram(pieces, unk_id=specials.index("<unk>"),
+                                        byte_fallback=False))
     rust.pre_tokenizer = pre_tokenizers.Metaspace()
     rust.decoder = decoders.Metaspace()
-    rust.train_from_iterator(CORPUS, trainers.UnigramTrainer(
-        vocab_size=150, special_tokens=specials, unk_token="<unk>"))
     bos, eos = rust.token_to_id("<s>"), rust.token_to_id("</s>")
     rust.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
