@@ -12,6 +12,12 @@ BUF := .ci/node/node_modules/.bin/buf
 BUF_STAMP := .ci/node/.buf-$(BUF_VERSION)
 ARGS ?=
 PYTEST_ARGS ?=
+# pytest-xdist workers; modules stay whole on one worker (--dist loadfile), so a module's
+# servers start once. Most of an end-to-end test's time is a server process starting or
+# answering, so two workers keep both cores of a 2-core machine busy. TEST_WORKERS=0: one
+# process (what a debugger or `-x` on one failing test wants).
+TEST_WORKERS ?= 2
+PYTEST_WORKERS := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 .PHONY: bootstrap serve test protos lock lint-proto check
 
@@ -22,12 +28,12 @@ serve: bootstrap
 	$(VENV)/bin/engine-serve $(ARGS)
 
 test: bootstrap
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 # The unit tier: no real servers (e2e), soaks (slow) or generated-input runs (fuzz).
 .PHONY: test-fast
 test-fast: bootstrap
-	$(PY) -m pytest -q -m "not e2e and not slow and not fuzz" $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(PYTEST_WORKERS) -m "not e2e and not slow and not fuzz" $(PYTEST_ARGS)
 
 protos: bootstrap
 	$(PY) scripts/gen_protos.py

@@ -61,16 +61,28 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+def _port_range() -> tuple[int, int]:
+    """This test process's share of the ports below the ephemeral range. Under pytest-xdist
+    each worker draws from its own slice: `_handed_out` is per process, so two workers
+    drawing from one range could hand the same port to two servers starting side by side."""
+    low = min(_ephemeral_low(), 32768)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    index = int(worker) if worker.isdigit() else 0
+    width = max((low - 20000) // max(workers, 1), 0)
+    return 20000 + index * width, 20000 + (index + 1) * width
+
+
 def free_port() -> int:
     """A port nothing listens on, never handed out before in this test process, and below
     the kernel's ephemeral range. Servers start side by side: a port from bind(0) could be
     handed to two of them, or taken by an outgoing connection's ephemeral port before the
     server binds it ("address already in use")."""
-    low = min(_ephemeral_low(), 32768)
+    first, end = _port_range()
     rng = random.Random()
     with _handed_out_lock:
         for _ in range(200):
-            port = rng.randrange(20000, low) if low > 21000 else 0
+            port = rng.randrange(first, end) if end - first > 1000 else 0
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
                 try:
                     sock.bind(("127.0.0.1", port))
