@@ -47,6 +47,9 @@ class ScheduledRequest:
     lora: LoRARequest | None = None
     # Draft tokens to verify after the newest token (speculative decoding); not in token_ids.
     draft_token_ids: Sequence[int] = ()
+    # One block table per KV cache group, the first being block_ids (engine/kv_cache/
+    # groups.py); empty or shorter: the missing groups use block_ids.
+    block_tables: Sequence[Sequence[int]] = ()
 
     @property
     def num_output_tokens(self) -> int:

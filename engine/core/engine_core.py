@@ -26,8 +26,8 @@ ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8
 
 class Runner(Protocol):
     num_blocks: int
-    # The window the KV cache may free blocks behind: set only when every layer is windowed.
-    kv_sliding_window: int | None
+    # The window of each KV cache group (None: full attention; engine/kv_cache/groups.py).
+    kv_group_windows: tuple[int | None, ...]
 
     def execute(self, batch: ScheduledBatch) -> ModelRunnerOutput: ...
 
@@ -40,7 +40,7 @@ class EngineCore:
             runner.num_blocks,
             config.cache.block_size,
             enable_prefix_caching=config.cache.enable_prefix_caching,
-            sliding_window=runner.kv_sliding_window,
+            group_windows=runner.kv_group_windows,
         )
         spec = (
             SpecDecoder(config.speculative, max_model_len)

@@ -61,6 +61,7 @@ class Request:
         "num_computed_tokens",
         "num_cached_tokens",
         "block_ids",
+        "block_tables",
         "block_hashes",
         "finish_reason",
         "stop_token_id",
@@ -104,6 +105,9 @@ class Request:
         # Prompt tokens found in the prefix cache at first admission (reported in usage).
         self.num_cached_tokens = 0
         self.block_ids: list[int] = []
+        # One block table per KV cache group (engine/kv_cache/groups.py); the first is
+        # block_ids itself, so a model with one group has only that.
+        self.block_tables: list[list[int]] = [self.block_ids]
         self.block_hashes: list[int] = []
         self.finish_reason: FinishReason | None = None
         self.stop_token_id: int | None = None

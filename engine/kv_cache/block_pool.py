@@ -22,19 +22,23 @@ from engine.kv_cache.kv_events import KvEventRecorder
 
 
 class KVBlock:
-    __slots__ = ("block_id", "ref_cnt", "block_hash")
+    __slots__ = ("block_id", "ref_cnt", "block_hash", "group")
 
     def __init__(self, block_id: int) -> None:
         self.block_id = block_id
         self.ref_cnt = 0
         self.block_hash: BlockHash | None = None
+        # The KV cache group whose prefix cache finds it by hash (engine/kv_cache/groups.py).
+        self.group = 0
 
     def __repr__(self) -> str:
         return f"KVBlock({self.block_id}, ref={self.ref_cnt}, cached={self.block_hash is not None})"
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, *, enable_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, *, enable_caching: bool = True, num_groups: int = 1
+    ) -> None:
         if num_blocks < 1:
             raise ValueError("the KV cache needs at least one block")
         self.num_blocks = num_blocks
@@ -42,7 +46,10 @@ class BlockPool:
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         # Insertion order = eviction order; values unused.
         self._free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self._cached: dict[BlockHash, KVBlock] = {}
+        # One hash map per KV cache group: the same prefix has a block in every group, each
+        # holding its own layers' KV.
+        self._cached_by_group: list[dict[BlockHash, KVBlock]] = [{} for _ in range(num_groups)]
+        self._cached = self._cached_by_group[0]
         # Removals and clears for cache-aware routers (engine.kv_cache.kv_events).
         self.events = KvEventRecorder()
 
@@ -55,8 +62,8 @@ class BlockPool:
     def usage(self) -> float:
         return 1.0 - len(self._free_queue) / self.num_blocks
 
-    def get_cached_block(self, block_hash: BlockHash) -> KVBlock | None:
-        return self._cached.get(block_hash) if self.enable_caching else None
+    def get_cached_block(self, block_hash: BlockHash, group: int = 0) -> KVBlock | None:
+        return self._cached_by_group[group].get(block_hash) if self.enable_caching else None
 
     def allocate(self, num_blocks: int) -> list[KVBlock]:
         if num_blocks > len(self._free_queue):
@@ -87,29 +94,33 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self._free_queue[block.block_id] = None
 
-    def cache_block(self, block: KVBlock, block_hash: BlockHash) -> bool:
-        """Register a full, computed block under its hash. If another block already holds
-        this hash (two requests computed the same prefix concurrently), keep the first.
-        Returns whether the hash is newly findable."""
+    def cache_block(self, block: KVBlock, block_hash: BlockHash, group: int = 0) -> bool:
+        """Register a full, computed block of `group` under its hash. If another block
+        already holds this hash (two requests computed the same prefix concurrently), keep
+        the first. Returns whether the hash is newly findable."""
         if not self.enable_caching or block.block_hash is not None:
             return False
-        if block_hash in self._cached:
+        cached = self._cached_by_group[group]
+        if block_hash in cached:
             return False
         block.block_hash = block_hash
-        self._cached[block_hash] = block
+        block.group = group
+        cached[block_hash] = block
         return True
 
     def reset_prefix_cache(self) -> None:
-        for block in self._cached.values():
-            block.block_hash = None
-        self._cached.clear()
+        for cached in self._cached_by_group:
+            for block in cached.values():
+                block.block_hash = None
+            cached.clear()
         if self.events.enabled:
             self.events.cleared()
 
     def _evict(self, block: KVBlock) -> None:
         if block.block_hash is not None:
-            del self._cached[block.block_hash]
-            if self.events.enabled:
+            del self._cached_by_group[block.group][block.block_hash]
+            # Routers hear of the first group's blocks only: one event per prefix block.
+            if self.events.enabled and block.group == 0:
                 self.events.removed(block.block_hash)
             block.block_hash = None
 
@@ -123,6 +134,8 @@ class BlockPool:
             assert (block.ref_cnt == 0) == (block.block_id in free_ids), block
         num_used = sum(1 for b in self.blocks if b.ref_cnt > 0)
         assert num_used + len(free_ids) == self.num_blocks
-        for block_hash, block in self._cached.items():
-            assert block.block_hash == block_hash, block
-        assert sum(1 for b in self.blocks if b.block_hash is not None) == len(self._cached)
+        for group, cached in enumerate(self._cached_by_group):
+            for block_hash, block in cached.items():
+                assert block.block_hash == block_hash and block.group == group, block
+        assert sum(1 for b in self.blocks if b.block_hash is not None) == sum(
+            len(cached) for cached in self._cached_by_group)

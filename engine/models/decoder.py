@@ -7,7 +7,7 @@ projections and the experts, so weight mapping is a handful of renames.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -84,9 +84,11 @@ class DecoderForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
-        attn_metadata: AttentionMetadata,
+        attn_metadata: AttentionMetadata | Sequence[AttentionMetadata],
     ) -> torch.Tensor:
-        """input_ids, positions [T] -> final-norm hidden states [T, hidden]."""
+        """input_ids, positions [T] -> final-norm hidden states [T, hidden]. `attn_metadata`:
+        one for every layer, or one per layer (KV cache groups: each layer reads its group's
+        block tables)."""
         hidden = self.model.embed_tokens(input_ids)
         spec = self.dims
         if self._embed_scale != 1.0:
@@ -99,14 +101,20 @@ class DecoderForCausalLM(nn.Module):
         # The fused layers read bf16 caches only (an int8 cache takes the per-op path), and
         # know no LoRA: a step with adapter rows takes the per-op path too.
         lora_step = self.lora_context is not None and self.lora_context.step is not None
-        if (not lora_step and self._fused_decode.applies(hidden, attn_metadata)
-                and kv_caches[0].dtype == hidden.dtype):
-            cos, signed_sin = tables["default"]
-            self._fused_decode.run(hidden, cos, signed_sin, kv_caches, attn_metadata)
-            return self.model.norm(hidden)
-        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+        if isinstance(attn_metadata, AttentionMetadata):
+            if (not lora_step and self._fused_decode.applies(hidden, attn_metadata)
+                    and kv_caches[0].dtype == hidden.dtype):
+                cos, signed_sin = tables["default"]
+                self._fused_decode.run(hidden, cos, signed_sin, kv_caches, attn_metadata)
+                return self.model.norm(hidden)
+            layer_metadata: Sequence[AttentionMetadata] = [attn_metadata] * len(kv_caches)
+        else:
+            layer_metadata = attn_metadata
+        for layer, kv_cache, metadata in zip(
+            self.model.layers, kv_caches, layer_metadata, strict=True
+        ):
             cos, signed_sin = tables[layer.rope_key]
-            hidden = layer(hidden, cos, signed_sin, kv_cache, attn_metadata)
+            hidden = layer(hidden, cos, signed_sin, kv_cache, metadata)
         return self.model.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

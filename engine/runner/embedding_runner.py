@@ -12,7 +12,7 @@ from engine.runner.pooling import PoolingExecutor, resolve_pooling_type
 class EmbeddingRunner:
     # The scheduler's KV pool needs at least one block; embedding requests never take any.
     num_blocks = 1
-    kv_sliding_window: int | None = None
+    kv_group_windows: tuple[int | None, ...] = (None,)
     task = "embed"
 
     def __init__(self, model_config: ModelConfig, *, attention_backend: str = "torch") -> None:

@@ -7,6 +7,10 @@ Requests are reordered so that decode rows (one token each) come first, then pre
     flattened rows:   [ B | D | A A A A A | C C C ]
     sample_rows:      [ 6 (A's last row), 0 (B), 1 (D) ]
 
+With several KV cache groups (engine/kv_cache/groups.py) each group gets its own metadata:
+its slot mapping, decode block tables and prefill block tables read that group's table of
+each request; the rest (context lengths, prefill runs, masks) is shared.
+
 Cost: this runs once per step, right after the previous step's forward pass has pushed the
 interpreter's, numpy's and torch's code and data out of the CPU caches, when every distinct
 numpy or torch call costs tens of microseconds. So the integer inputs are gathered in plain
@@ -15,7 +19,8 @@ rather than through a few small numpy/torch operations per input.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -36,9 +41,14 @@ class StepInputs:
     sample_requests: list[ScheduledRequest]
     # First flattened row of each request, in batch order (prompt logprobs read row ranges).
     row_starts: list[int]
+    # With several KV cache groups: each group's metadata (the first is attn_metadata);
+    # empty with one group.
+    group_metadata: tuple[AttentionMetadata, ...] = ()
 
 
-def prepare_inputs(batch: ScheduledBatch, block_size: int, device: torch.device) -> StepInputs:
+def prepare_inputs(
+    batch: ScheduledBatch, block_size: int, device: torch.device, num_kv_groups: int = 1
+) -> StepInputs:
     requests = batch.requests
     decodes = [request for request in requests if request.is_decode]
     prefills = [request for request in requests if not request.is_decode]
@@ -76,13 +86,18 @@ def prepare_inputs(batch: ScheduledBatch, block_size: int, device: torch.device)
         pack.add(*_decode_block_tables(decodes, context_lens, block_size))
     for block_table in prefill_block_tables:
         pack.add(block_table)
+    for group in range(1, num_kv_groups):
+        _add_group_tables(pack, group, decodes, prefills, context_lens, block_size)
     tensors = pack.tensors(device)
     input_ids_t, positions_t, slot_mapping_t, sample_rows_t = tensors[:4]
     decode_lens, decode_tables = tensors[4:6] if decodes else (None, None)
 
+    num_group_tensors = (2 if decodes else 0) + len(prefills)
+    first_prefill = 6 if decodes else 4
     prefill_sequences = []
     query_start = len(decodes)
-    for request, block_table in zip(prefills, tensors[6 if decodes else 4 :]):
+    prefill_tables = tensors[first_prefill : first_prefill + len(prefills)]
+    for request, block_table in zip(prefills, prefill_tables):
         prefill_sequences.append(_prefill_sequence(request, query_start, block_table, device))
         query_start += request.num_tokens
     attn_metadata = AttentionMetadata(
@@ -94,6 +109,12 @@ def prepare_inputs(batch: ScheduledBatch, block_size: int, device: torch.device)
         decode_mask=None,  # only the torch backend needs it, and derives it itself
         prefills=tuple(prefill_sequences),
     )
+    group_metadata: tuple[AttentionMetadata, ...] = ()
+    if num_kv_groups > 1:
+        group_metadata = (attn_metadata,) + tuple(
+            _group_metadata(attn_metadata, tensors[start : start + 1 + num_group_tensors])
+            for start in range(first_prefill + len(prefills), len(tensors), 1 + num_group_tensors)
+        )
     return StepInputs(
         input_ids=input_ids_t,
         positions=positions_t,
@@ -104,6 +125,52 @@ def prepare_inputs(batch: ScheduledBatch, block_size: int, device: torch.device)
         ),
         sample_requests=sample_requests,
         row_starts=row_starts,
+        group_metadata=group_metadata,
+    )
+
+
+def _group_table(request: ScheduledRequest, group: int) -> Sequence[int]:
+    """The request's block table of a KV cache group (block_ids for a request that has none
+    of its own, such as the memory profile's)."""
+    tables = request.block_tables
+    return tables[group] if group < len(tables) else request.block_ids
+
+
+def _add_group_tables(
+    pack: _Int64Pack, group: int, decodes: list[ScheduledRequest],
+    prefills: list[ScheduledRequest], context_lens: list[int], block_size: int,
+) -> None:
+    """One group's slot mapping, then its decode tables (if any decodes), then one block table
+    per prefill: the layout `_group_metadata` reads back."""
+    slots = []
+    for request in decodes:
+        position = request.start
+        slots.append(_group_table(request, group)[position // block_size] * block_size
+                     + position % block_size)
+    for request in prefills:
+        slots.extend(_prefill_slots(request, block_size, _group_table(request, group)))
+    pack.add(slots)
+    if decodes:
+        pack.add(*_decode_block_tables(decodes, context_lens, block_size, group))
+    for request in prefills:
+        end = request.start + request.num_tokens
+        pack.add(list(_group_table(request, group)[: _num_blocks(end, block_size)]))
+
+
+def _group_metadata(first: AttentionMetadata, tensors: list[torch.Tensor]) -> AttentionMetadata:
+    """The first group's metadata with another group's slot mapping and block tables."""
+    slot_mapping, rest = tensors[0], tensors[1:]
+    decode_tables = first.decode_block_tables
+    if first.num_decode_tokens:
+        decode_tables, rest = rest[0], rest[1:]
+    return replace(
+        first,
+        slot_mapping=slot_mapping,
+        decode_block_tables=decode_tables,
+        prefills=tuple(
+            replace(prefill, block_table=table)
+            for prefill, table in zip(first.prefills, rest, strict=True)
+        ),
     )
 
 
@@ -154,15 +221,20 @@ def _num_blocks(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
-def _prefill_slots(request: ScheduledRequest, block_size: int) -> list[int]:
-    """Cache slots of positions [start, start + num_tokens): one run of consecutive slots per
-    block touched, so the work grows with blocks rather than tokens."""
+def _prefill_slots(
+    request: ScheduledRequest, block_size: int, block_ids: Sequence[int] | None = None
+) -> list[int]:
+    """Cache slots of positions [start, start + num_tokens) in `block_ids` (the request's
+    own by default): one run of consecutive slots per block touched, so the work grows with
+    blocks rather than tokens."""
+    if block_ids is None:
+        block_ids = request.block_ids
     slots: list[int] = []
     position, end = request.start, request.start + request.num_tokens
     while position < end:
         block, offset = divmod(position, block_size)
         run = min(end - position, block_size - offset)
-        first_slot = request.block_ids[block] * block_size + offset
+        first_slot = block_ids[block] * block_size + offset
         slots.extend(range(first_slot, first_slot + run))
         position += run
     return slots
@@ -188,7 +260,7 @@ def _prefill_sequence(
 
 
 def _decode_block_tables(
-    decodes: list[ScheduledRequest], context_lens: list[int], block_size: int
+    decodes: list[ScheduledRequest], context_lens: list[int], block_size: int, group: int = 0
 ) -> tuple[list[int], tuple[int, int]]:
     """Block tables [Bd, max_blocks], flattened row by row; short rows are padded with
     block 0, which attention never reads (it stops at each row's context length)."""
@@ -197,7 +269,7 @@ def _decode_block_tables(
     padding = [0] * max_blocks
     tables: list[int] = []
     for request, num_blocks in zip(decodes, blocks_needed):
-        tables += request.block_ids[:num_blocks]
+        tables += (_group_table(request, group) if group else request.block_ids)[:num_blocks]
         tables += padding[: max_blocks - num_blocks]
     return tables, (len(decodes), max_blocks)
 

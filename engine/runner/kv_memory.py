@@ -1,7 +1,9 @@
 """KV cache sizing and allocation.
 
 One tensor per layer: [2, num_blocks, block_size, num_kv_heads, head_dim] (K at [0], V at [1]);
-an int8 cache has head_dim + 4 bytes per row (engine/attention/kv_quant.py).
+an int8 cache has head_dim + 4 bytes per row (engine/attention/kv_quant.py). With several KV
+cache groups (engine/kv_cache/groups.py) one tensor per slot instead, each shared by one layer
+of every group: a block is then one page of a group's layers, not of all layers.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 
 from engine.attention.kv_quant import cache_row_size
 from engine.config import CacheConfig
+from engine.kv_cache.groups import blocks_per_request
 
 logger = logging.getLogger(__name__)
 
@@ -20,12 +23,14 @@ _CPU_DEFAULT_BYTES = 4 * 1024**3
 
 @dataclass(frozen=True)
 class KVCacheSpec:
-    num_layers: int
+    num_layers: int  # cache tensors: the layers, or the slots of the KV cache groups
     num_kv_heads: int
     head_dim: int
     block_size: int
     dtype: torch.dtype  # the model's: what attention computes in
     quantized: bool = False  # --kv-cache-dtype int8
+    # The window of each KV cache group (None: full attention), for the blocks a request holds.
+    group_windows: tuple[int | None, ...] = (None,)
 
     @property
     def cache_dtype(self) -> torch.dtype:
@@ -42,7 +47,9 @@ class KVCacheSpec:
         return self.num_layers * per_layer
 
     def blocks_per_sequence(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        """The most blocks a request of `num_tokens` holds at once, over every group (its
+        windowed groups' blocks stop growing past the window)."""
+        return blocks_per_request(self.group_windows, num_tokens, self.block_size)
 
 
 def needs_memory_profile(cache_config: CacheConfig, device: torch.device) -> bool:
@@ -79,8 +86,6 @@ def determine_num_blocks(
             f"KV cache too small: {spec.bytes_per_block} bytes per block of {spec.block_size} "
             f"tokens do not fit the configured memory"
         )
-    # As vLLM words it: how many requests of the full model length fit in the cache at once.
-    max_concurrency = num_blocks / spec.blocks_per_sequence(max_model_len)
     logger.info(
         "KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB); maximum concurrency for %d "
         "tokens per request: %.2fx",
@@ -89,9 +94,18 @@ def determine_num_blocks(
         num_blocks * spec.block_size,
         num_blocks * spec.bytes_per_block / 2**20,
         max_model_len,
-        max_concurrency,
+        max_concurrency(spec, num_blocks, max_model_len),
     )
     return num_blocks
+
+
+def max_concurrency(spec: KVCacheSpec, num_blocks: int, max_model_len: int) -> float:
+    """As vLLM words it: how many requests of the full model length fit in the cache at once
+    (windowed groups count only the blocks of their window; the null block a window needs
+    is not available to requests)."""
+    windowed = any(window is not None for window in spec.group_windows)
+    usable = num_blocks - 1 if windowed else num_blocks
+    return usable / spec.blocks_per_sequence(max_model_len)
 
 
 def allocate_kv_caches(

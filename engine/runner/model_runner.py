@@ -9,6 +9,7 @@ import torch
 from engine.attention import resolve_attention_backend
 from engine.core.batch import ScheduledBatch
 from engine.config import CacheConfig, LoRAConfig, ModelConfig
+from engine.kv_cache.groups import kv_cache_groups
 from engine.models.loader import LoadedModel, load_model, resolve_device
 from engine.core.outputs import ModelRunnerOutput
 from engine.runner.input_prep import prepare_inputs
@@ -62,16 +63,22 @@ class ModelRunner:
             LoRASlots(self.loaded.model, lora_config) if lora_config is not None else None
         )
         self.block_size = cache_config.block_size
-        self.kv_sliding_window: int | None = kv_sliding_window(
-            getattr(self.loaded.model.dims, "layer_windows", ())
+        # Layers grouped by attention type, each group with its own block tables: windowed
+        # groups give back blocks behind their window (engine/kv_cache/groups.py).
+        self.kv_groups = kv_cache_groups(
+            getattr(self.loaded.model.dims, "layer_windows", ()), self.loaded.num_layers
         )
+        self.kv_group_windows: tuple[int | None, ...] = self.kv_groups.windows
+        # Per layer, the group whose metadata it reads (only with several groups).
+        self._layer_group = self.kv_groups.layer_group
         spec = KVCacheSpec(
-            num_layers=self.loaded.num_layers,
+            num_layers=self.kv_groups.num_slots,
             num_kv_heads=self.loaded.num_kv_heads,
             head_dim=self.loaded.head_dim,
             block_size=cache_config.block_size,
             dtype=self.loaded.dtype,
             quantized=cache_config.kv_cache_dtype == "int8",
+            group_windows=self.kv_groups.windows,
         )
         if spec.quantized and self.device.type != "cpu":
             raise ValueError("--kv-cache-dtype int8 runs on the CPU backends only (the CUDA "
@@ -90,7 +97,10 @@ class ModelRunner:
             max_num_seqs=max_num_seqs,
             profiled_budget_bytes=profiled_budget,
         )
-        self.kv_caches: list[torch.Tensor] = allocate_kv_caches(spec, self.num_blocks, self.device)
+        # Per layer: its slot's tensor (layers of different groups share one).
+        self.kv_caches: list[torch.Tensor] = self.kv_groups.layer_slots(
+            allocate_kv_caches(spec, self.num_blocks, self.device)
+        )
 
     def _profile_kv_budget(
         self, spec: KVCacheSpec, utilization: float, max_num_seqs: int, max_num_batched_tokens: int
@@ -103,7 +113,9 @@ class ModelRunner:
             block_size=self.block_size,
         )
         num_blocks = profile_num_blocks(batches)
-        self.kv_caches = allocate_kv_caches(spec, num_blocks, self.device)
+        self.kv_caches = self.kv_groups.layer_slots(
+            allocate_kv_caches(spec, num_blocks, self.device)
+        )
         try:
             profile = profile_memory(
                 self.device, batches, self.execute, num_blocks * spec.bytes_per_block
@@ -122,10 +134,15 @@ class ModelRunner:
         if batch.is_empty:
             return ModelRunnerOutput(request_ids=[], sampled_token_ids=[])
         with torch.inference_mode():
-            inputs = prepare_inputs(batch, self.block_size, self.device)
+            inputs = prepare_inputs(
+                batch, self.block_size, self.device, self.kv_groups.num_groups
+            )
+            metadata = inputs.attn_metadata
+            if inputs.group_metadata:  # each layer reads its own group's block tables
+                metadata = [inputs.group_metadata[group] for group in self._layer_group]
             with self._lora_step(batch, inputs.row_starts):
                 hidden = self.loaded.model(
-                    inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_metadata
+                    inputs.input_ids, inputs.positions, self.kv_caches, metadata
                 )
             # Prefill rows go through the vocab projection only for requests that ask for
             # prompt_logprobs; otherwise only sampling rows do.
@@ -163,12 +180,3 @@ class ModelRunner:
             [r.lora for r in requests], row_starts, [r.num_tokens for r in requests]
         )
 
-
-def kv_sliding_window(layer_windows: tuple[int | None, ...]) -> int | None:
-    """The window behind which the KV cache may give blocks back: the largest one when every
-    layer is windowed (a block is dead only once it left every layer's window), else None.
-    With full-attention layers among them (Gemma 2/3) every block stays needed, since all
-    layers share one block table."""
-    if not layer_windows or any(window is None for window in layer_windows):
-        return None
-    return max(window for window in layer_windows if window is not None)

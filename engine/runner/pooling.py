@@ -180,8 +180,8 @@ class GenerateAndEmbedRunner:
         return self.runner.num_blocks
 
     @property
-    def kv_sliding_window(self) -> int | None:
-        return self.runner.kv_sliding_window
+    def kv_group_windows(self) -> tuple[int | None, ...]:
+        return self.runner.kv_group_windows
 
     @property
     def lora(self) -> Any:

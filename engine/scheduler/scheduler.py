@@ -264,6 +264,7 @@ class Scheduler:
             grammar=request.grammar,
             lora=request.lora,
             draft_token_ids=drafts,
+            block_tables=request.block_tables,
         )
 
     def update_from_output(
