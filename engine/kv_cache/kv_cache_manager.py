@@ -158,8 +158,12 @@ class KVCacheManager:
         return [len(table) - num for table, num in zip(request.block_tables, dropped)]
 
     def held_block_ids(self, request: Request) -> list[int]:
+        return [i for held in self.held_tables(request) for i in held]
+
+    def held_tables(self, request: Request) -> list[list[int]]:
+        """Per group, the block ids the request holds (its table less the given-back ones)."""
         dropped = self._dropped(request)
-        return [i for table, num in zip(request.block_tables, dropped) for i in table[num:]]
+        return [table[num:] for table, num in zip(request.block_tables, dropped)]
 
     def find_prefix_hit(self, request: Request) -> PrefixHit:
         """The longest run of cached full blocks at the start of the request's tokens (for
@@ -222,7 +226,9 @@ class KVCacheManager:
             plans.append((num_skipped, taken, num_new_blocks))
         if num_wanted > self.pool.num_free_blocks:
             return False
-        for group, (table, (num_skipped, taken, num_new_blocks)) in enumerate(zip(tables, plans)):
+        # Every group's hit blocks are taken before any new block is allocated: allocation
+        # evicts from the free queue, where another group's hit blocks may still sit.
+        for group, (table, (num_skipped, taken, _)) in enumerate(zip(tables, plans)):
             if num_skipped:
                 assert self.null_block_id is not None  # only a window skips blocks
                 table.extend([self.null_block_id] * num_skipped)
@@ -231,6 +237,7 @@ class KVCacheManager:
                 assert all(b is not None for b in taken), "a hit block inside the window is gone"
                 self.pool.touch(taken)  # type: ignore[arg-type]
                 table.extend(b.block_id for b in taken)  # type: ignore[union-attr]
+        for table, (_, _, num_new_blocks) in zip(tables, plans):
             if num_new_blocks:
                 table.extend(b.block_id for b in self.pool.allocate(num_new_blocks))
         return True

@@ -92,7 +92,8 @@ def prepare_inputs(
     input_ids_t, positions_t, slot_mapping_t, sample_rows_t = tensors[:4]
     decode_lens, decode_tables = tensors[4:6] if decodes else (None, None)
 
-    num_group_tensors = (2 if decodes else 0) + len(prefills)
+    # Per extra group: its slot mapping, its decode tables (if any), its prefill tables.
+    num_group_tensors = (1 if decodes else 0) + len(prefills)
     first_prefill = 6 if decodes else 4
     prefill_sequences = []
     query_start = len(decodes)

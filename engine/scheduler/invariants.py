@@ -20,10 +20,15 @@ def check_scheduler_invariants(
     assert not running_ids & waiting_ids
     assert running_ids | waiting_ids == set(requests)
     refs: dict[int, int] = {}
+    # A block holds the KV of one KV cache group's layers: no two groups may share it.
+    group_of: dict[int, int] = {}
     for request in requests.values():
         kv_cache.check_request(request)
         for block_id in kv_cache.held_block_ids(request):
             refs[block_id] = refs.get(block_id, 0) + 1
+        for group, held in enumerate(kv_cache.held_tables(request)):
+            for block_id in held:
+                assert group_of.setdefault(block_id, group) == group, (block_id, request)
         if request.status == RequestStatus.RUNNING:
             needed = kv_cache.blocks_needed(request.num_computed_tokens)
             assert len(request.block_ids) >= needed, request

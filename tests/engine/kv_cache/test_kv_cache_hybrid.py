@@ -116,6 +116,25 @@ def test_a_hit_needs_only_the_window_of_the_windowed_group() -> None:
     kv.check_invariants()
 
 
+def test_new_blocks_never_evict_another_groups_hit_blocks() -> None:
+    kv = KVCacheManager(64, BS, group_windows=GROUPS)
+    a = run_and_free(kv, list(range(12)), 28)
+    a_window = list(a.block_tables[WINDOW])
+    kv.free(a)
+    # Only A's last 12 blocks stay free, then two more behind them: the windowed group's hit
+    # blocks sit at the head of the free queue, where a new block would be taken from.
+    held = kv.pool.allocate(kv.pool.num_free_blocks - 12)
+    kv.pool.free(held[:2])
+    b = make_request("b", a.all_token_ids + [7, 7])
+    assert prefill(kv, b) == 10
+    assert b.block_tables[WINDOW][8:10] == a_window[8:10]
+    full, window = kv.held_tables(b)
+    assert not set(full) & set(window)
+    kv.free(b)
+    kv.pool.free(held[2:])
+    kv.check_invariants()
+
+
 def test_no_hit_where_the_windowed_group_lost_the_window() -> None:
     kv = KVCacheManager(64, BS, group_windows=GROUPS)
     a = run_and_free(kv, list(range(12)), 28)
