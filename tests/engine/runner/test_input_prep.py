@@ -118,3 +118,40 @@ def test_a_pure_decode_batch_needs_no_gather_of_sample_rows() -> None:
     mixed = prepare_inputs(ScheduledBatch([prefill, decode(1, 7)], 6), 16, CPU)
     assert not mixed.samples_every_row_in_order
     assert mixed.sample_rows.tolist() == [5, 0]
+
+
+@pytest.mark.parametrize("num_groups", [2, 3])
+def test_each_kv_cache_group_gets_its_own_slots_and_tables(num_groups: int) -> None:
+    """With several KV cache groups every group's metadata reads that group's table of each
+    request; the first group's is attn_metadata itself, the rest is shared."""
+    block_size = 4
+    rng = random.Random(num_groups)
+    for _ in range(100):
+        batch = _random_batch(rng, block_size)
+        for request in batch.requests:
+            # Each further group: another table of the same length (blocks of its own).
+            other = [[b + 1000 * g for b in request.block_ids] for g in range(1, num_groups)]
+            request.block_tables = [request.block_ids, *other]
+        inputs = prepare_inputs(batch, block_size, CPU, num_groups)
+        groups = inputs.group_metadata
+        assert len(groups) == num_groups and groups[0] is inputs.attn_metadata
+        decodes = [r for r in batch.requests if r.num_tokens == 1]
+        prefills = [r for r in batch.requests if r.num_tokens != 1]
+        rows = [(r, r.start + i) for r in decodes + prefills for i in range(r.num_tokens)]
+        for group, metadata in enumerate(groups):
+            def slot(request: ScheduledRequest, position: int) -> int:
+                table = request.block_tables[group]
+                return table[position // block_size] * block_size + position % block_size
+
+            assert metadata.slot_mapping.tolist() == [slot(r, p) for r, p in rows]
+            assert metadata.num_decode_tokens == len(decodes)
+            if decodes:
+                tables = metadata.decode_block_tables.tolist()
+                for request, table in zip(decodes, tables, strict=True):
+                    needed = request.start // block_size + 1
+                    assert table[:needed] == list(request.block_tables[group][:needed])
+                assert metadata.decode_context_lens is groups[0].decode_context_lens
+            for request, prefill in zip(prefills, metadata.prefills, strict=True):
+                needed = -(-(request.start + request.num_tokens) // block_size)
+                assert prefill.block_table.tolist() == request.block_tables[group][:needed]
+                assert prefill.context_start == request.start
