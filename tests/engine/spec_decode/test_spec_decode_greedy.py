@@ -138,12 +138,16 @@ def test_random_text_backs_off(llama_dir: Path) -> None:
     assert num_drafts[0.9] < num_drafts[0.0] / 2, num_drafts
 
 
-def test_sliding_window_model_gives_blocks_back_and_equals_transformers(tmp_path: Path) -> None:
-    """Every layer windowed: blocks behind the window go back while drafts come and go, in a
-    cache too small for all requests at once."""
-    model_dir = make_peaked_model(tmp_path / "mistral_window", "mistral_window")
-    llm = LLM(str(model_dir), dtype="float32", max_num_batched_tokens=40, num_kv_blocks=10,
-              block_size=8, speculative_config=NGRAM)
+@pytest.mark.parametrize(("arch", "num_kv_blocks"), [("mistral_window", 10), ("gemma2", 24)])
+def test_sliding_window_model_gives_blocks_back_and_equals_transformers(
+    tmp_path: Path, arch: str, num_kv_blocks: int
+) -> None:
+    """Windowed layers (every layer, or Gemma 2's alternate ones with their own KV cache
+    group): blocks behind the window go back while drafts come and go, in a cache too small
+    for all requests at once."""
+    model_dir = make_peaked_model(tmp_path / arch, arch)
+    llm = LLM(str(model_dir), dtype="float32", max_num_batched_tokens=40,
+              num_kv_blocks=num_kv_blocks, block_size=8, speculative_config=NGRAM)
     prompts = [_repetitive(30, 9, 4), _repetitive(31, 13, 3)] + prompts_from(32, [7, 33])
     assert_concurrent_greedy_matches(llm, model_dir, prompts)
     assert _stats(llm).num_accepted_tokens > 0
