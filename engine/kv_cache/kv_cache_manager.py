@@ -248,14 +248,18 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         num_full = request.num_computed_tokens // self.block_size
+        # Every group's count moves together (all set below), so the first tells for all.
         published = self._num_published_blocks.get(request.request_id)
         if published is None:
             published = self._num_published_blocks[request.request_id] = [0] * self.num_groups
+        elif num_full <= published[0]:
+            return  # most decode steps: no block filled up
         dropped = self._dropped(request)
         blocks = self.pool.blocks
         for group, table in enumerate(request.block_tables):
             # Entries given back point at the null block: there is nothing of theirs to publish.
             start = max(published[group], dropped[group])
+            published[group] = num_full
             if num_full <= start:
                 continue
             self._update_hashes(request)
@@ -267,7 +271,6 @@ class KVCacheManager:
                     blocks[table[i]], request.block_hashes[i], group)
                 if newly_cached and recording:
                     stored.append(i)
-            published[group] = num_full
             if stored:
                 self._record_stored(request, stored)
 
