@@ -135,19 +135,18 @@ class KVCacheManager:
 
     def fit_new_tokens(self, num_computed: int, num_new: int) -> int:
         """How many of `num_new` tokens after `num_computed` one step can compute if the
-        request had every block to itself. With a full-attention group: all of them, or 0
-        when the blocks for positions [0, num_computed + num_new) of every group exceed the
-        cache (the request can never go on). With windows only, only the blocks from each
-        group's first visible one on count, and a step that would still need too many
-        computes a shorter chunk (0 only when not even one token fits: the windows
-        themselves are wider than the cache)."""
+        request had every block to itself. Without a window: all of them, or 0 when the
+        blocks for positions [0, num_computed + num_new) exceed the cache (the request can
+        never go on). With windowed groups, only the blocks from each windowed group's first
+        visible one on count, and a step that would still need too many computes a shorter
+        chunk (a windowed group needs fewer blocks for it); 0 only when not even one token
+        fits: the windows, with any full group's blocks, are wider than the cache."""
         visible = sum(self.first_visible_block(num_computed, g) for g in self._windowed_groups)
         # Every group needs the same blocks_needed(end) table entries, less its dropped ones.
         room = (self.num_blocks + visible) // self.num_groups * self.block_size - num_computed
         if room >= num_new:
             return num_new
-        all_windowed = len(self._windowed_groups) == self.num_groups
-        return max(room, 0) if all_windowed else 0
+        return max(room, 0) if self._windowed_groups else 0
 
     def num_held_blocks(self, request: Request) -> int:
         """Blocks the request really holds, over every group (entries not given back)."""

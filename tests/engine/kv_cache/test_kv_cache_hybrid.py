@@ -194,7 +194,12 @@ def test_a_step_is_allocated_in_every_group_or_in_none() -> None:
     assert not kv.allocate_slots(b, 2)
     assert kv.held_blocks_by_group(b) == [0, 0]
     kv.check_invariants()
-    # With only the windowed groups' room shortening a step, a full group makes a step that
-    # cannot fit the whole cache unschedulable instead.
+    # With every block to itself a request could compute 16 tokens from position 0 (4
+    # blocks per group); a longer step is shortened to that.
     assert kv.fit_new_tokens(0, 16) == 16
-    assert kv.fit_new_tokens(0, 17) == 0
+    assert kv.fit_new_tokens(0, 40) == 16
+    # From position 16 on the windowed group needs blocks 2 (the window's start) and up, so
+    # (8 + 2) // 2 = 5 table entries per group fit: positions up to 20, 4 more tokens. From
+    # 20 not one more token fits (6 full blocks and 3 windowed ones): it can never go on.
+    assert kv.fit_new_tokens(16, 40) == 4
+    assert kv.fit_new_tokens(20, 1) == 0

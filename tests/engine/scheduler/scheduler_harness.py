@@ -86,43 +86,52 @@ class FakeRunner:
         *,
         sliding_window: int | None = None,
         null_block_id: int | None = None,
+        group_windows: tuple[int | None, ...] | None = None,
     ) -> None:
         self.block_size = block_size
         self.script = script
-        self.sliding_window = sliding_window
+        # One window per KV cache group (each group reads and writes its own block table).
+        self.group_windows = group_windows or (sliding_window,)
         self.null_block_id = null_block_id
-        # (block id, offset) -> the token prefix whose last token's KV the slot holds.
-        self.kv: dict[tuple[int, int], tuple[int, ...]] = {}
+        # (block id, offset) -> the group that wrote the slot and the token prefix whose last
+        # token's KV it holds (groups share the slots: one group's KV never serves another).
+        self.kv: dict[tuple[int, int], tuple[int, tuple[int, ...]]] = {}
 
-    def _slot(self, scheduled: ScheduledRequest, position: int) -> tuple[int, int]:
-        block_id = scheduled.block_ids[position // self.block_size]
-        assert block_id != self.null_block_id, (scheduled.request_id, position)
+    def _slot(self, scheduled: ScheduledRequest, group: int, position: int) -> tuple[int, int]:
+        tables = scheduled.block_tables
+        table = tables[group] if tables else scheduled.block_ids
+        block_id = table[position // self.block_size]
+        assert block_id != self.null_block_id, (scheduled.request_id, group, position)
         return block_id, position % self.block_size
 
-    def _first_read(self, start: int) -> int:
+    def _first_read(self, start: int, group: int) -> int:
         """The first position the step's first query (at `start`) attends to."""
-        if self.sliding_window is None:
+        window = self.group_windows[group]
+        if window is None:
             return 0
-        return max(0, start - self.sliding_window + 1)
+        return max(0, start - window + 1)
 
     def execute(self, batch: ScheduledBatch) -> ModelRunnerOutput:
         # Reads first, then writes: a step attends only to KV computed by earlier steps.
+        groups = range(len(self.group_windows))
         for s in batch.requests:
             end = s.start + s.num_tokens
             assert 1 <= s.num_tokens and 0 <= s.start and end <= len(s.token_ids), s
             assert s.sample == (end == len(s.token_ids)), s
             assert len(s.block_ids) * self.block_size >= end, s
-            for position in range(self._first_read(s.start), s.start):
-                slot = self._slot(s, position)
-                expected = tuple(s.token_ids[: position + 1])
-                assert self.kv.get(slot) == expected, (s.request_id, position)
+            for group in groups:
+                for position in range(self._first_read(s.start, group), s.start):
+                    slot = self._slot(s, group, position)
+                    expected = (group, tuple(s.token_ids[: position + 1]))
+                    assert self.kv.get(slot) == expected, (s.request_id, group, position)
         written: set[tuple[int, int]] = set()
         for s in batch.requests:
-            for position in range(s.start, s.start + s.num_tokens):
-                slot = self._slot(s, position)
-                assert slot not in written, f"two requests write slot {slot} in one step"
-                written.add(slot)
-                self.kv[slot] = tuple(s.token_ids[: position + 1])
+            for group in groups:
+                for position in range(s.start, s.start + s.num_tokens):
+                    slot = self._slot(s, group, position)
+                    assert slot not in written, f"slot {slot} written twice in one step"
+                    written.add(slot)
+                    self.kv[slot] = (group, tuple(s.token_ids[: position + 1]))
         sampled = [s for s in batch.requests if s.sample]
         return ModelRunnerOutput(
             request_ids=[s.request_id for s in sampled],
@@ -153,6 +162,7 @@ class Harness:
         script: TokenScript = default_token,
         enable_prefix_caching: bool = True,
         sliding_window: int | None = None,
+        group_windows: tuple[int | None, ...] | None = None,
     ) -> None:
         self.config = SchedulerConfig(
             max_num_seqs=max_num_seqs,
@@ -161,12 +171,12 @@ class Harness:
         )
         self.kv_cache = KVCacheManager(
             num_blocks, block_size, enable_prefix_caching=enable_prefix_caching,
-            sliding_window=sliding_window,
+            sliding_window=sliding_window, group_windows=group_windows,
         )
         self.scheduler = Scheduler(self.config, self.kv_cache, max_model_len)
         self.runner = FakeRunner(
             block_size, script, sliding_window=sliding_window,
-            null_block_id=self.kv_cache.null_block_id,
+            null_block_id=self.kv_cache.null_block_id, group_windows=group_windows,
         )
         self.results: dict[str, Result] = {}
         # Request id -> position in the order of add() calls (FCFS order).
