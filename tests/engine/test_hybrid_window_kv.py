@@ -1,5 +1,6 @@
 """Hybrid sliding-window models through the whole engine with KV cache groups: Gemma 2
-(window and full layers alternating) and Gemma 3 (its own 5 local : 1 global pattern), W = 8,
+(window and full layers alternating), Gemma 3 (its own 5 local : 1 global pattern) and Qwen2
+with max_window_layers (full layers first, windowed after), W = 8,
 blocks of 4, long generations of many requests in a cache too small to hold them all, with
 chunked prefill, a prefix hit past the window and preemption. Greedy tokens must equal
 transformers'; while a request decodes, each windowed group holds no more than its window's
@@ -26,9 +27,10 @@ WINDOW_BLOCKS = -(-(TEST_WINDOW - 1) // BLOCK_SIZE) + 1
 LAYER_TYPES = {
     "gemma2": [SLIDING, FULL, SLIDING, FULL],
     "gemma3": [SLIDING] * 5 + [FULL],
+    "qwen2": [FULL, FULL, SLIDING, SLIDING],
 }
 # Blocks of the cache: too few for all requests at once, so some are preempted.
-NUM_KV_BLOCKS = {"gemma2": 40, "gemma3": 64}
+NUM_KV_BLOCKS = {"gemma2": 40, "gemma3": 64, "qwen2": 40}
 
 PREFIX = prompts_from(21, [20])[0]  # 5 blocks: past the window
 PROMPTS = prompts_from(22, [3, 9], PREFIX) + prompts_from(23, [14, 30, 5, 21])
@@ -42,6 +44,9 @@ def build_model(path: Path, family: str) -> Path:
         max_position_embeddings=512, bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )
     config.layer_types = layer_types
+    if family == "qwen2":  # the window applies from layer max_window_layers on
+        config.use_sliding_window, config.sliding_window = True, TEST_WINDOW
+        config.max_window_layers = layer_types.index(SLIDING)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
@@ -52,7 +57,7 @@ def build_model(path: Path, family: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", params=["gemma2", "gemma3"])
+@pytest.fixture(scope="module", params=["gemma2", "gemma3", "qwen2"])
 def family_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                ) -> tuple[str, Path]:
     family = request.param
@@ -66,6 +71,7 @@ def test_hybrid_model_equals_transformers_with_bounded_window_blocks(
     family, model_dir = family_dir
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     assert reference.config.layer_types == LAYER_TYPES[family]
+    assert reference.config.sliding_window == TEST_WINDOW
     # A small token budget mixes chunked prefills with the others' decodes.
     llm = LLM(
         str(model_dir), dtype="float32", attention_backend=backend, block_size=BLOCK_SIZE,
