@@ -83,7 +83,8 @@ def prepare_inputs(
         pack.add(values)
     if decodes:
         pack.add(context_lens)
-        pack.add(*_decode_block_tables(decodes, context_lens, block_size))
+        pack.add(*_decode_block_tables(
+            [request.block_ids for request in decodes], context_lens, block_size))
     for block_table in prefill_block_tables:
         pack.add(block_table)
     for group in range(1, num_kv_groups):
@@ -143,19 +144,19 @@ def _add_group_tables(
 ) -> None:
     """One group's slot mapping, then its decode tables (if any decodes), then one block table
     per prefill: the layout `_group_metadata` reads back."""
-    slots = []
-    for request in decodes:
-        position = request.start
-        slots.append(_group_table(request, group)[position // block_size] * block_size
-                     + position % block_size)
-    for request in prefills:
-        slots.extend(_prefill_slots(request, block_size, _group_table(request, group)))
+    decode_tables = [_group_table(request, group) for request in decodes]
+    slots = [
+        table[request.start // block_size] * block_size + request.start % block_size
+        for request, table in zip(decodes, decode_tables)
+    ]
+    prefill_tables = [_group_table(request, group) for request in prefills]
+    for request, table in zip(prefills, prefill_tables):
+        slots.extend(_prefill_slots(request, block_size, table))
     pack.add(slots)
     if decodes:
-        pack.add(*_decode_block_tables(decodes, context_lens, block_size, group))
-    for request in prefills:
-        end = request.start + request.num_tokens
-        pack.add(list(_group_table(request, group)[: _num_blocks(end, block_size)]))
+        pack.add(*_decode_block_tables(decode_tables, context_lens, block_size))
+    for request, table in zip(prefills, prefill_tables):
+        pack.add(table[: _num_blocks(request.start + request.num_tokens, block_size)])
 
 
 def _group_metadata(first: AttentionMetadata, tensors: list[torch.Tensor]) -> AttentionMetadata:
@@ -164,10 +165,13 @@ def _group_metadata(first: AttentionMetadata, tensors: list[torch.Tensor]) -> At
     decode_tables = first.decode_block_tables
     if first.num_decode_tokens:
         decode_tables, rest = rest[0], rest[1:]
-    return replace(
-        first,
+    return AttentionMetadata(
+        block_size=first.block_size,
         slot_mapping=slot_mapping,
+        num_decode_tokens=first.num_decode_tokens,
         decode_block_tables=decode_tables,
+        decode_context_lens=first.decode_context_lens,
+        decode_mask=first.decode_mask,
         prefills=tuple(
             replace(prefill, block_table=table)
             for prefill, table in zip(first.prefills, rest, strict=True)
@@ -261,7 +265,7 @@ def _prefill_sequence(
 
 
 def _decode_block_tables(
-    decodes: list[ScheduledRequest], context_lens: list[int], block_size: int, group: int = 0
+    block_tables: list[Sequence[int]], context_lens: list[int], block_size: int
 ) -> tuple[list[int], tuple[int, int]]:
     """Block tables [Bd, max_blocks], flattened row by row; short rows are padded with
     block 0, which attention never reads (it stops at each row's context length)."""
@@ -269,8 +273,8 @@ def _decode_block_tables(
     max_blocks = max(blocks_needed)
     padding = [0] * max_blocks
     tables: list[int] = []
-    for request, num_blocks in zip(decodes, blocks_needed):
-        tables += (_group_table(request, group) if group else request.block_ids)[:num_blocks]
+    for block_table, num_blocks in zip(block_tables, blocks_needed):
+        tables += block_table[:num_blocks]
         tables += padding[: max_blocks - num_blocks]
-    return tables, (len(decodes), max_blocks)
+    return tables, (len(block_tables), max_blocks)
 
