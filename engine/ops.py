@@ -8,7 +8,7 @@ check for the extension themselves; they may ask `native_available(device)` to p
     (a sliding window or soft-cap: native on CPU, the torch code on CUDA and elsewhere)
     linear_bf16               native (AVX512, AMX)  -                     (callers keep F.linear)
     linear_int (W8A16, W4A16) native (AVX512_BF16)  -                     (dequantize, F.linear)
-    moe_bf16                  native (AVX512_BF16)  -                     (engine.layers.moe's torch path)
+    moe_bf16 / lora_bf16      native (AVX512_BF16)  -                     (engine.layers.moe / lora's torch)
     rms_norm / silu_and_mul   native (bf16)         -                     (callers keep torch)
     / rotary_bf16
 
@@ -239,6 +239,14 @@ def moe_bf16(
     out = torch.empty(hidden.shape, dtype=hidden.dtype)
     module.moe_bf16(out, hidden, expert_ids, weights, gate_up, down, intermediate, round_weighted)
     return out
+
+
+def lora_bf16(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor,
+              ranks: torch.Tensor, slots: torch.Tensor, slices: tuple[int, ...], rank: int) -> None:
+    """out [T, N] += each row's adapter in place (engine.layers.lora's native path)."""
+    module = _cpu_module()
+    assert module is not None
+    module.lora_bf16(out, x, a, b_t, ranks, slots, list(slices), rank)
 
 
 def fused_pointwise_available(x: torch.Tensor) -> bool:

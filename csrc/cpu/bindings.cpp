@@ -9,6 +9,7 @@
 
 #include "cpu_ops.h"
 #include "linear_bindings.h"
+#include "lora_bindings.h"
 #include "moe_bindings.h"
 
 namespace {
@@ -294,13 +295,14 @@ const void* checked_vector(const std::optional<torch::Tensor>& t, int64_t n, con
 }
 
 // layers: per layer (input_norm, qkv, qkv_bias, o, o_bias, post_norm, gate_up, gate_up_bias,
-// down, down_bias, kv_cache), biases None when absent.
+// down, down_bias, kv_cache), biases None when absent; lora as lora_bindings.h says.
 void decode_layers_bf16(torch::Tensor& hidden,
                         const std::vector<std::vector<std::optional<torch::Tensor>>>& layers,
                         const torch::Tensor& cos, const torch::Tensor& signed_sin,
                         const torch::Tensor& slot_mapping, const torch::Tensor& tables,
                         const torch::Tensor& context_lens, int64_t num_heads,
-                        int64_t num_kv_heads, int64_t intermediate, double eps, double scale) {
+                        int64_t num_kv_heads, int64_t intermediate, double eps, double scale,
+                        const pybind11::object& lora) {
   TORCH_CHECK(protoserve::has_avx512_bf16(), "decode_layers_bf16 needs AVX512_BF16");
   TORCH_CHECK(!layers.empty(), "no layers");
   const int64_t rows = hidden.size(0), width = hidden.size(1);
@@ -356,6 +358,7 @@ void decode_layers_bf16(torch::Tensor& hidden,
                                     lens.data_ptr<int64_t>(), bf16_data(normed), bf16_data(qkv),
                                     bf16_data(attn), bf16_data(proj), bf16_data(gate_up),
                                     bf16_data(act)};
+  protoserve::attach_decode_lora(lora, weights, args);
   pybind11::gil_scoped_release no_gil;
   protoserve::decode_layers_bf16(args);
 }
@@ -387,6 +390,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_bf16", &rotary_bf16, "Rotary embedding in place: x * cos + roll(x) * sin");
   m.def("decode_layers_bf16", &decode_layers_bf16,
         "A pure-decode step through every decoder layer (the per-op kernels, one call)");
+  m.def("lora_bf16", &protoserve::lora_bf16_op, "out += each row's own LoRA adapter update");
   m.def("moe_bf16", &protoserve::moe_bf16_op,
         "A mixture-of-experts layer: grouped expert GEMMs over packed panels, one call");
   m.def("set_linear_kernel", &protoserve::set_linear_kernel,

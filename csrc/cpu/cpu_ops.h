@@ -9,6 +9,7 @@
 #include <string>
 
 #include "cpu_types.h"
+#include "lora_bf16.h"
 
 namespace protoserve {
 
@@ -135,6 +136,8 @@ struct DecoderLayerWeights {
   const void* down;
   const void* down_bias;
   void* kv_cache;
+  // Resident adapters of qkv, o, gate_up, down (DecodeLayersArgs::lora_row_slots set only).
+  LoRAProjection lora[4] = {};
 };
 
 // A pure-decode step (one new token per sequence) through every decoder layer: the same
@@ -165,6 +168,10 @@ struct DecodeLayersArgs {
   bf16_t* proj;
   bf16_t* gate_up;
   bf16_t* act;
+  // Multi-LoRA (lora_bf16.h): each row's slot (-1: base model), or nullptr for no adapters.
+  const int32_t* lora_row_slots = nullptr;
+  int64_t lora_slots = 0;
+  int64_t lora_max_rank = 0;
 };
 
 void write_kv_cache(const WriteKvArgs& args);

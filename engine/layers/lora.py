@@ -15,9 +15,15 @@ all slots at once, zeroes the columns of the slots that are not the row's own (L
     out += ((x @ A^T) * mask) @ B^T        [T, slots*n*R] -> [T, out]
 
 Three kernels per projection whatever the mix, rather than gathers and scatters per
-adapter; the price is shrink/expand work for every slot (slots*n*R columns, small next to
-the projection itself). A step of one adapter only uses its own slot's factors. Plain torch,
-not a native kernel.
+adapter; the price is shrink/expand work for every slot and every row, base rows included.
+A step of one adapter only uses its own slot's factors.
+
+That torch path serves float32 (the exact reference the peft tests compare against) and
+builds without the native ops. In bfloat16 on the CPU with them, `ops.lora_bf16` takes every
+step instead: rows gathered by slot (LoRAStep.row_slots), each shrunk and expanded against
+its own adapter only, on the slices it targets (`ranks`) and its own rank, added into the
+base output in place; base rows cost nothing. The fused decode path
+(models/fused_decode.py) runs the same kernel after each projection.
 """
 from __future__ import annotations
 
@@ -25,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from engine import ops
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,9 @@ class LoRAStep:
     whole_batch_slot: int | None
     # [T, slots], the activations' dtype: 1 where the row's adapter sits in the slot.
     slot_mask: torch.Tensor | None
+    # [T] int32, each row's slot (-1: base model): the native kernel's input, set instead of
+    # the two above where LoRALinear.native.
+    row_slots: torch.Tensor | None = None
 
 
 class LoRAContext:
@@ -70,6 +81,9 @@ class LoRALinear(nn.Module):
             max_loras * self.stacked_rank, in_features, dtype=dtype, device=device)
         self.lora_b_t = torch.zeros(
             max_loras * self.stacked_rank, out_features, dtype=dtype, device=device)
+        # Rank of slice j in slot s (0: not targeted), so the kernel skips padding and zeros.
+        self.ranks = torch.zeros(max_loras, len(slice_sizes), dtype=torch.int32)
+        self.native = lora_native(dtype, device)
 
     # The fused decode path (models/fused_decode.py) reads the base projection's packed
     # weights; it only runs steps without adapter rows.
@@ -94,7 +108,9 @@ class LoRALinear(nn.Module):
         a, b_t = self.lora_a[rows], self.lora_b_t[rows]
         a.zero_()
         b_t.zero_()
+        self.ranks[slot].zero_()
         for index, (a_j, b_j) in factors.items():
+            self.ranks[slot, index] = a_j.shape[0]
             rank, first = a_j.shape[0], index * self.max_rank
             offset, size = self.slice_offsets[index], self.slice_sizes[index]
             a[first : first + rank].copy_(a_j)
@@ -105,6 +121,11 @@ class LoRALinear(nn.Module):
         step = self.context.step
         if step is None:
             return out
+        if step.row_slots is not None:
+            ops.lora_bf16(out.view(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), self.lora_a,
+                          self.lora_b_t, self.ranks, step.row_slots, self.slice_sizes,
+                          self.max_rank)
+            return out
         if step.whole_batch_slot is not None:
             rows = slice(step.whole_batch_slot * self.stacked_rank,
                          (step.whole_batch_slot + 1) * self.stacked_rank)
@@ -113,3 +134,8 @@ class LoRALinear(nn.Module):
         shrunk = x @ self.lora_a.t()  # [T, slots * n*R]
         shrunk.view(x.shape[0], self.max_loras, self.stacked_rank).mul_(step.slot_mask[:, :, None])
         return out.addmm_(shrunk, self.lora_b_t)
+
+
+def lora_native(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether adapters of a model in `dtype` on `device` take the native kernel."""
+    return dtype == torch.bfloat16 and device.type == "cpu" and ops.linear_bf16_available()

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from engine.config import LoRAConfig
-from engine.layers.lora import LoRAContext, LoRALinear, LoRAStep
+from engine.layers.lora import LoRAContext, LoRALinear, LoRAStep, lora_native
 from engine.lora.adapter import LoRAAdapter, load_adapter, projection_shapes
 from engine.lora.request import LoRARequest
 from engine.models.decoder_spec import DecoderSpec
@@ -35,6 +35,7 @@ class LoRASlots:
         dtype = model.model.norm.weight.dtype
         device = model.model.norm.weight.device
         self.device, self.dtype = device, dtype
+        self.native = lora_native(dtype, device)
         self.projections: list[dict[str, LoRALinear]] = []
         shapes = projection_shapes(self.spec)
         for layer in model.model.layers:
@@ -112,6 +113,12 @@ class LoRASlots:
             if lora is not None:
                 row_slots.append((start, count, self._activate(lora, needed)))
         total_rows = sum(row_counts)
+        if self.native:  # each row's slot, -1 for base rows (layers/lora.py's kernel)
+            slots = [-1] * total_rows
+            for start, count, slot in row_slots:
+                slots[start : start + count] = [slot] * count
+            return LoRAStep(whole_batch_slot=None, slot_mask=None,
+                            row_slots=torch.tensor(slots, dtype=torch.int32))
         if len(needed) == 1 and sum(count for _, count, _ in row_slots) == total_rows:
             return LoRAStep(whole_batch_slot=row_slots[0][2], slot_mask=None)
         # One-hot over [no adapter, slot 0, slot 1, ...], the first column dropped.

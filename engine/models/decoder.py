@@ -99,13 +99,15 @@ class DecoderForCausalLM(nn.Module):
         if self._fused_decode is None:  # built at first use: after the weights are packed
             self._fused_decode = FusedDecodeLayers(self)
         # The fused layers read bf16 caches only (an int8 cache takes the per-op path), and
-        # know no LoRA: a step with adapter rows takes the per-op path too.
-        lora_step = self.lora_context is not None and self.lora_context.step is not None
+        # adapters only where they take the native LoRA kernel.
+        lora_step = self.lora_context.step if self.lora_context is not None else None
         if isinstance(attn_metadata, AttentionMetadata):
-            if (not lora_step and self._fused_decode.applies(hidden, attn_metadata)
+            if (self._fused_decode.applies(hidden, attn_metadata)
+                    and self._fused_decode.takes(lora_step)
                     and kv_caches[0].dtype == hidden.dtype):
                 cos, signed_sin = tables["default"]
-                self._fused_decode.run(hidden, cos, signed_sin, kv_caches, attn_metadata)
+                self._fused_decode.run(hidden, cos, signed_sin, kv_caches, attn_metadata,
+                                       lora_step)
                 return self.model.norm(hidden)
             layer_metadata: Sequence[AttentionMetadata] = [attn_metadata] * len(kv_caches)
         else:

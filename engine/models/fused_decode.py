@@ -6,6 +6,10 @@ order from C++. It applies where every piece it replaces would have run our kern
 bfloat16 on the CPU with the native ops built, every projection packed in panels, the paged
 ops attention backend, and a step whose rows are all single-token decodes. Anything else
 (prefill rows, float32, the torch backend) takes the per-op path, which stays the reference.
+
+Steps with LoRA adapter rows stay on this path where the adapters take the native kernel
+(layers/lora.py): each layer's stacked factors and the step's row -> slot map go along, and
+the kernel adds the adapters after each projection exactly where LoRALinear does.
 """
 from __future__ import annotations
 
@@ -15,6 +19,10 @@ from torch import nn
 from engine import ops
 from engine.attention.backend import AttentionMetadata
 from engine.attention.cpu_backend import PagedOpsAttentionBackend
+from engine.layers.lora import LoRALinear, LoRAStep
+
+# Per layer, (lora_a, lora_b_t, ranks) of qkv, o, gate_up, down (decode_layers.cpp's order).
+LayerAdapters = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 class FusedDecodeLayers:
@@ -28,6 +36,12 @@ class FusedDecodeLayers:
         first = model.model.layers[0]
         self.eps = first.input_layernorm.eps
         self.scale = first.self_attn.scale
+        self.adapters, self.max_lora_rank = _layer_adapters(model)
+
+    def takes(self, lora_step: LoRAStep | None) -> bool:
+        """Whether a step with this LoRA mapping (None: base model only) can run here."""
+        return lora_step is None or (
+            self.adapters is not None and lora_step.row_slots is not None)
 
     def applies(self, hidden: torch.Tensor, metadata: AttentionMetadata) -> bool:
         return (
@@ -45,10 +59,15 @@ class FusedDecodeLayers:
         signed_sin: torch.Tensor,
         kv_caches: list[torch.Tensor],
         metadata: AttentionMetadata,
+        lora_step: LoRAStep | None = None,
     ) -> None:
-        """Every decoder layer over `hidden` [T, hidden_size], in place."""
+        """Every decoder layer over `hidden` [T, hidden_size], in place; with `lora_step`
+        (where `takes` it) each row's adapter too."""
         assert self.layers is not None
         rows = hidden.shape[0]
+        lora = None
+        if lora_step is not None:
+            lora = (lora_step.row_slots, self.adapters, self.max_lora_rank)
         ops.decode_layers_bf16(
             hidden,
             [(*layer, cache) for layer, cache in zip(self.layers, kv_caches, strict=True)],
@@ -62,7 +81,23 @@ class FusedDecodeLayers:
             self.intermediate,
             self.eps,
             self.scale,
+            lora,
         )
+
+
+def _layer_adapters(model: nn.Module) -> tuple[list[LayerAdapters] | None, int]:
+    """Every layer's LoRA slots and their max rank, or (None, 0) where the projections have no
+    adapter slots or those take the torch path."""
+    adapters: list[LayerAdapters] = []
+    max_rank = 0
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        if not all(isinstance(p, LoRALinear) and p.native for p in projections):
+            return None, 0
+        adapters.append([(p.lora_a, p.lora_b_t, p.ranks) for p in projections])
+        max_rank = projections[0].max_rank
+    return adapters, max_rank
 
 
 def _layer_tensors(model: nn.Module) -> list[tuple[torch.Tensor | None, ...]] | None:

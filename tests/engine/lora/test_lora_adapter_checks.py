@@ -14,6 +14,8 @@ from engine.config import LoRAConfig
 from engine.frontend.llm import LLM
 from engine.lora.adapter import LoRALoadError, load_adapter
 from engine.lora.request import LoRARequest
+from engine.models.fused_decode import FusedDecodeLayers
+from engine.sampling_params import SamplingParams
 from engine.models.decoder_spec import read_decoder_spec
 from transformers import AutoConfig
 
@@ -61,23 +63,43 @@ def test_missing_files_and_dora_are_named(base_dir: Path, tmp_path: Path) -> Non
 
 
 @pytest.mark.skipif(not ops.decode_layers_available(), reason="native fused decode not built")
-def test_bf16_fused_decode_steps_apply_the_adapter(base_dir: Path, tmp_path: Path) -> None:
-    """Base-only decode steps take the native fused layers; a step with an adapter row must
-    not: its tokens are those of the per-op path (checked against peft in float32 by
-    test_lora_vs_peft.py), here forced by switching the fused layers off."""
+def test_bf16_fused_decode_steps_apply_the_adapter(
+    base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decode steps with adapter rows stay on the native fused layers, which add each row's
+    adapter after every projection as the per-op path does (whose LoRA kernel is checked
+    against the torch path by test_lora_kernel.py, and that against peft in float32 by
+    test_lora_vs_peft.py): same tokens and logprobs as the per-op path, forced here by
+    switching the fused layers off."""
     adapter = make_adapter(base_dir, tmp_path / "a", rank=8, targets=["v_proj", "up_proj"], seed=4)
-    lora = LoRARequest("a", 1, str(adapter))
-    llm = LLM(str(base_dir), dtype="bfloat16", lora=LoRAConfig(max_loras=1, max_lora_rank=8))
-    prompts = prompts_from(3, [7, 12])
-    base_tokens = llm.generate(prompts, GREEDY)[0].token_ids
+    other = make_adapter(base_dir, tmp_path / "b", rank=4, targets=["q_proj", "o_proj",
+                                                                    "down_proj"], seed=5)
+    loras = [LoRARequest("a", 1, str(adapter)), None, LoRARequest("b", 2, str(other))]
+    llm = LLM(str(base_dir), dtype="bfloat16", lora=LoRAConfig(max_loras=2, max_lora_rank=8))
+    prompts = prompts_from(3, [7, 12, 9])
+    params = SamplingParams(temperature=0.0, max_tokens=GREEDY.max_tokens, ignore_eos=True,
+                            logprobs=2)
+    base_tokens = [o.token_ids for o in llm.generate(prompts, params)]
     fused = llm.runner.loaded.model._fused_decode
     assert fused is not None and fused.layers is not None, "the fused path is not in use here"
-    mixed = llm.generate(prompts, GREEDY, lora_requests=[lora, None])
-    assert mixed[0].token_ids != base_tokens and mixed[1].token_ids == llm.generate(
-        [prompts[1]], GREEDY)[0].token_ids
+    adapter_steps = []
+    real_run = FusedDecodeLayers.run
+
+    def counted_run(self, *args):
+        adapter_steps.append(args[-1] is not None)
+        return real_run(self, *args)
+
+    monkeypatch.setattr(FusedDecodeLayers, "run", counted_run)
+    mixed = llm.generate(prompts, params, lora_requests=loras)
+    assert any(adapter_steps), "no decode step with adapter rows took the fused layers"
+    assert mixed[0].token_ids != base_tokens[0] and mixed[2].token_ids != base_tokens[2]
+    assert mixed[1].token_ids == base_tokens[1]
     fused.layers = None  # every step per op from here on
-    per_op = llm.generate(prompts, GREEDY, lora_requests=[lora, None])
-    assert [o.token_ids for o in mixed] == [o.token_ids for o in per_op]
+    per_op = llm.generate(prompts, params, lora_requests=loras)
+    for got, want in zip(mixed, per_op, strict=True):
+        assert got.token_ids == want.token_ids
+        assert [(lp.token_id, lp.logprob, lp.top_logprobs) for lp in got.logprobs] == \
+            [(lp.token_id, lp.logprob, lp.top_logprobs) for lp in want.logprobs]
 
 
 def test_an_adapter_gone_bad_fails_its_request_not_the_engine(
