@@ -95,6 +95,19 @@ class LoadSnapshot:
     iteration_tokens: Histogram | None = None
     # Speculative decoding counters; None where it is off or unknown (the bridge).
     spec_decode: SpecDecodeCounts | None = None
+    # Adapters of running / waiting requests and --max-loras (0: LoRA off or unknown).
+    running_lora_adapters: tuple[str, ...] = ()
+    waiting_lora_adapters: tuple[str, ...] = ()
+    max_lora: int = 0
+
+
+def lora_labels(load: LoadSnapshot | None) -> tuple[str, str, str]:
+    """lora_requests_info's running_lora_adapters, max_lora, waiting_lora_adapters: the names
+    comma-joined, each once, as the reference joins its per-adapter counters' keys."""
+    if load is None:
+        return ("", "0", "")
+    return (",".join(load.running_lora_adapters), str(load.max_lora),
+            ",".join(load.waiting_lora_adapters))
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,7 +273,8 @@ class ServingMetrics(Collector):
             if compat:
                 yield from compat_families(
                     prefix, labels, load_known=load is not None, throughput=throughput,
-                    spec_decode_known=load is not None and load.spec_decode is not None)
+                    spec_decode_known=load is not None and load.spec_decode is not None,
+                    lora_labels=lora_labels(load))
 
     def _families(self, p, compat, labels, load, extra, cache, success, prompt, generation,
                   hists) -> Iterator:

@@ -85,9 +85,11 @@ class ThroughputWindow:
 
 
 def compat_families(prefix: str, labels: dict[str, str], *, load_known: bool,
-                    throughput: tuple[float, float], spec_decode_known: bool = False) -> Iterator:
+                    throughput: tuple[float, float], spec_decode_known: bool = False,
+                    lora_labels: tuple[str, str, str] = ("", "0", "")) -> Iterator:
     """The reference's families this engine has no counterpart for, at their idle values
-    (the speculative decoding ones only while it is off: serving_metrics renders them)."""
+    (the speculative decoding ones only while it is off: serving_metrics renders them), and
+    lora_requests_info with `lora_labels` (running adapters, max_lora, waiting adapters)."""
     names, values = list(labels), list(labels.values())
 
     def gauge(name: str, doc: str, value: float):
@@ -111,7 +113,7 @@ def compat_families(prefix: str, labels: dict[str, str], *, load_known: bool,
     lora = GaugeMetricFamily(f"{prefix}:lora_requests_info", "Running stats on LoRA requests.",
                              labels=["running_lora_adapters", "max_lora",
                                      "waiting_lora_adapters"])
-    lora.add_metric(["", "0", ""], time.time())
+    lora.add_metric(list(lora_labels), time.time())
     yield lora
     # Speculative decoding and per-step model timings: vLLM registers these families but
     # fills them only when that feature runs, so they show their # TYPE line and no sample.

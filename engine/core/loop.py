@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from engine.core.core_request import CoreRequest
 from engine.core.engine_core import EngineCore
 from engine.core.outputs import RequestOutput
-from engine.core.request import FinishReason
+from engine.core.request import FinishReason, Request
 from engine.kv_cache.kv_events import KvEventBatch
 from engine.spec_decode.proposals import SpecDecodeStats
 from protoserve.histogram import Histogram
@@ -103,6 +103,11 @@ class CoreStats:
     iteration_tokens: Histogram | None = None
     # A copy of the speculative decoding counters (None: speculation off).
     spec_decode: SpecDecodeStats | None = None
+    # --enable-lora: the adapters of running and of waiting requests (names, first seen
+    # first) and --max-loras; 0 with LoRA off.
+    running_lora_adapters: tuple[str, ...] = ()
+    waiting_lora_adapters: tuple[str, ...] = ()
+    max_lora: int = 0
 
     @classmethod
     def of(cls, core: EngineCore) -> CoreStats:
@@ -119,7 +124,17 @@ class CoreStats:
             num_queried_tokens=kv.num_queried_tokens,
             iteration_tokens=core.iteration_tokens.snapshot(),
             spec_decode=scheduler.spec.stats.copy() if scheduler.spec is not None else None,
+            # tuple() copies in one C call: another thread's step cannot change it midway.
+            running_lora_adapters=_adapter_names(tuple(scheduler.running), scheduler.max_loras),
+            waiting_lora_adapters=_adapter_names(tuple(scheduler.waiting), scheduler.max_loras),
+            max_lora=scheduler.max_loras or 0,
         )
+
+
+def _adapter_names(requests: tuple[Request, ...], max_loras: int | None) -> tuple[str, ...]:
+    if max_loras is None:  # LoRA off: no request has an adapter
+        return ()
+    return tuple(dict.fromkeys(r.lora.name for r in requests if r.lora is not None))
 
 
 class Inbox:

@@ -82,6 +82,9 @@ def load_snapshot(engine) -> LoadSnapshot:
             spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens,
             tuple(spec.accepted_per_pos),
         ),
+        running_lora_adapters=stats.running_lora_adapters,
+        waiting_lora_adapters=stats.waiting_lora_adapters,
+        max_lora=stats.max_lora,
     )
 
 
