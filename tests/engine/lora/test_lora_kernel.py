@@ -19,17 +19,18 @@ MAX_RANK = 8
 SLOTS = 4
 
 
-def _projection(slices: tuple[int, ...], in_features: int, seed: int) -> LoRALinear:
+def _projection(slices: tuple[int, ...], in_features: int, seed: int,
+                max_rank: int = MAX_RANK) -> LoRALinear:
     torch.manual_seed(seed)
     base = Linear(in_features, sum(slices), bias=False, dtype=torch.bfloat16, device="cpu")
     base.weight.data.normal_(0, 0.5)
-    lora = LoRALinear(base, slices, in_features, max_loras=SLOTS, max_rank=MAX_RANK,
+    lora = LoRALinear(base, slices, in_features, max_loras=SLOTS, max_rank=max_rank,
                       context=LoRAContext(), dtype=torch.bfloat16, device=torch.device("cpu"))
     assert lora.native
     # Slot 0: every slice at the full rank; 1: rank 3 on the first slice only; 2: rank 5 on
     # the last slice; 3: an odd rank on all but the first. B is large enough that the
     # adapters move the outputs by about as much as the base projection does.
-    plans = {0: {j: MAX_RANK for j in range(len(slices))}, 1: {0: 3},
+    plans = {0: {j: max_rank for j in range(len(slices))}, 1: {0: 3},
              2: {len(slices) - 1: 5}, 3: {j: 7 for j in range(1, len(slices))}}
     for slot, plan in plans.items():
         lora.set_slot(slot, {j: (torch.randn(rank, in_features) * 0.3,
@@ -53,19 +54,24 @@ def _assert_within_two_ulps(got: torch.Tensor, want: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize(
-    ("slices", "in_features", "row_slots"),
+    ("slices", "in_features", "row_slots", "max_rank"),
     [
-        ((72, 24, 24), 40, [0, -1, 1, 2, 3, 0, -1]),  # qkv-like, odd rows, base rows
-        ((300, 300), 96, [3, 3, 3, 3, 3, 1, 2, 0, 0, 0, 0, 0, -1]),  # gate_up-like, blocks
-        ((48,), 33, [2]),  # one row, odd in_features
-        ((40,), 64, [-1, -1, -1]),  # base rows only: nothing to add
-        ((520,), 70, [1, 0] * 9),  # interleaved slots, columns over one work chunk
+        ((72, 24, 24), 40, [0, -1, 1, 2, 3, 0, -1], 8),  # qkv-like, odd rows, base rows
+        ((300, 300), 96, [3, 3, 3, 3, 3, 1, 2, 0, 0, 0, 0, 0, -1], 8),  # gate_up-like, blocks
+        ((48,), 33, [2], 8),  # one row, odd in_features
+        ((40,), 64, [-1, -1, -1], 8),  # base rows only: nothing to add
+        ((520,), 70, [1, 0] * 9, 8),  # interleaved slots, columns over one work chunk
+        # A prefill-like run of one slot (many row blocks) next to slots of a few rows, base
+        # rows and a partial last 32-k block.
+        ((72, 24, 24), 40, [1] * 37 + [-1, 0] * 10 + [2] * 3, 8),
+        # Rank 24 (six shrink tiles); two slots of interleaved rows gathered into blocks.
+        ((300, 300), 96, [0, 3, -1] * 20 + [3], 24),
     ],
 )
 def test_kernel_matches_the_torch_path(
-    slices: tuple[int, ...], in_features: int, row_slots: list[int]
+    slices: tuple[int, ...], in_features: int, row_slots: list[int], max_rank: int
 ) -> None:
-    lora = _projection(slices, in_features, seed=len(row_slots))
+    lora = _projection(slices, in_features, seed=len(row_slots), max_rank=max_rank)
     x = torch.randn(len(row_slots), in_features).bfloat16()
     base_out = lora.base(x)
     lora.context.step = LoRAStep(whole_batch_slot=None, slot_mask=_mask(row_slots))
