@@ -7,6 +7,16 @@ sequence's own suffix (no draft model).
 The longest suffix (prompt_lookup_max down to prompt_lookup_min) with an earlier occurrence
 wins; among its occurrences the latest, whose continuation is the most recent evidence.
 
+A continuation that runs into the end of the sequence goes on with the proposal itself: the
+match says token j comes p = length - start tokens after its model, and for the last p tokens
+that model is a proposed one. So a loop of period p proposes all k tokens, not just p:
+
+    tokens:  ... x y x y x y      suffix "x y x" latest at start = length - 2
+    proposal:    x y x y          (not just "x y": the earlier proposal's tokens repeat)
+
+(Text that repeats with a short period, e.g. a list or a model stuck in a loop, otherwise
+verifies one or two drafts per step with k = 4.)
+
 Cost: each request keeps its tokens in a growing numpy buffer (only new tokens are copied in),
 and one lookup is one vectorised comparison over the buffer plus work on the places where the
 newest token occurred before (~7 us for 4096 tokens of text that does not repeat); no
@@ -44,8 +54,9 @@ class _TokenBuffer:
 def find_ngram_continuation(
     tokens: np.ndarray, num_tokens: int, max_n: int, min_n: int
 ) -> list[int]:
-    """Up to `num_tokens` tokens following the latest earlier occurrence of the longest suffix
-    of `tokens` of length in [min_n, max_n]; [] when none occurs.
+    """`num_tokens` tokens following the latest earlier occurrence of the longest suffix of
+    `tokens` of length in [min_n, max_n], continued periodically past the sequence's end (see
+    the top); [] when none occurs.
 
     One pass over the sequence finds where the newest token occurred before (an occurrence
     ending at e < length - 1 leaves a continuation); the longer suffixes are then checked on
@@ -62,7 +73,8 @@ def find_ngram_continuation(
             candidates = candidates[tokens[candidates - j] == tokens[length - 1 - j]]
         if candidates.size:
             start = int(candidates[-1]) + 1
-            return tokens[start : start + num_tokens].tolist()
+            # np.resize repeats the run [start, length) cyclically: the periodic continuation.
+            return np.resize(tokens[start : start + num_tokens], num_tokens).tolist()
     return []
 
 

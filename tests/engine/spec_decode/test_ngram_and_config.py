@@ -13,12 +13,16 @@ from protoserve.cli.serve import build_parser
 
 
 def _reference_lookup(tokens: list[int], k: int, max_n: int, min_n: int) -> list[int]:
-    """Longest suffix first; its latest earlier occurrence; the k tokens after it."""
+    """Longest suffix first; its latest earlier occurrence; the k tokens after it, where the
+    sequence extended by the proposal itself supplies those past its end."""
     for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
         suffix = tokens[-n:]
         for start in range(len(tokens) - n - 1, -1, -1):
             if tokens[start : start + n] == suffix:
-                return tokens[start + n : start + n + k]
+                extended = list(tokens)
+                for i in range(k):
+                    extended.append(extended[start + n + i])
+                return extended[len(tokens) :]
     return []
 
 
@@ -39,13 +43,17 @@ def test_proposer_follows_a_growing_sequence() -> None:
     proposer = NgramProposer(max_n=3, min_n=1)
     tokens = [1, 2, 3, 4, 1, 2]
     assert proposer.propose("r", tokens, 3) == [3, 4, 1]
+    # "1 2" after "4": the match's continuation runs past the end and repeats the proposal.
+    assert proposer.propose("r", tokens, 6) == [3, 4, 1, 2, 3, 4]
     tokens += [3, 9]
     assert proposer.propose("r", tokens, 2) == []  # 9 never occurred before
     tokens += [1, 2, 3]
     # "1 2 3" last occurred at 6: 4 followed it at first, 9 most recently.
     assert proposer.propose("r", tokens, 2) == [9, 1]
     proposer.forget("r")
-    assert proposer.propose("r", [5, 5], 4) == [5]
+    # A loop of period 1 proposes all k tokens.
+    assert proposer.propose("r", [5, 5], 4) == [5, 5, 5, 5]
+    assert proposer.propose("r", [5, 5, 6, 5, 6], 3) == [5, 6, 5]
 
 
 def test_config_defaults_and_the_reference_shape() -> None:
