@@ -59,7 +59,8 @@ class AttentionMetadata:
     block_size: int
     # [T] int64: the flat cache slot each new token's K/V is written to (before attention).
     slot_mapping: torch.Tensor
-    # Rows [0, num_decode_tokens) are single-token decode rows, one per sequence.
+    # Rows [0, num_decode_tokens) are single-token decode rows: one per sequence, or a run of
+    # consecutive rows for a sequence verifying draft tokens (engine.runner.input_prep).
     num_decode_tokens: int
     # [Bd, max_blocks] int64; short rows are padded with a valid block id (masked out).
     decode_block_tables: torch.Tensor | None

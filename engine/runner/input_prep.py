@@ -7,6 +7,15 @@ Requests are reordered so that decode rows (one token each) come first, then pre
     flattened rows:   [ B | D | A A A A A | C C C ]
     sample_rows:      [ 6 (A's last row), 0 (B), 1 (D) ]
 
+A request verifying draft tokens at its decode point (speculative decoding) is decode-shaped
+too: its newest token and drafts become consecutive decode rows, each a query over the
+request's own blocks with the context up to its position, so causality within the run comes
+from the context lengths and the step stays on the decode path (the one-call fused layers,
+engine/models/fused_decode.py, and the decode attention kernel):
+
+    request E, newest token at position p, drafts d0 d1:
+    rows:          [ E(p) | E(d0) | E(d1) ]    context_lens: [ p+1 | p+2 | p+3 ]
+
 With several KV cache groups (engine/kv_cache/groups.py) each group gets its own metadata:
 its slot mapping, decode block tables and prefill block tables read that group's table of
 each request; the rest (context lengths, prefill runs, masks) is shared.
@@ -50,9 +59,10 @@ def prepare_inputs(
     batch: ScheduledBatch, block_size: int, device: torch.device, num_kv_groups: int = 1
 ) -> StepInputs:
     requests = batch.requests
-    decodes = [request for request in requests if request.is_decode]
-    prefills = [request for request in requests if not request.is_decode]
-    row_starts = _row_starts(requests, len(decodes))
+    decodes = [request for request in requests if _decode_rows(request)]
+    prefills = [request for request in requests if not _decode_rows(request)]
+    num_decode_rows = sum(_decode_rows(request) for request in decodes)
+    row_starts = _row_starts(requests, len(decodes), num_decode_rows)
     sample_requests = [request for request in requests if request.sample]
     sample_rows = [
         row_start + request.num_tokens - 1
@@ -60,12 +70,22 @@ def prepare_inputs(
         if request.sample
     ]
 
-    # Decode rows: each request's newest token, at position `start`.
-    positions = [request.start for request in decodes]
-    input_ids = [request.token_ids[request.start] for request in decodes]
+    # Decode rows: each request's newest token, at position `start`, then its drafts.
+    if num_decode_rows == len(decodes):
+        positions = [request.start for request in decodes]
+        input_ids = [request.token_ids[request.start] for request in decodes]
+        row_requests = decodes
+    else:
+        positions, input_ids, row_requests = [], [], []
+        for request in decodes:
+            positions.extend(range(request.start, request.start + request.num_tokens))
+            input_ids.append(request.token_ids[request.start])
+            input_ids.extend(request.draft_token_ids)
+            row_requests.extend([request] * request.num_tokens)
+    decode_positions = list(positions)
     slot_mapping = [
         request.block_ids[position // block_size] * block_size + position % block_size
-        for request, position in zip(decodes, positions)
+        for request, position in zip(row_requests, positions)
     ]
     context_lens = [position + 1 for position in positions]
     prefill_block_tables = []
@@ -84,11 +104,13 @@ def prepare_inputs(
     if decodes:
         pack.add(context_lens)
         pack.add(*_decode_block_tables(
-            [request.block_ids for request in decodes], context_lens, block_size))
+            [request.block_ids for request in row_requests], context_lens, block_size))
     for block_table in prefill_block_tables:
         pack.add(block_table)
     for group in range(1, num_kv_groups):
-        _add_group_tables(pack, group, decodes, prefills, context_lens, block_size)
+        _add_group_tables(
+            pack, group, row_requests, decode_positions, prefills, context_lens, block_size
+        )
     tensors = pack.tensors(device)
     input_ids_t, positions_t, slot_mapping_t, sample_rows_t = tensors[:4]
     decode_lens, decode_tables = tensors[4:6] if decodes else (None, None)
@@ -97,7 +119,7 @@ def prepare_inputs(
     num_group_tensors = (1 if decodes else 0) + len(prefills)
     first_prefill = 6 if decodes else 4
     prefill_sequences = []
-    query_start = len(decodes)
+    query_start = num_decode_rows
     prefill_tables = tensors[first_prefill : first_prefill + len(prefills)]
     for request, block_table in zip(prefills, prefill_tables):
         prefill_sequences.append(_prefill_sequence(request, query_start, block_table, device))
@@ -105,7 +127,7 @@ def prepare_inputs(
     attn_metadata = AttentionMetadata(
         block_size=block_size,
         slot_mapping=slot_mapping_t,
-        num_decode_tokens=len(decodes),
+        num_decode_tokens=num_decode_rows,
         decode_block_tables=decode_tables,
         decode_context_lens=decode_lens,
         decode_mask=None,  # only the torch backend needs it, and derives it itself
@@ -139,21 +161,23 @@ def _group_table(request: ScheduledRequest, group: int) -> Sequence[int]:
 
 
 def _add_group_tables(
-    pack: _Int64Pack, group: int, decodes: list[ScheduledRequest],
-    prefills: list[ScheduledRequest], context_lens: list[int], block_size: int,
+    pack: _Int64Pack, group: int, row_requests: list[ScheduledRequest],
+    decode_positions: list[int], prefills: list[ScheduledRequest], context_lens: list[int],
+    block_size: int,
 ) -> None:
-    """One group's slot mapping, then its decode tables (if any decodes), then one block table
-    per prefill: the layout `_group_metadata` reads back."""
-    decode_tables = [_group_table(request, group) for request in decodes]
+    """One group's slot mapping, then its decode tables (if any decode rows; `row_requests`:
+    each decode row's request, at `decode_positions`), then one block table per prefill: the
+    layout `_group_metadata` reads back."""
+    decode_tables = [_group_table(request, group) for request in row_requests]
     slots = [
-        table[request.start // block_size] * block_size + request.start % block_size
-        for request, table in zip(decodes, decode_tables)
+        table[position // block_size] * block_size + position % block_size
+        for table, position in zip(decode_tables, decode_positions)
     ]
     prefill_tables = [_group_table(request, group) for request in prefills]
     for request, table in zip(prefills, prefill_tables):
         slots.extend(_prefill_slots(request, block_size, table))
     pack.add(slots)
-    if decodes:
+    if row_requests:
         pack.add(*_decode_block_tables(decode_tables, context_lens, block_size))
     for request, table in zip(prefills, prefill_tables):
         pack.add(table[: _num_blocks(request.start + request.num_tokens, block_size)])
@@ -205,21 +229,49 @@ class _Int64Pack:
         return [torch.from_numpy(v if s is None else v.reshape(s)) for v, s in zip(views, shapes)]
 
 
-def _row_starts(requests: list[ScheduledRequest], num_decodes: int) -> list[int]:
+def _row_starts(
+    requests: list[ScheduledRequest], num_decodes: int, num_decode_rows: int
+) -> list[int]:
     """First flattened row of each request, in batch order: decode rows first, then the
     prefill runs, each group in batch order."""
-    if num_decodes == len(requests):
-        return list(range(num_decodes))
+    if num_decodes == num_decode_rows == len(requests):
+        return list(range(num_decode_rows))
     row_starts = []
-    next_decode_row, next_prefill_row = 0, num_decodes
+    next_decode_row, next_prefill_row = 0, num_decode_rows
     for request in requests:
-        if request.is_decode:
+        if _decode_rows(request):
             row_starts.append(next_decode_row)
-            next_decode_row += 1
+            next_decode_row += request.num_tokens
         else:
             row_starts.append(next_prefill_row)
             next_prefill_row += request.num_tokens
     return row_starts
+
+
+# Drafts per verifying request that still run as decode rows: each row reads the request's
+# context once, so a long run of drafts is cheaper as one prefill-shaped chunk.
+MAX_DECODE_QUERY_TOKENS = 8
+
+
+# Drafts per verifying request that still run as decode rows: each row reads the request's
+# context once, so a long run of drafts is cheaper as one prefill-shaped chunk.
+MAX_DECODE_QUERY_TOKENS = 8
+
+
+def _decode_rows(request: ScheduledRequest) -> int:
+    """Rows the request takes on the decode path: 1 for a plain decode, 1 + drafts for a
+    verification at its decode point (see the top), 0 for a prefill run."""
+    num_tokens = request.num_tokens
+    if num_tokens == 1:
+        return 1
+    drafts = request.draft_token_ids
+    if (
+        drafts
+        and num_tokens == 1 + len(drafts) <= MAX_DECODE_QUERY_TOKENS
+        and request.start + 1 == len(request.token_ids)
+    ):
+        return num_tokens
+    return 0
 
 
 def _num_blocks(num_tokens: int, block_size: int) -> int:
