@@ -4,6 +4,7 @@ Everything here runs on the step thread; the engine loop is the only caller.
 """
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Protocol
 
 from engine.core.batch import ScheduledBatch
@@ -90,7 +91,10 @@ class EngineCore:
         batch = self.scheduler.schedule()
         if batch.is_empty and not batch.finished_request_ids:
             return self.scheduler.take_pending_outputs()
+        started = time.perf_counter()
         output = self.runner.execute(batch)
+        if self.scheduler.spec is not None:  # its cost model prices draft rows from this
+            self.scheduler.spec.cost.observe(batch.requests, time.perf_counter() - started)
         self.num_steps += 1
         self.num_computed_tokens_total += batch.num_scheduled_tokens
         if batch.num_scheduled_tokens:

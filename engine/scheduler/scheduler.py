@@ -131,7 +131,7 @@ class Scheduler:
             num_wanted = request.num_tokens - request.num_computed_tokens
             drafts = []
             if self.spec is not None and num_wanted == 1:
-                drafts = self.spec.propose(request, budget)
+                drafts = self.spec.propose(request, budget, len(self.running))
             num_new = self.kv_cache.fit_new_tokens(
                 request.num_computed_tokens, min(num_wanted + len(drafts), budget)
             )

@@ -34,8 +34,9 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4
     # Single-token matches are mostly chance on text that does not repeat itself.
     prompt_lookup_min: int = 2
-    # Back-off: a request whose recent acceptance rate (accepted / proposed draft tokens)
-    # falls below this stops proposing for a while (engine.spec_decode.proposals).
+    # Back-off: a request whose estimated chance of a draft being accepted (from its recent
+    # verifications) falls below this stops proposing for a while
+    # (engine.spec_decode.proposals; the step cost model may stop it earlier).
     acceptance_floor: float = 0.25
     # draft_model: the draft's local checkpoint directory (same tokenizer as the target).
     model: str | None = None

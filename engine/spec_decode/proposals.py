@@ -7,10 +7,20 @@ ranks by logprobs) are excluded, since a draft position's distribution is not re
 Everything else speculates: greedy and sampled, seeded, penalties, logit bias, token masks
 and guided decoding (the verifier masks each draft position with the grammar's state there).
 
-Back-off: an exponential average of each request's acceptance rate (accepted / proposed);
-below `acceptance_floor` the request proposes nothing for a cool-down of steps that doubles
-each time it trips (16, 32, ... 512), so text the proposer does not predict pays only the
-lookup and a few verifications (about 5% of its steps over 128 tokens).
+How many drafts (cost-aware): each request keeps a decayed count of its draft tokens
+accepted and of its acceptance trials (a verification that keeps n of k drafts is n
+successes and, when n < k, one failure), whose ratio estimates the chance p that its next
+draft is accepted; draft j is accepted with about p^j. The step cost model
+(engine.spec_decode.cost_model, measured as the engine runs) says what acceptance chance a
+draft row needs in a step of N requests to beat plain decoding, theta(N); the request gets
+the drafts with p^j > theta(N), so a batch-1 step speculates on weak evidence while a large
+batch, whose extra rows cost real time, speculates only on text that keeps being predicted.
+
+Back-off: a request whose estimate falls below `acceptance_floor`, or below theta(N) for
+even its first draft, proposes nothing for a cool-down of steps that doubles each time it
+trips (16, 32, ... 512), then starts again from the prior estimate; so text the proposer does
+not predict pays only the lookup and a few verifications (about 5% of its steps over 128
+tokens).
 The proposer is the method's (`make_proposer`): n-gram lookup, or a draft model imported only
 when configured, so this module stays torch-free, as the scheduler does.
 """
@@ -22,12 +32,14 @@ from typing import Protocol
 
 from engine.core.request import Request
 from engine.spec_decode.config import SpeculativeConfig
+from engine.spec_decode.cost_model import StepCostModel
 from engine.spec_decode.ngram import NgramProposer
 
-_EMA_WEIGHT = 0.5
-# A new request starts at this average: two verifications with nothing accepted trip the
-# back-off (0.5 -> 0.25 -> 0.125), while one good verification keeps it going.
-_FIRST_EMA = 0.5
+# Weight of the earlier verifications in a request's acceptance counts, per verification.
+_DECAY = 0.5
+# A new request starts at p = 1 / 1.5: one verification with nothing accepted takes it to
+# 0.33, a second to 0.14 (below the default floor), while one good verification keeps it.
+_PRIOR_ACCEPTED, _PRIOR_TRIALS = 1.0, 1.5
 _FIRST_COOLDOWN = 16
 _MAX_COOLDOWN = 512
 
@@ -63,9 +75,31 @@ class SpecDecodeStats:
 
 @dataclass(slots=True)
 class _BackOff:
-    ema: float = _FIRST_EMA
+    accepted: float = _PRIOR_ACCEPTED  # decayed count of accepted drafts
+    trials: float = _PRIOR_TRIALS  # decayed count of acceptance trials
     skip: int = 0  # proposals still to skip
     cooldown: int = _FIRST_COOLDOWN
+
+    @property
+    def acceptance(self) -> float:
+        """The estimated chance that the request's next draft is accepted."""
+        return self.accepted / self.trials
+
+    def trip(self) -> None:
+        self.skip = self.cooldown
+        self.cooldown = min(2 * self.cooldown, _MAX_COOLDOWN)
+        # After the pause the request gets a fresh chance, not the old estimate.
+        self.accepted, self.trials = _PRIOR_ACCEPTED, _PRIOR_TRIALS
+
+
+def drafts_worth_verifying(acceptance: float, threshold: float, limit: int) -> int:
+    """How many drafts (at most `limit`) have an acceptance chance acceptance^j above
+    `threshold`: the j-th draft is verified only if the ones before it were accepted."""
+    count, chance = 0, acceptance
+    while count < limit and chance > threshold:
+        count += 1
+        chance *= acceptance
+    return count
 
 
 class Proposer(Protocol):
@@ -103,11 +137,13 @@ class SpecDecoder:
         self.max_model_len = max_model_len
         self.proposer = make_proposer(config)
         self.stats = SpecDecodeStats(accepted_per_pos=[0] * config.num_speculative_tokens)
+        self.cost = StepCostModel()
         self._back_off: dict[str, _BackOff] = {}
 
-    def propose(self, request: Request, budget: int) -> list[int]:
+    def propose(self, request: Request, budget: int, num_requests: int = 1) -> list[int]:
         """Draft tokens to verify after the request's newest token this step ([] for none).
-        `budget`: tokens the step can still take, the newest token included."""
+        `budget`: tokens the step can still take, the newest token included; `num_requests`:
+        about how many requests the step decodes (the cost model's N)."""
         if not is_speculation_eligible(request):
             return []
         state = self._back_off.get(request.request_id)
@@ -126,7 +162,14 @@ class SpecDecoder:
         )
         if room <= 0:
             return []
-        return self.proposer.propose(request.request_id, request.all_token_ids, room)
+        acceptance = state.acceptance
+        worth = drafts_worth_verifying(
+            acceptance, self.cost.draft_threshold(num_requests), room
+        )
+        if worth == 0 or acceptance < self.config.acceptance_floor:
+            state.trip()
+            return []
+        return self.proposer.propose(request.request_id, request.all_token_ids, worth)
 
     def record(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
         """One verification's outcome: counters, and the request's back-off state."""
@@ -139,12 +182,11 @@ class SpecDecoder:
         state = self._back_off.get(request_id)
         if state is None:
             return
-        state.ema = (1 - _EMA_WEIGHT) * state.ema + _EMA_WEIGHT * num_accepted / num_drafts
-        if state.ema < self.config.acceptance_floor:
-            state.skip = state.cooldown
-            state.cooldown = min(2 * state.cooldown, _MAX_COOLDOWN)
-            # After the pause the request gets a fresh chance, not the old average.
-            state.ema = _FIRST_EMA
+        failed = 1.0 if num_accepted < num_drafts else 0.0
+        state.accepted = _DECAY * state.accepted + num_accepted
+        state.trials = _DECAY * state.trials + num_accepted + failed
+        if state.acceptance < self.config.acceptance_floor:
+            state.trip()
 
     def forget(self, request_id: str) -> None:
         self.proposer.forget(request_id)

@@ -21,13 +21,19 @@ the request's matcher over the drafts and rolling it back afterwards (the schedu
 for real over the accepted tokens only). A draft the grammar rejects has p_i(d_i) = 0, so it is
 never accepted, and the rows after it are not needed.
 
-Randomness: a seeded request draws from its own generator (uniforms for acceptance, an
-exponential race for a replacement or bonus token), so the same seed gives the same output on
-every run; other requests share the default generator.
+Randomness: a seeded request draws from its own generator (one uniform per draft for
+acceptance, drawn together, then an exponential race for a replacement or bonus token), so the
+same seed gives the same output on every run; other requests share the default generator.
+
+Cost: greedy requests whose rows need nothing but the argmax (no grammar, penalties, logit
+bias or token masks: the common case) are verified together, one argmax over all their rows
+and one comparison with all their drafts, with no per-token Python; the others one request at
+a time as above.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -64,13 +70,63 @@ def verify_drafts(
     generator_for: GeneratorFor,
 ) -> list[Verdict]:
     """`logits` [sum(len(drafts) + 1), V]: each request's rows in order, requests in order."""
-    verdicts = []
+    verdicts: list[Verdict | None] = [None] * len(requests)
+    plain_greedy: list[int] = []  # indices of requests verified together
+    first_rows: list[int] = []
     row = 0
-    for request in requests:
+    vocab_size = logits.shape[-1]
+    for index, request in enumerate(requests):
         num_rows = len(request.draft_token_ids) + 1
-        verdicts.append(_verify_one(logits[row : row + num_rows], request, generator_for))
+        if _needs_only_argmax(request, vocab_size):
+            plain_greedy.append(index)
+            first_rows.append(row)
+        else:
+            verdicts[index] = _verify_one(logits[row : row + num_rows], request, generator_for)
         row += num_rows
-    return verdicts
+    if plain_greedy:
+        batch = [requests[i] for i in plain_greedy]
+        for index, verdict in zip(plain_greedy, _verify_greedy(logits, batch, first_rows)):
+            verdicts[index] = verdict
+    return verdicts  # type: ignore[return-value]
+
+
+def _needs_only_argmax(request: ScheduledRequest, vocab_size: int) -> bool:
+    params = request.sampling_params
+    return (
+        params.is_greedy
+        and request.grammar is None
+        and not needs_logit_bias(params)
+        and not needs_penalties(params)
+        and not needs_token_masks(request)
+        and all(0 <= draft < vocab_size for draft in request.draft_token_ids)
+    )
+
+
+def _verify_greedy(
+    logits: torch.Tensor, requests: list[ScheduledRequest], first_rows: list[int]
+) -> list[Verdict]:
+    """Greedy verification of several requests at once: accepted = the length of the run of
+    drafts equal to the argmax of the row before them; the token after = that row's argmax
+    (a replacement, or the bonus token when all were accepted).
+
+        drafts (padded):    [[d d d d], [d d -1 -1]]     targets at the draft rows, same shape
+        match:              [[1 1 0 1], [1 0  0  0]]  -> cumprod, sum -> accepted [2, 1]"""
+    num_drafts = [len(request.draft_token_ids) for request in requests]
+    width = max(num_drafts)
+    rows = [first + i for first, n in zip(first_rows, num_drafts) for i in range(n + 1)]
+    targets = argmax_rows(logits[torch.tensor(rows)] if len(rows) < logits.shape[0] else logits)
+    # targets grouped per request: row i of request r at [r, i] (padding rows point at -1).
+    starts = torch.tensor([0, *itertools.accumulate(n + 1 for n in num_drafts)][:-1])
+    offsets = torch.arange(width + 1)
+    valid = offsets[None, :] <= torch.tensor(num_drafts)[:, None]
+    grid = torch.where(valid, starts[:, None] + offsets[None, :], 0)
+    padded_targets = torch.where(valid, targets[grid], -1)
+    drafts = torch.full((len(requests), width), -2, dtype=torch.long)
+    for r, request in enumerate(requests):
+        drafts[r, : num_drafts[r]] = torch.tensor(request.draft_token_ids, dtype=torch.long)
+    accepted = (padded_targets[:, :width] == drafts).cumprod(dim=1).sum(dim=1)
+    tokens = padded_targets.gather(1, accepted[:, None])[:, 0]
+    return [Verdict(n, t) for n, t in zip(accepted.tolist(), tokens.tolist())]
 
 
 def _verify_one(
@@ -103,14 +159,18 @@ def _verify_one(
     probs = _final_probs(logits, params)
     generator = generator_for(request)
     vocab_size = probs.shape[-1]
-    for i, draft in enumerate(drafts):
-        u = torch.rand(1, generator=generator, device=probs.device).item()
-        if u < probs[i, draft].item():
-            continue
-        residual = probs[i : i + 1].clone()
-        residual[0, draft] = 0.0
-        token = exponential_race(residual, [generator], vocab_size)
-        return Verdict(i, int(token[0]))
+    if drafts:
+        # Accept d_i with probability p_i(d_i): all uniforms at once, the first failure wins.
+        uniforms = torch.rand(len(drafts), generator=generator, device=probs.device)
+        draft_ids = torch.tensor(drafts, dtype=torch.long, device=probs.device)
+        draft_probs = probs[torch.arange(len(drafts), device=probs.device), draft_ids]
+        rejected = (uniforms >= draft_probs).nonzero()
+        if rejected.numel():
+            i = int(rejected[0, 0])
+            residual = probs[i : i + 1].clone()
+            residual[0, drafts[i]] = 0.0
+            token = exponential_race(residual, [generator], vocab_size)
+            return Verdict(i, int(token[0]))
     return _after_all_accepted(
         drafts,
         num_rows,

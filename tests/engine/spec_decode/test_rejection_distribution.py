@@ -139,3 +139,37 @@ def test_seeded_verification_replays_exactly() -> None:
 
     assert run() == run()
     assert len(set(itertools.chain(run()))) > 1
+
+
+def test_greedy_requests_verified_together_equal_one_at_a_time() -> None:
+    """Many greedy requests of ragged draft counts, mixed with sampled and penalised ones, in
+    one call: each greedy verdict is the plain-Python walk over its own rows (keep drafts
+    while they are the row's argmax, then that row's argmax)."""
+    gen = torch.Generator().manual_seed(11)
+    requests, rows, expected = [], [], []
+    for index in range(40):
+        num_drafts = index % 5 + 1
+        block = torch.randn(num_drafts + 1, VOCAB, generator=gen)
+        argmax = block.argmax(dim=1).tolist()
+        # Drafts that follow the argmax for a random number of rows, then differ.
+        keep = int(torch.randint(0, num_drafts + 1, (1,), generator=gen))
+        drafts = [argmax[i] if i < keep else (argmax[i] + 1) % VOCAB for i in range(num_drafts)]
+        if index % 7 == 3:
+            params = SamplingParams(temperature=0.0, repetition_penalty=1.5)
+        elif index % 7 == 5:
+            params = SamplingParams(temperature=1.0, seed=index)
+        else:
+            params = SamplingParams(temperature=0.0)
+        requests.append(_request(params, drafts, rid=f"r{index}"))
+        rows.append(block)
+        expected.append((keep, argmax[keep]) if params.repetition_penalty == 1.0
+                        and params.is_greedy else None)
+    generators = {f"r{i}": make_generator(i, torch.device("cpu")) for i in range(40)}
+    verdicts = verify_drafts(torch.cat(rows), requests, lambda r: generators[r.request_id])
+    checked = 0
+    for verdict, want, request in zip(verdicts, expected, requests, strict=True):
+        assert 0 <= verdict.num_accepted <= len(request.draft_token_ids)
+        if want is not None:
+            assert (verdict.num_accepted, verdict.token_id) == want, request.request_id
+            checked += 1
+    assert checked > 20
