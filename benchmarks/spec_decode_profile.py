@@ -4,7 +4,9 @@ slows both alike).
 
     .venv/bin/python -m benchmarks.spec_decode_profile --batches 1 8 --new-tokens 64
 
-Phases, summed over the decode steps of one generate and divided by its step count:
+Phases, summed over the steps of one generate (its prompt step included) and divided by its
+step count; then the runner's time over the steps of decode rows alone, which is the
+speed-up's measure (both engines emit the same number of tokens in them):
   schedule   the scheduler's step (for the speculative engine: the proposer's lookup too)
   propose    the proposer alone (inside schedule)
   prep       flattening the batch into model inputs
@@ -45,6 +47,9 @@ class PhaseClock:
         self.seconds: dict[str, float] = defaultdict(float)
         self.steps = 0
         self.tokens = 0
+        # Steps of decode rows only (no prompt chunk), timed around the runner.
+        self.decode_steps = 0
+        self.decode_seconds = 0.0
 
     def wrap(self, phase: str, function: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -77,7 +82,13 @@ def instrument(llm: LLM, clock: PhaseClock) -> None:
     def counted(batch: Any) -> Any:
         clock.steps += 1
         clock.tokens += batch.num_scheduled_tokens
-        return execute(batch)
+        start = time.perf_counter()
+        try:
+            return execute(batch)
+        finally:
+            if all(r.num_tokens == 1 + len(r.draft_token_ids) for r in batch.requests):
+                clock.decode_steps += 1
+                clock.decode_seconds += time.perf_counter() - start
     runner.execute = counted  # type: ignore[method-assign]
 
 
@@ -176,6 +187,8 @@ def main() -> None:
                 del llm.runner.sampler.sample_with_logprobs
                 del llm.runner.execute
                 per_step = {p: 1e3 * clock.seconds[p] / max(clock.steps, 1) for p in PHASES}
+                print(f"{workload:<10} b={batch} {name:<5} decode steps={clock.decode_steps:>4} "
+                      f"in {clock.decode_seconds:6.2f}s (runner only)")
                 print(f"{workload:<10} b={batch} {name:<5} steps={clock.steps:>4} "
                       f"rows/step={clock.tokens / max(clock.steps, 1):5.1f} "
                       f"total={total:6.2f}s  ms/step: " +

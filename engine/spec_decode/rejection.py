@@ -36,6 +36,7 @@ import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from engine.core.batch import ScheduledRequest
@@ -109,23 +110,30 @@ def _verify_greedy(
     drafts equal to the argmax of the row before them; the token after = that row's argmax
     (a replacement, or the bonus token when all were accepted).
 
-        drafts (padded):    [[d d d d], [d d -1 -1]]     targets at the draft rows, same shape
-        match:              [[1 1 0 1], [1 0  0  0]]  -> cumprod, sum -> accepted [2, 1]"""
-    num_drafts = [len(request.draft_token_ids) for request in requests]
-    width = max(num_drafts)
-    rows = [first + i for first, n in zip(first_rows, num_drafts) for i in range(n + 1)]
-    targets = argmax_rows(logits[torch.tensor(rows)] if len(rows) < logits.shape[0] else logits)
-    # targets grouped per request: row i of request r at [r, i] (padding rows point at -1).
-    starts = torch.tensor([0, *itertools.accumulate(n + 1 for n in num_drafts)][:-1])
-    offsets = torch.arange(width + 1)
-    valid = offsets[None, :] <= torch.tensor(num_drafts)[:, None]
-    grid = torch.where(valid, starts[:, None] + offsets[None, :], 0)
-    padded_targets = torch.where(valid, targets[grid], -1)
-    drafts = torch.full((len(requests), width), -2, dtype=torch.long)
-    for r, request in enumerate(requests):
-        drafts[r, : num_drafts[r]] = torch.tensor(request.draft_token_ids, dtype=torch.long)
-    accepted = (padded_targets[:, :width] == drafts).cumprod(dim=1).sum(dim=1)
-    tokens = padded_targets.gather(1, accepted[:, None])[:, 0]
+        rows (2 requests):   a0 a1 a2 | b0 b1          argmax per row, one call
+        drafts:              da0 da1  | db0            compared with rows a0 a1 | b0
+        first mismatch:      accepted = min over the request's drafts of (offset if it
+                             differs, else its draft count): one minimum.reduceat
+
+    numpy rather than torch: these arrays hold a few dozen values, and right after the
+    forward pass each torch call costs several times a numpy one (cold caches)."""
+    num_drafts = np.fromiter((len(r.draft_token_ids) for r in requests), np.int64, len(requests))
+    # Local row of each request's first row, and of each draft's predicting row.
+    local_starts = np.zeros(len(requests), np.int64)
+    np.cumsum(num_drafts[:-1] + 1, out=local_starts[1:])
+    rows = np.concatenate([np.arange(f, f + n + 1) for f, n in zip(first_rows, num_drafts)])
+    selected = logits if rows.size == logits.shape[0] else logits[torch.from_numpy(rows)]
+    targets = argmax_rows(selected).numpy()
+    drafts = np.fromiter(
+        itertools.chain.from_iterable(r.draft_token_ids for r in requests), np.int64,
+        int(num_drafts.sum()),
+    )
+    draft_starts = local_starts - np.arange(len(requests))  # where each request's drafts begin
+    offset = np.arange(drafts.size) - np.repeat(draft_starts, num_drafts)
+    predicted = targets[offset + np.repeat(local_starts, num_drafts)]
+    mismatch_at = np.where(predicted != drafts, offset, np.repeat(num_drafts, num_drafts))
+    accepted = np.minimum.reduceat(mismatch_at, draft_starts)
+    tokens = targets[local_starts + accepted]
     return [Verdict(n, t) for n, t in zip(accepted.tolist(), tokens.tolist())]
 
 
