@@ -68,6 +68,12 @@ class StepCostModel:
         cost = self.row_cost * max(num_requests, 1)
         return cost / (1 + cost)
 
+    @property
+    def prior_threshold(self) -> float:
+        """The batch-1 threshold of the prior: fixed, for decisions that must not depend on
+        measurements."""
+        return self.prior_row_cost / (1 + self.prior_row_cost)
+
     def _fit(self) -> float:
         points = [(rows, average, weight) for rows, (average, weight) in self._times.items()]
         if len(points) < 2 or max(p[0] for p in points) - min(p[0] for p in points) < _MIN_SPREAD:

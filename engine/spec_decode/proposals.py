@@ -15,6 +15,8 @@ draft is accepted; draft j is accepted with about p^j. The step cost model
 draft row needs in a step of N requests to beat plain decoding, theta(N); the request gets
 the drafts with p^j > theta(N), so a batch-1 step speculates on weak evidence while a large
 batch, whose extra rows cost real time, speculates only on text that keeps being predicted.
+Seeded sampled requests use the prior's theta(1) instead: their random draws follow their
+drafts, and their output must not depend on the batch or on measured times.
 
 Back-off: a request whose estimate falls below `acceptance_floor`, or below theta(N) for
 even its first draft, proposes nothing for a cool-down of steps that doubles each time it
@@ -163,9 +165,15 @@ class SpecDecoder:
         if room <= 0:
             return []
         acceptance = state.acceptance
-        worth = drafts_worth_verifying(
-            acceptance, self.cost.draft_threshold(num_requests), room
-        )
+        params = request.sampling_params
+        if params.seed is not None and not params.is_greedy:
+            # A seeded request's random draws follow its drafts, so its draft counts may
+            # depend on its own history only, never on the batch or the machine's timing:
+            # the same seed must give the same output however it is served.
+            threshold = self.cost.prior_threshold
+        else:
+            threshold = self.cost.draft_threshold(num_requests)
+        worth = drafts_worth_verifying(acceptance, threshold, room)
         if worth == 0 or acceptance < self.config.acceptance_floor:
             state.trip()
             return []

@@ -127,3 +127,17 @@ def test_a_large_batch_verifies_fewer_drafts_of_half_predictable_text() -> None:
     small_asked, large_asked = small_proposer.asked, large_proposer.asked
     assert max(small_asked[5:]) == 4
     assert max(large_asked) <= 2 and sum(large_asked) < sum(small_asked) / 4
+
+
+def test_seeded_sampling_drafts_do_not_depend_on_the_batch_or_timing() -> None:
+    """A seeded sampled request's draws follow its drafts: alone, or in a step of 32 with a
+    measured costly row, it is asked for the same draft counts."""
+    seeded = SamplingParams(temperature=1.0, seed=3, max_tokens=1000)
+    asked = []
+    for num_requests, row_cost in ((1, 0.03), (32, 0.5)):
+        decoder, proposer = _decoder(row_cost=0.03)
+        _feed(decoder.cost, fixed=0.010, per_row=0.010 * row_cost)
+        request = Request("s", [1, 2, 3, 4], seeded, max_tokens=1000)
+        _run(decoder, request, num_requests, accept=0.5, steps=30)
+        asked.append(proposer.asked)
+    assert asked[0] == asked[1] and asked[0]
