@@ -158,7 +158,6 @@ def main() -> None:
             "prompt_lookup_max": 4, "prompt_lookup_min": 1}),
     }
     # The verifier is a module function the runner imports by name.
-    spec_clock_holder: list[PhaseClock] = []
     original_verify = runner_step.verify_drafts
     original_prep = model_runner.prepare_inputs
     vocab = engines["plain"].facts.vocab_size
@@ -169,7 +168,6 @@ def main() -> None:
             for name, llm in engines.items():
                 llm.generate(prompts[:1], _params(workload, 4)[0])  # warm-up
                 clock = PhaseClock()
-                spec_clock_holder[:] = [clock]
                 instrument(llm, clock)
                 runner_step.verify_drafts = clock.wrap("sample", original_verify)
                 model_runner.prepare_inputs = clock.wrap("prep", original_prep)
