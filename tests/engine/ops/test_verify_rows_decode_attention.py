@@ -124,3 +124,27 @@ def test_long_draft_runs_stay_prefill_shaped() -> None:
     inputs = prepare_inputs(ScheduledBatch([b], 1 + len(drafts)), 4, torch.device("cpu"))
     assert inputs.attn_metadata.num_decode_tokens == 0
     assert len(inputs.attn_metadata.prefills) == 1
+
+
+def test_verification_rows_read_each_kv_cache_group_table() -> None:
+    """With two KV cache groups, every decode row of a verifying request writes and reads
+    through the group's own table: group 1's slot mapping and decode tables come from the
+    request's second table, row by row."""
+    block_size = 4
+    b = _request("b", list(range(11)), 10, 4, [3, 4, 5, 6], drafts=[5, 6, 7])
+    b.block_tables = [[3, 4, 5, 6], [13, 14, 15, 16]]
+    a = _request("a", list(range(5)), 4, 1, [0, 1])
+    a.block_tables = [[0, 1], [10, 11]]
+    inputs = prepare_inputs(ScheduledBatch([a, b], 5), block_size, torch.device("cpu"),
+                            num_kv_groups=2)
+    first, second = inputs.group_metadata
+    assert first is inputs.attn_metadata
+    positions = [4, 10, 11, 12, 13]
+    tables = [a.block_tables[1], *[b.block_tables[1]] * 4]
+    assert second.slot_mapping.tolist() == [
+        table[p // block_size] * block_size + p % block_size for table, p in zip(tables, positions)
+    ]
+    assert second.decode_context_lens.tolist() == [5, 11, 12, 13, 14]
+    for row, (table, length) in enumerate(zip(tables, [5, 11, 12, 13, 14])):
+        blocks = -(-length // block_size)
+        assert second.decode_block_tables[row, :blocks].tolist() == list(table[:blocks])

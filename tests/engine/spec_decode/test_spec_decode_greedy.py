@@ -151,3 +151,19 @@ def test_sliding_window_model_gives_blocks_back_and_equals_transformers(
     prompts = [_repetitive(30, 9, 4), _repetitive(31, 13, 3)] + prompts_from(32, [7, 33])
     assert_concurrent_greedy_matches(llm, model_dir, prompts)
     assert _stats(llm).num_accepted_tokens > 0
+
+
+def test_sliding_window_groups_keep_greedy_output(tmp_path: Path) -> None:
+    """Gemma 2 (alternating windowed and full layers: two KV cache groups; attention
+    soft-cap): verification rows of both groups give the non-speculative engine's greedy
+    tokens, far past the window."""
+    model_dir = make_peaked_model(tmp_path / "gemma2", "gemma2")
+    prompts = [_repetitive(14, 5, 6), _repetitive(17, 5, 6), _repetitive(19, 5, 6),
+               prompts_from(11, [15])[0]]
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+    plain = LLM(str(model_dir), dtype="float32", num_kv_blocks=256, block_size=4)
+    spec = LLM(str(model_dir), dtype="float32", num_kv_blocks=256, block_size=4,
+               speculative_config=NGRAM)
+    expected = [out.token_ids for out in plain.generate(prompts, params)]
+    assert [out.token_ids for out in spec.generate(prompts, params)] == expected
+    assert _stats(spec).num_accepted_tokens > 0
