@@ -36,7 +36,9 @@ class FusedDecodeLayers:
         first = model.model.layers[0]
         self.eps = first.input_layernorm.eps
         self.scale = first.self_attn.scale
-        self.adapters, self.max_lora_rank = _layer_adapters(model)
+        # Only where the fused path applies: other layers (MoE MLPs) have no gate_up_proj.
+        self.adapters, self.max_lora_rank = (
+            _layer_adapters(model) if self.layers is not None else (None, 0))
 
     def takes(self, lora_step: LoRAStep | None) -> bool:
         """Whether a step with this LoRA mapping (None: base model only) can run here."""

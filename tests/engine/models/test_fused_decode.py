@@ -59,3 +59,15 @@ def test_float32_keeps_the_per_op_path(tmp_path: Path, monkeypatch: pytest.Monke
     model_dir = build_tiny_model(tmp_path / "llama", hidden_size=128, num_heads=4, num_kv_heads=2)
     _, calls = _run(model_dir, True, monkeypatch, dtype="float32")
     assert not calls
+
+
+def test_bf16_moe_model_keeps_the_per_op_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Layers with router + experts have no fused kernel: the model must still build and
+    decode (through the per-op path) in bfloat16."""
+    model_dir = build_tiny_model(tmp_path / "moe", arch="qwen3_moe", hidden_size=128,
+                                 num_heads=4, num_kv_heads=2)
+    outputs, calls = _run(model_dir, True, monkeypatch)
+    assert not calls
+    assert all(len(out.token_ids) == PARAMS.max_tokens for out in outputs)
