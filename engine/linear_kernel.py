@@ -33,3 +33,28 @@ def set_linear_kernel(kernel: str) -> str:
     if module is None or not ops.linear_bf16_available():
         raise RuntimeError("set_linear_kernel needs the native AVX512_BF16 linear kernel")
     return str(module.set_linear_kernel(kernel))
+
+
+W8A8_KERNELS = ("auto", "vnni", "amx", "scalar")
+
+
+def set_w8a8_kernel(kernel: str) -> str:
+    """Pin `linear_w8a8`'s kernel for this process ("auto", "vnni", "amx" or "scalar", the
+    portable C++ that CPUs without AVX512-VNNI run); returns the previous choice. ValueError
+    for another name or one this build or CPU cannot run."""
+    if kernel not in W8A8_KERNELS:
+        raise ValueError(f"w8a8 kernel must be one of {', '.join(W8A8_KERNELS)}, got {kernel!r}")
+    module = ops._cpu_module()
+    if module is None:
+        raise RuntimeError("set_w8a8_kernel needs the native CPU ops")
+    return str(module.set_w8a8_kernel(kernel))
+
+
+def w8a8_kernels() -> tuple[str, ...]:
+    """The kernels `linear_w8a8` can run here: scalar always, vnni and amx where built and
+    allowed."""
+    module = ops._cpu_module()
+    if module is None:
+        return ()
+    return ("scalar", *(("vnni",) if module.has_avx512_vnni() else ()),
+            *(("amx",) if module.has_amx_int8() else ()))

@@ -4,6 +4,7 @@
 
 #include "cpu_ops.h"
 #include "linear_int.h"
+#include "linear_w8a8.h"
 
 namespace protoserve {
 namespace {
@@ -110,6 +111,36 @@ void linear_int_op(torch::Tensor& out, const torch::Tensor& input, const torch::
   }
   pybind11::gil_scoped_release no_gil;
   linear_int(args);
+}
+
+void linear_w8a8_op(torch::Tensor& out, const torch::Tensor& input, const torch::Tensor& packed,
+                    const torch::Tensor& weight_scales, const std::optional<torch::Tensor>& bias) {
+  for (const torch::Tensor* t : {static_cast<const torch::Tensor*>(&out), &input})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kBFloat16,
+                "linear_w8a8 takes bfloat16 CPU activations");
+  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == torch::kUInt8 &&
+                  packed.dim() == 3 && packed.size(1) % 16 == 0 && packed.size(2) == 64 &&
+                  packed.is_contiguous(),
+              "packed weight must be contiguous uint8 [ceil(N / 16), K_pad / 4, 64], K_pad a "
+              "multiple of 64");
+  const int64_t num_panels = packed.size(0), padded_in = packed.size(1) * 4;
+  const int64_t in_features = input.size(1);
+  TORCH_CHECK(in_features <= padded_in && in_features > padded_in - 64,
+              "input has ", in_features, " features; the packed weight takes ", padded_in);
+  TORCH_CHECK(weight_scales.device().is_cpu() && weight_scales.scalar_type() == torch::kFloat32 &&
+                  weight_scales.is_contiguous() && weight_scales.numel() == num_panels * 16,
+              "weight_scales must be contiguous float32 [", num_panels * 16, "]");
+  const auto [num_tokens, out_features] =
+      check_rows_and_panels(out, input, in_features, num_panels);
+  const void* bias_ptr = checked_bias(bias, out_features);
+  LinearW8A8Args args{out.data_ptr(),   out.stride(0),
+                      input.data_ptr(), input.stride(0),
+                      packed.data_ptr<uint8_t>(), weight_scales.data_ptr<float>(),
+                      bias_ptr,         num_tokens,
+                      in_features,      padded_in,
+                      out_features};
+  pybind11::gil_scoped_release no_gil;
+  linear_w8a8(args);
 }
 
 }  // namespace protoserve

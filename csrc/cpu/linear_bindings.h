@@ -20,4 +20,9 @@ void linear_int_op(torch::Tensor& out, const torch::Tensor& input, const torch::
                    const std::optional<torch::Tensor>& dequantize_into,
                    const std::optional<torch::Tensor>& offsets);
 
+// W8A8: activations quantized per token to int8 inside; packed / weight_scales by
+// engine/layers/quant/w8a8.py (layout in linear_w8a8.cpp).
+void linear_w8a8_op(torch::Tensor& out, const torch::Tensor& input, const torch::Tensor& packed,
+                    const torch::Tensor& weight_scales, const std::optional<torch::Tensor>& bias);
+
 }  // namespace protoserve

@@ -24,8 +24,11 @@ sorted by group once at load, and `input_perm` gathers the activations' columns 
 After loading, `finalize_quantized_linears` lays each layer out once for where it runs:
 - bfloat16 on a CPU with our AVX512_BF16 kernels: engine.ops.linear_int's panels (integers
   turned into bf16 operands in registers, so memory holds only the packed bytes and scales);
+- W8A8 layers (`int8_activations`) in bfloat16 on a CPU with the native ops:
+  engine.ops.linear_w8a8's panels (int8 x int8 products, quant/w8a8.py);
 - anywhere else (float32, other CPUs, CUDA): int8 values and scales, dequantized to the
-  activations' dtype on every call and multiplied by F.linear (the pure-torch reference).
+  activations' dtype on every call and multiplied by F.linear (the pure-torch reference;
+  W8A8 inputs fake-quantized per token first, as compressed-tensors does).
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine import ops
+from engine import ops, quantized_ops
 from engine.layers.linear import Linear
 from engine.layers.quant.panels import (
     DEQUANTIZE_ROWS,
@@ -44,6 +47,7 @@ from engine.layers.quant.panels import (
     pack_group_values,
     pack_int_panels,
 )
+from engine.layers.quant.w8a8 import fake_quantize_per_token, pack_w8a8_panels
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,11 @@ class WeightQuant:
     asymmetric: bool = False
     # GPTQ checkpoint_format "gptq" (v1) stores each zero point minus one.
     zero_plus_one: bool = False
+    # W8A8: inputs quantized to int8 per token at run time (compressed-tensors' dynamic
+    # "token" input_activations); 8-bit per-channel symmetric weights only.
+    int8_activations: bool = False
+    # compressed-tensors "int-quantized": int8 values stored unpacked as `weight`.
+    unpacked: bool = False
 
     def groups(self, in_features: int) -> int:
         return 1 if self.group_size is None else -(-in_features // self.group_size)
@@ -120,7 +129,8 @@ class QuantizedLinear(nn.Module):
         # Act-order checkpoints: input column j of the stored (group-sorted) weight is column
         # input_perm[j] of x. Set after loading (quant/checkpoint_formats.py), else None.
         self.input_perm: torch.Tensor | None = None
-        # Set by `finalize`: "int_panels" (engine.ops.linear_int) | "dequantize" (torch).
+        # Set by `finalize`: "int_panels" (engine.ops.linear_int) | "w8a8_panels"
+        # (engine.ops.linear_w8a8) | "dequantize" (torch).
         # Never "panels", so the bf16-only fused decode path (models/fused_decode.py) declines.
         self.packing: str | None = None
         self.panels: torch.Tensor | None = None
@@ -154,7 +164,10 @@ class QuantizedLinear(nn.Module):
     def finalize(self, use_kernel: bool) -> None:
         """Lay the loaded weight out for forward(); the packed int32 copy is dropped."""
         qweight, scale, offset = self._int_values(), self._scale(), self._offset()
-        if use_kernel:
+        if use_kernel and self.quant.int8_activations:
+            self.panels, self.panel_scales = pack_w8a8_panels(qweight, scale)
+            self.packing = "w8a8_panels"
+        elif use_kernel:
             self.panels, self.panel_scales = pack_int_panels(
                 qweight, scale, self.quant.bits, self.group_size)
             self.panel_offsets = None if offset is None else pack_group_values(offset)
@@ -178,6 +191,12 @@ class QuantizedLinear(nn.Module):
                 return ops.linear_bf16(x, weight, self.bias, self.out_features)
             return ops.linear_int(x, self.panels, self.panel_scales, self.bias, self.out_features,
                                   self.quant.bits, self.group_size, self.panel_offsets)
+        if self.packing == "w8a8_panels":
+            assert self.panels is not None and self.panel_scales is not None
+            return quantized_ops.linear_w8a8(x, self.panels, self.panel_scales, self.bias,
+                                   self.out_features)
+        if self.quant.int8_activations:
+            x = fake_quantize_per_token(x)
         weight = dequantize(self._int_values(), self._scale(), self.group_size,
                             self._offset()).to(x.dtype)
         return F.linear(x, weight, self.bias)
@@ -205,6 +224,8 @@ class QuantizedLinear(nn.Module):
         group = "channel" if self.quant.group_size is None else f"group={self.group_size}"
         if self.quant.asymmetric:
             group += " asymmetric"
+        if self.quant.int8_activations:
+            group += " int8 activations per token"
         packed = f", packed={self.packing}" if self.packing is not None else ""
         return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
                 f"int{self.quant.bits} {group}{packed}")
@@ -241,11 +262,17 @@ def quantize_decoder_linears(model: nn.Module, quant: WeightQuant) -> int:
     return replaced
 
 
-def finalize_quantized_linears(model: nn.Module, *, use_kernel: bool) -> int:
+def finalize_quantized_linears(model: nn.Module, *, use_kernel: bool,
+                               w8a8_kernel: bool = False) -> int:
+    """`use_kernel`: weight-only layers go onto linear_int; `w8a8_kernel`: W8A8 layers onto
+    linear_w8a8 (which also runs, in portable C++, where linear_int cannot)."""
     layers = [module for module in model.modules() if isinstance(module, QuantizedLinear)]
     for layer in layers:
-        layer.finalize(use_kernel and kernel_supports(layer.quant.bits, layer.in_features,
-                                                      layer.group_size))
+        if layer.quant.int8_activations:
+            layer.finalize(w8a8_kernel)
+        else:
+            layer.finalize(use_kernel and kernel_supports(layer.quant.bits, layer.in_features,
+                                                          layer.group_size))
     return len(layers)
 
 

@@ -16,7 +16,7 @@ from transformers import AutoConfig
 from engine.attention import get_attention_backend
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
-from engine import ops
+from engine import ops, quantized_ops
 from engine.layers.linear import prepack_cpu_linears
 from engine.layers.quant.checkpoint_formats import (
     CheckpointTranslator,
@@ -32,7 +32,11 @@ from engine.layers.quantized_linear import (
 from engine.layers.rotary import SUPPORTED_ROPE_TYPES, RopeSpec, build_rotary, read_rope_spec
 from engine.models.bert import BertModel
 from engine.models.decoder import DecoderForCausalLM
-from engine.models.gguf_checkpoint import GGUF, gguf_quantization, iter_gguf
+from engine.models.gguf_checkpoint import (
+    GGUF,
+    gguf_quantization,
+    iter_gguf,
+)
 from engine.models.registry import get_model_class, is_generative, supported_architectures
 from engine.models.st_config import (
     SentenceTransformersConfig,
@@ -142,10 +146,16 @@ def load_model(model_config: ModelConfig, *, attention_backend: str = "torch") -
                 quantize_decoder_linears(model, quant)
             use_kernel = (device.type == "cpu" and dtype == torch.bfloat16
                           and ops.linear_bf16_available())
-            count = finalize_quantized_linears(model, use_kernel=use_kernel)
-        logger.info("weights: %s, %d projections int%d (%s), %s", quant.method, count, quant.bits,
+            w8a8_kernel = (device.type == "cpu" and dtype == torch.bfloat16
+                           and quantized_ops.linear_w8a8_available())
+            count = finalize_quantized_linears(model, use_kernel=use_kernel,
+                                               w8a8_kernel=w8a8_kernel)
+            native = w8a8_kernel if quant.int8_activations else use_kernel
+        logger.info("weights: %s, %d projections int%d (%s)%s, %s", quant.method, count,
+                    quant.bits,
                     "per channel" if quant.group_size is None else f"groups of {quant.group_size}",
-                    "linear_int kernels" if use_kernel else "dequantized per call in torch")
+                    ", int8 activations per token" if quant.int8_activations else "",
+                    "native kernels" if native else "dequantized per call in torch")
     if device.type == "cpu" and dtype == torch.bfloat16:
         prepack_cpu_linears(model)
     dims = model.dims

@@ -1,9 +1,11 @@
 """Quantized models served through both surfaces: engine-serve with --quantization int8 on a
-float32 checkpoint, on a compressed-tensors W4A16 checkpoint written by that library, on GPTQ
+float32 checkpoint, on compressed-tensors W4A16 and W8A8 (int8 activations per token)
+checkpoints written by that library, on GPTQ
 (asymmetric, act order) and AWQ checkpoints packed as those tools pack, and on a Q4_0 GGUF file
 written by the gguf package (config and tokenizer from its metadata) answers gRPC Generate and
 the OpenAI SDK with the greedy continuation of transformers running the same dequantized
-weights (served in float32, where our forward equals it to 1e-4)."""
+weights (served in float32, where our forward equals it to 1e-4; for W8A8, transformers
+loading the file itself, which quantizes the activations with compressed-tensors' code)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -25,14 +27,15 @@ from quant_checkpoints import (
     online_reference_weights,
     write_compressed_tensors,
 )
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 pytestmark = pytest.mark.e2e
 
 NEW_TOKENS = 12
 PROMPT = "The engine serves quantized weights"
-CASES = ("int8-online", "w4a16-compressed-tensors", "gptq-asym-act-order", "awq", "gguf-q4_0")
+CASES = ("int8-online", "w4a16-compressed-tensors", "w8a8-compressed-tensors",
+         "gptq-asym-act-order", "awq", "gguf-q4_0")
 
 
 class Served:
@@ -56,6 +59,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serv
     base = build_tiny_model(root / "base", hidden_size=128, initializer_range=0.15)
     ct_dir = write_compressed_tensors(base, root / "w4a16", preset="W4A16", strategy="group",
                                       group_size=32)
+    w8a8_dir = write_compressed_tensors(base, root / "w8a8", preset="W8A8", strategy="channel",
+                                        group_size=None)
     gptq_dir = write_gptq(base, root / "gptq", sym=False, desc_act=True)
     awq_dir = write_awq(base, root / "awq")
     (root / "gguf").mkdir()
@@ -64,6 +69,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serv
     served_from: dict[str, tuple[Path, tuple[str, ...], Path, str | None]] = {
         "int8-online": (base, ("--quantization", "int8"), base, None),
         "w4a16-compressed-tensors": (ct_dir, (), ct_dir, None),
+        "w8a8-compressed-tensors": (w8a8_dir, (), w8a8_dir, None),
         "gptq-asym-act-order": (gptq_dir, (), gptq_dir, None),
         "awq": (awq_dir, (), awq_dir, None),
         "gguf-q4_0": (gguf_path, (), gguf_path.parent, gguf_path.name),
@@ -79,6 +85,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serv
                 "int8-online": hf_with_weights(
                     base, online_reference_weights(base, "int8", torch.float32)),
                 "w4a16-compressed-tensors": library_dequantized_model(base, ct_dir),
+                "w8a8-compressed-tensors": AutoModelForCausalLM.from_pretrained(
+                    w8a8_dir, dtype=torch.float32).eval(),
                 "gptq-asym-act-order": hf_with_weights(base, reference_weights(gptq_dir)),
                 "awq": hf_with_weights(base, reference_weights(awq_dir)),
                 "gguf-q4_0": transformers_gguf_model(gguf_path),

@@ -45,7 +45,7 @@ _FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
 
 
 def needs_translation(quant: WeightQuant | None) -> bool:
-    return quant is not None and (quant.method in ("gptq", "awq") or (
+    return quant is not None and (quant.method in ("gptq", "awq") or quant.unpacked or (
         quant.method == "compressed-tensors" and quant.asymmetric))
 
 
@@ -57,7 +57,8 @@ class CheckpointTranslator:
 
     def __init__(self, quant: WeightQuant) -> None:
         self.quant = quant
-        self.required, optional = _MODULE_TENSORS[quant.method]
+        # int-quantized (symmetric) modules need nothing gathered (handled in `translate`).
+        self.required, optional = ((), ()) if quant.unpacked else _MODULE_TENSORS[quant.method]
         self.parts = self.required + optional
         self.input_perms: dict[str, torch.Tensor | None] = {}
         self._pending: dict[str, dict[str, torch.Tensor]] = {}
@@ -66,6 +67,11 @@ class CheckpointTranslator:
                   ) -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in tensors:
             module, _, part = name.rpartition(".")
+            if self.quant.unpacked and part == "weight" and tensor.dtype == torch.int8:
+                # "int-quantized": the int8 values as they are; unquantized modules'
+                # float weights pass through.
+                yield f"{module}.weight_packed", pack_int32(tensor, 8)
+                continue
             if part not in self.parts:
                 yield name, tensor
                 continue

@@ -29,6 +29,11 @@ def pack_int_panels(
     for int8 (Q + 128, element 2 r + j of each 32 being row r, column j of a column pair) and
     [ceil(N / 16), K / 4, 32] for int4 (Q + 8; two column pairs per 32 bytes, the second in
     the high nibbles)."""
+    return pack_int_values(qweight, bits, group_size), pack_group_values(scale)
+
+
+def pack_int_values(qweight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """The integer half of `pack_int_panels`: Q [N, K] -> linear_int's uint8 panels."""
     out_features, in_features = qweight.shape
     if not kernel_supports(bits, in_features, group_size):
         raise ValueError(f"linear_int cannot take int{bits} weights of in_features "
@@ -46,7 +51,17 @@ def pack_int_panels(
     else:
         two = pairs.view(num_panels, in_features // 4, 2, 2 * LINEAR_PANEL_ROWS)
         packed = (two[:, :, 0] | (two[:, :, 1] << 4)).contiguous()
-    return packed, pack_group_values(scale)
+    return packed
+
+
+def panel_order(values: torch.Tensor) -> torch.Tensor:
+    """Per (row, column block) values [N, B] of any dtype -> [ceil(N / 16), B, 16], rows past
+    N zero: the order the kernels read 16 rows' values of one block in."""
+    out_features = values.shape[0]
+    num_panels = -(-out_features // LINEAR_PANEL_ROWS)
+    padded = values.new_zeros(num_panels * LINEAR_PANEL_ROWS, values.shape[1])
+    padded[:out_features] = values
+    return padded.view(num_panels, LINEAR_PANEL_ROWS, -1).permute(0, 2, 1).contiguous()
 
 
 def pack_group_values(values: torch.Tensor) -> torch.Tensor:

@@ -6,10 +6,12 @@
     M (compressed-tensors, gptq, awq)
                          error: nothing to read           its scheme; another M: error
 
-compressed-tensors (llm-compressor's format, vLLM's main one) is read where this increment's
-kernels apply: one config group of Linear targets, "pack-quantized", int weights of 4 or 8
-bits, symmetric or not, "channel" or "group" strategy (even group size), no activation
-quantization and no act-order index. GPTQ (4 or 8 bits, any group size the kernels take,
+compressed-tensors (llm-compressor's format, vLLM's main one) is read where our kernels
+apply: one config group of Linear targets, "pack-quantized" (or "int-quantized": 8-bit
+values stored unpacked), int weights of 4 or 8 bits, symmetric or not, "channel" or "group"
+strategy (even group size), no act-order index; input activations either not quantized
+(W8A16, W4A16) or, with 8-bit symmetric per-channel weights, dynamic symmetric int8 per token
+(W8A8). GPTQ (4 or 8 bits, any group size the kernels take,
 desc_act, sym or not, checkpoint_format gptq or gptq_v2) and AWQ (4 bits, version gemm) are
 read by quant/checkpoint_formats.py. Anything else is refused naming the field.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -100,17 +103,47 @@ def read_compressed_tensors(
     if targets != ["Linear"]:
         raise ModelLoadError(f"{at}.targets must be [\"Linear\"], got {targets!r}")
     weight_format = group.get("format") or stored.get("format")
-    if weight_format != "pack-quantized":
+    if weight_format not in _STORAGE_FORMATS:
         raise ModelLoadError(f"{at}.format {weight_format!r} is not supported "
-                             "(supported: pack-quantized)")
-    if group.get("input_activations") is not None:
-        raise ModelLoadError(f"{at}.input_activations: activation quantization (W8A8) is not "
-                             "supported yet; weight-only schemes (W8A16, W4A16) are")
+                             f"(supported: {', '.join(_STORAGE_FORMATS)})")
+    if group.get("output_activations") is not None:
+        raise ModelLoadError(f"{at}.output_activations: output quantization is not supported")
     _check_ignore(stored.get("ignore") or [], f"{where}.ignore")
     weights = group.get("weights")
     if not isinstance(weights, Mapping):
         raise ModelLoadError(f"{at}.weights is missing")
-    return _weight_scheme(weights, f"{at}.weights")
+    quant = _weight_scheme(weights, f"{at}.weights")
+    if weight_format == "int-quantized":
+        if quant.bits != 8 or quant.asymmetric:
+            raise ModelLoadError(f"{at}.weights: format int-quantized is read for 8-bit "
+                                 "symmetric weights only")
+        quant = replace(quant, unpacked=True)
+    activations = group.get("input_activations")
+    if activations is None:
+        return quant
+    _check_int8_token_activations(activations, quant, at)
+    return replace(quant, int8_activations=True)
+
+
+# compressed-tensors storage formats read: 4/8-bit values packed in int32, or int8 as is.
+_STORAGE_FORMATS = ("pack-quantized", "int-quantized")
+
+
+def _check_int8_token_activations(activations: Any, quant: WeightQuant, at: str) -> None:
+    """The one activation scheme the W8A8 kernel runs: llm-compressor's W8A8 (dynamic
+    symmetric int8 per token, 8-bit symmetric weights per channel)."""
+    where = f"{at}.input_activations"
+    if not isinstance(activations, Mapping):
+        raise ModelLoadError(f"{where} is not an object")
+    expected = {"num_bits": 8, "type": "int", "strategy": "token", "symmetric": True,
+                "dynamic": True}
+    for key, value in expected.items():
+        if activations.get(key, "int" if key == "type" else None) != value:
+            raise ModelLoadError(f"{where}.{key} must be {json.dumps(value)} (W8A8: dynamic "
+                                 f"symmetric int8 per token), got {activations.get(key)!r}")
+    if quant.bits != 8 or quant.group_size is not None or quant.asymmetric:
+        raise ModelLoadError(f"{at}.weights: int8 input activations need 8-bit symmetric "
+                             "weights with the channel strategy")
 
 
 def _weight_scheme(weights: Mapping[str, Any], at: str) -> WeightQuant:

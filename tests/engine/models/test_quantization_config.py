@@ -104,7 +104,12 @@ def test_resolution_table(tmp_path: Path) -> None:
         (lambda c: c["config_groups"]["group_0"]["weights"].update(actorder="group"),
          r"weights.actorder 'group'"),
         (lambda c: c["config_groups"]["group_0"].update(
-            input_activations={"num_bits": 8}), r"input_activations: activation quantization"),
+            input_activations={"num_bits": 8}), r"input_activations.strategy must be \"token\""),
+        (lambda c: c["config_groups"]["group_0"].update(input_activations={
+            "num_bits": 8, "type": "int", "strategy": "token", "symmetric": True,
+            "dynamic": True}), r"int8 input activations need 8-bit symmetric weights"),
+        (lambda c: c["config_groups"]["group_0"].update(output_activations={"num_bits": 8}),
+         r"output_activations: output quantization is not supported"),
         (lambda c: c["config_groups"]["group_0"].update(format="float-quantized"),
          r"format 'float-quantized'"),
         (lambda c: c.update(quant_method="bitsandbytes"), r"quant_method 'bitsandbytes'"),
