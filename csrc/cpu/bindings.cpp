@@ -9,7 +9,6 @@
 
 #include "cpu_ops.h"
 #include "linear_bindings.h"
-#include "linear_w8a8.h"
 #include "lora_bindings.h"
 #include "moe_bindings.h"
 
@@ -386,14 +385,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("scales"), pybind11::arg("bias"), pybind11::arg("bits"),
         pybind11::arg("group_size"), pybind11::arg("dequantize_into") = pybind11::none(),
         pybind11::arg("offsets") = pybind11::none());
-  m.def("linear_w8a8", &protoserve::linear_w8a8_op,
-        "W8A8: x quantized per token to int8, . Q^T in int32, scaled (+ bias), bfloat16 out");
-  m.def("set_w8a8_kernel", &protoserve::set_w8a8_kernel,
-        "Pin linear_w8a8's kernel: auto, vnni, amx or scalar; returns the previous choice");
-  m.def("has_avx512_vnni", &protoserve::has_avx512_vnni,
-        "Whether linear_w8a8 was built with its AVX512-VNNI kernel");
-  m.def("has_amx_int8", &protoserve::has_amx_int8,
-        "Whether linear_w8a8 can use AMX-INT8 tiles here (CPU and OS permission)");
+  protoserve::register_quantized_linear_ops(m);  // linear_int_k_quant, linear_w8a8
   m.def("rms_norm_bf16", &rms_norm_bf16, "RMSNorm, optionally after residual += delta");
   m.def("silu_and_mul_bf16", &silu_and_mul_bf16, "silu(gate) * up over a fused [gate | up]");
   m.def("rotary_bf16", &rotary_bf16, "Rotary embedding in place: x * cos + roll(x) * sin");

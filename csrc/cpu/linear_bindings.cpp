@@ -54,11 +54,14 @@ void linear_bf16_op(torch::Tensor& out, const torch::Tensor& input, const torch:
   linear_bf16(args);
 }
 
-void linear_int_op(torch::Tensor& out, const torch::Tensor& input, const torch::Tensor& packed,
-                   const torch::Tensor& scales, const std::optional<torch::Tensor>& bias,
-                   int64_t bits, int64_t group_size,
-                   const std::optional<torch::Tensor>& dequantize_into,
-                   const std::optional<torch::Tensor>& offsets) {
+namespace {
+
+// linear_int_op's checks and call; `super`: K-quant scales (scales then a placeholder).
+void run_linear_int(torch::Tensor& out, const torch::Tensor& input, const torch::Tensor& packed,
+                    const torch::Tensor& scales, const std::optional<torch::Tensor>& bias,
+                    int64_t bits, int64_t group_size,
+                    const std::optional<torch::Tensor>& dequantize_into,
+                    const std::optional<torch::Tensor>& offsets, const SuperBlockScales* super) {
   TORCH_CHECK(has_avx512_bf16(), "linear_int needs AVX512_BF16");
   TORCH_CHECK(bits == 8 || bits == 4, "linear_int: bits must be 8 or 4, got ", bits);
   for (const torch::Tensor* t : {static_cast<const torch::Tensor*>(&out), &input})
@@ -98,7 +101,8 @@ void linear_int_op(torch::Tensor& out, const torch::Tensor& input, const torch::
                      offset_values,    bias_ptr,
                      num_tokens,
                      in_features,      out_features,
-                     static_cast<int>(bits), group_size};
+                     static_cast<int>(bits), group_size,
+                     super};
   if (dequantize_into.has_value()) {
     TORCH_CHECK(dequantize_into->scalar_type() == torch::kBFloat16 &&
                     dequantize_into->is_contiguous() &&
@@ -111,6 +115,61 @@ void linear_int_op(torch::Tensor& out, const torch::Tensor& input, const torch::
   }
   pybind11::gil_scoped_release no_gil;
   linear_int(args);
+}
+
+}  // namespace
+
+void linear_int_op(torch::Tensor& out, const torch::Tensor& input, const torch::Tensor& packed,
+                   const torch::Tensor& scales, const std::optional<torch::Tensor>& bias,
+                   int64_t bits, int64_t group_size,
+                   const std::optional<torch::Tensor>& dequantize_into,
+                   const std::optional<torch::Tensor>& offsets) {
+  run_linear_int(out, input, packed, scales, bias, bits, group_size, dequantize_into, offsets,
+                 nullptr);
+}
+
+void linear_int_k_quant_op(torch::Tensor& out, const torch::Tensor& input,
+                           const torch::Tensor& packed, int64_t bits, int64_t group_size,
+                           const torch::Tensor& scales, const std::optional<torch::Tensor>& mins,
+                           const torch::Tensor& d, const std::optional<torch::Tensor>& dmin,
+                           int64_t groups_per_block, const std::optional<torch::Tensor>& bias,
+                           const std::optional<torch::Tensor>& dequantize_into) {
+  TORCH_CHECK(bits == 8 || bits == 4, "linear_int_k_quant: bits must be 8 or 4, got ", bits);
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == torch::kUInt8,
+              "packed weight must be uint8 [panels, steps, 32]");
+  const int64_t num_panels = packed.size(0);
+  const int64_t in_features = packed.size(1) * (bits == 8 ? 2 : 4);
+  TORCH_CHECK(group_size > 0 && in_features % group_size == 0 && groups_per_block > 0,
+              "group_size must divide in_features");
+  const int64_t num_groups = in_features / group_size;
+  const int64_t num_blocks = (num_groups + groups_per_block - 1) / groups_per_block;
+  const auto check = [&](const torch::Tensor& t, int64_t columns, const char* name) {
+    TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.dim() == 3 &&
+                    t.size(0) == num_panels && t.size(1) == columns && t.size(2) == 16,
+                name, " must be contiguous [", num_panels, ", ", columns, ", 16]");
+  };
+  check(scales, num_groups, "scales");
+  TORCH_CHECK(scales.scalar_type() == torch::kInt8 || scales.scalar_type() == torch::kUInt8,
+              "scales must be int8 or uint8");
+  check(d, num_blocks, "d");
+  TORCH_CHECK(d.scalar_type() == torch::kFloat16, "d must be float16");
+  TORCH_CHECK(mins.has_value() == dmin.has_value(), "mins and dmin come together");
+  if (mins.has_value()) {
+    check(*mins, num_groups, "mins");
+    check(*dmin, num_blocks, "dmin");
+    TORCH_CHECK(mins->scalar_type() == torch::kUInt8 && dmin->scalar_type() == torch::kFloat16,
+                "mins must be uint8 and dmin float16");
+  }
+  const SuperBlockScales super{
+      scales.data_ptr(),
+      mins.has_value() ? mins->data_ptr<uint8_t>() : nullptr,
+      reinterpret_cast<const uint16_t*>(d.data_ptr()),
+      dmin.has_value() ? reinterpret_cast<const uint16_t*>(dmin->data_ptr()) : nullptr,
+      groups_per_block, scales.scalar_type() == torch::kInt8};
+  // The plain path's checks, with placeholder group values it does not read.
+  const torch::Tensor unused = torch::zeros({num_panels, num_groups, 16}, torch::kFloat16);
+  run_linear_int(out, input, packed, unused, bias, bits, group_size, dequantize_into,
+                 std::nullopt, &super);
 }
 
 void linear_w8a8_op(torch::Tensor& out, const torch::Tensor& input, const torch::Tensor& packed,
@@ -141,6 +200,19 @@ void linear_w8a8_op(torch::Tensor& out, const torch::Tensor& input, const torch:
                       out_features};
   pybind11::gil_scoped_release no_gil;
   linear_w8a8(args);
+}
+
+void register_quantized_linear_ops(pybind11::module& m) {
+  m.def("linear_int_k_quant", &protoserve::linear_int_k_quant_op,
+        "linear_int over GGUF K-quant blocks (Q4_K, Q6_K): two-level integer scales");
+  m.def("linear_w8a8", &protoserve::linear_w8a8_op,
+        "W8A8: x quantized per token to int8, . Q^T in int32, scaled (+ bias), bfloat16 out");
+  m.def("set_w8a8_kernel", &protoserve::set_w8a8_kernel,
+        "Pin linear_w8a8's kernel: auto, vnni, amx or scalar; returns the previous choice");
+  m.def("has_avx512_vnni", &protoserve::has_avx512_vnni,
+        "Whether linear_w8a8 was built with its AVX512-VNNI kernel");
+  m.def("has_amx_int8", &protoserve::has_amx_int8,
+        "Whether linear_w8a8 can use AMX-INT8 tiles here (CPU and OS permission)");
 }
 
 }  // namespace protoserve

@@ -5,6 +5,8 @@
 
 #include <optional>
 
+#include "linear_int.h"
+
 namespace protoserve {
 
 // out [T, N] = input [T, K] @ W^T (+ bias), W packed by engine.ops.pack_linear_weight.
@@ -20,9 +22,22 @@ void linear_int_op(torch::Tensor& out, const torch::Tensor& input, const torch::
                    const std::optional<torch::Tensor>& dequantize_into,
                    const std::optional<torch::Tensor>& offsets);
 
+// linear_int over GGUF K-quant weights (engine/layers/quant/k_quants.py): scale d * scales
+// and, with mins / dmin (Q4_K: values unsigned), offset -(dmin * mins) per group; d / dmin
+// one fp16 per groups_per_block groups. `dequantize_into` as linear_int_op's.
+void linear_int_k_quant_op(torch::Tensor& out, const torch::Tensor& input,
+                           const torch::Tensor& packed, int64_t bits, int64_t group_size,
+                           const torch::Tensor& scales, const std::optional<torch::Tensor>& mins,
+                           const torch::Tensor& d, const std::optional<torch::Tensor>& dmin,
+                           int64_t groups_per_block, const std::optional<torch::Tensor>& bias,
+                           const std::optional<torch::Tensor>& dequantize_into);
+
 // W8A8: activations quantized per token to int8 inside; packed / weight_scales by
 // engine/layers/quant/w8a8.py (layout in linear_w8a8.cpp).
 void linear_w8a8_op(torch::Tensor& out, const torch::Tensor& input, const torch::Tensor& packed,
                     const torch::Tensor& weight_scales, const std::optional<torch::Tensor>& bias);
+
+// Registers linear_int_k_quant, linear_w8a8 and their kernel switches (bindings.cpp's module).
+void register_quantized_linear_ops(pybind11::module& m);
 
 }  // namespace protoserve

@@ -27,6 +27,11 @@
 // w = Q * scale + offset per (row, group) with offset = -zero * scale; the offset's share of a
 // group is offset * sum(x), the same per-token group sum, so the epilogue adds one more fma:
 //   offsets[p, g, r]             = offset[16 p + r, g]
+//
+// GGUF's K-quants (Q4_K, Q6_K) use the same tiles with two-level scales (SuperBlockScales):
+// the per-group scale d * sc and offset -(dmin * m) are formed in registers at each group's
+// epilogue from one byte per (row, group) and an fp16 per (row, super-block); Q4_K's values
+// are unsigned (its q, 0..15), so C loses the int4 bias: C = 128.
 #include <algorithm>
 #include <vector>
 
@@ -52,7 +57,47 @@ inline __m512 load_group(const GroupValues& values, int64_t index) {
   return _mm512_loadu_ps(static_cast<const float*>(values.data) + index);
 }
 
+// 16 rows' K-quant scale (or, for the mins, negated offset) of group g: integers times the
+// super-block's fp16 factor.
+inline __m512 load_super(const void* ints, bool is_signed, const uint16_t* factors,
+                         int64_t groups_per_block, int64_t panel, int64_t g,
+                         int64_t num_groups) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(
+      static_cast<const uint8_t*>(ints) + (panel * num_groups + g) * kPanelRows));
+  const __m512 values = _mm512_cvtepi32_ps(is_signed ? _mm512_cvtepi8_epi32(raw)
+                                                     : _mm512_cvtepu8_epi32(raw));
+  const int64_t blocks = ceil_div(num_groups, groups_per_block);
+  const __m512 factor = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+      factors + (panel * blocks + g / groups_per_block) * kPanelRows)));
+  return _mm512_mul_ps(values, factor);
+}
+
+// The scale and offset of 16 rows in group g, from plain group values or K-quant scales.
+inline __m512 group_scale(const LinearIntArgs& args, int64_t panel, int64_t g,
+                          int64_t num_groups) {
+  if (args.super != nullptr)
+    return load_super(args.super->scales, args.super->signed_scales, args.super->d,
+                      args.super->groups_per_block, panel, g, num_groups);
+  return load_group(args.scales, (panel * num_groups + g) * kPanelRows);
+}
+
+inline __m512 group_offset(const LinearIntArgs& args, int64_t panel, int64_t g,
+                           int64_t num_groups) {
+  if (args.super != nullptr)  // -(dmin * m): the product exact, its negation too
+    return _mm512_sub_ps(_mm512_setzero_ps(),
+                         load_super(args.super->mins, false, args.super->dmin,
+                                    args.super->groups_per_block, panel, g, num_groups));
+  return load_group(args.offsets, (panel * num_groups + g) * kPanelRows);
+}
+
+// The integer bias of the stored values: 2^(bits - 1), 0 for K-quants with mins (unsigned).
+inline int value_bias(const LinearIntArgs& args) {
+  return args.super != nullptr && args.super->mins != nullptr ? 0 : 1 << (args.bits - 1);
+}
+
 struct IntRun {
+  const LinearIntArgs* args;
+  float correction;  // the constant C of the header comment
   const uint8_t* weight;
   GroupValues scales;
   GroupValues offsets;  // data nullptr: symmetric
@@ -84,7 +129,7 @@ inline void tile(const IntRun& run, int64_t panel0, int64_t num_panels, int64_t 
                  Epilogue& epilogue) {
   // Steps of one 32-byte load: int8 one pair of columns, int4 two.
   constexpr int64_t pairs_per_step = BITS == 8 ? 1 : 2;
-  constexpr float correction = BITS == 8 ? 2304.0f : 136.0f;
+  const float correction = run.correction;
   const int64_t pairs = run.in_features / 2;
   const int64_t steps = pairs / pairs_per_step;
   const int64_t panel_stride = steps * kVectorBytes;
@@ -135,8 +180,7 @@ inline void tile(const IntRun& run, int64_t panel0, int64_t num_panels, int64_t 
     }
     // Group epilogue: remove the constant C's share, apply the rows' scales (and offsets).
     for (int p = 0; p < NP; ++p) {
-      const __m512 scale =
-          load_group(run.scales, (panel_index[p] * run.num_groups + g) * kPanelRows);
+      const __m512 scale = group_scale(*run.args, panel_index[p], g, run.num_groups);
       for (int t = 0; t < MT; ++t) {
         const __m512 offset =
             _mm512_set1_ps(correction * run.x_sums[(m0 + t) * run.num_groups + g]);
@@ -144,12 +188,10 @@ inline void tile(const IntRun& run, int64_t panel0, int64_t num_panels, int64_t 
         acc[p][t] = _mm512_setzero_ps();
       }
       if constexpr (OFFSETS) {
-        const __m512 group_offset =
-            load_group(run.offsets, (panel_index[p] * run.num_groups + g) * kPanelRows);
+        const __m512 offset = group_offset(*run.args, panel_index[p], g, run.num_groups);
         for (int t = 0; t < MT; ++t)
           total[p][t] = _mm512_fmadd_ps(
-              _mm512_set1_ps(run.x_sums[(m0 + t) * run.num_groups + g]), group_offset,
-              total[p][t]);
+              _mm512_set1_ps(run.x_sums[(m0 + t) * run.num_groups + g]), offset, total[p][t]);
       }
     }
   }
@@ -192,7 +234,10 @@ void run(const LinearIntArgs& args) {
       if constexpr (BITS == 8) input16[m * args.in_features + k] = float_to_bf16(value * 16.0f);
     }
   }
-  const IntRun gemm{args.packed_weight, args.scales,     args.offsets,
+  // C of the header comment, less the bias K-quants' unsigned values do not have.
+  const float correction =
+      (BITS == 8 ? 2176.0f : 128.0f) + static_cast<float>(value_bias(args));
+  const IntRun gemm{&args, correction, args.packed_weight, args.scales, args.offsets,
                     args.in_features,   args.group_size, num_groups,
                     input,              args.input_stride, input16.data(),
                     x_sums.data(),      args.num_tokens};
@@ -229,7 +274,7 @@ void dequantize_panel(const LinearIntArgs& args, int64_t panel, bf16_t* out) {
   const int64_t num_groups = ceil_div(args.in_features, args.group_size);
   const __m512i rows_lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
   const __m512i rows_hi = _mm512_add_epi32(rows_lo, _mm512_set1_epi32(8));
-  const __m512i offset = _mm512_set1_epi32(1 << (BITS - 1));
+  const __m512i offset = _mm512_set1_epi32(value_bias(args));
   const uint8_t* bytes = args.packed_weight + panel * steps * kVectorBytes;
   __m512 scale_lo = _mm512_setzero_ps(), scale_hi = _mm512_setzero_ps();
   __m512 offset_lo = _mm512_setzero_ps(), offset_hi = _mm512_setzero_ps();
@@ -239,11 +284,11 @@ void dequantize_panel(const LinearIntArgs& args, int64_t panel, bf16_t* out) {
     const int64_t g = 2 * k2 / args.group_size;
     if (g != group) {
       group = g;
-      const __m512 s = load_group(args.scales, (panel * num_groups + g) * kPanelRows);
+      const __m512 s = group_scale(args, panel, g, num_groups);
       scale_lo = _mm512_permutexvar_ps(rows_lo, s);
       scale_hi = _mm512_permutexvar_ps(rows_hi, s);
-      if (args.offsets.data != nullptr) {
-        const __m512 o = load_group(args.offsets, (panel * num_groups + g) * kPanelRows);
+      if (args.offsets.data != nullptr || (args.super != nullptr && args.super->mins)) {
+        const __m512 o = group_offset(args, panel, g, num_groups);
         offset_lo = _mm512_permutexvar_ps(rows_lo, o);
         offset_hi = _mm512_permutexvar_ps(rows_hi, o);
       }
@@ -288,7 +333,8 @@ void dispatch(const LinearIntArgs& args) {
 }  // namespace
 
 void linear_int(const LinearIntArgs& args) {
-  const bool offsets = args.offsets.data != nullptr;
+  const bool offsets =
+      args.offsets.data != nullptr || (args.super != nullptr && args.super->mins != nullptr);
   if (args.bits == 8) {
     offsets ? dispatch<8, true>(args) : dispatch<8, false>(args);
   } else {

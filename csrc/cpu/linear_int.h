@@ -15,6 +15,20 @@ struct GroupValues {
   bool half;
 };
 
+// GGUF K-quants' two-level scales (engine/layers/quant/k_quants.py): per (row, group) a
+// small integer, per (row, super-block of groups_per_block groups) an fp16 factor, so
+//   scale = d * scales,  offset = -(dmin * mins)   (both exact in fp32)
+// with `mins` (Q4_K) the values are unsigned (q itself: no 2^(bits-1) bias), without (Q6_K)
+// signed as usual. Layouts as GroupValues': [ceil(N / 16), groups (or super-blocks), 16].
+struct SuperBlockScales {
+  const void* scales;     // int8 (signed_scales) or uint8
+  const uint8_t* mins;    // nullptr: no offsets
+  const uint16_t* d;      // fp16
+  const uint16_t* dmin;   // fp16, with mins
+  int64_t groups_per_block;
+  bool signed_scales;
+};
+
 struct LinearIntArgs {
   void* output;  // bf16 [num_tokens, out_features]
   int64_t output_stride;
@@ -31,6 +45,8 @@ struct LinearIntArgs {
   int64_t out_features;
   int bits;            // 8 or 4
   int64_t group_size;  // a multiple of 2 (int8) or 4 (int4); in_features per channel
+  // K-quant scales instead of `scales` / `offsets` (which are then unused), or nullptr.
+  const SuperBlockScales* super = nullptr;
 };
 
 void linear_int(const LinearIntArgs& args);  // only with has_avx512_bf16()

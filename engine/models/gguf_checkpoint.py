@@ -8,8 +8,10 @@ defaults) reads it like any checkpoint directory; a `--tokenizer` directory stil
 
 Weights are read with the `gguf` package. When every decoder projection is Q8_0 or every one
 is Q4_0, they load natively onto the int8 / int4 kernels (blocks of 32 weights with one fp16
-scale: our groups of 32; Q4_0's q - 8 is our signed int4). Any other type (K-quants such as
-Q4_K_M's Q4_K / Q6_K mix, F16, BF16, F32) and every non-projection tensor (embeddings, output,
+scale: our groups of 32; Q4_0's q - 8 is our signed int4). K-quant projections (Q4_K_M's
+Q4_K / Q6_K mix) are dequantized at load and then, in bfloat16 on the AVX512_BF16 kernels,
+replaced by their own blocks (`attach_k_quant_linears`, layers/quant/k_quants.py). Any other
+type (F16, BF16, F32, other K-quants) and every non-projection tensor (embeddings, output,
 norms) is dequantized at load by gguf.quants to the served dtype.
 """
 from __future__ import annotations
@@ -27,6 +29,8 @@ import numpy as np
 import torch
 
 from engine.errors import ModelLoadError
+from engine.layers.linear import Linear
+from engine.layers.quant.k_quants import KQuantLinear, KQuantRows, unpack_k_quant
 from engine.layers.quantized_linear import WeightQuant, pack_int32
 from engine.native_build import cache_dir
 
@@ -167,6 +171,52 @@ def iter_gguf(gguf_path: Path, hf_config: Any, quant: WeightQuant | None
                                  "the gguf package cannot dequantize") from None
         weight = torch.from_numpy(np.array(values, dtype=np.float32)).reshape(shape)  # a copy
         yield name, weight if rows is None else weight[rows]
+
+
+# Our fused projections (under model.layers.{i}) and their llama.cpp shards in row order.
+_FUSED_SHARDS = {
+    "self_attn.qkv_proj": ("attn_q", "attn_k", "attn_v"), "self_attn.o_proj": ("attn_output",),
+    "mlp.gate_up_proj": ("ffn_gate", "ffn_up"), "mlp.down_proj": ("ffn_down",),
+}
+_K_QUANTS = ("Q4_K", "Q6_K")
+
+
+def attach_k_quant_linears(model: torch.nn.Module, gguf_path: Path, hf_config: Any) -> int:
+    """Replace each decoder projection whose shards are all Q4_K / Q6_K by a KQuantLinear of
+    the file's blocks (the float Linear loaded first is dropped); returns how many."""
+    reader = _reader(gguf_path)
+    permuted = _ARCHITECTURES[_architecture(reader, gguf_path)]
+    heads = int(hf_config.num_attention_heads)
+    kv_heads = int(getattr(hf_config, "num_key_value_heads", None) or heads)
+    tensors = {tensor.name: tensor for tensor in reader.tensors}
+    replaced = 0
+    for index, layer in enumerate(model.model.layers):
+        for path, shards in _FUSED_SHARDS.items():
+            found = [tensors.get(f"blk.{index}.{shard}.weight") for shard in shards]
+            if any(t is None or t.tensor_type.name not in _K_QUANTS for t in found):
+                continue
+            parent_name, _, leaf = path.rpartition(".")
+            parent = getattr(layer, parent_name)
+            linear = getattr(parent, leaf)
+            if not isinstance(linear, Linear):
+                continue
+            segments: list[tuple[int, KQuantRows]] = []
+            start = 0
+            for shard, tensor in zip(shards, found, strict=True):
+                values = unpack_k_quant(torch.from_numpy(np.array(tensor.data)),
+                                        tensor.tensor_type.name)
+                rows = values.qweight.shape[0]
+                if permuted and shard in ("attn_q", "attn_k"):
+                    values = values.rows(_unpermute_rows(rows, heads if shard == "attn_q"
+                                                         else kv_heads))
+                if segments and segments[-1][1].kind == values.kind:  # one call for both
+                    segments[-1] = (segments[-1][0], KQuantRows.cat([segments[-1][1], values]))
+                else:
+                    segments.append((start, values))
+                start += rows
+            setattr(parent, leaf, KQuantLinear(segments, linear.bias))
+            replaced += 1
+    return replaced
 
 
 def _native_blocks(data: np.ndarray, kind: str) -> tuple[torch.Tensor, torch.Tensor]:

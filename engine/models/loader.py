@@ -34,6 +34,7 @@ from engine.models.bert import BertModel
 from engine.models.decoder import DecoderForCausalLM
 from engine.models.gguf_checkpoint import (
     GGUF,
+    attach_k_quant_linears,
     gguf_quantization,
     iter_gguf,
 )
@@ -156,6 +157,10 @@ def load_model(model_config: ModelConfig, *, attention_backend: str = "torch") -
                     "per channel" if quant.group_size is None else f"groups of {quant.group_size}",
                     ", int8 activations per token" if quant.int8_activations else "",
                     "native kernels" if native else "dequantized per call in torch")
+    if (weight_format == GGUF and not dummy and device.type == "cpu"
+            and dtype == torch.bfloat16 and ops.linear_bf16_available()):
+        count = attach_k_quant_linears(model, weight_files[0], hf_config)
+        logger.info("weights: %d GGUF K-quant projections on the int kernels", count)
     if device.type == "cpu" and dtype == torch.bfloat16:
         prepack_cpu_linears(model)
     dims = model.dims

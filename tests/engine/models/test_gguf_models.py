@@ -3,8 +3,8 @@ against transformers' own GGUF loading of the same file (gguf.quants dequantizat
 unpermuted), which is a pure-torch dequantize-then-matmul reference.
 
 float32: logits to 1e-4, greedy equal. bfloat16 (Q8_0 / Q4_0 natively on the int kernels in
-groups of 32, K-quants dequantized at load): within twice the error of transformers' own bf16
-model of the file.
+groups of 32, Q4_K_M from its own blocks: test_gguf_k_quants.py): within twice the error of
+transformers' own bf16 model of the file.
 """
 from __future__ import annotations
 
