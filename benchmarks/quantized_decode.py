@@ -1,9 +1,11 @@
 """Batch-1 decode of a ~0.5B Llama-shaped model on CPU: bf16 weights against --quantization
-int8 (per channel) and int4 (groups of 128), our kernels throughout.
+int8 (per channel) and int4 (groups of 128), and W8A8 (the int8 weights with activations
+quantized per token, a compressed-tensors W8A8 checkpoint's arithmetic), our kernels throughout.
 
 Run from the repository root:
     .venv/bin/python -m benchmarks.quantized_decode                  # bf16, int8, int4
     .venv/bin/python -m benchmarks.quantized_decode --steps 64 --formats bfloat16 int4
+    .venv/bin/python -m benchmarks.quantized_decode --formats int8 w8a8
 
 The model is written as config.json alone and served with --load-format dummy (random
 weights; int8/int4 quantize those at load time, as for a bf16 checkpoint). Each format decodes
@@ -19,6 +21,7 @@ off) is printed too: the same path as the quantized rows, differing only in the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +30,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.core.batch import ScheduledBatch, ScheduledRequest
-from engine.layers.quantized_linear import QuantizedLinear
+from engine.layers.quantized_linear import ONLINE_SCHEMES, QuantizedLinear
 from engine.models.fused_decode import FusedDecodeLayers
 from engine.models.loader import LoadedModel, load_model
 from engine.runner.input_prep import prepare_inputs
@@ -99,7 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formats", nargs="+",
                         default=["bfloat16", "bfloat16-per-op", "int8", "int4"],
-                        choices=("bfloat16", "bfloat16-per-op", "int8", "int4"))
+                        choices=("bfloat16", "bfloat16-per-op", "int8", "int4", "w8a8"))
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args()
@@ -114,10 +117,17 @@ def main() -> None:
             quantization = name if name.startswith("int") else "auto"
             FusedDecodeLayers.applies = (  # type: ignore[method-assign]
                 fused_applies if name == "bfloat16" else (lambda self, h, m: False))
-            loaded = load_model(
-                ModelConfig(model=str(model_dir), dtype="bfloat16", load_format="dummy",
-                            quantization=quantization, attention_backend="cpu_paged"),
-                attention_backend="cpu_paged")
+            online_int8 = ONLINE_SCHEMES["int8"]
+            if name == "w8a8":  # dummy weights load no checkpoint config: the int8 scheme
+                quantization = "int8"  # with activations quantized per token instead
+                ONLINE_SCHEMES["int8"] = dataclasses.replace(online_int8, int8_activations=True)
+            try:
+                loaded = load_model(
+                    ModelConfig(model=str(model_dir), dtype="bfloat16", load_format="dummy",
+                                quantization=quantization, attention_backend="cpu_paged"),
+                    attention_backend="cpu_paged")
+            finally:
+                ONLINE_SCHEMES["int8"] = online_int8
             rate = decode_tokens_per_second(loaded, args.steps)
             base = rate if base is None else base
             print(f"{name:>9} {rate:8.2f} {streamed_bytes(loaded) / 2**20:10.0f} MiB  "

@@ -56,7 +56,7 @@ void linear_bf16_op(torch::Tensor& out, const torch::Tensor& input, const torch:
 
 namespace {
 
-// linear_int_op's checks and call; `super`: K-quant scales (scales then a placeholder).
+// linear_int_op's checks and call; `super`: K-quant scales (`scales` then unread).
 void run_linear_int(torch::Tensor& out, const torch::Tensor& input, const torch::Tensor& packed,
                     const torch::Tensor& scales, const std::optional<torch::Tensor>& bias,
                     int64_t bits, int64_t group_size,
@@ -81,8 +81,10 @@ void run_linear_int(torch::Tensor& out, const torch::Tensor& input, const torch:
     return t.device().is_cpu() && t.is_contiguous() &&
            (t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kFloat16);
   };
-  TORCH_CHECK(is_group_float(scales) && scales.dim() == 3 && scales.size(0) == num_panels &&
-                  scales.size(1) == num_groups && scales.size(2) == 16,
+  // K-quant scales (`super`) were checked by linear_int_k_quant_op; `scales` is unused then.
+  TORCH_CHECK(super != nullptr ||
+                  (is_group_float(scales) && scales.dim() == 3 && scales.size(0) == num_panels &&
+                   scales.size(1) == num_groups && scales.size(2) == 16),
               "scales must be contiguous float32 or float16 [", num_panels, ", ", num_groups,
               ", 16]");
   GroupValues offset_values{nullptr, false};
@@ -166,9 +168,7 @@ void linear_int_k_quant_op(torch::Tensor& out, const torch::Tensor& input,
       reinterpret_cast<const uint16_t*>(d.data_ptr()),
       dmin.has_value() ? reinterpret_cast<const uint16_t*>(dmin->data_ptr()) : nullptr,
       groups_per_block, scales.scalar_type() == torch::kInt8};
-  // The plain path's checks, with placeholder group values it does not read.
-  const torch::Tensor unused = torch::zeros({num_panels, num_groups, 16}, torch::kFloat16);
-  run_linear_int(out, input, packed, unused, bias, bits, group_size, dequantize_into,
+  run_linear_int(out, input, packed, scales, bias, bits, group_size, dequantize_into,
                  std::nullopt, &super);
 }
 
