@@ -28,11 +28,12 @@ NUM_BLOCKS = 64
 
 def write_compressed_tensors(
     base_dir: Path, out_dir: Path, *, preset: str, strategy: str, group_size: int | None,
-    symmetric: bool = True,
+    symmetric: bool = True, storage_format: str | None = None,
 ) -> Path:
-    """The float32 model in `base_dir` quantized by compressed-tensors (`preset` W8A16 or
-    W4A16, `strategy` channel or group, symmetric or with zero points) into `out_dir`,
-    lm_head left unquantized."""
+    """The float32 model in `base_dir` quantized by compressed-tensors (`preset` W8A16,
+    W4A16 or W8A8, `strategy` channel or group, symmetric or with zero points) into
+    `out_dir`, lm_head left unquantized; `storage_format` overrides the library's choice
+    (e.g. "pack-quantized" for W8A8, which it writes as "int-quantized")."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
         QuantizationConfig,
@@ -60,7 +61,8 @@ def write_compressed_tensors(
             if not symmetric:
                 module.weight_zero_point.copy_(zero_point.reshape(
                     module.weight_zero_point.shape))
-    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor = ModelCompressor.from_pretrained_model(model,
+                                                       quantization_format=storage_format)
     compressor.compress_model(model)
     model.save_pretrained(out_dir)
     compressor.update_config(str(out_dir))

@@ -67,6 +67,20 @@ def test_float32_equals_transformers_running_the_checkpoint(w8a8_dir) -> None:
     assert (reference_logits(hf, prompt()) - theirs[0]).abs().max() > 1e-3
 
 
+def test_pack_quantized_storage_loads_the_same(w8a8_dir, tmp_path) -> None:
+    """W8A8 written in the library's pack-quantized storage instead of int-quantized."""
+    packed = write_compressed_tensors(w8a8_dir.parent / "base", tmp_path / "packed",
+                                      preset="W8A8", strategy="channel", group_size=None,
+                                      storage_format="pack-quantized")
+    raw = json.loads((packed / "config.json").read_text())["quantization_config"]
+    assert raw["format"] == "pack-quantized"
+    loaded = load_model(ModelConfig(model=str(packed), dtype="float32"))
+    hf = transformers_model(packed, torch.float32)
+    ours, theirs = greedy_against_reference(loaded, hf, prompt(), steps=3)
+    for actual, expected in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.skipif(not quantized_ops.linear_w8a8_available(),
                     reason="no native CPU ops here")
 def test_bfloat16_kernel_tracks_the_float32_reference(w8a8_dir) -> None:
