@@ -63,16 +63,19 @@ void run_linear_int(torch::Tensor& out, const torch::Tensor& input, const torch:
                     const std::optional<torch::Tensor>& dequantize_into,
                     const std::optional<torch::Tensor>& offsets, const SuperBlockScales* super) {
   TORCH_CHECK(has_avx512_bf16(), "linear_int needs AVX512_BF16");
-  TORCH_CHECK(bits == 8 || bits == 4, "linear_int: bits must be 8 or 4, got ", bits);
+  // 6 bits: Q6_K's layout (linear_int.cpp), K-quant scales without mins only.
+  TORCH_CHECK(bits == 8 || bits == 4 || (bits == 6 && super != nullptr && super->mins == nullptr),
+              "linear_int: bits must be 8 or 4 (6 for Q6_K), got ", bits);
   for (const torch::Tensor* t : {static_cast<const torch::Tensor*>(&out), &input})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kBFloat16,
                 "linear_int takes bfloat16 CPU activations");
-  // int8: one pair of columns per 32 bytes; int4: two.
+  // int8: one pair of columns per 32 bytes; int4: two; 6-bit: two per 48 bytes.
   const int64_t columns_per_vector = bits == 8 ? 2 : 4;
+  const int64_t step_bytes = bits == 6 ? 48 : 32;
   TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == torch::kUInt8 &&
-                  packed.dim() == 3 && packed.size(2) == 32 && packed.is_contiguous(),
+                  packed.dim() == 3 && packed.size(2) == step_bytes && packed.is_contiguous(),
               "packed weight must be contiguous uint8 [ceil(N / 16), K / ", columns_per_vector,
-              ", 32]");
+              ", ", step_bytes, "]");
   const int64_t num_panels = packed.size(0), in_features = packed.size(1) * columns_per_vector;
   TORCH_CHECK(group_size > 0 && group_size % columns_per_vector == 0, "group_size must be a "
               "multiple of ", columns_per_vector, " for int", bits, ", got ", group_size);
@@ -136,9 +139,10 @@ void linear_int_k_quant_op(torch::Tensor& out, const torch::Tensor& input,
                            const torch::Tensor& d, const std::optional<torch::Tensor>& dmin,
                            int64_t groups_per_block, const std::optional<torch::Tensor>& bias,
                            const std::optional<torch::Tensor>& dequantize_into) {
-  TORCH_CHECK(bits == 8 || bits == 4, "linear_int_k_quant: bits must be 8 or 4, got ", bits);
+  TORCH_CHECK(bits == 8 || bits == 6 || bits == 4,
+              "linear_int_k_quant: bits must be 8, 6 or 4, got ", bits);
   TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == torch::kUInt8,
-              "packed weight must be uint8 [panels, steps, 32]");
+              "packed weight must be uint8 [panels, steps, 32 or 48]");
   const int64_t num_panels = packed.size(0);
   const int64_t in_features = packed.size(1) * (bits == 8 ? 2 : 4);
   TORCH_CHECK(group_size > 0 && in_features % group_size == 0 && groups_per_block > 0,

@@ -31,7 +31,11 @@
 // GGUF's K-quants (Q4_K, Q6_K) use the same tiles with two-level scales (SuperBlockScales):
 // the per-group scale d * sc and offset -(dmin * m) are formed in registers at each group's
 // epilogue from one byte per (row, group) and an fp16 per (row, super-block); Q4_K's values
-// are unsigned (its q, 0..15), so C loses the int4 bias: C = 128.
+// are unsigned (its q, 0..15), so C loses the int4 bias: C = 128. Q6_K's 6-bit values (q + 32,
+// 0..63) keep their own layout, 48 bytes per 4 columns of a panel: the int4 layout of their
+// low 4 bits, then 16 bytes of the high 2 bits, byte b holding lanes b and b + 16 of both
+// column pairs (bits 0-1 pair 2 k4 lane b, 2-3 pair 2 k4 + 1 lane b, 4-5 and 6-7 lane
+// b + 16), whose dot products take 16 x as int8's high nibbles do: C = 2176 + 32.
 #include <algorithm>
 #include <vector>
 
@@ -47,6 +51,12 @@ namespace {
 using panel_gemm::kPanelRows;
 
 constexpr int64_t kVectorBytes = 32;  // one load per step: 32 (int8) or 64 (int4) weights
+
+// Bytes of one step of a panel: int8 / int4 one 32-byte vector; 6-bit also the high bits.
+template <int BITS>
+constexpr int64_t step_bytes() {
+  return BITS == 6 ? 48 : kVectorBytes;
+}
 constexpr int64_t kPrefetchBytes = 4096;
 
 // 16 rows' values of one group: fp16 widened exactly to fp32, or fp32 as stored.
@@ -95,6 +105,21 @@ inline int value_bias(const LinearIntArgs& args) {
   return args.super != nullptr && args.super->mins != nullptr ? 0 : 1 << (args.bits - 1);
 }
 
+// The two bf16 operands (128 + h, pairs 2 k4 and 2 k4 + 1) of 6-bit values' high 2 bits,
+// 32 lanes each, from their 16 bytes (layout in the header comment).
+inline void high_bit_operands(const uint8_t* bytes, __m512bh& first, __m512bh& second) {
+  const __m512i words = _mm512_cvtepu8_epi16(
+      _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes))));
+  // Lanes 16-31 read the upper nibble of the same bytes.
+  const __m512i shifts = _mm512_set_epi64(0x0004000400040004, 0x0004000400040004,
+                                          0x0004000400040004, 0x0004000400040004, 0, 0, 0, 0);
+  const __m512i lanes = _mm512_srlv_epi16(words, shifts);
+  const __m512i exponent = _mm512_set1_epi16(0x4300);
+  first = (__m512bh)_mm512_ternarylogic_epi32(lanes, _mm512_set1_epi16(0x0003), exponent, 0xEA);
+  second = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(lanes, 2),
+                                               _mm512_set1_epi16(0x0003), exponent, 0xEA);
+}
+
 struct IntRun {
   const LinearIntArgs* args;
   float correction;  // the constant C of the header comment
@@ -132,7 +157,7 @@ inline void tile(const IntRun& run, int64_t panel0, int64_t num_panels, int64_t 
   const float correction = run.correction;
   const int64_t pairs = run.in_features / 2;
   const int64_t steps = pairs / pairs_per_step;
-  const int64_t panel_stride = steps * kVectorBytes;
+  const int64_t panel_stride = steps * step_bytes<BITS>();
   __m512 total[NP][MT];
   __m512 acc[NP][MT];
   for (int p = 0; p < NP; ++p)
@@ -147,7 +172,7 @@ inline void tile(const IntRun& run, int64_t panel0, int64_t num_panels, int64_t 
   const int32_t* x16_rows[MT];
   for (int t = 0; t < MT; ++t) {
     x_rows[t] = reinterpret_cast<const int32_t*>(run.input + (m0 + t) * run.input_stride);
-    x16_rows[t] = BITS == 8 ? reinterpret_cast<const int32_t*>(
+    x16_rows[t] = BITS != 4 ? reinterpret_cast<const int32_t*>(
                                   run.input16 + (m0 + t) * run.in_features)
                             : nullptr;
   }
@@ -158,11 +183,12 @@ inline void tile(const IntRun& run, int64_t panel0, int64_t num_panels, int64_t 
     const int64_t end = std::min(steps, (g + 1) * group_steps);
     for (int64_t s = g * group_steps; s < end; ++s) {
       for (int p = 0; p < NP; ++p) {
-        const uint8_t* vec = panels[p] + s * kVectorBytes;
+        const uint8_t* vec = panels[p] + s * step_bytes<BITS>();
         if (prefetch && (s & 1) == 0)
           __builtin_prefetch(vec + kPrefetchBytes, 0, panel_gemm::kPrefetchLocality);
-        __m512bh low, high;
+        __m512bh low, high, top_first, top_second;
         nibble_operands(vec, low, high);
+        if constexpr (BITS == 6) high_bit_operands(vec + kVectorBytes, top_first, top_second);
         for (int t = 0; t < MT; ++t) {
           if constexpr (BITS == 8) {
             acc[p][t] = _mm512_dpbf16_ps(acc[p][t], low,
@@ -174,6 +200,12 @@ inline void tile(const IntRun& run, int64_t panel0, int64_t num_panels, int64_t 
                                          (__m512bh)_mm512_set1_epi32(x_rows[t][2 * s]));
             acc[p][t] = _mm512_dpbf16_ps(acc[p][t], high,
                                          (__m512bh)_mm512_set1_epi32(x_rows[t][2 * s + 1]));
+            if constexpr (BITS == 6) {
+              acc[p][t] = _mm512_dpbf16_ps(acc[p][t], top_first,
+                                           (__m512bh)_mm512_set1_epi32(x16_rows[t][2 * s]));
+              acc[p][t] = _mm512_dpbf16_ps(acc[p][t], top_second,
+                                           (__m512bh)_mm512_set1_epi32(x16_rows[t][2 * s + 1]));
+            }
           }
         }
       }
@@ -225,18 +257,18 @@ void run(const LinearIntArgs& args) {
   const bf16_t* input = static_cast<const bf16_t*>(args.input);
   // Per token: sum(x) of each group (C's and the offsets' share) and, for int8, 16 x.
   std::vector<float> x_sums(args.num_tokens * num_groups, 0.0f);
-  std::vector<bf16_t> input16(BITS == 8 ? args.num_tokens * args.in_features : 0);
+  std::vector<bf16_t> input16(BITS != 4 ? args.num_tokens * args.in_features : 0);
   for (int64_t m = 0; m < args.num_tokens; ++m) {
     const bf16_t* row = input + m * args.input_stride;
     for (int64_t k = 0; k < args.in_features; ++k) {
       const float value = bf16_to_float(row[k]);
       x_sums[m * num_groups + k / args.group_size] += value;
-      if constexpr (BITS == 8) input16[m * args.in_features + k] = float_to_bf16(value * 16.0f);
+      if constexpr (BITS != 4) input16[m * args.in_features + k] = float_to_bf16(value * 16.0f);
     }
   }
   // C of the header comment, less the bias K-quants' unsigned values do not have.
   const float correction =
-      (BITS == 8 ? 2176.0f : 128.0f) + static_cast<float>(value_bias(args));
+      (BITS != 4 ? 2176.0f : 128.0f) + static_cast<float>(value_bias(args));
   const IntRun gemm{&args, correction, args.packed_weight, args.scales, args.offsets,
                     args.in_features,   args.group_size, num_groups,
                     input,              args.input_stride, input16.data(),
@@ -271,11 +303,13 @@ template <int BITS>
 void dequantize_panel(const LinearIntArgs& args, int64_t panel, bf16_t* out) {
   const int64_t pairs = args.in_features / 2;
   const int64_t steps = pairs / (BITS == 8 ? 1 : 2);
+  const __m512i shifts = _mm512_set_epi64(0x0004000400040004, 0x0004000400040004,
+                                          0x0004000400040004, 0x0004000400040004, 0, 0, 0, 0);
   const int64_t num_groups = ceil_div(args.in_features, args.group_size);
   const __m512i rows_lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
   const __m512i rows_hi = _mm512_add_epi32(rows_lo, _mm512_set1_epi32(8));
   const __m512i offset = _mm512_set1_epi32(value_bias(args));
-  const uint8_t* bytes = args.packed_weight + panel * steps * kVectorBytes;
+  const uint8_t* bytes = args.packed_weight + panel * steps * step_bytes<BITS>();
   __m512 scale_lo = _mm512_setzero_ps(), scale_hi = _mm512_setzero_ps();
   __m512 offset_lo = _mm512_setzero_ps(), offset_hi = _mm512_setzero_ps();
   int64_t group = -1;
@@ -302,14 +336,24 @@ void dequantize_panel(const LinearIntArgs& args, int64_t panel, bf16_t* out) {
   };
   for (int64_t s = 0; s < steps; ++s) {
     const __m256i raw =
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + s * kVectorBytes));
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + s * step_bytes<BITS>()));
     if constexpr (BITS == 8) {
       pair_out(s, _mm512_cvtepu8_epi32(_mm256_castsi256_si128(raw)),
                _mm512_cvtepu8_epi32(_mm256_extracti128_si256(raw, 1)));
     } else {
       const __m512i words = _mm512_cvtepu8_epi16(raw);
-      const __m512i low = _mm512_and_si512(words, _mm512_set1_epi16(0x000F));
-      const __m512i high = _mm512_srli_epi16(words, 4);
+      __m512i low = _mm512_and_si512(words, _mm512_set1_epi16(0x000F));
+      __m512i high = _mm512_srli_epi16(words, 4);
+      if constexpr (BITS == 6) {  // + 16 h: the high bits of both pairs
+        const __m512i top = _mm512_srlv_epi16(
+            _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(_mm_loadu_si128(
+                reinterpret_cast<const __m128i*>(bytes + s * step_bytes<BITS>() + 32)))),
+            shifts);
+        const __m512i two_bits = _mm512_set1_epi16(0x0003);
+        low = _mm512_add_epi16(low, _mm512_slli_epi16(_mm512_and_si512(top, two_bits), 4));
+        high = _mm512_add_epi16(
+            high, _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(top, 2), two_bits), 4));
+      }
       pair_out(2 * s, _mm512_cvtepu16_epi32(_mm512_castsi512_si256(low)),
                _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(low, 1)));
       pair_out(2 * s + 1, _mm512_cvtepu16_epi32(_mm512_castsi512_si256(high)),
@@ -337,6 +381,8 @@ void linear_int(const LinearIntArgs& args) {
       args.offsets.data != nullptr || (args.super != nullptr && args.super->mins != nullptr);
   if (args.bits == 8) {
     offsets ? dispatch<8, true>(args) : dispatch<8, false>(args);
+  } else if (args.bits == 6) {  // Q6_K only: no offsets (the bindings check)
+    dispatch<6, false>(args);
   } else {
     offsets ? dispatch<4, true>(args) : dispatch<4, false>(args);
   }
@@ -350,6 +396,8 @@ void dequantize_int_panels(const LinearIntArgs& args, void* out) {
     for (int64_t p = begin; p < end; ++p) {
       if (args.bits == 8) {
         dequantize_panel<8>(args, p, panels + p * panel_elements);
+      } else if (args.bits == 6) {
+        dequantize_panel<6>(args, p, panels + p * panel_elements);
       } else {
         dequantize_panel<4>(args, p, panels + p * panel_elements);
       }

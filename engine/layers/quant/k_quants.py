@@ -9,11 +9,12 @@ factors per super-block (ggml-quants.c; gguf.quants dequantizes them the same wa
           of 16), fp16 d:                    w = (d * sc) (q - 32),        q in 0..63
 
 Both map onto linear_int's panels losslessly: Q4_K as int4 values stored unsigned (q itself,
-groups of 32, offset -(dmin * m)), Q6_K as int8 (q - 32, groups of 16). The two-level scales
+groups of 32, offset -(dmin * m)), Q6_K as 6-bit values (q - 32, groups of 16; the int4
+layout of the low 4 bits plus 2 bits per weight). The two-level scales
 stay two-level (`ops.linear_int_k_quant`): one byte per sub-block and an fp16 per super-block,
 multiplied in registers, where d * sc and dmin * m are exact in float32 (an 11-bit mantissa
 times an integer below 2^7), so every dequantized weight is gguf.quants' float32 value.
-Resident: Q4_K 4.625 bits per weight (file 4.5), Q6_K 8.5625 (file 6.5625: the int8 container).
+Resident: Q4_K 4.625 bits per weight (file 4.5), Q6_K 6.5625 (as the file).
 
 A fused projection whose shards differ in type (Q4_K_M: q, k in Q4_K, v in Q6_K) is a
 `KQuantLinear` of row segments, one kernel call each.
@@ -45,7 +46,7 @@ class KQuantRows:
 
     @property
     def bits(self) -> int:
-        return 4 if self.kind == "Q4_K" else 8
+        return 4 if self.kind == "Q4_K" else 6
 
     @property
     def group_size(self) -> int:

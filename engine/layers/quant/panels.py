@@ -17,7 +17,7 @@ def kernel_supports(bits: int, in_features: int, group_size: int) -> bool:
     """Whether linear_int takes this shape: one 32-byte load holds 2 (int8) or 4 (int4)
     columns of a panel, so in_features and the group size must be multiples of that."""
     step = 2 if bits == 8 else 4
-    return bits in (4, 8) and in_features % step == 0 and group_size % step == 0
+    return bits in (4, 6, 8) and in_features % step == 0 and group_size % step == 0
 
 
 def pack_int_panels(
@@ -33,7 +33,8 @@ def pack_int_panels(
 
 
 def pack_int_values(qweight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """The integer half of `pack_int_panels`: Q [N, K] -> linear_int's uint8 panels."""
+    """The integer half of `pack_int_panels`: Q [N, K] -> linear_int's uint8 panels; bits 6
+    (signed -32..31, Q6_K) -> [ceil(N / 16), K / 4, 48] (csrc/cpu/linear_int.cpp)."""
     out_features, in_features = qweight.shape
     if not kernel_supports(bits, in_features, group_size):
         raise ValueError(f"linear_int cannot take int{bits} weights of in_features "
@@ -47,11 +48,18 @@ def pack_int_values(qweight: torch.Tensor, bits: int, group_size: int) -> torch.
     pairs = unsigned.view(num_panels, LINEAR_PANEL_ROWS, in_features // 2, 2).permute(0, 2, 1, 3)
     pairs = pairs.reshape(num_panels, in_features // 2, 2 * LINEAR_PANEL_ROWS).to(torch.uint8)
     if bits == 8:
-        packed = pairs.contiguous()
-    else:
-        two = pairs.view(num_panels, in_features // 4, 2, 2 * LINEAR_PANEL_ROWS)
-        packed = (two[:, :, 0] | (two[:, :, 1] << 4)).contiguous()
-    return packed
+        return pairs.contiguous()
+    two = pairs.view(num_panels, in_features // 4, 2, 2 * LINEAR_PANEL_ROWS)
+    low = (two[:, :, 0] & 0x0F) | ((two[:, :, 1] & 0x0F) << 4)
+    if bits == 4:
+        return low.contiguous()
+    # 6 bits (GGUF Q6_K): the low 4 bits as int4's, then per 4 columns 16 bytes of the high 2:
+    # byte b = pair 0 lane b | pair 1 lane b << 2 | pair 0 lane b + 16 << 4 | pair 1 ... << 6.
+    high = two >> 4
+    half = LINEAR_PANEL_ROWS
+    top = (high[:, :, 0, :half] | (high[:, :, 1, :half] << 2)
+           | (high[:, :, 0, half:] << 4) | (high[:, :, 1, half:] << 6))
+    return torch.cat((low, top), dim=-1).contiguous()
 
 
 def panel_order(values: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from engine.models.loader import load_model
 SHAPE = dict(hidden_size=256, num_heads=4, num_kv_heads=2, intermediate_size=512,
              initializer_range=0.15)
 # Resident bits per weight of our layout and the file's, per type.
-OUR_BITS = {"Q4_K": 4.625, "Q6_K": 8.5625}
+OUR_BITS = {"Q4_K": 4.625, "Q6_K": 6.5625}
 
 pytestmark = pytest.mark.skipif(not ops.linear_bf16_available(),
                                 reason="no AVX512_BF16 kernels here")
@@ -80,5 +80,5 @@ def test_resident_bytes_are_the_blocks(q4_k_m) -> None:
     assert len(layers) == 4 * len(loaded.model.model.layers)
     held = sum(layer.resident_bytes() for layer in layers)
     assert held == expected
-    # The Q6_K share (v, down) is held as int8: ~1.3x its file size; Q4_K within 3%.
-    assert held < 1.2 * file_bytes
+    # Q6_K as in the file; Q4_K's 6-bit scales and mins take a byte each: within 3%.
+    assert file_bytes <= held <= 1.03 * file_bytes

@@ -91,8 +91,9 @@ def test_mixed_k_quant_projection_matches_ggufs_weights(tokens) -> None:
 @needs_kernel
 def test_resident_bytes_follow_the_blocks() -> None:
     q4, q6 = blocks(32, 512, "Q4_K", seed=6), blocks(32, 512, "Q6_K", seed=7)
-    for data, kind, bits_per_weight in ((q4, "Q4_K", 4.625), (q6, "Q6_K", 8.5625)):
+    for data, kind, bits_per_weight in ((q4, "Q4_K", 4.625), (q6, "Q6_K", 6.5625)):
         layer = KQuantLinear([(0, unpack_k_quant(torch.from_numpy(data), kind))], None)
         assert layer.resident_bytes() == 32 * 512 * bits_per_weight / 8
         file_bytes = data.nbytes
-        assert layer.resident_bytes() <= file_bytes * (1.03 if kind == "Q4_K" else 1.31)
+        # Q4_K: a byte per 32-group for its 6-bit scale and min; Q6_K: the file's size.
+        assert layer.resident_bytes() <= file_bytes * (1.03 if kind == "Q4_K" else 1.0)
