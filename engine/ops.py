@@ -7,14 +7,10 @@ check for the extension themselves; they may ask `native_available(device)` to p
     paged_prefill_attention   native                torch fallback        gather + SDPA
     (a sliding window or soft-cap: native on CPU, the torch code on CUDA and elsewhere)
     linear_bf16               native (AVX512, AMX)  -                     (callers keep F.linear)
-    linear_int (W8A16, W4A16, native (AVX512_BF16)  -                     (dequantize, F.linear)
-      GGUF K-quants)
-    linear_w8a8 (W8A8)        native (AMX-INT8,     -                     (fake-quantize x,
-                              VNNI, scalar C++)                           dequantize, F.linear)
-    (linear_w8a8 and linear_int_k_quant live in engine/quantized_ops.py, same rules)
+    linear_int (W8A16, W4A16) native (AVX512_BF16)  -                     (dequantize, F.linear)
     moe_bf16 / lora_bf16      native (AVX512_BF16)  -                     (engine.layers.moe / lora's torch)
     rms_norm / silu_and_mul   native (bf16)         -                     (callers keep torch)
-    / rotary_bf16
+    / rotary_bf16             (W8A8 and GGUF K-quant linears: engine/quantized_ops.py)
 
 The extensions are built on first use (engine.native_build). When a build is impossible
 (no compiler, no ninja, a compile error, PROTOSERVE_DISABLE_NATIVE_OPS=1) one warning is

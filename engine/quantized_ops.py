@@ -1,6 +1,11 @@
-"""engine.ops' quantized linear ops beyond linear_int, kept apart for size: GGUF K-quant
-weights on the int kernels and W8A8 (int8 activations per token). Same rules as engine.ops:
-callers check the `_available` functions, the extension is built on first use."""
+"""engine.ops' quantized linear ops beyond linear_int, kept apart for size. Same rules as
+engine.ops: callers check the `_available` functions, the extension is built on first use.
+
+    op                    CPU (csrc/cpu)                          elsewhere / no build
+    linear_int_k_quant    native (AVX512_BF16): GGUF Q4_K, Q6_K   (weights kept dequantized)
+    linear_w8a8 (W8A8)    native: AMX-INT8, AVX512-VNNI or the    (fake-quantize x per token,
+                          portable C++ (set_w8a8_kernel)           dequantize, F.linear)
+"""
 from __future__ import annotations
 
 import torch
