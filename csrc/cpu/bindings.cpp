@@ -11,6 +11,7 @@
 #include "linear_bindings.h"
 #include "lora_bindings.h"
 #include "moe_bindings.h"
+#include "work_pool.h"
 
 namespace {
 
@@ -400,4 +401,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether linear_bf16 can use AMX-BF16 tiles here (CPU and OS permission)");
   m.def("has_avx512_bf16", &protoserve::has_avx512_bf16,
         "Whether bfloat16 runs on the AVX512_BF16 kernels");
+  m.def(
+      "set_work_pool",
+      [](bool on) {
+        const bool previous = protoserve::work_pool::enabled();
+        protoserve::work_pool::set_enabled(on);
+        return previous;
+      },
+      "Run the kernels' parallel regions on the work pool (True) or at::parallel_for (False); "
+      "returns the previous setting");
+  m.def("work_pool_stats", &protoserve::work_pool::stats,
+        "(regions run on the work pool, chunks its worker threads ran) so far");
 }

@@ -26,7 +26,7 @@ void write_int8_rows(const WriteKvArgs& args) {
   const T* keys = static_cast<const T*>(args.key.data);
   const T* values = static_cast<const T*>(args.value.data);
   const int64_t num_rows = args.num_tokens * cache.num_kv_heads;
-  at::parallel_for(0, num_rows, 256, [&](int64_t begin, int64_t end) {
+  protoserve::work_pool::parallel_for(0, num_rows, 256, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t token = row / cache.num_kv_heads;
       const int64_t head = row % cache.num_kv_heads;
@@ -57,7 +57,7 @@ void write_kv_cache(const WriteKvArgs& args) {
   const int64_t num_rows = args.num_tokens * cache.num_kv_heads;
   // Small steps (decode) are a few hundred short copies: threads would cost more than they save.
   const int64_t grain = 512;
-  at::parallel_for(0, num_rows, grain, [&](int64_t begin, int64_t end) {
+  protoserve::work_pool::parallel_for(0, num_rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t token = row / cache.num_kv_heads;
       const int64_t head = row % cache.num_kv_heads;

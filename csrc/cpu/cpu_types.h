@@ -1,11 +1,14 @@
 // Plain data shared by the CPU kernels: bf16 scalar conversions, the paged-cache view, block
-// tables of either index width, and a dynamic work loop on top of at::parallel_for.
+// tables of either index width, and a dynamic work loop on top of the work pool
+// (work_pool.h).
 //
 // Kernel files see raw pointers and these structs only; tensors and their checks stay in
 // bindings.cpp, so the kernels compile quickly and do not depend on the tensor API.
 #pragma once
 
 #include <ATen/Parallel.h>
+
+#include "work_pool.h"
 
 #include <algorithm>
 #include <atomic>
@@ -99,7 +102,7 @@ void for_each_unit(int64_t num_units, MakeWorker make_worker, Body body) {
   if (num_units <= 0) return;
   const int64_t num_threads = std::min<int64_t>(at::get_num_threads(), num_units);
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, num_threads, 1, [&](int64_t, int64_t) {
+  protoserve::work_pool::parallel_for(0, num_threads, 1, [&](int64_t, int64_t) {
     auto worker = make_worker();
     for (int64_t unit = next.fetch_add(1); unit < num_units; unit = next.fetch_add(1)) {
       body(unit, worker);

@@ -220,7 +220,7 @@ void run_decode(const DecodeArgs& args) {
   // worker claims its next unit early only to know what to prefetch.
   std::atomic<int64_t> next_unit{0};
   const int64_t num_threads = std::min<int64_t>(at::get_num_threads(), num_units);
-  at::parallel_for(0, num_threads, 1, [&](int64_t, int64_t) {
+  protoserve::work_pool::parallel_for(0, num_threads, 1, [&](int64_t, int64_t) {
     DecodeState st(args.num_heads, dim, plan.part_len);
     std::vector<float> natural(args.num_heads * dim_pad);
     int64_t unit = next_unit.fetch_add(1);

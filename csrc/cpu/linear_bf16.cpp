@@ -57,7 +57,7 @@ void run(const LinearArgs& args) {
   const panel_gemm::PanelRun gemm{static_cast<const bf16_t*>(args.packed_weight),
                                   args.in_features, static_cast<const bf16_t*>(args.input),
                                   args.input_stride, args.num_tokens};
-  at::parallel_for(0, num_groups, 1, [&](int64_t begin, int64_t end) {
+  protoserve::work_pool::parallel_for(0, num_groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const int64_t panel0 = g * NP;
       const int64_t group_panels = std::min<int64_t>(NP, num_panels - panel0);
@@ -105,7 +105,7 @@ void run_amx(const LinearArgs& args) {
   const int64_t panel_stride = panel_gemm::panel_elements(in_features);
   const int64_t num_panels = ceil_div(args.out_features, kPanelRows);
   const int64_t num_groups = ceil_div(num_panels, int64_t{2});
-  at::parallel_for(0, num_groups, 1, [&](int64_t begin, int64_t end) {
+  protoserve::work_pool::parallel_for(0, num_groups, 1, [&](int64_t begin, int64_t end) {
     amx::load_tile_config();
     alignas(64) bf16_t tails[2][amx::kTileRows * amx::kTileK];
     for (int64_t g = begin; g < end; ++g) {

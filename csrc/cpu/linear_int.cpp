@@ -275,7 +275,7 @@ void run(const LinearIntArgs& args) {
                     x_sums.data(),      args.num_tokens};
   const bf16_t* bias = static_cast<const bf16_t*>(args.bias);
   bf16_t* output = static_cast<bf16_t*>(args.output);
-  at::parallel_for(0, num_panel_groups, 1, [&](int64_t begin, int64_t end) {
+  protoserve::work_pool::parallel_for(0, num_panel_groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const int64_t panel0 = g * NP;
       const int64_t group_panels = std::min<int64_t>(NP, num_panels - panel0);
@@ -392,7 +392,7 @@ void dequantize_int_panels(const LinearIntArgs& args, void* out) {
   const int64_t num_panels = ceil_div(args.out_features, kPanelRows);
   const int64_t panel_elements = panel_gemm::panel_elements(args.in_features);
   bf16_t* panels = static_cast<bf16_t*>(out);
-  at::parallel_for(0, num_panels, 1, [&](int64_t begin, int64_t end) {
+  protoserve::work_pool::parallel_for(0, num_panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       if (args.bits == 8) {
         dequantize_panel<8>(args, p, panels + p * panel_elements);

@@ -161,7 +161,7 @@ void moe_bf16(const MoeArgs& a) {
   int64_t row_stride = 0;
   if (a.num_tokens > 1) {
     gathered.reset(new bf16_t[(num_assignments + kSpareRows) * H]);
-    at::parallel_for(0, num_assignments, 64, [&](int64_t begin, int64_t end) {
+    protoserve::work_pool::parallel_for(0, num_assignments, 64, [&](int64_t begin, int64_t end) {
       for (int64_t s = begin; s < end; ++s)
         std::copy_n(a.input + (g.assignment[s] / a.top_k) * a.input_stride, H,
                     gathered.get() + s * H);
@@ -215,7 +215,7 @@ void moe_bf16(const MoeArgs& a) {
 
   // Decode-sized sums run inline on the calling thread.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(a.top_k * H, 1));
-  at::parallel_for(0, a.num_tokens, grain, [&](int64_t begin, int64_t end) {
+  protoserve::work_pool::parallel_for(0, a.num_tokens, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const float* terms = contrib.get() + t * a.top_k * H;
       for (int64_t n0 = 0; n0 < H; n0 += kPanelRows) {

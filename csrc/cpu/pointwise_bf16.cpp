@@ -43,7 +43,7 @@ void norm_row(const bf16_t* x, const bf16_t* weight, bf16_t* out, int64_t hidden
 }  // namespace
 
 void rms_norm_bf16(const NormArgs& a) {
-  at::parallel_for(0, a.num_tokens, row_grain(a.hidden), [&](int64_t begin, int64_t end) {
+  protoserve::work_pool::parallel_for(0, a.num_tokens, row_grain(a.hidden), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       bf16_t* residual = a.residual + t * a.residual_stride;
       if (a.delta != nullptr) {
@@ -80,7 +80,7 @@ static void silu_and_mul_row(const bf16_t* gate, const bf16_t* up, bf16_t* out,
 
 void silu_and_mul_bf16(const SiluMulArgs& a) {
   const int64_t width = a.intermediate;
-  at::parallel_for(0, a.num_tokens, row_grain(width), [&](int64_t begin, int64_t end) {
+  protoserve::work_pool::parallel_for(0, a.num_tokens, row_grain(width), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const bf16_t* gate = a.gate_up + t * a.gate_up_stride;
       const bf16_t* up = gate + width;
@@ -102,7 +102,7 @@ void silu_and_mul_bf16(const SiluMulArgs& a) {
 void rotary_bf16(const RotaryArgs& a) {
   const int64_t dim = a.head_dim;
   const int64_t half = dim / 2;
-  at::parallel_for(0, a.num_tokens, row_grain(a.num_heads * dim), [&](int64_t begin, int64_t end) {
+  protoserve::work_pool::parallel_for(0, a.num_tokens, row_grain(a.num_heads * dim), [&](int64_t begin, int64_t end) {
     std::vector<float> row(dim);
     for (int64_t t = begin; t < end; ++t) {
       const bf16_t* cos = a.cos + t * dim;
