@@ -401,15 +401,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether linear_bf16 can use AMX-BF16 tiles here (CPU and OS permission)");
   m.def("has_avx512_bf16", &protoserve::has_avx512_bf16,
         "Whether bfloat16 runs on the AVX512_BF16 kernels");
-  m.def(
-      "set_work_pool",
-      [](bool on) {
-        const bool previous = protoserve::work_pool::enabled();
-        protoserve::work_pool::set_enabled(on);
-        return previous;
-      },
-      "Run the kernels' parallel regions on the work pool (True) or at::parallel_for (False); "
-      "returns the previous setting");
+  m.def("set_work_pool", &protoserve::work_pool::swap_enabled,
+        "Kernels' regions on the work pool (True) or at::parallel_for; returns the previous");
   m.def("work_pool_stats", &protoserve::work_pool::stats,
         "(regions run on the work pool, chunks its worker threads ran) so far");
 }

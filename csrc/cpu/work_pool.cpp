@@ -201,6 +201,8 @@ bool enabled() { return g_enabled.load(std::memory_order_relaxed) != 0; }
 
 void set_enabled(bool on) { g_enabled.store(on ? 1 : 0); }
 
+bool swap_enabled(bool on) { return g_enabled.exchange(on ? 1 : 0) != 0; }
+
 void run_range(int64_t begin, int64_t end, int64_t grain, RangeFn fn, const void* context) {
   if (begin >= end) return;
   grain = std::max<int64_t>(grain, 1);

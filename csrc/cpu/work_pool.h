@@ -35,6 +35,7 @@ void run_range(int64_t begin, int64_t end, int64_t grain, RangeFn fn, const void
 // Whether regions go through the pool (false: at::parallel_for); tests switch it.
 bool enabled();
 void set_enabled(bool on);
+bool swap_enabled(bool on);  // set_enabled, returning the previous setting
 
 // (regions run on the pool, chunks its workers ran) since the process started.
 std::pair<int64_t, int64_t> stats();
