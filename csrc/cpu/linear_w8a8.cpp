@@ -53,7 +53,7 @@ QuantizedRows quantize_rows(const LinearW8A8Args& args, int64_t padded_tokens) {
                      std::vector<int32_t>(args.num_tokens, 0),
                      std::vector<float>(args.num_tokens, 0.0f)};
   const bf16_t* input = static_cast<const bf16_t*>(args.input);
-  at::parallel_for(0, args.num_tokens, 16, [&](int64_t begin, int64_t end) {
+  protoserve::work_pool::parallel_for(0, args.num_tokens, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       const bf16_t* x = input + m * args.input_stride;
       float absmax = 0.0f;
@@ -88,7 +88,7 @@ void run_scalar(const LinearW8A8Args& args, const QuantizedRows& rows) {
   const int64_t steps = args.padded_in_features / 4;
   const bf16_t* bias = static_cast<const bf16_t*>(args.bias);
   bf16_t* output = static_cast<bf16_t*>(args.output);
-  at::parallel_for(0, num_panels, 1, [&](int64_t begin, int64_t end) {
+  protoserve::work_pool::parallel_for(0, num_panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const uint8_t* panel = args.packed_weight + p * steps * kStepBytes;
       for (int64_t m = 0; m < args.num_tokens; ++m) {
@@ -168,7 +168,7 @@ void vnni_tile(const LinearW8A8Args& args, const QuantizedRows& rows, int64_t pa
 template <int NP, int MT>
 void run_vnni(const LinearW8A8Args& args, const QuantizedRows& rows) {
   const int64_t num_panels = ceil_div(args.out_features, kRows);
-  at::parallel_for(0, ceil_div(num_panels, NP), 1, [&](int64_t begin, int64_t end) {
+  protoserve::work_pool::parallel_for(0, ceil_div(num_panels, NP), 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const int64_t panel0 = g * NP, count = std::min<int64_t>(NP, num_panels - panel0);
       int64_t m0 = 0;
@@ -221,7 +221,7 @@ PROTOSERVE_AMX_INT8_TARGET void amx_block(const LinearW8A8Args& args, const Quan
 void run_amx(const LinearW8A8Args& args, const QuantizedRows& rows) {
   const int64_t num_panels = ceil_div(args.out_features, kRows);
   const int64_t panel_bytes = args.padded_in_features / 4 * kStepBytes;
-  at::parallel_for(0, ceil_div(num_panels, 2), 1, [&](int64_t begin, int64_t end) {
+  protoserve::work_pool::parallel_for(0, ceil_div(num_panels, 2), 1, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t sums[4 * 256];
     panel_gemm::amx::load_tile_config();
     for (int64_t g = begin; g < end; ++g) {
