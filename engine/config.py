@@ -163,6 +163,49 @@ class LoRAConfig:
             raise ValueError("max_cpu_loras (--max-cpu-loras) must be >= max_loras (--max-loras)")
 
 
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How one model is split across processes (engine/distributed/)."""
+
+    # Ranks that each hold a slice of every layer (`--tensor-parallel-size`).
+    tensor_parallel_size: int = 1
+    # Stages of consecutive layers (`--pipeline-parallel-size`), each of
+    # tensor_parallel_size ranks; hidden states pass from stage to stage.
+    pipeline_parallel_size: int = 1
+    # A collective that waits longer than this fails instead of hanging the server.
+    distributed_timeout_s: float = 60.0
+    # Multi-node: the ranks are spread evenly over `nnodes` machines; this one is `node_rank`.
+    nnodes: int = 1
+    node_rank: int = 0
+    # The rendezvous of rank 0 (None: MASTER_ADDR / MASTER_PORT, else loopback and a free port).
+    master_addr: str | None = None
+    master_port: int | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.world_size // self.nnodes
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size (--tensor-parallel-size) must be >= 1, "
+                             f"got {self.tensor_parallel_size}")
+        if self.pipeline_parallel_size < 1:
+            raise ValueError("pipeline_parallel_size (--pipeline-parallel-size) must be >= 1, "
+                             f"got {self.pipeline_parallel_size}")
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank (--node-rank) must be in [0, --nnodes={self.nnodes}), "
+                             f"got {self.node_rank}")
+        if self.world_size % self.nnodes:
+            raise ValueError(f"--tensor-parallel-size x --pipeline-parallel-size "
+                             f"({self.world_size}) must be a multiple of --nnodes {self.nnodes}")
+        if self.distributed_timeout_s <= 0:
+            raise ValueError("distributed_timeout_s (--distributed-timeout-seconds) must be > 0")
+
+
 ENGINE_CORE_MODES = ("process", "thread")
 
 
@@ -187,8 +230,28 @@ class EngineConfig:
     lora: LoRAConfig | None = None
     # Speculative decoding (`--speculative-config`); None: off.
     speculative: SpeculativeConfig | None = None
+    # Tensor parallelism and multi-node (`--tensor-parallel-size`, `--nnodes`, ...).
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         if self.engine_core not in ENGINE_CORE_MODES:
             raise ValueError(f"engine core must be one of {ENGINE_CORE_MODES}, got {self.engine_core!r}")
+        if self.parallel.world_size > 1:
+            self._check_tensor_parallel()
+
+    def _check_tensor_parallel(self) -> None:
+        """Features whose weights or state the ranks would have to split too, refused at
+        start-up rather than served wrongly."""
+        refused = {
+            "--enable-lora": self.lora is not None,
+            "--speculative-config": self.speculative is not None,
+            "--kv-cache-dtype int8": self.cache.kv_cache_dtype != "auto",
+            "--embedding-model": self.embedding_model is not None,
+            "--task embed": self.model.task == "embed",
+            f"--quantization {self.model.quantization}": self.model.quantization != "auto",
+        }
+        for flag, given in refused.items():
+            if given:
+                raise ValueError(f"{flag} is not supported with --tensor-parallel-size > 1 "
+                                 "or --pipeline-parallel-size > 1")
 

@@ -18,6 +18,8 @@ from engine.models.registry import is_classifier, is_generative
 from engine.models.sequence_classifier import classifier_labels, cross_encoder_activation
 from engine.pooling_params import PoolingParams
 from engine.core.core_request import CoreRequest
+from engine.distributed.launch import start_model_runner
+from engine.distributed.step_message import send_forward
 from engine.runner.embedding_runner import EmbeddingRunner
 from engine.runner.model_runner import ModelRunner
 from engine.runner.pooling import GenerateAndEmbedRunner, PoolingExecutor, resolve_pooling_type
@@ -137,6 +139,14 @@ def build_core(config: EngineConfig, bos_token_id: int | None) -> tuple[EngineCo
     return core, facts
 
 
+def close_runner(runner: EngineRunner) -> None:
+    """Stop a tensor-parallel runner's other ranks (STOP, so ranks on other machines leave
+    with status 0); nothing for any other runner."""
+    inner = runner.runner if isinstance(runner, GenerateAndEmbedRunner) else runner
+    if isinstance(inner, ModelRunner):
+        inner.close()
+
+
 def resolve_task(config: EngineConfig) -> str:
     """`--task auto`: encoders embed, decoders generate (and embed on request). Reads only
     config.json, so a directory that cannot be served fails here, before anything loads."""
@@ -155,13 +165,16 @@ def resolve_task(config: EngineConfig) -> str:
 def make_runner(config: EngineConfig) -> EngineRunner:
     model_config = config.model
     if resolve_task(config) == "embed":
+        if config.parallel.world_size > 1:
+            raise ValueError("--tensor-parallel-size / --pipeline-parallel-size > 1 serve "
+                             "generative models only")
         return EmbeddingRunner(model_config)
-    runner = ModelRunner(
-        model_config,
-        config.cache,
-        max_num_seqs=config.scheduler.max_num_seqs,
-        max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
-        lora_config=config.lora,
-    )
+    # A served core: a tensor-parallel rank that dies takes this process with it.
+    runner = start_model_runner(config, exit_on_rank_death=True)
     pooling_type = resolve_pooling_type(model_config.pooling_type, runner.loaded)
-    return GenerateAndEmbedRunner(runner, PoolingExecutor(runner.loaded, pooling_type))
+    pooling = PoolingExecutor(runner.loaded, pooling_type)
+    if runner.tp.world_size > 1:
+        tp = runner.tp
+        pooling.before_forward = lambda inputs, blocks, _: send_forward(
+            tp, inputs.input_ids, inputs.positions, inputs.attn_metadata, blocks)
+    return GenerateAndEmbedRunner(runner, pooling)

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
-from engine.core.build import build_core, load_tokenizer, make_grammar_compiler
+from engine.core.build import build_core, close_runner, load_tokenizer, make_grammar_compiler
 from engine.core.intake import RequestIntake
 from engine.core.loop import IDLE_WAIT_S, CoreStats, Inbox, run_core_loop, start_step_thread
 from engine.core.messages import (
@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         loading.clear()
     channel.send(CoreReady(facts))
     code = _serve(core, channel, compiler)
+    close_runner(core.runner)
     if compiler is not None:
         compiler.close()  # a warm-up still running may fail now; that is no news
     # Nothing here needs an orderly interpreter teardown: with torch and the model loaded its

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from engine.core.build import close_runner
 from engine.core.engine_core import EngineCore
 from engine.core.intake import RequestIntake
 from engine.core.loop import (
@@ -76,6 +77,8 @@ class ThreadedCore:
         self._inbox.put(StopCore())
         if self._thread is not None:
             self._thread.join(timeout)
+            if not self._thread.is_alive():  # no step runs: the other ranks may leave
+                close_runner(self.core.runner)
 
     @property
     def is_alive(self) -> bool:

@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
+from engine.config import (
+    CacheConfig,
+    EngineConfig,
+    LoRAConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
 from engine.core.build import ModelFacts, load_tokenizer, make_grammar_compiler, served_eos_ids
 from engine.core.core_request import CoreRequest
 from engine.core.engine_core import EngineCore
@@ -48,7 +55,7 @@ from engine.generation import (
 )
 from engine.lora.request import LoRARequest
 from engine.models.hub import local_model_config
-from engine.runner.model_runner import ModelRunner
+from engine.distributed.launch import start_model_runner
 from engine.sampling_params import SamplingParams
 from engine.spec_decode.config import parse_speculative_config
 from engine.structured.compiler import GrammarCompiler
@@ -140,8 +147,13 @@ class LLM:
         guided_decoding_backend: str = "llguidance",
         lora: LoRAConfig | None = None,
         speculative_config: dict | None = None,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        distributed_timeout_s: float = 60.0,
     ) -> None:
-        """`lora`: serve LoRA adapters, named per prompt by `generate(lora_requests=...)`."""
+        """`lora`: serve LoRA adapters, named per prompt by `generate(lora_requests=...)`.
+        `tensor_parallel_size` or `pipeline_parallel_size` > 1: this process is rank 0 and
+        starts the other ranks as processes of their own; `close()` stops them."""
         self.config = EngineConfig(
             # A hub id is downloaded (or found in the cache) here, once: the runner and the
             # tokenizer then read the same snapshot directory.
@@ -167,14 +179,11 @@ class LLM:
             speculative=(
                 parse_speculative_config(speculative_config) if speculative_config else None
             ),
+            parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size,
+                                    pipeline_parallel_size=pipeline_parallel_size,
+                                    distributed_timeout_s=distributed_timeout_s),
         )
-        self.runner = ModelRunner(
-            self.config.model,
-            self.config.cache,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            lora_config=lora,
-        )
+        self.runner = start_model_runner(self.config, exit_on_rank_death=False)
         self.max_model_len = self.runner.loaded.max_model_len
         self.core = EngineCore(self.config, self.runner, self.max_model_len)
         self.facts = ModelFacts.of(self.runner)
@@ -189,6 +198,17 @@ class LLM:
         ))
         self._next_id = 0
         self._grammar_compiler: GrammarCompiler | None = None
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks, if any (the model stays usable only with
+        tensor_parallel_size 1)."""
+        self.runner.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     @property
     def grammar_compiler(self) -> GrammarCompiler:

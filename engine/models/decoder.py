@@ -15,11 +15,19 @@ from torch import nn
 from torch.nn import functional as F
 
 from engine.attention.backend import AttentionBackend, AttentionMetadata
+from engine.distributed.group import SINGLE, TensorParallel
+from engine.distributed.sharding import (
+    CheckpointSharder,
+    shard_spec,
+    stage_layers,
+    vocab_shard_size,
+)
 from engine.errors import ModelLoadError
 from engine.layers.linear import Embedding, Linear
 from engine.layers.lora import LoRAContext
 from engine.layers.quantized_linear import WeightQuant
 from engine.layers.rotary import RotaryEmbedding, build_rotary
+from engine.layers.vocab_parallel import VocabParallelEmbedding
 from engine.models.decoder_layers import DecoderLayer, Placement, SparseMoE, make_norm
 from engine.models.decoder_spec import DecoderSpec, read_decoder_spec
 from engine.models.fused_decode import FusedDecodeLayers
@@ -31,11 +39,21 @@ class DecoderModel(nn.Module):
         self, spec: DecoderSpec, attn_backend: AttentionBackend, placement: Placement
     ) -> None:
         super().__init__()
-        self.embed_tokens = Embedding(
-            spec.vocab_size, spec.hidden_size, dtype=placement.dtype, device=placement.device
+        tp = placement.tp
+        # Only pipeline stage 0 embeds (and computes logits); later stages get hidden states.
+        self.embed_tokens: Embedding | VocabParallelEmbedding | None = (
+            None if tp.stage > 0
+            else Embedding(spec.vocab_size, spec.hidden_size,
+                           dtype=placement.dtype, device=placement.device)
+            if tp.size == 1
+            else VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, tp,
+                                        dtype=placement.dtype, device=placement.device)
         )
+        own = stage_layers(spec.num_layers, tp)
+        # Indexed as in the checkpoint; another stage's layers are empty placeholders.
         self.layers = nn.ModuleList(
-            DecoderLayer(spec, index, attn_backend, placement) for index in range(spec.num_layers)
+            DecoderLayer(spec, index, attn_backend, placement) if index in own else nn.Module()
+            for index in range(spec.num_layers)
         )
         self.norm = make_norm(spec, spec.hidden_size, placement)
 
@@ -50,18 +68,31 @@ class DecoderForCausalLM(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
         quantization: WeightQuant | None = None,
+        tp: TensorParallel = SINGLE,
     ) -> None:
         """Parameters are created uninitialised; `load_weights` fills every one of them.
-        `quantization`: how the checkpoint stores its projections (compressed-tensors)."""
+        `quantization`: how the checkpoint stores its projections (compressed-tensors).
+        `tp`: this rank's share of a tensor-parallel model (engine/distributed/sharding.py);
+        `dims` then holds the rank's head and intermediate counts."""
         super().__init__()
-        self.dims = spec = read_decoder_spec(hf_config)
-        placement = Placement(dtype, device, quantization)
+        full_spec = read_decoder_spec(hf_config)
+        if tp.world_size > 1 and quantization is not None:
+            raise ValueError("quantized checkpoints are not supported with "
+                             "--tensor-parallel-size > 1")
+        self.tp = tp
+        self.dims = spec = shard_spec(full_spec, tp)
+        self._sharder = CheckpointSharder(full_spec, tp)
+        placement = Placement(dtype, device, quantization, tp)
         self.model = DecoderModel(spec, attn_backend, placement)
         # Tied checkpoints have no lm_head tensor: the LM head reads the embedding matrix.
+        self.stage_layers = stage_layers(spec.num_layers, tp)
+        self.num_stage_layers = len(self.stage_layers)
+        self._dtype = dtype
         self.lm_head = (
             None
-            if spec.tie_word_embeddings
-            else Linear(spec.hidden_size, spec.vocab_size, bias=False, dtype=dtype, device=device)
+            if spec.tie_word_embeddings or tp.stage > 0
+            else Linear(spec.hidden_size, vocab_shard_size(spec.vocab_size, tp), bias=False,
+                        dtype=dtype, device=device)
         )
         # One table per RoPE setting in use (Gemma 3: local and global layers differ).
         self.rotary: dict[str, RotaryEmbedding] = {
@@ -88,21 +119,30 @@ class DecoderForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions [T] -> final-norm hidden states [T, hidden]. `attn_metadata`:
         one for every layer, or one per layer (KV cache groups: each layer reads its group's
-        block tables)."""
-        hidden = self.model.embed_tokens(input_ids)
-        spec = self.dims
-        if self._embed_scale != 1.0:
-            hidden = hidden * self._embed_scale
+        block tables). A pipeline stage > 0 starts from the previous stage's hidden states;
+        the last stage's go back to stage 0, whose return value alone is meaningful."""
+        tp = self.tp
+        if self.model.embed_tokens is None:
+            hidden = tp.receive_from_stage(
+                torch.empty(input_ids.shape[0], self.dims.hidden_size, dtype=self._dtype,
+                            device=input_ids.device), tp.stage - 1)
+        else:
+            hidden = self.model.embed_tokens(input_ids)
+            if self._embed_scale != 1.0:
+                hidden = hidden * self._embed_scale
         tables = {
             key: rotary.lookup(positions, hidden.dtype) for key, rotary in self.rotary.items()
         }
-        if self._fused_decode is None:  # built at first use: after the weights are packed
+        if self._fused_decode is None and tp.world_size == 1:  # at first use: after packing
             self._fused_decode = FusedDecodeLayers(self)
         # The fused layers read bf16 caches only (an int8 cache takes the per-op path), and
-        # adapters only where they take the native LoRA kernel.
+        # adapters only where they take the native LoRA kernel. Nor do they run collectives
+        # (a tensor-parallel rank's partial sums need the per-op path's all_reduce after
+        # attention and after the MLP) or hold a pipeline stage's layers: None then.
         lora_step = self.lora_context.step if self.lora_context is not None else None
         if isinstance(attn_metadata, AttentionMetadata):
-            if (self._fused_decode.applies(hidden, attn_metadata)
+            if (self._fused_decode is not None
+                    and self._fused_decode.applies(hidden, attn_metadata)
                     and self._fused_decode.takes(lora_step)
                     and kv_caches[0].dtype == hidden.dtype):
                 cos, signed_sin = tables["default"]
@@ -112,19 +152,23 @@ class DecoderForCausalLM(nn.Module):
             layer_metadata: Sequence[AttentionMetadata] = [attn_metadata] * len(kv_caches)
         else:
             layer_metadata = attn_metadata
-        for layer, kv_cache, metadata in zip(
-            self.model.layers, kv_caches, layer_metadata, strict=True
-        ):
+        # kv_caches and layer_metadata hold every layer; a pipeline stage runs its own.
+        for index in self.stage_layers:
+            layer = self.model.layers[index]
             cos, signed_sin = tables[layer.rope_key]
-            hidden = layer(hidden, cos, signed_sin, kv_cache, metadata)
+            hidden = layer(hidden, cos, signed_sin, kv_caches[index], layer_metadata[index])
+        if tp.num_stages > 1:
+            tp.send_to_stage(hidden, tp.stage + 1)  # the last stage's wraps around to 0
+            if tp.stage > 0:
+                return hidden
+            hidden = tp.receive_from_stage(torch.empty_like(hidden), tp.num_stages - 1)
         return self.model.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] of the rows that sample -> float32 logits [N, vocab]."""
-        if self.lm_head is None:
-            logits = F.linear(hidden, self.model.embed_tokens.weight)
-        else:
-            logits = self.lm_head(hidden)
+        """hidden [N, hidden] of the rows that sample -> float32 logits [N, vocab]. With
+        tensor parallelism, rank 0's call gathers the other ranks' `contribute_logits`."""
+        logits = self._gathered_logits(hidden)
+        assert logits is not None, "only rank 0 computes the whole logits"
         spec = self.dims
         if spec.logits_divisor != 1.0:  # Granite
             logits = logits / spec.logits_divisor
@@ -132,6 +176,20 @@ class DecoderForCausalLM(nn.Module):
             cap = spec.final_logit_soft_cap
             logits = torch.tanh(logits / cap) * cap
         return logits.float()
+
+    def contribute_logits(self, hidden: torch.Tensor) -> None:
+        """A tensor-parallel worker's part of rank 0's `compute_logits` (same hidden rows)."""
+        self._gathered_logits(hidden)
+
+    def _gathered_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """This rank's vocab columns, gathered side by side on rank 0 (None elsewhere)
+        before any soft-capping, which must see each whole logit."""
+        if self.lm_head is None:
+            assert self.model.embed_tokens is not None, "stage 0 computes the logits"
+            logits = F.linear(hidden, self.model.embed_tokens.weight)
+        else:
+            logits = self.lm_head(hidden)
+        return self.tp.gather_columns(logits, self.dims.vocab_size)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors (HF names) into the fused parameters and experts; raises
@@ -143,7 +201,7 @@ class DecoderForCausalLM(nn.Module):
         experts = {
             f"model.layers.{index}.mlp.experts": layer.mlp.experts
             for index, layer in enumerate(self.model.layers)
-            if isinstance(layer.mlp, SparseMoE)
+            if isinstance(getattr(layer, "mlp", None), SparseMoE)
         }
         dense_params = {
             name: param for name, param in params.items()
@@ -165,6 +223,9 @@ class DecoderForCausalLM(nn.Module):
         for name, tensor in weights:
             for old, new in spec.renames:
                 name = name.replace(old, new)
+            if not self._sharder.keeps(name):
+                continue  # another pipeline stage's
+            tensor = self._sharder.narrow(name, tensor)
             prefix, _, rest = name.partition(".experts.")
             if rest and prefix + ".experts" in experts:
                 from engine.layers.moe import expert_weight_target

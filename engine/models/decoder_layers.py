@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from engine.attention.backend import AttentionBackend, AttentionMetadata
+from engine.distributed.group import SINGLE, TensorParallel
 from engine.layers.activation import GATED_ACTIVATIONS
 from engine.layers.linear import Linear
 from engine.layers.quantized_linear import WeightQuant, make_linear
@@ -32,6 +33,9 @@ class Placement:
     device: torch.device
     # The checkpoint's stored weight quantization (projections built quantized), or None.
     quant: WeightQuant | None = None
+    # This rank's share (the spec's sizes are already divided): row-parallel outputs are
+    # summed over the ranks.
+    tp: TensorParallel = SINGLE
 
 
 def make_norm(spec: DecoderSpec, size: int, placement: Placement) -> RMSNorm:
@@ -69,6 +73,7 @@ class DecoderAttention(nn.Module):
             self.q_size, spec.hidden_size, bias=spec.o_bias,
             dtype=placement.dtype, device=placement.device, quant=placement.quant,
         )
+        self.tp = placement.tp
         self.q_norm = make_norm(spec, spec.head_dim, placement) if spec.qk_norm else None
         self.k_norm = make_norm(spec, spec.head_dim, placement) if spec.qk_norm else None
 
@@ -96,7 +101,7 @@ class DecoderAttention(nn.Module):
         attn = self.attn_backend.forward(
             query, key, value, kv_cache, attn_metadata, self.scale, **self.attn_options
         )
-        return self.o_proj(attn.reshape(num_tokens, self.q_size))
+        return self.tp.all_reduce(self.o_proj(attn.reshape(num_tokens, self.q_size)))
 
 
 class DecoderMLP(nn.Module):
@@ -112,8 +117,10 @@ class DecoderMLP(nn.Module):
             dtype=placement.dtype, device=placement.device, quant=placement.quant,
         )
 
+        self.tp = placement.tp
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_and_mul(self.gate_up_proj(hidden)))
+        return self.tp.all_reduce(self.down_proj(self.act_and_mul(self.gate_up_proj(hidden))))
 
 
 class SparseMoE(nn.Module):
@@ -133,9 +140,11 @@ class SparseMoE(nn.Module):
             MoERouting(moe.num_experts, moe.top_k, moe.renormalize, moe.float32_weights),
             dtype=placement.dtype, device=placement.device,
         )
+        self.tp = placement.tp
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.experts(hidden, self.gate(hidden))
+        # Each rank's experts hold a slice of every expert's intermediate dim.
+        return self.tp.all_reduce(self.experts(hidden, self.gate(hidden)))
 
 
 class DecoderLayer(nn.Module):

@@ -15,6 +15,7 @@ from transformers import AutoConfig
 
 from engine.attention import get_attention_backend
 from engine.config import ModelConfig
+from engine.distributed.group import SINGLE, TensorParallel
 from engine.errors import ModelLoadError
 from engine import ops, quantized_ops
 from engine.layers.linear import prepack_cpu_linears
@@ -86,7 +87,10 @@ def resolve_model_path(
                            load_format=load_format)
 
 
-def load_model(model_config: ModelConfig, *, attention_backend: str = "torch") -> LoadedModel:
+def load_model(
+    model_config: ModelConfig, *, attention_backend: str = "torch", tp: TensorParallel = SINGLE
+) -> LoadedModel:
+    """`tp`: load this tensor-parallel rank's slice of every weight (decoders only)."""
     model_path = resolve_model_path(
         model_config.model, revision=model_config.revision,
         download_dir=model_config.download_dir, load_format=model_config.load_format)
@@ -124,6 +128,7 @@ def load_model(model_config: ModelConfig, *, attention_backend: str = "torch") -
             dtype=dtype,
             device=device,
             **({"quantization": stored_quant} if stored_quant is not None else {}),
+            **({"tp": tp} if tp.world_size > 1 else {}),
         )
     except ValueError as exc:  # a config variant our implementation does not cover
         raise ModelLoadError(f"cannot serve {model_path}: {exc}") from None

@@ -300,20 +300,27 @@ def _prefill_slots(
 def _prefill_sequence(
     request: ScheduledRequest, query_start: int, block_table: torch.Tensor, device: torch.device
 ) -> PrefillSequence:
-    context_len = request.start + request.num_tokens
-    context_mask = None
-    if request.start > 0:
-        # Query i sits at position start + i and may see keys at positions <= start + i.
-        key_positions = torch.arange(context_len, device=device)
-        query_positions = torch.arange(request.start, context_len, device=device)
-        context_mask = key_positions[None, :] <= query_positions[:, None]
     return PrefillSequence(
         query_start=query_start,
         num_query_tokens=request.num_tokens,
         context_start=request.start,
         block_table=block_table,
-        context_mask=context_mask,
+        context_mask=prefill_context_mask(request.start, request.num_tokens, device),
     )
+
+
+def prefill_context_mask(
+    context_start: int, num_query_tokens: int, device: torch.device
+) -> torch.Tensor | None:
+    """[num_query_tokens, context_len] causal mask of a chunk after cached tokens; None for a
+    chunk from position 0 (plain causal). Tensor-parallel workers rebuild it from the ints."""
+    if context_start == 0:
+        return None
+    context_len = context_start + num_query_tokens
+    # Query i sits at position start + i and may see keys at positions <= start + i.
+    key_positions = torch.arange(context_len, device=device)
+    query_positions = torch.arange(context_start, context_len, device=device)
+    return key_positions[None, :] <= query_positions[:, None]
 
 
 def _decode_block_tables(

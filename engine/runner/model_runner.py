@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
 from engine.attention import resolve_attention_backend
+from engine.attention.backend import AttentionMetadata
 from engine.core.batch import ScheduledBatch
 from engine.config import CacheConfig, LoRAConfig, ModelConfig
+from engine.distributed.group import SINGLE, TensorParallel, all_reduce_min
+from engine.distributed.step_message import send_forward, send_logits_rows
 from engine.kv_cache.groups import kv_cache_groups
 from engine.models.loader import LoadedModel, load_model, resolve_device
 from engine.core.outputs import ModelRunnerOutput
@@ -42,7 +46,14 @@ class ModelRunner:
         max_num_batched_tokens: int = 2048,
         attention_backend: str | None = None,
         lora_config: LoRAConfig | None = None,
+        tp: TensorParallel = SINGLE,
     ) -> None:
+        """`tp`: this process's tensor-parallel rank (engine/distributed/): the model holds
+        its slice, the KV cache its KV heads; rank 0's `execute` sends every step's inputs to
+        the other ranks, whose own loop (engine/distributed/worker.py) runs the forward."""
+        self.tp = tp
+        # Run by close(): rank 0 stops the other ranks (engine/distributed/launch.py).
+        self.on_close: list[Callable[[], None]] = []
         # None: the config's choice; "auto" becomes a concrete backend for the device here.
         self.attention_backend: str = resolve_attention_backend(
             attention_backend or model_config.attention_backend,
@@ -55,7 +66,7 @@ class ModelRunner:
         # unseeded samples for the same request order (as the reference server does).
         torch.manual_seed(model_config.seed)
         self.loaded: LoadedModel = load_model(
-            model_config, attention_backend=self.attention_backend
+            model_config, attention_backend=self.attention_backend, tp=tp
         )
         self.device = self.loaded.device
         # --enable-lora: the fused projections get adapter slots (after the weights loaded).
@@ -71,7 +82,8 @@ class ModelRunner:
         self.kv_group_windows: tuple[int | None, ...] = self.kv_groups.windows
         # Per layer, the group whose metadata it reads (only with several groups).
         self._layer_group = self.kv_groups.layer_group
-        spec = KVCacheSpec(
+        # Pipeline stages allocate every layer's slot too (the stage's own would do).
+        self.kv_spec = spec = KVCacheSpec(
             num_layers=self.kv_groups.num_slots,
             num_kv_heads=self.loaded.num_kv_heads,
             head_dim=self.loaded.head_dim,
@@ -85,18 +97,21 @@ class ModelRunner:
                              "kernels read bf16/fp16 caches)")
         self.sampler = Sampler(self.device)
         profiled_budget = None
-        if needs_memory_profile(cache_config, self.device):
+        # The profile runs whole steps, which tensor-parallel ranks would have to run together.
+        if tp.world_size == 1 and needs_memory_profile(cache_config, self.device):
             profiled_budget = self._profile_kv_budget(
                 spec, cache_config.gpu_memory_utilization, max_num_seqs, max_num_batched_tokens
             )
-        self.num_blocks: int = determine_num_blocks(
+        # One block table serves every rank: each holds the same block ids for its KV heads,
+        # so all hold as many blocks as the tightest one can.
+        self.num_blocks: int = all_reduce_min(tp, determine_num_blocks(
             spec,
             cache_config,
             device=self.device,
             max_model_len=self.loaded.max_model_len,
             max_num_seqs=max_num_seqs,
             profiled_budget_bytes=profiled_budget,
-        )
+        ))
         # Per layer: its slot's tensor (layers of different groups share one).
         self.kv_caches: list[torch.Tensor] = self.kv_groups.layer_slots(
             allocate_kv_caches(spec, self.num_blocks, self.device)
@@ -137,9 +152,12 @@ class ModelRunner:
             inputs = prepare_inputs(
                 batch, self.block_size, self.device, self.kv_groups.num_groups
             )
+            if self.tp.world_size > 1:
+                send_forward(self.tp, inputs.input_ids, inputs.positions, inputs.attn_metadata,
+                             group_metadata=inputs.group_metadata)
             metadata = inputs.attn_metadata
             if inputs.group_metadata:  # each layer reads its own group's block tables
-                metadata = [inputs.group_metadata[group] for group in self._layer_group]
+                metadata = self.layer_metadata(inputs.group_metadata)
             with self._lora_step(batch, inputs.row_starts):
                 hidden = self.loaded.model(
                     inputs.input_ids, inputs.positions, self.kv_caches, metadata
@@ -147,20 +165,20 @@ class ModelRunner:
             # Prefill rows go through the vocab projection only for requests that ask for
             # prompt_logprobs; otherwise only sampling rows do.
             prompt_logprobs = score_prompt_chunks(
-                batch.requests, inputs.row_starts, hidden, self.loaded.model.compute_logits
+                batch.requests, inputs.row_starts, hidden, self.compute_logits
             )
             if not inputs.sample_requests:
                 return ModelRunnerOutput([], [], prompt_logprobs=prompt_logprobs)
             if has_drafts(inputs.sample_requests):
                 output = sample_with_drafts(
                     self.sampler, hidden, inputs.sample_requests, inputs.sample_rows.tolist(),
-                    self.loaded.model.compute_logits,
+                    self.compute_logits,
                 )
                 output.prompt_logprobs = prompt_logprobs
                 return output
             if not inputs.samples_every_row_in_order:
                 hidden = hidden.index_select(0, inputs.sample_rows)
-            logits = self.loaded.model.compute_logits(hidden)
+            logits = self.compute_logits(hidden)
             sampled = self.sampler.sample_with_logprobs(logits, inputs.sample_requests)
         return ModelRunnerOutput(
             request_ids=[request.request_id for request in inputs.sample_requests],
@@ -169,6 +187,24 @@ class ModelRunner:
             prompt_logprobs=prompt_logprobs,
         )
 
+
+    def close(self) -> None:
+        for stop in self.on_close:
+            stop()
+        self.on_close = []
+
+    def layer_metadata(
+        self, group_metadata: Sequence[AttentionMetadata]
+    ) -> list[AttentionMetadata]:
+        """Each layer's metadata: its KV cache group's."""
+        return [group_metadata[group] for group in self._layer_group]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits of `hidden`'s rows; the other tensor-parallel ranks are sent the
+        rows and compute their vocab slices alongside."""
+        if self.tp.world_size > 1:
+            send_logits_rows(self.tp, hidden)
+        return self.loaded.model.compute_logits(hidden)
 
     def _lora_step(
         self, batch: ScheduledBatch, row_starts: list[int]

@@ -11,6 +11,7 @@ and need no attention code of their own.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -21,7 +22,7 @@ from engine.core.batch import ScheduledBatch, ScheduledPooling, ScheduledRequest
 from engine.models.loader import LoadedModel
 from engine.core.outputs import ModelRunnerOutput
 from engine.pooling_params import PoolingParams
-from engine.runner.input_prep import prepare_inputs
+from engine.runner.input_prep import StepInputs, prepare_inputs
 from engine.runner.kv_memory import KVCacheSpec, allocate_kv_caches
 from engine.sampling_params import SamplingParams
 
@@ -71,6 +72,9 @@ class PoolingExecutor:
     def __init__(self, loaded: LoadedModel, pooling_type: str) -> None:
         self.loaded = loaded
         self.pooling_type = pooling_type
+        # Tensor-parallel rank 0: sends each scratch forward's inputs to the other ranks
+        # (inputs, scratch blocks, block size), which run it alongside on a scratch cache.
+        self.before_forward: Callable[[StepInputs, int, int], None] | None = None
         self._kv_spec = KVCacheSpec(
             num_layers=loaded.num_layers,
             num_kv_heads=loaded.num_kv_heads,
@@ -129,6 +133,8 @@ class PoolingExecutor:
         kv_caches = allocate_kv_caches(self._kv_spec, next_block, self.loaded.device)
         batch = ScheduledBatch(requests=requests, num_scheduled_tokens=sum(seq_lens))
         inputs = prepare_inputs(batch, block_size, self.loaded.device)
+        if self.before_forward is not None:
+            self.before_forward(inputs, next_block, block_size)
         hidden = self.loaded.model(
             inputs.input_ids, inputs.positions, kv_caches, inputs.attn_metadata
         )

@@ -41,6 +41,9 @@ from engine.structured.backend_names import BackendChoice, accepted_names, resol
 from protoserve.cli.cache_args import add_cache_args
 from protoserve.cli.config_file import parse_args_with_config
 from protoserve.cli.lora_args import add_lora_args, lora_config_from_args
+from protoserve.cli.parallel_args import (
+    add_parallel_args, parallel_config_from_args, serve_headless,
+)
 from protoserve.cli.parser_args import add_output_parser_args, check_output_parser_args
 from protoserve.cli.serving_args import add_serving_arguments, grpc_lifecycle_kwargs
 from protoserve.cli.surface_args import (
@@ -160,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info",
                    help="log level of the engine processes: debug, info, warning, error")
     add_lora_args(p)
+    add_parallel_args(p)
     add_serving_arguments(p)
     add_surface_args(p)
     return p
@@ -202,6 +206,7 @@ def engine_config_from_args(args: argparse.Namespace, model: str) -> EngineConfi
         engine_core=args.engine_core,
         lora=lora_config_from_args(args),
         speculative=args.speculative_config,
+        parallel=parallel_config_from_args(args),
         cache=CacheConfig(
             block_size=args.block_size,
             kv_cache_memory=args.kv_cache_memory,
@@ -317,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         return bridge_main(["--engine-address", args.engine_address, *bridge_args(args),
                             *(["--api-key", key] if (key := resolve_api_key(args)) else [])],
                            prog="engine-serve")
+    if args.headless:  # no listeners, no bridge: only this node's ranks
+        return serve_headless(lambda: engine_config_from_args(args, args.model))
     from protoserve.cli.serve_loop import catch_stop_signals
 
     catch_stop_signals()
