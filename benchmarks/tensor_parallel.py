@@ -6,9 +6,11 @@ Run from the repository root (on a quiet machine: the figures of a shared one me
     .venv/bin/python -m benchmarks.tensor_parallel --batch-size 16 --steps 128 --rounds 3
 
 Both configurations decode the benchmark model (benchmarks/bench_model.py) from the same
-prompts; how many sequences agree token for token is printed (bfloat16 rounding may differ). Rank 0's split is measured here (its step
-wall time and CollectiveClock, engine/distributed/group.py); each other rank logs its own at
-shutdown ("rank N: ... s busy, ... s of it in ... collectives").
+prompts; how many sequences agree token for token is printed (bfloat16 rounding may differ).
+Rank 0's split is measured here (its step wall time and CollectiveClock,
+engine/distributed/group.py); each other rank logs its own at shutdown ("rank N: ... s busy,
+... s of it in ... collectives"). A rank's collective time includes waiting for a slower
+rank, so on a shared machine it mixes communication with load imbalance.
 """
 from __future__ import annotations
 

@@ -56,6 +56,10 @@ class TensorParallel:
         return self.rank == 0 and self.stage == 0
 
     @property
+    def world_rank(self) -> int:
+        return self.stage * self.size + self.rank
+
+    @property
     def world_size(self) -> int:
         return self.size * self.num_stages
 

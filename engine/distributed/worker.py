@@ -131,8 +131,8 @@ def serve_steps(runner: ModelRunner) -> None:
             if kind is MessageKind.STOP:
                 # The communication share of this rank's work (benchmarks/tensor_parallel.py).
                 logger.info("rank %d: %d forward passes, %.3f s busy, %.3f s of it in %d "
-                            "collectives", tp.rank, steps, busy_s, CollectiveClock.seconds,
-                            CollectiveClock.calls)
+                            "collectives", tp.world_rank, steps, busy_s,
+                            CollectiveClock.seconds, CollectiveClock.calls)
                 return
             if kind is MessageKind.FORWARD:
                 inputs = receive_forward(tp, header, runner.block_size)
