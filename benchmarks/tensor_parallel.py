@@ -1,5 +1,6 @@
 """Tensor parallelism on one CPU socket: TP=2 with one thread per rank against TP=1 with two
-threads, in the same run, and where each rank's step time goes (compute vs collectives).
+threads (and with one), in the same run, and where each rank's step time goes (compute vs
+collectives).
 
 Run from the repository root (on a quiet machine: the figures of a shared one mean little):
     .venv/bin/python -m benchmarks.tensor_parallel                   # batch 4, 64 steps
@@ -64,6 +65,9 @@ def main() -> None:
     model_dir = str(ensure_bench_model())
     single = run(model_dir, 1, 2, args)
     split = run(model_dir, 2, 1, args)
+    # One process on one thread too: on a loaded host two OpenMP threads can collapse (each
+    # barrier waits for a preempted thread), which would flatter the TP=2 ratio.
+    run(model_dir, 1, 1, args)
     # float32 must agree exactly (tests/engine/distributed); in bfloat16 the ranks' partial
     # sums round differently from one whole sum, so a near-tie may flip.
     same = sum(a == b for a, b in zip(single, split))
