@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 
@@ -114,8 +115,21 @@ class ModelRunner:
         ))
         # Per layer: its slot's tensor (layers of different groups share one).
         self.kv_caches: list[torch.Tensor] = self.kv_groups.layer_slots(
-            allocate_kv_caches(spec, self.num_blocks, self.device)
+            self._allocate_slots(spec, self.num_blocks)
         )
+
+    def _allocate_slots(self, spec: KVCacheSpec, num_blocks: int) -> list[torch.Tensor]:
+        """The cache slots this rank's layers use: all of them, except on a pipeline stage,
+        whose other stages' slots are left empty (zero blocks; no layer of it reads them)."""
+        stage_layers = getattr(self.loaded.model, "stage_layers", None)
+        if self.tp.num_stages == 1 or stage_layers is None:
+            return allocate_kv_caches(spec, num_blocks, self.device)
+        slot_of_layer = self.kv_groups.layer_slots(list(range(spec.num_layers)))
+        used = sorted({slot_of_layer[layer] for layer in stage_layers})
+        own = iter(allocate_kv_caches(replace(spec, num_layers=len(used)), num_blocks,
+                                      self.device))
+        empty = allocate_kv_caches(replace(spec, num_layers=1), 0, self.device)[0]
+        return [next(own) if slot in used else empty for slot in range(spec.num_layers)]
 
     def _profile_kv_budget(
         self, spec: KVCacheSpec, utilization: float, max_num_seqs: int, max_num_batched_tokens: int
