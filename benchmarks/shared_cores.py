@@ -4,9 +4,12 @@ On a 2-core machine the engine's compute threads share the cores with the servin
 and with whatever else runs there. With OpenMP's static split every parallel region waits for
 its slowest thread, so a thread that lost its core stalls the whole step; the work pool
 (csrc/cpu/work_pool.cpp) lets the threads that are running take the chunks of one that is
-not. This runs the same offline workload both ways, alternating, on a quiet machine and with
-`--busy N` competing processes (each a pure-Python busy loop, like a neighbour's job), and
-reports output tokens/s per setting.
+not. Each arm runs the same offline workload in a fresh process (OpenMP reads its wait policy
+once, at start), arms alternated, quiet and with `--busy N` competing processes (each a
+pure-Python busy loop, like a neighbour's job):
+    pool+passive   the work pool, OMP_WAIT_POLICY=PASSIVE: what engine-serve's core runs
+    pool           the work pool, OpenMP's default policy (an offline LLM in a plain process)
+    openmp         PROTOSERVE_WORK_POOL=0, OpenMP's default policy: the kernels before the pool
 
 Run from the repository root:
     .venv/bin/python -m benchmarks.shared_cores                   # quiet, then one busy process
@@ -15,23 +18,25 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections import defaultdict
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
-import torch
-
-from benchmarks.bench_model import ensure_bench_model
-from benchmarks.machine import machine_info
-from engine import ops
-from engine.frontend.llm import LLM
-from engine.sampling_params import SamplingParams
+ARMS: dict[str, dict[str, str]] = {
+    "pool+passive": {"PROTOSERVE_WORK_POOL": "1", "OMP_WAIT_POLICY": "PASSIVE"},
+    "pool": {"PROTOSERVE_WORK_POOL": "1"},
+    "openmp": {"PROTOSERVE_WORK_POOL": "0"},
+}
 
 
-def _spin(stop: multiprocessing.synchronize.Event) -> None:  # type: ignore[name-defined]
+def _spin(stop) -> None:  # noqa: ANN001 - a multiprocessing Event
     while not stop.is_set():
         for _ in range(100_000):
             pass
@@ -54,15 +59,41 @@ def busy_processes(count: int) -> Iterator[None]:
             process.join(timeout=10)
 
 
-def run_once(llm: LLM, batch_size: int, input_len: int, output_len: int, seed: int) -> float:
-    gen = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(100, 30000, (input_len,), generator=gen).tolist()
-               for _ in range(batch_size)]
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params)
-    elapsed = time.perf_counter() - start
-    return sum(len(out.token_ids) for out in outputs) / elapsed
+def child(args: argparse.Namespace) -> None:
+    """One arm in this process: prints {batch size: output tok/s} as JSON."""
+    import torch
+
+    from benchmarks.bench_model import ensure_bench_model
+    from engine.frontend.llm import LLM
+    from engine.sampling_params import SamplingParams
+
+    torch.set_num_threads(args.threads)
+    llm = LLM(str(ensure_bench_model()), dtype="bfloat16", kv_cache_memory=1 << 30,
+              max_num_seqs=max(args.batch_sizes))
+    gen = torch.Generator().manual_seed(args.seed)
+    rates = {}
+    for index, batch_size in enumerate([max(args.batch_sizes), *args.batch_sizes]):
+        prompts = [torch.randint(100, 30000, (args.input_len,), generator=gen).tolist()
+                   for _ in range(batch_size)]
+        new_tokens = 8 if index == 0 else args.output_len  # the first is the warm-up
+        params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params)
+        elapsed = time.perf_counter() - start
+        if index:
+            rates[batch_size] = sum(len(out.token_ids) for out in outputs) / elapsed
+    print(json.dumps(rates))
+
+
+def run_arm(arm: str, args: argparse.Namespace, seed: int) -> dict[int, float]:
+    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    env.update(ARMS[arm])
+    command = [sys.executable, "-m", "benchmarks.shared_cores", "--child", "--seed", str(seed),
+               "--threads", str(args.threads), "--input-len", str(args.input_len),
+               "--output-len", str(args.output_len), "--batch-sizes",
+               *map(str, args.batch_sizes)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    return {int(k): v for k, v in json.loads(result.stdout.strip().splitlines()[-1]).items()}
 
 
 def main() -> None:
@@ -78,38 +109,38 @@ def main() -> None:
                         help="alternated rounds; medians reported (default: 3)")
     parser.add_argument("--threads", type=int, default=2,
                         help="compute threads, torch.set_num_threads (default: 2)")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS),
+                        help=f"settings compared (default: {' '.join(ARMS)})")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
 
-    module = ops._cpu_module()
-    if module is None or not hasattr(module, "set_work_pool"):
-        raise SystemExit("the native CPU ops (with the work pool) are not available here")
-    torch.set_num_threads(args.threads)
-    model_dir = ensure_bench_model()
-    llm = LLM(str(model_dir), dtype="bfloat16", kv_cache_memory=1 << 30,
-              max_num_seqs=max(args.batch_sizes))
+    from benchmarks.bench_model import ensure_bench_model
+    from benchmarks.machine import machine_info
+
     print(machine_info())
-    print(f"model {model_dir}; {args.threads} threads; {args.input_len} in / "
-          f"{args.output_len} out; {args.rounds} alternated rounds")
-    run_once(llm, max(args.batch_sizes), args.input_len, 8, seed=0)  # warm-up
+    print(f"model {ensure_bench_model()}; {args.threads} threads; {args.input_len} in / "
+          f"{args.output_len} out; {args.rounds} alternated rounds; a fresh process per run")
     results: dict[tuple[int, int, str], list[float]] = defaultdict(list)
     for busy in args.busy:
         with busy_processes(busy):
             for round_index in range(args.rounds):
-                for batch_size in args.batch_sizes:
-                    # Alternate which goes first, so a drift in load is shared.
-                    order = ["pool", "openmp"] if round_index % 2 == 0 else ["openmp", "pool"]
-                    for name in order:
-                        module.set_work_pool(name == "pool")
-                        results[(busy, batch_size, name)].append(run_once(
-                            llm, batch_size, args.input_len, args.output_len, seed=round_index))
-    module.set_work_pool(True)
-    print(f"{'busy':>4} {'batch':>5} {'pool tok/s':>11} {'openmp tok/s':>13} {'ratio':>6}")
+                # Rotate which arm goes first, so a drift in load is shared.
+                shift = round_index % len(args.arms)
+                for arm in args.arms[shift:] + args.arms[:shift]:
+                    for batch_size, rate in run_arm(arm, args, round_index).items():
+                        results[(busy, batch_size, arm)].append(rate)
+    header = "".join(f"{arm + ' tok/s':>20}" for arm in args.arms)
+    print(f"{'busy':>4} {'batch':>5}{header}   ratios to {args.arms[-1]}")
     for busy in args.busy:
         for batch_size in args.batch_sizes:
-            pool = statistics.median(results[(busy, batch_size, "pool")])
-            openmp = statistics.median(results[(busy, batch_size, "openmp")])
-            print(f"{busy:>4} {batch_size:>5} {pool:>11.1f} {openmp:>13.1f} "
-                  f"{pool / openmp:>5.2f}x")
+            medians = [statistics.median(results[(busy, batch_size, arm)]) for arm in args.arms]
+            cells = "".join(f"{value:>20.1f}" for value in medians)
+            ratios = " / ".join(f"{value / medians[-1]:.2f}x" for value in medians[:-1])
+            print(f"{busy:>4} {batch_size:>5}{cells}   {ratios}")
 
 
 if __name__ == "__main__":
