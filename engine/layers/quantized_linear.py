@@ -147,10 +147,10 @@ class QuantizedLinear(nn.Module):
         weight = linear.weight.detach()
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                     quant=quant, dtype=weight.dtype, device=weight.device)
-        qweight, scale = quantize_weight(weight, quant.bits, layer.group_size)
-        assert layer.weight_packed is not None and layer.weight_scale is not None
-        layer.weight_packed.data.copy_(pack_int32(qweight, quant.bits))
-        layer.weight_scale.data.copy_(scale)
+        # Held as int8 values until `finalize` lays them out: packing them into the
+        # checkpoint's int32 words only to unpack them again took most of the load time.
+        layer.qweight, layer.scale = quantize_weight(weight, quant.bits, layer.group_size)
+        layer.weight_packed = layer.weight_scale = None
         if linear.bias is not None and layer.bias is not None:
             layer.bias.data.copy_(linear.bias.detach())
         return layer
@@ -164,6 +164,7 @@ class QuantizedLinear(nn.Module):
     def finalize(self, use_kernel: bool) -> None:
         """Lay the loaded weight out for forward(); the packed int32 copy is dropped."""
         qweight, scale, offset = self._int_values(), self._scale(), self._offset()
+        self.qweight = self.scale = self.offset = None  # the kernel layouts keep no copy
         if use_kernel and self.quant.int8_activations:
             self.panels, self.panel_scales = pack_w8a8_panels(qweight, scale)
             self.packing = "w8a8_panels"

@@ -25,6 +25,7 @@ from engine.layers.quant.checkpoint_formats import (
     needs_translation,
 )
 from engine.layers.quant.resolve import resolve_quantization
+from engine.layers.quant.encoder import quantize_encoder_linears
 from engine.layers.quantized_linear import (
     ONLINE_SCHEMES,
     finalize_quantized_linears,
@@ -148,7 +149,9 @@ def load_model(
     model.eval().requires_grad_(False)
     if quant is not None:
         with torch.no_grad():
-            if stored_quant is None:
+            if stored_quant is None and getattr(model, "is_encoder", False):
+                quantize_encoder_linears(model, quant)
+            elif stored_quant is None:
                 quantize_decoder_linears(model, quant)
             use_kernel = (device.type == "cpu" and dtype == torch.bfloat16
                           and ops.linear_bf16_available())

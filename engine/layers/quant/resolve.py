@@ -74,9 +74,7 @@ def resolve_quantization(
     if requested == "gguf":
         raise ModelLoadError(f"--quantization gguf: {model_path} holds no .gguf file")
     if requested in ONLINE_SCHEMES:
-        if not generative:
-            raise ModelLoadError(f"--quantization {requested} applies to decoder models only; "
-                                 f"{model_path} is an encoder")
+        # Encoders too: their layers' projections (layers/quant/encoder.py).
         return ONLINE_SCHEMES[requested]
     return None
 
