@@ -172,6 +172,9 @@ class ParallelConfig:
     # Stages of consecutive layers (`--pipeline-parallel-size`), each of
     # tensor_parallel_size ranks; hidden states pass from stage to stage.
     pipeline_parallel_size: int = 1
+    # Micro-batches a step's requests split into so the stages overlap (None: one per
+    # stage; 1: each step passes whole from stage to stage).
+    pipeline_micro_batches: int | None = None
     # A collective that waits longer than this fails instead of hanging the server.
     distributed_timeout_s: float = 60.0
     # Multi-node: the ranks are spread evenly over `nnodes` machines; this one is `node_rank`.
@@ -196,6 +199,9 @@ class ParallelConfig:
         if self.pipeline_parallel_size < 1:
             raise ValueError("pipeline_parallel_size (--pipeline-parallel-size) must be >= 1, "
                              f"got {self.pipeline_parallel_size}")
+        if self.pipeline_micro_batches is not None and self.pipeline_micro_batches < 1:
+            raise ValueError("pipeline_micro_batches (--pipeline-micro-batches) must be >= 1, "
+                             f"got {self.pipeline_micro_batches}")
         if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
             raise ValueError(f"node_rank (--node-rank) must be in [0, --nnodes={self.nnodes}), "
                              f"got {self.node_rank}")

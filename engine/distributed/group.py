@@ -49,6 +49,8 @@ class TensorParallel:
     num_stages: int = 1
     # The stage's tensor-parallel ranks (None: the whole world, when there is one stage).
     group: dist.ProcessGroup | None = None
+    # How many micro-batches a step's rows split into, so stages overlap (pipeline.py).
+    micro_batches: int = 1
 
     @property
     def is_driver(self) -> bool:
@@ -77,8 +79,14 @@ class TensorParallel:
             CollectiveClock.calls += 1
         return tensor
 
-    def send_to_stage(self, hidden: torch.Tensor, stage: int) -> None:
-        dist.send(hidden.contiguous(), dst=self.stage_peer(stage))
+    def start_send_to_stage(self, hidden: torch.Tensor,
+                            stage: int) -> tuple[dist.Work, torch.Tensor]:
+        """Send without waiting for the peer to receive: the work to wait on later, and the
+        tensor it sends (which must live until then)."""
+        hidden = hidden.contiguous()
+        work = dist.isend(hidden, dst=self.stage_peer(stage))
+        assert work is not None  # None only for ranks outside the group
+        return work, hidden
 
     def receive_from_stage(self, hidden: torch.Tensor, stage: int) -> torch.Tensor:
         dist.recv(hidden, src=self.stage_peer(stage))
@@ -105,10 +113,10 @@ SINGLE = TensorParallel()
 
 def init_tensor_parallel(
     world_rank: int, size: int, *, master_addr: str, master_port: int, timeout_s: float,
-    device: torch.device, num_stages: int = 1,
+    device: torch.device, num_stages: int = 1, micro_batches: int | None = None,
 ) -> TensorParallel:
     """Join the rendezvous as `world_rank` of size * num_stages (blocks until every rank
-    joined, at most `timeout_s`)."""
+    joined, at most `timeout_s`). `micro_batches`: per step, None for one per stage."""
     # NCCL only where the ranks own CUDA devices; CPU CI never touches it.
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(
@@ -126,7 +134,8 @@ def init_tensor_parallel(
             created = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
             group = created if each == stage else group
     return TensorParallel(rank=world_rank % size, size=size, device=device,
-                          control_group=control, stage=stage, num_stages=num_stages, group=group)
+                          control_group=control, stage=stage, num_stages=num_stages, group=group,
+                          micro_batches=num_stages if micro_batches is None else micro_batches)
 
 
 def all_reduce_min(tp: TensorParallel, value: int) -> int:

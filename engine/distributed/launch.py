@@ -72,7 +72,8 @@ def start_model_runner(config: EngineConfig, *, exit_on_rank_death: bool) -> Mod
         tp = init_tensor_parallel(0, parallel.tensor_parallel_size, master_addr=addr,
                                   master_port=port, timeout_s=parallel.distributed_timeout_s,
                                   device=resolve_device(model.device),
-                                  num_stages=parallel.pipeline_parallel_size)
+                                  num_stages=parallel.pipeline_parallel_size,
+                                  micro_batches=parallel.pipeline_micro_batches)
         model_runner = runner(model, tp)
     except BaseException:
         ranks.stopping = True
@@ -140,6 +141,7 @@ def spawn_ranks(
         spec = WorkerSpec(
             rank=rank, local_rank=rank % parallel.ranks_per_node,
             size=parallel.tensor_parallel_size, num_stages=parallel.pipeline_parallel_size,
+            micro_batches=parallel.pipeline_micro_batches,
             master_addr=addr, master_port=port,
             timeout_s=parallel.distributed_timeout_s, model=config.model, cache=config.cache,
             max_num_seqs=sched.max_num_seqs, max_num_batched_tokens=sched.max_num_batched_tokens,

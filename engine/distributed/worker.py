@@ -47,6 +47,7 @@ class WorkerSpec:
     local_rank: int  # among this machine's ranks: which cores, which CUDA device
     size: int  # tensor-parallel ranks per pipeline stage
     num_stages: int
+    micro_batches: int | None  # per step across the stages (None: one per stage)
     master_addr: str
     master_port: int
     timeout_s: float
@@ -91,7 +92,7 @@ def worker_main(spec: WorkerSpec) -> None:
         tp = init_tensor_parallel(
             spec.rank, spec.size, master_addr=spec.master_addr, master_port=spec.master_port,
             timeout_s=spec.timeout_s, device=resolve_device(model.device),
-            num_stages=spec.num_stages,
+            num_stages=spec.num_stages, micro_batches=spec.micro_batches,
         )
         runner = ModelRunner(
             model, spec.cache, max_num_seqs=spec.max_num_seqs,

@@ -149,6 +149,7 @@ class LLM:
         speculative_config: dict | None = None,
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
+        pipeline_micro_batches: int | None = None,
         distributed_timeout_s: float = 60.0,
     ) -> None:
         """`lora`: serve LoRA adapters, named per prompt by `generate(lora_requests=...)`.
@@ -181,6 +182,7 @@ class LLM:
             ),
             parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size,
                                     pipeline_parallel_size=pipeline_parallel_size,
+                                    pipeline_micro_batches=pipeline_micro_batches,
                                     distributed_timeout_s=distributed_timeout_s),
         )
         self.runner = start_model_runner(self.config, exit_on_rank_death=False)

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from engine.attention.backend import AttentionBackend, AttentionMetadata
 from engine.distributed.group import SINGLE, TensorParallel
+from engine.distributed.pipeline import run_stage
 from engine.distributed.sharding import (
     CheckpointSharder,
     shard_spec,
@@ -119,20 +120,17 @@ class DecoderForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions [T] -> final-norm hidden states [T, hidden]. `attn_metadata`:
         one for every layer, or one per layer (KV cache groups: each layer reads its group's
-        block tables). A pipeline stage > 0 starts from the previous stage's hidden states;
-        the last stage's go back to stage 0, whose return value alone is meaningful."""
+        block tables). With pipeline stages, stage 0's return value alone is meaningful."""
         tp = self.tp
-        if self.model.embed_tokens is None:
-            hidden = tp.receive_from_stage(
-                torch.empty(input_ids.shape[0], self.dims.hidden_size, dtype=self._dtype,
-                            device=input_ids.device), tp.stage - 1)
-        else:
-            hidden = self.model.embed_tokens(input_ids)
-            if self._embed_scale != 1.0:
-                hidden = hidden * self._embed_scale
-        tables = {
-            key: rotary.lookup(positions, hidden.dtype) for key, rotary in self.rotary.items()
-        }
+        if tp.num_stages > 1:  # micro-batches through the stages (distributed/pipeline.py)
+            layer_metadata = (
+                [attn_metadata] * len(kv_caches) if isinstance(attn_metadata, AttentionMetadata)
+                else attn_metadata)
+            hidden = run_stage(self, input_ids, positions, kv_caches, layer_metadata)
+            if hidden is None:  # a later stage: only stage 0's return value is read
+                return self.hidden_buffer(0, input_ids.device)
+            return self.model.norm(hidden)
+        hidden = self.embed(input_ids)
         if self._fused_decode is None and tp.world_size == 1:  # at first use: after packing
             self._fused_decode = FusedDecodeLayers(self)
         # The fused layers read bf16 caches only (an int8 cache takes the per-op path), and
@@ -145,24 +143,36 @@ class DecoderForCausalLM(nn.Module):
                     and self._fused_decode.applies(hidden, attn_metadata)
                     and self._fused_decode.takes(lora_step)
                     and kv_caches[0].dtype == hidden.dtype):
-                cos, signed_sin = tables["default"]
+                cos, signed_sin = self.rotary["default"].lookup(positions, hidden.dtype)
                 self._fused_decode.run(hidden, cos, signed_sin, kv_caches, attn_metadata,
                                        lora_step)
                 return self.model.norm(hidden)
-            layer_metadata: Sequence[AttentionMetadata] = [attn_metadata] * len(kv_caches)
+            layer_metadata = [attn_metadata] * len(kv_caches)
         else:
             layer_metadata = attn_metadata
-        # kv_caches and layer_metadata hold every layer; a pipeline stage runs its own.
+        return self.model.norm(self.run_layers(hidden, positions, kv_caches, layer_metadata))
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.embed_tokens(input_ids)  # type: ignore[misc]
+        return hidden * self._embed_scale if self._embed_scale != 1.0 else hidden
+
+    def hidden_buffer(self, rows: int, device: torch.device) -> torch.Tensor:
+        """Room for `rows` hidden states received from another pipeline stage."""
+        return torch.empty(rows, self.dims.hidden_size, dtype=self._dtype, device=device)
+
+    def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor,
+                   kv_caches: list[torch.Tensor],
+                   layer_metadata: Sequence[AttentionMetadata]) -> torch.Tensor:
+        """This stage's decoder layers over `hidden` (kv_caches and layer_metadata hold
+        every layer; a pipeline stage runs its own)."""
+        tables = {
+            key: rotary.lookup(positions, hidden.dtype) for key, rotary in self.rotary.items()
+        }
         for index in self.stage_layers:
             layer = self.model.layers[index]
             cos, signed_sin = tables[layer.rope_key]
             hidden = layer(hidden, cos, signed_sin, kv_caches[index], layer_metadata[index])
-        if tp.num_stages > 1:
-            tp.send_to_stage(hidden, tp.stage + 1)  # the last stage's wraps around to 0
-            if tp.stage > 0:
-                return hidden
-            hidden = tp.receive_from_stage(torch.empty_like(hidden), tp.num_stages - 1)
-        return self.model.norm(hidden)
+        return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] of the rows that sample -> float32 logits [N, vocab]. With

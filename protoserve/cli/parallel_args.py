@@ -22,8 +22,11 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
                    "(default: 1)")
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
                    help="stages of consecutive layers, each of --tensor-parallel-size ranks; "
-                   "hidden states pass from stage to stage, one step at a time (no "
-                   "micro-batches yet) (default: 1)")
+                   "hidden states pass from stage to stage, a step's requests in "
+                   "micro-batches so the stages overlap (default: 1)")
+    g.add_argument("--pipeline-micro-batches", type=int, default=None,
+                   help="micro-batches of whole requests a step splits into across the "
+                   "pipeline stages; 1 passes each step whole (default: one per stage)")
     g.add_argument("--distributed-timeout-seconds", type=float, default=60.0,
                    help="a collective between tensor-parallel ranks that waits longer fails "
                    "the server instead of hanging it (default: 60.0)")
@@ -52,6 +55,7 @@ def parallel_config_from_args(args: argparse.Namespace) -> ParallelConfig:
     return ParallelConfig(
         tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size,
+        pipeline_micro_batches=args.pipeline_micro_batches,
         distributed_timeout_s=args.distributed_timeout_seconds,
         nnodes=args.nnodes,
         node_rank=args.node_rank,

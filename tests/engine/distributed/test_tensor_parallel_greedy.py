@@ -2,7 +2,8 @@
 code path) give exactly the greedy tokens of one process and of transformers, for dense, GQA
 with KV heads replicated (4 ranks, 2 KV heads), q/k-normed, soft-capped sliding-window,
 fused-checkpoint, tied-head and mixture-of-experts families, with chunked prefill, prefix
-caching and preemption."""
+caching and preemption; pipeline stages split steps into micro-batches (one per stage, an
+odd count, or none) with the same tokens."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,41 +16,53 @@ from greedy_reference import (
     prompts_from,
 )
 
+from engine.distributed.pipeline import PipelineCounters
 from engine.frontend.llm import LLM
 
 # Each case starts 1-3 rank processes (torch import, model load): the slow tier.
 pytestmark = pytest.mark.slow
 
 
-def _llm(model_dir: Path, tp: int, pp: int = 1) -> LLM:
+def _llm(model_dir: Path, tp: int, pp: int = 1, micro_batches: int | None = None) -> LLM:
     # A small token budget forces chunked prefill mixed with decodes; 24 blocks of 8 cannot
     # hold all seven prompts at once and force preemption (as test_engine_vs_transformers).
     return LLM(str(model_dir), dtype="float32", max_num_batched_tokens=40, num_kv_blocks=24,
-               block_size=8, tensor_parallel_size=tp, pipeline_parallel_size=pp)
+               block_size=8, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+               pipeline_micro_batches=micro_batches)
 
 
-CASES = [  # (family, tensor-parallel size, pipeline stages)
-    *[(arch, tp, 1) for arch in ("llama", "qwen3", "mixtral", "gemma2", "phi3") for tp in (2, 4)],
-    ("llama", 1, 2), ("gemma2", 1, 2), ("mistral", 1, 2),  # mistral: a tied LM head
-    ("qwen3_moe", 2, 2),  # 4 processes: two stages of two tensor-parallel ranks
+CASES = [  # (family, tensor-parallel size, pipeline stages, micro-batches: None one per stage)
+    *[(arch, tp, 1, None) for arch in ("llama", "qwen3", "mixtral", "gemma2", "phi3")
+      for tp in (2, 4)],
+    ("llama", 1, 2, None), ("gemma2", 1, 2, 3),
+    ("mistral", 1, 2, 1),  # mistral: a tied LM head; steps pass whole
+    ("qwen3_moe", 2, 2, None),  # 4 processes: two stages of two tensor-parallel ranks
 ]
 
 
-@pytest.mark.parametrize(("arch", "tp", "pp"), CASES)
+@pytest.mark.parametrize(("arch", "tp", "pp", "micro_batches"), CASES)
 def test_model_parallel_equals_one_rank_and_transformers(
-    tmp_path: Path, arch: str, tp: int, pp: int
+    tmp_path: Path, arch: str, tp: int, pp: int, micro_batches: int | None
 ) -> None:
     model_dir = make_peaked_model(tmp_path / arch, arch)
     prefix = prompts_from(7, [16])[0]
     prompts = prompts_from(2, [3, 20], prefix) + prompts_from(1, [1, 7, 17, 33, 60])
     with _llm(model_dir, 1) as single:
         expected = [o.token_ids for o in single.generate(prompts, GREEDY)]
-    with _llm(model_dir, tp, pp) as llm:
+    with _llm(model_dir, tp, pp, micro_batches) as llm:
         llm.generate([prefix + [5]], GREEDY)  # caches the shared prefix
+        PipelineCounters.reset()  # stage 0 runs in this process
         outputs = assert_concurrent_greedy_matches(llm, model_dir, prompts)
         assert [o.num_cached_tokens for o in outputs[:2]] == [16, 16]
         assert llm.core.scheduler.num_preemptions > 0
         if pp > 1 and arch != "gemma2":  # (Gemma 2's two layers share one slot: S F groups)
             # Stage 0 holds layer 0 only: the last layer's cache slot is empty here.
             assert llm.runner.kv_caches[-1].numel() == 0 < llm.runner.kv_caches[0].numel()
+        if pp > 1 and micro_batches != 1:
+            # Steps did split, into micro-batches of decodes alone, of prefills alone, mixed.
+            counted = PipelineCounters
+            assert counted.split_steps > 0
+            assert min(counted.prefill_only, counted.decode_only, counted.mixed) > 0
+        if pp > 1 and micro_batches == 1:
+            assert PipelineCounters.split_steps == 0
     assert [o.token_ids for o in outputs] == expected
