@@ -7,6 +7,7 @@ Run from the repository root (on a quiet machine: the figures of a shared one me
     .venv/bin/python -m benchmarks.tensor_parallel                   # batch 4, 64 steps
     .venv/bin/python -m benchmarks.tensor_parallel --batch-size 16 --steps 128 --rounds 3
     .venv/bin/python -m benchmarks.tensor_parallel --pipeline --batch-size 8 --rounds 3
+        (--prefill-len 512: prompt tokens per sequence of its prefill rounds)
 
 Both configurations decode the benchmark model (benchmarks/bench_model.py) from the same
 prompts; how many sequences agree token for token is printed (bfloat16 rounding may differ).
@@ -31,6 +32,7 @@ from engine.sampling_params import SamplingParams
 
 def run(model_dir: str, tp: int, threads: int, args: argparse.Namespace, pp: int = 1,
         micro_batches: int | None = None) -> list[list[int]]:
+    """Decode rounds (and with --pipeline, prefill rounds); the last round's tokens."""
     torch.set_num_threads(threads)
     prompts = [[7 + i] * args.prompt_len for i in range(args.batch_size)]
     params = SamplingParams(temperature=0.0, max_tokens=args.steps, ignore_eos=True)
@@ -51,7 +53,23 @@ def run(model_dir: str, tp: int, threads: int, args: argparse.Namespace, pp: int
                   f"rank 0: {elapsed:.2f} s, {CollectiveClock.seconds:.2f} s in "
                   f"{CollectiveClock.calls} collectives "
                   f"({100 * CollectiveClock.seconds / elapsed:.0f}%)", flush=True)
+            if args.pipeline:
+                prefill(llm, name, threads, round_index, args)
     return tokens
+
+
+def prefill(llm: LLM, name: str, threads: int, round_index: int,
+            args: argparse.Namespace) -> None:
+    """Prompts of --prefill-len tokens, one output token each: steps of many rows, where
+    micro-batches are big enough to pay. A first token of their own per round: no prefix
+    cache hits (block hashes chain from the first token)."""
+    first = 100 + args.batch_size * round_index
+    prompts = [[first + i] + [7] * (args.prefill_len - 1) for i in range(args.batch_size)]
+    start = time.perf_counter()
+    llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=1))
+    elapsed = time.perf_counter() - start
+    print(f"{name} x {threads} thread(s)/rank, round {round_index}: prefill "
+          f"{args.batch_size * args.prefill_len / elapsed:8.1f} prompt tok/s", flush=True)
 
 
 def main() -> None:
@@ -63,6 +81,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--pipeline", action="store_true",
                         help="compare pipeline stages (micro-batched or not) instead of TP")
+    parser.add_argument("--prefill-len", type=int, default=512,
+                        help="prompt tokens per sequence of --pipeline's prefill rounds")
     args = parser.parse_args()
     # The other ranks' own step split arrives as their INFO line at shutdown.
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -88,7 +108,9 @@ def main() -> None:
 def run_pipeline(model_dir: str, args: argparse.Namespace) -> None:
     """PP=2 (one thread per stage) micro-batched, then passing each step whole, then one
     process on two threads and on one. Rank 0's collective time counts the logits gather
-    only: its wait for the last stage's hidden states is in its step time."""
+    only: its wait for the last stage's hidden states is in its step time. Decode steps of
+    fewer than 2 x 64 rows pass whole either way (--pipeline-micro-batch-min-tokens); the
+    prefill rounds show the overlap."""
     overlapped = run(model_dir, 1, 1, args, pp=2)
     whole = run(model_dir, 1, 1, args, pp=2, micro_batches=1)
     single = run(model_dir, 1, 2, args)

@@ -175,6 +175,9 @@ class ParallelConfig:
     # Micro-batches a step's requests split into so the stages overlap (None: one per
     # stage; 1: each step passes whole from stage to stage).
     pipeline_micro_batches: int | None = None
+    # A micro-batch's fewest tokens: a step with fewer per micro-batch runs whole (a
+    # projection over a few rows costs about what it costs over dozens).
+    pipeline_micro_batch_min_tokens: int = 64
     # A collective that waits longer than this fails instead of hanging the server.
     distributed_timeout_s: float = 60.0
     # Multi-node: the ranks are spread evenly over `nnodes` machines; this one is `node_rank`.
@@ -202,6 +205,9 @@ class ParallelConfig:
         if self.pipeline_micro_batches is not None and self.pipeline_micro_batches < 1:
             raise ValueError("pipeline_micro_batches (--pipeline-micro-batches) must be >= 1, "
                              f"got {self.pipeline_micro_batches}")
+        if self.pipeline_micro_batch_min_tokens < 1:
+            raise ValueError("pipeline_micro_batch_min_tokens (--pipeline-micro-batch-min-tokens)"
+                             f" must be >= 1, got {self.pipeline_micro_batch_min_tokens}")
         if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
             raise ValueError(f"node_rank (--node-rank) must be in [0, --nnodes={self.nnodes}), "
                              f"got {self.node_rank}")

@@ -51,6 +51,8 @@ class TensorParallel:
     group: dist.ProcessGroup | None = None
     # How many micro-batches a step's rows split into, so stages overlap (pipeline.py).
     micro_batches: int = 1
+    # A micro-batch's fewest rows (fewer cost about as much: the weights are read anyway).
+    micro_batch_min_rows: int = 1
 
     @property
     def is_driver(self) -> bool:
@@ -114,6 +116,7 @@ SINGLE = TensorParallel()
 def init_tensor_parallel(
     world_rank: int, size: int, *, master_addr: str, master_port: int, timeout_s: float,
     device: torch.device, num_stages: int = 1, micro_batches: int | None = None,
+    micro_batch_min_rows: int = 1,
 ) -> TensorParallel:
     """Join the rendezvous as `world_rank` of size * num_stages (blocks until every rank
     joined, at most `timeout_s`). `micro_batches`: per step, None for one per stage."""
@@ -135,7 +138,8 @@ def init_tensor_parallel(
             group = created if each == stage else group
     return TensorParallel(rank=world_rank % size, size=size, device=device,
                           control_group=control, stage=stage, num_stages=num_stages, group=group,
-                          micro_batches=num_stages if micro_batches is None else micro_batches)
+                          micro_batches=num_stages if micro_batches is None else micro_batches,
+                          micro_batch_min_rows=micro_batch_min_rows)
 
 
 def all_reduce_min(tp: TensorParallel, value: int) -> int:

@@ -73,7 +73,8 @@ def start_model_runner(config: EngineConfig, *, exit_on_rank_death: bool) -> Mod
                                   master_port=port, timeout_s=parallel.distributed_timeout_s,
                                   device=resolve_device(model.device),
                                   num_stages=parallel.pipeline_parallel_size,
-                                  micro_batches=parallel.pipeline_micro_batches)
+                                  micro_batches=parallel.pipeline_micro_batches,
+                                  micro_batch_min_rows=parallel.pipeline_micro_batch_min_tokens)
         model_runner = runner(model, tp)
     except BaseException:
         ranks.stopping = True
@@ -142,6 +143,7 @@ def spawn_ranks(
             rank=rank, local_rank=rank % parallel.ranks_per_node,
             size=parallel.tensor_parallel_size, num_stages=parallel.pipeline_parallel_size,
             micro_batches=parallel.pipeline_micro_batches,
+            micro_batch_min_rows=parallel.pipeline_micro_batch_min_tokens,
             master_addr=addr, master_port=port,
             timeout_s=parallel.distributed_timeout_s, model=config.model, cache=config.cache,
             max_num_seqs=sched.max_num_seqs, max_num_batched_tokens=sched.max_num_batched_tokens,

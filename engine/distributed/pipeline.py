@@ -4,7 +4,11 @@ which flow through the stages one behind the other.
 With S stages and M micro-batches, stage 0 runs micro-batch i+1 while stage 1 runs
 micro-batch i; hidden states pass with non-blocking sends, so a stage never waits for its
 successor to take what it sent. A step then costs about (M + S - 1) / M stage-steps instead of
-S (two stages, two micro-batches: 1.5 instead of 2).
+S (two stages, two micro-batches: 1.5 instead of 2) when a micro-batch costs 1/M of the step.
+It does not at small row counts: a projection over a few rows costs about what it costs over
+a few dozen (it reads every weight either way; measured flat up to ~32-64 rows on one CPU
+core), so a micro-batch gets at least `min_rows` rows (`--pipeline-micro-batch-min-tokens`)
+and a step with fewer runs whole; small decode steps pass whole.
 
 Every rank splits the same broadcast inputs with the same function, so the micro-batches'
 sizes (and the receive buffers' shapes) agree without another message. Splits fall only on
@@ -58,25 +62,27 @@ def request_bounds(metadata: AttentionMetadata) -> list[int]:
     return ends
 
 
-def split_rows(metadata: AttentionMetadata, count: int) -> list[tuple[int, int]]:
+def split_rows(metadata: AttentionMetadata, count: int,
+               min_rows: int = 1) -> list[tuple[int, int]]:
     """At most `count` contiguous row ranges of whole requests, with about equal numbers of
-    rows (the cost of a stage's layers grows with its rows). Deterministic: every rank
-    computes the same ranges from the same inputs."""
+    rows (the cost of a stage's layers grows with its rows), and no more ranges than
+    `min_rows` rows each allow. Deterministic: every rank computes the same ranges from the
+    same inputs."""
     ends = request_bounds(metadata)
     total = ends[-1] if ends else 0
-    count = max(1, min(count, len(ends)))
-    ranges: list[tuple[int, int]] = []
-    start = 0
-    for end_index, end in enumerate(ends):
-        left_after = len(ends) - end_index - 1  # requests not yet placed
-        wanted = count - len(ranges) - 1  # ranges still to start after this one
-        # Close the range once it holds its share, or when each later request must start one.
-        share = total * (len(ranges) + 1) / count
-        if wanted > 0 and (end >= share or left_after == wanted):
-            ranges.append((start, end))
-            start = end
-    ranges.append((start, total))
-    return ranges
+    min_rows = max(1, min_rows)
+    count = max(1, min(count, len(ends), total // min_rows))
+    inner = ends[:-1]  # where a cut may fall
+    cuts: list[int] = []
+    for k in range(1, count if inner else 1):
+        target = total * k / count
+        # The request boundary nearest the even split (the lower one on a tie).
+        cut = min(inner, key=lambda end: (abs(end - target), end))
+        previous = cuts[-1] if cuts else 0
+        if cut - previous >= min_rows and total - cut >= min_rows:
+            cuts.append(cut)
+    bounds = [0, *cuts, total]
+    return list(zip(bounds, bounds[1:]))
 
 
 def slice_metadata(metadata: AttentionMetadata, start: int, stop: int) -> AttentionMetadata:
@@ -97,10 +103,11 @@ def slice_metadata(metadata: AttentionMetadata, start: int, stop: int) -> Attent
                    decode_context_lens=lens, decode_mask=mask, prefills=prefills)
 
 
-def micro_batches(layer_metadata: Sequence[AttentionMetadata], count: int) -> list[MicroBatch]:
-    """The step split into at most `count` micro-batches (the first layer's metadata holds
-    the request boundaries every KV cache group shares)."""
-    ranges = split_rows(layer_metadata[0], count)
+def micro_batches(layer_metadata: Sequence[AttentionMetadata], count: int,
+                  min_rows: int = 1) -> list[MicroBatch]:
+    """The step split into at most `count` micro-batches of about `min_rows` rows or more
+    (the first layer's metadata holds the request boundaries every KV cache group shares)."""
+    ranges = split_rows(layer_metadata[0], count, min_rows)
     batches = []
     for start, stop in ranges:
         sliced: dict[int, AttentionMetadata] = {}  # each group's metadata sliced once
@@ -132,7 +139,7 @@ def run_stage(model: StageModel, input_ids: torch.Tensor, positions: torch.Tenso
     """This stage's share of one step, micro-batch by micro-batch. Stage 0 returns the last
     stage's hidden states of every row (before the final norm); other stages None."""
     tp = model.tp
-    batches = micro_batches(layer_metadata, tp.micro_batches)
+    batches = micro_batches(layer_metadata, tp.micro_batches, tp.micro_batch_min_rows)
     _count(batches)
     # Sends in flight, with their tensors (which must live until the send completes).
     sending: list[tuple[dist.Work, torch.Tensor]] = []

@@ -48,6 +48,7 @@ class WorkerSpec:
     size: int  # tensor-parallel ranks per pipeline stage
     num_stages: int
     micro_batches: int | None  # per step across the stages (None: one per stage)
+    micro_batch_min_rows: int
     master_addr: str
     master_port: int
     timeout_s: float
@@ -93,6 +94,7 @@ def worker_main(spec: WorkerSpec) -> None:
             spec.rank, spec.size, master_addr=spec.master_addr, master_port=spec.master_port,
             timeout_s=spec.timeout_s, device=resolve_device(model.device),
             num_stages=spec.num_stages, micro_batches=spec.micro_batches,
+            micro_batch_min_rows=spec.micro_batch_min_rows,
         )
         runner = ModelRunner(
             model, spec.cache, max_num_seqs=spec.max_num_seqs,

@@ -150,6 +150,7 @@ class LLM:
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         pipeline_micro_batches: int | None = None,
+        pipeline_micro_batch_min_tokens: int = 64,
         distributed_timeout_s: float = 60.0,
     ) -> None:
         """`lora`: serve LoRA adapters, named per prompt by `generate(lora_requests=...)`.
@@ -183,6 +184,8 @@ class LLM:
             parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size,
                                     pipeline_parallel_size=pipeline_parallel_size,
                                     pipeline_micro_batches=pipeline_micro_batches,
+                                    pipeline_micro_batch_min_tokens=(
+                                        pipeline_micro_batch_min_tokens),
                                     distributed_timeout_s=distributed_timeout_s),
         )
         self.runner = start_model_runner(self.config, exit_on_rank_death=False)

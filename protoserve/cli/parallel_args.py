@@ -27,6 +27,9 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pipeline-micro-batches", type=int, default=None,
                    help="micro-batches of whole requests a step splits into across the "
                    "pipeline stages; 1 passes each step whole (default: one per stage)")
+    g.add_argument("--pipeline-micro-batch-min-tokens", type=int, default=64,
+                   help="fewest tokens of a micro-batch: a step with fewer per micro-batch "
+                   "passes whole, since a few rows cost about as much as dozens (default: 64)")
     g.add_argument("--distributed-timeout-seconds", type=float, default=60.0,
                    help="a collective between tensor-parallel ranks that waits longer fails "
                    "the server instead of hanging it (default: 60.0)")
@@ -56,6 +59,7 @@ def parallel_config_from_args(args: argparse.Namespace) -> ParallelConfig:
         tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size,
         pipeline_micro_batches=args.pipeline_micro_batches,
+        pipeline_micro_batch_min_tokens=args.pipeline_micro_batch_min_tokens,
         distributed_timeout_s=args.distributed_timeout_seconds,
         nnodes=args.nnodes,
         node_rank=args.node_rank,

@@ -60,6 +60,13 @@ def test_split_balances_rows() -> None:
     assert split_rows(_metadata(6, []), 3) == [(0, 2), (2, 4), (4, 6)]
 
 
+def test_small_steps_pass_whole() -> None:
+    # Fewer than min_rows rows per micro-batch: fewer micro-batches, or none.
+    assert split_rows(_metadata(8, []), 2, min_rows=64) == [(0, 8)]
+    assert split_rows(_metadata(2, [100, 100]), 4, min_rows=64) == [(0, 102), (102, 202)]
+    assert len(split_rows(_metadata(0, [64, 64, 64]), 3, min_rows=64)) == 3
+
+
 def test_sliced_metadata_reassembles_the_step() -> None:
     metadata = _metadata(3, [4, 6, 2])
     parts = [slice_metadata(metadata, start, stop) for start, stop in split_rows(metadata, 3)]
@@ -110,7 +117,7 @@ def test_micro_batched_layers_equal_the_whole_step(tiny_llama_dir: Path) -> None
         whole = model(inputs.input_ids, inputs.positions, runner.kv_caches, inputs.attn_metadata)
         for count in (2, 3, 4):
             parts = micro_batches(layers, count)
-            assert len(parts) == count
+            assert len(parts) > 1  # (fewer than `count` where requests are uneven)
             split = torch.cat([
                 model.model.norm(model.run_layers(
                     model.embed(inputs.input_ids[p.start:p.stop]),

@@ -26,9 +26,10 @@ pytestmark = pytest.mark.slow
 def _llm(model_dir: Path, tp: int, pp: int = 1, micro_batches: int | None = None) -> LLM:
     # A small token budget forces chunked prefill mixed with decodes; 24 blocks of 8 cannot
     # hold all seven prompts at once and force preemption (as test_engine_vs_transformers).
+    # Micro-batches of any size, so these small steps split.
     return LLM(str(model_dir), dtype="float32", max_num_batched_tokens=40, num_kv_blocks=24,
                block_size=8, tensor_parallel_size=tp, pipeline_parallel_size=pp,
-               pipeline_micro_batches=micro_batches)
+               pipeline_micro_batches=micro_batches, pipeline_micro_batch_min_tokens=1)
 
 
 CASES = [  # (family, tensor-parallel size, pipeline stages, micro-batches: None one per stage)
