@@ -139,10 +139,13 @@ class EngineClient:
             discovery_pb2.GetLoadRequest(), timeout=timeout, metadata=self._auth
         )
 
-    def watch_kv_events(self, model: str = "") -> grpc.aio.UnaryStreamCall:
-        """Discovery/WatchKvEvents: open until the caller cancels it (no deadline)."""
+    def watch_kv_events(self, model: str = "",
+                        since: int | None = None) -> grpc.aio.UnaryStreamCall:
+        """Discovery/WatchKvEvents: open until the caller cancels it (no deadline); `since`:
+        replay from that sequence number first."""
         return self._discovery.WatchKvEvents(
-            discovery_pb2.WatchKvEventsRequest(model=model), metadata=self._auth
+            discovery_pb2.WatchKvEventsRequest(model=model, since_sequence_number=since),
+            metadata=self._auth,
         )
 
     async def list_models(self, *, timeout: float | None) -> list[discovery_pb2.ModelInfo]:

@@ -50,7 +50,8 @@ KvEvent = BlockStored | BlockRemoved | AllBlocksCleared
 @dataclass(frozen=True, slots=True)
 class KvEventBatch:
     """One engine step's events. Sequence numbers count batches from 0 over the core's life,
-    with no gaps: a watcher that sees one skipped lost events."""
+    with no gaps while recording is on; one is skipped where recording came back on after
+    being off (events went unrecorded in between)."""
 
     sequence_number: int
     timestamp: float  # Unix seconds when the step ended
@@ -66,9 +67,15 @@ class KvEventRecorder:
         # Removals are coalesced into one event per step (evictions come one block at a time).
         self._removed: list[BlockHash] = []
         self._next_sequence_number = 0
+        self._was_enabled = False
 
     def set_enabled(self, enabled: bool) -> None:
-        """Turning recording off drops what was not taken yet: nobody is left to read it."""
+        """Turning recording off drops what was not taken yet: nobody is left to read it.
+        Turning it back on skips a sequence number, so a reader of the numbers (the replay
+        ring, engine/frontend/kv_event_hub.py) sees that events went unrecorded."""
+        if enabled and not self.enabled and self._was_enabled:
+            self._next_sequence_number += 1
+        self._was_enabled = self._was_enabled or enabled
         self.enabled = enabled
         if not enabled:
             self._pending.clear()

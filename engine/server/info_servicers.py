@@ -185,7 +185,14 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
         except Exception as error:  # noqa: BLE001
             await abort_for(context, error)
         hub = engine.loop.kv_events
-        watcher = hub.subscribe(self.handle.options.kv_events_max_pending)
+        options = self.handle.options
+        hub.keep_for_replay(options.kv_events_replay_batches)
+        since = (request.since_sequence_number if request.HasField("since_sequence_number")
+                 else None)
+        try:
+            watcher = hub.subscribe(options.kv_events_max_pending, since)
+        except EngineError as error:
+            await abort_for(context, error)
         try:
             # Headers go out once recording is requested: commands reach the core in order,
             # so a client that waits for them sees the blocks of every later request.

@@ -25,7 +25,7 @@ from protoserve.serving_metrics import (
     SpecDecodeCounts,
     ServingMetrics,
 )
-from engine.frontend.kv_event_hub import DEFAULT_MAX_PENDING_BATCHES
+from engine.frontend.kv_event_hub import DEFAULT_MAX_PENDING_BATCHES, DEFAULT_REPLAY_BATCHES
 from protoserve.tracing import end_span
 
 logger = logging.getLogger("engine.requests")
@@ -57,6 +57,8 @@ class ServingOptions:
     auto_tool_parser: str = ""
     # KV-event batches a WatchKvEvents stream may fall behind before it is ended.
     kv_events_max_pending: int = DEFAULT_MAX_PENDING_BATCHES
+    # Batches kept for streams reopened with since_sequence_number.
+    kv_events_replay_batches: int = DEFAULT_REPLAY_BATCHES
 
 
 # No real tokenizer gets near this many bytes per token, so a prompt over the derived bound

@@ -70,6 +70,7 @@ async def serve(server: EngineServer, args: argparse.Namespace,
         max_n=args.max_n, max_prompt_bytes=args.max_prompt_bytes,
         max_request_memory=args.max_request_memory or default_max_request_memory(),
         kv_events_max_pending=args.kv_events_max_pending,
+        kv_events_replay_batches=args.kv_events_replay_batches,
         **parsing_defaults(args),
     )
     handle.metrics = make_engine_metrics(handle, args.metrics_compat)

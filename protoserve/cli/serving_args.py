@@ -23,6 +23,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
 def add_serving_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("serving (service mesh)")
     g.add_argument("--grpc-uds", default=None, metavar="PATH",
@@ -68,6 +75,11 @@ def add_serving_arguments(p: argparse.ArgumentParser) -> None:
                    "/v1/kv_events watcher may fall behind before its stream is ended with "
                    "RESOURCE_EXHAUSTED (HTTP 429), so a stalled router never slows the engine "
                    "(default: 1024)")
+    g.add_argument("--kv-events-replay-batches", type=non_negative_int, default=1024,
+                   metavar="BATCHES",
+                   help="last KV-event batches kept so a watcher that reconnects with "
+                   "since_sequence_number (or SSE Last-Event-ID) gets what it missed; 0 turns "
+                   "replay off (default: 1024)")
     g.add_argument("--disable-log-requests", action="store_true",
                    help="no per-request log line")
     g.add_argument("--max-log-len", type=int, default=0,

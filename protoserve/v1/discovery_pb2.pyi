@@ -131,10 +131,12 @@ class GetLoadResponse(_message.Message):
     def __init__(self, num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_free_kv_blocks: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., draining: _Optional[bool] = ..., num_streams: _Optional[int] = ..., num_prefix_cache_queried_tokens: _Optional[int] = ..., num_prefix_cache_hit_tokens: _Optional[int] = ...) -> None: ...
 
 class WatchKvEventsRequest(_message.Message):
-    __slots__ = ("model",)
+    __slots__ = ("model", "since_sequence_number")
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    SINCE_SEQUENCE_NUMBER_FIELD_NUMBER: _ClassVar[int]
     model: str
-    def __init__(self, model: _Optional[str] = ...) -> None: ...
+    since_sequence_number: int
+    def __init__(self, model: _Optional[str] = ..., since_sequence_number: _Optional[int] = ...) -> None: ...
 
 class WatchKvEventsResponse(_message.Message):
     __slots__ = ("sequence_number", "timestamp", "events")

@@ -93,11 +93,13 @@ class DiscoveryServicer:
         """KV-cache events for cache-aware routers: one message per engine step that changed the
         prefix cache (blocks stored, blocks removed, everything cleared), in order, numbered.
         Recording starts when the first stream opens (the response headers are sent once it is
-        on: every request sent after them has its blocks announced) and stops when the last one
-        closes, so a server nobody watches pays nothing. A new stream learns changes from then
-        on, not what was cached before. A stream that falls more than a bound of messages behind
-        (a router not reading) is ended with RESOURCE_EXHAUSTED instead of slowing the engine;
-        every stream ends with UNAVAILABLE when the server stops.
+        on: every request sent after them has its blocks announced) and stops once the last one
+        has been closed for as many messages as the replay buffer holds
+        (--kv-events-replay-batches), so a server nobody watches pays nothing. A new stream
+        learns changes from then on, not what was cached before; a stream reopened with
+        since_sequence_number first gets the messages it missed. A stream that falls more than a
+        bound of messages behind (a router not reading) is ended with RESOURCE_EXHAUSTED instead
+        of slowing the engine; every stream ends with UNAVAILABLE when the server stops.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

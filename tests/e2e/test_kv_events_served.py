@@ -69,10 +69,10 @@ def generate(address: str, token_ids: list[int], max_tokens: int = 1,
 class Watcher:
     """A WatchKvEvents stream read on a thread into a queue, as a router would."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, since: int | None = None) -> None:
         self.channel = grpc.insecure_channel(address)
         self.call = discovery_pb2_grpc.DiscoveryStub(self.channel).WatchKvEvents(
-            discovery_pb2.WatchKvEventsRequest())
+            discovery_pb2.WatchKvEventsRequest(since_sequence_number=since))
         self.call.initial_metadata()  # recording is on: later requests are announced
         self.batches: queue.Queue[discovery_pb2.WatchKvEventsResponse] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -201,6 +201,68 @@ def test_a_watcher_that_does_not_read_neither_stalls_generation_nor_stays(
     finally:
         stalled.close()
         reader.close()
+
+
+def test_a_reconnect_replays_what_it_missed_over_grpc_and_sse(server: EngineProcess) -> None:
+    first, missed = prompt(400), prompt(440)
+    expected_first = block_hashes(first, BLOCK_SIZE, "replay")
+    expected_missed = block_hashes(missed, BLOCK_SIZE, "replay")
+    watcher = Watcher(server.grpc_address)
+    try:
+        generate(server.grpc_address, first, cache_salt="replay")
+        seen = watcher.until(lambda ev: set(expected_first) <= set(stored_hashes(ev)),
+                             "BlockStored of the first prompt")
+    finally:
+        watcher.close()
+    last = seen[-1].sequence_number
+    # Generated while nobody watches: the router would have missed it.
+    generate(server.grpc_address, missed, cache_salt="replay")
+    again = Watcher(server.grpc_address, since=last + 1)
+    try:
+        replayed = again.until(lambda ev: set(expected_missed) <= set(stored_hashes(ev)),
+                               "BlockStored of the prompt generated while disconnected")
+    finally:
+        again.close()
+    numbers = [b.sequence_number for b in replayed]
+    assert numbers == list(range(last + 1, last + 1 + len(numbers)))
+
+    # An SSE client reconnects with the last id it read.
+    assert server.http_url is not None
+    with httpx.Client(base_url=server.http_url, timeout=WAIT_S) as client:
+        with client.stream("GET", "/v1/kv_events",
+                           headers={"Last-Event-ID": str(last)}) as events:
+            assert events.status_code == 200
+            lines = (line for line in events.iter_lines() if line)
+            assert next(lines) == ": watching"
+            assert next(lines) == f"id: {last + 1}"
+            stored: set[str] = set()
+            for line in lines:
+                if line.startswith("data: "):
+                    batch = json.loads(line[len("data: "):])
+                    stored |= {h for e in batch["events"] if e["type"] == "block_stored"
+                               for h in e["block_hashes"]}
+                if {h.hex() for h in expected_missed} <= stored:
+                    break
+        bad = client.get("/v1/kv_events", headers={"Last-Event-ID": "yesterday"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "Last-Event-ID"
+        ahead = client.get("/v1/kv_events", params={"since_sequence_number": last + 10**6})
+        assert ahead.status_code == 400
+        assert ahead.json()["error"]["code"] == "KV_EVENTS_REPLAY_UNAVAILABLE"
+        assert ahead.json()["error"]["param"] == "since_sequence_number"
+
+
+def test_a_reconnect_past_the_servers_count_must_resync(server: EngineProcess) -> None:
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        call = discovery_pb2_grpc.DiscoveryStub(channel).WatchKvEvents(
+            discovery_pb2.WatchKvEventsRequest(since_sequence_number=10**9), timeout=WAIT_S)
+        with pytest.raises(grpc.RpcError) as refused:
+            next(call)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "since_sequence_number 1000000000" in refused.value.details()
+    assert "resync" in refused.value.details()
+    reasons = [value for key, value in refused.value.trailing_metadata()
+               if key == "grpc-status-details-bin"]
+    assert reasons and b"KV_EVENTS_REPLAY_UNAVAILABLE" in reasons[0]
 
 
 def test_an_unknown_model_is_refused_naming_the_field(server: EngineProcess) -> None:
