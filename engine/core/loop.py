@@ -165,12 +165,15 @@ def run_core_loop(
     called at least every IDLE_WAIT_S while idle and before each step. Returns on
     StopCore; raises whatever the core raises (the caller reports it)."""
     kv_events = core.kv_cache.pool.events
+    # Model-parallel runners check their ranks while idle (ModelRunner.keep_alive).
+    keep_alive: Callable[[], None] = getattr(core.runner, "keep_alive", lambda: None)
     while True:
         beat()
         if not _apply_commands(core, inbox, block=not core.has_unfinished_requests):
             return
         if not core.has_unfinished_requests:
             outputs = core.scheduler.take_pending_outputs()
+            keep_alive()
         else:
             outputs = core.step()
         if outputs:

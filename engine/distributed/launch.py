@@ -171,7 +171,8 @@ class RankProcesses:
         self._on_death: Callable[[], None] = (lambda: os._exit(1)) if exit_on_death else (
             lambda: None)
         # Ranks on other machines are not watched here: their death fails the next
-        # collective (their sockets close), which ends the step loop and the core.
+        # collective, or the idle loop's heartbeat (ModelRunner.keep_alive), which ends the
+        # step loop and the core.
         if processes:
             threading.Thread(target=self._watch, name="tp-rank-watch", daemon=True).start()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from enum import IntEnum
 
 import torch
@@ -33,6 +34,7 @@ class MessageKind(IntEnum):
     FORWARD = 1
     LOGITS = 2  # the payload is the hidden rows [rows, hidden] in the model's dtype
     STOP = 3
+    HEARTBEAT = 4  # an idle server's check that every rank still answers (header[1]: ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +82,20 @@ def send_logits_rows(tp: TensorParallel, hidden: torch.Tensor) -> None:
 
 def send_stop(tp: TensorParallel) -> None:
     _send_header(tp, MessageKind.STOP, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+def send_heartbeat(tp: TensorParallel, timeout_s: float) -> None:
+    """Rank 0, while idle: every rank must answer within `timeout_s`; raises RuntimeError
+    naming the ranks that did not (gloo's monitored barrier), or at once when a rank's
+    sockets closed (its process died)."""
+    timeout_ms = int(timeout_s * 1000)
+    _send_header(tp, MessageKind.HEARTBEAT, timeout_ms, 0, 0, 0, 0, 0, 0, 0)
+    answer_heartbeat(tp, timeout_ms)
+
+
+def answer_heartbeat(tp: TensorParallel, timeout_ms: int) -> None:
+    # On the control group (gloo on every backend): monitored_barrier is gloo's.
+    dist.monitored_barrier(group=tp.control_group, timeout=timedelta(milliseconds=timeout_ms))
 
 
 def _send_header(tp: TensorParallel, *values: int) -> None:

@@ -4,6 +4,7 @@ ids as rank 0, its own KV heads), then runs whatever rank 0 sends, until STOP:
     FORWARD  the step's inputs -> the forward pass (its all_reduces meet rank 0's)
     LOGITS   hidden rows -> this rank's vocab columns, gathered by rank 0
     STOP     leave
+    HEARTBEAT  answer rank 0's check, while the server is idle, that every rank is alive
 
 Started by engine/distributed/launch.py (multiprocessing spawn), on rank 0's machine or on
 another one (`engine-serve --headless`).
@@ -28,6 +29,7 @@ from engine.distributed.group import (
 )
 from engine.distributed.step_message import (
     MessageKind,
+    answer_heartbeat,
     receive_forward,
     receive_header,
     receive_logits_rows,
@@ -137,6 +139,9 @@ def serve_steps(runner: ModelRunner) -> None:
                             "collectives", tp.world_rank, steps, busy_s,
                             CollectiveClock.seconds, CollectiveClock.calls)
                 return
+            if kind is MessageKind.HEARTBEAT:
+                answer_heartbeat(tp, int(header[1]))
+                continue
             if kind is MessageKind.FORWARD:
                 inputs = receive_forward(tp, header, runner.block_size)
                 kv_caches, metadata = runner.kv_caches, inputs.attn_metadata

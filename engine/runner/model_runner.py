@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -13,7 +14,7 @@ from engine.attention.backend import AttentionMetadata
 from engine.core.batch import ScheduledBatch
 from engine.config import CacheConfig, LoRAConfig, ModelConfig
 from engine.distributed.group import SINGLE, TensorParallel, all_reduce_min
-from engine.distributed.step_message import send_forward, send_logits_rows
+from engine.distributed.step_message import send_forward, send_heartbeat, send_logits_rows
 from engine.kv_cache.groups import kv_cache_groups
 from engine.models.loader import LoadedModel, load_model, resolve_device
 from engine.core.outputs import ModelRunnerOutput
@@ -36,6 +37,13 @@ from engine.spec_decode.runner_step import has_drafts, sample_with_drafts
 
 logger = logging.getLogger(__name__)
 
+# An idle model-parallel server checks its ranks this often (no collective runs otherwise, so
+# a dead rank on another machine would go unnoticed until the next request); a rank that does
+# not answer within the timeout fails the core (a dead process fails it at once: its sockets
+# close).
+HEARTBEAT_INTERVAL_S = 2.0
+HEARTBEAT_TIMEOUT_S = 10.0
+
 
 class ModelRunner:
     def __init__(
@@ -53,6 +61,7 @@ class ModelRunner:
         its slice, the KV cache its KV heads; rank 0's `execute` sends every step's inputs to
         the other ranks, whose own loop (engine/distributed/worker.py) runs the forward."""
         self.tp = tp
+        self._last_contact = time.monotonic()  # the other ranks' last step or heartbeat
         # Run by close(): rank 0 stops the other ranks (engine/distributed/launch.py).
         self.on_close: list[Callable[[], None]] = []
         # None: the config's choice; "auto" becomes a concrete backend for the device here.
@@ -169,6 +178,7 @@ class ModelRunner:
             if self.tp.world_size > 1:
                 send_forward(self.tp, inputs.input_ids, inputs.positions, inputs.attn_metadata,
                              group_metadata=inputs.group_metadata)
+                self._last_contact = time.monotonic()
             metadata = inputs.attn_metadata
             if inputs.group_metadata:  # each layer reads its own group's block tables
                 metadata = self.layer_metadata(inputs.group_metadata)
@@ -201,6 +211,15 @@ class ModelRunner:
             prompt_logprobs=prompt_logprobs,
         )
 
+
+    def keep_alive(self) -> None:
+        """The core's loop calls this while idle: with other ranks, a heartbeat every
+        HEARTBEAT_INTERVAL_S (raises RuntimeError when a rank is gone)."""
+        if self.tp.world_size == 1 or not self.on_close:  # no ranks, or already stopped
+            return
+        if time.monotonic() - self._last_contact >= HEARTBEAT_INTERVAL_S:
+            send_heartbeat(self.tp, HEARTBEAT_TIMEOUT_S)
+            self._last_contact = time.monotonic()
 
     def close(self) -> None:
         for stop in self.on_close:

@@ -194,6 +194,10 @@ class GenerateAndEmbedRunner:
         """The generation runner's LoRA slots (engine/lora/slots.py), or None."""
         return self.runner.lora
 
+    def keep_alive(self) -> None:
+        """While idle: a model-parallel runner checks its ranks (ModelRunner.keep_alive)."""
+        self.runner.keep_alive()
+
     def execute(self, batch: ScheduledBatch) -> ModelRunnerOutput:
         if not batch.pooling:
             return self.runner.execute(batch)

@@ -139,6 +139,48 @@ def test_a_headless_second_node_serves_rank_one_and_leaves_with_the_server(
             node1.wait()
 
 
+def _headless_node(model_dir: Path, log: Path, flags: list[str]) -> subprocess.Popen:
+    with open(log, "wb") as node_log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "protoserve.cli.serve", "--headless", "--node-rank", "1",
+             "--model", str(model_dir), "--dtype", "float32", "--kv-cache-memory", "64MiB",
+             *flags], cwd=REPO_ROOT, start_new_session=True, stdout=node_log,
+            stderr=subprocess.STDOUT)
+
+
+@pytest.mark.parametrize("fault", ["killed", "frozen"])
+def test_an_idle_server_notices_a_dead_remote_rank(tiny_llama_dir: Path, tmp_path: Path,
+                                                   fault: str) -> None:
+    """Rank 0 watches only its own machine's rank processes; a rank on another machine that
+    dies while no request runs is noticed by the idle heartbeat: NOT_SERVING and exit 1.
+    Killed: its sockets close, the next heartbeat fails at once. Frozen (SIGSTOP, as a machine
+    that stopped answering with its connections open): the heartbeat's timeout."""
+    flags = ["--tensor-parallel-size", "2", "--nnodes", "2", "--master-addr", "127.0.0.1",
+             "--master-port", str(free_port())]
+    node1 = _headless_node(tiny_llama_dir, tmp_path / "node1.log", flags)
+    log = tmp_path / "node0.log"
+    try:
+        server = _serve(tiny_llama_dir, log, *flags)
+        try:
+            with grpc.insecure_channel(server.grpc_address) as channel:
+                watch = HealthWatch(channel, READINESS)
+                # Node 1 (its engine-serve and its rank) is gone; node 0 runs no request.
+                os.killpg(node1.pid, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+                code = server.process.wait(timeout=EXIT_BOUND_S)
+                seen = watch.until_closed(EXIT_BOUND_S)
+        finally:
+            server.stop()
+        assert code == 1, log.read_text()
+        assert NOT_SERVING in seen, seen
+        died = [line for line in log.read_text().splitlines() if "the engine died" in line]
+        assert died and ("Connection closed" in died[0] if fault == "killed"
+                         else "Rank 1 failed to pass monitoredBarrier" in died[0]), died
+    finally:
+        if node1.poll() is None:
+            os.killpg(node1.pid, signal.SIGKILL)
+            node1.wait()
+
+
 def test_a_size_that_does_not_split_the_model_fails_start_up(tiny_llama_dir: Path,
                                                              tmp_path: Path) -> None:
     log = tmp_path / "serve.log"
