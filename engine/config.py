@@ -257,7 +257,6 @@ class EngineConfig:
         refused = {
             "--enable-lora": self.lora is not None,
             "--speculative-config": self.speculative is not None,
-            "--kv-cache-dtype int8": self.cache.kv_cache_dtype != "auto",
             "--embedding-model": self.embedding_model is not None,
             "--task embed": self.model.task == "embed",
             f"--quantization {self.model.quantization}": self.model.quantization != "auto",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from greedy_reference import (
     GREEDY,
     assert_concurrent_greedy_matches,
@@ -23,13 +24,15 @@ from engine.frontend.llm import LLM
 pytestmark = pytest.mark.slow
 
 
-def _llm(model_dir: Path, tp: int, pp: int = 1, micro_batches: int | None = None) -> LLM:
+def _llm(model_dir: Path, tp: int, pp: int = 1, micro_batches: int | None = None,
+         kv_cache_dtype: str = "auto") -> LLM:
     # A small token budget forces chunked prefill mixed with decodes; 24 blocks of 8 cannot
     # hold all seven prompts at once and force preemption (as test_engine_vs_transformers).
     # Micro-batches of any size, so these small steps split.
     return LLM(str(model_dir), dtype="float32", max_num_batched_tokens=40, num_kv_blocks=24,
                block_size=8, tensor_parallel_size=tp, pipeline_parallel_size=pp,
-               pipeline_micro_batches=micro_batches, pipeline_micro_batch_min_tokens=1)
+               pipeline_micro_batches=micro_batches, pipeline_micro_batch_min_tokens=1,
+               kv_cache_dtype=kv_cache_dtype)
 
 
 CASES = [  # (family, tensor-parallel size, pipeline stages, micro-batches: None one per stage)
@@ -66,4 +69,23 @@ def test_model_parallel_equals_one_rank_and_transformers(
             assert min(counted.prefill_only, counted.decode_only, counted.mixed) > 0
         if pp > 1 and micro_batches == 1:
             assert PipelineCounters.split_steps == 0
+    assert [o.token_ids for o in outputs] == expected
+
+
+@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2)])
+def test_int8_kv_cache_splits_across_ranks(tmp_path: Path, tp: int, pp: int) -> None:
+    """Each rank quantizes the rows of its own KV heads (or layers) as one process would
+    (one scale per token and head): the tokens of one rank with the same int8 cache."""
+    model_dir = make_peaked_model(tmp_path / "llama", "llama")
+    prefix = prompts_from(7, [16])[0]
+    prompts = prompts_from(2, [3, 20], prefix) + prompts_from(1, [1, 7, 17, 33, 60])
+    with _llm(model_dir, 1, kv_cache_dtype="int8") as single:
+        single.generate([prefix + [5]], GREEDY)
+        expected = [o.token_ids for o in single.generate(prompts, GREEDY)]
+    with _llm(model_dir, tp, pp, kv_cache_dtype="int8") as llm:
+        llm.generate([prefix + [5]], GREEDY)  # caches the shared prefix
+        outputs = llm.generate(prompts, GREEDY)
+        assert [o.num_cached_tokens for o in outputs[:2]] == [16, 16]
+        assert llm.core.scheduler.num_preemptions > 0
+        assert llm.runner.kv_caches[0].dtype == torch.int8
     assert [o.token_ids for o in outputs] == expected

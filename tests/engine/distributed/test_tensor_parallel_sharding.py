@@ -12,7 +12,7 @@ from greedy_reference import make_peaked_model
 from transformers import AutoConfig
 from safetensors.torch import load_file
 
-from engine.config import EngineConfig, LoRAConfig, ModelConfig, ParallelConfig, CacheConfig
+from engine.config import EngineConfig, LoRAConfig, ModelConfig, ParallelConfig
 from engine.distributed.group import TensorParallel
 from engine.distributed.sharding import CheckpointSharder, shard_spec, stage_layers
 from engine.frontend.llm import LLM
@@ -112,7 +112,6 @@ def test_llm_refuses_a_size_that_does_not_split_before_starting_ranks(llama_dir:
 
 @pytest.mark.parametrize(("change", "flag"), [
     ({"lora": LoRAConfig()}, "--enable-lora"),
-    ({"cache": CacheConfig(kv_cache_dtype="int8")}, "--kv-cache-dtype int8"),
     ({"model": ModelConfig("m", quantization="int8")}, "--quantization int8"),
     ({"model": ModelConfig("m", task="embed")}, "--task embed"),
 ])
