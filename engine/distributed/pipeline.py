@@ -154,10 +154,11 @@ def run_stage(model: StageModel, input_ids: torch.Tensor, positions: torch.Tenso
         sending.append(tp.start_send_to_stage(hidden, tp.stage + 1))  # last: back to 0
     outputs = None
     if tp.stage == 0:
-        outputs = torch.cat([
+        received = [
             tp.receive_from_stage(model.hidden_buffer(batch.stop - batch.start,
                                                       input_ids.device), tp.num_stages - 1)
-            for batch in batches])
+            for batch in batches]
+        outputs = received[0] if len(received) == 1 else torch.cat(received)
     for work, _ in sending:
         work.wait()
     return outputs
