@@ -44,7 +44,7 @@ class EngineCore:
             group_windows=runner.kv_group_windows,
         )
         spec = (
-            SpecDecoder(config.speculative, max_model_len)
+            SpecDecoder(config.speculative, max_model_len, target=runner)
             if config.speculative is not None else None
         )
         self.scheduler = Scheduler(

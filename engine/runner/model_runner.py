@@ -11,7 +11,7 @@ import torch
 
 from engine.attention import resolve_attention_backend
 from engine.attention.backend import AttentionMetadata
-from engine.core.batch import ScheduledBatch
+from engine.core.batch import ScheduledBatch, ScheduledRequest
 from engine.config import CacheConfig, LoRAConfig, ModelConfig
 from engine.distributed.group import SINGLE, TensorParallel, all_reduce_min
 from engine.distributed.step_message import send_forward, send_heartbeat, send_logits_rows
@@ -43,6 +43,10 @@ logger = logging.getLogger(__name__)
 # close).
 HEARTBEAT_INTERVAL_S = 2.0
 HEARTBEAT_TIMEOUT_S = 10.0
+
+HiddenStateHook = Callable[
+    [list[ScheduledRequest], list[int], torch.Tensor, ModelRunnerOutput], None
+]
 
 
 class ModelRunner:
@@ -106,6 +110,9 @@ class ModelRunner:
             raise ValueError("--kv-cache-dtype int8 runs on the CPU backends only (the CUDA "
                              "kernels read bf16/fp16 caches)")
         self.sampler = Sampler(self.device)
+        # Called after each forward with (requests, row_starts, final-norm hidden states,
+        # output): an EAGLE head reads the target's features here (engine/spec_decode/eagle.py).
+        self.hidden_state_hook: HiddenStateHook | None = None
         profiled_budget = None
         # The profile runs whole steps, which tensor-parallel ranks would have to run together.
         if tp.world_size == 1 and needs_memory_profile(cache_config, self.device):
@@ -192,24 +199,27 @@ class ModelRunner:
                 batch.requests, inputs.row_starts, hidden, self.compute_logits
             )
             if not inputs.sample_requests:
-                return ModelRunnerOutput([], [], prompt_logprobs=prompt_logprobs)
-            if has_drafts(inputs.sample_requests):
+                output = ModelRunnerOutput([], [], prompt_logprobs=prompt_logprobs)
+            elif has_drafts(inputs.sample_requests):
                 output = sample_with_drafts(
                     self.sampler, hidden, inputs.sample_requests, inputs.sample_rows.tolist(),
                     self.compute_logits,
                 )
                 output.prompt_logprobs = prompt_logprobs
-                return output
-            if not inputs.samples_every_row_in_order:
-                hidden = hidden.index_select(0, inputs.sample_rows)
-            logits = self.compute_logits(hidden)
-            sampled = self.sampler.sample_with_logprobs(logits, inputs.sample_requests)
-        return ModelRunnerOutput(
-            request_ids=[request.request_id for request in inputs.sample_requests],
-            sampled_token_ids=sampled.token_ids,
-            logprobs=sampled.logprobs,
-            prompt_logprobs=prompt_logprobs,
-        )
+            else:
+                rows = (hidden if inputs.samples_every_row_in_order
+                        else hidden.index_select(0, inputs.sample_rows))
+                sampled = self.sampler.sample_with_logprobs(
+                    self.compute_logits(rows), inputs.sample_requests)
+                output = ModelRunnerOutput(
+                    request_ids=[request.request_id for request in inputs.sample_requests],
+                    sampled_token_ids=sampled.token_ids,
+                    logprobs=sampled.logprobs,
+                    prompt_logprobs=prompt_logprobs,
+                )
+            if self.hidden_state_hook is not None:
+                self.hidden_state_hook(batch.requests, inputs.row_starts, hidden, output)
+        return output
 
 
     def keep_alive(self) -> None:

@@ -3,6 +3,7 @@
     {"method": "ngram", "num_speculative_tokens": 4,
      "prompt_lookup_max": 4, "prompt_lookup_min": 2}
     {"method": "draft_model", "model": "/path/to/small-model", "num_speculative_tokens": 4}
+    {"method": "eagle", "model": "/path/to/eagle-head", "num_speculative_tokens": 4}
 
 Every error names the offending field, so a bad flag fails start-up with a clear message.
 """
@@ -12,7 +13,9 @@ import argparse
 import json
 from dataclasses import dataclass
 
-SPEC_METHODS = ("ngram", "draft_model")
+SPEC_METHODS = ("ngram", "draft_model", "eagle")
+# Methods that read a checkpoint named by the config's `model` field.
+MODEL_METHODS = ("draft_model", "eagle")
 # Fields of the reference's config this engine reads; others are refused rather than ignored,
 # so a typo never silently turns speculation into something else.
 _KNOWN_FIELDS = (
@@ -38,7 +41,8 @@ class SpeculativeConfig:
     # verifications) falls below this stops proposing for a while
     # (engine.spec_decode.proposals; the step cost model may stop it earlier).
     acceptance_floor: float = 0.25
-    # draft_model: the draft's local checkpoint directory (same tokenizer as the target).
+    # draft_model: the draft's local checkpoint directory (same tokenizer as the target);
+    # eagle: the EAGLE-1 head's directory (engine.spec_decode.eagle_head).
     model: str | None = None
 
     def __post_init__(self) -> None:
@@ -58,13 +62,16 @@ class SpeculativeConfig:
                 "speculative config field 'prompt_lookup_min' must be <= prompt_lookup_max, "
                 f"got {self.prompt_lookup_min} > {self.prompt_lookup_max}"
             )
-        if self.method == "draft_model" and not (isinstance(self.model, str) and self.model):
+        if self.method in MODEL_METHODS and not (isinstance(self.model, str) and self.model):
             raise ValueError(
-                "speculative config field 'model' is required for method draft_model "
+                f"speculative config field 'model' is required for method {self.method} "
                 "(the draft's checkpoint directory)"
             )
-        if self.method != "draft_model" and self.model is not None:
-            raise ValueError("speculative config field 'model' is only for method draft_model")
+        if self.method not in MODEL_METHODS and self.model is not None:
+            raise ValueError(
+                "speculative config field 'model' is only for methods "
+                f"{', '.join(MODEL_METHODS)}"
+            )
         floor = self.acceptance_floor
         if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor <= 1:
             raise ValueError(

@@ -23,8 +23,9 @@ even its first draft, proposes nothing for a cool-down of steps that doubles eac
 trips (16, 32, ... 512), then starts again from the prior estimate; so text the proposer does
 not predict pays only the lookup and a few verifications (about 5% of its steps over 128
 tokens).
-The proposer is the method's (`make_proposer`): n-gram lookup, or a draft model imported only
-when configured, so this module stays torch-free, as the scheduler does.
+The proposer is the method's (`make_proposer`): n-gram lookup, or a draft model or EAGLE
+head (which reads the target runner's hidden states) imported only when configured, so this
+module stays torch-free, as the scheduler does.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from typing import Protocol
 from engine.core.request import Request
 from engine.spec_decode.config import SpeculativeConfig
 from engine.spec_decode.cost_model import StepCostModel
+from engine.spec_decode.eligibility import params_speculate
 from engine.spec_decode.ngram import NgramProposer
 
 # Weight of the earlier verifications in a request's acceptance counts, per verification.
@@ -112,7 +114,14 @@ class Proposer(Protocol):
     def forget(self, request_id: str) -> None: ...
 
 
-def make_proposer(config: SpeculativeConfig) -> Proposer:
+def make_proposer(config: SpeculativeConfig, target: object | None = None) -> Proposer:
+    """`target`: the engine's runner, whose hidden states an EAGLE head reads."""
+    if config.method == "eagle":
+        if target is None:
+            raise ValueError("speculative config method 'eagle' needs the target's runner")
+        from engine.spec_decode.eagle import build_eagle_proposer
+
+        return build_eagle_proposer(config, target)
     if config.method == "draft_model":
         assert config.model is not None  # the config refuses draft_model without one
         # Imported only here: torch and transformers stay out of the scheduler's imports.
@@ -123,21 +132,15 @@ def make_proposer(config: SpeculativeConfig) -> Proposer:
 
 
 def is_speculation_eligible(request: Request) -> bool:
-    params = request.sampling_params
-    return (
-        request.pooling_params is None
-        and params.logprobs is None
-        and params.prompt_logprobs is None
-        and not params.use_beam_search
-        and (params.best_of is None or params.best_of <= params.n)
-    )
+    return request.pooling_params is None and params_speculate(request.sampling_params)
 
 
 class SpecDecoder:
-    def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
+    def __init__(self, config: SpeculativeConfig, max_model_len: int,
+                 target: object | None = None) -> None:
         self.config = config
         self.max_model_len = max_model_len
-        self.proposer = make_proposer(config)
+        self.proposer = make_proposer(config, target)
         self.stats = SpecDecodeStats(accepted_per_pos=[0] * config.num_speculative_tokens)
         self.cost = StepCostModel()
         self._back_off: dict[str, _BackOff] = {}
