@@ -152,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="JSON", help="speculative decoding, the reference server's shape: "
                    "'{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
                    "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}', or method "
-                   "draft_model with \"model\": a small model's directory (same tokenizer) "
-                   "(default: off)")
+                   "draft_model with \"model\": a small model's directory (same tokenizer), "
+                   "or eagle with \"model\": an EAGLE-1 head's directory (default: off)")
     p.add_argument("--engine-core", choices=ENGINE_CORE_MODES, default="process",
                    help="process: the step loop runs in a process of its own, in parallel with "
                         "the gRPC threads; thread: on a thread of the serving process")
