@@ -126,6 +126,8 @@ class Scheduler:
     ) -> tuple[int, bool]:
         preempted = False
         idx = 0
+        if self.spec is not None:  # batched proposals for the requests below
+            self.spec.prefetch(self.running, len(self.running))
         while idx < len(self.running) and budget > 0:
             request = self.running[idx]
             num_wanted = request.num_tokens - request.num_computed_tokens

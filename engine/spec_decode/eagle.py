@@ -9,9 +9,10 @@ Two halves, both on the engine core's step thread:
   head in one batch for all requests, paired with the token after each (the next prompt
   token, the accepted draft, or the token just sampled). That writes the head's KV for those
   positions and leaves the head's output at the newest settled position.
-- When the scheduler asks for k drafts (`propose`), the LM head on that output gives the
-  first draft; each further draft runs the head one position on its own guess (its output
-  standing in for the target's hidden state). Those guessed positions' KV is dropped when the
+- When the scheduler asks for k drafts (`propose_batch`, all requests of the step at
+  once), the LM head on that output gives the first draft; each further draft runs the head
+  one position on its own guess (its output standing in for the target's hidden state), one
+  batch for all requests still drafting. Those guessed positions' KV is dropped when the
   next step's settled rows arrive, so the head's cache only ever holds the target's features.
 
 The head's KV lives in a dense per-request cache here, not in the paged KV cache: a request
@@ -23,7 +24,7 @@ the verifier's rule exact for any sampling.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,7 @@ from engine.core.outputs import ModelRunnerOutput
 from engine.spec_decode.config import SpeculativeConfig
 from engine.spec_decode.eagle_head import DraftKV, EagleHead, Segment
 from engine.spec_decode.eligibility import params_speculate
+from engine.spec_decode.target import generation_runner
 
 
 @dataclass(slots=True)
@@ -126,26 +128,45 @@ class EagleProposer:
         cache.length = start - cache.first_position
         return cache
 
-    @torch.inference_mode()
     def propose(self, request_id: str, token_ids: Sequence[int], num_tokens: int) -> list[int]:
-        state = self._states.get(request_id)
-        # The head must have settled every position before the newest token, fed with it.
-        if (state is None or state.settled_end != len(token_ids) - 1
-                or state.last_token != token_ids[-1] or num_tokens <= 0):
-            return []
-        cache = state.cache
-        cache.length = state.settled_end - cache.first_position
-        output = state.last_output[None]
-        proposals: list[int] = []
+        return self.propose_batch({request_id: (token_ids, num_tokens)}).get(request_id, [])
+
+    @torch.inference_mode()
+    def propose_batch(
+        self, wanted: Mapping[str, tuple[Sequence[int], int]]
+    ) -> dict[str, list[int]]:
+        """Up to `num_tokens` drafts after each request's `token_ids`; the head's steps run
+        every request still drafting as one batch."""
+        proposals: dict[str, list[int]] = {}
+        active: list[tuple[str, _HeadState, int]] = []
+        for request_id, (token_ids, num_tokens) in wanted.items():
+            proposals[request_id] = []
+            state = self._states.get(request_id)
+            # The head must have settled every position before the newest token, fed
+            # with it; otherwise (a request it has not caught up with) no drafts.
+            if (state is None or state.settled_end != len(token_ids) - 1
+                    or state.last_token != token_ids[-1] or num_tokens <= 0):
+                continue
+            state.cache.length = state.settled_end - state.cache.first_position
+            active.append((request_id, state, num_tokens))
+        if not active:
+            return proposals
+        outputs = torch.stack([state.last_output for _, state, _ in active])
         device = self.embedding.device
-        for step in range(num_tokens):
-            token = int(self.compute_logits(output)[0].argmax())
-            proposals.append(token)
-            if step + 1 == num_tokens:
+        for step in range(max(count for _, _, count in active)):
+            tokens = self.compute_logits(outputs).argmax(dim=-1).tolist()
+            for (request_id, _, _), token in zip(active, tokens):
+                proposals[request_id].append(token)
+            going = [i for i, (_, _, count) in enumerate(active) if count > step + 1]
+            if not going:
                 break
-            position = torch.tensor([state.settled_end + step], device=device)
-            output = self.head.forward(self.embedding[token][None], output, position,
-                                       [Segment(cache, 1)])
+            rows = torch.tensor(going, device=device)
+            token_ids = torch.tensor([tokens[i] for i in going], device=device)
+            positions = torch.tensor([active[i][1].settled_end + step for i in going],
+                                     device=device)
+            active = [active[i] for i in going]
+            outputs = self.head.forward(self.embedding[token_ids], outputs[rows], positions,
+                                        [Segment(state.cache, 1) for _, state, _ in active])
         return proposals
 
     def forget(self, request_id: str) -> None:
@@ -154,12 +175,7 @@ class EagleProposer:
 
 def build_eagle_proposer(config: SpeculativeConfig, target: object) -> EagleProposer:
     """The head for `target`'s generation runner, attached as its hidden-state hook."""
-    from engine.runner.model_runner import ModelRunner
-    from engine.runner.pooling import GenerateAndEmbedRunner
-
-    runner = target.runner if isinstance(target, GenerateAndEmbedRunner) else target
-    if not isinstance(runner, ModelRunner):
-        raise ValueError("speculative config method 'eagle' needs a generation runner")
+    runner = generation_runner(target, "eagle")
     model = runner.loaded.model
     dims = getattr(model, "dims", None)
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)

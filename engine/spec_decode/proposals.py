@@ -124,10 +124,14 @@ def make_proposer(config: SpeculativeConfig, target: object | None = None) -> Pr
         return build_eagle_proposer(config, target)
     if config.method == "draft_model":
         assert config.model is not None  # the config refuses draft_model without one
-        # Imported only here: torch and transformers stay out of the scheduler's imports.
+        # Imported only here: torch and the runner stay out of the scheduler's imports.
         from engine.spec_decode.draft_model import DraftModelProposer
+        from engine.spec_decode.target import generation_runner
 
-        return DraftModelProposer(config.model)
+        if target is None:
+            return DraftModelProposer(config.model)
+        runner = generation_runner(target, "draft_model")
+        return DraftModelProposer(config.model, runner.loaded.dtype, runner.device)
     return NgramProposer(config.prompt_lookup_max, config.prompt_lookup_min)
 
 
@@ -144,6 +148,30 @@ class SpecDecoder:
         self.stats = SpecDecodeStats(accepted_per_pos=[0] * config.num_speculative_tokens)
         self.cost = StepCostModel()
         self._back_off: dict[str, _BackOff] = {}
+        # This step's drafts from `prefetch`, by request.
+        self._prefetched: dict[str, list[int]] = {}
+
+    def prefetch(self, requests: Sequence[Request], num_requests: int) -> None:
+        """With a proposer that batches (draft model, EAGLE head): the drafts of every
+        request at its decode point in one call, which `propose` then hands out (cut to the
+        step's remaining budget), so N requests cost one batched draft step per token."""
+        self._prefetched = {}
+        batched = getattr(self.proposer, "propose_batch", None)
+        if batched is None:
+            return
+        wanted: dict[str, tuple[Sequence[int], int]] = {}
+        for request in requests:
+            if (request.num_tokens - request.num_computed_tokens != 1
+                    or not is_speculation_eligible(request)):
+                continue
+            state = self._back_off.get(request.request_id) or _BackOff()
+            if state.skip > 0:
+                continue
+            limit = self.config.num_speculative_tokens + 1
+            if count := self._num_drafts(request, state, limit, num_requests):
+                wanted[request.request_id] = (request.all_token_ids, count)
+        if wanted:
+            self._prefetched = batched(wanted)
 
     def propose(self, request: Request, budget: int, num_requests: int = 1) -> list[int]:
         """Draft tokens to verify after the request's newest token this step ([] for none).
@@ -157,6 +185,20 @@ class SpecDecoder:
         if state.skip > 0:
             state.skip -= 1
             return []
+        count = self._num_drafts(request, state, budget, num_requests)
+        if count < 0:
+            state.trip()
+        if count <= 0:
+            return []
+        drafts = self._prefetched.pop(request.request_id, None)
+        if drafts is None:
+            drafts = self.proposer.propose(request.request_id, request.all_token_ids, count)
+        return drafts[:count]
+
+    def _num_drafts(self, request: Request, state: _BackOff, budget: int,
+                    num_requests: int) -> int:
+        """How many drafts the request gets: 0 for none this step, -1 for none and a
+        back-off (its acceptance is too low to be worth any)."""
         # A draft can only be kept while the request may still grow: never past max_tokens
         # (the target's own token follows the drafts) nor the context window.
         room = min(
@@ -166,7 +208,7 @@ class SpecDecoder:
             self.max_model_len - request.num_tokens - 1,
         )
         if room <= 0:
-            return []
+            return 0
         acceptance = state.acceptance
         params = request.sampling_params
         if params.seed is not None and not params.is_greedy:
@@ -178,9 +220,8 @@ class SpecDecoder:
             threshold = self.cost.draft_threshold(num_requests)
         worth = drafts_worth_verifying(acceptance, threshold, room)
         if worth == 0 or acceptance < self.config.acceptance_floor:
-            state.trip()
-            return []
-        return self.proposer.propose(request.request_id, request.all_token_ids, worth)
+            return -1
+        return worth
 
     def record(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
         """One verification's outcome: counters, and the request's back-off state."""

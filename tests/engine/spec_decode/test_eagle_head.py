@@ -65,8 +65,11 @@ def test_proposals_equal_the_reference_head(tmp_path: Path, target_dir: Path,
     # A prompt in two chunks; the second batched with another request's only chunk.
     proposer.extend([_rows("a", seq, hidden, 0, 7)])
     proposer.extend([_rows("a", seq, hidden, 7, 23), _rows("b", other, other_hidden, 0, 16)])
-    assert proposer.propose("a", seq, 3) == reference.proposals(seq, hidden, 0, 3)
-    assert proposer.propose("b", other, 4) == reference.proposals(other, other_hidden, 0, 4)
+    # Both requests' drafts in one batch, of different lengths.
+    assert proposer.propose_batch({"a": (seq, 3), "b": (other, 4)}) == {
+        "a": reference.proposals(seq, hidden, 0, 3),
+        "b": reference.proposals(other, other_hidden, 0, 4),
+    }
 
     # A verification that kept one draft: the newest token and the draft settle.
     longer = seq + [rng.randrange(1, VOCAB) for _ in range(2)]

@@ -41,14 +41,16 @@ def test_engine_proposals_equal_the_reference_head(tmp_path: Path) -> None:
               max_num_batched_tokens=16, speculative_config=_eagle(head_dir))
     proposer = llm.core.scheduler.spec.proposer  # type: ignore[union-attr]
     calls: list[tuple[list[int], list[int]]] = []
-    propose = proposer.propose
+    batch_sizes: list[int] = []
+    propose_batch = proposer.propose_batch
 
-    def recording(request_id: str, token_ids, num_tokens: int) -> list[int]:
-        drafts = propose(request_id, token_ids, num_tokens)
-        calls.append((list(token_ids), drafts))
+    def recording(wanted: dict) -> dict[str, list[int]]:
+        drafts = propose_batch(wanted)
+        calls.extend((list(wanted[request_id][0]), drafts[request_id]) for request_id in wanted)
+        batch_sizes.append(len(wanted))
         return drafts
 
-    proposer.propose = recording
+    proposer.propose_batch = recording
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     llm.generate(prompts_from(40, [21, 9, 30]), params)
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
@@ -63,6 +65,7 @@ def test_engine_proposals_equal_the_reference_head(tmp_path: Path) -> None:
         assert drafts == reference.proposals(token_ids, hidden, 0, len(drafts))
         checked += 1
     assert checked >= 6, calls
+    assert max(batch_sizes) > 1  # several requests' drafts in one batched call
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
