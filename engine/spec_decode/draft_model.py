@@ -44,11 +44,15 @@ class _DraftState:
 class DraftModelProposer:
     def __init__(self, model_path: str, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", max_num_seqs: int = 256) -> None:
-        self.runner = ModelRunner(
-            ModelConfig(model_path, dtype=_DTYPE_NAMES.get(dtype, "float32"),
-                        device=str(device)),
-            CacheConfig(enable_prefix_caching=False), max_num_seqs=max_num_seqs,
-        )
+        # A runner seeds torch's default generator (--seed): the target's seeding must stand,
+        # since requests without a seed of their own draw from it.
+        cuda_devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda_devices):
+            self.runner = ModelRunner(
+                ModelConfig(model_path, dtype=_DTYPE_NAMES.get(dtype, "float32"),
+                            device=str(device)),
+                CacheConfig(enable_prefix_caching=False), max_num_seqs=max_num_seqs,
+            )
         self.block_size = self.runner.block_size
         self.max_positions: int = self.runner.loaded.max_model_len
         self._free_blocks = list(range(self.runner.num_blocks - 1, -1, -1))
