@@ -105,3 +105,18 @@ def test_a_head_that_guesses_right_has_every_draft_accepted(tmp_path: Path) -> N
     assert stats.num_draft_tokens > 0
     assert stats.num_accepted_tokens == stats.num_draft_tokens
     assert stats.accepted_per_pos[3] > 0
+
+
+def test_bf16_verification_on_the_fused_path_keeps_greedy_output(tmp_path: Path) -> None:
+    """bf16 (the CPU default: verification rows on the fused decode layers, the head in
+    bf16): greedy tokens equal the non-speculative bf16 engine's, drafts accepted."""
+    target_dir = make_embedding_following_target(
+        tmp_path / "target", make_peaked_model(tmp_path / "source", "llama"))
+    head_dir = make_eagle_head(tmp_path / "head", target_dir, follows_embedding=True)
+    prompts = prompts_from(61, [10, 20, 3])
+    plain = LLM(str(target_dir), dtype="bfloat16", num_kv_blocks=128, block_size=16)
+    expected = [out.token_ids for out in plain.generate(prompts, GREEDY)]
+    spec = LLM(str(target_dir), dtype="bfloat16", num_kv_blocks=128, block_size=16,
+               speculative_config=_eagle(head_dir))
+    assert [out.token_ids for out in spec.generate(prompts, GREEDY)] == expected
+    assert _stats(spec).num_accepted_tokens > 0
