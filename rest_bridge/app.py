@@ -61,7 +61,8 @@ def create_app(settings: BridgeSettings) -> FastAPI:
     # Inside it too, so the bridge's span can name the request id.
     app.add_middleware(TraceContextMiddleware,
                        tracer=init_tracer("protoserve-bridge", settings.otlp_traces_endpoint))
-    app.add_middleware(RequestContextMiddleware, api_key=settings.api_key)
+    app.add_middleware(RequestContextMiddleware, api_key=settings.api_key,
+                       admin_key_sha256=settings.admin_key_sha256)
     # Last added = outermost: preflights are answered before the API-key check.
     install_cors(app, settings.allowed_origins, allow_credentials=settings.allow_credentials,
                  methods=settings.allowed_methods, headers=settings.allowed_headers)

@@ -24,7 +24,12 @@ from protoserve.tracing import check_tracing_available
 from rest_bridge.app import create_app
 from rest_bridge.chat_options import add_chat_args, chat_options_from_args
 from rest_bridge.http_limits import limited_protocol
-from rest_bridge.http_options import ENGINE_API_KEY_ENV, add_http_args, limits_from_args
+from rest_bridge.http_options import (
+    ADMIN_KEY_SHA256_ENV,
+    ENGINE_API_KEY_ENV,
+    add_http_args,
+    limits_from_args,
+)
 from rest_bridge.settings import BridgeSettings, validate_engine_address
 
 API_KEY_ENV = "PROTOSERVE_API_KEY"
@@ -130,6 +135,7 @@ def settings_from_args(args: argparse.Namespace) -> BridgeSettings:
         otlp_traces_endpoint=args.otlp_traces_endpoint,
         chat=chat_options_from_args(args),
         drain_timeout=args.drain_timeout,
+        admin_key_sha256=os.environ.get(ADMIN_KEY_SHA256_ENV) or None,
     )
 
 

@@ -194,17 +194,27 @@ class EngineClient:
         return self._model_ids.get(name, name)
 
     async def load_lora_adapter(
-        self, request: admin_pb2.LoadLoraAdapterRequest, *, timeout: float | None
+        self, request: admin_pb2.LoadLoraAdapterRequest, *, timeout: float | None,
+        admin_key: str | None = None,
     ) -> None:
-        """Admin/LoadLoraAdapter with the bridge's key (the engine's admin rules apply)."""
-        await self._admin.LoadLoraAdapter(request, timeout=timeout, metadata=self._auth)
+        """Admin/LoadLoraAdapter with the caller's admin key, else the bridge's key (the
+        engine's admin rules apply)."""
+        await self._admin.LoadLoraAdapter(request, timeout=timeout,
+                                          metadata=self._admin_auth(admin_key))
         self._model_ids = None  # served names changed: learn them again
 
     async def unload_lora_adapter(
-        self, request: admin_pb2.UnloadLoraAdapterRequest, *, timeout: float | None
+        self, request: admin_pb2.UnloadLoraAdapterRequest, *, timeout: float | None,
+        admin_key: str | None = None,
     ) -> None:
-        await self._admin.UnloadLoraAdapter(request, timeout=timeout, metadata=self._auth)
+        await self._admin.UnloadLoraAdapter(request, timeout=timeout,
+                                            metadata=self._admin_auth(admin_key))
         self._model_ids = None
+
+    def _admin_auth(self, admin_key: str | None) -> tuple[tuple[str, str], ...]:
+        if admin_key is None:
+            return self._auth
+        return ((AUTHORIZATION_METADATA_KEY, f"Bearer {admin_key}"),)
 
     async def check_ready(self, *, timeout: float) -> bool:
         """True when the engine's health service reports the Inference service SERVING."""

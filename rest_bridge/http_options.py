@@ -17,6 +17,9 @@ if TYPE_CHECKING:  # engine-serve reads these flags too and never serves REST it
     from fastapi import FastAPI
 
 ENGINE_API_KEY_ENV = "PROTOSERVE_ENGINE_API_KEY"
+# Hex SHA-256 of the engine's --admin-api-key, which the runtime LoRA routes then accept
+# (engine-serve sets it for the bridge it starts; the key itself never reaches the bridge).
+ADMIN_KEY_SHA256_ENV = "PROTOSERVE_ADMIN_API_KEY_SHA256"
 CERT_REQS_CHOICES = (ssl.CERT_NONE, ssl.CERT_OPTIONAL, ssl.CERT_REQUIRED)
 
 

@@ -1,7 +1,15 @@
 """Pure ASGI middleware (no BaseHTTPMiddleware, which breaks streaming and disconnects):
-request ids and the optional API key."""
+request ids and the optional API key.
+
+The runtime LoRA routes change what the server serves, so where the engine has an operators'
+key (`--admin-api-key`) they take that key instead of the client key: the bridge holds only
+its SHA-256 (the key itself stays out of the bridge's process, which never needs it for
+anything else), accepts a caller presenting it on those routes, and forwards the caller's key
+to the engine's Admin service, which checks it again. A client key there gets the engine's
+refusal naming the admin key (401), as on gRPC."""
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import uuid
@@ -18,6 +26,10 @@ _MAX_REQUEST_ID_LENGTH = 256
 _PROTECTED_PREFIX = "/v1"
 # Outside /v1 but they run the model's tokenizer for the caller, so the key covers them too.
 _PROTECTED_PATHS = frozenset({"/tokenize", "/detokenize"})
+# Routes that call the engine's Admin service (rest_bridge/routes/lora_adapters.py).
+ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
+# scope["state"] key of the caller's admin key, set only on ADMIN_PATHS when it matched.
+ADMIN_KEY_STATE = "admin_key"
 _KEY_REQUIRED_MESSAGE = ("a valid API key is required (Authorization: Bearer <key>, or "
                          "x-api-key: <key>)")
 
@@ -38,9 +50,13 @@ class RequestContextMiddleware:
     `request_id`), and echoed in the `X-Request-Id` response header.
     """
 
-    def __init__(self, app: ASGIApp, *, api_key: str | None) -> None:
+    def __init__(self, app: ASGIApp, *, api_key: str | None,
+                 admin_key_sha256: str | None = None) -> None:
+        """`admin_key_sha256`: hex SHA-256 of the engine's admin key (None: it has none)."""
         self.app = app
         self._api_key = api_key
+        self._admin_digest = (bytes.fromhex(admin_key_sha256)
+                              if admin_key_sha256 is not None else None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -64,6 +80,13 @@ class RequestContextMiddleware:
                                   param="X-Request-Id")
                 return
             state["request_id"] = header_id
+        if self._admin_digest is not None and _route_path(scope) in ADMIN_PATHS:
+            presented = _presented_key(headers)
+            if presented is not None and hmac.compare_digest(
+                    hashlib.sha256(presented.encode()).digest(), self._admin_digest):
+                state[ADMIN_KEY_STATE] = presented
+                await self.app(scope, receive, send_with_request_id)
+                return
         if self._api_key is not None and not self._authorized(scope, headers):
             if is_anthropic_path(_route_path(scope)):
                 await _send_json(send_with_request_id, 401, anthropic_error_bytes(
@@ -89,6 +112,15 @@ class RequestContextMiddleware:
             return True
         scheme, _, token = headers.get("authorization", "").partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key)
+
+
+def _presented_key(headers: Headers) -> str | None:
+    """The caller's key: x-api-key (Anthropic's clients) or the bearer token."""
+    api_key_header = headers.get("x-api-key")
+    if api_key_header is not None:
+        return api_key_header.strip()
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
 
 
 def _route_path(scope: Scope) -> str:

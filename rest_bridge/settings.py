@@ -49,6 +49,9 @@ class BridgeSettings:
     chat: ChatOptions = field(default_factory=ChatOptions)
     # Sent to the engine as `authorization: Bearer <key>` metadata; None sends nothing.
     engine_api_key: str | None = None
+    # Hex SHA-256 of the engine's admin key: the runtime LoRA routes accept that key
+    # (rest_bridge/middleware.py); None: they take the API key like every /v1 route.
+    admin_key_sha256: str | None = None
     # CORS; no origins means no CORS middleware at all.
     allowed_origins: tuple[str, ...] = ()
     allow_credentials: bool = False

@@ -7,11 +7,12 @@ does not show in `ps`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 
 from engine.server.security import HEALTH_SERVICE, REFLECTION_SERVICES, GrpcTls
-from rest_bridge.http_options import LIMIT_FLAGS, add_http_args
+from rest_bridge.http_options import ADMIN_KEY_SHA256_ENV, LIMIT_FLAGS, add_http_args
 
 API_KEY_ENV = "PROTOSERVE_API_KEY"
 ADMIN_API_KEY_ENV = "PROTOSERVE_ADMIN_API_KEY"
@@ -26,8 +27,9 @@ def add_surface_args(p: argparse.ArgumentParser) -> None:
                    f"/detokenize and on gRPC calls (or set {API_KEY_ENV})")
     p.add_argument("--admin-api-key", default=None,
                    help="the operators' key: required on the gRPC Admin service (Abort of any "
-                   "request, Drain), which the --api-key never opens; without it, Admin is "
-                   f"disabled on a server that has an --api-key (or set {ADMIN_API_KEY_ENV})")
+                   "request, Drain, LoRA adapters) and on REST /v1/load_lora_adapter and "
+                   "/v1/unload_lora_adapter, which the --api-key never opens; without it, Admin "
+                   f"is disabled on a server that has an --api-key (or set {ADMIN_API_KEY_ENV})")
     p.add_argument("--grpc-auth-exempt-health", action=argparse.BooleanOptionalAction,
                    default=True, help="gRPC health checks need no API key")
     p.add_argument("--grpc-auth-exempt-reflection", action=argparse.BooleanOptionalAction,
@@ -105,9 +107,15 @@ def bridge_surface_args(args: argparse.Namespace) -> list[str]:
 def bridge_env(args: argparse.Namespace) -> dict[str, str]:
     """The environment of a bridge child: the key for REST clients and for the engine hop."""
     env = dict(os.environ)
-    # The bridge never calls Admin: the operators' key stays out of its process.
+    # The operators' key stays out of the bridge's process: the runtime LoRA routes, its
+    # only Admin calls, check the caller's key against its SHA-256 (rest_bridge/middleware.py)
+    # and the engine checks it again.
     env.pop(ADMIN_API_KEY_ENV, None)
+    env.pop(ADMIN_KEY_SHA256_ENV, None)
     key = resolve_api_key(args)
     if key:
         env[API_KEY_ENV] = key
+    admin_key = resolve_admin_api_key(args)
+    if admin_key:
+        env[ADMIN_KEY_SHA256_ENV] = hashlib.sha256(admin_key.encode()).hexdigest()
     return env

@@ -3,7 +3,8 @@ LoRA routes, over the engine's Admin/LoadLoraAdapter and Admin/UnloadLoraAdapter
 decides whether runtime updating is allowed (--allow-runtime-lora-updating or
 VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; otherwise 404 saying which flag, as the reference has no
 such routes then) and checks the adapter (400 naming the file and field; 404 unloading a name
-not loaded). Success answers plain text, as there."""
+not loaded). Success answers plain text, as there. Where the engine has an admin key, these
+routes take it (rest_bridge/middleware.py) and pass it on to Admin."""
 from __future__ import annotations
 
 from typing import Any
@@ -15,6 +16,7 @@ from pydantic import BaseModel
 
 from protoserve.v1 import admin_pb2
 from rest_bridge.errors import BridgeError, bridge_error_from_rpc
+from rest_bridge.middleware import ADMIN_KEY_STATE
 from rest_bridge.routes.route_context import ERROR_RESPONSES, RouteContext
 
 router = APIRouter()
@@ -44,7 +46,7 @@ async def load_lora_adapter(body: LoadLoraAdapterBody, request: Request) -> Plai
         await ctx.client.load_lora_adapter(
             admin_pb2.LoadLoraAdapterRequest(lora_name=body.lora_name, lora_path=body.lora_path,
                                              base_model_name=body.base_model_name or ""),
-            timeout=ctx.settings.request_timeout)
+            timeout=ctx.settings.request_timeout, admin_key=_admin_key(request))
     except grpc.aio.AioRpcError as error:
         raise _route_error(error) from None
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
@@ -57,10 +59,15 @@ async def unload_lora_adapter(body: UnloadLoraAdapterBody, request: Request) -> 
         await ctx.client.unload_lora_adapter(
             admin_pb2.UnloadLoraAdapterRequest(lora_name=body.lora_name,
                                                lora_path=body.lora_path or ""),
-            timeout=ctx.settings.request_timeout)
+            timeout=ctx.settings.request_timeout, admin_key=_admin_key(request))
     except grpc.aio.AioRpcError as error:
         raise _route_error(error) from None
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+def _admin_key(request: Request) -> str | None:
+    key = getattr(request.state, ADMIN_KEY_STATE, None)
+    return key if isinstance(key, str) else None
 
 
 def _route_error(error: grpc.aio.AioRpcError) -> BridgeError:

@@ -1,6 +1,7 @@
 """Multi-LoRA served: adapters selected by model name over gRPC Generate and the OpenAI SDK
 give peft's greedy tokens, /v1/models and Discovery list them with their parent, and adapters
-load and unload at runtime (REST routes and Admin RPCs) with clear errors for bad ones."""
+load and unload at runtime (REST routes and Admin RPCs, under the admin key where there is
+one) with clear errors for bad ones."""
 from __future__ import annotations
 
 import json
@@ -189,3 +190,39 @@ def test_adapter_rpcs_on_a_server_without_lora_say_how_to_enable_it(
                 lora_name="x", lora_path="/tmp/x"))
     assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "--enable-lora" in raised.value.details()
+
+
+def test_runtime_lora_routes_take_the_admin_key(
+    tiny_llama_dir: Path, adapters: dict[str, Path]
+) -> None:
+    """With --admin-api-key, REST adapter loading takes that key (bearer or x-api-key) and
+    refuses the client key with the engine's answer naming the admin key, as Admin does over
+    gRPC; requests then use the adapter with the client key."""
+    process = start_engine(
+        tiny_llama_dir, "--enable-lora", "--max-lora-rank", "8", "--api-key", "client-key",
+        "--admin-api-key", "admin-key", role="all",
+        env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"},
+    )
+    try:
+        url = process.http_url
+        body = {"lora_name": "gamma", "lora_path": str(adapters["gamma"])}
+
+        def load(headers: dict[str, str]) -> httpx.Response:
+            return httpx.post(f"{url}/v1/load_lora_adapter", json=body, headers=headers)
+
+        assert load({}).status_code == 401
+        refused = load({"Authorization": "Bearer client-key"})
+        assert refused.status_code == 401, refused.text
+        assert "admin API key is required" in refused.json()["error"]["message"]
+        assert load({"Authorization": "Bearer wrong"}).status_code == 401
+        loaded = load({"Authorization": "Bearer admin-key"})
+        assert loaded.status_code == 200, loaded.text
+        client = {"Authorization": "Bearer client-key"}
+        completion = httpx.post(f"{url}/v1/completions", headers=client, json={
+            "model": "gamma", "prompt": PROMPT, "max_tokens": 2})
+        assert completion.status_code == 200, completion.text
+        unloaded = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "gamma"},
+                              headers={"x-api-key": "admin-key"})
+        assert unloaded.status_code == 200, unloaded.text
+    finally:
+        process.stop()

@@ -5,6 +5,7 @@ model: only the interceptor decides here."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 
 import grpc
 import pytest
@@ -15,6 +16,7 @@ from engine.server.grpc_server import EngineServer, GrpcServerConfig
 from protoserve.cli.serve import build_parser
 from protoserve.cli.surface_args import ADMIN_API_KEY_ENV, bridge_env, grpc_security
 from protoserve.v1 import admin_pb2, admin_pb2_grpc, discovery_pb2, discovery_pb2_grpc
+from rest_bridge.http_options import ADMIN_KEY_SHA256_ENV
 
 CLIENT, ADMIN = "client-key", "admin-key"
 DENIED = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
@@ -87,5 +89,12 @@ def test_engine_serve_flags_and_the_bridge_environment(monkeypatch: pytest.Monke
     monkeypatch.setenv(ADMIN_API_KEY_ENV, ADMIN)
     from_env = grpc_security(build_parser().parse_args([]))
     assert from_env["admin_api_key"] == ADMIN
-    # The bridge never calls Admin: the operators' key stays out of its environment.
-    assert ADMIN_API_KEY_ENV not in bridge_env(args)
+    # The operators' key stays out of the bridge's environment: only its SHA-256, which the
+    # runtime LoRA routes check callers against.
+    env = bridge_env(args)
+    assert ADMIN_API_KEY_ENV not in env
+    assert ADMIN not in env.values()
+    assert env[ADMIN_KEY_SHA256_ENV] == hashlib.sha256(ADMIN.encode()).hexdigest()
+    monkeypatch.delenv(ADMIN_API_KEY_ENV)
+    client_only = bridge_env(build_parser().parse_args(["--api-key", CLIENT]))
+    assert ADMIN_KEY_SHA256_ENV not in client_only
