@@ -1,6 +1,8 @@
 """The bridge's Prometheus metrics: request latencies as its clients see them (recorded from
 each Generate stream, once per event), plus the engine's queue and KV gauges and prefix-cache
-counters fetched with Discovery.GetLoad at scrape time, and cache_config_info from the model's
+counters fetched with Discovery.GetLoad at scrape time (with --metrics-compat also
+lora_requests_info's adapter labels, as the reference serves them on its API port), and
+cache_config_info from the model's
 Discovery entry. Served at GET /metrics (routes/metrics.py): where a router written for vLLM
 (the Gateway API Inference Extension's endpoint picker) scrapes the serving port."""
 from __future__ import annotations
@@ -65,6 +67,9 @@ class BridgeMetrics:
             num_preemptions=load.num_preemptions,
             num_queried_tokens=load.num_prefix_cache_queried_tokens,
             num_hit_tokens=load.num_prefix_cache_hit_tokens,
+            running_lora_adapters=tuple(load.running_lora_adapters),
+            waiting_lora_adapters=tuple(load.waiting_lora_adapters),
+            max_lora=load.max_lora,
         )
         return self.metrics.render()
 

@@ -147,8 +147,11 @@ class ProcessCore:
         finally:
             with _starting_lock:
                 _starting.discard(self._process)
+        # Until the first step's stats arrive; max_lora is known from the start (routers
+        # read it from lora_requests_info before any request ran).
         self._stats = CoreStats(num_free_kv_blocks=self.facts.num_blocks,
-                                num_kv_blocks=self.facts.num_blocks)
+                                num_kv_blocks=self.facts.num_blocks,
+                                max_lora=config.lora.max_loras if config.lora else 0)
 
     def _wait_until_ready(self) -> ModelFacts:
         try:

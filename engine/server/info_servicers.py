@@ -177,6 +177,9 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
             num_streams=engine.loop.num_streams,
             num_prefix_cache_queried_tokens=load.num_queried_tokens,
             num_prefix_cache_hit_tokens=load.num_hit_tokens,
+            running_lora_adapters=load.running_lora_adapters,
+            waiting_lora_adapters=load.waiting_lora_adapters,
+            max_lora=load.max_lora,
         )
 
     async def WatchKvEvents(self, request, context: grpc.aio.ServicerContext):

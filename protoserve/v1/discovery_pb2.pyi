@@ -105,7 +105,7 @@ class GetLoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetLoadResponse(_message.Message):
-    __slots__ = ("num_requests_running", "num_requests_waiting", "kv_cache_usage", "num_free_kv_blocks", "num_kv_blocks", "prefix_cache_hit_rate", "num_preemptions", "draining", "num_streams", "num_prefix_cache_queried_tokens", "num_prefix_cache_hit_tokens")
+    __slots__ = ("num_requests_running", "num_requests_waiting", "kv_cache_usage", "num_free_kv_blocks", "num_kv_blocks", "prefix_cache_hit_rate", "num_preemptions", "draining", "num_streams", "num_prefix_cache_queried_tokens", "num_prefix_cache_hit_tokens", "running_lora_adapters", "waiting_lora_adapters", "max_lora")
     NUM_REQUESTS_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_REQUESTS_WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,9 @@ class GetLoadResponse(_message.Message):
     NUM_STREAMS_FIELD_NUMBER: _ClassVar[int]
     NUM_PREFIX_CACHE_QUERIED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_PREFIX_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_LORA_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    WAITING_LORA_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LORA_FIELD_NUMBER: _ClassVar[int]
     num_requests_running: int
     num_requests_waiting: int
     kv_cache_usage: float
@@ -128,7 +131,10 @@ class GetLoadResponse(_message.Message):
     num_streams: int
     num_prefix_cache_queried_tokens: int
     num_prefix_cache_hit_tokens: int
-    def __init__(self, num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_free_kv_blocks: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., draining: _Optional[bool] = ..., num_streams: _Optional[int] = ..., num_prefix_cache_queried_tokens: _Optional[int] = ..., num_prefix_cache_hit_tokens: _Optional[int] = ...) -> None: ...
+    running_lora_adapters: _containers.RepeatedScalarFieldContainer[str]
+    waiting_lora_adapters: _containers.RepeatedScalarFieldContainer[str]
+    max_lora: int
+    def __init__(self, num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_free_kv_blocks: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., draining: _Optional[bool] = ..., num_streams: _Optional[int] = ..., num_prefix_cache_queried_tokens: _Optional[int] = ..., num_prefix_cache_hit_tokens: _Optional[int] = ..., running_lora_adapters: _Optional[_Iterable[str]] = ..., waiting_lora_adapters: _Optional[_Iterable[str]] = ..., max_lora: _Optional[int] = ...) -> None: ...
 
 class WatchKvEventsRequest(_message.Message):
     __slots__ = ("model", "since_sequence_number")

@@ -53,7 +53,7 @@ def server(tiny_llama_dir: Path, adapters: dict[str, Path]) -> Iterator[EnginePr
                        "base_model_name": str(tiny_llama_dir)})
     process = start_engine(
         tiny_llama_dir, "--enable-lora", "--max-loras", "2", "--max-lora-rank", "8",
-        "--lora-modules", f"alpha={adapters['alpha']}", beta, role="all",
+        "--lora-modules", f"alpha={adapters['alpha']}", beta, "--metrics-compat", role="all",
         env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"},
     )
     try:
@@ -226,3 +226,25 @@ def test_runtime_lora_routes_take_the_admin_key(
         assert unloaded.status_code == 200, unloaded.text
     finally:
         process.stop()
+
+
+def test_bridge_metrics_label_the_running_adapters(server: EngineProcess) -> None:
+    """The serving port's lora_requests_info (what a LoRA-aware router scrapes there) names
+    the adapter of a request while it runs, and --max-loras, through Discovery/GetLoad."""
+    url = server.http_url
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        load = discovery_pb2_grpc.DiscoveryStub(channel).GetLoad(discovery_pb2.GetLoadRequest())
+    assert load.max_lora == 2
+    body = {"model": "alpha", "prompt": PROMPT, "max_tokens": 400, "stream": True,
+            "ignore_eos": True}
+    seen: list[str] = []
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as stream:
+        for _ in stream.iter_lines():  # scraped while the request streams
+            page = httpx.get(f"{url}/metrics").text
+            [labels] = [line for line in page.splitlines()
+                        if line.startswith("vllm:lora_requests_info{")]
+            seen.append(labels)
+            if 'running_lora_adapters="alpha"' in labels:
+                break
+    assert 'running_lora_adapters="alpha"' in seen[-1], seen[:3]
+    assert 'max_lora="2"' in seen[-1]

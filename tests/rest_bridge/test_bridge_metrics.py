@@ -1,5 +1,5 @@
 """The bridge's /metrics as a router written for vLLM scrapes it on the serving port: the
-engine's queue, KV and prefix-cache numbers from GetLoad, cache_config_info from Discovery,
+engine's queue, KV, prefix-cache and LoRA numbers from GetLoad, cache_config_info from Discovery,
 and one inter-token sample per token gap of the streams it relays."""
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ def test_engine_numbers_and_cache_config_from_discovery() -> None:
     bridge = BridgeMetrics(compat=True)
     load = discovery_pb2.GetLoadResponse(
         num_requests_waiting=3, kv_cache_usage=0.5, num_prefix_cache_queried_tokens=40,
-        num_prefix_cache_hit_tokens=16)
+        num_prefix_cache_hit_tokens=16, running_lora_adapters=["alpha", "beta"],
+        waiting_lora_adapters=["gamma"], max_lora=2)
     # Before the model is known: no cache_config_info rather than one with guessed labels.
     assert "vllm:cache_config_info" not in _families(bridge.render(load))
     bridge.describe_model(discovery_pb2.ModelInfo(id="tiny", block_size=16, num_kv_blocks=64))
@@ -36,7 +37,9 @@ def test_engine_numbers_and_cache_config_from_discovery() -> None:
     assert info.labels["block_size"] == "16" and info.labels["num_gpu_blocks"] == "64"
     assert info.labels["enable_prefix_caching"] == ""
     assert {s.labels["model_name"] for s in families["vllm:num_requests_waiting"]} == {"tiny"}
-    assert "vllm:lora_requests_info" in families
+    [lora] = families["vllm:lora_requests_info"]
+    assert lora.labels == {"running_lora_adapters": "alpha,beta", "max_lora": "2",
+                           "waiting_lora_adapters": "gamma"}
 
 
 def test_tracker_observes_each_token_gap() -> None:
