@@ -16,10 +16,11 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 
 def make_eagle_head(path: Path, target_dir: Path, *, seed: int = 0, follows_embedding: bool = False,
                     own_embedding: bool = False, model_prefix: bool = False,
-                    fc_bias: bool = False) -> Path:
+                    fc_bias: bool = False, torch_bin: bool = False) -> Path:
     """A random one-layer head for the target in `target_dir`. `follows_embedding`: fc
     passes the token embedding through and the layer adds nothing, so the head's output is
-    embed(x(t+1)) and its guess argmax(lm_head(embed(x(t+1))))."""
+    embed(x(t+1)) and its guess argmax(lm_head(embed(x(t+1)))). `torch_bin`: weights in
+    pytorch_model.bin, as the original EAGLE releases ship them."""
     target = AutoConfig.from_pretrained(target_dir)
     config = LlamaConfig(
         vocab_size=target.vocab_size, hidden_size=target.hidden_size, intermediate_size=96,
@@ -59,7 +60,11 @@ def make_eagle_head(path: Path, target_dir: Path, *, seed: int = 0, follows_embe
         weights = {("model." + k if k != "lm_head.weight" else k): v for k, v in weights.items()}
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config.to_dict()))
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(path / "model.safetensors"))
+    tensors = {k: v.contiguous() for k, v in weights.items()}
+    if torch_bin:
+        torch.save(tensors, path / "pytorch_model.bin")
+    else:
+        save_file(tensors, str(path / "model.safetensors"))
     return path
 
 
@@ -87,8 +92,10 @@ class ReferenceHead:
 
         config = LlamaConfig.from_pretrained(head_dir)
         config._attn_implementation = "eager"
-        weights = {k.removeprefix("model."): v for k, v in
-                   load_file(str(head_dir / "model.safetensors")).items()}
+        file = head_dir / "model.safetensors"
+        stored = (load_file(str(file)) if file.exists()
+                  else torch.load(head_dir / "pytorch_model.bin", weights_only=True))
+        weights = {k.removeprefix("model."): v for k, v in stored.items()}
         self.layer = LlamaDecoderLayer(config, 0).eval()
         self.layer.input_layernorm = torch.nn.Identity()
         self.layer.load_state_dict(

@@ -46,7 +46,7 @@ def _rows(request_id: str, seq: list[int], hidden: torch.Tensor, start: int,
 
 
 @pytest.mark.parametrize("variant", [
-    {}, {"model_prefix": True, "fc_bias": True}, {"own_embedding": True},
+    {}, {"model_prefix": True, "fc_bias": True}, {"own_embedding": True, "torch_bin": True},
 ])
 def test_proposals_equal_the_reference_head(tmp_path: Path, target_dir: Path,
                                             target: torch.nn.Module, variant: dict) -> None:
