@@ -13,8 +13,9 @@ BUF_STAMP := .ci/node/.buf-$(BUF_VERSION)
 ARGS ?=
 PYTEST_ARGS ?=
 # pytest-xdist workers; modules stay whole on one worker (--dist loadfile), so a module's
-# servers start once. Most of an end-to-end test's time is a server process starting or
-# answering, so two workers keep both cores of a 2-core machine busy. TEST_WORKERS=0: one
+# servers start once; modules sharing a server run on one worker, longest first
+# (tests/suite_schedule.py). Most of an end-to-end test's time is a server process starting
+# or answering, so two workers keep both cores of a 2-core machine busy. TEST_WORKERS=0: one
 # process (what a debugger or `-x` on one failing test wants).
 TEST_WORKERS ?= 2
 PYTEST_WORKERS := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)

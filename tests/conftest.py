@@ -26,6 +26,7 @@ if str(_TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(_TESTS_DIR))
 
 import engine_process  # noqa: E402 - needs the sys.path entry above
+import suite_schedule  # noqa: E402
 from engine_process import EngineProcess, starts_servers  # noqa: E402
 
 # Every test below these directories (relative to tests/) starts real servers.
@@ -44,10 +45,31 @@ def _starts_servers(item: pytest.Item) -> bool:
                for fixturedefs in definitions.values() if fixturedefs)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--module-durations-out", type=Path, default=None,
+                     help="write each module's seconds (setup + call + teardown) to this JSON "
+                     "file, the order tests/suite_schedule.py hands modules out in "
+                     "(default: not written)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    out = config.getoption("--module-durations-out")
+    if out is not None:
+        config.pluginmanager.register(suite_schedule.DurationRecorder(out), "module-durations")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("e2e") is None and _starts_servers(item):
             item.add_marker(pytest.mark.e2e)
+    # Longest first, so that neither xdist worker is left alone with a long module at the end.
+    suite_schedule.longest_groups_first(items, suite_schedule.read_durations())
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """Under `--dist loadfile`, modules that share a server run on one worker."""
+    return suite_schedule.make_scheduler(config, log)
 
 
 @pytest.hookimpl(tryfirst=True)
