@@ -6,6 +6,7 @@ caching and preemption; pipeline stages split steps into micro-batches (one per 
 odd count, or none) with the same tokens."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -42,21 +43,40 @@ CASES = [  # (family, tensor-parallel size, pipeline stages, micro-batches: None
     ("mistral", 1, 2, 1),  # mistral: a tied LM head; steps pass whole
     ("qwen3_moe", 2, 2, None),  # 4 processes: two stages of two tensor-parallel ranks
 ]
+# Two prompts share a 16-token prefix (cached by a first request), five stand alone.
+PREFIX = prompts_from(7, [16])[0]
+PROMPTS = prompts_from(2, [3, 20], PREFIX) + prompts_from(1, [1, 7, 17, 33, 60])
+
+
+@pytest.fixture(scope="module")
+def one_rank_reference(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Callable[[str], tuple[Path, list[list[int]]]]:
+    """`one_rank_reference(arch)`: the family's peaked checkpoint and one process's greedy
+    tokens for PROMPTS, built on the family's first case and reused by its other sizes (the
+    same checkpoint and prompts give the same tokens; only the parallel run differs)."""
+    built: dict[str, tuple[Path, list[list[int]]]] = {}
+
+    def get(arch: str) -> tuple[Path, list[list[int]]]:
+        if arch not in built:
+            model_dir = make_peaked_model(tmp_path_factory.mktemp(arch) / arch, arch)
+            with _llm(model_dir, 1) as single:
+                built[arch] = model_dir, [o.token_ids for o in single.generate(PROMPTS, GREEDY)]
+        return built[arch]
+
+    return get
 
 
 @pytest.mark.parametrize(("arch", "tp", "pp", "micro_batches"), CASES)
 def test_model_parallel_equals_one_rank_and_transformers(
-    tmp_path: Path, arch: str, tp: int, pp: int, micro_batches: int | None
+    one_rank_reference: Callable[[str], tuple[Path, list[list[int]]]], arch: str, tp: int,
+    pp: int, micro_batches: int | None,
 ) -> None:
-    model_dir = make_peaked_model(tmp_path / arch, arch)
-    prefix = prompts_from(7, [16])[0]
-    prompts = prompts_from(2, [3, 20], prefix) + prompts_from(1, [1, 7, 17, 33, 60])
-    with _llm(model_dir, 1) as single:
-        expected = [o.token_ids for o in single.generate(prompts, GREEDY)]
+    model_dir, expected = one_rank_reference(arch)
     with _llm(model_dir, tp, pp, micro_batches) as llm:
-        llm.generate([prefix + [5]], GREEDY)  # caches the shared prefix
+        llm.generate([PREFIX + [5]], GREEDY)  # caches the shared prefix
         PipelineCounters.reset()  # stage 0 runs in this process
-        outputs = assert_concurrent_greedy_matches(llm, model_dir, prompts)
+        outputs = assert_concurrent_greedy_matches(llm, model_dir, PROMPTS)
         assert [o.num_cached_tokens for o in outputs[:2]] == [16, 16]
         assert llm.core.scheduler.num_preemptions > 0
         if pp > 1 and arch != "gemma2":  # (Gemma 2's two layers share one slot: S F groups)
