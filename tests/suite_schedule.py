@@ -42,6 +42,7 @@ SHARED_SERVER_GROUPS: dict[str, tuple[str, ...]] = {
     "shared-server:tiny-llama": (
         "tests/e2e/test_anthropic_messages_served.py",
         "tests/e2e/test_lora_served.py",
+        "tests/e2e/test_offline_served_parity.py",
         "tests/e2e/test_openai_sdk.py",
         "tests/e2e/test_render_served.py",
         "tests/e2e/test_responses_served.py",
