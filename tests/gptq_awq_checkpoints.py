@@ -147,8 +147,10 @@ def _awq_pack(values: torch.Tensor) -> torch.Tensor:
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
 
 
-def _nibbles(word: int, bits: int) -> list[int]:
-    return [(word >> (bits * j)) & (2**bits - 1) for j in range(32 // bits)]
+def _nibbles(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 words [..., W] -> their 32 / bits values, lowest bits first: [..., W, 32 / bits]."""
+    shifts = bits * torch.arange(32 // bits, dtype=torch.int64)
+    return ((words.to(torch.int64) & 0xFFFFFFFF).unsqueeze(-1) >> shifts) & (2**bits - 1)
 
 
 def reference_weights(quant_dir: Path) -> dict[str, torch.Tensor]:
@@ -161,24 +163,17 @@ def reference_weights(quant_dir: Path) -> dict[str, torch.Tensor]:
     weights = {}
     for name in [n for n in state if n.endswith(".qweight")]:
         module = name[: -len(".qweight")]
-        words = (state[name].to(torch.int64) & 0xFFFFFFFF).tolist()
-        zero_words = (state[f"{module}.qzeros"].to(torch.int64) & 0xFFFFFFFF).tolist()
+        words, zero_words = state[name], state[f"{module}.qzeros"]
         scales = state[f"{module}.scales"].float()  # [groups, out]
         if method == "gptq":  # qweight [in / per_word, out]: consecutive inputs per word
-            q = torch.tensor([[v for word in column for v in _nibbles(word, bits)]
-                              for column in zip(*words)])  # [out, in]
-            zeros = torch.tensor([[v for word in row for v in _nibbles(word, bits)]
-                                  for row in zero_words]) + (1 if v1 else 0)
+            q = _nibbles(words, bits).permute(1, 0, 2).reshape(words.shape[1], -1)  # [out, in]
+            zeros = _nibbles(zero_words, bits).flatten(1) + (1 if v1 else 0)  # [groups, out]
             g_idx = state[f"{module}.g_idx"].long()
         else:  # awq qweight [in, out / 8]: 8 outputs per word, interleaved
-            def outputs(row: list[int]) -> list[int]:
-                values = []
-                for word in row:
-                    nibbles = _nibbles(word, 4)
-                    values += [nibbles[AWQ_PACK_ORDER.index(c)] for c in range(8)]
-                return values
-            q = torch.tensor([outputs(row) for row in words]).T
-            zeros = torch.tensor([outputs(row) for row in zero_words])
+            # Output c of a word sits in its nibble AWQ_PACK_ORDER.index(c).
+            order = torch.tensor([AWQ_PACK_ORDER.index(c) for c in range(8)])
+            q = _nibbles(words, 4)[..., order].flatten(1).T  # [out, in]
+            zeros = _nibbles(zero_words, 4)[..., order].flatten(1)  # [groups, out]
             g_idx = torch.arange(q.shape[1]) // config["group_size"]
         zeros = zeros[:, : q.shape[0]]
         weights[f"{module}.weight"] = (q - zeros.T[:, g_idx]).float() * scales.T[:, g_idx]
