@@ -58,3 +58,32 @@ def w8a8_kernels() -> tuple[str, ...]:
         return ()
     return ("scalar", *(("vnni",) if module.has_avx512_vnni() else ()),
             *(("amx",) if module.has_amx_int8() else ()))
+
+
+INT_ACTIVATIONS_ENV = "PROTOSERVE_INT_ACTIVATIONS"
+INT_ACTIVATIONS = ("int8", "bf16")
+
+
+def set_int_activations(activations: str) -> str:
+    """How `linear_int` (int8 / int4 weights, bfloat16 models) multiplies: "int8" quantizes
+    the activations per block of 32 columns and runs int8 x int8 dot products (llama.cpp's
+    arithmetic for Q8_0 / Q4_0; the default, where `int8_activations_apply`), "bf16" the exact
+    W8A16 kernel. Returns the previous choice; PROTOSERVE_INT_ACTIVATIONS sets a process's
+    initial one. ValueError for another name."""
+    if activations not in INT_ACTIVATIONS:
+        raise ValueError(f"int activations must be one of {', '.join(INT_ACTIVATIONS)}, "
+                         f"got {activations!r}")
+    module = ops._cpu_module()
+    if module is None or not ops.linear_bf16_available():
+        raise RuntimeError("set_int_activations needs the native AVX512_BF16 linear kernels")
+    return str(module.set_int_activations(activations))
+
+
+def int8_activations_apply(bits: int, in_features: int, group_size: int) -> bool:
+    """Whether `linear_int` quantizes the activations to int8 for this weight now: selected,
+    built with AVX512-VNNI and VBMI, 8 or 4 bits, in_features and group size multiples of 32
+    (Q6_K and other shapes keep the exact bf16 kernel)."""
+    module = ops._cpu_module()
+    if module is None or not ops.linear_bf16_available():
+        return False
+    return bool(module.int8_activations_apply(bits, in_features, group_size))

@@ -211,6 +211,10 @@ void register_quantized_linear_ops(pybind11::module& m) {
         "linear_int over GGUF K-quant blocks (Q4_K, Q6_K): two-level integer scales");
   m.def("linear_w8a8", &protoserve::linear_w8a8_op,
         "W8A8: x quantized per token to int8, . Q^T in int32, scaled (+ bias), bfloat16 out");
+  m.def("set_int_activations", &protoserve::set_int_activations,
+        "linear_int's activations: int8 (per block of 32) or bf16 (exact); returns the previous");
+  m.def("int8_activations_apply", &protoserve::int8_activations_apply,
+        "Whether linear_int quantizes the activations to int8 for (bits, in_features, group)");
   m.def("set_w8a8_kernel", &protoserve::set_w8a8_kernel,
         "Pin linear_w8a8's kernel: auto, vnni, amx or scalar; returns the previous choice");
   m.def("has_avx512_vnni", &protoserve::has_avx512_vnni,

@@ -37,10 +37,12 @@
 // column pairs (bits 0-1 pair 2 k4 lane b, 2-3 pair 2 k4 + 1 lane b, 4-5 and 6-7 lane
 // b + 16), whose dot products take 16 x as int8's high nibbles do: C = 2176 + 32.
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "cpu_types.h"
 #include "linear_int.h"
+#include "linear_int_groups.h"
 #include "panel_gemm_avx512.h"
 
 namespace protoserve {
@@ -49,6 +51,9 @@ namespace protoserve {
 namespace {
 
 using panel_gemm::kPanelRows;
+using int_groups::group_offset;
+using int_groups::group_scale;
+using int_groups::value_bias;
 
 constexpr int64_t kVectorBytes = 32;  // one load per step: 32 (int8) or 64 (int4) weights
 
@@ -58,52 +63,6 @@ constexpr int64_t step_bytes() {
   return BITS == 6 ? 48 : kVectorBytes;
 }
 constexpr int64_t kPrefetchBytes = 4096;
-
-// 16 rows' values of one group: fp16 widened exactly to fp32, or fp32 as stored.
-inline __m512 load_group(const GroupValues& values, int64_t index) {
-  if (values.half)
-    return _mm512_cvtph_ps(_mm256_loadu_si256(
-        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(values.data) + index)));
-  return _mm512_loadu_ps(static_cast<const float*>(values.data) + index);
-}
-
-// 16 rows' K-quant scale (or, for the mins, negated offset) of group g: integers times the
-// super-block's fp16 factor.
-inline __m512 load_super(const void* ints, bool is_signed, const uint16_t* factors,
-                         int64_t groups_per_block, int64_t panel, int64_t g,
-                         int64_t num_groups) {
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(
-      static_cast<const uint8_t*>(ints) + (panel * num_groups + g) * kPanelRows));
-  const __m512 values = _mm512_cvtepi32_ps(is_signed ? _mm512_cvtepi8_epi32(raw)
-                                                     : _mm512_cvtepu8_epi32(raw));
-  const int64_t blocks = ceil_div(num_groups, groups_per_block);
-  const __m512 factor = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
-      factors + (panel * blocks + g / groups_per_block) * kPanelRows)));
-  return _mm512_mul_ps(values, factor);
-}
-
-// The scale and offset of 16 rows in group g, from plain group values or K-quant scales.
-inline __m512 group_scale(const LinearIntArgs& args, int64_t panel, int64_t g,
-                          int64_t num_groups) {
-  if (args.super != nullptr)
-    return load_super(args.super->scales, args.super->signed_scales, args.super->d,
-                      args.super->groups_per_block, panel, g, num_groups);
-  return load_group(args.scales, (panel * num_groups + g) * kPanelRows);
-}
-
-inline __m512 group_offset(const LinearIntArgs& args, int64_t panel, int64_t g,
-                           int64_t num_groups) {
-  if (args.super != nullptr)  // -(dmin * m): the product exact, its negation too
-    return _mm512_sub_ps(_mm512_setzero_ps(),
-                         load_super(args.super->mins, false, args.super->dmin,
-                                    args.super->groups_per_block, panel, g, num_groups));
-  return load_group(args.offsets, (panel * num_groups + g) * kPanelRows);
-}
-
-// The integer bias of the stored values: 2^(bits - 1), 0 for K-quants with mins (unsigned).
-inline int value_bias(const LinearIntArgs& args) {
-  return args.super != nullptr && args.super->mins != nullptr ? 0 : 1 << (args.bits - 1);
-}
 
 // The two bf16 operands (128 + h, pairs 2 k4 and 2 k4 + 1) of 6-bit values' high 2 bits,
 // 32 lanes each, from their 16 bytes (layout in the header comment).
@@ -377,6 +336,7 @@ void dispatch(const LinearIntArgs& args) {
 }  // namespace
 
 void linear_int(const LinearIntArgs& args) {
+  if (linear_int_int8_activations(args)) return;  // linear_int_vnni.cpp, where selected
   const bool offsets =
       args.offsets.data != nullptr || (args.super != nullptr && args.super->mins != nullptr);
   if (args.bits == 8) {

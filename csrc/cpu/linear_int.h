@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace protoserve {
 
@@ -50,6 +51,19 @@ struct LinearIntArgs {
 };
 
 void linear_int(const LinearIntArgs& args);  // only with has_avx512_bf16()
+
+// linear_int_vnni.cpp: activations quantized to int8 per block of 32 columns and int8 x int8
+// dot products (llama.cpp's arithmetic for Q8_0 / Q4_0), where `int8_activations_apply`;
+// returns false (nothing run) elsewhere. linear_int calls it first.
+bool linear_int_int8_activations(const LinearIntArgs& args);
+// Built with AVX512-VNNI and VBMI.
+bool int8_activations_compiled();
+// Whether linear_int takes int8 activations for this weight shape: compiled, selected, 8 or 4
+// bits, in_features and group size multiples of 32.
+bool int8_activations_apply(int bits, int64_t in_features, int64_t group_size);
+// "int8" or "bf16" (the exact W8A16 kernel) for this process, initially from
+// PROTOSERVE_INT_ACTIVATIONS; returns the previous choice, std::invalid_argument otherwise.
+std::string set_int_activations(const std::string& name);
 // The weight of `args` (input, output and bias unused) into linear_bf16's bf16 panels
 // [ceil(N / 16), K / 2, 16, 2] at `out`, rounded as torch's (Q.float() * scale).to(bf16)
 // (with offsets: (Q.float() * scale + offset).to(bf16), the product and sum fused).

@@ -14,7 +14,7 @@ import torch
 from gguf_checkpoints import transformers_gguf_model, write_gguf
 from model_factory import build_tiny_model
 
-from engine import ops
+from engine import linear_kernel, ops
 from engine.config import ModelConfig
 from engine.layers.quant.k_quants import KQuantLinear
 from engine.models.loader import load_model
@@ -38,6 +38,16 @@ def q4_k_m(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_projections_run_from_the_files_blocks(q4_k_m) -> None:
+    """The exact (bf16-activation) kernel's bound; Q4_K with int8 activations is checked in
+    tests/engine/ops/test_linear_int_activations.py."""
+    previous = linear_kernel.set_int_activations("bf16")
+    try:
+        check_projections(q4_k_m)
+    finally:
+        linear_kernel.set_int_activations(previous)
+
+
+def check_projections(q4_k_m: Path) -> None:
     loaded = load_model(ModelConfig(model=str(q4_k_m), dtype="bfloat16"))
     hf = transformers_gguf_model(q4_k_m)
     x = torch.randn(5, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)

@@ -14,7 +14,11 @@ import pytest
 import torch
 from gptq_awq_checkpoints import reference_weights, write_awq, write_gptq
 from model_factory import build_tiny_model
-from quant_checkpoints import greedy_against_reference, hf_with_weights
+from quant_checkpoints import (  # noqa: F401 (exact_int_activations: a fixture)
+    exact_int_activations,
+    greedy_against_reference,
+    hf_with_weights,
+)
 
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
@@ -51,6 +55,9 @@ def check_against_file_reference(base_dir: Path, quant_dir: Path, asymmetric: bo
     for actual, expected in zip(ours, theirs, strict=True):
         torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
         assert int(actual[-1].argmax()) == int(expected[-1].argmax())
+    # bf16 on the exact (bf16-activation) kernels: the tests calling this pin them with the
+    # exact_int_activations fixture; int8 activations are bounded per kernel call in
+    # tests/engine/ops/test_linear_int_activations.py.
     kernels = load_model(ModelConfig(model=str(quant_dir), dtype="bfloat16"))
     bf16_ours, bf16_theirs = greedy_against_reference(kernels, hf, prompt(), steps=2)
     for actual, expected in zip(bf16_ours, bf16_theirs, strict=True):
@@ -58,6 +65,7 @@ def check_against_file_reference(base_dir: Path, quant_dir: Path, asymmetric: bo
 
 
 @pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.usefixtures("exact_int_activations")
 def test_gptq_checkpoint_matches_the_file_reference(base_dir, tmp_path, case) -> None:
     options = CASES[case]
     quant_dir = write_gptq(base_dir, tmp_path / case, **options)
@@ -77,6 +85,7 @@ def test_fused_shards_with_different_act_orders_are_refused(base_dir, tmp_path) 
         load_model(ModelConfig(model=str(quant_dir), dtype="float32"))
 
 
+@pytest.mark.usefixtures("exact_int_activations")
 def test_awq_checkpoint_matches_the_file_reference(base_dir, tmp_path) -> None:
     quant_dir = write_awq(base_dir, tmp_path / "awq")
     check_against_file_reference(base_dir, quant_dir, asymmetric=True)

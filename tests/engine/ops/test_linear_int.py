@@ -15,7 +15,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils import cpp_extension
 
-from engine import native_build, ops
+from engine import linear_kernel, native_build, ops
 from engine.layers.linear import Linear
 from engine.layers.quant.panels import DEQUANTIZE_ROWS, dequantize_panels, pack_int_panels
 from engine.layers.quantized_linear import (
@@ -33,6 +33,16 @@ def kernel_available() -> bool:
 
 
 needs_kernel = pytest.mark.skipif(not kernel_available(), reason="no AVX512_BF16 kernels here")
+
+
+@pytest.fixture(autouse=True)
+def exact_activations():
+    """The bounds here are the exact W8A16 kernel's (bf16 activations); the int8-activation
+    kernel has its own (test_linear_int_activations.py). Modules importing this apply it too."""
+    previous = linear_kernel.set_int_activations("bf16") if kernel_available() else None
+    yield
+    if previous is not None:
+        linear_kernel.set_int_activations(previous)
 
 
 def random_int_weight(out_features: int, in_features: int, bits: int, group: int, seed: int):

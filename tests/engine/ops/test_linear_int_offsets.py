@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_linear_int import needs_kernel, random_int_weight, summation_bound
+from test_linear_int import (  # noqa: F401 (exact_activations: an autouse fixture)
+    exact_activations,
+    needs_kernel,
+    random_int_weight,
+    summation_bound,
+)
 
 from engine import ops
 from engine.layers.quant.panels import (

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from gguf_checkpoints import random_k_blocks
+from test_linear_int import exact_activations  # noqa: F401 (an autouse fixture)
 from torch.utils import cpp_extension
 
 from engine import native_build, ops
