@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -98,19 +99,28 @@ HF_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_
 
 
 def online_reference_weights(base_dir: Path, method: str, dtype: torch.dtype) -> dict:
-    """Each projection of the transformers model (in `dtype`) quantized row by row as
-    --quantization `method` does, dequantized to float32. Rows and column groups are
+    """Each projection (and an untied LM head) of the transformers model (in `dtype`) quantized
+    row by row as --quantization `method` does, dequantized to float32. Rows and column groups are
     independent, so per-shard quantization equals quantizing our fused layer."""
-    from engine.layers.quantized_linear import ONLINE_SCHEMES, dequantize, quantize_weight
+    from engine.layers.quantized_linear import (
+        LM_HEAD_QUANT,
+        ONLINE_SCHEMES,
+        dequantize,
+        quantize_weight,
+    )
 
     quant = ONLINE_SCHEMES[method]
     hf = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     weights = {}
     for name, param in hf.named_parameters():
-        if any(name.endswith(f"{linear}.weight") for linear in HF_LINEARS):
+        # An untied LM head: int8 per channel for both methods (LM_HEAD_QUANT).
+        scheme = (LM_HEAD_QUANT if name == "lm_head.weight" and not hf.config.tie_word_embeddings
+                  else quant if any(name.endswith(f"{linear}.weight") for linear in HF_LINEARS)
+                  else None)
+        if scheme is not None:
             source = param.detach().to(dtype)
-            group = quant.group_for(source.shape[1])
-            qweight, scale = quantize_weight(source, quant.bits, group)
+            group = scheme.group_for(source.shape[1])
+            qweight, scale = quantize_weight(source, scheme.bits, group)
             weights[name] = dequantize(qweight, scale, group)
     return weights
 
@@ -173,3 +183,40 @@ def greedy_against_reference(
         ours.append(sequence.step(1))
         theirs.append(reference_logits(hf_model, sequence.token_ids)[-1:])
     return ours, theirs
+
+
+def quantize_linear_inputs(hf_model: Any, groups: dict[str, tuple[int, int | None]]) -> None:
+    """Forward pre-hooks on transformers' Linear modules whose names end with a key of
+    `groups`, where linear_int takes int8 activations for that weight (bits and group size
+    the value's; `linear_kernel.int8_activations_apply`): the input rounded as the kernel does,
+    per block of 32 columns to round(x / d) * d, d = max |x| / 127 (llama.cpp's Q8_0 blocks)
+    in float32. The reference for bf16 models on those kernels."""
+    from engine import linear_kernel
+
+    def hook(_module: Any, args: tuple) -> tuple:
+        x = args[0]
+        blocks = x.float().reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
+        d = blocks.abs().amax(dim=-1, keepdim=True) / 127.0
+        inverse = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+        rounded = torch.round(blocks * inverse) * d
+        return (rounded.reshape(x.shape).to(x.dtype), *args[1:])
+
+    for name, module in hf_model.named_modules():
+        for suffix, (bits, group) in groups.items():
+            if name.endswith(suffix) and isinstance(module, torch.nn.Linear):
+                columns = module.in_features
+                if linear_kernel.int8_activations_apply(bits, columns, group or columns):
+                    module.register_forward_pre_hook(hook)
+
+
+@pytest.fixture
+def exact_int_activations():
+    """linear_int on its exact bf16-activation kernel for a test whose bound is stated for it
+    (where the native kernels exist): import into a test module and use it by name."""
+    from engine import linear_kernel, ops
+
+    previous = (linear_kernel.set_int_activations("bf16") if ops.linear_bf16_available()
+                else None)
+    yield
+    if previous is not None:
+        linear_kernel.set_int_activations(previous)

@@ -85,9 +85,13 @@ ONLINE_SCHEMES = {
     "int4": WeightQuant(bits=4, group_size=128, method="int4"),
 }
 
-# The decoder projections that are quantized; lm_head, embeddings and MoE routers stay as
-# they are (the output layer and the router are the most sensitive to rounding).
+# The decoder projections that are quantized; embeddings and MoE routers stay as they are.
 QUANTIZED_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+# Online int8 and int4 also quantize an untied LM head, int8 per output channel in both: decode
+# streams it every step like a projection (a tenth of a 0.5B model's bytes), and the output
+# layer, the most sensitive to rounding, keeps more than 4 bits as in llama.cpp's Q4 mixes.
+# A tied head reads the embedding table and stays as it is.
+LM_HEAD_QUANT = WeightQuant(bits=8, group_size=None, method="int8")
 
 
 class QuantizedLinear(nn.Module):
@@ -251,8 +255,9 @@ def make_linear(
 
 
 def quantize_decoder_linears(model: nn.Module, quant: WeightQuant) -> int:
-    """Replace every decoder projection Linear (QUANTIZED_PROJECTIONS) of a loaded model by its
-    round-to-nearest QuantizedLinear; returns how many were replaced."""
+    """Replace every decoder projection Linear (QUANTIZED_PROJECTIONS) of a loaded model, and an
+    untied `lm_head` (LM_HEAD_QUANT), by its round-to-nearest QuantizedLinear; returns how many
+    were replaced."""
     replaced = 0
     for parent in list(model.modules()):
         for name in QUANTIZED_PROJECTIONS:
@@ -260,6 +265,10 @@ def quantize_decoder_linears(model: nn.Module, quant: WeightQuant) -> int:
             if isinstance(child, Linear):
                 setattr(parent, name, QuantizedLinear.from_weight(child, quant))
                 replaced += 1
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, Linear):
+        model.lm_head = QuantizedLinear.from_weight(head, LM_HEAD_QUANT)
+        replaced += 1
     return replaced
 
 

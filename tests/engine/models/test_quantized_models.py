@@ -13,10 +13,12 @@ import pytest
 import torch
 from model_factory import build_tiny_model
 from quant_checkpoints import (
+    HF_LINEARS,
     greedy_against_reference,
     hf_with_weights,
     library_dequantized_model,
     online_reference_weights,
+    quantize_linear_inputs,
     reference_logits,
     write_compressed_tensors,
 )
@@ -25,7 +27,7 @@ from transformers import AutoModelForCausalLM
 from engine.attention import resolve_attention_backend
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
-from engine.layers.quantized_linear import QuantizedLinear
+from engine.layers.quantized_linear import LM_HEAD_QUANT, ONLINE_SCHEMES, QuantizedLinear
 from engine.models.loader import load_model
 
 # in_features 160 and 320: int4's groups of 128 end in a partial group.
@@ -46,8 +48,10 @@ def prompt() -> list[int]:
 def test_online_float32_equals_transformers_on_dequantized_weights(base_dir, method) -> None:
     loaded = load_model(ModelConfig(model=str(base_dir), dtype="float32", quantization=method))
     layers = [m for m in loaded.model.modules() if isinstance(m, QuantizedLinear)]
-    assert len(layers) == 4 * 2 and all(layer.packing == "dequantize" for layer in layers)
-    assert not isinstance(loaded.model.lm_head, QuantizedLinear)
+    # 4 projections x 2 layers and the (untied) LM head, int8 per channel.
+    assert len(layers) == 4 * 2 + 1 and all(layer.packing == "dequantize" for layer in layers)
+    assert isinstance(loaded.model.lm_head, QuantizedLinear)
+    assert loaded.model.lm_head.quant == LM_HEAD_QUANT
     hf = hf_with_weights(base_dir, online_reference_weights(base_dir, method, torch.float32))
     ours, theirs = greedy_against_reference(loaded, hf, prompt(), steps=6)
     for actual, expected in zip(ours, theirs, strict=True):
@@ -67,6 +71,13 @@ def test_online_bfloat16_kernels_track_float32(base_dir, method) -> None:
     reference_weights = online_reference_weights(base_dir, method, torch.bfloat16)
     hf = hf_with_weights(base_dir, reference_weights)
     hf_bf16 = hf_with_weights(base_dir, reference_weights).to(torch.bfloat16)
+    # Where the kernels quantize activations to int8, both references round the inputs of
+    # the same projections (and of the int8 LM head) the same way.
+    quant = ONLINE_SCHEMES[method]
+    groups = {name: (quant.bits, quant.group_size) for name in HF_LINEARS}
+    groups["lm_head"] = (LM_HEAD_QUANT.bits, LM_HEAD_QUANT.group_size)
+    for reference in (hf, hf_bf16):
+        quantize_linear_inputs(reference, groups)
     ours, _ = greedy_against_reference(loaded, hf, prompt(), steps=4)
     ids = prompt() + [int(step[-1].argmax()) for step in ours[:-1]]
     ours_all = torch.cat(ours)
