@@ -11,8 +11,9 @@ The model is written as config.json alone and served with --load-format dummy (r
 weights; int8/int4 quantize those at load time, as for a bf16 checkpoint). Each format decodes
 --steps tokens after a 32-token prompt, one model step per token (the model's forward pass,
 logits and argmax: no scheduler or server around it), and prints tokens/s and the bytes of
-weights a step streams. The LM head (and embeddings) stay bf16 in every format, so the
-speed-up over bf16 is bounded by the bytes ratio printed, not by 2x / 4x.
+weights a step streams. int8 / int4 also quantize the LM head (int8 per channel) and run
+with int8 activations per block of 32 (llama.cpp's arithmetic); `int8-exact` / `int4-exact`
+are the same weights on the exact bf16-activation kernel (PROTOSERVE_INT_ACTIVATIONS=bf16).
 
 bf16 decode runs all layers in one native call (models/fused_decode.py); quantized models take
 the per-op path (one kernel call per projection), so `bfloat16-per-op` (the fused path turned
@@ -28,7 +29,9 @@ from pathlib import Path
 
 import torch
 
+from engine import ops
 from engine.config import ModelConfig
+from engine.linear_kernel import set_int_activations
 from engine.core.batch import ScheduledBatch, ScheduledRequest
 from engine.layers.quantized_linear import ONLINE_SCHEMES, QuantizedLinear
 from engine.models.fused_decode import FusedDecodeLayers
@@ -102,7 +105,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formats", nargs="+",
                         default=["bfloat16", "bfloat16-per-op", "int8", "int4"],
-                        choices=("bfloat16", "bfloat16-per-op", "int8", "int4", "w8a8"))
+                        choices=("bfloat16", "bfloat16-per-op", "int8", "int4", "int8-exact",
+                                 "int4-exact", "w8a8"))
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args()
@@ -114,7 +118,9 @@ def main() -> None:
         print(f"{'format':>9} {'tok/s':>8} {'weights/step':>13}  vs bf16")
         base = None
         for name in args.formats:
-            quantization = name if name.startswith("int") else "auto"
+            quantization = name.removesuffix("-exact") if name.startswith("int") else "auto"
+            if ops.linear_bf16_available():
+                set_int_activations("bf16" if name.endswith("-exact") else "int8")
             FusedDecodeLayers.applies = (  # type: ignore[method-assign]
                 fused_applies if name == "bfloat16" else (lambda self, h, m: False))
             online_int8 = ONLINE_SCHEMES["int8"]
