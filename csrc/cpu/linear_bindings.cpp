@@ -215,6 +215,8 @@ void register_quantized_linear_ops(pybind11::module& m) {
         "linear_int's activations: int8 (per block of 32) or bf16 (exact); returns the previous");
   m.def("int8_activations_apply", &protoserve::int8_activations_apply,
         "Whether linear_int quantizes the activations to int8 for (bits, in_features, group)");
+  m.def("int_prefill_on_tiles", &protoserve::int_prefill_on_tiles,
+        "Whether linear_int runs a call of this many rows on AMX tiles over dequantized panels");
   m.def("set_w8a8_kernel", &protoserve::set_w8a8_kernel,
         "Pin linear_w8a8's kernel: auto, vnni, amx or scalar; returns the previous choice");
   m.def("has_avx512_vnni", &protoserve::has_avx512_vnni,

@@ -255,72 +255,6 @@ void run(const LinearIntArgs& args) {
   });
 }
 
-// One panel back to linear_bf16's bf16 pair-column layout, each weight rounded as torch's
-// `(Q.float() * scale).to(bfloat16)`: for prefill, where a compute-bound GEMM (AMX where the
-// CPU has it) over a transient bf16 copy beats converting the integers once per token tile.
-template <int BITS>
-void dequantize_panel(const LinearIntArgs& args, int64_t panel, bf16_t* out) {
-  const int64_t pairs = args.in_features / 2;
-  const int64_t steps = pairs / (BITS == 8 ? 1 : 2);
-  const __m512i shifts = _mm512_set_epi64(0x0004000400040004, 0x0004000400040004,
-                                          0x0004000400040004, 0x0004000400040004, 0, 0, 0, 0);
-  const int64_t num_groups = ceil_div(args.in_features, args.group_size);
-  const __m512i rows_lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-  const __m512i rows_hi = _mm512_add_epi32(rows_lo, _mm512_set1_epi32(8));
-  const __m512i offset = _mm512_set1_epi32(value_bias(args));
-  const uint8_t* bytes = args.packed_weight + panel * steps * step_bytes<BITS>();
-  __m512 scale_lo = _mm512_setzero_ps(), scale_hi = _mm512_setzero_ps();
-  __m512 offset_lo = _mm512_setzero_ps(), offset_hi = _mm512_setzero_ps();
-  int64_t group = -1;
-  // One pair of columns: unsigned values of elements 0-15 and 16-31 -> 32 bf16 weights.
-  auto pair_out = [&](int64_t k2, __m512i first, __m512i second) {
-    const int64_t g = 2 * k2 / args.group_size;
-    if (g != group) {
-      group = g;
-      const __m512 s = group_scale(args, panel, g, num_groups);
-      scale_lo = _mm512_permutexvar_ps(rows_lo, s);
-      scale_hi = _mm512_permutexvar_ps(rows_hi, s);
-      if (args.offsets.data != nullptr || (args.super != nullptr && args.super->mins)) {
-        const __m512 o = group_offset(args, panel, g, num_groups);
-        offset_lo = _mm512_permutexvar_ps(rows_lo, o);
-        offset_hi = _mm512_permutexvar_ps(rows_hi, o);
-      }
-    }
-    // Symmetric weights keep offset 0: Q * scale + 0 is the product's own rounding.
-    const __m512 w_lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(first, offset)),
-                                        scale_lo, offset_lo);
-    const __m512 w_hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(second, offset)),
-                                        scale_hi, offset_hi);
-    _mm512_storeu_si512(out + k2 * 2 * kPanelRows, (__m512i)_mm512_cvtne2ps_pbh(w_hi, w_lo));
-  };
-  for (int64_t s = 0; s < steps; ++s) {
-    const __m256i raw =
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + s * step_bytes<BITS>()));
-    if constexpr (BITS == 8) {
-      pair_out(s, _mm512_cvtepu8_epi32(_mm256_castsi256_si128(raw)),
-               _mm512_cvtepu8_epi32(_mm256_extracti128_si256(raw, 1)));
-    } else {
-      const __m512i words = _mm512_cvtepu8_epi16(raw);
-      __m512i low = _mm512_and_si512(words, _mm512_set1_epi16(0x000F));
-      __m512i high = _mm512_srli_epi16(words, 4);
-      if constexpr (BITS == 6) {  // + 16 h: the high bits of both pairs
-        const __m512i top = _mm512_srlv_epi16(
-            _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(_mm_loadu_si128(
-                reinterpret_cast<const __m128i*>(bytes + s * step_bytes<BITS>() + 32)))),
-            shifts);
-        const __m512i two_bits = _mm512_set1_epi16(0x0003);
-        low = _mm512_add_epi16(low, _mm512_slli_epi16(_mm512_and_si512(top, two_bits), 4));
-        high = _mm512_add_epi16(
-            high, _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(top, 2), two_bits), 4));
-      }
-      pair_out(2 * s, _mm512_cvtepu16_epi32(_mm512_castsi512_si256(low)),
-               _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(low, 1)));
-      pair_out(2 * s + 1, _mm512_cvtepu16_epi32(_mm512_castsi512_si256(high)),
-               _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(high, 1)));
-    }
-  }
-}
-
 // Accumulators and running totals both stay in registers: half linear_bf16's tiles.
 template <int BITS, bool OFFSETS>
 void dispatch(const LinearIntArgs& args) {
@@ -336,6 +270,7 @@ void dispatch(const LinearIntArgs& args) {
 }  // namespace
 
 void linear_int(const LinearIntArgs& args) {
+  if (linear_int_prefill(args)) return;            // linear_int_prefill.cpp: AMX from 16 rows
   if (linear_int_int8_activations(args)) return;  // linear_int_vnni.cpp, where selected
   const bool offsets =
       args.offsets.data != nullptr || (args.super != nullptr && args.super->mins != nullptr);
@@ -348,27 +283,9 @@ void linear_int(const LinearIntArgs& args) {
   }
 }
 
-void dequantize_int_panels(const LinearIntArgs& args, void* out) {
-  const int64_t num_panels = ceil_div(args.out_features, kPanelRows);
-  const int64_t panel_elements = panel_gemm::panel_elements(args.in_features);
-  bf16_t* panels = static_cast<bf16_t*>(out);
-  protoserve::work_pool::parallel_for(0, num_panels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      if (args.bits == 8) {
-        dequantize_panel<8>(args, p, panels + p * panel_elements);
-      } else if (args.bits == 6) {
-        dequantize_panel<6>(args, p, panels + p * panel_elements);
-      } else {
-        dequantize_panel<4>(args, p, panels + p * panel_elements);
-      }
-    }
-  });
-}
-
 #else
 
 void linear_int(const LinearIntArgs&) {}  // never called: has_avx512_bf16() is false
-void dequantize_int_panels(const LinearIntArgs&, void*) {}
 
 #endif
 

@@ -52,6 +52,11 @@ struct LinearIntArgs {
 
 void linear_int(const LinearIntArgs& args);  // only with has_avx512_bf16()
 
+// linear_int_prefill.cpp: from 16 rows where AMX runs (`int_prefill_on_tiles`), two panels
+// at a time dequantized into a per-thread bf16 scratch and multiplied on AMX tiles; returns
+// false (nothing run) elsewhere. linear_int calls it first.
+bool linear_int_prefill(const LinearIntArgs& args);
+bool int_prefill_on_tiles(int64_t rows);
 // linear_int_vnni.cpp: activations quantized to int8 per block of 32 columns and int8 x int8
 // dot products (llama.cpp's arithmetic for Q8_0 / Q4_0), where `int8_activations_apply`;
 // returns false (nothing run) elsewhere. linear_int calls it first.

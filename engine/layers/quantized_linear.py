@@ -41,7 +41,7 @@ from torch.nn import functional as F
 from engine import ops, quantized_ops
 from engine.layers.linear import Linear
 from engine.layers.quant.panels import (
-    DEQUANTIZE_ROWS,
+    dequantize_first,
     dequantize_panels,
     kernel_supports,
     pack_group_values,
@@ -189,7 +189,7 @@ class QuantizedLinear(nn.Module):
             x = x.index_select(-1, self.input_perm)
         if self.packing == "int_panels":
             assert self.panels is not None and self.panel_scales is not None
-            if x.numel() >= DEQUANTIZE_ROWS * self.in_features:  # prefill: compute bound
+            if dequantize_first(x, self.in_features):  # prefill without AMX: compute bound
                 weight = dequantize_panels(self.panels, self.panel_scales, self.quant.bits,
                                            self.group_size, self.out_features, self.in_features,
                                            self.panel_offsets)

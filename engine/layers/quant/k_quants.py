@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from engine import quantized_ops
-from engine.layers.quant.panels import DEQUANTIZE_ROWS, pack_int_values, panel_order
+from engine.layers.quant.panels import dequantize_first, pack_int_values, panel_order
 
 SUPER_BLOCK = 256
 K_QUANT_BYTES = {"Q4_K": 144, "Q6_K": 210}
@@ -123,7 +123,7 @@ class KQuantSegment(nn.Module):
         self.dmin = None if values.dmin is None else panel_order(values.dmin)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        dequantize = x.numel() >= DEQUANTIZE_ROWS * self.in_features  # prefill: compute bound
+        dequantize = dequantize_first(x, self.in_features)  # prefill without AMX
         return quantized_ops.linear_int_k_quant(
             x, self.panels, self.bits, self.group_size, self.scales, self.mins, self.d,
             self.dmin, self.groups_per_block, bias, self.out_features,

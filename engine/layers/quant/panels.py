@@ -6,11 +6,22 @@ import torch
 from engine import ops
 from engine.ops import LINEAR_PANEL_ROWS
 
-# From this many rows on, a call multiplies a transient bf16 copy of the weight with
-# ops.linear_bf16 (AMX tiles where the CPU has them) instead of linear_int's integer tiles,
-# which convert the weights once per few tokens (benchmarks: at 64 rows the bf16 copy is
-# several times faster; at 1-4 rows linear_int streams fewer bytes).
+# From this many rows on, a call is compute bound: where AMX runs, linear_int itself
+# dequantizes two panels at a time into a per-thread scratch and multiplies them on AMX tiles
+# (csrc/cpu/linear_int_prefill.cpp); elsewhere the call multiplies a transient bf16 copy of
+# the whole weight with ops.linear_bf16 (`dequantize_first`). Below it linear_int's integer
+# tiles stream fewer bytes.
 DEQUANTIZE_ROWS = 16
+
+
+def dequantize_first(x: torch.Tensor, in_features: int) -> bool:
+    """Whether a call of `x` multiplies a transient bf16 copy of the whole weight: from
+    DEQUANTIZE_ROWS rows where linear_int does not run them on AMX tiles itself."""
+    rows = x.numel() // in_features
+    if rows < DEQUANTIZE_ROWS:
+        return False
+    module = ops._cpu_module()
+    return module is None or not bool(module.int_prefill_on_tiles(rows))
 
 
 def kernel_supports(bits: int, in_features: int, group_size: int) -> bool:

@@ -27,7 +27,7 @@ from test_linear_int_offsets import random_offsets
 
 from engine import linear_kernel, ops
 from engine.layers.quant.k_quants import KQuantLinear, unpack_k_quant
-from engine.layers.quant.panels import pack_group_values, pack_int_panels
+from engine.layers.quant.panels import dequantize_panels, pack_group_values, pack_int_panels
 
 BLOCK = 32
 
@@ -93,7 +93,7 @@ def check(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 
 
 @needs_kernel
-@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 8, 13, 300])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 8, 13, 15, 300])
 @pytest.mark.parametrize(
     ("bits", "out_features", "in_features", "group"),
     [
@@ -108,6 +108,8 @@ def test_kernel_matches_quantized_activation_reference(int8_activations, tokens,
                                                        out_features, in_features,
                                                        group) -> None:
     assert linear_kernel.int8_activations_apply(bits, in_features, group)
+    if ops._cpu_module().int_prefill_on_tiles(tokens):
+        pytest.skip("prefill-sized calls run on AMX tiles here (the last test of this module)")
     qweight, scale = random_int_weight(out_features, in_features, bits, group, seed=tokens)
     generator = torch.Generator().manual_seed(tokens + 100)
     x = torch.randn(tokens, in_features, generator=generator).bfloat16()
@@ -199,3 +201,25 @@ def test_environment_variable_sets_the_initial_choice() -> None:
                                 capture_output=True, text=True, timeout=120, check=False)
         assert expected in result.stdout + result.stderr, result.stderr[-2000:]
 
+
+
+@needs_kernel
+@pytest.mark.parametrize("tokens", [16, 17, 64, 300])
+@pytest.mark.parametrize(("bits", "out_features", "in_features", "group"),
+                         [(8, 48, 256, 256), (4, 33, 200, 128), (8, 37, 96, 32)])
+def test_prefill_on_tiles_equals_the_whole_bf16_copy(tokens, bits, out_features, in_features,
+                                                     group) -> None:
+    """From 16 rows on AMX, linear_int dequantizes two panels at a time into a per-thread
+    scratch (csrc/cpu/linear_int_prefill.cpp): the same bf16 weights and tile order as
+    linear_bf16 over a whole dequantized copy, so the same bits."""
+    if not ops._cpu_module().int_prefill_on_tiles(tokens):
+        pytest.skip("no AMX tiles here: prefill multiplies the whole bf16 copy")
+    qweight, scale = random_int_weight(out_features, in_features, bits, group, seed=tokens)
+    packed, panel_scales = pack_int_panels(qweight, scale, bits, group)
+    generator = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, in_features, generator=generator).bfloat16()
+    bias = torch.randn(out_features, generator=generator).bfloat16()
+    copy = dequantize_panels(packed, panel_scales, bits, group, out_features, in_features)
+    expected = ops.linear_bf16(x, copy, bias, out_features)
+    assert torch.equal(ops.linear_int(x, packed, panel_scales, bias, out_features, bits, group),
+                       expected)
