@@ -31,7 +31,7 @@ import torch
 from engine.errors import ModelLoadError
 from engine.layers.linear import Linear
 from engine.layers.quant.k_quants import KQuantLinear, KQuantRows, unpack_k_quant
-from engine.layers.quantized_linear import WeightQuant, pack_int32
+from engine.layers.quantized_linear import QuantizedLinear, WeightQuant, pack_int32
 from engine.native_build import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -217,6 +217,40 @@ def attach_k_quant_linears(model: torch.nn.Module, gguf_path: Path, hf_config: A
             setattr(parent, leaf, KQuantLinear(segments, linear.bias))
             replaced += 1
     return replaced
+
+
+def attach_gguf_lm_head(model: torch.nn.Module, gguf_path: Path) -> str | None:
+    """The LM head on the int kernels from the file's own blocks: output.weight (a tied model:
+    token_embd.weight) in Q8_0 / Q4_0 as a QuantizedLinear in groups of 32, in Q6_K as a
+    KQuantLinear, replacing the float head loaded first (a tied model keeps its embedding
+    table for lookups). Returns the type, or None where the head stays as loaded (other
+    types, or a model split across ranks)."""
+    tp = getattr(model, "tp", None)
+    if tp is not None and (tp.world_size > 1 or tp.stage > 0):
+        return None
+    tensors = {tensor.name: tensor for tensor in _reader(gguf_path).tensors}
+    tensor = tensors.get("output.weight", tensors.get("token_embd.weight"))
+    if tensor is None:
+        return None
+    kind = tensor.tensor_type.name
+    data = np.asarray(tensor.data)
+    head: torch.nn.Module
+    if kind in _NATIVE:
+        qweight, scale = _native_blocks(data, kind)
+        head = QuantizedLinear(qweight.shape[1], qweight.shape[0], bias=False,
+                               quant=WeightQuant(bits=_NATIVE[kind], group_size=_BLOCK,
+                                                 method=GGUF),
+                               dtype=torch.bfloat16, device="cpu")
+        assert head.weight_packed is not None and head.weight_scale is not None
+        head.weight_packed.data.copy_(pack_int32(qweight, _NATIVE[kind]))
+        head.weight_scale.data.copy_(scale)
+        head.finalize(use_kernel=True)
+    elif kind == "Q6_K":
+        head = KQuantLinear([(0, unpack_k_quant(torch.from_numpy(np.array(data)), kind))], None)
+    else:
+        return None
+    model.lm_head = head
+    return kind
 
 
 def _native_blocks(data: np.ndarray, kind: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,6 +36,7 @@ from engine.models.bert import BertModel
 from engine.models.decoder import DecoderForCausalLM
 from engine.models.gguf_checkpoint import (
     GGUF,
+    attach_gguf_lm_head,
     attach_k_quant_linears,
     gguf_quantization,
     iter_gguf,
@@ -169,6 +170,9 @@ def load_model(
             and dtype == torch.bfloat16 and ops.linear_bf16_available()):
         count = attach_k_quant_linears(model, weight_files[0], hf_config)
         logger.info("weights: %d GGUF K-quant projections on the int kernels", count)
+        head = attach_gguf_lm_head(model, weight_files[0])
+        if head is not None:
+            logger.info("weights: GGUF LM head (%s) on the int kernels", head)
     if device.type == "cpu" and dtype == torch.bfloat16:
         prepack_cpu_linears(model)
     dims = model.dims

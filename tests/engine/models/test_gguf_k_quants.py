@@ -86,8 +86,15 @@ def test_resident_bytes_are_the_blocks(q4_k_m) -> None:
         kind = tensor.tensor_type.name
         file_bytes += int(tensor.n_bytes)
         expected += int(tensor.n_elements) * OUR_BITS[kind] / 8
-    layers = [m for m in loaded.model.modules() if isinstance(m, KQuantLinear)]
+    layers = [m for m in loaded.model.model.layers.modules() if isinstance(m, KQuantLinear)]
     assert len(layers) == 4 * len(loaded.model.model.layers)
+    # The Q6_K output matrix is the LM head, from its blocks too.
+    head = loaded.model.lm_head
+    assert isinstance(head, KQuantLinear) and head.segments[0].kind == "Q6_K"
+    output = next(t for t in reader.tensors if t.name == "output.weight")
+    columns, rows = (int(size) for size in output.shape)
+    padded_rows = -(-rows // 16) * 16  # whole 16-row panels
+    assert head.resident_bytes() == padded_rows * columns * OUR_BITS["Q6_K"] / 8
     held = sum(layer.resident_bytes() for layer in layers)
     assert held == expected
     # Q6_K as in the file; Q4_K's 6-bit scales and mins take a byte each: within 3%.

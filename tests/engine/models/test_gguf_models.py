@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
 from engine.layers.linear import Linear
+from engine.layers.quant.k_quants import KQuantLinear
 from engine.layers.quantized_linear import QuantizedLinear
 from engine.models.gguf_checkpoint import gguf_model_directory
 from engine.models.loader import load_model
@@ -30,7 +31,7 @@ SHAPE = dict(hidden_size=256, num_heads=4, num_kv_heads=2, intermediate_size=512
              initializer_range=0.15)
 # case -> (architecture, write_gguf options, bits on the int kernels or None: dequantized)
 CASES = {
-    "llama-Q8_0": ("llama", dict(projections="Q8_0", embeddings="Q8_0"), 8),
+    "llama-Q8_0": ("llama", dict(projections="Q8_0", embeddings="Q8_0", output="Q8_0"), 8),
     "llama-Q4_0": ("llama", dict(projections="Q4_0", output="Q6_K"), 4),
     "llama-Q4_K_M": ("llama", dict(projections="Q4_K", output="Q6_K",
                                    overrides={"attn_v": "Q6_K", "ffn_down": "Q6_K"}), None),
@@ -71,11 +72,23 @@ def test_gguf_file_matches_transformers_dequantization(bases, tmp_path, case) ->
         torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
         assert int(actual[-1].argmax()) == int(expected[-1].argmax())
     kernels = load_model(ModelConfig(model=str(gguf_path), dtype="bfloat16"))
+    # The LM head runs from the file's own blocks where they are Q8_0 / Q4_0 / Q6_K.
+    output = CASES[case][1].get("output", "F32")
+    head = kernels.model.lm_head
+    if output in ("Q8_0", "Q4_0"):
+        assert isinstance(head, QuantizedLinear) and head.packing == "int_panels"
+    elif output == "Q6_K":
+        assert isinstance(head, KQuantLinear) and head.segments[0].kind == "Q6_K"
+    else:
+        assert isinstance(head, Linear)
     if bits is not None:
         layers = [m for m in kernels.model.modules() if isinstance(m, QuantizedLinear)]
         assert all(m.packing == "int_panels" for m in layers)
-        # Resident: the file's own bytes per block (bits / 8 per weight, an fp16 per 32).
+        # Resident: the file's own bytes per block (bits / 8 per weight, an fp16 per 32); the
+        # projections' rows fill whole 16-row panels (the LM head's vocabulary need not).
         for layer in layers:
+            if layer is head:
+                continue
             assert layer.panels is not None and layer.panel_scales is not None
             held = (layer.panels.numel() * layer.panels.element_size()
                     + layer.panel_scales.numel() * layer.panel_scales.element_size())
