@@ -156,10 +156,12 @@ def test_q4_k_with_int8_activations(int8_activations, tokens) -> None:
 
 @needs_kernel
 @pytest.mark.parametrize("num_threads", [1, 2, 3])
-def test_thread_counts_give_identical_results(int8_activations, threads, num_threads) -> None:
+@pytest.mark.parametrize("rows", [1, 7, 40])  # decode tiles; 40: prefill (AMX tiles here)
+def test_thread_counts_give_identical_results(int8_activations, threads, num_threads,
+                                              rows) -> None:
     qweight, scale = random_int_weight(200, 512, 4, 128, seed=4)
     packed, panel_scales = pack_int_panels(qweight, scale, 4, 128)
-    x = torch.randn(7, 512, generator=torch.Generator().manual_seed(3)).bfloat16()
+    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(3)).bfloat16()
     torch.set_num_threads(1)
     single = ops.linear_int(x, packed, panel_scales, None, 200, 4, 128)
     torch.set_num_threads(num_threads)
