@@ -70,7 +70,7 @@ def family_model_dir(shape: str) -> Path:
 def ensure_family_model(shape: str) -> Path:
     """The directory of `shape`'s checkpoint, building it first if it is missing."""
     target = family_model_dir(shape)
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+    if _is_built(target, FAMILY_SHAPES[shape][1]["model_type"]):
         _add_tokenizer(target)
         return target
     import torch
@@ -88,6 +88,16 @@ def ensure_family_model(shape: str) -> Path:
     staging.rmdir()
     _add_tokenizer(target)
     return target
+
+
+def _is_built(target: Path, model_type: str) -> bool:
+    """Whether `target` holds a complete checkpoint of this shape's family. A directory of
+    another architecture under the shape's name (a copy of the Llama bench model was found
+    there once) would silently benchmark the wrong model, so it is rebuilt."""
+    config = target / "config.json"
+    if not config.is_file() or not any(target.glob("*.safetensors")):
+        return False
+    return json.loads(config.read_text()).get("model_type") == model_type
 
 
 def _add_tokenizer(target: Path) -> None:

@@ -3,6 +3,7 @@
 Run from the repository root (a GPU example: Llama-3-8B shape, random weights):
     .venv/bin/python -m benchmarks.step_profile --device cuda --shape llama3-8b --batch-size 1
     .venv/bin/python -m benchmarks.step_profile --batch-size 64          # CPU, bench model
+    .venv/bin/python -m benchmarks.step_profile --family gemma2 --batch-size 16  # family shape
 
 Every request decodes at once (ignore_eos), so after the prefill each engine step is one
 decode token per request. Prints the wall time per step, the device's busy time per step
@@ -25,6 +26,7 @@ from benchmarks.bench_model import (
     ensure_bench_model,
     ensure_shape_dir,
 )
+from benchmarks.family_models import FAMILY_SHAPES, ensure_family_model
 from engine.core.core_request import CoreRequest
 from engine.frontend.llm import LLM
 from engine.sampling_params import SamplingParams
@@ -35,12 +37,16 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--shape", choices=SHAPE_NAMES, default="bench-100m")
+    parser.add_argument("--family", choices=sorted(FAMILY_SHAPES), default=None,
+                        help="a benchmarks/family_models.py shape instead of --shape")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20, help="profiled decode steps")
     parser.add_argument("--rows", type=int, default=25, help="ops listed")
     args = parser.parse_args()
-    if args.shape in CONFIG_ONLY_SHAPES:
+    if args.family is not None:
+        model_dir, load_format = ensure_family_model(args.family), "auto"
+    elif args.shape in CONFIG_ONLY_SHAPES:
         model_dir, load_format = ensure_shape_dir(args.shape), "dummy"
     else:
         model_dir, load_format = ensure_bench_model(), "auto"

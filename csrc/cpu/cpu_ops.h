@@ -102,6 +102,36 @@ struct NormArgs {
   int64_t num_tokens;
   int64_t hidden;
   float eps;
+  // Gemma's RMSNorm: out = bf16(x * rsqrt(mean(x^2) + eps) * (1 + w)) in fp32, one rounding.
+  bool gemma = false;
+};
+
+// Per-head RMSNorm in place (Qwen3 / Gemma 3's q and k norms before RoPE): heads
+// [0, num_heads) of every token row, each head_dim wide and contiguous.
+struct HeadNormArgs {
+  bf16_t* x;
+  int64_t token_stride;
+  int64_t num_tokens;
+  int64_t num_heads;
+  int64_t head_dim;
+  const bf16_t* weight;  // [head_dim]
+  float eps;
+  bool gemma;
+};
+
+// Mixture-of-experts routing (moe_route.cpp): softmax over every expert in fp32, the top_k
+// largest (ties: lower expert first), optionally renormalised to sum to one, and rounded to
+// bfloat16 values unless float32_weights (Mixtral keeps fp32; Qwen3-MoE casts).
+struct MoeRouteArgs {
+  const bf16_t* logits;  // [num_tokens, num_experts], rows logits_stride apart
+  int64_t logits_stride;
+  int64_t num_tokens;
+  int64_t num_experts;
+  int64_t top_k;
+  bool renormalize;
+  bool float32_weights;
+  float* weights;       // [num_tokens, top_k]
+  int64_t* expert_ids;  // [num_tokens, top_k]
 };
 
 struct SiluMulArgs {
@@ -122,8 +152,9 @@ struct RotaryArgs {
   int64_t head_dim;
 };
 
-// One decoder layer for decode_layers_bf16: bfloat16 Llama-family weights, every projection
-// packed for linear_bf16 (biases may be null), and the layer's paged KV cache.
+// One decoder layer for decode_layers_bf16: bfloat16 weights, every projection packed for
+// linear_bf16 (biases may be null), the layer's paged KV cache and its family switches
+// (a null pointer: the layer has no such part).
 struct DecoderLayerWeights {
   const bf16_t* input_norm;
   const void* qkv;
@@ -136,6 +167,24 @@ struct DecoderLayerWeights {
   const void* down;
   const void* down_bias;
   void* kv_cache;
+  const bf16_t* q_norm = nullptr;  // per-head norms before RoPE (Qwen3, Gemma 3)
+  const bf16_t* k_norm = nullptr;
+  // Gemma's sandwich: post_norm then norms the attention output before the residual add,
+  // these the MLP's input and output.
+  const bf16_t* pre_ff_norm = nullptr;
+  const bf16_t* post_ff_norm = nullptr;
+  // A mixture-of-experts MLP (gate_up/down unused): router [E, H] packed, experts packed as
+  // moe_bf16.h describes.
+  const void* router = nullptr;
+  const bf16_t* experts_gate_up = nullptr;
+  const bf16_t* experts_down = nullptr;
+  int64_t num_experts = 0;
+  int64_t sliding_window = 0;  // 0: full attention
+  // The layer's RoPE table and KV cache group (slots and block tables).
+  const bf16_t* cos = nullptr;         // [num_seqs, head_dim]
+  const bf16_t* signed_sin = nullptr;  // [num_seqs, head_dim]
+  const int64_t* slot_mapping = nullptr;
+  BlockTables tables = {};
   // Resident adapters of qkv, o, gate_up, down (DecodeLayersArgs::lora_row_slots set only).
   LoRAProjection lora[4] = {};
 };
@@ -154,11 +203,7 @@ struct DecodeLayersArgs {
   int64_t intermediate;
   float eps;
   float scale;
-  const bf16_t* cos;         // [num_seqs, head_dim]
-  const bf16_t* signed_sin;  // [num_seqs, head_dim]
-  const int64_t* slot_mapping;
   CacheShape cache;
-  BlockTables tables;
   const int64_t* context_lens;
   // Scratch rows, [num_seqs, width] each: normed (hidden), qkv (q + 2 kv), attn (q),
   // proj (hidden), gate_up (2 * intermediate), act (intermediate).
@@ -168,6 +213,20 @@ struct DecodeLayersArgs {
   bf16_t* proj;
   bf16_t* gate_up;
   bf16_t* act;
+  // Family switches (engine/models/decoder_spec.py).
+  bool gemma_norm = false;
+  bool gelu_tanh = false;  // GeGLU instead of SwiGLU
+  float soft_cap = 0.0f;   // attention logit soft-cap (0: none)
+  float residual_multiplier = 1.0f;
+  // Mixture-of-experts layers: routing and scratch ([num_seqs, num_experts] logits,
+  // [num_seqs, top_k] weights and ids).
+  int64_t moe_top_k = 0;
+  int64_t moe_intermediate = 0;
+  bool moe_renormalize = false;
+  bool moe_float32_weights = false;
+  bf16_t* router_logits = nullptr;
+  float* route_weights = nullptr;
+  int64_t* route_ids = nullptr;
   // Multi-LoRA (lora_bf16.h): each row's slot (-1: base model), or nullptr for no adapters.
   const int32_t* lora_row_slots = nullptr;
   int64_t lora_slots = 0;
@@ -186,6 +245,9 @@ bool has_amx_bf16();
 void rms_norm_bf16(const NormArgs& args);
 void silu_and_mul_bf16(const SiluMulArgs& args);
 void rotary_bf16(const RotaryArgs& args);
+void gelu_tanh_and_mul_bf16(const SiluMulArgs& args);  // gelu_tanh(gate) * up, same layout
+void head_norm_bf16(const HeadNormArgs& args);
+void moe_route(const MoeRouteArgs& args);
 void decode_layers_bf16(const DecodeLayersArgs& args);  // only with has_avx512_bf16()
 
 // True when this build uses the AVX-512 BF16 kernels for bfloat16 (else portable C++).

@@ -10,6 +10,12 @@
 //   gate_up = normed . Wgu (+ b)   act = silu(gate) * up   proj = act . Wdown (+ b)
 //   hidden += proj  (rounded to bf16 as torch's bf16 add rounds)
 //
+// Family switches (DecodeLayersArgs / DecoderLayerWeights): per-head q/k norms before the
+// rotation, Gemma's (1 + w) norms and sandwich norms, GeGLU, the attention soft-cap and each
+// layer's window, Granite's residual multiplier, and mixture-of-experts MLPs (router GEMM,
+// moe_route, moe_bf16) in place of the dense one. Each layer reads its own RoPE table and
+// KV cache group's slots and block tables.
+//
 // With adapters (lora_row_slots set) each projection's output gets its rows' LoRA updates
 // right after the projection, as engine/layers/lora.py's LoRALinear adds them.
 //
@@ -18,6 +24,7 @@
 #include <initializer_list>
 
 #include "cpu_ops.h"
+#include "moe_bf16.h"
 
 namespace protoserve {
 namespace {
@@ -40,35 +47,88 @@ void add_lora(const DecodeLayersArgs& a, const LoRAProjection& weights, bf16_t* 
              slice_sizes.begin()});
 }
 
+// out = rms_norm(x) with the step's norm kind (Llama's or Gemma's); residual += delta first
+// when delta is set.
+void norm(const DecodeLayersArgs& a, bf16_t* x, const bf16_t* delta, const bf16_t* weight,
+          bf16_t* out) {
+  const int64_t hidden = a.hidden_size;
+  rms_norm_bf16({x, hidden, delta, hidden, weight, out, a.num_seqs, hidden, a.eps, a.gemma_norm});
+}
+
+// Granite's residual multiplier, rounded as torch's `bf16 tensor * float`.
+void scale_in_place(bf16_t* x, float factor, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = float_to_bf16(bf16_to_float(x[i]) * factor);
+}
+
+// a.proj = the layer's MLP of a.normed: dense gated MLP or router + experts.
+void mlp(const DecodeLayersArgs& a, const DecoderLayerWeights& w) {
+  const int64_t rows = a.num_seqs, hidden = a.hidden_size, inter = a.intermediate;
+  if (w.router != nullptr) {
+    const int64_t experts = w.num_experts;
+    linear_bf16({a.router_logits, experts, a.normed, hidden, w.router, nullptr, rows, hidden,
+                 experts});
+    moe_route({a.router_logits, experts, rows, experts, a.moe_top_k, a.moe_renormalize,
+               a.moe_float32_weights, a.route_weights, a.route_ids});
+    moe_bf16({a.proj, a.normed, hidden, a.route_ids, a.route_weights, w.experts_gate_up,
+              w.experts_down, rows, a.moe_top_k, experts, hidden, a.moe_intermediate,
+              !a.moe_float32_weights});
+    return;
+  }
+  linear_bf16({a.gate_up, 2 * inter, a.normed, hidden, w.gate_up, w.gate_up_bias, rows, hidden,
+               2 * inter});
+  add_lora(a, w.lora[kLoRAGateUp], a.gate_up, 2 * inter, a.normed, hidden, {inter, inter});
+  const SiluMulArgs act{a.gate_up, 2 * inter, a.act, rows, inter};
+  if (a.gelu_tanh) {
+    gelu_tanh_and_mul_bf16(act);
+  } else {
+    silu_and_mul_bf16(act);
+  }
+  linear_bf16({a.proj, hidden, a.act, inter, w.down, w.down_bias, rows, inter, hidden});
+  add_lora(a, w.lora[kLoRADown], a.proj, hidden, a.act, inter, {hidden});
+}
+
 }  // namespace
 
 void decode_layers_bf16(const DecodeLayersArgs& a) {
   const int64_t rows = a.num_seqs, hidden = a.hidden_size, dim = a.head_dim;
   const int64_t q_width = a.num_heads * dim, kv_width = a.num_kv_heads * dim;
-  const int64_t qkv_width = q_width + 2 * kv_width, inter = a.intermediate;
+  const int64_t qkv_width = q_width + 2 * kv_width;
+  const bool multiplied = a.residual_multiplier != 1.0f;
   for (int64_t l = 0; l < a.num_layers; ++l) {
     const DecoderLayerWeights& w = a.layers[l];
-    rms_norm_bf16({a.hidden, hidden, nullptr, 0, w.input_norm, a.normed, rows, hidden, a.eps});
+    norm(a, a.hidden, nullptr, w.input_norm, a.normed);
     linear_bf16({a.qkv, qkv_width, a.normed, hidden, w.qkv, w.qkv_bias, rows, hidden, qkv_width});
     add_lora(a, w.lora[kLoRAQkv], a.qkv, qkv_width, a.normed, hidden,
              {q_width, kv_width, kv_width});
+    if (w.q_norm != nullptr) {
+      head_norm_bf16({a.qkv, qkv_width, rows, a.num_heads, dim, w.q_norm, a.eps, a.gemma_norm});
+      head_norm_bf16({a.qkv + q_width, qkv_width, rows, a.num_kv_heads, dim, w.k_norm, a.eps,
+                      a.gemma_norm});
+    }
     // q and k heads are adjacent in qkv: one rotation covers both.
-    rotary_bf16({a.qkv, qkv_width, a.cos, a.signed_sin, rows, a.num_heads + a.num_kv_heads, dim});
+    rotary_bf16({a.qkv, qkv_width, w.cos, w.signed_sin, rows, a.num_heads + a.num_kv_heads, dim});
     write_kv_cache({ScalarKind::kBFloat16, {a.qkv + q_width, qkv_width, dim},
                     {a.qkv + q_width + kv_width, qkv_width, dim}, rows, w.kv_cache, a.cache,
-                    a.slot_mapping});
+                    w.slot_mapping});
     paged_decode_attention({ScalarKind::kBFloat16, {a.attn, q_width, dim}, {a.qkv, qkv_width, dim},
-                            w.kv_cache, a.cache, rows, a.num_heads, a.tables, a.context_lens,
-                            a.scale});
+                            w.kv_cache, a.cache, rows, a.num_heads, w.tables, a.context_lens,
+                            a.scale, w.sliding_window, a.soft_cap});
     linear_bf16({a.proj, hidden, a.attn, q_width, w.o, w.o_bias, rows, q_width, hidden});
     add_lora(a, w.lora[kLoRAO], a.proj, hidden, a.attn, q_width, {hidden});
-    rms_norm_bf16({a.hidden, hidden, a.proj, hidden, w.post_norm, a.normed, rows, hidden, a.eps});
-    linear_bf16({a.gate_up, 2 * inter, a.normed, hidden, w.gate_up, w.gate_up_bias, rows, hidden,
-                 2 * inter});
-    add_lora(a, w.lora[kLoRAGateUp], a.gate_up, 2 * inter, a.normed, hidden, {inter, inter});
-    silu_and_mul_bf16({a.gate_up, 2 * inter, a.act, rows, inter});
-    linear_bf16({a.proj, hidden, a.act, inter, w.down, w.down_bias, rows, inter, hidden});
-    add_lora(a, w.lora[kLoRADown], a.proj, hidden, a.act, inter, {hidden});
+    if (w.pre_ff_norm != nullptr) {
+      // Gemma: hidden += norm(attn); the MLP reads norm(hidden) and its output is normed too.
+      norm(a, a.proj, nullptr, w.post_norm, a.normed);
+      add_in_place(a.hidden, a.normed, rows * hidden);
+      norm(a, a.hidden, nullptr, w.pre_ff_norm, a.normed);
+      mlp(a, w);
+      norm(a, a.proj, nullptr, w.post_ff_norm, a.normed);
+      add_in_place(a.hidden, a.normed, rows * hidden);
+      continue;
+    }
+    if (multiplied) scale_in_place(a.proj, a.residual_multiplier, rows * hidden);
+    norm(a, a.hidden, a.proj, w.post_norm, a.normed);
+    mlp(a, w);
+    if (multiplied) scale_in_place(a.proj, a.residual_multiplier, rows * hidden);
     add_in_place(a.hidden, a.proj, rows * hidden);
   }
 }

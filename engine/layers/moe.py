@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine import ops
+from engine import family_ops, ops
 
 # Per-expert projection names -> ours (Mixtral's w1 / w3 / w2 are gate / up / down).
 _PROJECTION_ALIASES = {
@@ -176,13 +176,17 @@ class FusedExperts(nn.Module):
                 f"router_logits must be [{num_tokens}, {self.num_experts}], "
                 f"got {tuple(router_logits.shape)}"
             )
-        weights, expert_ids = route(router_logits, self.routing)
+        routing = self.routing
         if self.packed_gate_up is not None and self.packed_down is not None:
-            # bf16 weights (cast to the logits' dtype) make torch round each weighted output.
+            # Routed natively (as the fused decode layers route); bf16 weights (cast to the
+            # logits' dtype) make torch round each weighted output.
+            weights, expert_ids = family_ops.moe_route_bf16(
+                router_logits, routing.top_k, routing.renormalize, routing.float32_weights)
             return ops.moe_bf16(
-                hidden, expert_ids, weights.float(), self.packed_gate_up, self.packed_down,
-                self.intermediate_size, round_weighted=weights.dtype != torch.float32,
+                hidden, expert_ids, weights, self.packed_gate_up, self.packed_down,
+                self.intermediate_size, round_weighted=not routing.float32_weights,
             )
+        weights, expert_ids = route(router_logits, routing)
         assert self.w13 is not None and self.w2 is not None
         return grouped_experts(hidden, expert_ids, weights, self.w13, self.w2)
 

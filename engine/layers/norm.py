@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine import ops
+from engine import family_ops, ops
 
 
 class RMSNorm(nn.Module):
@@ -49,7 +49,7 @@ class RMSNorm(nn.Module):
 class GemmaRMSNorm(RMSNorm):
     """Gemma's RMSNorm: checkpoints store w with the scale applied as (1 + w), and the
     product is taken in float32 before rounding (transformers' Gemma2RMSNorm), so bf16
-    outputs round differently from Llama's and the fused bf16 kernel does not apply."""
+    outputs round differently from Llama's: the native op has a Gemma mode for it."""
 
     # The stored weight of an identity scale (random-weight loads fill it in).
     unit_weight = 0.0
@@ -61,9 +61,13 @@ class GemmaRMSNorm(RMSNorm):
         self.weight.data.zero_()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.dim() == 2 and ops.fused_pointwise_available(hidden):
+            return family_ops.gemma_rms_norm_bf16(hidden, self.weight, self.eps)
         return self.reference(hidden)
 
     def add_and_forward(self, residual: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        if residual.dim() == 2 and ops.fused_pointwise_available(residual):
+            return family_ops.gemma_rms_norm_bf16(residual, self.weight, self.eps, delta)
         residual += delta
         return self.reference(residual)
 

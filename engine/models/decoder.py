@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engine import ops
 from engine.attention.backend import AttentionBackend, AttentionMetadata
 from engine.distributed.group import SINGLE, TensorParallel
 from engine.distributed.pipeline import run_stage
@@ -108,6 +109,8 @@ class DecoderForCausalLM(nn.Module):
         )
         # All decoder layers of a pure-decode bf16 CPU step in one native call, where it applies.
         self._fused_decode: FusedDecodeLayers | None = None
+        # A tied LM head's panels for linear_bf16 (the embedding then reads from them too).
+        self._tied_head: torch.Tensor | None = None
         # Set when LoRA is enabled (engine/lora/slots.py): the step's rows -> adapter slots.
         self.lora_context: LoRAContext | None = None
 
@@ -133,23 +136,24 @@ class DecoderForCausalLM(nn.Module):
         hidden = self.embed(input_ids)
         if self._fused_decode is None and tp.world_size == 1:  # at first use: after packing
             self._fused_decode = FusedDecodeLayers(self)
+            if self.lm_head is None and isinstance(self.model.embed_tokens, Embedding):
+                self._tied_head = self.model.embed_tokens.pack_for_tied_head()
         # The fused layers read bf16 caches only (an int8 cache takes the per-op path), and
         # adapters only where they take the native LoRA kernel. Nor do they run collectives
         # (a tensor-parallel rank's partial sums need the per-op path's all_reduce after
         # attention and after the MLP) or hold a pipeline stage's layers: None then.
         lora_step = self.lora_context.step if self.lora_context is not None else None
-        if isinstance(attn_metadata, AttentionMetadata):
-            if (self._fused_decode is not None
-                    and self._fused_decode.applies(hidden, attn_metadata)
-                    and self._fused_decode.takes(lora_step)
-                    and kv_caches[0].dtype == hidden.dtype):
-                cos, signed_sin = self.rotary["default"].lookup(positions, hidden.dtype)
-                self._fused_decode.run(hidden, cos, signed_sin, kv_caches, attn_metadata,
-                                       lora_step)
-                return self.model.norm(hidden)
-            layer_metadata = [attn_metadata] * len(kv_caches)
-        else:
-            layer_metadata = attn_metadata
+        layer_metadata: Sequence[AttentionMetadata] = (
+            [attn_metadata] * len(kv_caches) if isinstance(attn_metadata, AttentionMetadata)
+            else attn_metadata)
+        if (self._fused_decode is not None
+                and self._fused_decode.applies(hidden, layer_metadata)
+                and self._fused_decode.takes(lora_step)
+                and kv_caches[0].dtype == hidden.dtype):
+            rope = {key: rotary.lookup(positions, hidden.dtype)
+                    for key, rotary in self.rotary.items()}
+            self._fused_decode.run(hidden, rope, kv_caches, layer_metadata, lora_step)
+            return self.model.norm(hidden)
         return self.model.norm(self.run_layers(hidden, positions, kv_caches, layer_metadata))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -184,7 +188,9 @@ class DecoderForCausalLM(nn.Module):
             logits = logits / spec.logits_divisor
         if spec.final_logit_soft_cap is not None:  # Gemma 2
             cap = spec.final_logit_soft_cap
-            logits = torch.tanh(logits / cap) * cap
+            # In place (same roundings as tanh(logits / cap) * cap): at batch 16 the three
+            # out-of-place [rows, vocab] ops cost more than the LM head itself.
+            logits = logits.div(cap).tanh_().mul_(cap)
         return logits.float()
 
     def contribute_logits(self, hidden: torch.Tensor) -> None:
@@ -195,8 +201,12 @@ class DecoderForCausalLM(nn.Module):
         """This rank's vocab columns, gathered side by side on rank 0 (None elsewhere)
         before any soft-capping, which must see each whole logit."""
         if self.lm_head is None:
-            assert self.model.embed_tokens is not None, "stage 0 computes the logits"
-            logits = F.linear(hidden, self.model.embed_tokens.weight)
+            embedding = self.model.embed_tokens
+            assert embedding is not None, "stage 0 computes the logits"
+            if self._tied_head is not None:
+                logits = ops.linear_bf16(hidden, self._tied_head, None, self.dims.vocab_size)
+            else:
+                logits = F.linear(hidden, embedding.weight)
         else:
             logits = self.lm_head(hidden)
         return self.tp.gather_columns(logits, self.dims.vocab_size)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from engine import family_ops, ops
 from engine.attention.backend import AttentionBackend, AttentionMetadata
 from engine.distributed.group import SINGLE, TensorParallel
 from engine.layers.activation import GATED_ACTIVATIONS
@@ -91,9 +92,17 @@ class DecoderAttention(nn.Module):
         # q and k are adjacent in the fused output: rotate both with one set of ops.
         qk = qkv[:, :qk_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
-            # Per-head norms before RoPE (Qwen3, Gemma 3), written back into the fused rows.
-            qk[:, : self.num_heads] = self.q_norm(qk[:, : self.num_heads])
-            qk[:, self.num_heads :] = self.k_norm(qk[:, self.num_heads :])
+            # Per-head norms before RoPE (Qwen3, Gemma 3), written back into the fused rows
+            # (in place by the native op: the fused decode layers run the same one).
+            if ops.fused_pointwise_available(qk):
+                gemma = isinstance(self.q_norm, GemmaRMSNorm)
+                family_ops.head_norm_bf16_(qk[:, : self.num_heads], self.q_norm.weight,
+                                           self.q_norm.eps, gemma)
+                family_ops.head_norm_bf16_(qk[:, self.num_heads :], self.k_norm.weight,
+                                           self.k_norm.eps, gemma)
+            else:
+                qk[:, : self.num_heads] = self.q_norm(qk[:, : self.num_heads])
+                qk[:, self.num_heads :] = self.k_norm(qk[:, self.num_heads :])
         qk = rotate_in_place(qk, cos, signed_sin)
         query = qk[:, : self.num_heads]
         key = qk[:, self.num_heads :]

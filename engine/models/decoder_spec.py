@@ -81,20 +81,6 @@ class DecoderSpec:
     def scale(self) -> float:
         return self.attn_scale if self.attn_scale is not None else self.head_dim**-0.5
 
-    @property
-    def is_plain_llama(self) -> bool:
-        """Whether every layer is the base Llama shape the fused decode kernel implements."""
-        return (
-            not (self.qk_norm or self.gemma_norm or self.sandwich_norms)
-            and self.activation == "silu"
-            and self.embed_scale == 1.0
-            and self.residual_multiplier == 1.0
-            and self.attn_scale is None
-            and self.attn_soft_cap is None
-            and all(window is None for window in self.layer_windows)
-            and self.moe is None
-        )
-
     def rope_config(self, hf_config: Any, rope_key: str) -> Any:
         """The config whose RoPE settings one table is built from. Gemma 3 keeps one set of
         `rope_parameters` per layer type; every other family has one set for all layers."""

@@ -1,17 +1,25 @@
-"""Pure-decode steps of a bfloat16 Llama-shaped model on the CPU in one native call.
+"""Pure-decode steps of a bfloat16 decoder on the CPU in one native call.
 
 At batch 1 the Python between a layer's kernels (module calls, views, output allocation, ten
-dispatches) costs ~8% of the step; `ops.decode_layers_bf16` runs the same kernels in the same
-order from C++. It applies where every piece it replaces would have run our kernels anyway:
-bfloat16 on the CPU with the native ops built, every projection packed in panels, the paged
-ops attention backend, and a step whose rows are all single-token decodes. Anything else
+dispatches; more for Gemma's four norms, Qwen3's q/k norms and MoE routing) costs a large part
+of the step; `ops.decode_layers_bf16` runs the same kernels in the same order from C++. It
+applies where every piece it replaces would have run our kernels anyway: bfloat16 on the CPU
+with the native ops built, every projection (and router and experts) packed in panels, the
+paged ops attention backend, and a step whose rows are all single-token decodes. Anything else
 (prefill rows, float32, the torch backend) takes the per-op path, which stays the reference.
+
+Every family's switches (engine/models/decoder_spec.py) go along: per-head q/k norms, Gemma's
+(1 + w) and sandwich norms, GeGLU, the attention soft-cap, each layer's window, RoPE table and
+KV cache group, Granite's residual multiplier, and mixture-of-experts MLPs (router GEMM,
+native routing, the fused-experts kernel). Partial rotary dims keep the per-op path.
 
 Steps with LoRA adapter rows stay on this path where the adapters take the native kernel
 (layers/lora.py): each layer's stacked factors and the step's row -> slot map go along, and
 the kernel adds the adapters after each projection exactly where LoRALinear does.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -23,66 +31,87 @@ from engine.layers.lora import LoRALinear, LoRAStep
 
 # Per layer, (lora_a, lora_b_t, ranks) of qkv, o, gate_up, down (decode_layers.cpp's order).
 LayerAdapters = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+Weights = tuple[torch.Tensor | None, ...]
 
 
 class FusedDecodeLayers:
-    # `model` is a models/decoder.py DecoderForCausalLM (its `dims`, `model.layers`,
+    # `model` is a models/decoder.py DecoderForCausalLM (its `dims`, `rotary`, `model.layers`,
     # `model.norm`); typed as a plain module because decoder.py builds this class.
     def __init__(self, model: nn.Module) -> None:
-        self.layers: list[tuple[torch.Tensor | None, ...]] | None = _layer_tensors(model)
-        dims = model.dims
-        self.num_heads, self.num_kv_heads = dims.num_heads, dims.num_kv_heads
-        self.intermediate = dims.intermediate_size
-        first = model.model.layers[0]
-        self.eps = first.input_layernorm.eps
-        self.scale = first.self_attn.scale
-        # Only where the fused path applies: other layers (MoE MLPs) have no gate_up_proj.
+        layers = _layer_tensors(model)
+        self.layers: list[tuple[Weights, Weights]] | None = layers
+        spec = model.dims
+        self.num_heads, self.num_kv_heads = spec.num_heads, spec.num_kv_heads
+        self.intermediate = spec.intermediate_size
+        self.eps = spec.rms_norm_eps
+        self.scale = spec.scale
+        self.rope_keys = list(model.rotary)
+        self.options = [
+            (window or 0, self.rope_keys.index(rope))
+            for window, rope in zip(spec.layer_windows, spec.layer_rope, strict=True)
+        ]
+        moe = spec.moe
+        self.family = (
+            spec.gemma_norm, spec.activation == "gelu_tanh", spec.attn_soft_cap or 0.0,
+            spec.residual_multiplier, moe.top_k if moe else 0,
+            moe.intermediate_size if moe else 0, moe.renormalize if moe else False,
+            moe.float32_weights if moe else False,
+        )
+        # Only where the fused path applies, and only for dense MLPs (experts take no LoRA).
         self.adapters, self.max_lora_rank = (
-            _layer_adapters(model) if self.layers is not None else (None, 0))
+            _layer_adapters(model) if layers is not None else (None, 0))
 
     def takes(self, lora_step: LoRAStep | None) -> bool:
         """Whether a step with this LoRA mapping (None: base model only) can run here."""
         return lora_step is None or (
             self.adapters is not None and lora_step.row_slots is not None)
 
-    def applies(self, hidden: torch.Tensor, metadata: AttentionMetadata) -> bool:
-        return (
-            self.layers is not None
-            and not metadata.prefills
-            and metadata.num_decode_tokens == hidden.shape[0]
-            and metadata.decode_block_tables is not None
-            and metadata.decode_context_lens is not None
-        )
+    def applies(self, hidden: torch.Tensor, metadata: Sequence[AttentionMetadata]) -> bool:
+        """`metadata`: each layer's (KV cache groups give layers different block tables)."""
+        if self.layers is None:
+            return False
+        for group in {id(m): m for m in metadata}.values():
+            if (group.prefills or group.num_decode_tokens != hidden.shape[0]
+                    or group.decode_block_tables is None or group.decode_context_lens is None):
+                return False
+        return True
 
     def run(
         self,
         hidden: torch.Tensor,
-        cos: torch.Tensor,
-        signed_sin: torch.Tensor,
+        rope: dict[str, tuple[torch.Tensor, torch.Tensor]],
         kv_caches: list[torch.Tensor],
-        metadata: AttentionMetadata,
+        metadata: Sequence[AttentionMetadata],
         lora_step: LoRAStep | None = None,
     ) -> None:
-        """Every decoder layer over `hidden` [T, hidden_size], in place; with `lora_step`
-        (where `takes` it) each row's adapter too."""
+        """Every decoder layer over `hidden` [T, hidden_size], in place; `rope`: each RoPE
+        table's (cos, signed_sin) rows; with `lora_step` (where `takes` it) each row's adapter."""
         assert self.layers is not None
         rows = hidden.shape[0]
         lora = None
         if lora_step is not None:
             lora = (lora_step.row_slots, self.adapters, self.max_lora_rank)
+        tables = [
+            (rope[key][0].reshape(rows, -1).contiguous(),
+             rope[key][1].reshape(rows, -1).contiguous())
+            for key in self.rope_keys
+        ]
         ops.decode_layers_bf16(
             hidden,
-            [(*layer, cache) for layer, cache in zip(self.layers, kv_caches, strict=True)],
-            cos.reshape(rows, -1).contiguous(),
-            signed_sin.reshape(rows, -1).contiguous(),
-            metadata.slot_mapping,
-            metadata.decode_block_tables,  # type: ignore[arg-type]
-            metadata.decode_context_lens,  # type: ignore[arg-type]
+            [
+                [*head, cache, *tail, layer_md.slot_mapping, layer_md.decode_block_tables]
+                for (head, tail), cache, layer_md in zip(self.layers, kv_caches, metadata,
+                                                         strict=True)
+            ],
+            self.options,
+            tables,
+            metadata[0].decode_context_lens,
             self.num_heads,
             self.num_kv_heads,
             self.intermediate,
             self.eps,
             self.scale,
+            self.family,
             lora,
         )
 
@@ -94,7 +123,8 @@ def _layer_adapters(model: nn.Module) -> tuple[list[LayerAdapters] | None, int]:
     max_rank = 0
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        projections = (attn.qkv_proj, attn.o_proj, getattr(mlp, "gate_up_proj", None),
+                       getattr(mlp, "down_proj", None))
         if not all(isinstance(p, LoRALinear) and p.native for p in projections):
             return None, 0
         adapters.append([(p.lora_a, p.lora_b_t, p.ranks) for p in projections])
@@ -102,13 +132,14 @@ def _layer_adapters(model: nn.Module) -> tuple[list[LayerAdapters] | None, int]:
     return adapters, max_rank
 
 
-def _layer_tensors(model: nn.Module) -> list[tuple[torch.Tensor | None, ...]] | None:
-    """Per layer (input_norm, qkv, qkv_bias, o, o_bias, post_norm, gate_up, gate_up_bias, down,
-    down_bias), or None where the fused path does not apply to this model."""
-    # The kernel implements the base Llama layer only, rotating whole heads.
-    if not model.dims.is_plain_llama or any(
-        rotary.rotary_dim != model.dims.head_dim for rotary in model.rotary.values()
-    ):
+def _layer_tensors(model: nn.Module) -> list[tuple[Weights, Weights]] | None:
+    """Per layer the weights before and after its KV cache in decode_bindings.cpp's order:
+    (input_norm, qkv, qkv_bias, o, o_bias, post_norm, gate_up, gate_up_bias, down, down_bias)
+    and (q_norm, k_norm, pre_ff_norm, post_ff_norm, router, experts_gate_up, experts_down);
+    None where the fused path does not apply to this model."""
+    # The kernel rotates whole heads.
+    spec = model.dims
+    if any(rotary.rotary_dim != spec.head_dim for rotary in model.rotary.values()):
         return None
     norm = model.model.norm.weight
     if norm.dtype != torch.bfloat16 or norm.device.type != "cpu" or not ops.decode_layers_available():
@@ -116,17 +147,35 @@ def _layer_tensors(model: nn.Module) -> list[tuple[torch.Tensor | None, ...]] | 
     layers = []
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        if not isinstance(attn.attn_backend, PagedOpsAttentionBackend) or any(
-            linear.packing != "panels" for linear in projections
-        ):
+        if not isinstance(attn.attn_backend, PagedOpsAttentionBackend):
             return None
-        if layer.input_layernorm.eps != layer.post_attention_layernorm.eps:
+        norms = [layer.input_layernorm, layer.post_attention_layernorm]
+        if attn.q_norm is not None:
+            norms += [attn.q_norm, attn.k_norm]
+        if layer.sandwich:
+            norms += [layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm]
+        if any(n.eps != spec.rms_norm_eps for n in norms):
             return None
-        qkv, o, gate_up, down = projections
-        layers.append((
-            layer.input_layernorm.weight, qkv.packed_weight, qkv.bias, o.packed_weight, o.bias,
-            layer.post_attention_layernorm.weight, gate_up.packed_weight, gate_up.bias,
-            down.packed_weight, down.bias,
-        ))
+        experts = getattr(mlp, "experts", None)
+        if experts is not None:
+            dense: Weights = (None,) * 4
+            moe: Weights = (mlp.gate.packed_weight, experts.packed_gate_up, experts.packed_down)
+            projections = (attn.qkv_proj, attn.o_proj, mlp.gate)
+            if experts.packed_gate_up is None:
+                return None
+        else:
+            dense = (mlp.gate_up_proj.packed_weight, mlp.gate_up_proj.bias,
+                     mlp.down_proj.packed_weight, mlp.down_proj.bias)
+            moe = (None,) * 3
+            projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        if any(getattr(linear, "packing", None) != "panels" for linear in projections):
+            return None
+        qkv, o = attn.qkv_proj, attn.o_proj
+        head = (layer.input_layernorm.weight, qkv.packed_weight, qkv.bias, o.packed_weight,
+                o.bias, layer.post_attention_layernorm.weight, *dense)
+        qk_norms = ((attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None
+                    else (None, None))
+        sandwich = ((layer.pre_feedforward_layernorm.weight,
+                     layer.post_feedforward_layernorm.weight) if layer.sandwich else (None, None))
+        layers.append((head, (*qk_norms, *sandwich, *moe)))
     return layers

@@ -1,12 +1,14 @@
 """The one-call decode path (engine/models/fused_decode.py) against the per-op path it
 replaces: the same kernels in the same order, so tokens and logprobs are bit-identical, for
-Llama (no biases) and Qwen2 (q/k/v biases), over ragged concurrent contexts; and it stays out
-of the way where it does not apply."""
+every family (q/k norms, Gemma's norms, GeGLU, soft-caps and windows over KV cache groups,
+Gemma 3's two RoPE tables, Phi-3, Granite's multipliers, MoE layers with native routing),
+over ragged concurrent contexts; and it stays out of the way where it does not apply."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from family_configs import FAMILIES
 from model_factory import build_tiny_model
 
 from engine import ops
@@ -39,7 +41,7 @@ def _run(model_dir: Path, fused: bool, monkeypatch: pytest.MonkeyPatch, dtype: s
     return outputs, calls
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", [*FAMILIES, "mistral_window"])
 def test_fused_decode_equals_the_per_op_path(
     arch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -61,13 +63,13 @@ def test_float32_keeps_the_per_op_path(tmp_path: Path, monkeypatch: pytest.Monke
     assert not calls
 
 
-def test_bf16_moe_model_keeps_the_per_op_path(
+def test_partial_rotary_keeps_the_per_op_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Layers with router + experts have no fused kernel: the model must still build and
-    decode (through the per-op path) in bfloat16."""
-    model_dir = build_tiny_model(tmp_path / "moe", arch="qwen3_moe", hidden_size=128,
-                                 num_heads=4, num_kv_heads=2)
+    """The kernel rotates whole heads: a model rotating part of each head (Phi-3's
+    partial_rotary_factor) decodes through the per-op path, whole."""
+    model_dir = build_tiny_model(tmp_path / "phi3", arch="phi3", hidden_size=128, num_heads=4,
+                                 num_kv_heads=2, partial_rotary_factor=0.5)
     outputs, calls = _run(model_dir, True, monkeypatch)
     assert not calls
     assert all(len(out.token_ids) == PARAMS.max_tokens for out in outputs)
