@@ -122,3 +122,16 @@ def test_moe_route_rejects_a_bad_top_k() -> None:
     logits = torch.zeros(2, 4, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="top_k"):
         family_ops.moe_route_bf16(logits, 5, True, False)
+
+
+@pytest.mark.parametrize("num_experts,top_k", [(8, 3), (128, 8), (6, 3), (4, 2)])
+def test_moe_route_breaks_ties_as_torch_topk(num_experts: int, top_k: int) -> None:
+    """bf16 router logits tie often; the experts picked among tied ones (and their order)
+    are torch.topk's, so a model routes its tokens to the experts transformers picks."""
+    gen = torch.Generator().manual_seed(num_experts)
+    # Few distinct values: most rows hold ties across the top-k boundary.
+    logits = torch.randint(0, 3, (64, num_experts), generator=gen).bfloat16()
+    routing = MoERouting(num_experts, top_k, True, False)
+    _, want_ids = route(logits, routing)
+    _, ids = family_ops.moe_route_bf16(logits, top_k, True, False)
+    assert torch.equal(ids, want_ids)
