@@ -60,12 +60,21 @@ class SettledRows:
 
 
 class EagleProposer:
-    def __init__(self, head: EagleHead, embedding: torch.Tensor,
-                 compute_logits: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """`embedding`: the token embedding matrix (the head's own, or the target's);
-        `compute_logits`: the target's LM head (rows -> float32 logits)."""
+    def __init__(self, head: EagleHead,
+                 embedding: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
+                 compute_logits: Callable[[torch.Tensor], torch.Tensor],
+                 device: torch.device | None = None) -> None:
+        """`embedding`: the token embedding matrix (the head's own, or the target's), or
+        token ids -> its rows on `device` (the target's embedding module: a tied one may hold
+        its matrix only as LM-head panels); `compute_logits`: the target's LM head (rows ->
+        float32 logits)."""
         self.head = head
-        self.embedding = embedding
+        if isinstance(embedding, torch.Tensor):
+            self.embed: Callable[[torch.Tensor], torch.Tensor] = embedding.__getitem__
+            self.device = embedding.device
+        else:
+            assert device is not None, "an embedding function needs its device"
+            self.embed, self.device = embedding, device
         self.compute_logits = compute_logits
         self._states: dict[str, _HeadState] = {}
 
@@ -104,11 +113,11 @@ class EagleProposer:
             segments.append(Segment(cache, n))
             positions.extend(range(rows.start, rows.start + n))
             tokens.extend(rows.next_token_ids)
-        device = self.embedding.device
+        device = self.device
         token_ids = torch.tensor(tokens, dtype=torch.long, device=device)
         features = torch.cat([rows.hidden for rows in settled]).to(self.head.dtype)
         out = self.head.forward(
-            self.embedding[token_ids], features,
+            self.embed(token_ids), features,
             torch.tensor(positions, dtype=torch.long, device=device), segments)
         last = 0
         for rows, segment in zip(settled, segments):
@@ -152,7 +161,7 @@ class EagleProposer:
         if not active:
             return proposals
         outputs = torch.stack([state.last_output for _, state, _ in active])
-        device = self.embedding.device
+        device = self.device
         for step in range(max(count for _, _, count in active)):
             tokens = self.compute_logits(outputs).argmax(dim=-1).tolist()
             for (request_id, _, _), token in zip(active, tokens):
@@ -165,7 +174,7 @@ class EagleProposer:
             positions = torch.tensor([active[i][1].settled_end + step for i in going],
                                      device=device)
             active = [active[i] for i in going]
-            outputs = self.head.forward(self.embedding[token_ids], outputs[rows], positions,
+            outputs = self.head.forward(self.embed(token_ids), outputs[rows], positions,
                                         [Segment(state.cache, 1) for _, state, _ in active])
         return proposals
 
@@ -185,7 +194,7 @@ def build_eagle_proposer(config: SpeculativeConfig, target: object) -> EagleProp
     assert config.model is not None  # the config refuses eagle without one
     head = EagleHead(config.model, hidden_size=dims.hidden_size, vocab_size=dims.vocab_size,
                      dtype=runner.loaded.dtype, device=runner.device)
-    embedding = head.embed_tokens if head.embed_tokens is not None else embed.weight
-    proposer = EagleProposer(head, embedding, model.compute_logits)
+    embedding = head.embed_tokens if head.embed_tokens is not None else embed
+    proposer = EagleProposer(head, embedding, model.compute_logits, runner.device)
     runner.hidden_state_hook = proposer.observe_step
     return proposer
