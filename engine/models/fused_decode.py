@@ -157,19 +157,20 @@ def _layer_tensors(model: nn.Module) -> list[tuple[Weights, Weights]] | None:
         if any(n.eps != spec.rms_norm_eps for n in norms):
             return None
         experts = getattr(mlp, "experts", None)
+        projections = ((attn.qkv_proj, attn.o_proj, mlp.gate) if experts is not None
+                       else (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
+        # Quantized projections (QuantizedLinear, KQuantLinear) have no bf16 panels.
+        if any(getattr(linear, "packing", None) != "panels" for linear in projections):
+            return None
         if experts is not None:
-            dense: Weights = (None,) * 4
-            moe: Weights = (mlp.gate.packed_weight, experts.packed_gate_up, experts.packed_down)
-            projections = (attn.qkv_proj, attn.o_proj, mlp.gate)
             if experts.packed_gate_up is None:
                 return None
+            dense: Weights = (None,) * 4
+            moe: Weights = (mlp.gate.packed_weight, experts.packed_gate_up, experts.packed_down)
         else:
             dense = (mlp.gate_up_proj.packed_weight, mlp.gate_up_proj.bias,
                      mlp.down_proj.packed_weight, mlp.down_proj.bias)
             moe = (None,) * 3
-            projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        if any(getattr(linear, "packing", None) != "panels" for linear in projections):
-            return None
         qkv, o = attn.qkv_proj, attn.o_proj
         head = (layer.input_layernorm.weight, qkv.packed_weight, qkv.bias, o.packed_weight,
                 o.bias, layer.post_attention_layernorm.weight, *dense)
