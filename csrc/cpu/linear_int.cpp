@@ -239,16 +239,8 @@ void run(const LinearIntArgs& args) {
       const int64_t panel0 = g * NP;
       const int64_t group_panels = std::min<int64_t>(NP, num_panels - panel0);
       auto store = [&](int64_t m, const __m512* sums) {
-        for (int64_t p = 0; p < group_panels; ++p) {
-          const int64_t n0 = (panel0 + p) * kPanelRows;
-          const __mmask16 mask = panel_gemm::row_mask(args.out_features - n0);
-          __m512 value = sums[p];
-          if (bias != nullptr)
-            value = _mm512_add_ps(value,
-                                  panel_gemm::from_bf16(_mm256_maskz_loadu_epi16(mask, bias + n0)));
-          _mm256_mask_storeu_epi16(output + m * args.output_stride + n0, mask,
-                                   panel_gemm::to_bf16(value));
-        }
+        panel_gemm::store_bf16_row(output, args.output_stride, args.out_features, bias,
+                                   panel0, group_panels, m, sums);
       };
       token_tiles<BITS, OFFSETS, NP, MT>(gemm, panel0, group_panels, store);
     }

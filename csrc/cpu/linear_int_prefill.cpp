@@ -118,20 +118,11 @@ namespace amx = panel_gemm::amx;
 
 void run_prefill(const LinearIntArgs& args) {
   const int64_t in_features = args.in_features;
-  const int64_t padded_k = ceil_div(in_features, amx::kTileK) * amx::kTileK;
-  const int64_t padded_rows = ceil_div(args.num_tokens, amx::kTileRows) * amx::kTileRows;
-  const bf16_t* input = static_cast<const bf16_t*>(args.input);
-  amx::AmxInput tiles_input{input, args.input_stride};
-  // Partial A tiles would read past the last row or k: zero-padded whole tiles (as linear_bf16).
   std::vector<bf16_t> padded;
-  if (padded_k != in_features || padded_rows != args.num_tokens) {
-    padded.assign(padded_rows * padded_k, 0);
-    for (int64_t m = 0; m < args.num_tokens; ++m)
-      std::memcpy(padded.data() + m * padded_k, input + m * args.input_stride,
-                  in_features * sizeof(bf16_t));
-    tiles_input = {padded.data(), padded_k};
-  }
-  const bool has_tail = padded_k != in_features;
+  const amx::AmxInput tiles_input = amx::tile_input(
+      static_cast<const bf16_t*>(args.input), args.input_stride, args.num_tokens, in_features,
+      padded);
+  const bool has_tail = in_features % amx::kTileK != 0;
   const int64_t panel_stride = panel_gemm::panel_elements(in_features);
   const int64_t num_panels = ceil_div(args.out_features, kPanelRows);
   const bf16_t* bias = static_cast<const bf16_t*>(args.bias);
@@ -158,16 +149,8 @@ void run_prefill(const LinearIntArgs& args) {
         }
       }
       auto store = [&](int64_t m, const __m512* sums) {
-        for (int64_t p = 0; p < count; ++p) {
-          const int64_t n0 = (panel0 + p) * kPanelRows;
-          const __mmask16 mask = panel_gemm::row_mask(args.out_features - n0);
-          __m512 value = sums[p];
-          if (bias != nullptr)
-            value = _mm512_add_ps(
-                value, panel_gemm::from_bf16(_mm256_maskz_loadu_epi16(mask, bias + n0)));
-          _mm256_mask_storeu_epi16(output + m * args.output_stride + n0, mask,
-                                   panel_gemm::to_bf16(value));
-        }
+        panel_gemm::store_bf16_row(output, args.output_stride, args.out_features, bias,
+                                   panel0, count, m, sums);
       };
       if (count == 2)
         amx::token_blocks<2>(tiles_input, in_features, args.num_tokens, panels, store);

@@ -215,16 +215,8 @@ void run(const LinearIntArgs& args, const Int8Rows& rows) {
       const int64_t panel0 = g * NP;
       const int64_t count = std::min<int64_t>(NP, num_panels - panel0);
       auto store = [&](int64_t m, const __m512* sums) {
-        for (int64_t p = 0; p < count; ++p) {
-          const int64_t n0 = (panel0 + p) * kPanelRows;
-          const __mmask16 mask = panel_gemm::row_mask(args.out_features - n0);
-          __m512 value = sums[p];
-          if (bias != nullptr)
-            value = _mm512_add_ps(
-                value, panel_gemm::from_bf16(_mm256_maskz_loadu_epi16(mask, bias + n0)));
-          _mm256_mask_storeu_epi16(output + m * args.output_stride + n0, mask,
-                                   panel_gemm::to_bf16(value));
-        }
+        panel_gemm::store_bf16_row(output, args.output_stride, args.out_features, bias,
+                                   panel0, count, m, sums);
       };
       int64_t m0 = 0;
       for (; m0 + MT <= args.num_tokens; m0 += MT)

@@ -23,6 +23,8 @@
 
 #include "cpu_types.h"
 
+#include <vector>
+
 #if PROTOSERVE_AVX512_BF16 && defined(__x86_64__) && defined(__linux__) && \
     (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 11))
 #define PROTOSERVE_AMX 1
@@ -77,6 +79,21 @@ struct AmxInput {
   const bf16_t* rows;
   int64_t stride;  // elements between rows
 };
+
+// The A rows of `num_tokens` x `in_features` activations: in place when they already are
+// whole tiles, else copied (M x K, small next to the M x K x N multiply) into `padded`,
+// zero-filled, because partial tiles would read past the last row or k.
+inline AmxInput tile_input(const bf16_t* input, int64_t input_stride, int64_t num_tokens,
+                           int64_t in_features, std::vector<bf16_t>& padded) {
+  const int64_t padded_k = ceil_div(in_features, kTileK) * kTileK;
+  const int64_t padded_rows = ceil_div(num_tokens, kTileRows) * kTileRows;
+  if (padded_k == in_features && padded_rows == num_tokens) return {input, input_stride};
+  padded.assign(padded_rows * padded_k, 0);
+  for (int64_t m = 0; m < num_tokens; ++m)
+    std::memcpy(padded.data() + m * padded_k, input + m * input_stride,
+                in_features * sizeof(bf16_t));
+  return {padded.data(), padded_k};
+}
 
 // Palette 1, every tile 16 rows x 64 bytes: tmm0-3 C, tmm4-5 A, tmm6-7 B.
 struct alignas(64) TileConfig {

@@ -116,6 +116,21 @@ inline __mmask16 row_mask(int64_t valid) {
   return static_cast<__mmask16>((1u << std::min<int64_t>(valid, kPanelRows)) - 1);
 }
 
+// Output row m of `count` panels from panel0: the fp32 sums plus the bf16 bias (if any),
+// stored as bf16 -- the epilogue every linear kernel with a bf16 output ends in.
+inline void store_bf16_row(bf16_t* output, int64_t output_stride, int64_t out_features,
+                           const bf16_t* bias, int64_t panel0, int64_t count, int64_t m,
+                           const __m512* sums) {
+  for (int64_t p = 0; p < count; ++p) {
+    const int64_t n0 = (panel0 + p) * kPanelRows;
+    const __mmask16 mask = row_mask(out_features - n0);
+    __m512 value = sums[p];
+    if (bias != nullptr)
+      value = _mm512_add_ps(value, from_bf16(_mm256_maskz_loadu_epi16(mask, bias + n0)));
+    _mm256_mask_storeu_epi16(output + m * output_stride + n0, mask, to_bf16(value));
+  }
+}
+
 }  // namespace protoserve::panel_gemm
 
 #endif  // PROTOSERVE_AVX512_BF16
