@@ -258,17 +258,24 @@ def quantize_decoder_linears(model: nn.Module, quant: WeightQuant) -> int:
     """Replace every decoder projection Linear (QUANTIZED_PROJECTIONS) of a loaded model, and an
     untied `lm_head` (LM_HEAD_QUANT), by its round-to-nearest QuantizedLinear; returns how many
     were replaced."""
-    replaced = 0
-    for parent in list(model.modules()):
-        for name in QUANTIZED_PROJECTIONS:
-            child = getattr(parent, name, None)
-            if isinstance(child, Linear):
-                setattr(parent, name, QuantizedLinear.from_weight(child, quant))
-                replaced += 1
+    replaced = quantize_named_linears(model, QUANTIZED_PROJECTIONS, quant)
     head = getattr(model, "lm_head", None)
     if isinstance(head, Linear):
         model.lm_head = QuantizedLinear.from_weight(head, LM_HEAD_QUANT)
         replaced += 1
+    return replaced
+
+
+def quantize_named_linears(root: nn.Module, names: tuple[str, ...], quant: WeightQuant) -> int:
+    """Replace every Linear under `root` held as an attribute named one of `names` by its
+    round-to-nearest QuantizedLinear; returns how many were replaced."""
+    replaced = 0
+    for parent in list(root.modules()):
+        for name in names:
+            child = getattr(parent, name, None)
+            if isinstance(child, Linear):
+                setattr(parent, name, QuantizedLinear.from_weight(child, quant))
+                replaced += 1
     return replaced
 
 

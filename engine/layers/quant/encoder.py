@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from engine.layers.linear import Linear
-from engine.layers.quantized_linear import QuantizedLinear, WeightQuant
+from engine.layers.quantized_linear import WeightQuant, quantize_named_linears
 
 # Names of the projection Linears inside one encoder layer (models/bert.py BertLayer).
 ENCODER_PROJECTIONS = ("qkv", "dense")
@@ -21,12 +20,5 @@ ENCODER_PROJECTIONS = ("qkv", "dense")
 def quantize_encoder_linears(model: nn.Module, quant: WeightQuant) -> int:
     """Replace the projections of every layer under `model.encoder.layer` by their
     round-to-nearest QuantizedLinear; returns how many were replaced."""
-    replaced = 0
-    for layer in model.encoder.layer:  # type: ignore[union-attr]
-        for parent in list(layer.modules()):
-            for name in ENCODER_PROJECTIONS:
-                child = getattr(parent, name, None)
-                if isinstance(child, Linear):
-                    setattr(parent, name, QuantizedLinear.from_weight(child, quant))
-                    replaced += 1
-    return replaced
+    layers: nn.Module = model.encoder.layer  # type: ignore[assignment]
+    return quantize_named_linears(layers, ENCODER_PROJECTIONS, quant)
