@@ -78,6 +78,21 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 @pytest.fixture(scope="session")
+def native_cpu_ops() -> None:
+    """The native CPU ops, built (or found built); the requesting tests skip where no C++
+    compiler or ninja can build them, and fail if a build that could run did not."""
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    from engine import native_build, ops
+
+    if shutil.which(native_build.compiler()) is None or not cpp_extension.is_ninja_available():
+        pytest.skip("no C++ compiler or ninja: the native CPU ops cannot be built here")
+    assert ops.native_available("cpu"), "the native CPU ops failed to build (see the log)"
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer random Llama with the factory tokenizer and the ChatML template (read-only)."""
     # Imported here: torch and transformers are heavy, and many test modules need neither.

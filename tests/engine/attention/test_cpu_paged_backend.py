@@ -5,14 +5,12 @@ from __future__ import annotations
 import functools
 import logging
 import random
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from model_factory import build_tiny_model
 from paged_cases import TOLERANCES, dense_step, fresh_generator
-from torch.utils import cpp_extension
 
 from engine import native_build, ops
 from engine.attention import get_attention_backend, resolve_attention_backend
@@ -25,12 +23,6 @@ from engine.sampling_params import SamplingParams
 GREEDY = SamplingParams(temperature=0.0)
 CPU = torch.device("cpu")
 
-
-@pytest.fixture(scope="module")
-def native_cpu_ops() -> None:
-    if shutil.which(native_build.compiler()) is None or not cpp_extension.is_ninja_available():
-        pytest.skip("no C++ compiler or ninja: the native CPU ops cannot be built here")
-    assert ops.native_available("cpu"), "the native CPU ops failed to build (see the log)"
 
 
 def mixed_batch(block_size: int, rng: random.Random) -> ScheduledBatch:

@@ -11,7 +11,6 @@ across runs) by the module fixture.
 from __future__ import annotations
 
 import math
-import shutil
 
 import pytest
 import torch
@@ -28,19 +27,15 @@ from paged_cases import (
     strided_rows,
     window_tokens,
 )
-from torch.utils import cpp_extension
 
-from engine import native_build, ops
+from engine import ops
 
 NUM_KV_HEADS = 2
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def native_cpu_ops() -> None:
-    if shutil.which(native_build.compiler()) is None or not cpp_extension.is_ninja_available():
-        pytest.skip("no C++ compiler or ninja: the native CPU ops cannot be built here")
-    assert ops.native_available("cpu"), "the native CPU ops failed to build (see the log)"
+# The native CPU ops (tests/conftest.py) for every test here.
+pytestmark = pytest.mark.usefixtures("native_cpu_ops")
 
 
 def context_lens_for(block_size: int, gen: torch.Generator) -> list[int]:

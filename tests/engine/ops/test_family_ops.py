@@ -7,24 +7,18 @@ summation order or an exp's last bit flips a rounding: one bf16 ulp at most, rar
 """
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 from torch.nn import functional as F
-from torch.utils import cpp_extension
 
-from engine import family_ops, native_build, ops
+from engine import family_ops, ops
 from engine.layers.activation import gelu_tanh_and_mul
 from engine.layers.moe import MoERouting, route
 from engine.layers.norm import GemmaRMSNorm, RMSNorm
 
 
-@pytest.fixture(scope="module", autouse=True)
-def native_cpu_ops() -> None:
-    if shutil.which(native_build.compiler()) is None or not cpp_extension.is_ninja_available():
-        pytest.skip("no C++ compiler or ninja: the native CPU ops cannot be built here")
-    assert ops.native_available("cpu"), "the native CPU ops failed to build (see the log)"
+# The native CPU ops (tests/conftest.py) for every test here.
+pytestmark = pytest.mark.usefixtures("native_cpu_ops")
 
 
 def assert_nearly_identical(

@@ -7,23 +7,17 @@ on a small fraction of elements.
 """
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 from torch.nn import functional as F
-from torch.utils import cpp_extension
 
-from engine import native_build, ops
+from engine import ops
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import apply_rotary, rotate_in_place
 
 
-@pytest.fixture(scope="module", autouse=True)
-def native_cpu_ops() -> None:
-    if shutil.which(native_build.compiler()) is None or not cpp_extension.is_ninja_available():
-        pytest.skip("no C++ compiler or ninja: the native CPU ops cannot be built here")
-    assert ops.native_available("cpu"), "the native CPU ops failed to build (see the log)"
+# The native CPU ops (tests/conftest.py) for every test here.
+pytestmark = pytest.mark.usefixtures("native_cpu_ops")
 
 
 def assert_nearly_identical(actual: torch.Tensor, expected: torch.Tensor) -> None:

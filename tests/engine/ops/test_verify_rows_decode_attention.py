@@ -5,8 +5,6 @@ context up to its own position), with sliding windows and soft-caps; the same ro
 the step's real metadata, next to plain decodes and a prefill chunk."""
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 from paged_cases import (
@@ -17,9 +15,8 @@ from paged_cases import (
     make_paged_case,
     sequence_kv,
 )
-from torch.utils import cpp_extension
 
-from engine import native_build, ops
+from engine import ops
 from engine.core.batch import ScheduledBatch, ScheduledRequest
 from engine.runner.input_prep import MAX_DECODE_QUERY_TOKENS, prepare_inputs
 from engine.sampling_params import SamplingParams
@@ -28,11 +25,8 @@ NUM_KV_HEADS = 2
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def native_cpu_ops() -> None:
-    if shutil.which(native_build.compiler()) is None or not cpp_extension.is_ninja_available():
-        pytest.skip("no C++ compiler or ninja: the native CPU ops cannot be built here")
-    assert ops.native_available("cpu"), "the native CPU ops failed to build (see the log)"
+# The native CPU ops (tests/conftest.py) for every test here.
+pytestmark = pytest.mark.usefixtures("native_cpu_ops")
 
 
 # (cached context before the newest token, query tokens = 1 + drafts, window, soft-cap)
