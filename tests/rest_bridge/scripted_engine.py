@@ -139,13 +139,16 @@ class ScriptedInference(inference_pb2_grpc.InferenceServicer):
             await context.abort(
                 code, message, rich_status_trailer(code, message, field_name, reason))
         prompt_tokens = len(script.split()) or 1
-        yield Response(started=inference_pb2.GenerateStarted(
-            request_id=request.request_id, prompt_tokens=prompt_tokens, cached_tokens=1,
-            prompt_text=f"<rendered>{script}"))
         try:
+            yield Response(started=inference_pb2.GenerateStarted(
+                request_id=request.request_id, prompt_tokens=prompt_tokens, cached_tokens=1,
+                prompt_text=f"<rendered>{script}"))
             async for event in self._generate(request, script, context, prompt_tokens):
                 yield event
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # CancelledError when the cancellation lands at one of our awaits; GeneratorExit
+            # when it lands inside grpc's write of a message we yielded (the handler task is
+            # cancelled there and this generator is closed at its `yield`).
             with self.record.lock:
                 self.record.cancelled_request_ids.append(request.request_id)
             raise
