@@ -93,6 +93,9 @@ def bench(venv: Path, port: int, model_dir: Path, concurrency: int, num_prompts:
     figures = {}
     for key, pattern in {"output_tok_s": r"Output token throughput \(tok/s\):\s+([\d.]+)",
                          "median_tpot_ms": r"Median TPOT \(ms\):\s+([\d.]+)",
+                         # vllm bench serve prints p99s by default: whether decode rows
+                         # starve behind other requests' prefill chunks.
+                         "p99_tpot_ms": r"P99 TPOT \(ms\):\s+([\d.]+)",
                          "median_ttft_ms": r"Median TTFT \(ms\):\s+([\d.]+)"}.items():
         match = re.search(pattern, out)
         if match:
