@@ -9,6 +9,7 @@
 #include <string>
 
 #include "cpu_types.h"
+#include "linear_int.h"
 #include "lora_bf16.h"
 
 namespace protoserve {
@@ -187,6 +188,9 @@ struct DecoderLayerWeights {
   BlockTables tables = {};
   // Resident adapters of qkv, o, gate_up, down (DecodeLayersArgs::lora_row_slots set only).
   LoRAProjection lora[4] = {};
+  // Int8 / int4 weights of qkv, o, gate_up, down (linear_int) where `packed` is set; the
+  // matching qkv / o / gate_up / down pointer above is then that weight's packed bytes too.
+  IntWeight int_weights[4] = {};
 };
 
 // A pure-decode step (one new token per sequence) through every decoder layer: the same

@@ -2,12 +2,14 @@
 // registers it with the pointwise ops (pointwise_bindings.cpp).
 #include "decode_bindings.h"
 
+#include <array>
 #include <map>
 #include <optional>
 #include <tuple>
 #include <utility>
 #include <vector>
 
+#include "linear_bindings.h"
 #include "lora_bindings.h"
 #include "tensor_checks.h"
 
@@ -50,12 +52,40 @@ int64_t check_experts(const torch::Tensor& gate_up, const torch::Tensor& down, i
   return gate_up.size(0);
 }
 
-// Layer entries (engine/models/fused_decode.py builds them in this order).
+// Layer entries (engine/models/fused_decode.py builds them in this order). The int8 / int4
+// projections' scales and offsets (None for bf16 panels and symmetric weights) follow in
+// qkv, o, gate_up, down order.
 enum LayerEntry {
   kInputNorm, kQkv, kQkvBias, kO, kOBias, kPostNorm, kGateUp, kGateUpBias, kDown, kDownBias,
   kKvCache, kQNorm, kKNorm, kPreFfNorm, kPostFfNorm, kRouter, kExpertsGateUp, kExpertsDown,
-  kSlotMapping, kBlockTables, kNumLayerEntries
+  kQkvScales, kQkvOffsets, kOScales, kOOffsets, kGateUpScales, kGateUpOffsets, kDownScales,
+  kDownOffsets, kSlotMapping, kBlockTables, kNumLayerEntries
 };
+
+// Per layer (bits, group_size) of qkv, o, gate_up, down: bits 16 for bf16 panels.
+using ProjectionFormats = std::vector<std::array<std::pair<int64_t, int64_t>, 4>>;
+
+// Projection `index` of layer `t` (weight entry `entry`, its scales at `scales_entry` and
+// offsets after it) for in_features -> out_features: bf16 panels, or an int8 / int4 weight
+// whose fields go to `int_weight`. Returns the weight's data.
+const void* checked_projection(const std::vector<OptionalTensor>& t, LayerEntry entry,
+                               LayerEntry scales_entry, std::pair<int64_t, int64_t> format,
+                               int64_t in_features, int64_t out_features, const char* name,
+                               IntWeight& int_weight) {
+  const torch::Tensor& weight = *t[entry];
+  const auto [bits, group_size] = format;
+  if (bits == 16) {
+    check_packed(weight, in_features, out_features, name);
+    return weight.data_ptr();
+  }
+  TORCH_CHECK(t[scales_entry].has_value(), name, ": an int", bits, " weight needs its scales");
+  const CheckedIntWeight checked = check_int_weight(
+      weight, *t[scales_entry], t[scales_entry + 1], bits, group_size, nullptr);
+  TORCH_CHECK(checked.in_features == in_features && checked.num_panels == (out_features + 15) / 16,
+              name, " must be int", bits, " panels of [", out_features, ", ", in_features, "]");
+  int_weight = checked.weight;
+  return weight.data_ptr();
+}
 
 // (gemma_norm, gelu_tanh, soft_cap, residual_multiplier, moe_top_k, moe_intermediate,
 //  moe_renormalize, moe_float32_weights)
@@ -65,13 +95,15 @@ using FamilySwitches = std::tuple<bool, bool, double, double, int64_t, int64_t, 
 // options: per layer (sliding_window, index into rope); rope: (cos, signed_sin) tables.
 void decode_layers_op(torch::Tensor& hidden, const std::vector<std::vector<OptionalTensor>>& layers,
                       const std::vector<std::pair<int64_t, int64_t>>& options,
+                      const ProjectionFormats& formats,
                       const std::vector<std::pair<torch::Tensor, torch::Tensor>>& rope,
                       const torch::Tensor& context_lens, int64_t num_heads, int64_t num_kv_heads,
                       int64_t intermediate, double eps, double scale,
                       const FamilySwitches& family, const pybind11::object& lora) {
   TORCH_CHECK(has_avx512_bf16(), "decode_layers_bf16 needs AVX512_BF16");
-  TORCH_CHECK(!layers.empty() && options.size() == layers.size(),
-              "one (window, rope) option per layer");
+  TORCH_CHECK(!layers.empty() && options.size() == layers.size() &&
+                  formats.size() == layers.size(),
+              "one (window, rope) option and one set of projection formats per layer");
   const int64_t rows = hidden.size(0), width = hidden.size(1);
   check_rows(hidden, "hidden", rows, width);
   TORCH_CHECK(hidden.is_contiguous(), "hidden must be contiguous");
@@ -111,8 +143,7 @@ void decode_layers_op(torch::Tensor& hidden, const std::vector<std::vector<Optio
     TORCH_CHECK(t[kQNorm].has_value() == t[kKNorm].has_value() &&
                     t[kPreFfNorm].has_value() == t[kPostFfNorm].has_value(),
                 "layer ", l, ": q/k norms and pre/post feed-forward norms come in pairs");
-    check_packed(*t[kQkv], width, qkv_width, "qkv");
-    check_packed(*t[kO], q_width, width, "o");
+    const auto& format = formats[l];
     const torch::Tensor& cache = *t[kKvCache];
     TORCH_CHECK(kind_of(cache) == ScalarKind::kBFloat16, "kv caches must be bfloat16");
     const CacheShape layer_shape = cache_shape(cache);
@@ -120,11 +151,14 @@ void decode_layers_op(torch::Tensor& hidden, const std::vector<std::vector<Optio
                     layer_shape.block_size == shape.block_size &&
                     layer_shape.num_kv_heads == shape.num_kv_heads && layer_shape.head_dim == dim,
                 "every layer's kv cache must have the same shape");
-    DecoderLayerWeights w{checked_vector(t[kInputNorm], width, "input_norm"), t[kQkv]->data_ptr(),
-                          checked_vector(t[kQkvBias], qkv_width, "qkv_bias"), t[kO]->data_ptr(),
+    DecoderLayerWeights w{checked_vector(t[kInputNorm], width, "input_norm"), nullptr,
+                          checked_vector(t[kQkvBias], qkv_width, "qkv_bias"), nullptr,
                           checked_vector(t[kOBias], width, "o_bias"),
                           checked_vector(t[kPostNorm], width, "post_norm"),
                           nullptr, nullptr, nullptr, nullptr, cache.data_ptr()};
+    w.qkv = checked_projection(t, kQkv, kQkvScales, format[0], width, qkv_width, "qkv",
+                               w.int_weights[0]);
+    w.o = checked_projection(t, kO, kOScales, format[1], q_width, width, "o", w.int_weights[1]);
     if (moe) {
       w.num_experts = check_experts(*t[kExpertsGateUp], *t[kExpertsDown], width, moe_inter);
       TORCH_CHECK(top_k >= 1 && top_k <= w.num_experts, "moe top_k out of range");
@@ -134,11 +168,11 @@ void decode_layers_op(torch::Tensor& hidden, const std::vector<std::vector<Optio
       w.experts_down = bf16_data(*t[kExpertsDown]);
       max_experts = std::max(max_experts, w.num_experts);
     } else {
-      check_packed(*t[kGateUp], width, 2 * intermediate, "gate_up");
-      check_packed(*t[kDown], intermediate, width, "down");
-      w.gate_up = t[kGateUp]->data_ptr();
+      w.gate_up = checked_projection(t, kGateUp, kGateUpScales, format[2], width,
+                                     2 * intermediate, "gate_up", w.int_weights[2]);
       w.gate_up_bias = checked_vector(t[kGateUpBias], 2 * intermediate, "gate_up_bias");
-      w.down = t[kDown]->data_ptr();
+      w.down = checked_projection(t, kDown, kDownScales, format[3], intermediate, width, "down",
+                                  w.int_weights[3]);
       w.down_bias = checked_vector(t[kDownBias], width, "down_bias");
     }
     w.q_norm = checked_vector(t[kQNorm], dim, "q_norm");

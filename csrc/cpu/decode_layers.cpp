@@ -17,7 +17,8 @@
 // KV cache group's slots and block tables.
 //
 // With adapters (lora_row_slots set) each projection's output gets its rows' LoRA updates
-// right after the projection, as engine/layers/lora.py's LoRALinear adds them.
+// right after the projection, as engine/layers/lora.py's LoRALinear adds them. Int8 / int4
+// projections (QuantizedLinear's int_panels) run on linear_int, as their per-op forward does.
 //
 // Same kernels, same order, same roundings as the per-op path, so outputs are bit-identical
 // (tests/engine/models/test_decode_layers.py compares them).
@@ -34,8 +35,24 @@ void add_in_place(bf16_t* hidden, const bf16_t* delta, int64_t n) {
     hidden[i] = float_to_bf16(bf16_to_float(hidden[i]) + bf16_to_float(delta[i]));
 }
 
-// DecoderLayerWeights::lora's order.
-enum LoRAProjectionIndex { kLoRAQkv, kLoRAO, kLoRAGateUp, kLoRADown };
+// DecoderLayerWeights::lora's and int_weights' order.
+enum ProjectionIndex { kQkvProj, kOProj, kGateUpProj, kDownProj };
+
+// out [rows, out_features] = input . W (+ bias): bf16 panels on linear_bf16, int8 / int4
+// weights on linear_int (which picks int8 activations or the exact kernel as it does for the
+// per-op path's QuantizedLinear).
+void project(const DecodeLayersArgs& a, const DecoderLayerWeights& w, ProjectionIndex index,
+             const void* weight, const void* bias, bf16_t* out, int64_t out_features,
+             const bf16_t* input, int64_t in_features) {
+  const IntWeight& q = w.int_weights[index];
+  if (q.packed != nullptr) {
+    linear_int({out, out_features, input, in_features, q.packed, q.scales, q.offsets, bias,
+                a.num_seqs, in_features, out_features, q.bits, q.group_size});
+    return;
+  }
+  linear_bf16({out, out_features, input, in_features, weight, bias, a.num_seqs, in_features,
+               out_features});
+}
 
 // out [rows, width] += the rows' adapter updates for input [rows, in_features].
 void add_lora(const DecodeLayersArgs& a, const LoRAProjection& weights, bf16_t* out,
@@ -74,17 +91,16 @@ void mlp(const DecodeLayersArgs& a, const DecoderLayerWeights& w) {
               !a.moe_float32_weights});
     return;
   }
-  linear_bf16({a.gate_up, 2 * inter, a.normed, hidden, w.gate_up, w.gate_up_bias, rows, hidden,
-               2 * inter});
-  add_lora(a, w.lora[kLoRAGateUp], a.gate_up, 2 * inter, a.normed, hidden, {inter, inter});
+  project(a, w, kGateUpProj, w.gate_up, w.gate_up_bias, a.gate_up, 2 * inter, a.normed, hidden);
+  add_lora(a, w.lora[kGateUpProj], a.gate_up, 2 * inter, a.normed, hidden, {inter, inter});
   const SiluMulArgs act{a.gate_up, 2 * inter, a.act, rows, inter};
   if (a.gelu_tanh) {
     gelu_tanh_and_mul_bf16(act);
   } else {
     silu_and_mul_bf16(act);
   }
-  linear_bf16({a.proj, hidden, a.act, inter, w.down, w.down_bias, rows, inter, hidden});
-  add_lora(a, w.lora[kLoRADown], a.proj, hidden, a.act, inter, {hidden});
+  project(a, w, kDownProj, w.down, w.down_bias, a.proj, hidden, a.act, inter);
+  add_lora(a, w.lora[kDownProj], a.proj, hidden, a.act, inter, {hidden});
 }
 
 }  // namespace
@@ -97,8 +113,8 @@ void decode_layers_bf16(const DecodeLayersArgs& a) {
   for (int64_t l = 0; l < a.num_layers; ++l) {
     const DecoderLayerWeights& w = a.layers[l];
     norm(a, a.hidden, nullptr, w.input_norm, a.normed);
-    linear_bf16({a.qkv, qkv_width, a.normed, hidden, w.qkv, w.qkv_bias, rows, hidden, qkv_width});
-    add_lora(a, w.lora[kLoRAQkv], a.qkv, qkv_width, a.normed, hidden,
+    project(a, w, kQkvProj, w.qkv, w.qkv_bias, a.qkv, qkv_width, a.normed, hidden);
+    add_lora(a, w.lora[kQkvProj], a.qkv, qkv_width, a.normed, hidden,
              {q_width, kv_width, kv_width});
     if (w.q_norm != nullptr) {
       head_norm_bf16({a.qkv, qkv_width, rows, a.num_heads, dim, w.q_norm, a.eps, a.gemma_norm});
@@ -113,8 +129,8 @@ void decode_layers_bf16(const DecodeLayersArgs& a) {
     paged_decode_attention({ScalarKind::kBFloat16, {a.attn, q_width, dim}, {a.qkv, qkv_width, dim},
                             w.kv_cache, a.cache, rows, a.num_heads, w.tables, a.context_lens,
                             a.scale, w.sliding_window, a.soft_cap});
-    linear_bf16({a.proj, hidden, a.attn, q_width, w.o, w.o_bias, rows, q_width, hidden});
-    add_lora(a, w.lora[kLoRAO], a.proj, hidden, a.attn, q_width, {hidden});
+    project(a, w, kOProj, w.o, w.o_bias, a.proj, hidden, a.attn, q_width);
+    add_lora(a, w.lora[kOProj], a.proj, hidden, a.attn, q_width, {hidden});
     if (w.pre_ff_norm != nullptr) {
       // Gemma: hidden += norm(attn); the MLP reads norm(hidden) and its output is normed too.
       norm(a, a.proj, nullptr, w.post_norm, a.normed);

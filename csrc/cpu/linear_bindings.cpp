@@ -54,21 +54,12 @@ void linear_bf16_op(torch::Tensor& out, const torch::Tensor& input, const torch:
   linear_bf16(args);
 }
 
-namespace {
-
-// linear_int_op's checks and call; `super`: K-quant scales (`scales` then unread).
-void run_linear_int(torch::Tensor& out, const torch::Tensor& input, const torch::Tensor& packed,
-                    const torch::Tensor& scales, const std::optional<torch::Tensor>& bias,
-                    int64_t bits, int64_t group_size,
-                    const std::optional<torch::Tensor>& dequantize_into,
-                    const std::optional<torch::Tensor>& offsets, const SuperBlockScales* super) {
-  TORCH_CHECK(has_avx512_bf16(), "linear_int needs AVX512_BF16");
+CheckedIntWeight check_int_weight(const torch::Tensor& packed, const torch::Tensor& scales,
+                                  const std::optional<torch::Tensor>& offsets, int64_t bits,
+                                  int64_t group_size, const SuperBlockScales* super) {
   // 6 bits: Q6_K's layout (linear_int.cpp), K-quant scales without mins only.
   TORCH_CHECK(bits == 8 || bits == 4 || (bits == 6 && super != nullptr && super->mins == nullptr),
               "linear_int: bits must be 8 or 4 (6 for Q6_K), got ", bits);
-  for (const torch::Tensor* t : {static_cast<const torch::Tensor*>(&out), &input})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kBFloat16,
-                "linear_int takes bfloat16 CPU activations");
   // int8: one pair of columns per 32 bytes; int4: two; 6-bit: two per 48 bytes.
   const int64_t columns_per_vector = bits == 8 ? 2 : 4;
   const int64_t step_bytes = bits == 6 ? 48 : 32;
@@ -97,16 +88,35 @@ void run_linear_int(torch::Tensor& out, const torch::Tensor& input, const torch:
     offset_values = {offsets->data_ptr(), offsets->scalar_type() == torch::kFloat16};
   }
   const GroupValues scale_values{scales.data_ptr(), scales.scalar_type() == torch::kFloat16};
+  return {{packed.data_ptr<uint8_t>(), scale_values, offset_values, static_cast<int>(bits),
+           group_size},
+          in_features, num_panels};
+}
+
+namespace {
+
+// linear_int_op's checks and call; `super`: K-quant scales (`scales` then unread).
+void run_linear_int(torch::Tensor& out, const torch::Tensor& input, const torch::Tensor& packed,
+                    const torch::Tensor& scales, const std::optional<torch::Tensor>& bias,
+                    int64_t bits, int64_t group_size,
+                    const std::optional<torch::Tensor>& dequantize_into,
+                    const std::optional<torch::Tensor>& offsets, const SuperBlockScales* super) {
+  TORCH_CHECK(has_avx512_bf16(), "linear_int needs AVX512_BF16");
+  for (const torch::Tensor* t : {static_cast<const torch::Tensor*>(&out), &input})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kBFloat16,
+                "linear_int takes bfloat16 CPU activations");
+  const auto [weight, in_features, num_panels] =
+      check_int_weight(packed, scales, offsets, bits, group_size, super);
   const auto [num_tokens, out_features] =
       check_rows_and_panels(out, input, in_features, num_panels);
   const void* bias_ptr = checked_bias(bias, out_features);
   LinearIntArgs args{out.data_ptr(),   out.stride(0),
                      input.data_ptr(), input.stride(0),
-                     packed.data_ptr<uint8_t>(), scale_values,
-                     offset_values,    bias_ptr,
+                     weight.packed,    weight.scales,
+                     weight.offsets,   bias_ptr,
                      num_tokens,
                      in_features,      out_features,
-                     static_cast<int>(bits), group_size,
+                     weight.bits,      group_size,
                      super};
   if (dequantize_into.has_value()) {
     TORCH_CHECK(dequantize_into->scalar_type() == torch::kBFloat16 &&

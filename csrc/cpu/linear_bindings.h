@@ -37,6 +37,18 @@ void linear_int_k_quant_op(torch::Tensor& out, const torch::Tensor& input,
 void linear_w8a8_op(torch::Tensor& out, const torch::Tensor& input, const torch::Tensor& packed,
                     const torch::Tensor& weight_scales, const std::optional<torch::Tensor>& bias);
 
+// An int8 / int4 weight's tensors checked against engine/layers/quant/panels.py's layout
+// (shared by linear_int_op and the fused decode layers); `super`: K-quant scales, `scales`
+// then unread. in_features and num_panels as the packed tensor holds them.
+struct CheckedIntWeight {
+  IntWeight weight;
+  int64_t in_features;
+  int64_t num_panels;
+};
+CheckedIntWeight check_int_weight(const torch::Tensor& packed, const torch::Tensor& scales,
+                                  const std::optional<torch::Tensor>& offsets, int64_t bits,
+                                  int64_t group_size, const SuperBlockScales* super);
+
 // Registers linear_int_k_quant, linear_w8a8 and their kernel switches (bindings.cpp's module).
 void register_quantized_linear_ops(pybind11::module& m);
 

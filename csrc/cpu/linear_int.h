@@ -30,6 +30,17 @@ struct SuperBlockScales {
   bool signed_scales;
 };
 
+// An int8 / int4 weight as the fused decode layers hold one per projection (cpu_ops.h's
+// DecoderLayerWeights): LinearIntArgs' weight fields. packed == nullptr: the projection is
+// linear_bf16's bf16 panels instead.
+struct IntWeight {
+  const uint8_t* packed = nullptr;
+  GroupValues scales{nullptr, false};
+  GroupValues offsets{nullptr, false};
+  int bits = 0;
+  int64_t group_size = 0;
+};
+
 struct LinearIntArgs {
   void* output;  // bf16 [num_tokens, out_features]
   int64_t output_stride;

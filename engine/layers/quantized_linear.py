@@ -135,7 +135,8 @@ class QuantizedLinear(nn.Module):
         self.input_perm: torch.Tensor | None = None
         # Set by `finalize`: "int_panels" (engine.ops.linear_int) | "w8a8_panels"
         # (engine.ops.linear_w8a8) | "dequantize" (torch).
-        # Never "panels", so the bf16-only fused decode path (models/fused_decode.py) declines.
+        # "int_panels" layers without input_perm also run on the fused decode path
+        # (models/fused_decode.py), which calls the same kernel.
         self.packing: str | None = None
         self.panels: torch.Tensor | None = None
         self.panel_scales: torch.Tensor | None = None

@@ -4,8 +4,10 @@ At batch 1 the Python between a layer's kernels (module calls, views, output all
 dispatches; more for Gemma's four norms, Qwen3's q/k norms and MoE routing) costs a large part
 of the step; `ops.decode_layers_bf16` runs the same kernels in the same order from C++. It
 applies where every piece it replaces would have run our kernels anyway: bfloat16 on the CPU
-with the native ops built, every projection (and router and experts) packed in panels, the
-paged ops attention backend, and a step whose rows are all single-token decodes. Anything else
+with the native ops built, every projection packed in bf16 panels or as linear_int's int8 /
+int4 panels (QuantizedLinear "int_panels" without act order: the layers call linear_int where
+its forward would), router and experts in bf16 panels, the paged ops attention backend, and a
+step whose rows are all single-token decodes. Anything else
 (prefill rows, float32, the torch backend) takes the per-op path, which stays the reference.
 
 Every family's switches (engine/models/decoder_spec.py) go along: per-head q/k norms, Gemma's
@@ -28,18 +30,27 @@ from engine import ops
 from engine.attention.backend import AttentionMetadata
 from engine.attention.cpu_backend import PagedOpsAttentionBackend
 from engine.layers.lora import LoRALinear, LoRAStep
+from engine.layers.quant.panels import dequantize_first
+from engine.layers.quantized_linear import QuantizedLinear
 
 # Per layer, (lora_a, lora_b_t, ranks) of qkv, o, gate_up, down (decode_layers.cpp's order).
 LayerAdapters = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 Weights = tuple[torch.Tensor | None, ...]
+# A projection's `bits` in decode_bindings.cpp's formats: bf16 panels, not an int weight.
+BF16_PANELS = 16
 
 
 class FusedDecodeLayers:
     # `model` is a models/decoder.py DecoderForCausalLM (its `dims`, `rotary`, `model.layers`,
     # `model.norm`); typed as a plain module because decoder.py builds this class.
     def __init__(self, model: nn.Module) -> None:
-        layers = _layer_tensors(model)
+        layers, formats = _layer_tensors(model)
         self.layers: list[tuple[Weights, Weights]] | None = layers
+        self.formats = formats
+        # From DEQUANTIZE_ROWS rows where linear_int has no AMX prefill, the per-op path
+        # multiplies a dequantized bf16 copy of an int8 / int4 weight; such steps stay per-op
+        # so that both paths run the same kernels.
+        self.int_weights = any(bits != BF16_PANELS for layer in formats for bits, _ in layer)
         spec = model.dims
         self.num_heads, self.num_kv_heads = spec.num_heads, spec.num_kv_heads
         self.intermediate = spec.intermediate_size
@@ -69,6 +80,8 @@ class FusedDecodeLayers:
     def applies(self, hidden: torch.Tensor, metadata: Sequence[AttentionMetadata]) -> bool:
         """`metadata`: each layer's (KV cache groups give layers different block tables)."""
         if self.layers is None:
+            return False
+        if self.int_weights and dequantize_first(hidden, hidden.shape[1]):
             return False
         for group in {id(m): m for m in metadata}.values():
             if (group.prefills or group.num_decode_tokens != hidden.shape[0]
@@ -104,6 +117,7 @@ class FusedDecodeLayers:
                                                          strict=True)
             ],
             self.options,
+            self.formats,
             tables,
             metadata[0].decode_context_lens,
             self.num_heads,
@@ -132,51 +146,69 @@ def _layer_adapters(model: nn.Module) -> tuple[list[LayerAdapters] | None, int]:
     return adapters, max_rank
 
 
-def _layer_tensors(model: nn.Module) -> list[tuple[Weights, Weights]] | None:
+def _projection(linear: nn.Module) -> tuple[Weights, Weights, tuple[int, int]] | None:
+    """A projection as decode_bindings.cpp takes it: (weight, bias), (scales, offsets) and
+    (bits, group_size); bf16 panels are (packed, bias), (None, None), (16, 0). None where it
+    has neither layout (the torch path, act-order int weights, K-quants, W8A8)."""
+    base = linear.base if isinstance(linear, LoRALinear) else linear
+    if getattr(base, "packing", None) == "panels":
+        return (base.packed_weight, base.bias), (None, None), (BF16_PANELS, 0)
+    if isinstance(base, QuantizedLinear) and base.packing == "int_panels" and (
+            base.input_perm is None):
+        return ((base.panels, base.bias), (base.panel_scales, base.panel_offsets),
+                (base.quant.bits, base.group_size))
+    return None
+
+
+def _layer_tensors(
+    model: nn.Module,
+) -> tuple[list[tuple[Weights, Weights]] | None, list[list[tuple[int, int]]]]:
     """Per layer the weights before and after its KV cache in decode_bindings.cpp's order:
     (input_norm, qkv, qkv_bias, o, o_bias, post_norm, gate_up, gate_up_bias, down, down_bias)
-    and (q_norm, k_norm, pre_ff_norm, post_ff_norm, router, experts_gate_up, experts_down);
-    None where the fused path does not apply to this model."""
+    and (q_norm, k_norm, pre_ff_norm, post_ff_norm, router, experts_gate_up, experts_down,
+    then each projection's scales and offsets), and per layer the projections' (bits,
+    group_size); (None, []) where the fused path does not apply to this model."""
     # The kernel rotates whole heads.
     spec = model.dims
     if any(rotary.rotary_dim != spec.head_dim for rotary in model.rotary.values()):
-        return None
+        return None, []
     norm = model.model.norm.weight
     if norm.dtype != torch.bfloat16 or norm.device.type != "cpu" or not ops.decode_layers_available():
-        return None
-    layers = []
+        return None, []
+    layers, formats = [], []
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         if not isinstance(attn.attn_backend, PagedOpsAttentionBackend):
-            return None
+            return None, []
         norms = [layer.input_layernorm, layer.post_attention_layernorm]
         if attn.q_norm is not None:
             norms += [attn.q_norm, attn.k_norm]
         if layer.sandwich:
             norms += [layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm]
         if any(n.eps != spec.rms_norm_eps for n in norms):
-            return None
+            return None, []
         experts = getattr(mlp, "experts", None)
-        projections = ((attn.qkv_proj, attn.o_proj, mlp.gate) if experts is not None
-                       else (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
-        # Quantized projections (QuantizedLinear, KQuantLinear) have no bf16 panels.
-        if any(getattr(linear, "packing", None) != "panels" for linear in projections):
-            return None
+        dense_mlp = () if experts is not None else (mlp.gate_up_proj, mlp.down_proj)
+        projections = [_projection(p) for p in (attn.qkv_proj, attn.o_proj, *dense_mlp)]
+        if any(p is None for p in projections):
+            return None, []
         if experts is not None:
-            if experts.packed_gate_up is None:
-                return None
-            dense: Weights = (None,) * 4
+            # Experts and router only as bf16 panels (quantized MoE keeps the per-op path).
+            if experts.packed_gate_up is None or getattr(mlp.gate, "packing", None) != "panels":
+                return None, []
+            absent = ((None, None), (None, None), (BF16_PANELS, 0))
+            projections += [absent, absent]
             moe: Weights = (mlp.gate.packed_weight, experts.packed_gate_up, experts.packed_down)
         else:
-            dense = (mlp.gate_up_proj.packed_weight, mlp.gate_up_proj.bias,
-                     mlp.down_proj.packed_weight, mlp.down_proj.bias)
             moe = (None,) * 3
-        qkv, o = attn.qkv_proj, attn.o_proj
-        head = (layer.input_layernorm.weight, qkv.packed_weight, qkv.bias, o.packed_weight,
-                o.bias, layer.post_attention_layernorm.weight, *dense)
+        (qkv, qkv_q, qkv_f), (o, o_q, o_f), (gate_up, gu_q, gu_f), (down, down_q, down_f) = (
+            projections)
+        head = (layer.input_layernorm.weight, *qkv, *o, layer.post_attention_layernorm.weight,
+                *gate_up, *down)
         qk_norms = ((attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None
                     else (None, None))
         sandwich = ((layer.pre_feedforward_layernorm.weight,
                      layer.post_feedforward_layernorm.weight) if layer.sandwich else (None, None))
-        layers.append((head, (*qk_norms, *sandwich, *moe)))
-    return layers
+        layers.append((head, (*qk_norms, *sandwich, *moe, *qkv_q, *o_q, *gu_q, *down_q)))
+        formats.append([qkv_f, o_f, gu_f, down_f])
+    return layers, formats
