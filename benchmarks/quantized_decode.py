@@ -15,9 +15,9 @@ weights a step streams. int8 / int4 also quantize the LM head (int8 per channel)
 with int8 activations per block of 32 (llama.cpp's arithmetic); `int8-exact` / `int4-exact`
 are the same weights on the exact bf16-activation kernel (PROTOSERVE_INT_ACTIVATIONS=bf16).
 
-bf16 decode runs all layers in one native call (models/fused_decode.py); quantized models take
-the per-op path (one kernel call per projection), so `bfloat16-per-op` (the fused path turned
-off) is printed too: the same path as the quantized rows, differing only in the linear kernels.
+Every format but W8A8 decodes all layers in one native call (models/fused_decode.py; int8 /
+int4 projections on linear_int inside it); `bfloat16-per-op` is bf16 with the fused path turned
+off (one kernel call per projection), W8A8's path.
 """
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def main() -> None:
             if ops.linear_bf16_available():
                 set_int_activations("bf16" if name.endswith("-exact") else "int8")
             FusedDecodeLayers.applies = (  # type: ignore[method-assign]
-                fused_applies if name == "bfloat16" else (lambda self, h, m: False))
+                (lambda self, h, m: False) if name == "bfloat16-per-op" else fused_applies)
             online_int8 = ONLINE_SCHEMES["int8"]
             if name == "w8a8":  # dummy weights load no checkpoint config: the int8 scheme
                 quantization = "int8"  # with activations quantized per token instead

@@ -39,6 +39,7 @@
 #include "linear_int.h"
 #include "linear_int_groups.h"
 #include "panel_gemm_avx512.h"
+#include "vec_avx512.h"
 #include "work_pool.h"
 
 #if PROTOSERVE_AVX512_BF16 && defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
@@ -90,31 +91,40 @@ Int8Rows quantize_rows(const LinearIntArgs& args, bool int4_order, bool group_su
   Int8Rows rows{std::vector<int32_t>(M * K / 4), std::vector<float>(M * blocks),
                 std::vector<int32_t>(M * blocks), std::vector<float>(group_sums ? M * groups : 0)};
   const bf16_t* input = static_cast<const bf16_t*>(args.input);
+  // int4 lanes hold columns (0, 2, 1, 3) of each quad: swap the middle two bytes.
+  const __m128i quad_order = int4_order
+      ? _mm_setr_epi8(0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15)
+      : _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 sign_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
   for (int64_t m = 0; m < M; ++m) {
     const bf16_t* x = input + m * args.input_stride;
     int8_t* out = reinterpret_cast<int8_t*>(rows.quads.data() + m * K / 4);
     for (int64_t b = 0; b < blocks; ++b) {
-      float values[kBlock];
-      float absmax = 0.0f, sum = 0.0f;
-      for (int64_t k = 0; k < kBlock; ++k) {
-        values[k] = bf16_to_float(x[b * kBlock + k]);
-        absmax = std::max(absmax, std::fabs(values[k]));
-        sum += values[k];
-      }
+      const bf16_t* block = x + b * kBlock;
+      const auto load16 = [](const bf16_t* p) {
+        return vec::bf16x16_to_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      };
+      const __m512 lo = load16(block), hi = load16(block + 16);
+      const float absmax = _mm512_reduce_max_ps(
+          _mm512_max_ps(_mm512_and_ps(lo, sign_mask), _mm512_and_ps(hi, sign_mask)));
       const float d = absmax / 127.0f;
-      const float inverse = d != 0.0f ? 1.0f / d : 0.0f;
-      int32_t q_sum = 0;
-      for (int64_t k = 0; k < kBlock; ++k) {
-        const int32_t q = static_cast<int32_t>(std::nearbyint(values[k] * inverse));
-        q_sum += q;
-        // int4 lanes hold columns (0, 2, 1, 3) of each quad.
-        const int64_t j = k % 4;
-        const int64_t slot = int4_order && (j == 1 || j == 2) ? k - j + 3 - j : k;
-        out[b * kBlock + slot] = static_cast<int8_t>(q);
-      }
+      const __m512 inverse = _mm512_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+      // Round to nearest even, as std::nearbyint in the default rounding mode.
+      const __m512i q_lo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse));
+      const __m512i q_hi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + b * kBlock),
+                       _mm_shuffle_epi8(_mm512_cvtepi32_epi8(q_lo), quad_order));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + b * kBlock + 16),
+                       _mm_shuffle_epi8(_mm512_cvtepi32_epi8(q_hi), quad_order));
       rows.scales[m * blocks + b] = d;
-      rows.bias_sums[m * blocks + b] = bias * q_sum;
-      if (group_sums) rows.x_sums[m * groups + b * kBlock / args.group_size] += sum;
+      rows.bias_sums[m * blocks + b] =
+          bias * _mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi));
+      if (group_sums) {
+        // In column order, as the exact kernel's reference sums x.
+        float sum = 0.0f;
+        for (int64_t k = 0; k < kBlock; ++k) sum += bf16_to_float(block[k]);
+        rows.x_sums[m * groups + b * kBlock / args.group_size] += sum;
+      }
     }
   }
   return rows;
