@@ -172,6 +172,9 @@ class ParallelConfig:
     # Stages of consecutive layers (`--pipeline-parallel-size`), each of
     # tensor_parallel_size ranks; hidden states pass from stage to stage.
     pipeline_parallel_size: int = 1
+    # `--enable-expert-parallel`: MoE layers place whole experts on the tensor-parallel ranks
+    # (contiguous ranges) instead of slicing every expert's intermediate dim.
+    enable_expert_parallel: bool = False
     # Micro-batches a step's requests split into so the stages overlap (None: one per
     # stage; 1: each step passes whole from stage to stage).
     pipeline_micro_batches: int | None = None
@@ -202,6 +205,9 @@ class ParallelConfig:
         if self.pipeline_parallel_size < 1:
             raise ValueError("pipeline_parallel_size (--pipeline-parallel-size) must be >= 1, "
                              f"got {self.pipeline_parallel_size}")
+        if self.enable_expert_parallel and self.tensor_parallel_size < 2:
+            raise ValueError("enable_expert_parallel (--enable-expert-parallel) places experts "
+                             "on the tensor-parallel ranks: it needs --tensor-parallel-size > 1")
         if self.pipeline_micro_batches is not None and self.pipeline_micro_batches < 1:
             raise ValueError("pipeline_micro_batches (--pipeline-micro-batches) must be >= 1, "
                              f"got {self.pipeline_micro_batches}")

@@ -53,6 +53,8 @@ class TensorParallel:
     micro_batches: int = 1
     # A micro-batch's fewest rows (fewer cost about as much: the weights are read anyway).
     micro_batch_min_rows: int = 1
+    # MoE layers hold whole experts, a contiguous range per rank (sharding.local_experts).
+    expert_parallel: bool = False
 
     @property
     def is_driver(self) -> bool:
@@ -116,7 +118,7 @@ SINGLE = TensorParallel()
 def init_tensor_parallel(
     world_rank: int, size: int, *, master_addr: str, master_port: int, timeout_s: float,
     device: torch.device, num_stages: int = 1, micro_batches: int | None = None,
-    micro_batch_min_rows: int = 1,
+    micro_batch_min_rows: int = 1, expert_parallel: bool = False,
 ) -> TensorParallel:
     """Join the rendezvous as `world_rank` of size * num_stages (blocks until every rank
     joined, at most `timeout_s`). `micro_batches`: per step, None for one per stage."""
@@ -139,7 +141,8 @@ def init_tensor_parallel(
     return TensorParallel(rank=world_rank % size, size=size, device=device,
                           control_group=control, stage=stage, num_stages=num_stages, group=group,
                           micro_batches=num_stages if micro_batches is None else micro_batches,
-                          micro_batch_min_rows=micro_batch_min_rows)
+                          micro_batch_min_rows=micro_batch_min_rows,
+                          expert_parallel=expert_parallel)
 
 
 def all_reduce_min(tp: TensorParallel, value: int) -> int:

@@ -74,7 +74,8 @@ def start_model_runner(config: EngineConfig, *, exit_on_rank_death: bool) -> Mod
                                   device=resolve_device(model.device),
                                   num_stages=parallel.pipeline_parallel_size,
                                   micro_batches=parallel.pipeline_micro_batches,
-                                  micro_batch_min_rows=parallel.pipeline_micro_batch_min_tokens)
+                                  micro_batch_min_rows=parallel.pipeline_micro_batch_min_tokens,
+                                  expert_parallel=parallel.enable_expert_parallel)
         model_runner = runner(model, tp)
     except BaseException:
         ranks.stopping = True
@@ -96,7 +97,11 @@ def check_shardable(config: EngineConfig) -> None:
                          "(generative) models only")
     spec = read_decoder_spec(hf_config)
     parallel = config.parallel
-    shard_spec(spec, TensorParallel(size=parallel.tensor_parallel_size))
+    if parallel.enable_expert_parallel and spec.moe is None:
+        # As the reference: the flag only changes MoE layers.
+        logger.warning("--enable-expert-parallel is ignored: the model has no MoE layers")
+    shard_spec(spec, TensorParallel(size=parallel.tensor_parallel_size,
+                                    expert_parallel=parallel.enable_expert_parallel))
     stage_layers(spec.num_layers, TensorParallel(num_stages=parallel.pipeline_parallel_size))
 
 
@@ -144,6 +149,7 @@ def spawn_ranks(
             size=parallel.tensor_parallel_size, num_stages=parallel.pipeline_parallel_size,
             micro_batches=parallel.pipeline_micro_batches,
             micro_batch_min_rows=parallel.pipeline_micro_batch_min_tokens,
+            expert_parallel=parallel.enable_expert_parallel,
             master_addr=addr, master_port=port,
             timeout_s=parallel.distributed_timeout_s, model=config.model, cache=config.cache,
             max_num_seqs=sched.max_num_seqs, max_num_batched_tokens=sched.max_num_batched_tokens,

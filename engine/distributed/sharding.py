@@ -17,9 +17,14 @@ kernel) then runs unchanged on [E, 2I/N, H] / [E, H, I/N] weights with the full 
 rank does an equal share of every token's work whatever the router picks, and the MLP's one
 all_reduce sums the partial outputs as for a dense MLP. Expert parallelism would need the
 routing remapped to local experts and leaves ranks idle when the router favours a few.
+With `--enable-expert-parallel` (tp.expert_parallel) it is what the layers do: rank r holds
+whole experts [r*E/N, (r+1)*E/N) (expert e on rank e*N//E, as the reference places them),
+routing runs over all E on every rank from the replicated router, tokens routed elsewhere
+contribute zero on this rank, and the same all_reduce sums the ranks' partial outputs.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import torch
@@ -28,6 +33,8 @@ from engine.distributed.group import TensorParallel
 from engine.models.decoder_spec import DecoderSpec
 
 FLAG = "--tensor-parallel-size"
+EP_FLAG = "--enable-expert-parallel"
+_PER_EXPERT = re.compile(r"\.experts\.(\d+)\.")
 _ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")
 
 
@@ -42,7 +49,11 @@ def shard_spec(spec: DecoderSpec, tp: TensorParallel) -> DecoderSpec:
     _require(kv_ok, f"{spec.num_kv_heads} KV heads (it must divide them or be a multiple)")
     _require(spec.intermediate_size % n == 0, f"intermediate size {spec.intermediate_size}")
     moe = spec.moe
-    if moe is not None:
+    if moe is not None and tp.expert_parallel:
+        if moe.num_experts % n:
+            raise ValueError(f"{EP_FLAG}: {FLAG} {n} does not divide the model's "
+                             f"{moe.num_experts} experts")
+    elif moe is not None:
         _require(moe.intermediate_size % n == 0,
                  f"expert intermediate size {moe.intermediate_size}")
         moe = replace(moe, intermediate_size=moe.intermediate_size // n)
@@ -73,6 +84,15 @@ def stage_layers(num_layers: int, tp: TensorParallel) -> range:
     return range(start, start + base + (tp.stage < extra))
 
 
+def local_experts(num_experts: int, tp: TensorParallel) -> range:
+    """The experts this rank holds: all of them (each sliced) without expert parallelism,
+    else its contiguous share (shard_spec has checked that N divides them)."""
+    if not tp.expert_parallel or tp.size == 1:
+        return range(num_experts)
+    share = num_experts // tp.size
+    return range(tp.rank * share, (tp.rank + 1) * share)
+
+
 def vocab_shard_size(vocab_size: int, tp: TensorParallel) -> int:
     return -(-vocab_size // tp.size)
 
@@ -83,10 +103,15 @@ class CheckpointSharder:
 
     def __init__(self, spec: DecoderSpec, tp: TensorParallel) -> None:
         self.spec, self.tp = spec, tp
+        self._experts = local_experts(spec.moe.num_experts if spec.moe else 0, tp)
 
     def keeps(self, name: str) -> bool:
         """Whether this rank's pipeline stage holds the tensor's module at all: its own
         layers; the embedding and LM head live on stage 0 (which samples)."""
+        if self.tp.expert_parallel and self.spec.moe is not None:
+            match = _PER_EXPERT.search(name)  # another rank's whole expert: never read
+            if match is not None and int(match.group(1)) not in self._experts:
+                return False
         if self.tp.num_stages == 1:
             return True
         if name.startswith("model.layers."):
@@ -124,6 +149,11 @@ class CheckpointSharder:
         return tensor  # norms, the router: every rank holds them whole
 
     def _expert(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if self.tp.expert_parallel:
+            if _PER_EXPERT.search(name) is not None:
+                return tensor  # keeps() already dropped the other ranks' experts
+            local = self._experts  # fused [E, ...]: this rank's rows of the expert dim
+            return tensor.narrow(0, local.start, len(local))
         if name.endswith(("down_proj.weight", "w2.weight", "experts.down_proj")):
             return self._even(tensor, dim=-1)  # [.., H, I]: the intermediate columns
         if name.endswith(("gate_up_proj", "gate_up_proj.weight")):

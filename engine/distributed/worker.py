@@ -51,6 +51,7 @@ class WorkerSpec:
     num_stages: int
     micro_batches: int | None  # per step across the stages (None: one per stage)
     micro_batch_min_rows: int
+    expert_parallel: bool
     master_addr: str
     master_port: int
     timeout_s: float
@@ -97,6 +98,7 @@ def worker_main(spec: WorkerSpec) -> None:
             timeout_s=spec.timeout_s, device=resolve_device(model.device),
             num_stages=spec.num_stages, micro_batches=spec.micro_batches,
             micro_batch_min_rows=spec.micro_batch_min_rows,
+            expert_parallel=spec.expert_parallel,
         )
         runner = ModelRunner(
             model, spec.cache, max_num_seqs=spec.max_num_seqs,

@@ -152,6 +152,7 @@ class LLM:
         pipeline_micro_batches: int | None = None,
         pipeline_micro_batch_min_tokens: int = 64,
         distributed_timeout_s: float = 60.0,
+        enable_expert_parallel: bool = False,
     ) -> None:
         """`lora`: serve LoRA adapters, named per prompt by `generate(lora_requests=...)`.
         `tensor_parallel_size` or `pipeline_parallel_size` > 1: this process is rank 0 and
@@ -186,7 +187,8 @@ class LLM:
                                     pipeline_micro_batches=pipeline_micro_batches,
                                     pipeline_micro_batch_min_tokens=(
                                         pipeline_micro_batch_min_tokens),
-                                    distributed_timeout_s=distributed_timeout_s),
+                                    distributed_timeout_s=distributed_timeout_s,
+                                    enable_expert_parallel=enable_expert_parallel),
         )
         self.runner = start_model_runner(self.config, exit_on_rank_death=False)
         self.max_model_len = self.runner.loaded.max_model_len

@@ -137,12 +137,17 @@ class FusedExperts(nn.Module):
         *,
         dtype: torch.dtype,
         device: torch.device | str,
+        first_expert: int = 0,
     ) -> None:
+        """`num_experts` held here, global ids [first_expert, first_expert + num_experts) of
+        the routing's (expert parallelism holds a range; load_expert takes global ids)."""
         super().__init__()
-        if routing.num_experts != num_experts:
+        if first_expert < 0 or first_expert + num_experts > routing.num_experts:
             raise ValueError(
-                f"routing.num_experts={routing.num_experts} differs from num_experts={num_experts}"
+                f"experts [{first_expert}, {first_expert + num_experts}) exceed "
+                f"routing.num_experts={routing.num_experts}"
             )
+        self.first_expert = first_expert
         sizes = {"hidden_size": hidden_size, "intermediate_size": intermediate_size}
         for setting, value in sizes.items():
             if value < 1:
@@ -171,9 +176,9 @@ class FusedExperts(nn.Module):
             raise ValueError(
                 f"hidden must be [tokens, {self.hidden_size}], got {tuple(hidden.shape)}"
             )
-        if router_logits.shape != (num_tokens, self.num_experts):
+        if router_logits.shape != (num_tokens, self.routing.num_experts):
             raise ValueError(
-                f"router_logits must be [{num_tokens}, {self.num_experts}], "
+                f"router_logits must be [{num_tokens}, {self.routing.num_experts}], "
                 f"got {tuple(router_logits.shape)}"
             )
         routing = self.routing
@@ -182,13 +187,27 @@ class FusedExperts(nn.Module):
             # logits' dtype) make torch round each weighted output.
             weights, expert_ids = family_ops.moe_route_bf16(
                 router_logits, routing.top_k, routing.renormalize, routing.float32_weights)
+            weights, expert_ids = self._local(weights, expert_ids)
             return ops.moe_bf16(
                 hidden, expert_ids, weights, self.packed_gate_up, self.packed_down,
                 self.intermediate_size, round_weighted=not routing.float32_weights,
             )
-        weights, expert_ids = route(router_logits, routing)
+        weights, expert_ids = self._local(*route(router_logits, routing))
         assert self.w13 is not None and self.w2 is not None
         return grouped_experts(hidden, expert_ids, weights, self.w13, self.w2)
+
+    def _local(
+        self, weights: torch.Tensor, expert_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global routing -> this module's experts: an assignment to an expert held elsewhere
+        keeps its row but points at local expert 0 with weight 0, so it adds exactly zero
+        (the rank holding that expert adds its share; the all_reduce sums them)."""
+        if self.num_experts == self.routing.num_experts:
+            return weights, expert_ids
+        local = expert_ids - self.first_expert
+        held = (local >= 0) & (local < self.num_experts)
+        return (torch.where(held, weights, torch.zeros_like(weights)),
+                torch.where(held, local, torch.zeros_like(local)))
 
     def load_expert(self, expert: int | None, projection: str, tensor: torch.Tensor) -> None:
         """Copy one checkpoint tensor into its slice: `expert` None for the fused 3-D tensors
@@ -202,9 +221,12 @@ class FusedExperts(nn.Module):
                 f"unknown expert projection {projection!r}; expected one of "
                 f"{sorted(_PROJECTION_ALIASES)}"
             )
+        if expert is not None:
+            if not 0 <= expert - self.first_expert < self.num_experts:
+                raise ValueError(f"expert {expert} out of range (experts [{self.first_expert}, "
+                                 f"{self.first_expert + self.num_experts}) held here)")
+            expert -= self.first_expert
         experts = range(self.num_experts) if expert is None else [expert]
-        if expert is not None and not 0 <= expert < self.num_experts:
-            raise ValueError(f"expert {expert} out of range ({self.num_experts} experts)")
         if expert is None:
             if name not in ("gate_up_proj", "down_proj"):
                 raise ValueError(f"{projection} needs an expert index (fused tensors are "
@@ -232,7 +254,7 @@ class FusedExperts(nn.Module):
     def missing_experts(self) -> list[str]:
         """`experts.N.<projection>` for every slice no load_expert call has filled."""
         return [
-            f"experts.{e}.{p}"
+            f"experts.{e + self.first_expert}.{p}"
             for e in range(self.num_experts)
             for p in _PROJECTIONS
             if (e, p) not in self._loaded

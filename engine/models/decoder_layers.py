@@ -18,6 +18,7 @@ from torch import nn
 from engine import family_ops, ops
 from engine.attention.backend import AttentionBackend, AttentionMetadata
 from engine.distributed.group import SINGLE, TensorParallel
+from engine.distributed.sharding import local_experts
 from engine.layers.activation import GATED_ACTIVATIONS
 from engine.layers.linear import Linear
 from engine.layers.quantized_linear import WeightQuant, make_linear
@@ -144,15 +145,17 @@ class SparseMoE(nn.Module):
             spec.hidden_size, moe.num_experts, bias=False,
             dtype=placement.dtype, device=placement.device,
         )
+        held = local_experts(moe.num_experts, placement.tp)
         self.experts = FusedExperts(
-            moe.num_experts, spec.hidden_size, moe.intermediate_size,
+            len(held), spec.hidden_size, moe.intermediate_size,
             MoERouting(moe.num_experts, moe.top_k, moe.renormalize, moe.float32_weights),
-            dtype=placement.dtype, device=placement.device,
+            dtype=placement.dtype, device=placement.device, first_expert=held.start,
         )
         self.tp = placement.tp
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        # Each rank's experts hold a slice of every expert's intermediate dim.
+        # Each rank's experts hold a slice of every expert's intermediate dim, or (expert
+        # parallelism) whole experts: either way a partial sum of every token's output.
         return self.tp.all_reduce(self.experts(hidden, self.gate(hidden)))
 
 

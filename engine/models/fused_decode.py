@@ -194,7 +194,10 @@ def _layer_tensors(
             return None, []
         if experts is not None:
             # Experts and router only as bf16 panels (quantized MoE keeps the per-op path).
-            if experts.packed_gate_up is None or getattr(mlp.gate, "packing", None) != "panels":
+            # The kernel routes to every expert by global id: an expert-parallel rank's
+            # subset keeps the per-op path too (FusedExperts remaps the ids).
+            if (experts.packed_gate_up is None or getattr(mlp.gate, "packing", None) != "panels"
+                    or experts.num_experts != experts.routing.num_experts):
                 return None, []
             absent = ((None, None), (None, None), (BF16_PANELS, 0))
             projections += [absent, absent]

@@ -20,6 +20,11 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
                    help="processes that each hold a slice of every layer (heads, MLP columns, "
                    "vocabulary), one all_reduce after attention and one after the MLP "
                    "(default: 1)")
+    g.add_argument("--enable-expert-parallel", action="store_true",
+                   help="MoE layers place whole experts on the --tensor-parallel-size ranks "
+                   "(contiguous ranges; routing over all experts on every rank, the partial outputs "
+                   "summed) instead of slicing every expert; ignored with a warning for dense models "
+                   "(default: False)")
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
                    help="stages of consecutive layers, each of --tensor-parallel-size ranks; "
                    "hidden states pass from stage to stage, a step's requests in "
@@ -58,6 +63,7 @@ def parallel_config_from_args(args: argparse.Namespace) -> ParallelConfig:
     return ParallelConfig(
         tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel,
         pipeline_micro_batches=args.pipeline_micro_batches,
         pipeline_micro_batch_min_tokens=args.pipeline_micro_batch_min_tokens,
         distributed_timeout_s=args.distributed_timeout_seconds,
