@@ -261,12 +261,15 @@ class EngineConfig:
         """Features whose weights or state the ranks would have to split too, refused at
         start-up rather than served wrongly."""
         refused = {
-            "--enable-lora": self.lora is not None,
             "--speculative-config": self.speculative is not None,
             "--embedding-model": self.embedding_model is not None,
             "--task embed": self.model.task == "embed",
             f"--quantization {self.model.quantization}": self.model.quantization != "auto",
         }
+        if self.lora is not None and self.parallel.pipeline_parallel_size > 1:
+            # Tensor-parallel ranks hold adapter shares; stages would each need their layers'.
+            raise ValueError("--enable-lora is not supported with --pipeline-parallel-size > 1 "
+                             "(--tensor-parallel-size serves adapters)")
         for flag, given in refused.items():
             if given:
                 raise ValueError(f"{flag} is not supported with --tensor-parallel-size > 1 "

@@ -149,7 +149,7 @@ def spawn_ranks(
             size=parallel.tensor_parallel_size, num_stages=parallel.pipeline_parallel_size,
             micro_batches=parallel.pipeline_micro_batches,
             micro_batch_min_rows=parallel.pipeline_micro_batch_min_tokens,
-            expert_parallel=parallel.enable_expert_parallel,
+            expert_parallel=parallel.enable_expert_parallel, lora=config.lora,
             master_addr=addr, master_port=port,
             timeout_s=parallel.distributed_timeout_s, model=config.model, cache=config.cache,
             max_num_seqs=sched.max_num_seqs, max_num_batched_tokens=sched.max_num_batched_tokens,

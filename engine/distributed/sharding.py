@@ -148,6 +148,21 @@ class CheckpointSharder:
             return self._gate_up(tensor, dim=0)
         return tensor  # norms, the router: every rank holds them whole
 
+    def lora_factors(self, projection: str, index: int, a: torch.Tensor,
+                     b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of one adapter slice (A [r, in], B [out, r]), as the base
+        projection is split: column-parallel (qkv, gate_up) keep A whole and B's rows of the
+        rank's outputs; row-parallel (o, down) keep A's columns of the rank's inputs and B
+        whole: each rank's partial update is then summed by the all_reduce that already
+        follows the projection (linear in the shrink, so no collective of its own)."""
+        if self.tp.size == 1:
+            return a, b
+        if projection in ("self_attn.o_proj", "mlp.down_proj"):
+            return self._even(a, dim=-1).contiguous(), b
+        if projection == "self_attn.qkv_proj" and index > 0:
+            return a, self._kv_rows(b).contiguous()
+        return a, self._even(b, dim=0).contiguous()  # q, gate, up: an even share of rows
+
     def _expert(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         if self.tp.expert_parallel:
             if _PER_EXPERT.search(name) is not None:

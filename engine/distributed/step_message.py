@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from engine.attention.backend import AttentionMetadata, PrefillSequence
 from engine.distributed.group import TensorParallel
+from engine.lora.request import LoRARequest
 from engine.runner.input_prep import prefill_context_mask
 
 HEADER_SIZE = 9
@@ -35,6 +36,9 @@ class MessageKind(IntEnum):
     LOGITS = 2  # the payload is the hidden rows [rows, hidden] in the model's dtype
     STOP = 3
     HEARTBEAT = 4  # an idle server's check that every rank still answers (header[1]: ms)
+    # Before a FORWARD with adapter rows: each row's LoRA slot (-1: base), then per adapter
+    # rank 0 newly placed (slot, lora_id, path length, the path's UTF-8 bytes).
+    LORA = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +75,35 @@ def send_forward(tp: TensorParallel, input_ids: torch.Tensor, positions: torch.T
                  0 if tables is None else tables.shape[1], len(prefills), payload.numel(),
                  scratch_blocks, metadata.block_size, max(1, len(group_metadata)))
     dist.broadcast(payload, src=0)
+
+
+def send_lora_step(tp: TensorParallel, row_slots: list[int],
+                   loads: Sequence[tuple[int, LoRARequest]]) -> None:
+    """Rank 0: the next forward's row slots and the adapters to place first (each rank
+    reads its share from the same path, so the directory must exist on every node)."""
+    payload = list(row_slots)
+    for slot, lora in loads:
+        path = list(lora.path.encode())
+        payload += [slot, lora.lora_id, len(path), *path]
+    _send_header(tp, MessageKind.LORA, len(row_slots), len(loads), len(payload), 0, 0, 0, 0, 0)
+    dist.broadcast(torch.tensor(payload, dtype=torch.int64, device=tp.device), src=0)
+
+
+def receive_lora_step(
+    tp: TensorParallel, header: torch.Tensor
+) -> tuple[list[int], list[tuple[int, LoRARequest]]]:
+    _, rows, num_loads, payload_len = header.tolist()[:4]
+    payload = torch.empty(payload_len, dtype=torch.int64, device=tp.device)
+    dist.broadcast(payload, src=0)
+    values = payload.tolist()
+    loads, at = [], rows
+    for _ in range(num_loads):
+        slot, lora_id, length = values[at : at + 3]
+        path = bytes(values[at + 3 : at + 3 + length]).decode()
+        # Workers never see adapter names; the id keys their cache of loaded adapters.
+        loads.append((slot, LoRARequest(name=f"lora-{lora_id}", lora_id=lora_id, path=path)))
+        at += 3 + length
+    return values[:rows], loads
 
 
 def send_logits_rows(tp: TensorParallel, hidden: torch.Tensor) -> None:

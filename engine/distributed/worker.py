@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from engine.config import CacheConfig, ModelConfig
+from engine.config import CacheConfig, LoRAConfig, ModelConfig
 from engine.distributed.group import (
     CollectiveClock,
     init_tensor_parallel,
@@ -33,6 +33,7 @@ from engine.distributed.step_message import (
     receive_forward,
     receive_header,
     receive_logits_rows,
+    receive_lora_step,
 )
 from engine.models.loader import resolve_device
 from engine.runner.kv_memory import allocate_kv_caches
@@ -52,6 +53,7 @@ class WorkerSpec:
     micro_batches: int | None  # per step across the stages (None: one per stage)
     micro_batch_min_rows: int
     expert_parallel: bool
+    lora: LoRAConfig | None
     master_addr: str
     master_port: int
     timeout_s: float
@@ -102,7 +104,7 @@ def worker_main(spec: WorkerSpec) -> None:
         )
         runner = ModelRunner(
             model, spec.cache, max_num_seqs=spec.max_num_seqs,
-            max_num_batched_tokens=spec.max_num_batched_tokens, tp=tp,
+            max_num_batched_tokens=spec.max_num_batched_tokens, tp=tp, lora_config=spec.lora,
         )
         serve_steps(runner)
         shutdown_tensor_parallel()
@@ -144,6 +146,13 @@ def serve_steps(runner: ModelRunner) -> None:
             if kind is MessageKind.HEARTBEAT:
                 answer_heartbeat(tp, int(header[1]))
                 continue
+            if kind is MessageKind.LORA:  # applies to the FORWARD that follows
+                assert runner.lora is not None, "rank 0 sent adapter rows without --enable-lora"
+                row_slots, loads = receive_lora_step(tp, header)
+                for slot, lora in loads:
+                    runner.lora.fill(slot, lora)
+                runner.lora.context.step = runner.lora.step_of_rows(row_slots)
+                continue
             if kind is MessageKind.FORWARD:
                 inputs = receive_forward(tp, header, runner.block_size)
                 kv_caches, metadata = runner.kv_caches, inputs.attn_metadata
@@ -155,6 +164,8 @@ def serve_steps(runner: ModelRunner) -> None:
                                 num_layers=runner.loaded.num_layers, group_windows=(None,)),
                         inputs.scratch_blocks, runner.device)
                 model(inputs.input_ids, inputs.positions, kv_caches, metadata)
+                if runner.lora is not None:
+                    runner.lora.context.step = None
                 steps += 1
             else:
                 rows = receive_logits_rows(tp, header, hidden_size, runner.loaded.dtype)

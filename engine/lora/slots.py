@@ -9,8 +9,8 @@ never one the current step needs.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from collections.abc import Iterator
 
 import torch
@@ -56,6 +56,15 @@ class LoRASlots:
         self._loaded: OrderedDict[int, LoRAAdapter] = OrderedDict()  # lora_id -> adapter
         self._slot_of: OrderedDict[int, int] = OrderedDict()  # lora_id -> slot, LRU first
         self._free_slots = list(range(config.max_loras))
+        # Tensor parallelism: each rank holds its share of every adapter (sharding.py), read
+        # against the whole model's shapes; rank 0 tells the others each step's row slots and
+        # the adapters it newly placed (on_step), and they place the same ones.
+        sharder = getattr(model, "sharder", None)
+        self._adapter_spec: DecoderSpec = sharder.spec if sharder is not None else self.spec
+        self._share: Callable[..., tuple[torch.Tensor, torch.Tensor]] = (
+            sharder.lora_factors if sharder is not None else lambda _p, _i, a, b: (a, b))
+        self.on_step: Callable[[list[int], list[tuple[int, LoRARequest]]], None] | None = None
+        self._new_loads: list[tuple[int, LoRARequest]] = []
 
     def preload(self, lora: LoRARequest) -> None:
         """Read `lora` into the host cache now (LoRALoadError if it cannot be), so that a
@@ -66,7 +75,7 @@ class LoRASlots:
     def _adapter(self, lora: LoRARequest) -> LoRAAdapter:
         adapter = self._loaded.get(lora.lora_id)
         if adapter is None:
-            adapter = load_adapter(lora.path, self.spec, self.config.max_lora_rank)
+            adapter = load_adapter(lora.path, self._adapter_spec, self.config.max_lora_rank)
             self._loaded[lora.lora_id] = adapter
             while len(self._loaded) > self.config.cpu_loras:
                 self._loaded.popitem(last=False)
@@ -79,22 +88,28 @@ class LoRASlots:
         if slot is not None:
             self._slot_of.move_to_end(lora.lora_id)
             return slot
-        adapter = self._adapter(lora)
         if self._free_slots:
             slot = self._free_slots.pop()
         else:
             victim = next(i for i in self._slot_of if i not in pinned)
             slot = self._slot_of.pop(victim)
+        self.fill(slot, lora)
+        self._new_loads.append((slot, lora))
+        self._slot_of[lora.lora_id] = slot
+        return slot
+
+    def fill(self, slot: int, lora: LoRARequest) -> None:
+        """Write `lora`'s factors (this rank's share of them) into `slot` of every layer."""
+        adapter = self._adapter(lora)
         per_layer: list[dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]] = [
             {} for _ in self.projections
         ]
         for (layer, path, index), factors in adapter.targets.items():
-            per_layer[layer].setdefault(path, {})[index] = (factors.a, factors.b)
+            per_layer[layer].setdefault(path, {})[index] = self._share(
+                path, index, factors.a, factors.b)
         for layer, wrapped in enumerate(self.projections):
             for path, lora_linear in wrapped.items():
                 lora_linear.set_slot(slot, per_layer[layer].get(path, {}))
-        self._slot_of[lora.lora_id] = slot
-        return slot
 
     def build_step(
         self, loras: Sequence[LoRARequest | None], row_starts: Sequence[int],
@@ -108,35 +123,39 @@ class LoRASlots:
         if len(needed) > self.config.max_loras:
             raise RuntimeError(
                 f"{len(needed)} adapters in one step, over max_loras {self.config.max_loras}")
-        row_slots: list[tuple[int, int, int]] = []  # (first row, row count, slot)
+        slots = [-1] * sum(row_counts)  # each row's slot, -1 for base rows
+        self._new_loads = []
         for lora, start, count in zip(loras, row_starts, row_counts):
             if lora is not None:
-                row_slots.append((start, count, self._activate(lora, needed)))
-        total_rows = sum(row_counts)
-        if self.native:  # each row's slot, -1 for base rows (layers/lora.py's kernel)
-            slots = [-1] * total_rows
-            for start, count, slot in row_slots:
-                slots[start : start + count] = [slot] * count
+                slots[start : start + count] = [self._activate(lora, needed)] * count
+        if self.on_step is not None:  # tensor parallelism: the other ranks do the same
+            self.on_step(slots, self._new_loads)
+        return self.step_of_rows(slots)
+
+    def step_of_rows(self, slots: list[int]) -> LoRAStep:
+        """The LoRAStep of each row's slot (-1: base model), for the kernel in use."""
+        if self.native:  # layers/lora.py's kernel reads the slots themselves
             return LoRAStep(whole_batch_slot=None, slot_mask=None,
                             row_slots=torch.tensor(slots, dtype=torch.int32))
-        if len(needed) == 1 and sum(count for _, count, _ in row_slots) == total_rows:
-            return LoRAStep(whole_batch_slot=row_slots[0][2], slot_mask=None)
+        if slots[0] >= 0 and slots.count(slots[0]) == len(slots):
+            return LoRAStep(whole_batch_slot=slots[0], slot_mask=None)
         # One-hot over [no adapter, slot 0, slot 1, ...], the first column dropped.
-        slot_of_row = [0] * total_rows
-        for start, count, slot in row_slots:
-            slot_of_row[start : start + count] = [slot + 1] * count
         one_hot = torch.nn.functional.one_hot(
-            torch.tensor(slot_of_row), self.config.max_loras + 1)
+            torch.tensor(slots) + 1, self.config.max_loras + 1)
         mask = one_hot[:, 1:].to(self.dtype)
         return LoRAStep(whole_batch_slot=None, slot_mask=mask.to(self.device, non_blocking=True))
 
-    @contextmanager
     def step(
         self, loras: Sequence[LoRARequest | None], row_starts: Sequence[int],
         row_counts: Sequence[int],
-    ) -> Iterator[None]:
-        """The model's forward pass inside this applies each row's adapter."""
-        self.context.step = self.build_step(loras, row_starts, row_counts)
+    ) -> AbstractContextManager[None]:
+        """The model's forward pass inside this applies each row's adapter; the step is built
+        (and, with tensor parallelism, told to the other ranks) here, before it is entered."""
+        return self._active(self.build_step(loras, row_starts, row_counts))
+
+    @contextmanager
+    def _active(self, built: LoRAStep | None) -> Iterator[None]:
+        self.context.step = built
         try:
             yield
         finally:

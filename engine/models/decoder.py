@@ -83,7 +83,7 @@ class DecoderForCausalLM(nn.Module):
                              "--tensor-parallel-size > 1")
         self.tp = tp
         self.dims = spec = shard_spec(full_spec, tp)
-        self._sharder = CheckpointSharder(full_spec, tp)
+        self.sharder = CheckpointSharder(full_spec, tp)
         placement = Placement(dtype, device, quantization, tp)
         self.model = DecoderModel(spec, attn_backend, placement)
         # Tied checkpoints have no lm_head tensor: the LM head reads the embedding matrix.
@@ -243,9 +243,9 @@ class DecoderForCausalLM(nn.Module):
         for name, tensor in weights:
             for old, new in spec.renames:
                 name = name.replace(old, new)
-            if not self._sharder.keeps(name):
+            if not self.sharder.keeps(name):
                 continue  # another pipeline stage's
-            tensor = self._sharder.narrow(name, tensor)
+            tensor = self.sharder.narrow(name, tensor)
             prefix, _, rest = name.partition(".experts.")
             if rest and prefix + ".experts" in experts:
                 from engine.layers.moe import expert_weight_target

@@ -14,7 +14,12 @@ from engine.attention.backend import AttentionMetadata
 from engine.core.batch import ScheduledBatch, ScheduledRequest
 from engine.config import CacheConfig, LoRAConfig, ModelConfig
 from engine.distributed.group import SINGLE, TensorParallel, all_reduce_min
-from engine.distributed.step_message import send_forward, send_heartbeat, send_logits_rows
+from engine.distributed.step_message import (
+    send_forward,
+    send_heartbeat,
+    send_logits_rows,
+    send_lora_step,
+)
 from engine.kv_cache.groups import kv_cache_groups
 from engine.models.loader import LoadedModel, load_model, resolve_device
 from engine.core.outputs import ModelRunnerOutput
@@ -87,6 +92,8 @@ class ModelRunner:
         self.lora: LoRASlots | None = (
             LoRASlots(self.loaded.model, lora_config) if lora_config is not None else None
         )
+        if self.lora is not None and tp.is_driver and tp.world_size > 1:
+            self.lora.on_step = lambda slots, loads: send_lora_step(tp, slots, loads)
         self.block_size = cache_config.block_size
         # Layers grouped by attention type, each group with its own block tables: windowed
         # groups give back blocks behind their window (engine/kv_cache/groups.py).
@@ -182,6 +189,9 @@ class ModelRunner:
             inputs = prepare_inputs(
                 batch, self.block_size, self.device, self.kv_groups.num_groups
             )
+            # Built before the other ranks are sent the step: they are told its adapter rows
+            # (LoRASlots.on_step) ahead of its FORWARD.
+            lora_step = self._lora_step(batch, inputs.row_starts)
             if self.tp.world_size > 1:
                 send_forward(self.tp, inputs.input_ids, inputs.positions, inputs.attn_metadata,
                              group_metadata=inputs.group_metadata)
@@ -189,7 +199,7 @@ class ModelRunner:
             metadata = inputs.attn_metadata
             if inputs.group_metadata:  # each layer reads its own group's block tables
                 metadata = self.layer_metadata(inputs.group_metadata)
-            with self._lora_step(batch, inputs.row_starts):
+            with lora_step:
                 hidden = self.loaded.model(
                     inputs.input_ids, inputs.positions, self.kv_caches, metadata
                 )

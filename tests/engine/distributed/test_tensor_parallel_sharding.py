@@ -111,7 +111,6 @@ def test_llm_refuses_a_size_that_does_not_split_before_starting_ranks(llama_dir:
 
 
 @pytest.mark.parametrize(("change", "flag"), [
-    ({"lora": LoRAConfig()}, "--enable-lora"),
     ({"model": ModelConfig("m", quantization="int8")}, "--quantization int8"),
     ({"model": ModelConfig("m", task="embed")}, "--task embed"),
 ])
@@ -120,6 +119,16 @@ def test_features_not_split_across_ranks_are_refused(change: dict, flag: str) ->
               **change}
     with pytest.raises(ValueError, match=f"{flag} is not supported with --tensor-parallel-size"):
         EngineConfig(**fields)
+
+
+def test_lora_is_refused_with_pipeline_stages_only() -> None:
+    """Tensor parallelism serves LoRA (test_lora_tensor_parallel); pipeline stages do not."""
+    EngineConfig(model=ModelConfig("m"), lora=LoRAConfig(),
+                 parallel=ParallelConfig(tensor_parallel_size=2))
+    with pytest.raises(ValueError, match="--enable-lora is not supported with "
+                                         "--pipeline-parallel-size > 1"):
+        EngineConfig(model=ModelConfig("m"), lora=LoRAConfig(),
+                     parallel=ParallelConfig(pipeline_parallel_size=2))
 
 
 def test_stages_split_layers_evenly_and_refuse_more_stages_than_layers() -> None:
