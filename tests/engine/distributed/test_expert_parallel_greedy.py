@@ -31,7 +31,7 @@ def _llm(model_dir: Path, tp: int, expert_parallel: bool) -> LLM:
                block_size=8, tensor_parallel_size=tp, enable_expert_parallel=expert_parallel)
 
 
-@pytest.mark.parametrize(("arch", "tp"), [("qwen3_moe", 2), ("mixtral", 4)])
+@pytest.mark.parametrize(("arch", "tp"), [("qwen3_moe", 2), ("mixtral", 2), ("mixtral", 4)])
 def test_expert_parallel_equals_one_rank_and_transformers(
     tmp_path: Path, arch: str, tp: int
 ) -> None:
