@@ -9,7 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from engine.models.loader import resolve_model_path
+# hub, not the loader: engine-serve reads these defaults before it imports torch.
+from engine.models.hub import model_directory
 
 # generation_config.json key -> SamplingParams field: the sampling fields the reference reads.
 _FIELDS = {
@@ -55,7 +56,7 @@ def generation_defaults(
 def _config_path(source: str, model: str) -> Path | None:
     if source == "auto":
         try:
-            directory = resolve_model_path(model)
+            directory = model_directory(model)
         except Exception:  # noqa: BLE001 - the model load reports an unusable model itself
             return None
         path = directory / "generation_config.json"

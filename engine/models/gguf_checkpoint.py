@@ -36,7 +36,6 @@ from engine.native_build import cache_dir
 
 logger = logging.getLogger(__name__)
 
-GGUF_SUFFIX = ".gguf"
 LINKED_FILE = "model.gguf"
 GGUF = "gguf"
 # llama.cpp's per-layer names -> transformers' (after "model.layers.{i}.").
@@ -55,11 +54,6 @@ _ARCHITECTURES = {"llama": True, "qwen2": False}
 # The block types the int kernels take natively: type name -> bits.
 _NATIVE = {"Q8_0": 8, "Q4_0": 4}
 _BLOCK = 32
-
-
-def is_gguf_file(model: str | Path) -> bool:
-    path = Path(model).expanduser()
-    return path.suffix == GGUF_SUFFIX and path.is_file()
 
 
 def gguf_model_directory(gguf_path: Path) -> Path:

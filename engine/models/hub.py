@@ -23,8 +23,6 @@ from pathlib import Path
 
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
-from engine.models.gguf_checkpoint import gguf_model_directory, is_gguf_file
-from engine.models.weights import find_checkpoint_files, read_weight_map, weight_layout
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +42,14 @@ MODEL_PATTERNS = (
 )
 
 
+GGUF_SUFFIX = ".gguf"
+
+
+def is_gguf_file(model: str | Path) -> bool:
+    path = Path(model).expanduser()
+    return path.suffix == GGUF_SUFFIX and path.is_file()
+
+
 def is_hub_id(model: str) -> bool:
     """`org/name` or `name` that is not a local directory (a path-like value never is)."""
     path = Path(model).expanduser()
@@ -60,6 +66,8 @@ def model_directory(
     if path.is_dir():
         return path.resolve()
     if is_gguf_file(path):
+        from engine.models.gguf_checkpoint import gguf_model_directory
+
         return gguf_model_directory(path)
     if not is_hub_id(model):
         raise ModelLoadError(f"model directory {model} does not exist")
@@ -76,9 +84,14 @@ def local_model_config(config: ModelConfig) -> ModelConfig:
         tokenizer is None and config.tokenizer_revision not in (None, config.revision)
     )
     if is_gguf_file(config.model):  # its directory holds the config and tokenizer it implies
+        from engine.models.gguf_checkpoint import gguf_model_directory
+
         return replace(config, model=str(gguf_model_directory(Path(config.model))),
                        served_model_names=config.served_model_names or (config.model,))
     if not is_hub_id(config.model) and not (tokenizer is not None and is_hub_id(tokenizer)):
+        if not Path(config.model).expanduser().is_dir():
+            # Said here, before engine-serve imports torch, not seconds later by the loader.
+            raise ModelLoadError(f"model directory {config.model} does not exist")
         return config
     model_dir = model_directory(config.model, revision=config.revision,
                                 download_dir=config.download_dir, load_format=config.load_format)
@@ -130,6 +143,8 @@ def _allow_patterns(
         return list(TOKENIZER_PATTERNS)
     if load_format == "dummy":
         return list(MODEL_PATTERNS)
+    from engine.models.weights import weight_layout
+
     layout = weight_layout(names, load_format, where)
     index = layout.index_file
     shards = layout.shards(weight_map(index) if index else None)
@@ -142,6 +157,8 @@ def _cached_snapshot(
     """The snapshot when the cache holds every file we would download; no request made."""
     from huggingface_hub import get_cached_repo_tree, snapshot_download
     from huggingface_hub.errors import CachedRepoTreeNotFoundError
+
+    from engine.models.weights import read_weight_map
 
     def local(patterns: list[str] | None) -> Path | None:
         try:
@@ -176,6 +193,8 @@ def _has_files(folder: Path, load_format: str | None) -> bool:
         return False
     if load_format == "dummy":
         return True
+    from engine.models.weights import find_checkpoint_files
+
     try:
         find_checkpoint_files(folder, load_format)
     except ModelLoadError:
@@ -186,6 +205,8 @@ def _has_files(folder: Path, load_format: str | None) -> bool:
 def _download(repo_id: str, revision: str | None, cache: str, load_format: str | None,
               endpoint: str | None, label: str) -> Path:
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+
+    from engine.models.weights import read_weight_map
 
     api = HfApi(endpoint=endpoint)
     # One commit for every file: the branch may move while we download.
