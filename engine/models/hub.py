@@ -89,9 +89,12 @@ def local_model_config(config: ModelConfig) -> ModelConfig:
         return replace(config, model=str(gguf_model_directory(Path(config.model))),
                        served_model_names=config.served_model_names or (config.model,))
     if not is_hub_id(config.model) and not (tokenizer is not None and is_hub_id(tokenizer)):
-        if not Path(config.model).expanduser().is_dir():
-            # Said here, before engine-serve imports torch, not seconds later by the loader.
+        # Said here, before engine-serve imports torch, not seconds later by the loader.
+        model_dir = Path(config.model).expanduser()
+        if not model_dir.is_dir():
             raise ModelLoadError(f"model directory {config.model} does not exist")
+        if not (model_dir / "config.json").is_file():
+            raise ModelLoadError(f"no config.json in {model_dir.resolve()}")
         return config
     model_dir = model_directory(config.model, revision=config.revision,
                                 download_dir=config.download_dir, load_format=config.load_format)
