@@ -14,7 +14,8 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -81,8 +82,9 @@ def test_matches_float64_reference(
     assert packed.shape == ((out_features + 15) // 16, in_features // 2, 16, 2)
     out = ops.linear_bf16(x, packed, bias, out_features)
     assert out.shape == (num_tokens, out_features) and out.dtype == torch.bfloat16
-    assert_within_one_rounding(out, exact(x, weight, bias), in_features)
-    assert_agrees_with_torch(out, F.linear(x, weight, bias), exact(x, weight, bias), in_features)
+    expected = exact(x, weight, bias)
+    assert_within_one_rounding(out, expected, in_features)
+    assert_agrees_with_torch(out, F.linear(x, weight, bias), expected, in_features)
 
 
 @pytest.mark.parametrize("num_rows", [5, 32])
@@ -115,6 +117,35 @@ def test_bad_shapes_are_rejected_with_a_message() -> None:
         ops.pack_linear_weight(torch.randn(4, 63).bfloat16())
 
 
+@dataclass(frozen=True)
+class ModelWeight:
+    weight: torch.Tensor
+    bias: torch.Tensor
+    packed: torch.Tensor
+    weight_f64: torch.Tensor  # the float64 reference's operand, converted once
+
+
+@pytest.fixture(scope="module")
+def model_weights() -> Iterator[Callable[[int, int], ModelWeight]]:
+    """One weight per shape for the module: every row count and both kernels multiply the
+    same matrix (a 32000 x 768 LM head took most of each case's time to draw, pack and
+    convert to float64, once per case before); the inputs stay drawn per case."""
+    made: dict[tuple[int, int], ModelWeight] = {}
+
+    def get(in_features: int, out_features: int) -> ModelWeight:
+        if (in_features, out_features) not in made:
+            gen = torch.Generator().manual_seed(in_features + out_features)
+            weight = (torch.randn(out_features, in_features, generator=gen)
+                      / in_features**0.5).bfloat16()
+            bias = torch.randn(out_features, generator=gen).bfloat16()
+            made[(in_features, out_features)] = ModelWeight(
+                weight, bias, ops.pack_linear_weight(weight), weight.double())
+        return made[(in_features, out_features)]
+
+    yield get
+    made.clear()  # the float64 LM head alone is 196 MB
+
+
 @pytest.mark.parametrize("num_tokens", [1, 7, 16, 33, 64, 257])
 @pytest.mark.parametrize(
     ("in_features", "out_features"),
@@ -123,17 +154,18 @@ def test_bad_shapes_are_rejected_with_a_message() -> None:
     [(768, 2304), (2048, 768), (768, 32000), (100, 47), (2046, 81)],
 )
 def test_model_shapes_and_tails(
-    kernel: str, num_tokens: int, in_features: int, out_features: int
+    kernel: str, num_tokens: int, in_features: int, out_features: int,
+    model_weights: Callable[[int, int], ModelWeight],
 ) -> None:
     if out_features == 32000 and num_tokens > 64:
         pytest.skip("the float64 reference of a 257-row LM head is slow; 64 rows cover it")
+    shape = model_weights(in_features, out_features)
     gen = torch.Generator().manual_seed(num_tokens + in_features + out_features)
-    weight = (torch.randn(out_features, in_features, generator=gen) / in_features**0.5).bfloat16()
-    bias = torch.randn(out_features, generator=gen).bfloat16()
     x = torch.randn(num_tokens, in_features, generator=gen).bfloat16()
-    out = ops.linear_bf16(x, ops.pack_linear_weight(weight), bias, out_features)
-    assert_within_one_rounding(out, exact(x, weight, bias), in_features)
-    assert_agrees_with_torch(out, F.linear(x, weight, bias), exact(x, weight, bias), in_features)
+    out = ops.linear_bf16(x, shape.packed, shape.bias, out_features)
+    expected = x.double() @ shape.weight_f64.T + shape.bias.double()
+    assert_within_one_rounding(out, expected, in_features)
+    assert_agrees_with_torch(out, F.linear(x, shape.weight, shape.bias), expected, in_features)
 
 
 def test_auto_takes_amx_from_4_rows() -> None:
