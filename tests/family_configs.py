@@ -8,6 +8,7 @@ from typing import Any
 from transformers import (
     Gemma2Config,
     Gemma3TextConfig,
+    GptOssConfig,
     GraniteConfig,
     LlamaConfig,
     MistralConfig,
@@ -26,10 +27,10 @@ SLIDING, FULL = "sliding_attention", "full_attention"
 
 FAMILIES = (
     "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma2", "gemma3", "phi3",
-    "granite",
+    "granite", "gpt_oss",
 )
 # Families whose layers attend through a sliding window in these configs.
-WINDOWED = ("mistral_window", "gemma2", "gemma3")
+WINDOWED = ("mistral_window", "gemma2", "gemma3", "gpt_oss")
 
 
 def family_config(family: str, **common: Any) -> PretrainedConfig:
@@ -76,5 +77,18 @@ def family_config(family: str, **common: Any) -> PretrainedConfig:
         return GraniteConfig(
             **common, embedding_multiplier=6.0, residual_multiplier=0.5,
             attention_multiplier=0.09, logits_scaling=2.5,
+        )
+    if family == "gpt_oss":
+        layers = common["num_hidden_layers"]
+        # A low swiglu_limit so the clamps bite on random weights; YaRN scaled past a short
+        # original context so its ramp and attention factor matter.
+        return GptOssConfig(
+            **{**common, "head_dim": 32}, num_local_experts=4, num_experts_per_tok=2,
+            swiglu_limit=0.5, sliding_window=TEST_WINDOW,
+            layer_types=[SLIDING if i % 2 == 0 else FULL for i in range(layers)],
+            rope_parameters={
+                "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 32.0,
+                "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 16,
+            },
         )
     raise ValueError(f"unknown family {family!r}")

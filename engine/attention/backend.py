@@ -18,6 +18,8 @@ Per-layer options every backend honours (None: plain causal attention, no extra 
                        sliding_window_overlay: `kv_idx > q_idx - sliding_window`)
     soft_cap C         scores = C * tanh((q . k * scale) / C), before masking and softmax
                        (Gemma 2's attn_logit_softcapping)
+    sinks [num_heads]  a learned logit per head that joins the softmax denominator as
+                       exp(sink - max) and gets no value row (GPT-OSS); torch code only
 
 With a window, the cache blocks that hold only positions < p - W + 1 of every query are
 never read by the native kernels or by flash-attn (the torch path reads them and masks them
@@ -107,4 +109,5 @@ class AttentionBackend(Protocol):
         *,
         sliding_window: int | None = None,
         soft_cap: float | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor: ...

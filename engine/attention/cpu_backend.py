@@ -12,7 +12,8 @@ at the start of the step):
                  paged_decode_attention   paged_prefill_attention (one call per run)
 
 A layer's sliding window and soft-cap go to every call (the CPU kernels skip the blocks
-outside the window; on CUDA engine.ops serves such calls with the torch code).
+outside the window; on CUDA engine.ops serves such calls with the torch code). Attention
+sinks have no kernel yet: a layer with sinks runs the whole call on the torch reference code.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 from engine import ops
 from engine.attention.backend import AttentionMetadata, check_attention_options
 from engine.attention.kv_quant import is_quantized
-from engine.attention.torch_backend import prefill_attention
+from engine.attention.torch_backend import TorchAttentionBackend, prefill_attention
 
 
 class PagedOpsAttentionBackend:
@@ -39,7 +40,12 @@ class PagedOpsAttentionBackend:
         *,
         sliding_window: int | None = None,
         soft_cap: float | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if sinks is not None:
+            return TorchAttentionBackend().forward(
+                query, key, value, kv_cache, metadata, scale, sliding_window=sliding_window,
+                soft_cap=soft_cap, sinks=sinks)
         if sliding_window is not None or soft_cap is not None:
             check_attention_options(sliding_window, soft_cap)
         ops.write_kv_cache(key, value, kv_cache, metadata.slot_mapping)

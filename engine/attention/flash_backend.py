@@ -68,7 +68,11 @@ class FlashAttentionBackend:
         *,
         sliding_window: int | None = None,
         soft_cap: float | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if sinks is not None:
+            raise ValueError("attention backend flash_attn does not support attention sinks "
+                             "(sinks); use --attention-backend torch or cuda_paged")
         if query.dtype == torch.float32:
             return self._fp32_backend.forward(
                 query, key, value, kv_cache, metadata, scale,

@@ -4,7 +4,8 @@ Decode rows use a grouped matmul + float32 softmax over gathered blocks (torch S
 times slower for one-query attention on CPU); prefill runs use SDPA, which is compute-bound and
 fast there. With a sliding window or a soft-cap (backend.py) decode gathers only the blocks
 of each row's window and caps its scores; prefill builds the window mask for SDPA, or computes
-capped scores explicitly with a float32 softmax (SDPA cannot cap).
+capped scores explicitly with a float32 softmax (SDPA cannot cap). Attention sinks (a
+learned logit per head in the softmax denominator, GPT-OSS) take the explicit-scores path too.
 """
 from __future__ import annotations
 
@@ -29,9 +30,12 @@ class TorchAttentionBackend:
         *,
         sliding_window: int | None = None,
         soft_cap: float | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if sliding_window is not None or soft_cap is not None:
             check_attention_options(sliding_window, soft_cap)
+        if sinks is not None:
+            check_sinks(sinks, query.shape[1])
         write_kv(key, value, kv_cache, metadata.slot_mapping)
         # Parts in row order: the decode rows, then each prefill run.
         parts: list[torch.Tensor] = []
@@ -39,13 +43,13 @@ class TorchAttentionBackend:
         if num_decode_tokens:
             parts.append(decode_attention(
                 query[:num_decode_tokens], kv_cache, metadata, scale,
-                sliding_window=sliding_window, soft_cap=soft_cap,
+                sliding_window=sliding_window, soft_cap=soft_cap, sinks=sinks,
             ))
         for prefill in metadata.prefills:
             rows = slice(prefill.query_start, prefill.query_start + prefill.num_query_tokens)
             parts.append(prefill_attention(
                 query[rows], key[rows], value[rows], kv_cache, prefill, scale,
-                sliding_window=sliding_window, soft_cap=soft_cap,
+                sliding_window=sliding_window, soft_cap=soft_cap, sinks=sinks,
             ))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -75,6 +79,7 @@ def decode_attention(
     *,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """query [Bd, num_heads, D] -> [Bd, num_heads, D], one query per sequence.
 
@@ -113,7 +118,8 @@ def decode_attention(
         # Gemma 2's order: (q.k * scale) / C, tanh, * C.
         scores.div_(soft_cap).tanh_().mul_(soft_cap)
     scores.add_(mask)
-    probs = torch.softmax(scores, dim=-1).to(query.dtype)
+    head_sinks = None if sinks is None else sinks.view(1, num_kv_heads, -1, 1)
+    probs = softmax_with_sinks(scores, head_sinks).to(query.dtype)
     return torch.matmul(probs, values).view(num_seqs, num_heads, head_dim)
 
 
@@ -168,13 +174,14 @@ def prefill_attention(
     *,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """query [Tq, num_heads, D] of one sequence -> [Tq, num_heads, D]."""
     if sliding_window is not None and sliding_window >= prefill.context_len:
         sliding_window = None  # the window holds the whole context: plain causal
-    if sliding_window is not None or soft_cap is not None:
+    if sliding_window is not None or soft_cap is not None or sinks is not None:
         return _windowed_prefill(
-            query, key, value, kv_cache, prefill, scale, sliding_window, soft_cap
+            query, key, value, kv_cache, prefill, scale, sliding_window, soft_cap, sinks
         )
     if prefill.context_start == 0:
         # Nothing cached: the fresh K/V are the whole context.
@@ -209,12 +216,13 @@ def _windowed_prefill(
     scale: float,
     sliding_window: int | None,
     soft_cap: float | None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if prefill.context_start == 0:
-        return masked_attention(query, key, value, 0, 0, scale, sliding_window, soft_cap)
+        return masked_attention(query, key, value, 0, 0, scale, sliding_window, soft_cap, sinks)
     return cached_prefill_attention(
         query, kv_cache, prefill.block_table, prefill.context_start, scale, sliding_window,
-        soft_cap,
+        soft_cap, sinks,
     )
 
 
@@ -226,6 +234,7 @@ def cached_prefill_attention(
     scale: float,
     sliding_window: int | None,
     soft_cap: float | None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Query rows at positions [context_start, context_start + Tq) over keys read from the
     cache (their own included): only the blocks from the first row's window start on."""
@@ -243,7 +252,7 @@ def cached_prefill_attention(
     keys, values = keys[:num_keys], values[:num_keys]
     return masked_attention(
         query, keys, values, context_start, first_block * block_size, scale, sliding_window,
-        soft_cap,
+        soft_cap, sinks,
     )
 
 
@@ -261,6 +270,7 @@ def masked_attention(
     scale: float,
     sliding_window: int | None,
     soft_cap: float | None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """query [Tq, H, D] at positions query_start + i over keys/values [L, kv_heads, D] at
     positions key_start + j: key j is visible to query i iff k <= p and p - k < W.
@@ -275,7 +285,7 @@ def masked_attention(
     visible = key_positions <= query_positions
     if sliding_window is not None:
         visible &= key_positions > query_positions - sliding_window
-    if soft_cap is None:
+    if soft_cap is None and sinks is None:
         output = F.scaled_dot_product_attention(
             query.transpose(0, 1).unsqueeze(0),
             keys.transpose(0, 1).unsqueeze(0),
@@ -289,15 +299,34 @@ def masked_attention(
     keys_t = keys.permute(1, 2, 0).unsqueeze(1)  # [kv_heads, 1, D, L]
     values_h = values.transpose(0, 1).unsqueeze(1)  # [kv_heads, 1, L, D]
     out = torch.empty_like(query)
+    head_sinks = None if sinks is None else sinks.view(num_kv_heads, group, 1, 1)
     rows = max(1, _MAX_CHUNK_SCORES // (num_heads * num_keys))
     for first in range(0, num_queries, rows):
         chunk = query[first : first + rows]
         count = chunk.shape[0]
         grouped = chunk.reshape(count, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
         scores = torch.matmul(grouped, keys_t).float()  # [kv_heads, group, count, L]
-        scores.mul_(scale).div_(soft_cap).tanh_().mul_(soft_cap)
+        scores.mul_(scale)
+        if soft_cap is not None:
+            scores.div_(soft_cap).tanh_().mul_(soft_cap)
         scores.masked_fill_(~visible[first : first + count], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(query.dtype)
+        probs = softmax_with_sinks(scores, head_sinks).to(query.dtype)
         output = torch.matmul(probs, values_h)  # [kv_heads, group, count, D]
         out[first : first + count] = output.permute(2, 0, 1, 3).reshape(count, num_heads, head_dim)
     return out
+
+
+def softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Float32 softmax over the last dim of `scores`; `sinks` (already viewed to broadcast
+    against scores[..., :1]) joins each row's denominator as exp(sink - max), then is dropped."""
+    if sinks is None:
+        return torch.softmax(scores, dim=-1)
+    sink_column = sinks.float().expand(*scores.shape[:-1], 1)
+    return torch.softmax(torch.cat((scores, sink_column), dim=-1), dim=-1)[..., :-1]
+
+
+def check_sinks(sinks: torch.Tensor, num_heads: int) -> None:
+    """Raises ValueError unless sinks holds one logit per query head."""
+    if sinks.dim() != 1 or sinks.shape[0] != num_heads:
+        raise ValueError(f"sinks must hold one logit per head ({num_heads}), "
+                         f"got shape {tuple(sinks.shape)}")

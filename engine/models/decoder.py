@@ -1,5 +1,5 @@
 """Every generative family (Llama, Mistral, Qwen2/3, Qwen3-MoE, Mixtral, Gemma 2/3, Phi-3,
-Granite): one decoder over a flattened token batch, its switches read into a DecoderSpec
+Granite, GPT-OSS): one decoder over a flattened token batch, its switches read into a DecoderSpec
 (models/decoder_spec.py), its layers in models/decoder_layers.py.
 
 Parameter names mirror the checkpoint's (`model.layers.N...`) except for the fused
@@ -78,6 +78,11 @@ class DecoderForCausalLM(nn.Module):
         `dims` then holds the rank's head and intermediate counts."""
         super().__init__()
         full_spec = read_decoder_spec(hf_config)
+        if full_spec.moe is not None and full_spec.moe.gpt_oss and (
+                tp.world_size > 1 or quantization is not None):
+            # Its experts and sinks have no sharding rules or quantized form yet.
+            raise ValueError("gpt_oss checkpoints are served unquantized on one rank only "
+                             "(--tensor-parallel-size 1, no quantization)")
         if tp.world_size > 1 and quantization is not None:
             raise ValueError("quantized checkpoints are not supported with "
                              "--tensor-parallel-size > 1")

@@ -25,6 +25,7 @@ from engine.layers.quantized_linear import WeightQuant, make_linear
 from engine.layers.norm import GemmaRMSNorm, RMSNorm
 from engine.layers.rotary import rotate_in_place
 from engine.models.decoder_spec import DecoderSpec, MoESpec
+from engine.models.gpt_oss_layers import Float32ScaleRMSNorm, GptOssMoE
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,9 @@ class Placement:
 
 
 def make_norm(spec: DecoderSpec, size: int, placement: Placement) -> RMSNorm:
-    norm_class = GemmaRMSNorm if spec.gemma_norm else RMSNorm
+    norm_class: type[RMSNorm] = (
+        GemmaRMSNorm if spec.gemma_norm
+        else Float32ScaleRMSNorm if spec.norm_scale_in_float32 else RMSNorm)
     return norm_class(size, spec.rms_norm_eps, dtype=placement.dtype, device=placement.device)
 
 
@@ -78,6 +81,11 @@ class DecoderAttention(nn.Module):
         self.tp = placement.tp
         self.q_norm = make_norm(spec, spec.head_dim, placement) if spec.qk_norm else None
         self.k_norm = make_norm(spec, spec.head_dim, placement) if spec.qk_norm else None
+        # GPT-OSS: one learned logit per head joins every softmax denominator.
+        self.sinks: nn.Parameter | None = (
+            nn.Parameter(torch.empty(spec.num_heads, dtype=placement.dtype,
+                                     device=placement.device), requires_grad=False)
+            if spec.attn_sinks else None)
 
     def forward(
         self,
@@ -108,9 +116,13 @@ class DecoderAttention(nn.Module):
         query = qk[:, : self.num_heads]
         key = qk[:, self.num_heads :]
         value = qkv[:, qk_size:].view(num_tokens, self.num_kv_heads, self.head_dim)
-        attn = self.attn_backend.forward(
-            query, key, value, kv_cache, attn_metadata, self.scale, **self.attn_options
-        )
+        if self.sinks is not None:
+            attn = self.attn_backend.forward(
+                query, key, value, kv_cache, attn_metadata, self.scale, sinks=self.sinks,
+                **self.attn_options)
+        else:
+            attn = self.attn_backend.forward(
+                query, key, value, kv_cache, attn_metadata, self.scale, **self.attn_options)
         return self.tp.all_reduce(self.o_proj(attn.reshape(num_tokens, self.q_size)))
 
 
@@ -171,9 +183,9 @@ class DecoderLayer(nn.Module):
         self.self_attn = DecoderAttention(spec, layer_index, attn_backend, placement)
         moe = spec.moe
         self.mlp: nn.Module = (
-            SparseMoE(spec, moe, placement)
-            if moe is not None and layer_index in moe.sparse_layers
-            else DecoderMLP(spec, placement)
+            DecoderMLP(spec, placement) if moe is None or layer_index not in moe.sparse_layers
+            else GptOssMoE(spec, moe, placement.dtype, placement.device) if moe.gpt_oss
+            else SparseMoE(spec, moe, placement)
         )
         self.input_layernorm = make_norm(spec, spec.hidden_size, placement)
         self.post_attention_layernorm = make_norm(spec, spec.hidden_size, placement)

@@ -14,6 +14,9 @@ serves them all and a new family is mostly a new reader below:
                               q/k norm and a separate local RoPE table (gemma3)
     phi3                      checkpoint already fused (qkv_proj, gate_up_proj), LongRoPE
     granite                   embedding / residual / attention / logit multipliers
+    gpt_oss                   attention sinks, alternating sliding-window layers, YaRN, q/k/v/o
+                              biases, biased router with a softmax over the top-k logits,
+                              biased experts with a clamped SwiGLU (models/gpt_oss_layers.py)
 """
 from __future__ import annotations
 
@@ -37,6 +40,11 @@ class MoESpec:
     sparse_layers: frozenset[int]
     # Mixtral keeps the routing weights in float32; Qwen3-MoE rounds them to the dtype.
     float32_weights: bool = False
+    # GPT-OSS: router with a bias, softmax over the top-k logits, biased experts in the
+    # checkpoint's [E, in, out] layout with gate/up interleaved and a clamped SwiGLU.
+    gpt_oss: bool = False
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,11 @@ class DecoderSpec:
     # ... and which RoPE table it reads (Gemma 3's local layers use their own base).
     layer_rope: tuple[str, ...] = ()
     moe: MoESpec | None = None
+    # A learned per-head logit in every softmax denominator (GPT-OSS's attention sinks).
+    attn_sinks: bool = False
+    # RMSNorm that scales by the weight in float32 before rounding (GPT-OSS; Llama rounds
+    # first).
+    norm_scale_in_float32: bool = False
     # Checkpoint module prefixes renamed to ours on load (Mixtral's block_sparse_moe -> mlp).
     renames: tuple[tuple[str, str], ...] = field(default=())
 
@@ -219,6 +232,25 @@ def _granite(cfg: Any, spec: DecoderSpec) -> DecoderSpec:
     )
 
 
+def _gpt_oss(cfg: Any, spec: DecoderSpec) -> DecoderSpec:
+    if getattr(cfg, "quantization_config", None):
+        # The released checkpoints store experts as MXFP4 blocks; only dense bf16 / float32
+        # checkpoints load exactly here.
+        raise ValueError("gpt_oss: quantization_config (MXFP4 experts) is not supported; "
+                         "serve a dequantized bf16 or float32 checkpoint")
+    moe = MoESpec(
+        num_experts=int(cfg.num_local_experts),
+        top_k=int(cfg.num_experts_per_tok),
+        renormalize=True,
+        intermediate_size=int(cfg.intermediate_size),
+        sparse_layers=frozenset(range(spec.num_layers)),
+        gpt_oss=True,
+        swiglu_alpha=float(getattr(cfg, "swiglu_alpha", 1.702)),
+        swiglu_limit=float(cfg.swiglu_limit),
+    )
+    return replace(spec, moe=moe, attn_sinks=True, norm_scale_in_float32=True)
+
+
 def _optional_float(value: Any) -> float | None:
     return None if value is None else float(value)
 
@@ -231,4 +263,5 @@ _FAMILIES: dict[str, Callable[[Any, DecoderSpec], DecoderSpec]] = {
     "gemma2": _gemma_common,
     "gemma3_text": _gemma3,
     "granite": _granite,
+    "gpt_oss": _gpt_oss,
 }

@@ -180,6 +180,9 @@ def _layer_tensors(
         attn, mlp = layer.self_attn, layer.mlp
         if not isinstance(attn.attn_backend, PagedOpsAttentionBackend):
             return None, []
+        # Attention sinks and GPT-OSS's biased, clamped experts have no native decode layer.
+        if attn.sinks is not None or not hasattr(mlp, "gate_up_proj") and not hasattr(mlp, "gate"):
+            return None, []
         norms = [layer.input_layernorm, layer.post_attention_layernorm]
         if attn.q_norm is not None:
             norms += [attn.q_norm, attn.k_norm]

@@ -28,6 +28,7 @@ _DECODERS = (
     "Gemma3ForCausalLM",
     "Phi3ForCausalLM",
     "GraniteForCausalLM",
+    "GptOssForCausalLM",
 )
 _ARCHITECTURES: Mapping[str, type[nn.Module]] = MappingProxyType(
     {

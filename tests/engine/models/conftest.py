@@ -13,10 +13,11 @@ TinyCheckpoint = Callable[[PretrainedConfig], tuple[Path, Any]]
 
 
 def randomize_biases(model: torch.nn.Module) -> None:
-    """HF initialises projection biases to zero, which would hide a misplaced bias."""
+    """HF initialises projection biases to zero, which would hide a misplaced bias (GPT-OSS
+    experts' `*_proj_bias` and attention sinks included)."""
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith(".bias"):
+            if name.endswith((".bias", "_bias", ".sinks")):
                 param.normal_(0.0, 0.5)
 
 

@@ -132,7 +132,8 @@ def test_prefill_then_decode_match_reference(tiny_checkpoint, name: str) -> None
 
 
 @pytest.mark.parametrize(
-    "name", ["llama_untied", "qwen2_tied_bias", "qwen3_moe", "gemma2", "gemma3", "mistral_window"]
+    "name",
+    ["llama_untied", "qwen2_tied_bias", "qwen3_moe", "gemma2", "gemma3", "mistral_window", "gpt_oss"],
 )
 def test_chunked_prefill_matches_reference(tiny_checkpoint, name: str) -> None:
     model_dir, hf_model = tiny_checkpoint(CONFIGS[name])
