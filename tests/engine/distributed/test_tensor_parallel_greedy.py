@@ -38,8 +38,10 @@ def _llm(model_dir: Path, tp: int, pp: int = 1, micro_batches: int | None = None
 
 
 CASES = [  # (family, tensor-parallel size, pipeline stages, micro-batches: None one per stage)
-    # Every family at two ranks and at four (KV heads replicated: 2 KV heads).
-    *[(arch, tp, 1, None) for arch in FAMILIES for tp in (2, 4)],
+    # Every family at two ranks and at four (KV heads replicated: 2 KV heads); GPT-OSS has no
+    # sharding rules for its sinks and checkpoint-layout experts yet and is refused at
+    # --tensor-parallel-size > 1 (engine/models/decoder.py).
+    *[(arch, tp, 1, None) for arch in FAMILIES if arch != "gpt_oss" for tp in (2, 4)],
     ("llama", 1, 2, None), ("gemma2", 1, 2, 3),
     ("mistral", 1, 2, 1),  # mistral: a tied LM head; steps pass whole
     ("qwen3_moe", 2, 2, None),  # 4 processes: two stages of two tensor-parallel ranks
