@@ -5,8 +5,11 @@ fit this machine, built once (seeded) and cached as Hugging Face directories (bf
                 with a smaller hidden size and fewer layers
     gemma2      Gemma-2-2B's layer recipe (sandwich norms, GeGLU, soft-capping, alternating
                 sliding-window / global layers, head_dim 256) at about 160M parameters
+    gpt-oss     gpt-oss-20b's layer recipe (32 experts, top-4, biased router and experts with
+                the clamped SwiGLU, attention sinks, alternating 128-token sliding-window /
+                full layers, YaRN, head_dim 64) with a smaller hidden size and fewer layers
 
-Both transformers and the engine load them (and vLLM's CPU build, when installed), so each
+Transformers and the engine load them (and vLLM's CPU build, when installed), so each
 peer runs the same weights. The tokenizer is the benchmarks' word-level one (every id one
 word; benchmarks/frontend_tax.py), copied in so every server loads the directory as is.
 
@@ -56,6 +59,23 @@ FAMILY_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
         "sliding_window": 512,
         "vocab_size": 32000,
         "max_position_embeddings": 4096,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+    }),
+    # rope_parameters: GptOssConfig's default (YaRN, factor 32 over 4096 positions).
+    "gpt-oss": ("bench-gpt-oss-v1", {
+        "model_type": "gpt_oss",
+        "hidden_size": 512,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "intermediate_size": 512,
+        "num_local_experts": 32,
+        "num_experts_per_tok": 4,
+        "sliding_window": 128,
+        "vocab_size": 32000,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
     }),
 }
@@ -121,7 +141,8 @@ def active_weight_bytes(shape: str) -> tuple[int, int]:
     # transformers 5 writes Qwen3-MoE's num_experts as num_local_experts (Mixtral's name).
     num_experts = config.get("num_local_experts", config.get("num_experts"))
     if num_experts:
-        expert = 3 * hidden * config["moe_intermediate_size"]
+        # GPT-OSS's experts are intermediate_size wide (it has no dense MLP).
+        expert = 3 * hidden * config.get("moe_intermediate_size", config["intermediate_size"])
         router = hidden * num_experts
         total = layers * (attention + router + num_experts * expert) + head
         active = layers * (attention + router + config["num_experts_per_tok"] * expert) + head
