@@ -82,7 +82,8 @@ class DecoderForCausalLM(nn.Module):
                 tp.world_size > 1 or quantization is not None):
             # Its experts and sinks have no sharding rules or quantized form yet.
             raise ValueError("gpt_oss checkpoints are served unquantized on one rank only "
-                             "(--tensor-parallel-size 1, no quantization)")
+                             "(--tensor-parallel-size 1, --pipeline-parallel-size 1, "
+                             "no quantization)")
         if tp.world_size > 1 and quantization is not None:
             raise ValueError("quantized checkpoints are not supported with "
                              "--tensor-parallel-size > 1")

@@ -1,5 +1,6 @@
 """GPT-OSS checkpoints: a bf16 save_pretrained checkpoint loads and equals transformers on the
-same weights; the MXFP4 format (a quantization_config) is refused naming the field."""
+same weights; the MXFP4 format (a quantization_config) is refused naming the field, and so is
+more than one rank (no sharding rules for sinks and checkpoint-layout experts yet)."""
 from __future__ import annotations
 
 import json
@@ -11,8 +12,11 @@ from family_configs import family_config
 from transformers import AutoModelForCausalLM
 from test_decoder_forward import SMALL, PagedSequence, assert_logits_close, random_ids
 
+from engine.attention import get_attention_backend
 from engine.config import ModelConfig
+from engine.distributed.group import TensorParallel
 from engine.errors import ModelLoadError
+from engine.models.decoder import DecoderForCausalLM
 from engine.models.loader import load_model
 
 
@@ -43,3 +47,11 @@ def test_mxfp4_quantization_config_is_refused_naming_it(tiny_checkpoint, tmp_pat
     config_path.write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="quantization_config"):
         load_model(ModelConfig(model=str(model_dir), dtype="float32"))
+
+
+def test_tensor_parallelism_is_refused_naming_the_flag() -> None:
+    with pytest.raises(ValueError, match="--tensor-parallel-size 1"):
+        DecoderForCausalLM(family_config("gpt_oss", **SMALL),
+                           attn_backend=get_attention_backend("torch"), max_positions=64,
+                           dtype=torch.float32, device=torch.device("cpu"),
+                           tp=TensorParallel(rank=0, size=2))
