@@ -63,32 +63,30 @@ def write_kv_cache(
 
 
 def paged_decode_attention(
-    out: torch.Tensor,
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float,
+    out: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor,
+    block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
     *,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> None:
     """out[b] = softmax(scale * q_b K_b^T) V_b for one query token per sequence.
 
     query/out [B, num_heads, D]; block_tables [B, max_blocks] int32/int64 covering each
     sequence's context_lens[b] tokens (which include the new token, already in the cache).
     `sliding_window` / `soft_cap` as in engine.attention.backend; the CUDA kernel has
-    neither, so such calls on CUDA take the torch code."""
+    neither, so such calls on CUDA take the torch code; nor `sinks` (CPU and torch only)."""
     windowed = sliding_window is not None or soft_cap is not None
     if windowed:
         check_attention_options(sliding_window, soft_cap)
     module = _cache_module(kv_cache, "paged_decode_attention")
     if module is not None and kv_cache.device.type == "cpu":
-        # The kernel's "none" is 0 for both.
+        # The kernel's "none" is 0 for both; it reads the sinks as float32.
         module.paged_decode_attention(out, query, kv_cache, block_tables, context_lens, scale,
-                                      sliding_window or 0, soft_cap or 0.0)
+                                      sliding_window or 0, soft_cap or 0.0,
+                                      None if sinks is None else sinks.float().contiguous())
         return
-    if module is not None and not windowed:
+    if module is not None and not windowed and sinks is None:
         module.paged_decode_attention(out, query, kv_cache, block_tables, context_lens, scale)
         return
     metadata = AttentionMetadata(
@@ -101,7 +99,7 @@ def paged_decode_attention(
         prefills=(),
     )
     out.copy_(decode_attention(query, kv_cache, metadata, scale,
-                               sliding_window=sliding_window, soft_cap=soft_cap))
+                               sliding_window=sliding_window, soft_cap=soft_cap, sinks=sinks))
 
 
 def paged_prefill_attention(

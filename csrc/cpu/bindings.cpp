@@ -85,13 +85,18 @@ void write_kv_cache(const torch::Tensor& key, const torch::Tensor& value, torch:
 void paged_decode_attention(torch::Tensor& out, const torch::Tensor& query,
                             const torch::Tensor& kv_cache, const torch::Tensor& tables,
                             const torch::Tensor& context_lens, double scale,
-                            int64_t sliding_window, double soft_cap) {
+                            int64_t sliding_window, double soft_cap,
+                            const std::optional<torch::Tensor>& sinks) {
   const CacheShape shape = cache_shape(kv_cache);
   const int64_t num_seqs = query.size(0);
   const int64_t num_heads = query.size(1);
   TORCH_CHECK(num_heads % shape.num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads");
   TORCH_CHECK(out.sizes() == query.sizes(), "out must have the query's shape");
   check_attention_options(sliding_window, soft_cap);
+  if (sinks.has_value())
+    TORCH_CHECK(sinks->dtype() == torch::kFloat32 && sinks->is_contiguous() &&
+                    sinks->dim() == 1 && sinks->size(0) == num_heads,
+                "sinks must be a contiguous float32 [num_heads] tensor");
   std::vector<int64_t> blocks_needed;
   const torch::Tensor lens =
       checked_context_lens(context_lens, num_seqs, shape.block_size, blocks_needed);
@@ -114,7 +119,8 @@ void paged_decode_attention(torch::Tensor& out, const torch::Tensor& query,
                               static_cast<float>(scale),
                               sliding_window,
                               static_cast<float>(soft_cap),
-                              spec.int8_cache};
+                              spec.int8_cache,
+                              sinks.has_value() ? sinks->data_ptr<float>() : nullptr};
   pybind11::gil_scoped_release no_gil;
   protoserve::paged_decode_attention(args);
 }
@@ -166,7 +172,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("int8_kv_cache_ops") = pybind11::make_tuple("write_kv_cache", "paged_decode_attention");
   m.def("paged_decode_attention", &paged_decode_attention,
         "One-query attention per sequence over its paged context (sliding_window, soft_cap: "
-        "0 for none)");
+        "0 for none; sinks: None or float32 [num_heads])",
+        pybind11::arg("out"), pybind11::arg("query"), pybind11::arg("kv_cache"),
+        pybind11::arg("tables"), pybind11::arg("context_lens"), pybind11::arg("scale"),
+        pybind11::arg("sliding_window") = 0, pybind11::arg("soft_cap") = 0.0,
+        pybind11::arg("sinks") = pybind11::none());
   m.def("paged_prefill_attention", &paged_prefill_attention,
         "Causal attention of one sequence's query chunk over its paged context");
   m.def("linear_bf16", &protoserve::linear_bf16_op,

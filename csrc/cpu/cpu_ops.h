@@ -60,6 +60,9 @@ struct DecodeArgs {
   float soft_cap = 0.0f;
   // As in WriteKvArgs: `kind` is the query's and out's type, cache.head_dim the row size.
   bool int8_cache = false;
+  // [num_heads] float32 attention sinks (GPT-OSS), or null: each head's logit joins the
+  // softmax denominator as exp(sink - max) and has no value row.
+  const float* sinks = nullptr;
 };
 
 struct PrefillArgs {

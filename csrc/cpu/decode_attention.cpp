@@ -182,6 +182,7 @@ void merge_partitions(const DecodeArgs& args, const float* base, int64_t num_par
       total += weight * partial[l_at];
       for (int64_t d = 0; d < dim; ++d) merged[d] += weight * partial[h * dim_pad + d];
     }
+    if (args.sinks != nullptr) total += std::exp(args.sinks[h] - m_max);
     T* row = static_cast<T*>(args.out.data) + s * args.out.token_stride + h * args.out.head_stride;
     for (int64_t d = 0; d < dim; ++d) row[d] = from_float<T>(merged[d] / total);
   }
@@ -262,7 +263,9 @@ void run_decode(const DecodeArgs& args) {
         Kernel::finish(st, natural.data());
         for (int64_t h = 0; h < args.num_heads; ++h) {
           Q* out_row = out + s * args.out.token_stride + h * args.out.head_stride;
-          const float inv = 1.0f / st.l[h];
+          const float sink =
+              args.sinks != nullptr ? std::exp(args.sinks[h] - st.m[h]) : 0.0f;
+          const float inv = 1.0f / (st.l[h] + sink);
           for (int64_t d = 0; d < dim; ++d)
             out_row[d] = from_float<Q>(natural[h * dim_pad + d] * inv);
         }

@@ -13,7 +13,8 @@ at the start of the step):
 
 A layer's sliding window and soft-cap go to every call (the CPU kernels skip the blocks
 outside the window; on CUDA engine.ops serves such calls with the torch code). Attention
-sinks have no kernel yet: a layer with sinks runs the whole call on the torch reference code.
+sinks go to the decode call (the CPU decode kernel takes them); prefill runs with sinks take
+the torch reference code (no prefill kernel takes them yet).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 from engine import ops
 from engine.attention.backend import AttentionMetadata, check_attention_options
 from engine.attention.kv_quant import is_quantized
-from engine.attention.torch_backend import TorchAttentionBackend, prefill_attention
+from engine.attention.torch_backend import check_sinks, prefill_attention
 
 
 class PagedOpsAttentionBackend:
@@ -42,12 +43,10 @@ class PagedOpsAttentionBackend:
         soft_cap: float | None = None,
         sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if sinks is not None:
-            return TorchAttentionBackend().forward(
-                query, key, value, kv_cache, metadata, scale, sliding_window=sliding_window,
-                soft_cap=soft_cap, sinks=sinks)
         if sliding_window is not None or soft_cap is not None:
             check_attention_options(sliding_window, soft_cap)
+        if sinks is not None:
+            check_sinks(sinks, query.shape[1])
         ops.write_kv_cache(key, value, kv_cache, metadata.slot_mapping)
         # Kernels write straight into row slices of one output (no concatenation).
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
@@ -64,14 +63,17 @@ class PagedOpsAttentionBackend:
                 scale,
                 sliding_window=sliding_window,
                 soft_cap=soft_cap,
+                sinks=sinks,
             )
         for prefill in metadata.prefills:
             rows = slice(prefill.query_start, prefill.query_start + prefill.num_query_tokens)
-            if prefill.context_start == 0 and not self._kernel_prefill(query, kv_cache):
-                # Nothing cached: SDPA on the fresh K/V is the faster path for this dtype.
+            if sinks is not None or (
+                    prefill.context_start == 0 and not self._kernel_prefill(query, kv_cache)):
+                # Nothing cached: SDPA on the fresh K/V is the faster path for this dtype
+                # (and the torch code is the only one taking sinks in prefill).
                 out[rows] = prefill_attention(
                     query[rows], key[rows], value[rows], kv_cache, prefill, scale,
-                    sliding_window=sliding_window, soft_cap=soft_cap,
+                    sliding_window=sliding_window, soft_cap=soft_cap, sinks=sinks,
                 )
                 continue
             ops.paged_prefill_attention(

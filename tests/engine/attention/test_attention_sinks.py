@@ -1,7 +1,8 @@
 """Attention sinks (GPT-OSS: a learned logit per head in every softmax denominator) in the
 paged backends: fresh prefill, a chunk over cached tokens and a decode row, with and without
 a sliding window, against a dense float64 reference and transformers' GPT-OSS eager
-attention; plus the errors for malformed sinks."""
+attention; the CPU decode kernel (float32 and bf16, contexts split into partitions) as well;
+plus the errors for malformed sinks."""
 from __future__ import annotations
 
 import pytest
@@ -10,6 +11,7 @@ from transformers import GptOssConfig
 from transformers.masking_utils import eager_mask, sliding_window_causal_mask_function
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssAttention, eager_attention_forward
 
+from engine import ops
 from engine.attention import get_attention_backend
 from engine.attention.backend import AttentionMetadata, PrefillSequence
 
@@ -111,3 +113,40 @@ def test_malformed_sinks_are_refused_naming_them() -> None:
     with pytest.raises(ValueError, match="sinks"):
         get_attention_backend("torch").forward(query, key, value, cache, metadata, SCALE,
                                                sinks=sinks[:2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("window", [None, 300])
+def test_decode_kernel_sinks_over_partitioned_contexts(dtype: torch.dtype,
+                                                       window: int | None) -> None:
+    """Two sequences of 600 and 37 tokens: the long one spans several kernel partitions,
+    whose merge must add each sink once."""
+    gen = torch.Generator().manual_seed(11)
+    lens, block = [600, 37], 16
+    blocks = [-(-n // block) for n in lens]
+    cache = torch.randn(2, sum(blocks) + 1, block, KV_HEADS, HEAD_DIM, generator=gen)
+    query = torch.randn(len(lens), HEADS, HEAD_DIM, generator=gen)
+    sinks = torch.randn(HEADS, generator=gen) * 2
+    order = torch.randperm(sum(blocks), generator=gen)
+    tables = torch.zeros(len(lens), max(blocks), dtype=torch.int64)
+    tables[0, : blocks[0]] = order[: blocks[0]]
+    tables[1, : blocks[1]] = order[blocks[0] :]
+    expected = torch.empty(len(lens), HEADS, HEAD_DIM, dtype=torch.float64)
+    cache_rounded = cache.to(dtype).double()
+    group = HEADS // KV_HEADS
+    for s, n in enumerate(lens):
+        keys = cache_rounded[0][tables[s, : blocks[s]]].reshape(-1, KV_HEADS, HEAD_DIM)[:n]
+        values = cache_rounded[1][tables[s, : blocks[s]]].reshape(-1, KV_HEADS, HEAD_DIM)[:n]
+        first = 0 if window is None else max(0, n - window)
+        for h in range(HEADS):
+            k, v = keys[first:, h // group], values[first:, h // group]
+            scores = k @ query[s, h].to(dtype).double() * SCALE
+            logits = torch.cat([scores, sinks[h : h + 1].double()])
+            expected[s, h] = torch.softmax(logits, 0)[:-1] @ v
+    out = torch.empty(query.shape, dtype=dtype)
+    options = {} if window is None else {"sliding_window": window}
+    ops.paged_decode_attention(out, query.to(dtype), cache.to(dtype), tables, torch.tensor(lens),
+                               SCALE, sinks=sinks, **options)
+    # bf16: the kernel rounds its probabilities before the value products.
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance)
