@@ -103,32 +103,30 @@ def paged_decode_attention(
 
 
 def paged_prefill_attention(
-    out: torch.Tensor,
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    context_start: int,
-    scale: float,
+    out: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor,
+    block_table: torch.Tensor, context_start: int, scale: float,
     *,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> None:
     """One sequence's query rows [q, num_heads, D] at positions [context_start,
     context_start + q) attend causally over positions [0, context_start + q), all read from
     the cache through `block_table` [>= ceil((context_start + q) / block_size)]; with a
-    sliding window W, row p sees only positions > p - W."""
+    sliding window W, row p sees only positions > p - W; `sinks` as in paged_decode_attention."""
     windowed = sliding_window is not None or soft_cap is not None
     if windowed:
         check_attention_options(sliding_window, soft_cap)
     module = _cache_module(kv_cache, "paged_prefill_attention")
     if module is not None and hasattr(module, "paged_prefill_attention"):
         module.paged_prefill_attention(out, query, kv_cache, block_table, context_start, scale,
-                                       sliding_window or 0, soft_cap or 0.0)
+                                       sliding_window or 0, soft_cap or 0.0,
+                                       None if sinks is None else sinks.float().contiguous())
         return
     if sliding_window is not None and sliding_window >= context_start + query.shape[0]:
         sliding_window = None  # the window holds the whole context
     out.copy_(cached_prefill_attention(query, kv_cache, block_table.long(), context_start,
-                                       scale, sliding_window, soft_cap))
+                                       scale, sliding_window, soft_cap, sinks))
 
 
 # Output rows per panel of the packed linear weight (linear_bf16.cpp's kPanelRows).

@@ -82,6 +82,15 @@ void write_kv_cache(const torch::Tensor& key, const torch::Tensor& value, torch:
   protoserve::write_kv_cache(args);
 }
 
+// The kernels' view of optional attention sinks: null, or num_heads float32 logits.
+const float* sink_logits(const std::optional<torch::Tensor>& sinks, int64_t num_heads) {
+  if (!sinks.has_value()) return nullptr;
+  TORCH_CHECK(sinks->dtype() == torch::kFloat32 && sinks->is_contiguous() && sinks->dim() == 1 &&
+                  sinks->size(0) == num_heads,
+              "sinks must be a contiguous float32 [num_heads] tensor");
+  return sinks->data_ptr<float>();
+}
+
 void paged_decode_attention(torch::Tensor& out, const torch::Tensor& query,
                             const torch::Tensor& kv_cache, const torch::Tensor& tables,
                             const torch::Tensor& context_lens, double scale,
@@ -93,10 +102,6 @@ void paged_decode_attention(torch::Tensor& out, const torch::Tensor& query,
   TORCH_CHECK(num_heads % shape.num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads");
   TORCH_CHECK(out.sizes() == query.sizes(), "out must have the query's shape");
   check_attention_options(sliding_window, soft_cap);
-  if (sinks.has_value())
-    TORCH_CHECK(sinks->dtype() == torch::kFloat32 && sinks->is_contiguous() &&
-                    sinks->dim() == 1 && sinks->size(0) == num_heads,
-                "sinks must be a contiguous float32 [num_heads] tensor");
   std::vector<int64_t> blocks_needed;
   const torch::Tensor lens =
       checked_context_lens(context_lens, num_seqs, shape.block_size, blocks_needed);
@@ -120,7 +125,7 @@ void paged_decode_attention(torch::Tensor& out, const torch::Tensor& query,
                               sliding_window,
                               static_cast<float>(soft_cap),
                               spec.int8_cache,
-                              sinks.has_value() ? sinks->data_ptr<float>() : nullptr};
+                              sink_logits(sinks, num_heads)};
   pybind11::gil_scoped_release no_gil;
   protoserve::paged_decode_attention(args);
 }
@@ -128,7 +133,7 @@ void paged_decode_attention(torch::Tensor& out, const torch::Tensor& query,
 void paged_prefill_attention(torch::Tensor& out, const torch::Tensor& query,
                              const torch::Tensor& kv_cache, const torch::Tensor& block_table,
                              int64_t context_start, double scale, int64_t sliding_window,
-                             double soft_cap) {
+                             double soft_cap, const std::optional<torch::Tensor>& sinks) {
   const CacheShape shape = cache_shape(kv_cache);
   const int64_t num_query_tokens = query.size(0);
   const int64_t num_heads = query.size(1);
@@ -157,7 +162,8 @@ void paged_prefill_attention(torch::Tensor& out, const torch::Tensor& query,
                                num_query_tokens,
                                static_cast<float>(scale),
                                sliding_window,
-                               static_cast<float>(soft_cap)};
+                               static_cast<float>(soft_cap),
+                               sink_logits(sinks, num_heads)};
   pybind11::gil_scoped_release no_gil;
   protoserve::paged_prefill_attention(args);
 }
@@ -178,7 +184,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("sliding_window") = 0, pybind11::arg("soft_cap") = 0.0,
         pybind11::arg("sinks") = pybind11::none());
   m.def("paged_prefill_attention", &paged_prefill_attention,
-        "Causal attention of one sequence's query chunk over its paged context");
+        "Causal attention of one sequence's query chunk over its paged context",
+        pybind11::arg("out"), pybind11::arg("query"), pybind11::arg("kv_cache"),
+        pybind11::arg("block_table"), pybind11::arg("context_start"), pybind11::arg("scale"),
+        pybind11::arg("sliding_window") = 0, pybind11::arg("soft_cap") = 0.0,
+        pybind11::arg("sinks") = pybind11::none());
   m.def("linear_bf16", &protoserve::linear_bf16_op,
         "bfloat16 x . W^T (+ bias) over a weight packed in 16-row pair-column panels");
   m.def("linear_int", &protoserve::linear_int_op,

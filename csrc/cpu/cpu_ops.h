@@ -78,6 +78,7 @@ struct PrefillArgs {
   float scale;
   int64_t sliding_window = 0;  // as in DecodeArgs, for each query row's position
   float soft_cap = 0.0f;
+  const float* sinks = nullptr;  // as in DecodeArgs
 };
 
 // out[num_tokens, out_features] = input . W^T (+ bias), bfloat16 only; W packed as described

@@ -85,6 +85,7 @@ void run_portable(const PrefillArgs& args) {
               const T* v = cache.value_row(args.block_table.at(0, t / bs), t % bs, kv_head);
               for (int64_t d = 0; d < dim; ++d) acc[d] += p * to_float(v[d]);
             }
+            if (args.sinks != nullptr) l += std::exp(args.sinks[head] - m);
             T* o = out + i * args.out.token_stride + head * args.out.head_stride;
             for (int64_t d = 0; d < dim; ++d) o[d] = from_float<T>(acc[d] / l);
           }
@@ -162,9 +163,11 @@ void run_avx512_bf16(const PrefillArgs& args) {
           for (int64_t c = 0; c < ts.dim_pad; c += 32)
             vec::deinterleave(_mm512_loadu_ps(o + c), _mm512_loadu_ps(o + c + 16),
                               natural.data() + c);
-          const __m512 inv = _mm512_set1_ps(1.0f / ts.l[r]);
+          const int64_t head = kv_head * tiling.group + r % tiling.group;
+          const float sink = args.sinks != nullptr ? std::exp(args.sinks[head] - ts.m[r]) : 0.0f;
+          const __m512 inv = _mm512_set1_ps(1.0f / (ts.l[r] + sink));
           bf16_t* dst = out + (first + r / tiling.group) * args.out.token_stride +
-                        (kv_head * tiling.group + r % tiling.group) * args.out.head_stride;
+                        head * args.out.head_stride;
           for (int64_t d = 0; d < dim; d += 16) {
             const __m512 scaled = _mm512_mul_ps(_mm512_loadu_ps(natural.data() + d), inv);
             const __m256i packed = (__m256i)_mm512_cvtneps_pbh(scaled);

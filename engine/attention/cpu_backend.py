@@ -13,8 +13,7 @@ at the start of the step):
 
 A layer's sliding window and soft-cap go to every call (the CPU kernels skip the blocks
 outside the window; on CUDA engine.ops serves such calls with the torch code). Attention
-sinks go to the decode call (the CPU decode kernel takes them); prefill runs with sinks take
-the torch reference code (no prefill kernel takes them yet).
+sinks (GPT-OSS) go to every call too; the CPU kernels add them to each head's denominator.
 """
 from __future__ import annotations
 
@@ -67,10 +66,8 @@ class PagedOpsAttentionBackend:
             )
         for prefill in metadata.prefills:
             rows = slice(prefill.query_start, prefill.query_start + prefill.num_query_tokens)
-            if sinks is not None or (
-                    prefill.context_start == 0 and not self._kernel_prefill(query, kv_cache)):
-                # Nothing cached: SDPA on the fresh K/V is the faster path for this dtype
-                # (and the torch code is the only one taking sinks in prefill).
+            if prefill.context_start == 0 and not self._kernel_prefill(query, kv_cache):
+                # Nothing cached: SDPA on the fresh K/V is the faster path for this dtype.
                 out[rows] = prefill_attention(
                     query[rows], key[rows], value[rows], kv_cache, prefill, scale,
                     sliding_window=sliding_window, soft_cap=soft_cap, sinks=sinks,
@@ -78,7 +75,7 @@ class PagedOpsAttentionBackend:
                 continue
             ops.paged_prefill_attention(
                 out[rows], query[rows], kv_cache, prefill.block_table, prefill.context_start, scale,
-                sliding_window=sliding_window, soft_cap=soft_cap,
+                sliding_window=sliding_window, soft_cap=soft_cap, sinks=sinks,
             )
         return out
 

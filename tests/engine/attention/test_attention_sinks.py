@@ -47,11 +47,13 @@ def dense_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return out
 
 
-def _run(backend_name: str, cached: int, decode: bool, window: int | None) -> torch.Tensor:
+def _run(backend_name: str, cached: int, decode: bool, window: int | None,
+         dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The rows after `cached` tokens already in the cache: as one prefill chunk, or (decode)
     as one decode row (cached = TOKENS - 1)."""
     query, key, value, sinks = _inputs()
-    cache = torch.zeros(2, 4, BLOCK, KV_HEADS, HEAD_DIM)
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    cache = torch.zeros(2, 4, BLOCK, KV_HEADS, HEAD_DIM, dtype=dtype)
     cache[0].view(-1, KV_HEADS, HEAD_DIM)[SLOTS[:cached]] = key[:cached]
     cache[1].view(-1, KV_HEADS, HEAD_DIM)[SLOTS[:cached]] = value[:cached]
     rows = slice(cached, TOKENS)
@@ -84,6 +86,19 @@ def test_sinks_match_dense_float64_reference(
     # The sinks matter: without them the rows differ.
     plain = dense_reference(query, key, value, torch.full_like(sinks, -1e4), window)[cached:]
     assert not torch.allclose(actual, plain.float(), atol=1e-3)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("cached,decode", [(0, False), (6, False), (TOKENS - 1, True)],
+                         ids=["prefill", "chunk", "decode"])
+def test_bf16_kernels_take_sinks(window: int | None, cached: int, decode: bool) -> None:
+    """bf16 rows on cpu_paged: every case runs a native kernel (the AVX-512 prefill and
+    decode kernels where the build has them)."""
+    query, key, value, sinks = _inputs()
+    query, key, value = (t.bfloat16().float() for t in (query, key, value))
+    expected = dense_reference(query, key, value, sinks, window)[cached:].float()
+    actual = _run("cpu_paged", cached, decode, window, torch.bfloat16).float()
+    torch.testing.assert_close(actual, expected, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("window", [None, 5])
