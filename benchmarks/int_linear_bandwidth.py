@@ -5,7 +5,7 @@ and with the exact bf16-activation kernel.
 
 Run from the repository root (on a quiet machine; numbers on a shared one are noise):
     .venv/bin/python -m benchmarks.int_linear_bandwidth
-    .venv/bin/python -m benchmarks.int_linear_bandwidth --threads 1 2 --repeats 200
+    .venv/bin/python -m benchmarks.int_linear_bandwidth --threads 1 2 --repeats 20
 """
 from __future__ import annotations
 
@@ -29,8 +29,9 @@ def projections() -> dict[str, tuple[int, int]]:
             "gate_up": (2 * inter, hidden), "down": (hidden, inter)}
 
 
-def measure(bits: int, group: int | None, repeats: int) -> float:
-    """GB/s over one pass of the four projections, repeated."""
+def measure(bits: int, group: int | None, repeats: int, copies: int) -> float:
+    """GB/s over one pass of `copies` layers' four projections, repeated (16 layers' weights,
+    as in the model, do not fit the last-level cache; one layer's would)."""
     generator = torch.Generator().manual_seed(0)
     limit = 2 ** (bits - 1)
     layers = []
@@ -41,9 +42,10 @@ def measure(bits: int, group: int | None, repeats: int) -> float:
         group_size = group or in_features
         scale = torch.rand(out_features, in_features // group_size, generator=generator) / 64
         packed, scales = pack_int_panels(q, scale.half().float(), bits, group_size)
-        total_bytes += packed.numel() + scales.numel() * scales.element_size()
         x = torch.randn(1, in_features, generator=generator).bfloat16()
-        layers.append((x, packed, scales, out_features, group_size))
+        for _ in range(copies):
+            layers.append((x, packed.clone(), scales.clone(), out_features, group_size))
+            total_bytes += packed.numel() + scales.numel() * scales.element_size()
 
     def one_pass() -> None:
         for x, packed, scales, out_features, group_size in layers:
@@ -62,7 +64,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                         help="torch.set_num_threads values (default 1 2)")
-    parser.add_argument("--repeats", type=int, default=100, help="passes timed (default 100)")
+    parser.add_argument("--repeats", type=int, default=10, help="passes timed (default 10)")
+    parser.add_argument("--layers", type=int, default=int(SHAPE["num_hidden_layers"]),
+                        help="layers' copies of the weights streamed per pass (default: the "
+                             "model's 16)")
     args = parser.parse_args()
     if not ops.linear_bf16_available():
         raise SystemExit("needs the native AVX512_BF16 kernels")
@@ -71,7 +76,7 @@ def main() -> None:
         for name, bits, group in (("int8", 8, None), ("int4", 4, 128)):
             for threads in args.threads:
                 torch.set_num_threads(threads)
-                gbps = measure(bits, group, args.repeats)
+                gbps = measure(bits, group, args.repeats, args.layers)
                 print(f"{name} {activations}-activations threads={threads}: {gbps:.1f} GB/s")
 
 
