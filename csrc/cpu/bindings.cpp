@@ -14,6 +14,7 @@
 #include "moe_bindings.h"
 #include "tensor_checks.h"
 #include "work_pool.h"
+#include "step_timers.h"
 
 namespace {
 
@@ -127,6 +128,7 @@ void paged_decode_attention(torch::Tensor& out, const torch::Tensor& query,
                               spec.int8_cache,
                               sink_logits(sinks, num_heads)};
   pybind11::gil_scoped_release no_gil;
+  const protoserve::StepTimer timer(protoserve::StepRegion::kAttention);
   protoserve::paged_decode_attention(args);
 }
 
@@ -165,6 +167,7 @@ void paged_prefill_attention(torch::Tensor& out, const torch::Tensor& query,
                                static_cast<float>(soft_cap),
                                sink_logits(sinks, num_heads)};
   pybind11::gil_scoped_release no_gil;
+  const protoserve::StepTimer timer(protoserve::StepRegion::kAttention);
   protoserve::paged_prefill_attention(args);
 }
 

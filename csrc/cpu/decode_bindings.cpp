@@ -232,6 +232,7 @@ void decode_layers_op(torch::Tensor& hidden, const std::vector<std::vector<Optio
 
 void register_decode_ops(pybind11::module_& m) {
   register_pointwise_ops(m);
+  register_step_timer_ops(m);
   m.def("decode_layers_bf16", &decode_layers_op,
         "A pure-decode step through every decoder layer (the per-op kernels, one call)");
 }

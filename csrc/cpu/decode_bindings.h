@@ -19,7 +19,10 @@ inline bf16_t* bf16_data(const torch::Tensor& t) {
 // moe_route.
 void register_pointwise_ops(pybind11::module_& m);
 
-// decode_layers_bf16, and the pointwise ops.
+// decode_layers_bf16, and the pointwise ops and step timers.
 void register_decode_ops(pybind11::module_& m);
+
+// step_timers_enable / step_timers_reset / step_timers_read (step_timers.cpp).
+void register_step_timer_ops(pybind11::module_& m);
 
 }  // namespace protoserve

@@ -5,6 +5,7 @@
 #include "cpu_ops.h"
 #include "linear_int.h"
 #include "linear_w8a8.h"
+#include "step_timers.h"
 
 namespace protoserve {
 namespace {
@@ -51,6 +52,7 @@ void linear_bf16_op(torch::Tensor& out, const torch::Tensor& input, const torch:
                   input.stride(0), packed.data_ptr(), bias_ptr,
                   num_tokens,      in_features,       out_features};
   pybind11::gil_scoped_release no_gil;
+  const StepTimer timer(StepRegion::kLinear);
   linear_bf16(args);
 }
 

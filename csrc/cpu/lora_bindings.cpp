@@ -6,6 +6,7 @@
 #include <tuple>
 
 #include "lora_bf16.h"
+#include "step_timers.h"
 
 namespace protoserve {
 namespace {
@@ -76,6 +77,7 @@ void lora_bf16_op(torch::Tensor& out, const torch::Tensor& input, const torch::T
                 checked_row_slots(row_slots, rows, slots), rows, in, slots, max_rank,
                 static_cast<int64_t>(slice_sizes.size()), slice_sizes.data()};
   pybind11::gil_scoped_release no_gil;
+  const StepTimer timer(StepRegion::kLoRA);
   lora_bf16(args);
 }
 

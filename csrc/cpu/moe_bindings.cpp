@@ -4,6 +4,7 @@
 
 #include "cpu_ops.h"
 #include "moe_bf16.h"
+#include "step_timers.h"
 
 namespace protoserve {
 
@@ -58,6 +59,7 @@ void moe_bf16_op(torch::Tensor& out, const torch::Tensor& hidden,
                      rows,          top_k,        num_experts,      width,
                      intermediate,  round_weighted};
   pybind11::gil_scoped_release no_gil;
+  const StepTimer timer(StepRegion::kExperts);
   moe_bf16(args);
 }
 

@@ -3,6 +3,7 @@
 #include <optional>
 
 #include "decode_bindings.h"
+#include "step_timers.h"
 
 namespace protoserve {
 
@@ -43,6 +44,7 @@ void rms_norm_op(torch::Tensor& out, torch::Tensor& residual,
                 static_cast<float>(eps),
                 gemma};
   pybind11::gil_scoped_release no_gil;
+  const StepTimer timer(StepRegion::kNorms);
   rms_norm_bf16(args);
 }
 
@@ -54,6 +56,7 @@ void gated_op(torch::Tensor& out, const torch::Tensor& gate_up, bool gelu_tanh) 
   TORCH_CHECK(out.is_contiguous(), "out must be contiguous");
   SiluMulArgs args{bf16_data(gate_up), gate_up.stride(0), bf16_data(out), rows, width};
   pybind11::gil_scoped_release no_gil;
+  const StepTimer timer(StepRegion::kActivation);
   if (gelu_tanh) {
     gelu_tanh_and_mul_bf16(args);
   } else {
@@ -73,6 +76,7 @@ void rotary_op(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& 
   RotaryArgs args{bf16_data(x), x.stride(0), bf16_data(cos), bf16_data(signed_sin),
                   rows, heads, dim};
   pybind11::gil_scoped_release no_gil;
+  const StepTimer timer(StepRegion::kRotary);
   rotary_bf16(args);
 }
 
@@ -86,6 +90,7 @@ void head_norm_op(torch::Tensor& x, const torch::Tensor& weight, double eps, boo
   HeadNormArgs args{bf16_data(x), x.stride(0), x.size(0), x.size(1), dim, bf16_data(weight),
                     static_cast<float>(eps), gemma};
   pybind11::gil_scoped_release no_gil;
+  const StepTimer timer(StepRegion::kNorms);
   head_norm_bf16(args);
 }
 
@@ -106,6 +111,7 @@ void moe_route_op(torch::Tensor& weights, torch::Tensor& expert_ids, const torch
   MoeRouteArgs args{bf16_data(logits), logits.stride(0), rows, experts, top_k, renormalize,
                     float32_weights, weights.data_ptr<float>(), expert_ids.data_ptr<int64_t>()};
   pybind11::gil_scoped_release no_gil;
+  const StepTimer timer(StepRegion::kRouter);
   moe_route(args);
 }
 
