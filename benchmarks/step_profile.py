@@ -4,6 +4,11 @@ Run from the repository root (a GPU example: Llama-3-8B shape, random weights):
     .venv/bin/python -m benchmarks.step_profile --device cuda --shape llama3-8b --batch-size 1
     .venv/bin/python -m benchmarks.step_profile --batch-size 64          # CPU, bench model
     .venv/bin/python -m benchmarks.step_profile --family gemma2 --batch-size 16  # family shape
+    .venv/bin/python -m benchmarks.step_profile --native-timers     # CPU: inside the fused step
+
+--native-timers (CPU) splits each step by the native step timers instead (decode at 16 and
+64 streams by default, and the prefill chunks before it; benchmarks/step_profile_native.py)
+and writes JSON under benchmarks/results/.
 
 Every request decodes at once (ignore_eos), so after the prefill each engine step is one
 decode token per request. Prints the wall time per step, the device's busy time per step
@@ -15,11 +20,13 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks import step_profile_native
 from benchmarks.bench_model import (
     CONFIG_ONLY_SHAPES,
     SHAPE_NAMES,
@@ -43,6 +50,12 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20, help="profiled decode steps")
     parser.add_argument("--rows", type=int, default=25, help="ops listed")
+    parser.add_argument("--native-timers", action="store_true",
+                        help="CPU: split steps by the native step timers (not torch.profiler)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64],
+                        help="with --native-timers: the decode batch sizes profiled")
+    parser.add_argument("--out", type=Path,
+                        default=Path("benchmarks/results/cpu-2026-12-08/step_profile_native.json"))
     args = parser.parse_args()
     if args.family is not None:
         model_dir, load_format = ensure_family_model(args.family), "auto"
@@ -51,7 +64,10 @@ def main() -> None:
     else:
         model_dir, load_format = ensure_bench_model(), "auto"
     llm = LLM(str(model_dir), dtype="bfloat16", device=args.device, load_format=load_format,
-              max_num_seqs=max(256, args.batch_size))
+              max_num_seqs=max(256, args.batch_size, *args.batch_sizes))
+    if args.native_timers:
+        step_profile_native.run(llm, args.batch_sizes, args.prompt_len, args.steps, args.out)
+        return
     vocab = llm.runner.loaded.vocab_size
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, vocab, (args.batch_size, args.prompt_len), generator=generator)
