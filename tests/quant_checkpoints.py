@@ -185,6 +185,23 @@ def greedy_against_reference(
     return ours, theirs
 
 
+def assert_no_further_than_bf16(
+    loaded: LoadedModel, hf: Any, hf_bf16: Any, prompt: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our greedy logits (prefill + 4 steps) against `hf` (the float reference) are no further
+    than `hf_bf16` (the same weights in bf16) is, x1.25 + 1e-3 in relative norm; returns (ours,
+    the reference's) logits over the same rows."""
+    ours, _ = greedy_against_reference(loaded, hf, prompt, steps=4)
+    ids = prompt + [int(step[-1].argmax()) for step in ours[:-1]]
+    ours_all = torch.cat(ours)
+    expected = reference_logits(hf, ids)
+    theirs = reference_logits(hf_bf16, ids)
+    our_error = float((ours_all - expected).norm() / expected.norm())
+    their_error = float((theirs - expected).norm() / expected.norm())
+    assert our_error <= 1.25 * their_error + 1e-3, (our_error, their_error)
+    return ours_all, expected
+
+
 def quantize_linear_inputs(hf_model: Any, groups: dict[str, tuple[int, int | None]]) -> None:
     """Forward pre-hooks on transformers' Linear modules whose names end with a key of
     `groups`, where linear_int takes int8 activations for that weight (bits and group size

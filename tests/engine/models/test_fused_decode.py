@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 from family_configs import FAMILIES
+from fused_decode_runs import fused_decode_runs
 from model_factory import build_tiny_model
 
 from engine import ops
 from engine.frontend.llm import LLM
-from engine.models.fused_decode import FusedDecodeLayers
 from engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.skipif(
@@ -25,19 +25,9 @@ PARAMS = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprob
 
 
 def _run(model_dir: Path, fused: bool, monkeypatch: pytest.MonkeyPatch, dtype: str = "bfloat16"):
-    calls = []
-    real_run = FusedDecodeLayers.run
-
-    def counted_run(self, *args):
-        calls.append(args[0].shape[0])
-        return real_run(self, *args)
-
-    monkeypatch.setattr(FusedDecodeLayers, "run", counted_run)
-    if not fused:
-        monkeypatch.setattr(FusedDecodeLayers, "applies", lambda self, hidden, metadata: False)
-    llm = LLM(str(model_dir), dtype=dtype, kv_cache_memory=64 << 20, max_num_seqs=8)
-    outputs = llm.generate(PROMPTS, PARAMS)
-    monkeypatch.undo()
+    with fused_decode_runs(monkeypatch, fused) as calls:
+        llm = LLM(str(model_dir), dtype=dtype, kv_cache_memory=64 << 20, max_num_seqs=8)
+        outputs = llm.generate(PROMPTS, PARAMS)
     return outputs, calls
 
 

@@ -16,11 +16,11 @@ from gptq_awq_checkpoints import reference_weights, write_awq, write_gptq
 from model_factory import build_tiny_model
 from quant_checkpoints import (  # noqa: F401 (exact_int_activations: a fixture)
     HF_LINEARS,
+    assert_no_further_than_bf16,
     exact_int_activations,
     greedy_against_reference,
     hf_with_weights,
     quantize_linear_inputs,
-    reference_logits,
 )
 
 from engine.config import ModelConfig
@@ -125,14 +125,7 @@ def test_int8_activation_kernels_track_the_file_reference(base_dir, tmp_path, ca
     for reference in (hf, hf_bf16):
         quantize_linear_inputs(reference, {name: (bits, 128) for name in HF_LINEARS})
     loaded = load_model(ModelConfig(model=str(quant_dir), dtype="bfloat16"))
-    ours, _ = greedy_against_reference(loaded, hf, prompt(), steps=4)
-    ids = prompt() + [int(step[-1].argmax()) for step in ours[:-1]]
-    ours_all = torch.cat(ours)
-    expected = reference_logits(hf, ids)
-    theirs = reference_logits(hf_bf16, ids)
-    our_error = float((ours_all - expected).norm() / expected.norm())
-    their_error = float((theirs - expected).norm() / expected.norm())
-    assert our_error <= 1.25 * their_error + 1e-3, (our_error, their_error)
+    ours_all, expected = assert_no_further_than_bf16(loaded, hf, hf_bf16, prompt())
     top2 = expected.topk(2, dim=-1).values
     margins = top2[:, 0] - top2[:, 1]
     decided = margins > 2 * (ours_all - expected).abs().amax(dim=-1)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fused_decode_runs import fused_decode_runs
 from gguf_checkpoints import write_gguf
 from gptq_awq_checkpoints import write_awq, write_gptq
 from model_factory import build_tiny_model
@@ -18,7 +19,6 @@ from engine.attention import resolve_attention_backend
 from engine.config import ModelConfig
 from engine.core.batch import ScheduledBatch, ScheduledRequest
 from engine.layers.quantized_linear import QuantizedLinear
-from engine.models.fused_decode import FusedDecodeLayers
 from engine.models.loader import LoadedModel, load_model
 from engine.runner.input_prep import prepare_inputs
 from engine.runner.kv_memory import KVCacheSpec, allocate_kv_caches
@@ -110,20 +110,9 @@ def _decode_logits(loaded: LoadedModel, steps: int = 4) -> list[torch.Tensor]:
 
 
 def _run(loaded: LoadedModel, fused: bool, monkeypatch: pytest.MonkeyPatch):
-    calls = []
-    real_run = FusedDecodeLayers.run
-
-    def counted_run(self, *args):
-        calls.append(args[0].shape[0])
-        return real_run(self, *args)
-
-    monkeypatch.setattr(FusedDecodeLayers, "run", counted_run)
-    if not fused:
-        monkeypatch.setattr(FusedDecodeLayers, "applies", lambda self, hidden, metadata: False)
-    try:
-        return _decode_logits(loaded), calls
-    finally:
-        monkeypatch.undo()
+    with fused_decode_runs(monkeypatch, fused) as calls:
+        logits = _decode_logits(loaded)
+    return logits, calls
 
 
 @pytest.fixture(params=["int8", "bf16"])

@@ -14,6 +14,7 @@ import torch
 from model_factory import build_tiny_model
 from quant_checkpoints import (
     HF_LINEARS,
+    assert_no_further_than_bf16,
     greedy_against_reference,
     hf_with_weights,
     library_dequantized_model,
@@ -78,14 +79,7 @@ def test_online_bfloat16_kernels_track_float32(base_dir, method) -> None:
     groups["lm_head"] = (LM_HEAD_QUANT.bits, LM_HEAD_QUANT.group_size)
     for reference in (hf, hf_bf16):
         quantize_linear_inputs(reference, groups)
-    ours, _ = greedy_against_reference(loaded, hf, prompt(), steps=4)
-    ids = prompt() + [int(step[-1].argmax()) for step in ours[:-1]]
-    ours_all = torch.cat(ours)
-    expected = reference_logits(hf, ids)
-    theirs = reference_logits(hf_bf16, ids)
-    our_error = float((ours_all - expected).norm() / expected.norm())
-    their_error = float((theirs - expected).norm() / expected.norm())
-    assert our_error <= 1.25 * their_error + 1e-3, (our_error, their_error)
+    assert_no_further_than_bf16(loaded, hf, hf_bf16, prompt())
 
 
 @pytest.mark.parametrize(
