@@ -137,7 +137,7 @@ class LoRASlots:
         if self.native:  # layers/lora.py's kernel reads the slots themselves
             return LoRAStep(whole_batch_slot=None, slot_mask=None,
                             row_slots=torch.tensor(slots, dtype=torch.int32))
-        if slots[0] >= 0 and slots.count(slots[0]) == len(slots):
+        if slots and slots[0] >= 0 and slots.count(slots[0]) == len(slots):
             return LoRAStep(whole_batch_slot=slots[0], slot_mask=None)
         # One-hot over [no adapter, slot 0, slot 1, ...], the first column dropped.
         one_hot = torch.nn.functional.one_hot(

@@ -7,8 +7,8 @@ applies where every piece it replaces would have run our kernels anyway: bfloat1
 with the native ops built, every projection packed in bf16 panels or as linear_int's int8 /
 int4 panels (QuantizedLinear "int_panels" without act order: the layers call linear_int where
 its forward would), router and experts in bf16 panels, the paged ops attention backend, and a
-step whose rows are all single-token decodes. Anything else
-(prefill rows, float32, the torch backend) takes the per-op path, which stays the reference.
+step whose rows are all single-token decodes. Anything else (prefill rows, float32, the torch
+backend) takes the per-op path, which stays the reference.
 
 Every family's switches (engine/models/decoder_spec.py) go along: per-head q/k norms, Gemma's
 (1 + w) and sandwich norms, GeGLU, the attention soft-cap, each layer's window, RoPE table and
